@@ -1,0 +1,38 @@
+"""`hf-distill` entry point: dispatches to one module per subcommand (imported lazily, so `--help` is fast)."""
+
+import importlib
+import sys
+
+
+# subcommand -> (module, one-line help). A nested command ("miniplm score") is handled by its module.
+COMMANDS = {
+    "train": ("hf_distill.cli.train", "Distil a student from a teacher with a YAML recipe (flags override keys)."),
+    "quickstart": ("hf_distill.cli.quickstart", "SmolLM2-135M teacher -> 10-layer student: KD vs CE-only report."),
+    "rationales": ("hf_distill.cli.rationales", "Generate teacher rationales (distilling step-by-step)."),
+    "miniplm": ("hf_distill.cli.miniplm", "MiniPLM Difference Sampling: `miniplm score` and `miniplm select`."),
+    "cache-teacher": ("hf_distill.cli.cache_teacher", "Store the teacher's top-k log-probs for offline KD."),
+}
+
+
+def usage() -> str:
+    lines = ["usage: hf-distill <command> [options]", "", "commands:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `hf-distill <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"hf-distill: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[name][0])
+    module.run(rest, prog=f"hf-distill {name}")
+
+
+if __name__ == "__main__":
+    main()
