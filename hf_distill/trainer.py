@@ -1,0 +1,218 @@
+"""`DistillationMixin` holds all distillation logic; `DistillationTrainer` and `DistillationSFTTrainer` are thin
+subclasses of `transformers.Trainer` and `trl.SFTTrainer`.
+
+Loss per optimizer step (Hinton et al. 2015, with GKD's divergences):
+
+    loss = (ce_weight * sum CE + kd_weight * T^2 * sum divergence) / num_items
+
+where both sums run over supervised tokens (labels != -100) of the micro-batch and `num_items` counts the supervised
+tokens of the whole gradient-accumulation window on all processes, so 2 x 2 accumulation gives the gradients of one
+batch of 4 (and DDP's gradient averaging is undone by multiplying with the number of processes, as transformers does).
+"""
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel, Trainer
+from trl import SFTTrainer
+
+from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
+from .heads import detect_head, select_positions
+from .losses import logit_divergence
+from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher, shared_vocab_size
+
+
+logger = logging.getLogger(__name__)
+
+# Batch keys that are not model inputs (targets, and masks produced by collators).
+NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task"}
+
+
+def _tokenizer_of(processing_class: Any) -> Any:
+    return getattr(processing_class, "tokenizer", processing_class)
+
+
+class DistillationMixin:
+    """Teacher handling, loss assembly and metrics shared by both distillation trainers."""
+
+    _tag_names = ["hf-distill", "distillation"]
+    _config_class: type = DistillationConfig
+    loss_is_scaled_for_ga = True  # compute_loss divides by the accumulation window's token count itself
+
+    def __init__(self, model=None, teacher_model: PreTrainedModel | str | None = None, args=None,
+                 teacher_processing_class: Any = None, **kwargs):
+        if args is None:
+            args = self._config_class(output_dir="tmp_trainer")
+        if not isinstance(args, DistillationArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs `args` of type {self._config_class.__name__} (it carries the "
+                f"distillation fields), got {type(args).__name__}."
+            )
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None and self._needs_teacher(args):
+            raise ValueError(
+                "No teacher given: pass `teacher_model=` (a model or a Hub id/path) or set "
+                "`teacher_model_name_or_path` in the config. To fine-tune without a teacher set `kd_weight=0`."
+            )
+        self._check_dataset(kwargs.get("train_dataset"), args)
+        super().__init__(model=model, args=args, **kwargs)
+        # Make Trainer count the supervised tokens of each accumulation window (`num_items_in_batch`).
+        self.model_accepts_loss_kwargs = True
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._head = detect_head(self.model)
+        self.teacher, self._vocab_size = None, None
+        if teacher_model is not None:
+            self._setup_teacher(teacher_model, teacher_processing_class)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _needs_teacher(args: DistillationArguments) -> bool:
+        return args.kd_weight > 0
+
+    def _check_dataset(self, dataset: Any, args: DistillationArguments) -> None:
+        columns = getattr(dataset, "column_names", None)
+        if not columns or isinstance(columns, dict):
+            return
+        usable = self._usable_columns(args)
+        if not any(set(group) <= set(columns) for group in usable):
+            raise ValueError(
+                f"The training dataset has columns {columns}, but {type(self).__name__} needs one of "
+                f"{' | '.join('+'.join(g) for g in usable)}. Rename or map your columns (e.g. `dataset.map`), or "
+                "tokenize them first."
+            )
+
+    def _usable_columns(self, args: DistillationArguments) -> list[tuple[str, ...]]:
+        return [("input_ids",)]
+
+    def _teacher_auto_class(self) -> type:
+        return AutoModelForSeq2SeqLM if getattr(self.model.config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+    def _setup_teacher(self, teacher: PreTrainedModel | str, teacher_processing_class: Any) -> None:
+        init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
+        if isinstance(teacher, str):
+            if teacher_processing_class is None:
+                try:
+                    teacher_processing_class = load_tokenizer(teacher, gguf_file=init_kwargs.get("gguf_file"))
+                except (OSError, ValueError) as err:
+                    logger.warning("Could not load the teacher tokenizer of %s (%s); vocabularies are compared by "
+                                   "size only.", teacher, err)
+            teacher = load_model(teacher, self._teacher_auto_class(), **init_kwargs)
+        student_tok = _tokenizer_of(self.processing_class)
+        if teacher_processing_class is not None and student_tok is not None:
+            check_same_tokenizer(student_tok, _tokenizer_of(teacher_processing_class))
+        self._vocab_size = shared_vocab_size(self.accelerator.unwrap_model(self.model), teacher, student_tok)
+        self.teacher = prepare_teacher(teacher, self)
+
+    # ----------------------------------------------------------------------------------------------- loss
+    def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        model_inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        if self._head.kind == "seq2seq" and "decoder_input_ids" not in model_inputs:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            model_inputs["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+        model_inputs["use_cache"] = False
+        return model_inputs
+
+    def _loss_terms(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[dict, dict, torch.Tensor, Any]:
+        """Summed loss terms of one micro-batch.
+
+        Returns:
+            `(sums, weights, n_tokens, student_outputs)`: `sums[name]` is a scalar summed over the supervised tokens,
+            `weights[name]` its factor in the loss, `n_tokens` the number of supervised tokens.
+        """
+        if "labels" not in inputs:
+            raise ValueError(
+                f"The batch has no `labels` (keys: {sorted(inputs)}). Use a collator that adds them, e.g. "
+                "`DataCollatorForLanguageModeling(tokenizer, mlm=False)`, or DistillationSFTTrainer for raw text."
+            )
+        args: DistillationArguments = self.args
+        model_inputs = self._model_inputs(inputs)
+        outputs = model(**model_inputs)
+        labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
+        sums, weights = {}, {}
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**model_inputs).logits
+            s, t, y = select_positions(outputs.logits, teacher_logits, labels, self._head, self._vocab_size, shift_labels)
+            sums["kd"] = logit_divergence(
+                s, t, loss_type=args.kd_loss, temperature=args.temperature, beta=args.beta, skew_alpha=args.skew_alpha
+            ).sum()
+            weights["kd"] = args.kd_weight * args.temperature**2
+            self._record_sum("top1_agreement", (s.argmax(-1) == t.argmax(-1)).sum(), y.numel())
+        else:
+            s, _, y = select_positions(outputs.logits, outputs.logits, labels, self._head, None, shift_labels)
+        sums["ce"] = F.cross_entropy(s.float(), y, reduction="sum")
+        weights["ce"] = args.ce_weight
+        return sums, weights, y.new_tensor(y.numel()), outputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sums, weights, n_tokens, outputs = self._loss_terms(model, inputs)
+        total = sum(weights[k] * v for k, v in sums.items())
+        for name, value in sums.items():
+            self._record_sum(f"{name}_loss", value.detach(), n_tokens)
+        self._record_sum("total_loss", total.detach(), n_tokens)
+        if num_items_in_batch is None:
+            loss = total / n_tokens.clamp(min=1)
+        else:
+            loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return (loss, outputs) if return_outputs else loss
+
+    # ----------------------------------------------------------------------------------------------- metrics
+    def _record_sum(self, name: str, value: torch.Tensor, count: torch.Tensor | int) -> None:
+        """Accumulate a token-summed metric; `log` reports sum / count over all processes."""
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        pair = torch.stack([torch.as_tensor(value, device=device, dtype=torch.float64).detach(),
+                            torch.as_tensor(count, device=device, dtype=torch.float64)])
+        total = self.accelerator.gather_for_metrics(pair.unsqueeze(0)).sum(0)
+        self._metrics[mode][name].append(total.tolist())
+
+    def _averaged_metrics(self, mode: str) -> dict[str, float]:
+        metrics = {}
+        for name, pairs in self._metrics[mode].items():
+            value, count = map(sum, zip(*pairs))
+            metrics[name] = value / count if count else 0.0
+        self._metrics[mode].clear()
+        return metrics
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = self._averaged_metrics(mode)
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics.update({f"{prefix}_{k}": v for k, v in self._averaged_metrics("eval").items()})
+        return output
+
+
+class DistillationTrainer(DistillationMixin, Trainer):
+    """`transformers.Trainer` with a teacher. Drop-in: same arguments plus `teacher_model` and a `DistillationConfig`.
+
+    Example:
+        >>> trainer = DistillationTrainer(model=student, teacher_model=teacher, args=DistillationConfig("out"),
+        ...                               train_dataset=tokenized, data_collator=collator, processing_class=tok)
+    """
+
+    _config_class = DistillationConfig
+
+
+class DistillationSFTTrainer(DistillationMixin, SFTTrainer):
+    """`trl.SFTTrainer` with a teacher: chat templates, completion-only / assistant-only loss, packing and
+    `peft_config` work as in TRL; the loss adds the teacher's distribution on the same supervised tokens."""
+
+    _config_class = DistillationSFTConfig
+
+    def _usable_columns(self, args: DistillationArguments) -> list[tuple[str, ...]]:
+        return [(args.dataset_text_field,), ("messages",), ("prompt", "completion"), ("prompt",), ("input_ids",)]
