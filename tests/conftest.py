@@ -28,8 +28,10 @@ WORDS = (
     "plus minus equals entailment neutral contradiction"
 ).split()
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|> "
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}<|im_start|>assistant "
+    "{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %} {% else %}<|im_start|>{{ message['role'] }} "
+    "{{ message['content'] }}<|im_end|> {% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant "
+    "{% endif %}"
 )
 
 
@@ -41,6 +43,7 @@ def make_tokenizer(words: list[str] | None = None, chat_template: bool = True) -
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)  # keep them whole (ids 4 and 5)
     if chat_template:
         tok.chat_template = CHAT_TEMPLATE
     return tok

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    """fp32 (or float64 when given float64, for gradcheck) log-softmax at `temperature`."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.log_softmax(logits / temperature, dim=-1)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

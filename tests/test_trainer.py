@@ -1,0 +1,232 @@
+"""DistillationTrainer / DistillationSFTTrainer on tiny seeded Llamas."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_llama, make_tokenizer
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+
+from hf_distill import DistillationConfig, DistillationSFTConfig, DistillationSFTTrainer, DistillationTrainer
+from hf_distill.losses import logit_divergence
+
+
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran fast",
+    "the big red dog is slow and the cat is small",
+    "one plus two equals three",
+]
+
+
+def tokenized(tok, texts=TEXTS):
+    return Dataset.from_dict({"text": texts}).map(lambda r: tok(r["text"]), remove_columns=["text"])
+
+
+def config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                report_to=[], use_cpu=True, save_strategy="no", seed=0, data_seed=0)
+    base.update(kw)
+    return DistillationConfig(**base)
+
+
+def make_trainer(tmp_path, tok, student=None, teacher=None, **kw):
+    return DistillationTrainer(
+        model=student if student is not None else make_llama(2, 32),
+        teacher_model=teacher if teacher is not None else make_llama(4, 64, seed=1),
+        args=config(tmp_path, **kw), train_dataset=tokenized(tok),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False), processing_class=tok,
+    )
+
+
+def manual_loss(student, teacher, batch, kd_weight, ce_weight, temperature, kd_loss="forward_kl"):
+    """Independent re-computation: ce_w * CE_sum + kd_w * T^2 * KD_sum over shifted supervised tokens / count."""
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    s, t, y = s_logits[:, :-1][mask], t_logits[:, :-1][mask], labels[mask]
+    ce = F.cross_entropy(s, y, reduction="sum")
+    kd = logit_divergence(s, t, loss_type=kd_loss, temperature=temperature).sum()
+    return (ce_weight * ce + kd_weight * temperature**2 * kd) / mask.sum()
+
+
+def test_loss_equals_weighted_sum(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, kd_weight=0.7, ce_weight=0.2, temperature=2.0)
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(trainer.model, batch)
+    expected = manual_loss(trainer.model, trainer.teacher, batch, 0.7, 0.2, 2.0)
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_trains_logs_and_saves_student_only(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=3, save_strategy="steps", save_steps=3)
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "kd_loss" in entry]
+    assert logs and {"kd_loss", "ce_loss", "total_loss", "top1_agreement", "loss"} <= set(logs[0])
+    assert not trainer.teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
+    assert all(torch.equal(teacher_before[k], v) for k, v in trainer.teacher.state_dict().items())
+    metrics = trainer.evaluate(tokenized(tokenizer))
+    assert {"eval_kd_loss", "eval_ce_loss", "eval_top1_agreement", "eval_loss"} <= set(metrics)
+
+    ckpt = tmp_path / "out" / "checkpoint-3"
+    keys = set(load_file(ckpt / "model.safetensors"))
+    assert keys == set(trainer.model.state_dict())  # student keys only (2 layers), no teacher
+    assert not any(".layers.3." in k for k in keys)
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert reloaded.config.num_hidden_layers == 2
+    assert not any(name.startswith("teacher") for name in os.listdir(tmp_path / "final"))
+
+
+def _final_weights(tmp_path, tok, name, batch_size, accumulation):
+    texts = ["the cat sat on the mat and the dog sat too", "a dog", "the big red dog is slow", "one plus two"]
+    trainer = DistillationTrainer(
+        model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1),
+        args=config(tmp_path / name, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                    max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+                    kd_weight=0.6, ce_weight=0.4, temperature=2.0),
+        train_dataset=tokenized(tok, texts), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        processing_class=tok,
+    )
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_gradient_accumulation_equals_full_batch(tmp_path, tokenizer):
+    """2 micro-batches of 2 (ragged lengths) must give the same SGD update as one batch of 4."""
+    start = make_llama(2, 32).state_dict()
+    full = _final_weights(tmp_path, tokenizer, "full", 4, 1)
+    accumulated = _final_weights(tmp_path, tokenizer, "ga", 2, 2)
+    moved = max((full[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3  # the step really changed the weights
+    for key in full:
+        assert torch.allclose(full[key], accumulated[key], atol=1e-5), key
+
+
+def test_padded_vocab_is_sliced(tmp_path, tokenizer):
+    # teacher embedding padded to 96 rows, student to 64; the tokenizer has 55 real tokens
+    trainer = make_trainer(tmp_path, tokenizer, teacher=make_llama(4, 64, vocab_size=96, seed=1))
+    assert trainer._vocab_size == len(tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(trainer.model, batch)
+    with torch.no_grad():
+        t_logits = trainer.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    s_logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["labels"][:, 1:] != -100
+    n = len(tokenizer)
+    s, t, y = s_logits[:, :-1][mask][:, :n], t_logits[:, :-1][mask][:, :n], batch["labels"][:, 1:][mask]
+    expected = (0.5 * F.cross_entropy(s, y, reduction="sum") + 0.5 * logit_divergence(s, t).sum()) / mask.sum()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    trainer.train()
+
+
+def test_vocab_mismatch_not_explained_by_padding(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"Student vocab size 64 and teacher vocab size 40"):
+        make_trainer(tmp_path, tokenizer, teacher=make_llama(4, 64, vocab_size=40, seed=1))
+
+
+def test_different_tokenizers_rejected(tmp_path, tokenizer):
+    other = make_tokenizer(words=list(reversed(make_tokenizer().get_vocab())))
+    with pytest.raises(ValueError, match=r"tokenizers differ \(student vocab size 55, teacher vocab size"):
+        DistillationTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1), args=config(tmp_path),
+                            train_dataset=tokenized(tokenizer), processing_class=tokenizer,
+                            teacher_processing_class=other)
+
+
+def test_no_teacher_and_bad_dataset(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="No teacher given"):
+        DistillationTrainer(model=make_llama(2, 32), args=config(tmp_path), train_dataset=tokenized(tokenizer))
+    bad = Dataset.from_dict({"sentence": TEXTS})
+    with pytest.raises(ValueError, match=r"columns \['sentence'\].*needs one of input_ids"):
+        DistillationTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64), args=config(tmp_path),
+                            train_dataset=bad)
+    with pytest.raises(ValueError, match=r"needs one of text \| messages \| prompt\+completion"):
+        DistillationSFTTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64), train_dataset=bad,
+                               args=DistillationSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    with pytest.raises(TypeError, match="needs `args` of type DistillationConfig"):
+        from transformers import TrainingArguments
+
+        DistillationTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64),
+                            args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+
+
+def test_ce_only_needs_no_teacher(tmp_path, tokenizer):
+    trainer = DistillationTrainer(
+        model=make_llama(2, 32), args=config(tmp_path, kd_weight=0.0, ce_weight=1.0), train_dataset=tokenized(tokenizer),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    plain = trainer.model(**batch).loss  # the model's own mean CE
+    assert torch.allclose(trainer.compute_loss(trainer.model, batch), plain, atol=1e-6)
+
+
+def sft_config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+                report_to=[], use_cpu=True, save_strategy="no", max_length=32)
+    base.update(kw)
+    return DistillationSFTConfig(**base)
+
+
+def test_sft_completion_only_supervises_completion(tmp_path, tokenizer):
+    ds = Dataset.from_dict({"prompt": ["the cat sat on", "one plus two equals"], "completion": [" the mat", " three"]})
+    trainer = DistillationSFTTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1),
+                                     args=sft_config(tmp_path), train_dataset=ds, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    supervised = (batch["labels"] != -100).sum().item()
+    # completions: "the mat" + eos, "three" + eos -> 5 supervised tokens; prompts never count
+    assert supervised == 5
+    trainer.compute_loss(trainer.model, batch)
+    assert trainer._metrics["train"]["kd_loss"][-1][1] == 5
+    trainer.train()
+
+
+def test_sft_conversational_assistant_only(tmp_path, tokenizer):
+    msgs = [[{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"}],
+            [{"role": "user", "content": "is the cat big"}, {"role": "assistant", "content": "no the cat is small"}]]
+    trainer = DistillationSFTTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1),
+                                     args=sft_config(tmp_path, assistant_only_loss=True),
+                                     train_dataset=Dataset.from_dict({"messages": msgs}),
+                                     processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    supervised = batch["input_ids"][batch["labels"] != -100].tolist()
+    # only the assistant turns ("four <|im_end|>", "no the cat is small <|im_end|>") are supervised
+    assert sorted(supervised) == sorted(tokenizer("four <|im_end|> no the cat is small <|im_end|>").input_ids)
+    trainer.train()
+    assert any("kd_loss" in e for e in trainer.state.log_history)
+
+
+def test_sft_lora_student_trains_adapters_only(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    student = make_llama(2, 32)
+    base_before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = DistillationSFTTrainer(
+        model=student, teacher_model=make_llama(4, 64, seed=1), args=sft_config(tmp_path, learning_rate=1e-2),
+        train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    trainer.train()
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    state = trainer.model.state_dict()
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert any(v.abs().sum() > 0 for v in lora_b)  # adapters moved away from their zero init
+    for key, value in base_before.items():
+        peft_key = "base_model.model." + key.replace("q_proj.weight", "q_proj.base_layer.weight").replace(
+            "v_proj.weight", "v_proj.base_layer.weight")
+        assert torch.equal(state[peft_key], value), key
+
+
+def test_sft_packing(tmp_path, tokenizer):
+    trainer = DistillationSFTTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1),
+                                     args=sft_config(tmp_path, packing=True, max_length=16),
+                                     train_dataset=Dataset.from_dict({"text": TEXTS * 3}), processing_class=tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 2
