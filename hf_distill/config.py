@@ -100,8 +100,8 @@ class DistillationConfig(DistillationArguments, TrainingArguments):
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
 
     def __post_init__(self):
+        self.validate_distillation()  # first: TrainingArguments would choke on a bad JSON string with a vaguer error
         super().__post_init__()
-        self.validate_distillation()
 
 
 @dataclass
@@ -114,7 +114,7 @@ class DistillationSFTConfig(DistillationArguments, SFTConfig):
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
 
     def __post_init__(self):
+        self.validate_distillation()
         if self.bf16 is None:
             self.bf16 = _default_bf16()
         super().__post_init__()
-        self.validate_distillation()

@@ -1,0 +1,129 @@
+"""`hf-distill train --config recipe.yaml [--field value ...]`: YAML keys are config fields; flags override them."""
+
+import json
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from ..config import DistillationSFTConfig
+from ..data import load_any_dataset
+from ..teacher import load_model, load_tokenizer, parse_init_kwargs
+
+
+@dataclass
+class TrainScriptArguments:
+    """What to train on, and how to build the student."""
+
+    dataset_name: str = field(
+        default=None, metadata={"help": "Hub dataset id, local .json/.jsonl/.csv/.parquet file or save_to_disk folder."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Separate evaluation dataset (same formats as dataset_name)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer (defaults to the student's, else the teacher's)."}
+    )
+    rename_columns: dict | str | None = field(
+        default=None,
+        metadata={"help": "Rename dataset columns, as a YAML mapping or JSON: '{\"question\": \"prompt\"}'."},
+    )
+    chat_format: bool = field(
+        default=False,
+        metadata={"help": "Turn string prompt/completion columns into user/assistant messages, so the tokenizer's "
+                          "chat template is applied (loss on the assistant turn only)."},
+    )
+    student_num_layers: int | None = field(
+        default=None,
+        metadata={"help": "Build the student from the teacher by keeping this many evenly spaced layers (when "
+                          "model_name_or_path is not given)."},
+    )
+
+
+def prepare_columns(dataset, script_args: TrainScriptArguments):
+    """Apply `rename_columns` and `chat_format` to a dataset."""
+    mapping = script_args.rename_columns
+    if isinstance(mapping, str):
+        mapping = json.loads(mapping)
+    if mapping:
+        missing = sorted(set(mapping) - set(dataset.column_names))
+        if missing:
+            raise ValueError(f"rename_columns names {missing}, which the dataset lacks (columns: {dataset.column_names}).")
+        dataset = dataset.rename_columns(mapping)
+    if script_args.chat_format:
+        if not {"prompt", "completion"} <= set(dataset.column_names):
+            raise ValueError(f"chat_format needs `prompt` and `completion` columns; the dataset has "
+                             f"{dataset.column_names} (use rename_columns).")
+        dataset = dataset.map(
+            lambda row: {"prompt": [{"role": "user", "content": str(row["prompt"])}],
+                         "completion": [{"role": "assistant", "content": str(row["completion"])}]}
+        )
+    return dataset
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    parser = TrlParser((TrainScriptArguments, DistillationSFTConfig, ModelConfig), prog=prog)
+    return parser
+
+
+def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig, model_args: ModelConfig):
+    """Load tokenizer, student, teacher and datasets named by the parsed configs and return the trainer."""
+    from ..trainer import DistillationSFTTrainer
+
+    if script_args.dataset_name is None:
+        raise ValueError("Set `dataset_name` (a Hub id, a local data file or a save_to_disk folder).")
+    teacher_path = args.teacher_model_name_or_path
+    teacher_kwargs = parse_init_kwargs(args.teacher_model_init_kwargs)
+    model_kwargs = {"dtype": model_args.dtype} if model_args.dtype not in (None, "auto") else {}
+    if model_args.attn_implementation:
+        model_kwargs["attn_implementation"] = model_args.attn_implementation
+
+    tok_path = script_args.tokenizer_name_or_path or model_args.model_name_or_path or teacher_path
+    if tok_path is None:
+        raise ValueError("Set `model_name_or_path` (the student) or `teacher_model_name_or_path`.")
+    if tok_path == teacher_path:
+        tokenizer = load_tokenizer(teacher_path, gguf_file=teacher_kwargs.get("gguf_file"))
+    elif tok_path == "smollm2":
+        tokenizer = load_tokenizer("smollm2")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    teacher = teacher_path
+    if model_args.model_name_or_path is not None:
+        student = load_model(model_args.model_name_or_path, **model_kwargs)
+    elif script_args.student_num_layers is not None and teacher_path is not None:
+        from ..student import init_student_from_teacher
+
+        teacher = load_model(teacher_path, **teacher_kwargs)
+        student = init_student_from_teacher(teacher, num_layers=script_args.student_num_layers)
+    else:
+        raise ValueError("Name the student: `model_name_or_path`, or `student_num_layers` with a teacher.")
+
+    train = load_any_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    evaluation = None
+    if script_args.eval_dataset_name:
+        evaluation = load_any_dataset(script_args.eval_dataset_name, split="train")
+    elif script_args.dataset_test_split:
+        evaluation = load_any_dataset(script_args.dataset_name, script_args.dataset_config,
+                                      script_args.dataset_test_split)
+    train = prepare_columns(train, script_args)
+    evaluation = prepare_columns(evaluation, script_args) if evaluation is not None else None
+    return DistillationSFTTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=train, eval_dataset=evaluation,
+        processing_class=tokenizer, peft_config=get_peft_config(model_args),
+    )
+
+
+def run(argv: list[str], prog: str = "hf-distill train") -> None:
+    script_args, args, model_args = make_parser(prog).parse_args_and_config(argv)
+    trainer = build_trainer(script_args, args, model_args)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    if args.eval_strategy != "no" and trainer.eval_dataset is not None:
+        print(trainer.evaluate())
+    print(f"Saved the student to {args.output_dir}")

@@ -1,0 +1,97 @@
+"""`hf-distill` CLI: help per subcommand, YAML recipes with flag overrides, end-to-end tiny training."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_llama, make_tokenizer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from hf_distill.cli.main import COMMANDS, main
+from hf_distill.cli.train import make_parser
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_top_level_help_lists_commands(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+def test_unknown_command_exits_2():
+    with pytest.raises(SystemExit) as err:
+        main(["distil-everything"])
+    assert err.value.code == 2
+
+
+def test_train_help_documents_every_distillation_field():
+    out = subprocess.run([sys.executable, "-m", "hf_distill.cli.main", "train", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for flag in ("--kd_loss", "--temperature", "--beta", "--skew_alpha", "--kd_weight", "--ce_weight",
+                 "--teacher_model_name_or_path", "--teacher_model_init_kwargs", "--dataset_name"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("[kc][de]/*.yaml")) + [ROOT / "recipes/quickstart.yaml"],
+                         ids=lambda p: p.name)
+def test_recipes_parse(recipe):
+    if not recipe.exists():
+        pytest.skip(f"{recipe} not written")
+    script_args, args, _ = make_parser().parse_args_and_config(["--config", str(recipe), "--output_dir", "/tmp/x"])
+    assert script_args.dataset_name or "quickstart" in recipe.name
+    assert args.kd_loss and args.output_dir == "/tmp/x"
+
+
+@pytest.fixture
+def tiny_files(tmp_path):
+    tok = make_tokenizer()
+    for name, model in {"teacher": make_llama(4, 64, seed=1), "student": make_llama(2, 32)}.items():
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    rows = [{"text": t} for t in ["the cat sat on the mat", "a dog ran fast", "one plus two equals three"] * 4]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    chat = [{"question": "two plus two", "equation": "four"}, {"question": "is the cat big", "equation": "no"}] * 4
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chat))
+    return tmp_path
+
+
+def test_train_from_yaml_with_overrides(tiny_files):
+    recipe = {
+        "model_name_or_path": str(tiny_files / "student"),
+        "teacher_model_name_or_path": str(tiny_files / "teacher"),
+        "dataset_name": str(tiny_files / "data.jsonl"),
+        "kd_loss": "reverse_kl", "max_steps": 50, "per_device_train_batch_size": 4, "report_to": "none",
+        "output_dir": str(tiny_files / "out"), "use_cpu": True, "logging_steps": 1, "save_strategy": "no",
+    }
+    path = tiny_files / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    main(["train", "--config", str(path), "--max_steps", "2", "--kd_loss", "tvd"])  # flags override YAML
+    reloaded = AutoModelForCausalLM.from_pretrained(tiny_files / "out")
+    assert reloaded.config.num_hidden_layers == 2
+    assert set(load_file(tiny_files / "out" / "model.safetensors")) == set(reloaded.state_dict())
+    state = json.loads((tiny_files / "out" / "trainer_state.json").read_text()) if (
+        tiny_files / "out" / "trainer_state.json").exists() else None
+    assert state is None or state["global_step"] == 2
+
+
+def test_train_chat_recipe_style(tiny_files):
+    main(["train", "--model_name_or_path", str(tiny_files / "student"),
+          "--teacher_model_name_or_path", str(tiny_files / "teacher"),
+          "--dataset_name", str(tiny_files / "chat.jsonl"), "--rename_columns", '{"question": "prompt", "equation": "completion"}',
+          "--chat_format", "true", "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
+          "--output_dir", str(tiny_files / "chat_out"), "--use_cpu", "true", "--save_strategy", "no"])
+    assert (tiny_files / "chat_out" / "model.safetensors").exists()
+
+
+def test_train_bad_column_name(tiny_files):
+    with pytest.raises(ValueError, match="rename_columns names \\['nope'\\]"):
+        main(["train", "--model_name_or_path", str(tiny_files / "student"),
+              "--teacher_model_name_or_path", str(tiny_files / "teacher"),
+              "--dataset_name", str(tiny_files / "chat.jsonl"), "--rename_columns", '{"nope": "prompt"}',
+              "--output_dir", str(tiny_files / "x"), "--report_to", "none", "--use_cpu", "true"])
