@@ -121,24 +121,52 @@ class DistillationMixin:
     def _loss_terms(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[dict, dict, torch.Tensor, Any]:
         """Summed loss terms of one micro-batch.
 
+        The steps are methods so that each feature overrides one of them: `_prepare_batch` (batch rewriting, e.g.
+        on-policy samples), `_teacher_outputs` (live teacher or cache), `_logit_terms` (KD + CE) and `_extra_terms`
+        (hidden-state hints, attention and relation losses).
+
         Returns:
             `(sums, weights, n_tokens, student_outputs)`: `sums[name]` is a scalar summed over the supervised tokens,
             `weights[name]` its factor in the loss, `n_tokens` the number of supervised tokens.
         """
+        inputs = self._prepare_batch(model, inputs)
         if "labels" not in inputs:
             raise ValueError(
                 f"The batch has no `labels` (keys: {sorted(inputs)}). Use a collator that adds them, e.g. "
                 "`DataCollatorForLanguageModeling(tokenizer, mlm=False)`, or DistillationSFTTrainer for raw text."
             )
-        args: DistillationArguments = self.args
         model_inputs = self._model_inputs(inputs)
-        outputs = model(**model_inputs)
+        outputs = model(**model_inputs, **self._forward_kwargs())
+        teacher_outputs = self._teacher_outputs(model_inputs, inputs)
+        sums, weights, n_tokens = self._logit_terms(outputs, teacher_outputs, inputs)
+        extra_sums, extra_weights = self._extra_terms(outputs, teacher_outputs, inputs)
+        sums.update(extra_sums)
+        weights.update(extra_weights)
+        return sums, weights, n_tokens, outputs
+
+    def _prepare_batch(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Hook to rewrite the batch before the forward passes (identity here)."""
+        return inputs
+
+    def _forward_kwargs(self) -> dict[str, Any]:
+        """Extra forward arguments for both models (e.g. `output_hidden_states=True` for hints)."""
+        return {}
+
+    def _teacher_outputs(self, model_inputs: dict[str, Any], inputs: dict[str, Any]) -> Any:
+        """The teacher's outputs on the student's inputs, or None without a teacher."""
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return self.teacher(**model_inputs, **self._forward_kwargs())
+
+    def _logit_terms(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]) -> tuple[dict, dict, torch.Tensor]:
+        """KD (`sum divergence`, weight `kd_weight * T^2`) and CE (`sum CE`, weight `ce_weight`) over supervised tokens."""
+        args: DistillationArguments = self.args
         labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
         sums, weights = {}, {}
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(**model_inputs).logits
-            s, t, y = select_positions(outputs.logits, teacher_logits, labels, self._head, self._vocab_size, shift_labels)
+        if teacher_outputs is not None:
+            s, t, y = select_positions(outputs.logits, teacher_outputs.logits, labels, self._head, self._vocab_size,
+                                       shift_labels)
             sums["kd"] = logit_divergence(
                 s, t, loss_type=args.kd_loss, temperature=args.temperature, beta=args.beta, skew_alpha=args.skew_alpha
             ).sum()
@@ -148,7 +176,11 @@ class DistillationMixin:
             s, _, y = select_positions(outputs.logits, outputs.logits, labels, self._head, None, shift_labels)
         sums["ce"] = F.cross_entropy(s.float(), y, reduction="sum")
         weights["ce"] = args.ce_weight
-        return sums, weights, y.new_tensor(y.numel()), outputs
+        return sums, weights, y.new_tensor(y.numel())
+
+    def _extra_terms(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]) -> tuple[dict, dict]:
+        """Hook for loss terms beyond the logits (none here)."""
+        return {}, {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sums, weights, n_tokens, outputs = self._loss_terms(model, inputs)
