@@ -11,6 +11,7 @@ batch of 4 (and DDP's gradient averaging is undone by multiplying with the numbe
 """
 
 import logging
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -23,6 +24,7 @@ from trl import SFTTrainer
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
 from .heads import detect_head, select_positions
 from .losses import logit_divergence
+from .model_card import trainer_model_card
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher, shared_vocab_size
 
 
@@ -221,6 +223,15 @@ class DistillationMixin:
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         logs.update(metrics)
         super().log(logs, *args, **kwargs)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, **kwargs) -> None:
+        """Write README.md in `output_dir` with our card (tags, teacher, losses, results); used by `push_to_hub`."""
+        if not self.is_world_process_zero():
+            return
+        dataset = dataset_name or kwargs.get("dataset")
+        card = trainer_model_card(self, model_name, dataset if isinstance(dataset, str) else None)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)

@@ -230,3 +230,14 @@ def test_sft_packing(tmp_path, tokenizer):
                                      train_dataset=Dataset.from_dict({"text": TEXTS * 3}), processing_class=tokenizer)
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_model_card_written_by_trainer_mechanism(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
+    trainer.train()
+    trainer.evaluate(tokenized(tokenizer))
+    trainer.create_model_card(model_name="tiny-student")  # what push_to_hub calls before uploading
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- hf-distill" in card and "- distillation" in card
+    assert "# tiny-student" in card and "`kd_loss`: forward_kl" in card and "eval_kd_loss" in card
+    assert "LlamaForCausalLM" in card  # the teacher (a model object) is named by its class when it has no path
