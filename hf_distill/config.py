@@ -48,8 +48,10 @@ class DistillationArguments:
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
-        metadata={"help": "JSON dict of keyword arguments for the teacher's from_pretrained, e.g. "
-                          "'{\"dtype\": \"bfloat16\", \"gguf_file\": \"model.gguf\"}'."},
+        metadata={
+            "help": "JSON dict of keyword arguments for the teacher's from_pretrained, e.g. "
+            '\'{"dtype": "bfloat16", "gguf_file": "model.gguf"}\'.'
+        },
     )
     kd_loss: str = field(
         default="forward_kl",
@@ -58,7 +60,9 @@ class DistillationArguments:
     temperature: float = field(
         default=1.0, metadata={"help": "KD softmax temperature (> 0); the KD term is scaled by temperature**2."}
     )
-    beta: float = field(default=0.5, metadata={"help": "Generalized JSD interpolation in [0, 1]: 0 forward KL, 1 reverse KL."})
+    beta: float = field(
+        default=0.5, metadata={"help": "Generalized JSD interpolation in [0, 1]: 0 forward KL, 1 reverse KL."}
+    )
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL mixing weight in [0, 1) (DistiLLM)."})
     kd_weight: float = field(default=0.5, metadata={"help": "Weight of the KD term (>= 0)."})
     ce_weight: float = field(default=0.5, metadata={"help": "Weight of the hard-label cross-entropy term (>= 0)."})
@@ -77,7 +81,9 @@ class DistillationArguments:
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if self.kd_weight == 0 and self.ce_weight == 0:
-            raise ValueError("`kd_weight` and `ce_weight` are both 0, so nothing would be trained; set at least one > 0.")
+            raise ValueError(
+                "`kd_weight` and `ce_weight` are both 0, so nothing would be trained; set at least one > 0."
+            )
         if isinstance(self.teacher_model_init_kwargs, str):
             try:
                 self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)

@@ -1,4 +1,5 @@
-"""Loading datasets the way users name them: a Hub id, a local JSON/JSONL/CSV/Parquet file or a `save_to_disk` folder."""
+"""Loading datasets the way users name them: a Hub id, a local JSON/JSONL/CSV/Parquet file or a
+`save_to_disk` folder."""
 
 import os
 
@@ -8,7 +9,9 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def load_any_dataset(name_or_path: str, config: str | None = None, split: str | None = "train") -> Dataset | DatasetDict:
+def load_any_dataset(
+    name_or_path: str, config: str | None = None, split: str | None = "train"
+) -> Dataset | DatasetDict:
     """Load a dataset by Hub id, local data file, or `save_to_disk` folder.
 
     Args:

@@ -14,8 +14,9 @@ from .losses import logit_divergence
 
 
 @torch.no_grad()
-def teacher_student_metrics(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, Any]],
-                            vocab_size: int | None = None) -> dict[str, float]:
+def teacher_student_metrics(
+    student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, Any]], vocab_size: int | None = None
+) -> dict[str, float]:
     """Token-weighted metrics over `batches` (each with `input_ids`, `attention_mask`, `labels` of shape `(B, T)`).
 
     Returns:
@@ -45,5 +46,10 @@ def teacher_student_metrics(student: nn.Module, teacher: nn.Module, batches: Ite
     teacher.train(teacher_was_training)
     if tokens == 0:
         raise ValueError("No supervised tokens (labels != -100) in the evaluation batches.")
-    return {"kl": kl / tokens, "top1_agreement": agree / tokens, "perplexity": math.exp(ce / tokens),
-            "teacher_perplexity": math.exp(teacher_ce / tokens), "tokens": tokens}
+    return {
+        "kl": kl / tokens,
+        "top1_agreement": agree / tokens,
+        "perplexity": math.exp(ce / tokens),
+        "teacher_perplexity": math.exp(teacher_ce / tokens),
+        "tokens": tokens,
+    }

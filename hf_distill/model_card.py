@@ -52,8 +52,12 @@ def build_model_card(
         losses (`dict`): loss settings, e.g. `{"kd_loss": "forward_kl", "temperature": 1.0, "kd_weight": 0.5}`.
         results (`dict`, *optional*): `{row name: {metric: value}}`, rendered as a table.
     """
-    data = ModelCardData(tags=list(TAGS), library_name="transformers", base_model=base_model,
-                         datasets=[dataset] if dataset and "/" in dataset and not os.path.exists(dataset) else None)
+    data = ModelCardData(
+        tags=list(TAGS),
+        library_name="transformers",
+        base_model=base_model,
+        datasets=[dataset] if dataset and "/" in dataset and not os.path.exists(dataset) else None,
+    )
     loss_lines = "\n".join(f"- `{k}`: {v}" for k, v in losses.items())
     paper = PAPERS.get(str(losses.get("kd_loss")), "")
     body = f"""---
@@ -81,8 +85,12 @@ A student model distilled with [hf-distill](https://pypi.org/project/hf-distill/
     return ModelCard(body)
 
 
-def trainer_model_card(trainer: Any, model_name: str | None = None, dataset_name: str | None = None,
-                       results: dict[str, dict[str, float]] | None = None) -> ModelCard:
+def trainer_model_card(
+    trainer: Any,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    results: dict[str, dict[str, float]] | None = None,
+) -> ModelCard:
     """The card for a `DistillationMixin` trainer's current state (teacher, loss fields, last logged metrics)."""
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -93,7 +101,8 @@ def trainer_model_card(trainer: Any, model_name: str | None = None, dataset_name
     description = f"{arch}, {layers} layers, {n_params / 1e6:.1f}M parameters"
     teacher = trainer.teacher
     teacher_name = args.teacher_model_name_or_path or (
-        getattr(getattr(teacher, "config", None), "_name_or_path", None) or (type(teacher).__name__ if teacher else None)
+        getattr(getattr(teacher, "config", None), "_name_or_path", None)
+        or (type(teacher).__name__ if teacher else None)
     )
     losses = {name: getattr(args, name) for name in ("kd_loss", "temperature", "kd_weight", "ce_weight")}
     if args.kd_loss == "jsd":
@@ -104,6 +113,11 @@ def trainer_model_card(trainer: Any, model_name: str | None = None, dataset_name
         logged = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
         if logged:
             results = {"student (last evaluation)": {k: v for k, v in logged[-1].items() if k.startswith("eval_")}}
-    return build_model_card(model_name=model_name or os.path.basename(os.path.normpath(args.output_dir)),
-                            teacher=teacher_name, student_description=description, losses=losses, results=results,
-                            dataset=dataset_name)
+    return build_model_card(
+        model_name=model_name or os.path.basename(os.path.normpath(args.output_dir)),
+        teacher=teacher_name,
+        student_description=description,
+        losses=losses,
+        results=results,
+        dataset=dataset_name,
+    )

@@ -46,7 +46,9 @@ def parse_init_kwargs(init_kwargs: dict[str, Any] | str | None) -> dict[str, Any
         except json.JSONDecodeError as err:
             raise ValueError(f"`teacher_model_init_kwargs` is not valid JSON: {init_kwargs!r} ({err}).") from err
     if not isinstance(init_kwargs, dict):
-        raise ValueError(f"`teacher_model_init_kwargs` must be a dict or JSON object, got {type(init_kwargs).__name__}.")
+        raise TypeError(
+            f"`teacher_model_init_kwargs` must be a dict or JSON object, got {type(init_kwargs).__name__}."
+        )
     kwargs = dict(init_kwargs)
     for key in ("dtype", "torch_dtype"):
         value = kwargs.pop(key, None)
@@ -149,8 +151,13 @@ def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer: PreTrai
             f"({real if real is not None else 'not given'} tokens) does not explain it as padding. Use models that "
             "share a tokenizer, or pass the shared tokenizer as `processing_class`."
         )
-    logger.info("Student (%d) and teacher (%d) output embeddings are padded; comparing logits over the %d real "
-                "tokens of the tokenizer.", s_size, t_size, real)
+    logger.info(
+        "Student (%d) and teacher (%d) output embeddings are padded; comparing logits over the %d real "
+        "tokens of the tokenizer.",
+        s_size,
+        t_size,
+        real,
+    )
     return real
 
 

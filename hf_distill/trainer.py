@@ -13,7 +13,7 @@ batch of 4 (and DDP's gradient averaging is undone by multiplying with the numbe
 import logging
 import os
 from collections import defaultdict
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +41,18 @@ def _tokenizer_of(processing_class: Any) -> Any:
 class DistillationMixin:
     """Teacher handling, loss assembly and metrics shared by both distillation trainers."""
 
-    _tag_names = ["hf-distill", "distillation"]
+    _tag_names: ClassVar[list[str]] = ["hf-distill", "distillation"]
     _config_class: type = DistillationConfig
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulation window's token count itself
 
-    def __init__(self, model=None, teacher_model: PreTrainedModel | str | None = None, args=None,
-                 teacher_processing_class: Any = None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        teacher_model: PreTrainedModel | str | None = None,
+        args=None,
+        teacher_processing_class: Any = None,
+        **kwargs,
+    ):
         if args is None:
             args = self._config_class(output_dir="tmp_trainer")
         if not isinstance(args, DistillationArguments):
@@ -93,7 +99,9 @@ class DistillationMixin:
         return [("input_ids",)]
 
     def _teacher_auto_class(self) -> type:
-        return AutoModelForSeq2SeqLM if getattr(self.model.config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        return (
+            AutoModelForSeq2SeqLM if getattr(self.model.config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        )
 
     def _setup_teacher(self, teacher: PreTrainedModel | str, teacher_processing_class: Any) -> None:
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
@@ -102,8 +110,11 @@ class DistillationMixin:
                 try:
                     teacher_processing_class = load_tokenizer(teacher, gguf_file=init_kwargs.get("gguf_file"))
                 except (OSError, ValueError) as err:
-                    logger.warning("Could not load the teacher tokenizer of %s (%s); vocabularies are compared by "
-                                   "size only.", teacher, err)
+                    logger.warning(
+                        "Could not load the teacher tokenizer of %s (%s); vocabularies are compared by size only.",
+                        teacher,
+                        err,
+                    )
             teacher = load_model(teacher, self._teacher_auto_class(), **init_kwargs)
         student_tok = _tokenizer_of(self.processing_class)
         if teacher_processing_class is not None and student_tok is not None:
@@ -116,7 +127,9 @@ class DistillationMixin:
         model_inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
         if self._head.kind == "seq2seq" and "decoder_input_ids" not in model_inputs:
             unwrapped = self.accelerator.unwrap_model(self.model)
-            model_inputs["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+            model_inputs["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(
+                labels=inputs["labels"]
+            )
         model_inputs["use_cache"] = False
         return model_inputs
 
@@ -161,14 +174,18 @@ class DistillationMixin:
         with torch.no_grad():
             return self.teacher(**model_inputs, **self._forward_kwargs())
 
-    def _logit_terms(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]) -> tuple[dict, dict, torch.Tensor]:
-        """KD (`sum divergence`, weight `kd_weight * T^2`) and CE (`sum CE`, weight `ce_weight`) over supervised tokens."""
+    def _logit_terms(
+        self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]
+    ) -> tuple[dict, dict, torch.Tensor]:
+        """KD (`sum divergence`, weight `kd_weight * T^2`) and CE (`sum CE`, weight `ce_weight`), summed over
+        supervised tokens."""
         args: DistillationArguments = self.args
         labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
         sums, weights = {}, {}
         if teacher_outputs is not None:
-            s, t, y = select_positions(outputs.logits, teacher_outputs.logits, labels, self._head, self._vocab_size,
-                                       shift_labels)
+            s, t, y = select_positions(
+                outputs.logits, teacher_outputs.logits, labels, self._head, self._vocab_size, shift_labels
+            )
             sums["kd"] = logit_divergence(
                 s, t, loss_type=args.kd_loss, temperature=args.temperature, beta=args.beta, skew_alpha=args.skew_alpha
             ).sum()
@@ -203,8 +220,12 @@ class DistillationMixin:
         """Accumulate a token-summed metric; `log` reports sum / count over all processes."""
         mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
-        pair = torch.stack([torch.as_tensor(value, device=device, dtype=torch.float64).detach(),
-                            torch.as_tensor(count, device=device, dtype=torch.float64)])
+        pair = torch.stack(
+            [
+                torch.as_tensor(value, device=device, dtype=torch.float64).detach(),
+                torch.as_tensor(count, device=device, dtype=torch.float64),
+            ]
+        )
         total = self.accelerator.gather_for_metrics(pair.unsqueeze(0)).sum(0)
         self._metrics[mode][name].append(total.tolist())
 

@@ -9,10 +9,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (  # noqa: E402
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -22,15 +22,16 @@ from transformers import (  # noqa: E402
 
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-WORDS = (
+WORDS = (  # noqa: SIM905
     "the a an is are was of to and in on at it this that cat dog sat mat ran fast slow big small red blue "
     "user assistant system answer question label rationale because so yes no one two three four five six "
     "plus minus equals entailment neutral contradiction"
 ).split()
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'assistant' %}<|im_start|>assistant "
-    "{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %} {% else %}<|im_start|>{{ message['role'] }} "
-    "{{ message['content'] }}<|im_end|> {% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant "
+    "{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %} {% else %}"
+    "<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant "
     "{% endif %}"
 )
 
@@ -49,14 +50,24 @@ def make_tokenizer(words: list[str] | None = None, chat_template: bool = True) -
     return tok
 
 
-def make_llama(num_layers: int = 2, hidden: int = 32, vocab_size: int = 64, heads: int = 4, seed: int = 0,
-               **kwargs) -> LlamaForCausalLM:
+def make_llama(
+    num_layers: int = 2, hidden: int = 32, vocab_size: int = 64, heads: int = 4, seed: int = 0, **kwargs
+) -> LlamaForCausalLM:
     """A seeded tiny random Llama causal LM (fp32, eval-ready)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=128,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False, **kwargs,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=False,
+        **kwargs,
     )
     return LlamaForCausalLM(config)
 
@@ -65,8 +76,16 @@ def make_t5(num_layers: int = 2, d_model: int = 32, vocab_size: int = 64, seed: 
     """A seeded tiny random T5 (encoder and decoder of `num_layers` each)."""
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=num_layers,
-        num_decoder_layers=num_layers, num_heads=4, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=3,
+        decoder_start_token_id=0,
     )
     return T5ForConditionalGeneration(config)
 

@@ -31,15 +31,28 @@ def test_unknown_command_exits_2():
 
 
 def test_train_help_documents_every_distillation_field():
-    out = subprocess.run([sys.executable, "-m", "hf_distill.cli.main", "train", "--help"], capture_output=True,
-                         text=True, check=True).stdout
-    for flag in ("--kd_loss", "--temperature", "--beta", "--skew_alpha", "--kd_weight", "--ce_weight",
-                 "--teacher_model_name_or_path", "--teacher_model_init_kwargs", "--dataset_name"):
+    out = subprocess.run(
+        [sys.executable, "-m", "hf_distill.cli.main", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (
+        "--kd_loss",
+        "--temperature",
+        "--beta",
+        "--skew_alpha",
+        "--kd_weight",
+        "--ce_weight",
+        "--teacher_model_name_or_path",
+        "--teacher_model_init_kwargs",
+        "--dataset_name",
+    ):
         assert flag in out
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("[kc][de]/*.yaml")) + [ROOT / "recipes/quickstart.yaml"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "recipe",
+    sorted((ROOT / "recipes").glob("[kc][de]/*.yaml")) + [ROOT / "recipes/quickstart.yaml"],
+    ids=lambda p: p.name,
+)
 def test_recipes_parse(recipe):
     if not recipe.exists():
         pytest.skip(f"{recipe} not written")
@@ -66,8 +79,14 @@ def test_train_from_yaml_with_overrides(tiny_files):
         "model_name_or_path": str(tiny_files / "student"),
         "teacher_model_name_or_path": str(tiny_files / "teacher"),
         "dataset_name": str(tiny_files / "data.jsonl"),
-        "kd_loss": "reverse_kl", "max_steps": 50, "per_device_train_batch_size": 4, "report_to": "none",
-        "output_dir": str(tiny_files / "out"), "use_cpu": True, "logging_steps": 1, "save_strategy": "no",
+        "kd_loss": "reverse_kl",
+        "max_steps": 50,
+        "per_device_train_batch_size": 4,
+        "report_to": "none",
+        "output_dir": str(tiny_files / "out"),
+        "use_cpu": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
     }
     path = tiny_files / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -75,23 +94,63 @@ def test_train_from_yaml_with_overrides(tiny_files):
     reloaded = AutoModelForCausalLM.from_pretrained(tiny_files / "out")
     assert reloaded.config.num_hidden_layers == 2
     assert set(load_file(tiny_files / "out" / "model.safetensors")) == set(reloaded.state_dict())
-    state = json.loads((tiny_files / "out" / "trainer_state.json").read_text()) if (
-        tiny_files / "out" / "trainer_state.json").exists() else None
+    state = (
+        json.loads((tiny_files / "out" / "trainer_state.json").read_text())
+        if (tiny_files / "out" / "trainer_state.json").exists()
+        else None
+    )
     assert state is None or state["global_step"] == 2
 
 
 def test_train_chat_recipe_style(tiny_files):
-    main(["train", "--model_name_or_path", str(tiny_files / "student"),
-          "--teacher_model_name_or_path", str(tiny_files / "teacher"),
-          "--dataset_name", str(tiny_files / "chat.jsonl"), "--rename_columns", '{"question": "prompt", "equation": "completion"}',
-          "--chat_format", "true", "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
-          "--output_dir", str(tiny_files / "chat_out"), "--use_cpu", "true", "--save_strategy", "no"])
+    main(
+        [
+            "train",
+            "--model_name_or_path",
+            str(tiny_files / "student"),
+            "--teacher_model_name_or_path",
+            str(tiny_files / "teacher"),
+            "--dataset_name",
+            str(tiny_files / "chat.jsonl"),
+            "--rename_columns",
+            '{"question": "prompt", "equation": "completion"}',
+            "--chat_format",
+            "true",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tiny_files / "chat_out"),
+            "--use_cpu",
+            "true",
+            "--save_strategy",
+            "no",
+        ]
+    )
     assert (tiny_files / "chat_out" / "model.safetensors").exists()
 
 
 def test_train_bad_column_name(tiny_files):
     with pytest.raises(ValueError, match="rename_columns names \\['nope'\\]"):
-        main(["train", "--model_name_or_path", str(tiny_files / "student"),
-              "--teacher_model_name_or_path", str(tiny_files / "teacher"),
-              "--dataset_name", str(tiny_files / "chat.jsonl"), "--rename_columns", '{"nope": "prompt"}',
-              "--output_dir", str(tiny_files / "x"), "--report_to", "none", "--use_cpu", "true"])
+        main(
+            [
+                "train",
+                "--model_name_or_path",
+                str(tiny_files / "student"),
+                "--teacher_model_name_or_path",
+                str(tiny_files / "teacher"),
+                "--dataset_name",
+                str(tiny_files / "chat.jsonl"),
+                "--rename_columns",
+                '{"nope": "prompt"}',
+                "--output_dir",
+                str(tiny_files / "x"),
+                "--report_to",
+                "none",
+                "--use_cpu",
+                "true",
+            ]
+        )

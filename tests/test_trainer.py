@@ -27,8 +27,17 @@ def tokenized(tok, texts=TEXTS):
 
 
 def config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
-                report_to=[], use_cpu=True, save_strategy="no", seed=0, data_seed=0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+    )
     base.update(kw)
     return DistillationConfig(**base)
 
@@ -37,8 +46,10 @@ def make_trainer(tmp_path, tok, student=None, teacher=None, **kw):
     return DistillationTrainer(
         model=student if student is not None else make_llama(2, 32),
         teacher_model=teacher if teacher is not None else make_llama(4, 64, seed=1),
-        args=config(tmp_path, **kw), train_dataset=tokenized(tok),
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False), processing_class=tok,
+        args=config(tmp_path, **kw),
+        train_dataset=tokenized(tok),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        processing_class=tok,
     )
 
 
@@ -88,11 +99,23 @@ def test_trains_logs_and_saves_student_only(tmp_path, tokenizer):
 def _final_weights(tmp_path, tok, name, batch_size, accumulation):
     texts = ["the cat sat on the mat and the dog sat too", "a dog", "the big red dog is slow", "one plus two"]
     trainer = DistillationTrainer(
-        model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1),
-        args=config(tmp_path / name, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                    max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant",
-                    kd_weight=0.6, ce_weight=0.4, temperature=2.0),
-        train_dataset=tokenized(tok, texts), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        model=make_llama(2, 32),
+        teacher_model=make_llama(4, 64, seed=1),
+        args=config(
+            tmp_path / name,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,
+            lr_scheduler_type="constant",
+            kd_weight=0.6,
+            ce_weight=0.4,
+            temperature=2.0,
+        ),
+        train_dataset=tokenized(tok, texts),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok,
     )
     trainer.train()
@@ -135,9 +158,14 @@ def test_vocab_mismatch_not_explained_by_padding(tmp_path, tokenizer):
 def test_different_tokenizers_rejected(tmp_path, tokenizer):
     other = make_tokenizer(words=list(reversed(make_tokenizer().get_vocab())))
     with pytest.raises(ValueError, match=r"tokenizers differ \(student vocab size 55, teacher vocab size"):
-        DistillationTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1), args=config(tmp_path),
-                            train_dataset=tokenized(tokenizer), processing_class=tokenizer,
-                            teacher_processing_class=other)
+        DistillationTrainer(
+            model=make_llama(2, 32),
+            teacher_model=make_llama(4, 64, seed=1),
+            args=config(tmp_path),
+            train_dataset=tokenized(tokenizer),
+            processing_class=tokenizer,
+            teacher_processing_class=other,
+        )
 
 
 def test_no_teacher_and_bad_dataset(tmp_path, tokenizer):
@@ -145,22 +173,33 @@ def test_no_teacher_and_bad_dataset(tmp_path, tokenizer):
         DistillationTrainer(model=make_llama(2, 32), args=config(tmp_path), train_dataset=tokenized(tokenizer))
     bad = Dataset.from_dict({"sentence": TEXTS})
     with pytest.raises(ValueError, match=r"columns \['sentence'\].*needs one of input_ids"):
-        DistillationTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64), args=config(tmp_path),
-                            train_dataset=bad)
+        DistillationTrainer(
+            model=make_llama(2, 32), teacher_model=make_llama(4, 64), args=config(tmp_path), train_dataset=bad
+        )
     with pytest.raises(ValueError, match=r"needs one of text \| messages \| prompt\+completion"):
-        DistillationSFTTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64), train_dataset=bad,
-                               args=DistillationSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+        DistillationSFTTrainer(
+            model=make_llama(2, 32),
+            teacher_model=make_llama(4, 64),
+            train_dataset=bad,
+            args=DistillationSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+        )
     with pytest.raises(TypeError, match="needs `args` of type DistillationConfig"):
         from transformers import TrainingArguments
 
-        DistillationTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64),
-                            args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+        DistillationTrainer(
+            model=make_llama(2, 32),
+            teacher_model=make_llama(4, 64),
+            args=TrainingArguments(output_dir=str(tmp_path), report_to=[]),
+        )
 
 
 def test_ce_only_needs_no_teacher(tmp_path, tokenizer):
     trainer = DistillationTrainer(
-        model=make_llama(2, 32), args=config(tmp_path, kd_weight=0.0, ce_weight=1.0), train_dataset=tokenized(tokenizer),
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+        model=make_llama(2, 32),
+        args=config(tmp_path, kd_weight=0.0, ce_weight=1.0),
+        train_dataset=tokenized(tokenizer),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
     )
     batch = next(iter(trainer.get_train_dataloader()))
     plain = trainer.model(**batch).loss  # the model's own mean CE
@@ -168,16 +207,29 @@ def test_ce_only_needs_no_teacher(tmp_path, tokenizer):
 
 
 def sft_config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
-                report_to=[], use_cpu=True, save_strategy="no", max_length=32)
+    base = dict(
+        output_dir=str(tmp_path / "sft"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        max_length=32,
+    )
     base.update(kw)
     return DistillationSFTConfig(**base)
 
 
 def test_sft_completion_only_supervises_completion(tmp_path, tokenizer):
     ds = Dataset.from_dict({"prompt": ["the cat sat on", "one plus two equals"], "completion": [" the mat", " three"]})
-    trainer = DistillationSFTTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1),
-                                     args=sft_config(tmp_path), train_dataset=ds, processing_class=tokenizer)
+    trainer = DistillationSFTTrainer(
+        model=make_llama(2, 32),
+        teacher_model=make_llama(4, 64, seed=1),
+        args=sft_config(tmp_path),
+        train_dataset=ds,
+        processing_class=tokenizer,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     supervised = (batch["labels"] != -100).sum().item()
     # completions: "the mat" + eos, "three" + eos -> 5 supervised tokens; prompts never count
@@ -188,12 +240,17 @@ def test_sft_completion_only_supervises_completion(tmp_path, tokenizer):
 
 
 def test_sft_conversational_assistant_only(tmp_path, tokenizer):
-    msgs = [[{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"}],
-            [{"role": "user", "content": "is the cat big"}, {"role": "assistant", "content": "no the cat is small"}]]
-    trainer = DistillationSFTTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1),
-                                     args=sft_config(tmp_path, assistant_only_loss=True),
-                                     train_dataset=Dataset.from_dict({"messages": msgs}),
-                                     processing_class=tokenizer)
+    msgs = [
+        [{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"}],
+        [{"role": "user", "content": "is the cat big"}, {"role": "assistant", "content": "no the cat is small"}],
+    ]
+    trainer = DistillationSFTTrainer(
+        model=make_llama(2, 32),
+        teacher_model=make_llama(4, 64, seed=1),
+        args=sft_config(tmp_path, assistant_only_loss=True),
+        train_dataset=Dataset.from_dict({"messages": msgs}),
+        processing_class=tokenizer,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     supervised = batch["input_ids"][batch["labels"] != -100].tolist()
     # only the assistant turns ("four <|im_end|>", "no the cat is small <|im_end|>") are supervised
@@ -208,8 +265,11 @@ def test_sft_lora_student_trains_adapters_only(tmp_path, tokenizer):
     student = make_llama(2, 32)
     base_before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer = DistillationSFTTrainer(
-        model=student, teacher_model=make_llama(4, 64, seed=1), args=sft_config(tmp_path, learning_rate=1e-2),
-        train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tokenizer,
+        model=student,
+        teacher_model=make_llama(4, 64, seed=1),
+        args=sft_config(tmp_path, learning_rate=1e-2),
+        train_dataset=Dataset.from_dict({"text": TEXTS}),
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     )
     trainer.train()
@@ -220,14 +280,19 @@ def test_sft_lora_student_trains_adapters_only(tmp_path, tokenizer):
     assert any(v.abs().sum() > 0 for v in lora_b)  # adapters moved away from their zero init
     for key, value in base_before.items():
         peft_key = "base_model.model." + key.replace("q_proj.weight", "q_proj.base_layer.weight").replace(
-            "v_proj.weight", "v_proj.base_layer.weight")
+            "v_proj.weight", "v_proj.base_layer.weight"
+        )
         assert torch.equal(state[peft_key], value), key
 
 
 def test_sft_packing(tmp_path, tokenizer):
-    trainer = DistillationSFTTrainer(model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1),
-                                     args=sft_config(tmp_path, packing=True, max_length=16),
-                                     train_dataset=Dataset.from_dict({"text": TEXTS * 3}), processing_class=tokenizer)
+    trainer = DistillationSFTTrainer(
+        model=make_llama(2, 32),
+        teacher_model=make_llama(4, 64, seed=1),
+        args=sft_config(tmp_path, packing=True, max_length=16),
+        train_dataset=Dataset.from_dict({"text": TEXTS * 3}),
+        processing_class=tokenizer,
+    )
     trainer.train()
     assert trainer.state.global_step == 2
 

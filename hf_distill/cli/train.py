@@ -16,7 +16,8 @@ class TrainScriptArguments:
     """What to train on, and how to build the student."""
 
     dataset_name: str = field(
-        default=None, metadata={"help": "Hub dataset id, local .json/.jsonl/.csv/.parquet file or save_to_disk folder."}
+        default=None,
+        metadata={"help": "Hub dataset id, local .json/.jsonl/.csv/.parquet file or save_to_disk folder."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
@@ -29,17 +30,21 @@ class TrainScriptArguments:
     )
     rename_columns: dict | str | None = field(
         default=None,
-        metadata={"help": "Rename dataset columns, as a YAML mapping or JSON: '{\"question\": \"prompt\"}'."},
+        metadata={"help": 'Rename dataset columns, as a YAML mapping or JSON: \'{"question": "prompt"}\'.'},
     )
     chat_format: bool = field(
         default=False,
-        metadata={"help": "Turn string prompt/completion columns into user/assistant messages, so the tokenizer's "
-                          "chat template is applied (loss on the assistant turn only)."},
+        metadata={
+            "help": "Turn string prompt/completion columns into user/assistant messages, so the tokenizer's "
+            "chat template is applied (loss on the assistant turn only)."
+        },
     )
     student_num_layers: int | None = field(
         default=None,
-        metadata={"help": "Build the student from the teacher by keeping this many evenly spaced layers (when "
-                          "model_name_or_path is not given)."},
+        metadata={
+            "help": "Build the student from the teacher by keeping this many evenly spaced layers (when "
+            "model_name_or_path is not given)."
+        },
     )
 
 
@@ -51,15 +56,21 @@ def prepare_columns(dataset, script_args: TrainScriptArguments):
     if mapping:
         missing = sorted(set(mapping) - set(dataset.column_names))
         if missing:
-            raise ValueError(f"rename_columns names {missing}, which the dataset lacks (columns: {dataset.column_names}).")
+            raise ValueError(
+                f"rename_columns names {missing}, which the dataset lacks (columns: {dataset.column_names})."
+            )
         dataset = dataset.rename_columns(mapping)
     if script_args.chat_format:
         if not {"prompt", "completion"} <= set(dataset.column_names):
-            raise ValueError(f"chat_format needs `prompt` and `completion` columns; the dataset has "
-                             f"{dataset.column_names} (use rename_columns).")
+            raise ValueError(
+                f"chat_format needs `prompt` and `completion` columns; the dataset has "
+                f"{dataset.column_names} (use rename_columns)."
+            )
         dataset = dataset.map(
-            lambda row: {"prompt": [{"role": "user", "content": str(row["prompt"])}],
-                         "completion": [{"role": "assistant", "content": str(row["completion"])}]}
+            lambda row: {
+                "prompt": [{"role": "user", "content": str(row["prompt"])}],
+                "completion": [{"role": "assistant", "content": str(row["completion"])}],
+            }
         )
     return dataset
 
@@ -109,13 +120,19 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
     if script_args.eval_dataset_name:
         evaluation = load_any_dataset(script_args.eval_dataset_name, split="train")
     elif script_args.dataset_test_split:
-        evaluation = load_any_dataset(script_args.dataset_name, script_args.dataset_config,
-                                      script_args.dataset_test_split)
+        evaluation = load_any_dataset(
+            script_args.dataset_name, script_args.dataset_config, script_args.dataset_test_split
+        )
     train = prepare_columns(train, script_args)
     evaluation = prepare_columns(evaluation, script_args) if evaluation is not None else None
     return DistillationSFTTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=train, eval_dataset=evaluation,
-        processing_class=tokenizer, peft_config=get_peft_config(model_args),
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
     )
 
 

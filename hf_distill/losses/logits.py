@@ -37,8 +37,9 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-               **_: float) -> torch.Tensor:
+def forward_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0, **_: float
+) -> torch.Tensor:
     """KL(teacher || student) per position.
 
     Args:
@@ -52,14 +53,21 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     return _kl(_log_softmax(teacher_logits, temperature), _log_softmax(student_logits, temperature))
 
 
-def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-               **_: float) -> torch.Tensor:
+def reverse_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0, **_: float
+) -> torch.Tensor:
     """KL(student || teacher) per position. Shapes as `forward_kl`."""
     return _kl(_log_softmax(student_logits, temperature), _log_softmax(teacher_logits, temperature))
 
 
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-                    beta: float = 0.5, **_: float) -> torch.Tensor:
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    **_: float,
+) -> torch.Tensor:
     """Generalized Jensen-Shannon divergence per position (GKD; TRL's beta convention).
 
     `beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)` with `m = beta * p_t + (1 - beta) * p_s`; `beta = 0` returns
@@ -75,8 +83,14 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
 
 
-def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-                    skew_alpha: float = 0.1, **_: float) -> torch.Tensor:
+def skew_forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    skew_alpha: float = 0.1,
+    **_: float,
+) -> torch.Tensor:
     """Skew KL of DistiLLM: KL(p_t || a * p_t + (1 - a) * p_s), a = `skew_alpha`. Shapes as `forward_kl`."""
     log_s = _log_softmax(student_logits, temperature)
     log_t = _log_softmax(teacher_logits, temperature)
@@ -85,8 +99,14 @@ def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return _kl(log_t, _log_mix(log_t, log_s, skew_alpha))
 
 
-def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-                    skew_alpha: float = 0.1, **_: float) -> torch.Tensor:
+def skew_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    skew_alpha: float = 0.1,
+    **_: float,
+) -> torch.Tensor:
     """Skew reverse KL of DistiLLM: KL(p_s || a * p_s + (1 - a) * p_t). Shapes as `forward_kl`."""
     log_s = _log_softmax(student_logits, temperature)
     log_t = _log_softmax(teacher_logits, temperature)
@@ -95,8 +115,9 @@ def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return _kl(log_s, _log_mix(log_s, log_t, skew_alpha))
 
 
-def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-        **_: float) -> torch.Tensor:
+def tvd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0, **_: float
+) -> torch.Tensor:
     """Total variation distance 0.5 * sum_v |p_t - p_s| per position. Shapes as `forward_kl`."""
     p_s = _log_softmax(student_logits, temperature).exp()
     p_t = _log_softmax(teacher_logits, temperature).exp()
@@ -113,8 +134,15 @@ LOGIT_LOSSES = {
 }
 
 
-def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, loss_type: str = "forward_kl",
-                     temperature: float = 1.0, beta: float = 0.5, skew_alpha: float = 0.1) -> torch.Tensor:
+def logit_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+) -> torch.Tensor:
     """Per-position divergence chosen by name (see the module docstring).
 
     Args:
@@ -137,9 +165,16 @@ def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     )
 
 
-def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-                            loss_type: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-                            skew_alpha: float = 0.1, mask: torch.Tensor | None = None) -> torch.Tensor:
+def logit_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean divergence over the positions where `mask` is True (no T^2 factor; the trainer applies it).
 
     Args:
@@ -161,6 +196,7 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
         return per_position.mean()
     mask = mask.to(per_position.device, torch.bool)
     if mask.shape != per_position.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape "
-                         f"{tuple(per_position.shape)}.")
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} must equal the logits' leading shape {tuple(per_position.shape)}."
+        )
     return torch.where(mask, per_position, 0.0).sum() / mask.sum().clamp(min=1)

@@ -50,8 +50,9 @@ def logits():
 def test_matches_closed_form(loss_type, temperature, logits):
     s, t = logits
     mask = torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) > 0.3
-    got = logit_distillation_loss(s, t, loss_type=loss_type, temperature=temperature, beta=0.3, skew_alpha=0.2,
-                                  mask=mask)
+    got = logit_distillation_loss(
+        s, t, loss_type=loss_type, temperature=temperature, beta=0.3, skew_alpha=0.2, mask=mask
+    )
     ref = reference(loss_type, s, t, temperature, beta=0.3, skew_alpha=0.2)
     assert torch.allclose(got.double(), ref[mask].mean(), atol=1e-6)
     unmasked = logit_distillation_loss(s, t, loss_type=loss_type, temperature=temperature, beta=0.3, skew_alpha=0.2)
@@ -84,8 +85,9 @@ def test_gradcheck(loss_type):
     mask = torch.tensor([True, False, True, True])
 
     def ours(x):
-        return logit_distillation_loss(x, t, loss_type=loss_type, temperature=1.5, beta=0.4, skew_alpha=0.15,
-                                       mask=mask)
+        return logit_distillation_loss(
+            x, t, loss_type=loss_type, temperature=1.5, beta=0.4, skew_alpha=0.15, mask=mask
+        )
 
     assert torch.autograd.gradcheck(ours, (s,), eps=1e-6, atol=1e-6)
     (g_ours,) = torch.autograd.grad(ours(s), s)

