@@ -186,17 +186,12 @@ class _Grads:
         if self.bias is not None:
             self.bias += grad_logits.sum(0)
 
-    def scale_(self, grad_output):
-        for t in (self.hidden, self.weight, self.bias):
-            if t is not None:
-                t.mul_(grad_output)
-        return self
+    def as_tuple(self):
+        return self.hidden, self.weight, self.bias
 
-    def add_(self, other):
-        for t, o in zip((self.hidden, self.weight, self.bias), (other.hidden, other.weight, other.bias)):
-            if t is not None:
-                t.add_(o)
-        return self
+
+def _dummy_grads():
+    return None, None, None
 
 
 class _FusedLogitDistillation(torch.autograd.Function):
@@ -263,7 +258,11 @@ class _FusedLogitDistillation(torch.autograd.Function):
                 kd_grads.fold(g, rows, h_s, s_weight)
             del g, dcap
 
-        ctx.grads = (kd_grads, ce_grads)
+        # Saved (not kept on ctx) so that autograd frees them right after backward unless the graph is retained.
+        ctx.save_for_backward(
+            *(kd_grads.as_tuple() if kd_grads is not None else _dummy_grads()),
+            *(ce_grads.as_tuple() if ce_grads is not None else _dummy_grads()),
+        )
         ctx.input_dtypes = (s_hidden.dtype, s_weight.dtype, None if s_bias is None else s_bias.dtype)
         kd = kd_sum / kd_denom
         ce = (ce_sum / ce_denom) if labels is not None else torch.zeros_like(kd)
@@ -271,23 +270,15 @@ class _FusedLogitDistillation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kd, grad_ce):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "fused_logit_distillation_loss supports one backward pass per forward (its gradients are stored and "
-                "scaled in place); recompute the loss instead of using retain_graph=True."
-            )
-        kd_grads, ce_grads = ctx.grads
-        ctx.grads = None
-        total = None
-        for grads, grad_out in ((kd_grads, grad_kd), (ce_grads, grad_ce)):
-            if grads is None or grad_out is None:
-                continue
-            grads.scale_(grad_out)
-            total = grads if total is None else total.add_(grads)
-        if total is None:
-            return (None,) * 8
-        dtypes = ctx.input_dtypes
-        out = [t if t is None else t.to(d) for t, d in zip((total.hidden, total.weight, total.bias), dtypes)]
+        saved = ctx.saved_tensors
+        out = []
+        for kd_part, ce_part, dtype in zip(saved[:3], saved[3:], ctx.input_dtypes):
+            total = None
+            if kd_part is not None and grad_kd is not None:
+                total = kd_part * grad_kd  # out of place: a retained graph can run backward again
+            if ce_part is not None and grad_ce is not None:
+                total = ce_part * grad_ce if total is None else total.addcmul_(ce_part, grad_ce)
+            out.append(None if total is None else total.to(dtype))
         return (*out, None, None, None, None, None)
 
 
