@@ -222,7 +222,7 @@ def _check_state(path: Path, state: dict[str, Any]) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    for key in ("corpus_digest", "max_length", "add_special_tokens", "n_instances"):
+    for key in ("max_length", "add_special_tokens", "text_column", "n_instances", "corpus_digest"):
         if old.get(key) != state[key]:
             raise ValueError(
                 f"{path.parent} holds MiniPLM scores computed with a different {key} ({old.get(key)!r} vs "
@@ -309,6 +309,7 @@ def score(
         "empty": plan["empty"],
         "too_short": plan["too_short"],
         "corpus_digest": _digest(plan),
+        "tokenizer": getattr(tokenizer, "name_or_path", None) or None,
         "teacher": _model_name(teacher),
         "reference": _model_name(reference),
     }
@@ -474,10 +475,10 @@ def text_histogram(values: np.ndarray, kept: np.ndarray, bins: int = 20, width: 
     counts, edges = np.histogram(values, bins=bins)
     kept_counts, _ = np.histogram(values[kept], bins=edges)
     scale = width / max(counts.max(), 1)
-    lines = [f"{'score bin':>21} {'n':>7} {'kept':>7}"]
+    lines = []
     for lo, hi, n, k in zip(edges[:-1], edges[1:], counts, kept_counts):
         bar = "#" * round(k * scale) + "." * round((n - k) * scale)
-        lines.append(f"[{lo:9.4f}, {hi:9.4f}) {n:7d} {k:7d} {bar}")
+        lines.append(f"[{lo:+.4f}, {hi:+.4f})  n={n:<7d} kept={k:<7d} {bar}")
     return "\n".join(lines)
 
 
@@ -529,12 +530,16 @@ def select(
         alpha (`float`): fraction to keep, in (0, 1].
         output_dir (`str`): writes `dataset/` (`save_to_disk`), `data.parquet`, `report.json`, `report.txt` and
             `score_hist.png` when matplotlib is installed.
-        tokenizer, text_column, add_special_tokens: only for chunked text corpora, as in `score`.
+        tokenizer, text_column, add_special_tokens: only for chunked text corpora, as in `score`; the tokenizer
+            defaults to the one `score` recorded in `<scores>/state.json` (when it was loaded from a name or path).
         dataset_config / split (`str`): used when `dataset` is a name or path.
 
     Returns:
         `Dataset`: the refined corpus.
     """
+    state_file = Path(scores) / STATE_FILE if isinstance(scores, str | os.PathLike) else None
+    if tokenizer is None and state_file is not None and state_file.exists():
+        tokenizer = json.loads(state_file.read_text()).get("tokenizer")  # the scoring tokenizer, when it has a path
     scores = load_scores(scores)
     dataset = _as_dataset(dataset, dataset_config, split)
     missing = {"row", "score"} - set(scores.column_names)
