@@ -40,6 +40,11 @@ class DistillationArguments:
         Weight of the KD term.
     ce_weight (`float`, defaults to `0.5`):
         Weight of the hard-label cross-entropy on the dataset's labels.
+    use_fused_kd_loss (`bool`, defaults to `True`):
+        Chunked KD + CE from hidden states (`hf_distill.losses.fused_logit_distillation_loss`): same values and
+        gradients as materialised logits at a fraction of the memory.
+    kd_chunk_size (`int`, *optional*):
+        Token rows per chunk of the fused loss.
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -66,6 +71,17 @@ class DistillationArguments:
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL mixing weight in [0, 1) (DistiLLM)."})
     kd_weight: float = field(default=0.5, metadata={"help": "Weight of the KD term (>= 0)."})
     ce_weight: float = field(default=0.5, metadata={"help": "Weight of the hard-label cross-entropy term (>= 0)."})
+    use_fused_kd_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute KD + CE in token chunks from final hidden states and lm_head weights, never "
+            "materialising [tokens, vocab] logits (falls back, with an info log, for models whose "
+            "logits cannot be rebuilt from the last hidden state)."
+        },
+    )
+    kd_chunk_size: int | None = field(
+        default=None, metadata={"help": "Token rows per chunk of the fused loss (default: 32 MiB fp32 blocks)."}
+    )
 
     def validate_distillation(self) -> None:
         """Check every distillation field; each error names the field, its value and what is allowed."""
@@ -80,6 +96,8 @@ class DistillationArguments:
         for name in ("kd_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
+            raise ValueError(f"`kd_chunk_size` must be >= 1 or None, got {self.kd_chunk_size}.")
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError(
                 "`kd_weight` and `ce_weight` are both 0, so nothing would be trained; set at least one > 0."

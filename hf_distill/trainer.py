@@ -10,6 +10,7 @@ tokens of the whole gradient-accumulation window on all processes, so 2 x 2 accu
 batch of 4 (and DDP's gradient averaging is undone by multiplying with the number of processes, as transformers does).
 """
 
+import inspect
 import logging
 import os
 from collections import defaultdict
@@ -22,8 +23,17 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 from trl import SFTTrainer
 
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
-from .heads import detect_head, select_positions
+from .heads import (
+    aligned_labels,
+    aligned_logits,
+    decoder_of,
+    detect_head,
+    lm_head_of,
+    select_positions,
+    supervised_mask,
+)
 from .losses import logit_divergence
+from .losses.fused import fused_logit_distillation_loss
 from .model_card import trainer_model_card
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher, shared_vocab_size
 
@@ -72,7 +82,8 @@ class DistillationMixin:
         self.model_accepts_loss_kwargs = True
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._head = detect_head(self.model)
-        self.teacher, self._vocab_size = None, None
+        self.teacher, self._vocab_size, self._fused = None, None, False
+        self._fused_stats = "stats" in inspect.signature(fused_logit_distillation_loss).parameters
         if teacher_model is not None:
             self._setup_teacher(teacher_model, teacher_processing_class)
         if hasattr(self.model, "add_model_tags"):
@@ -121,6 +132,24 @@ class DistillationMixin:
             check_same_tokenizer(student_tok, _tokenizer_of(teacher_processing_class))
         self._vocab_size = shared_vocab_size(self.accelerator.unwrap_model(self.model), teacher, student_tok)
         self.teacher = prepare_teacher(teacher, self)
+        self._fused = self._fused_supported()
+
+    def _fused_supported(self) -> bool:
+        """Whether the chunked hidden-state loss reproduces both models' logits here; logs why not, once."""
+        if not self.args.use_fused_kd_loss:
+            return False
+        reason = None
+        if self._head.kind != "causal_lm":
+            reason = f"the student is a {self._head.kind} model"
+        elif self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            reason = "FSDP/DeepSpeed shard the lm_head weights outside forward"
+        elif lm_head_of(self.model) is None or lm_head_of(self.teacher) is None:
+            reason = "the student's or teacher's logits are not a plain lm_head of the last hidden state"
+        if reason:
+            logger.info(
+                "Using materialised logits for the KD loss: %s (set use_fused_kd_loss=False to silence).", reason
+            )
+        return reason is None
 
     # ----------------------------------------------------------------------------------------------- loss
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +180,10 @@ class DistillationMixin:
                 "`DataCollatorForLanguageModeling(tokenizer, mlm=False)`, or DistillationSFTTrainer for raw text."
             )
         model_inputs = self._model_inputs(inputs)
-        outputs = model(**model_inputs, **self._forward_kwargs())
+        forward_kwargs = self._forward_kwargs()
+        if self._fused:  # final hidden states instead of [B, T, V] logits (one position's logits is kept)
+            forward_kwargs = {**forward_kwargs, "output_hidden_states": True, "logits_to_keep": 1}
+        outputs = model(**model_inputs, **forward_kwargs)
         teacher_outputs = self._teacher_outputs(model_inputs, inputs)
         sums, weights, n_tokens = self._logit_terms(outputs, teacher_outputs, inputs)
         extra_sums, extra_weights = self._extra_terms(outputs, teacher_outputs, inputs)
@@ -172,7 +204,10 @@ class DistillationMixin:
         if self.teacher is None:
             return None
         with torch.no_grad():
-            return self.teacher(**model_inputs, **self._forward_kwargs())
+            if self._fused and not self._forward_kwargs():  # the base model alone: no lm_head, no logits
+                return decoder_of(self.teacher)(**model_inputs)
+            kwargs = {"output_hidden_states": True, "logits_to_keep": 1} if self._fused else {}
+            return self.teacher(**model_inputs, **self._forward_kwargs(), **kwargs)
 
     def _logit_terms(
         self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]
@@ -181,6 +216,8 @@ class DistillationMixin:
         supervised tokens."""
         args: DistillationArguments = self.args
         labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
+        if self._fused:
+            return self._fused_logit_terms(outputs, teacher_outputs, labels, shift_labels)
         sums, weights = {}, {}
         if teacher_outputs is not None:
             s, t, y = select_positions(
@@ -195,6 +232,46 @@ class DistillationMixin:
             s, _, y = select_positions(outputs.logits, outputs.logits, labels, self._head, None, shift_labels)
         sums["ce"] = F.cross_entropy(s.float(), y, reduction="sum")
         weights["ce"] = args.ce_weight
+        return sums, weights, y.new_tensor(y.numel())
+
+    def _fused_logit_terms(
+        self, outputs: Any, teacher_outputs: Any, labels: torch.Tensor, shift_labels: torch.Tensor | None
+    ) -> tuple[dict, dict, torch.Tensor]:
+        """KD and CE sums from final hidden states, chunked over tokens (never the full [N, V] logits)."""
+        args: DistillationArguments = self.args
+        mask = supervised_mask(labels, self._head, shift_labels)
+        s_hidden = aligned_logits(outputs.hidden_states[-1], self._head, shift_labels)[mask]
+        t_last = getattr(teacher_outputs, "last_hidden_state", None)
+        t_last = teacher_outputs.hidden_states[-1] if t_last is None else t_last
+        t_hidden = aligned_logits(t_last, self._head, shift_labels)[mask]
+        y = aligned_labels(labels, self._head, shift_labels)[mask]
+        s_head, t_head = lm_head_of(self.model), lm_head_of(self.teacher)
+        stats: dict[str, torch.Tensor] = {}
+        kd, ce = fused_logit_distillation_loss(
+            s_hidden,
+            s_head.weight,
+            t_hidden,
+            t_head.weight,
+            loss_type=args.kd_loss,
+            temperature=args.temperature,
+            beta=args.beta,
+            skew_alpha=args.skew_alpha,
+            chunk_size=args.kd_chunk_size,
+            student_bias=s_head.bias,
+            teacher_bias=t_head.bias,
+            student_logit_scale=s_head.logit_scale,
+            teacher_logit_scale=t_head.logit_scale,
+            student_softcap=s_head.softcap,
+            teacher_softcap=t_head.softcap,
+            vocab_size=self._vocab_size,
+            labels=y,
+            reduction="sum",
+            **({"stats": stats} if self._fused_stats else {}),
+        )
+        if "top1_agreement" in stats:
+            self._record_sum("top1_agreement", stats["top1_agreement"], y.numel())
+        sums = {"kd": kd, "ce": ce}
+        weights = {"kd": args.kd_weight * args.temperature**2, "ce": args.ce_weight}
         return sums, weights, y.new_tensor(y.numel())
 
     def _extra_terms(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]) -> tuple[dict, dict]:
