@@ -32,9 +32,11 @@ from .heads import (
     select_positions,
     supervised_mask,
 )
+from .hints import HintDistiller
 from .losses import logit_divergence
 from .losses.fused import fused_logit_distillation_loss
 from .model_card import trainer_model_card
+from .projectors import load_projectors, save_projectors
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher, shared_vocab_size
 
 
@@ -84,15 +86,18 @@ class DistillationMixin:
         self._head = detect_head(self.model)
         self.teacher, self._vocab_size, self._fused = None, None, False
         self._fused_stats = "stats" in inspect.signature(fused_logit_distillation_loss).parameters
+        self._hints = None
         if teacher_model is not None:
             self._setup_teacher(teacher_model, teacher_processing_class)
+            if args.uses_features:
+                self._setup_hints()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @staticmethod
     def _needs_teacher(args: DistillationArguments) -> bool:
-        return args.kd_weight > 0
+        return args.kd_weight > 0 or args.uses_features
 
     def _check_dataset(self, dataset: Any, args: DistillationArguments) -> None:
         columns = getattr(dataset, "column_names", None)
@@ -133,6 +138,39 @@ class DistillationMixin:
         self._vocab_size = shared_vocab_size(self.accelerator.unwrap_model(self.model), teacher, student_tok)
         self.teacher = prepare_teacher(teacher, self)
         self._fused = self._fused_supported()
+
+    def _setup_hints(self) -> None:
+        """Layer map and projectors; the projectors train with the student (own optimizer group, synced across
+        processes) and are checkpointed beside it, but are never part of the exported student."""
+        self._hints = HintDistiller(self.args, self.accelerator.unwrap_model(self.model), self.teacher)
+        if self._hints.projectors is not None:
+            self._hints.projectors.to(self.args.device)
+            if self.accelerator.num_processes > 1:
+                self._hints.projectors = self.accelerator.prepare_model(self._hints.projectors)
+
+    def _projectors(self) -> nn.Module | None:
+        projectors = self._hints.projectors if self._hints is not None else None
+        return self.accelerator.unwrap_model(projectors) if projectors is not None else None
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        projectors = self._projectors()
+        if projectors is not None and any(True for _ in projectors.parameters()):
+            self.optimizer.add_param_group({"params": list(projectors.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        projectors = self._projectors()
+        if projectors is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            save_projectors(projectors, folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        projectors = self._projectors()
+        if projectors is not None:
+            load_projectors(projectors, resume_from_checkpoint)
 
     def _fused_supported(self) -> bool:
         """Whether the chunked hidden-state loss reproduces both models' logits here; logs why not, once."""
@@ -197,7 +235,7 @@ class DistillationMixin:
 
     def _forward_kwargs(self) -> dict[str, Any]:
         """Extra forward arguments for both models (e.g. `output_hidden_states=True` for hints)."""
-        return {}
+        return self._hints.forward_kwargs() if self._hints is not None else {}
 
     def _teacher_outputs(self, model_inputs: dict[str, Any], inputs: dict[str, Any]) -> Any:
         """The teacher's outputs on the student's inputs, or None without a teacher."""
@@ -206,8 +244,11 @@ class DistillationMixin:
         with torch.no_grad():
             if self._fused and not self._forward_kwargs():  # the base model alone: no lm_head, no logits
                 return decoder_of(self.teacher)(**model_inputs)
-            kwargs = {"output_hidden_states": True, "logits_to_keep": 1} if self._fused else {}
-            return self.teacher(**model_inputs, **self._forward_kwargs(), **kwargs)
+            kwargs = {
+                **self._forward_kwargs(),
+                **({"output_hidden_states": True, "logits_to_keep": 1} if self._fused else {}),
+            }
+            return self.teacher(**model_inputs, **kwargs)
 
     def _logit_terms(
         self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]
@@ -275,8 +316,11 @@ class DistillationMixin:
         return sums, weights, y.new_tensor(y.numel())
 
     def _extra_terms(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]) -> tuple[dict, dict]:
-        """Hook for loss terms beyond the logits (none here)."""
-        return {}, {}
+        """Hidden-state hints, attention transfer and relation terms (`hf_distill.hints`), when configured."""
+        if self._hints is None:
+            return {}, {}
+        n_tokens = supervised_mask(inputs["labels"], self._head, inputs.get("shift_labels")).sum()
+        return self._hints.terms(outputs, teacher_outputs, inputs, self._head, n_tokens)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sums, weights, n_tokens, outputs = self._loss_terms(model, inputs)
