@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -260,8 +261,14 @@ def test_two_processes_match_one(models, tmp_path):
            str(ROOT / "tests/distributed/miniplm_score.py"), "--teacher", str(tmp_path / "teacher"),
            "--reference", str(tmp_path / "reference"), "--dataset", str(tmp_path / "data.jsonl"),
            "--output_dir", str(tmp_path / "two"), "--counts_dir", str(tmp_path / "counts")]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers: no orphans left behind
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     two = load_scores(tmp_path / "two")
     assert two["id"] == one["id"]
     for key in ("nll_teacher", "nll_reference", "score"):
