@@ -146,14 +146,22 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def cli_tokens_per_second(nproc: int, work: Path, reference_dir: Path, corpus: Path, cfg) -> float:
+def cli_tokens_per_second(nproc: int, work: Path, reference_dir: Path, corpus: Path, cfg) -> float | str:
+    """tokens/s (model loading excluded) of `hf-distill miniplm score` under torchrun with `nproc` processes: one GPU
+    each, or on CPU the same total thread budget split between the processes."""
+    if DEVICE == "cuda" and torch.cuda.device_count() < nproc:
+        return f"skipped: needs {nproc} GPUs"
     out = work / f"scores_{nproc}proc"
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env, flags = dict(os.environ), []
+    if DEVICE == "cpu":
+        threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(max(1, threads // nproc)))
+        flags = ["--use_cpu"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = [*launch, "-m", "hf_distill.cli.main", "miniplm", "score", "--teacher", cfg.teacher, "--reference",
            str(reference_dir), "--dataset", str(corpus), "--output_dir", str(out), "--max_length", str(cfg.max_length),
-           "--batch_size", str(cfg.batch_size), "--use_cpu"]  # fmt: skip
+           "--batch_size", str(cfg.batch_size), *flags]  # fmt: skip
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "score_report.json").read_text())["tokens_per_second"]
 
@@ -219,7 +227,7 @@ def main() -> None:
                      tokenizer=tokenizer)  # fmt: skip
     k = len(refined)
     uniform = sorted(random.Random(cfg.seed).sample(range(len(pool)), k))
-    halves = {"miniplm": refined["text"], "uniform": [pool[i] for i in uniform]}
+    halves = {"miniplm": list(refined["text"]), "uniform": [pool[i] for i in uniform]}
     values = np.asarray(scores["score"])
     result["selection"] = {"n": len(scores), "kept": k, "mean_score_kept": float(np.sort(values)[::-1][:k].mean()),
                            "mean_score_all": float(values.mean())}  # fmt: skip

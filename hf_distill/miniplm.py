@@ -618,4 +618,4 @@ def _kept_windows(
                 "scoring tokenizer and add_special_tokens."
             )
         windows.append(window)
-    return Dataset.from_dict({"id": ids, "row": kept_scores["row"], "input_ids": windows})
+    return Dataset.from_dict({"id": list(ids), "row": list(kept_scores["row"]), "input_ids": windows})

@@ -17,7 +17,7 @@ from conftest import WORDS, make_llama, make_tokenizer
 from datasets import Dataset, load_from_disk
 
 from hf_distill.cli.main import main
-from hf_distill.cli.miniplm import COMMANDS
+from hf_distill.cli.miniplm import COMMANDS, make_parser
 from hf_distill.miniplm import kept_count, load_scores, mean_token_nll, score, select
 
 
@@ -299,3 +299,10 @@ def test_smollm2_scores_real_text(tmp_path):
     expected = expected_scores(teacher, reference, tokenizer, texts, 1024)
     assert_scores_equal(got, expected, atol=1e-4)
     assert max(got["nll_teacher"]) < 8 and min(got["nll_reference"]) > 10  # a real LM vs a random one (log V = 10.8)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes" / "miniplm").glob("s[ce]*_*.yaml")), ids=lambda p: p.name)
+def test_cli_recipes_parse(recipe):
+    command = recipe.name.split("_")[0]
+    (args,) = make_parser(command=command).parse_args_and_config(["--config", str(recipe), "--output_dir", "/tmp/x"])
+    assert args.output_dir == "/tmp/x" and args.dataset
