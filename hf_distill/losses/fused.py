@@ -198,7 +198,7 @@ class _FusedLogitDistillation(torch.autograd.Function):
     """Chunked divergence (and optional hard-label CE) whose gradients are computed during the forward pass."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts: _Options):
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts: _Options, stats=None):
         ctx.set_materialize_grads(False)
         n = s_hidden.shape[0]
         dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
@@ -248,6 +248,9 @@ class _FusedLogitDistillation(torch.autograd.Function):
                 log_pt.div_(temperature)
                 log_pt.sub_(torch.logsumexp(log_pt, dim=-1, keepdim=True))
             del z
+            if stats is not None:  # argmax is unchanged by temperature and log-softmax
+                agree = (log_ps.argmax(-1) == log_pt.argmax(-1)).sum()
+                stats["top1_agreement"] = stats.get("top1_agreement", 0) + agree
             loss_rows, g = divergence(log_ps, log_pt, need_grad, **hyper)
             del log_ps, log_pt
             kd_sum += loss_rows.sum()
@@ -279,7 +282,7 @@ class _FusedLogitDistillation(torch.autograd.Function):
             if ce_part is not None and grad_ce is not None:
                 total = ce_part * grad_ce if total is None else total.addcmul_(ce_part, grad_ce)
             out.append(None if total is None else total.to(dtype))
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def _leading(t: torch.Tensor) -> tuple[int, ...]:
@@ -311,6 +314,7 @@ def fused_logit_distillation_loss(
     vocab_size: int | None = None,
     labels: torch.Tensor | None = None,
     reduction: str = "mean",
+    stats: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Teacher-logit divergence (and optionally hard-label CE) computed in token chunks from hidden states.
 
@@ -341,6 +345,8 @@ def fused_logit_distillation_loss(
         labels (`torch.Tensor`, *optional*): int, shape `(N,)` or `(B, T)`, -100 ignored. When given, also returns the
             hard-label cross-entropy of the student's logits (temperature 1) over the selected positions.
         reduction (`str`): "mean" over the selected positions (CE: over those with a label) or "sum".
+        stats (`dict`, *optional*): when given, `stats["top1_agreement"]` is set to the number of selected positions
+            where the student's and teacher's argmax tokens agree (a by-product of the chunks; no extra matmul).
 
     Returns:
         `torch.Tensor` or `tuple[torch.Tensor, torch.Tensor]`: the divergence, a scalar (0 when nothing is selected),
@@ -424,5 +430,6 @@ def fused_logit_distillation_loss(
         None if teacher_bias is None else teacher_bias.detach(),
         labels,
         opts,
+        stats,
     )
     return (kd, ce) if labels is not None else kd

@@ -313,3 +313,16 @@ def test_no_tensor_larger_than_one_chunk_of_logits(loss_type):
     assert largest_vocab_block_rows(run_materialised, vocab) >= n  # the recorder does see full [N, V] logits
     assert largest_vocab_block_rows(run_fused, vocab) == chunk  # here at most one chunk's block ever exists
     assert s_weight.grad is not None and torch.isfinite(s_weight.grad).all()
+
+
+def test_stats_count_top1_agreement():
+    g = torch.Generator().manual_seed(3)
+    hs, ws = torch.randn(13, 8, generator=g), torch.randn(20, 8, generator=g)
+    ht, wt = torch.randn(13, 8, generator=g), torch.randn(20, 8, generator=g)
+    stats = {}
+    fused_logit_distillation_loss(hs, ws, ht, wt, chunk_size=4, stats=stats)
+    expected = ((hs @ ws.T).argmax(-1) == (ht @ wt.T).argmax(-1)).sum()
+    assert int(stats["top1_agreement"]) == int(expected)
+    stats = {}
+    fused_logit_distillation_loss(hs, ws, hs, ws, chunk_size=5, stats=stats)
+    assert int(stats["top1_agreement"]) == 13
