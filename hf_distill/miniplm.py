@@ -69,12 +69,19 @@ def mean_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask
         `torch.Tensor`: mean NLL per sequence (nats per target token), shape `(B,)`, fp32; NaN for a row without
         targets.
     """
-    targets = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # (B, T-1)
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)  # (B,)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    right_padded = bool((mask == (positions[None, :] < lengths[:, None])).all())
+    targets = mask[:, 1:] & mask[:, :-1]  # (B, T-1)
     out = []
     for b in range(logits.shape[0]):
-        keep = targets[b]
-        row_logits = logits[b, :-1][keep].float()  # (N_b, V)
-        out.append(F.cross_entropy(row_logits, input_ids[b, 1:][keep], reduction="mean"))
+        if right_padded:  # a prefix: slice (a view) instead of copying the row's logits
+            n = max(int(lengths[b]) - 1, 0)
+            row_logits, row_targets = logits[b, :n], input_ids[b, 1 : n + 1]
+        else:
+            row_logits, row_targets = logits[b, :-1][targets[b]], input_ids[b, 1:][targets[b]]  # (N_b, V), (N_b,)
+        out.append(F.cross_entropy(row_logits.float(), row_targets, reduction="mean"))
     return torch.stack(out)
 
 
@@ -338,9 +345,8 @@ def score(
             logger.info("Resuming: %d of %d instances already scored.", len(finished), len(plan["ids"]))
 
     init_kwargs = dict(model_init_kwargs or {})
-    teacher_model = _prepare(teacher, init_kwargs, state.device)
-    reference_model = _prepare(reference, init_kwargs, state.device)
-    vocab = min((v for v in map(output_vocab_size, (teacher_model, reference_model)) if v is not None), default=None)
+    models = [_prepare(m, init_kwargs, state.device) for m in (teacher, reference)] if todo else []  # done: no load
+    vocab = min((v for v in map(output_vocab_size, models) if v is not None), default=None)
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     nonce = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     start_time = time.perf_counter()
@@ -355,7 +361,7 @@ def score(
             if vocab is not None and int(input_ids.max()) >= vocab:
                 raise ValueError(f"Token id {int(input_ids.max())} is outside the models' vocabulary ({vocab}); the "
                                  "corpus was tokenised with another tokenizer.")  # fmt: skip
-            nll_t, nll_r = (_nll(model, input_ids, attention_mask) for model in (teacher_model, reference_model))
+            nll_t, nll_r = (_nll(model, input_ids, attention_mask) for model in models)
             buffer += [{"id": plan["ids"][i], "nll_teacher": t, "nll_reference": r, "score": r - t,
                         "n_tokens": plan["n_tokens"][i]} for i, t, r in zip(batch, nll_t, nll_r)]  # fmt: skip
             n_batches, n_done, n_tok = n_batches + 1, n_done + len(batch), n_tok + int(attention_mask.sum())
