@@ -31,8 +31,9 @@ from .logits import LOGIT_LOSSES
 
 
 IGNORE_INDEX = -100
-# Automatic chunking keeps one `[rows, V]` block at 2**23 elements (32 MiB in fp32); a chunk holds about five.
-_AUTO_BLOCK_ELEMENTS = 1 << 23
+# Automatic chunking keeps one `[rows, V]` block under 2**24 elements (64 MiB in fp32); a chunk holds at most about
+# five such blocks. Larger blocks cost memory for little speed (benchmarks/kd_loss_memory.py).
+_AUTO_BLOCK_ELEMENTS = 1 << 24
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -289,8 +290,11 @@ def _leading(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape[:-1])
 
 
-def _auto_chunk_size(vocab: int) -> int:
-    return max(1, _AUTO_BLOCK_ELEMENTS // vocab)
+def _auto_chunk_size(n: int, vocab: int) -> int:
+    """Rows per chunk: at most `_AUTO_BLOCK_ELEMENTS // vocab`, split evenly over the `n` rows."""
+    max_rows = max(1, _AUTO_BLOCK_ELEMENTS // vocab)
+    num_chunks = max(1, -(-n // max_rows))
+    return max(1, -(-n // num_chunks))
 
 
 def fused_logit_distillation_loss(
@@ -335,7 +339,8 @@ def fused_logit_distillation_loss(
         beta (`float`): jsd interpolation (TRL's GKD convention), 0 = forward KL, 1 = reverse KL.
         skew_alpha (`float`): skew KL mixing weight.
         mask (`torch.Tensor`, *optional*): bool, shape `(N,)` or `(B, T)`; only these positions are computed.
-        chunk_size (`int`, *optional*): token rows per chunk; None picks `2**23 // V` rows (32 MiB fp32 blocks).
+        chunk_size (`int`, *optional*): token rows per chunk; None picks at most `2**24 // V` rows
+            (64 MiB fp32 blocks), split evenly.
         student_bias (`torch.Tensor`, *optional*): shape `(V_s,)`; teacher_bias likewise `(V_t,)`.
         student_logit_scale (`float`): multiplies the student's logits (e.g. Cohere's `logit_scale`);
             teacher_logit_scale likewise.
@@ -411,7 +416,7 @@ def fused_logit_distillation_loss(
         temperature=float(temperature),
         beta=float(beta),
         skew_alpha=float(skew_alpha),
-        chunk_size=chunk_size or _auto_chunk_size(vocab_size),
+        chunk_size=chunk_size or _auto_chunk_size(s_hidden.shape[0], vocab_size),
         reduction=reduction,
         student_logit_scale=float(student_logit_scale),
         teacher_logit_scale=float(teacher_logit_scale),

@@ -326,3 +326,16 @@ def test_stats_count_top1_agreement():
     stats = {}
     fused_logit_distillation_loss(hs, ws, hs, ws, chunk_size=5, stats=stats)
     assert int(stats["top1_agreement"]) == 13
+
+
+def test_automatic_chunk_size_splits_rows_evenly(monkeypatch):
+    import hf_distill.losses.fused as fused_module
+
+    vocab = 37
+    monkeypatch.setattr(fused_module, "_AUTO_BLOCK_ELEMENTS", 10 * vocab)  # at most 10 rows per block
+    s_hidden, s_weight, _, t_hidden, t_weight, _ = make_inputs(n=23, h_s=6, h_t=5, vocab=vocab)  # H < rows
+
+    def run():
+        fused_logit_distillation_loss(s_hidden, s_weight, t_hidden, t_weight, loss_type="jsd").backward()
+
+    assert largest_vocab_block_rows(run, vocab) == 8  # 23 rows in 3 even chunks of <= 8, not 10 + 10 + 3
