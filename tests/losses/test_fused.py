@@ -339,3 +339,14 @@ def test_automatic_chunk_size_splits_rows_evenly(monkeypatch):
         fused_logit_distillation_loss(s_hidden, s_weight, t_hidden, t_weight, loss_type="jsd").backward()
 
     assert largest_vocab_block_rows(run, vocab) == 8  # 23 rows in 3 even chunks of <= 8, not 10 + 10 + 3
+
+
+def test_bfloat16_inputs_match_materialised_bfloat16_logits():
+    inputs = make_inputs(dtype=torch.bfloat16, bias=True)
+    got = fused(*inputs, loss_type="jsd", chunk_size=6)
+    expected = materialised(*inputs, loss_type="jsd")  # bf16 logits, fp32 divergence, as a bf16 model would give
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-3)
+    for g, e in zip(student_grads(got, inputs), student_grads(expected, inputs)):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), e.float(), rtol=5e-2, atol=5e-3)
