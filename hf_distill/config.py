@@ -40,6 +40,15 @@ class DistillationArguments:
         Weight of the KD term.
     ce_weight (`float`, defaults to `0.5`):
         Weight of the hard-label cross-entropy on the dataset's labels.
+
+    > Parameters that control rationale distillation (distilling step-by-step)
+
+    label_weight (`float`, defaults to `0.5`):
+        Weight of the label-view loss for batches with a `task` tensor (from `RationaleCollator`): the loss is
+        `label_weight * L_label + rationale_weight * L_rationale`, each a token mean over its own view (Hsieh et al.
+        2023 use 0.5 / 0.5). Each view's loss is the usual `ce_weight * CE + kd_weight * T^2 * KD`.
+    rationale_weight (`float`, defaults to `0.5`):
+        Weight of the rationale-view loss (see `label_weight`).
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -66,6 +75,14 @@ class DistillationArguments:
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL mixing weight in [0, 1) (DistiLLM)."})
     kd_weight: float = field(default=0.5, metadata={"help": "Weight of the KD term (>= 0)."})
     ce_weight: float = field(default=0.5, metadata={"help": "Weight of the hard-label cross-entropy term (>= 0)."})
+    label_weight: float = field(
+        default=0.5,
+        metadata={"help": "Step-by-step (batches with a `task` tensor): weight of the label-view loss (>= 0)."},
+    )
+    rationale_weight: float = field(
+        default=0.5,
+        metadata={"help": "Step-by-step (batches with a `task` tensor): weight of the rationale-view loss (>= 0)."},
+    )
 
     def validate_distillation(self) -> None:
         """Check every distillation field; each error names the field, its value and what is allowed."""
@@ -80,6 +97,11 @@ class DistillationArguments:
         for name in ("kd_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        for name in ("label_weight", "rationale_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.label_weight == 0 and self.rationale_weight == 0:
+            raise ValueError("`label_weight` and `rationale_weight` are both 0; set at least one > 0.")
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError(
                 "`kd_weight` and `ce_weight` are both 0, so nothing would be trained; set at least one > 0."
