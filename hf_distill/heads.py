@@ -90,3 +90,72 @@ def select_positions(
     if vocab_size is not None:
         s, t = s[..., :vocab_size], t[..., :vocab_size]
     return s, t, aligned_labels(labels, head, shift_labels)[mask]
+
+
+# Causal LMs whose logits are exactly `lm_head(final hidden state)` up to the scale/softcap handled below.
+FUSED_MODEL_TYPES = {
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo",
+    "olmo2",
+    "smollm3",
+    "cohere",
+    "cohere2",
+    "granite",
+    "starcoder2",
+    "stablelm",
+    "glm",
+    "helium",
+}
+
+
+@dataclass
+class LMHead:
+    """What turns a final hidden state `(N, H)` into logits `(N, V)`: `softcap(((h @ W.T + b) * scale))`."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logit_scale: float
+    softcap: float | None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT / DDP / compile wrappers (LoRA layers stay injected)."""
+    while True:
+        if hasattr(model, "get_base_model"):  # PeftModel
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def lm_head_of(model: nn.Module) -> LMHead | None:
+    """The model's LM head when its logits can be reproduced from the final hidden state, else None."""
+    model = unwrap(model)
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in FUSED_MODEL_TYPES:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or not hasattr(model, "model"):
+        return None  # e.g. a LoRA-wrapped lm_head, or no separate decoder
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    if getattr(config, "logits_scaling", None):  # Granite divides
+        scale /= float(config.logits_scaling)
+    return LMHead(head.weight, head.bias, scale, getattr(config, "final_logit_softcapping", None))
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The base model (everything but the LM head) of a causal LM, returning `last_hidden_state`."""
+    return unwrap(model).model

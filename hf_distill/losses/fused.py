@@ -1,0 +1,435 @@
+"""Logit distillation from hidden states and lm_head weights, without materialising `[N, V]` logits.
+
+`fused_logit_distillation_loss` returns the same value and the same gradients as
+`logit_distillation_loss(lm_head_s(h_s), lm_head_t(h_t), ...)` for every divergence in `LOGIT_LOSSES`. The selected
+token rows are processed in chunks of `chunk_size` rows: per chunk both models' logits are projected, the per-row
+divergence and its gradient with respect to the student's logits are computed analytically, and that gradient is folded
+into the gradients of the student's hidden states, lm_head weight and bias right away. Only one chunk's `[rows, V]`
+blocks are alive at a time; the backward pass then only scales the stored gradients.
+
+Gradients of the divergences with respect to the student's tempered logits `s = z / T` (`p = softmax`), row by row:
+
+- forward_kl:       p_s - p_t
+- reverse_kl:       p_s * (log p_s - log p_t - KL(p_s || p_t))
+- jsd (0 < b < 1):  (1 - b) * p_s * (log p_s - log m - KL(p_s || m)),   m = b * p_t + (1 - b) * p_s
+- skew_forward_kl:  p_s * sum(w) - w,   w = (1 - a) * p_s * p_t / m,     m = a * p_t + (1 - a) * p_s
+- skew_reverse_kl:  p_s * (log p_s - log m - L - a * (p_s / m - sum(p_s^2 / m))),   m = a * p_s + (1 - a) * p_t
+- tvd:              p_s * (g - sum(p_s * g)),   g = 0.5 * sign(p_s - p_t)
+
+Liger's `LigerFusedLinearJSD` is deliberately not dispatched to, even when installed: it allocates a `(BT, V)` fp32
+loss buffer (so the full-vocabulary block exists after all), has no bias, logit scale, softcap or position mask, and
+normalises by its own label count.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .logits import LOGIT_LOSSES
+
+
+IGNORE_INDEX = -100
+# Automatic chunking keeps one `[rows, V]` block at 2**23 elements (32 MiB in fp32); a chunk holds about five.
+_AUTO_BLOCK_ELEMENTS = 1 << 23
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`(a * b).sum(-1)` for `(c, V)` inputs without a `(c, V)` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+# Each divergence takes the student's and the teacher's log-probabilities `(c, V)` (both are overwritten) and returns
+# the per-row divergence `(c,)` and, if `need_grad`, its gradient with respect to the student's tempered logits.
+def _forward_kl(log_ps, log_pt, need_grad, **_):
+    p_t = log_pt.exp()
+    gap = log_pt.sub_(log_ps)  # log p_t - log p_s
+    loss = _rowdot(p_t, gap)
+    return loss, (log_ps.exp_().sub_(p_t) if need_grad else None)
+
+
+def _reverse_kl(log_ps, log_pt, need_grad, **_):
+    gap = log_pt.neg_().add_(log_ps)  # log p_s - log p_t
+    p_s = log_ps.exp_()
+    loss = _rowdot(p_s, gap)
+    return loss, (gap.sub_(loss.unsqueeze(1)).mul_(p_s) if need_grad else None)
+
+
+def _jsd(log_ps, log_pt, need_grad, beta, **_):
+    if beta == 0:
+        return _forward_kl(log_ps, log_pt, need_grad)
+    if beta == 1:
+        return _reverse_kl(log_ps, log_pt, need_grad)
+    log_m = log_ps + math.log1p(-beta)
+    beta_pt = log_pt + math.log(beta)
+    torch.logaddexp(log_m, beta_pt, out=log_m)  # log(b * p_t + (1 - b) * p_s)
+    loss = _rowdot(beta_pt.exp_(), log_pt.sub_(log_m))  # b * KL(p_t || m)
+    del beta_pt
+    gap = log_m.neg_().add_(log_ps)  # log p_s - log m
+    p_s = log_ps.exp_()
+    kl_s = _rowdot(p_s, gap)
+    loss = loss + (1 - beta) * kl_s
+    return loss, (gap.sub_(kl_s.unsqueeze(1)).mul_(p_s).mul_(1 - beta) if need_grad else None)
+
+
+def _skew_forward_kl(log_ps, log_pt, need_grad, skew_alpha, **_):
+    if skew_alpha == 0:
+        return _forward_kl(log_ps, log_pt, need_grad)
+    log_m = log_pt + math.log(skew_alpha)
+    torch.logaddexp(log_m, log_ps + math.log1p(-skew_alpha), out=log_m)  # log(a * p_t + (1 - a) * p_s)
+    p_t = log_pt.exp()
+    gap = log_pt.sub_(log_m)  # log p_t - log m
+    loss = _rowdot(p_t, gap)
+    if not need_grad:
+        return loss, None
+    del p_t, log_m
+    w = gap.add_(log_ps).add_(math.log1p(-skew_alpha)).exp_()  # (1 - a) * p_s * p_t / m
+    return loss, log_ps.exp_().mul_(w.sum(-1, keepdim=True)).sub_(w)
+
+
+def _skew_reverse_kl(log_ps, log_pt, need_grad, skew_alpha, **_):
+    if skew_alpha == 0:
+        return _reverse_kl(log_ps, log_pt, need_grad)
+    log_m = log_ps + math.log(skew_alpha)
+    torch.logaddexp(log_m, log_pt.add_(math.log1p(-skew_alpha)), out=log_m)  # log(a * p_s + (1 - a) * p_t)
+    del log_pt
+    gap = log_m.neg_().add_(log_ps)  # log p_s - log m
+    ratio = gap.exp() if need_grad else None  # p_s / m
+    p_s = log_ps.exp_()
+    loss = _rowdot(p_s, gap)
+    if not need_grad:
+        return loss, None
+    ratio.sub_(_rowdot(p_s, ratio).unsqueeze(1)).mul_(-skew_alpha)
+    return loss, ratio.add_(gap).sub_(loss.unsqueeze(1)).mul_(p_s)
+
+
+def _tvd(log_ps, log_pt, need_grad, **_):
+    p_s = log_ps.exp_()
+    diff = log_pt.exp_().neg_().add_(p_s)  # p_s - p_t
+    loss = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
+    if not need_grad:
+        return loss, None
+    g = diff.sign_().mul_(0.5)
+    return loss, g.sub_(_rowdot(p_s, g).unsqueeze(1)).mul_(p_s)
+
+
+_DIVERGENCES: dict[str, Callable] = {
+    "forward_kl": _forward_kl,
+    "reverse_kl": _reverse_kl,
+    "jsd": _jsd,
+    "skew_forward_kl": _skew_forward_kl,
+    "skew_reverse_kl": _skew_reverse_kl,
+    "tvd": _tvd,
+}
+assert set(_DIVERGENCES) == set(LOGIT_LOSSES), "every divergence in LOGIT_LOSSES needs a fused gradient here"
+
+
+@dataclass(frozen=True)
+class _Options:
+    loss_type: str
+    temperature: float
+    beta: float
+    skew_alpha: float
+    chunk_size: int
+    reduction: str
+    student_logit_scale: float
+    teacher_logit_scale: float
+    student_softcap: float | None
+    teacher_softcap: float | None
+    need_grad: tuple[bool, bool, bool]  # student hidden, weight, bias
+
+
+def _project(hidden, weight, bias, scale, softcap, dtype, keep_softcap_grad):
+    """Logits of one chunk, `(c, V)` in `dtype`: (h @ W.T + b) * scale, then softcap * tanh(. / softcap).
+
+    Also returns `1 - tanh^2` (the softcap's derivative) when `keep_softcap_grad` and a softcap is set, else None.
+    """
+    z = (hidden @ weight.T).to(dtype)
+    if bias is not None:
+        z.add_(bias.to(dtype))
+    if scale != 1.0:
+        z.mul_(scale)
+    if softcap is None:
+        return z, None
+    z.div_(softcap).tanh_()
+    dcap = torch.square(z).neg_().add_(1.0) if keep_softcap_grad else None
+    return z.mul_(softcap), dcap
+
+
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`acc += a @ b` into a wider accumulator without rounding the product to the inputs' dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class _Grads:
+    """Gradient accumulators for the student's hidden states `(N, H)`, lm_head weight `(V, H)` and bias `(V,)`."""
+
+    def __init__(self, hidden, weight, bias, need_grad, dtype):
+        need_h, need_w, need_b = need_grad
+        self.hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
+        self.weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        self.bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
+
+    def fold(self, grad_logits, rows, hidden, weight):
+        """Adds one chunk: `grad_logits` `(c, V)` is dLoss/d(h @ W.T + b) for the token rows `rows`."""
+        g = grad_logits.to(weight.dtype)
+        if self.hidden is not None:
+            self.hidden[rows] = g @ weight
+        if self.weight is not None:
+            _addmm_(self.weight, g.T, hidden)
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0)
+
+    def as_tuple(self):
+        return self.hidden, self.weight, self.bias
+
+
+def _dummy_grads():
+    return None, None, None
+
+
+class _FusedLogitDistillation(torch.autograd.Function):
+    """Chunked divergence (and optional hard-label CE) whose gradients are computed during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts: _Options, stats=None):
+        ctx.set_materialize_grads(False)
+        n = s_hidden.shape[0]
+        dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
+        need_grad = any(opts.need_grad)
+        divergence = _DIVERGENCES[opts.loss_type]
+        hyper = {"beta": opts.beta, "skew_alpha": opts.skew_alpha}
+        temperature = opts.temperature
+
+        kd_denom = max(n, 1) if opts.reduction == "mean" else 1
+        kd_grads = _Grads(s_hidden, s_weight, s_bias, opts.need_grad, dtype) if need_grad else None
+        kd_sum = torch.zeros((), dtype=dtype, device=s_hidden.device)
+        ce_grads = ce_sum = None
+        if labels is not None:
+            valid = labels != IGNORE_INDEX
+            ce_denom = max(int(valid.sum()), 1) if opts.reduction == "mean" else 1
+            ce_grads = _Grads(s_hidden, s_weight, s_bias, opts.need_grad, dtype) if need_grad else None
+            ce_sum = torch.zeros((), dtype=dtype, device=s_hidden.device)
+
+        for start in range(0, n, opts.chunk_size):
+            rows = slice(start, min(start + opts.chunk_size, n))
+            h_s = s_hidden[rows]
+            z, dcap = _project(
+                h_s, s_weight, s_bias, opts.student_logit_scale, opts.student_softcap, dtype, need_grad
+            )  # (c, V)
+            chain = opts.student_logit_scale  # d(logits)/d(h @ W.T + b) = scale * dcap
+
+            if labels is not None:
+                lse = torch.logsumexp(z, dim=-1)
+                target = labels[rows].clamp(min=0).unsqueeze(1)
+                row_valid = valid[rows]
+                ce_sum += torch.where(row_valid, lse - z.gather(1, target).squeeze(1), 0.0).sum()
+                if ce_grads is not None:
+                    g = z.sub(lse.unsqueeze(1)).exp_()  # softmax(z)
+                    g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))
+                    g.mul_(row_valid.unsqueeze(1).to(g.dtype) * (chain / ce_denom))
+                    if dcap is not None:
+                        g.mul_(dcap)
+                    ce_grads.fold(g, rows, h_s, s_weight)
+                    del g
+
+            log_ps = z.div_(temperature)
+            log_ps.sub_(torch.logsumexp(log_ps, dim=-1, keepdim=True))
+            with torch.no_grad():
+                log_pt, _ = _project(
+                    t_hidden[rows], t_weight, t_bias, opts.teacher_logit_scale, opts.teacher_softcap, dtype, False
+                )
+                log_pt.div_(temperature)
+                log_pt.sub_(torch.logsumexp(log_pt, dim=-1, keepdim=True))
+            del z
+            if stats is not None:  # argmax is unchanged by temperature and log-softmax
+                agree = (log_ps.argmax(-1) == log_pt.argmax(-1)).sum()
+                stats["top1_agreement"] = stats.get("top1_agreement", 0) + agree
+            loss_rows, g = divergence(log_ps, log_pt, need_grad, **hyper)
+            del log_ps, log_pt
+            kd_sum += loss_rows.sum()
+            if g is not None:
+                g.mul_(chain / (temperature * kd_denom))
+                if dcap is not None:
+                    g.mul_(dcap)
+                kd_grads.fold(g, rows, h_s, s_weight)
+            del g, dcap
+
+        # Saved (not kept on ctx) so that autograd frees them right after backward unless the graph is retained.
+        ctx.save_for_backward(
+            *(kd_grads.as_tuple() if kd_grads is not None else _dummy_grads()),
+            *(ce_grads.as_tuple() if ce_grads is not None else _dummy_grads()),
+        )
+        ctx.input_dtypes = (s_hidden.dtype, s_weight.dtype, None if s_bias is None else s_bias.dtype)
+        kd = kd_sum / kd_denom
+        ce = (ce_sum / ce_denom) if labels is not None else torch.zeros_like(kd)
+        return kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):
+        saved = ctx.saved_tensors
+        out = []
+        for kd_part, ce_part, dtype in zip(saved[:3], saved[3:], ctx.input_dtypes):
+            total = None
+            if kd_part is not None and grad_kd is not None:
+                total = kd_part * grad_kd  # out of place: a retained graph can run backward again
+            if ce_part is not None and grad_ce is not None:
+                total = ce_part * grad_ce if total is None else total.addcmul_(ce_part, grad_ce)
+            out.append(None if total is None else total.to(dtype))
+        return (*out, None, None, None, None, None, None)
+
+
+def _leading(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape[:-1])
+
+
+def _auto_chunk_size(vocab: int) -> int:
+    return max(1, _AUTO_BLOCK_ELEMENTS // vocab)
+
+
+def fused_logit_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    vocab_size: int | None = None,
+    labels: torch.Tensor | None = None,
+    reduction: str = "mean",
+    stats: dict | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-logit divergence (and optionally hard-label CE) computed in token chunks from hidden states.
+
+    Same value and gradients as `logit_distillation_loss(student_logits, teacher_logits, ...)` with
+    `logits = softcap * tanh(((hidden @ weight.T + bias) * logit_scale) / softcap)` (the transformers order), without
+    ever holding either model's full `[N, V]` logits: at most `chunk_size` selected token rows are projected at a time,
+    and each chunk's gradient is folded into the student's gradients before the next chunk. The teacher gets no
+    gradient. Math is fp32 (fp64 for fp64 inputs).
+
+    Args:
+        student_hidden (`torch.Tensor`): final hidden states, shape `(N, H_s)` or `(B, T, H_s)`.
+        student_weight (`torch.Tensor`): student lm_head weight, shape `(V_s, H_s)`.
+        teacher_hidden (`torch.Tensor`): shape `(N, H_t)` or `(B, T, H_t)`, same leading shape as the student's.
+        teacher_weight (`torch.Tensor`): teacher lm_head weight, shape `(V_t, H_t)`.
+        loss_type (`str`): a key of `LOGIT_LOSSES`: forward_kl | reverse_kl | jsd | skew_forward_kl |
+            skew_reverse_kl | tvd.
+        temperature (`float`): softmax temperature of the divergence (no T^2 factor; the trainer applies it).
+        beta (`float`): jsd interpolation (TRL's GKD convention), 0 = forward KL, 1 = reverse KL.
+        skew_alpha (`float`): skew KL mixing weight.
+        mask (`torch.Tensor`, *optional*): bool, shape `(N,)` or `(B, T)`; only these positions are computed.
+        chunk_size (`int`, *optional*): token rows per chunk; None picks `2**23 // V` rows (32 MiB fp32 blocks).
+        student_bias (`torch.Tensor`, *optional*): shape `(V_s,)`; teacher_bias likewise `(V_t,)`.
+        student_logit_scale (`float`): multiplies the student's logits (e.g. Cohere's `logit_scale`);
+            teacher_logit_scale likewise.
+        student_softcap (`float`, *optional*): final-logit softcapping (e.g. Gemma 2); teacher_softcap likewise.
+        vocab_size (`int`, *optional*): keep only the first `vocab_size` rows of both heads (the shared real
+            vocabulary when an embedding matrix is padded). Required when `V_s != V_t`.
+        labels (`torch.Tensor`, *optional*): int, shape `(N,)` or `(B, T)`, -100 ignored. When given, also returns the
+            hard-label cross-entropy of the student's logits (temperature 1) over the selected positions.
+        reduction (`str`): "mean" over the selected positions (CE: over those with a label) or "sum".
+        stats (`dict`, *optional*): when given, `stats["top1_agreement"]` is set to the number of selected positions
+            where the student's and teacher's argmax tokens agree (a by-product of the chunks; no extra matmul).
+
+    Returns:
+        `torch.Tensor` or `tuple[torch.Tensor, torch.Tensor]`: the divergence, a scalar (0 when nothing is selected),
+        or `(divergence, ce)` when `labels` is given.
+    """
+    if loss_type not in LOGIT_LOSSES:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {sorted(LOGIT_LOSSES)}.")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(
+            f"chunk_size must be a positive number of token rows (or None for automatic), got {chunk_size}."
+        )
+    for name, hidden, weight in (
+        ("student", student_hidden, student_weight),
+        ("teacher", teacher_hidden, teacher_weight),
+    ):
+        if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"{name}_hidden {tuple(hidden.shape)} does not match {name}_weight {tuple(weight.shape)}: pass the "
+                "final hidden states (..., H) and the lm_head weight (V, H)."
+            )
+    if _leading(student_hidden) != _leading(teacher_hidden):
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} must "
+            "cover the same positions (same leading shape)."
+        )
+    v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
+    if vocab_size is None:
+        if v_s != v_t:
+            raise ValueError(
+                f"Student lm_head has {v_s} rows and teacher lm_head {v_t}. If both use the same tokenizer and the "
+                "extra rows are embedding padding, pass vocab_size=len(tokenizer); different tokenizers are not "
+                "supported."
+            )
+        vocab_size = v_s
+    elif not 0 < vocab_size <= min(v_s, v_t):
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {min(v_s, v_t)}] (student {v_s}, teacher {v_t}).")
+    student_weight, teacher_weight = student_weight[:vocab_size], teacher_weight[:vocab_size]
+    student_bias = None if student_bias is None else student_bias[:vocab_size]
+    teacher_bias = None if teacher_bias is None else teacher_bias[:vocab_size]
+
+    lead = _leading(student_hidden)
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    if labels is not None:
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal the hidden states' leading shape {lead}.")
+        labels = labels.reshape(-1).to(s_hidden.device, torch.long)
+    if mask is not None:
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the hidden states' leading shape {lead}.")
+        index = mask.reshape(-1).to(s_hidden.device, torch.bool).nonzero().squeeze(1)
+        s_hidden, t_hidden = s_hidden.index_select(0, index), t_hidden.index_select(0, index)
+        labels = None if labels is None else labels.index_select(0, index)
+
+    grad_on = torch.is_grad_enabled()
+    opts = _Options(
+        loss_type=loss_type,
+        temperature=float(temperature),
+        beta=float(beta),
+        skew_alpha=float(skew_alpha),
+        chunk_size=chunk_size or _auto_chunk_size(vocab_size),
+        reduction=reduction,
+        student_logit_scale=float(student_logit_scale),
+        teacher_logit_scale=float(teacher_logit_scale),
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        need_grad=tuple(
+            grad_on and t is not None and t.requires_grad for t in (s_hidden, student_weight, student_bias)
+        ),
+    )
+    kd, ce = _FusedLogitDistillation.apply(
+        s_hidden,
+        student_weight,
+        student_bias,
+        t_hidden,
+        teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        labels,
+        opts,
+        stats,
+    )
+    return (kd, ce) if labels is not None else kd

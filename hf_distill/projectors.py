@@ -1,0 +1,169 @@
+"""Learned hint projectors (FitNets' regressors): student hidden states -> teacher width.
+
+The projectors are trained with the student (their parameters must be in the optimizer) and saved beside each
+checkpoint as `hint_projectors.safetensors`, so a resumed run continues with them; they are never part of the exported
+student model.
+"""
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_KINDS = ("identity", "linear", "mlp")
+PROJECTORS_FILENAME = "hint_projectors.safetensors"
+
+
+def _build(kind: str, student_width: int, teacher_width: int, layer: int) -> nn.Module:
+    if kind == "identity":
+        if student_width != teacher_width:
+            raise ValueError(
+                f"hint_projector='identity' needs equal widths, but student layer {layer} has width {student_width} "
+                f"and its teacher layer {teacher_width}; use hint_projector='linear' (or 'mlp')."
+            )
+        return nn.Identity()
+    if kind == "linear":
+        return nn.Linear(student_width, teacher_width)
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(student_width, teacher_width), nn.GELU(), nn.Linear(teacher_width, teacher_width)
+        )
+    raise ValueError(f"Unknown hint_projector {kind!r}; choose one of {list(PROJECTOR_KINDS)}.")
+
+
+class HintProjectors(nn.Module):
+    """One projector per hint pair, keyed by the student layer index (as a string) in an `nn.ModuleDict`.
+
+    Args:
+        widths (`Mapping[int, tuple[int, int]]`): `{student layer index: (student_width, teacher_width)}`, one entry
+            per hint pair (indices as in `hf_distill.losses.features.parse_layer_map`).
+        kind (`str`): `"identity"` (equal widths only, no parameters), `"linear"` (`Linear(H_s, H_t)`) or `"mlp"`
+            (`Linear(H_s, H_t) -> GELU -> Linear(H_t, H_t)`). Parameters use PyTorch's default initialisation, so seed
+            before building for reproducible runs.
+
+    Example:
+        >>> proj = HintProjectors.from_layer_map({1: 2, 2: 4}, student_width=32, teacher_width=64)
+        >>> proj(1, torch.zeros(2, 5, 32)).shape
+        torch.Size([2, 5, 64])
+    """
+
+    def __init__(self, widths: Mapping[int, tuple[int, int]], kind: str = "linear") -> None:
+        super().__init__()
+        if kind not in PROJECTOR_KINDS:
+            raise ValueError(f"Unknown hint_projector {kind!r}; choose one of {list(PROJECTOR_KINDS)}.")
+        self.kind = kind
+        self.widths = {int(layer): (int(s), int(t)) for layer, (s, t) in widths.items()}
+        self.projectors = nn.ModuleDict(
+            {str(layer): _build(kind, s, t, layer) for layer, (s, t) in sorted(self.widths.items())}
+        )
+
+    @classmethod
+    def from_layer_map(
+        cls, layer_map: Mapping[int, int], student_width: int, teacher_width: int, kind: str = "linear"
+    ) -> "HintProjectors":
+        """Projectors for every student layer of `layer_map` when all layers share one width per model (the usual
+        transformer case: `config.hidden_size`)."""
+        return cls(dict.fromkeys(layer_map, (student_width, teacher_width)), kind=kind)
+
+    def forward(
+        self, layer_key: int | str | Mapping[int | str, torch.Tensor], hidden: torch.Tensor | None = None
+    ) -> torch.Tensor | dict[int, torch.Tensor]:
+        """Project the hidden states of one student layer, or of all hint layers in one call.
+
+        Args:
+            layer_key (`int`, `str` or `Mapping`): student layer index of the hint pair; or a mapping
+                `{student layer index: hidden states}` (then `hidden` is None), which projects every entry in a single
+                forward call (what DDP expects of a wrapped module: one forward per backward).
+            hidden (`torch.Tensor`, *optional*): shape `(B, T, H_s)`; cast to the projector's parameter dtype first.
+
+        Returns:
+            `torch.Tensor` of shape `(B, T, H_t)`; for a mapping, `dict[int, torch.Tensor]` with the same keys as ints.
+        """
+        if isinstance(layer_key, Mapping):
+            if hidden is not None:
+                raise ValueError("Pass either (layer_key, hidden) or one mapping {layer: hidden}, not both.")
+            return {int(key): self._project(key, value) for key, value in layer_key.items()}
+        if hidden is None:
+            raise ValueError(f"No hidden states given for student layer {layer_key}.")
+        return self._project(layer_key, hidden)
+
+    def _project(self, layer_key: int | str, hidden: torch.Tensor) -> torch.Tensor:
+        key = str(layer_key)
+        if key not in self.projectors:
+            raise KeyError(f"No hint projector for student layer {key}; configured layers: {list(self.projectors)}.")
+        projector = self.projectors[key]
+        weight = next(projector.parameters(), None)
+        if weight is not None and hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        return projector(hidden)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
+
+    def metadata(self) -> dict[str, str]:
+        """String metadata stored in the safetensors header (checked on load)."""
+        return {"kind": self.kind, "widths": json.dumps({str(k): list(v) for k, v in sorted(self.widths.items())})}
+
+
+def save_projectors(module: HintProjectors, directory: str | os.PathLike) -> str:
+    """Write `module`'s parameters to `directory/hint_projectors.safetensors` (bit-exact, any dtype).
+
+    Args:
+        module (`HintProjectors`): the projectors (unwrap DDP first).
+        directory (`str` or `os.PathLike`): checkpoint folder; created if missing.
+
+    Returns:
+        `str`: the file written.
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, PROJECTORS_FILENAME)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
+    save_file(tensors, path, metadata=module.metadata())
+    return path
+
+
+def load_projectors(module: HintProjectors, directory: str | os.PathLike) -> HintProjectors:
+    """Load `directory/hint_projectors.safetensors` into `module` in place (onto its current device).
+
+    Args:
+        module (`HintProjectors`): projectors built from the same config (layers, widths, kind) as the saved ones.
+        directory (`str` or `os.PathLike`): checkpoint folder.
+
+    Returns:
+        `HintProjectors`: `module`, for chaining.
+    """
+    path = os.path.join(directory, PROJECTORS_FILENAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No {PROJECTORS_FILENAME} in {directory}; the checkpoint was saved without hint projectors (or by an "
+            "older run), so it cannot resume a run with hints."
+        )
+    with safe_open(path, framework="pt") as f:
+        saved = f.metadata() or {}
+    expected = module.metadata()
+    if saved and saved != expected:
+        raise ValueError(
+            f"{path} holds projectors for kind={saved.get('kind')!r}, widths={saved.get('widths')} but this run "
+            f"configures kind={expected['kind']!r}, widths={expected['widths']}; resume with the same hint_layers and "
+            "hint_projector."
+        )
+    state = load_file(path)
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not match the configured projectors: missing {missing}, unexpected {unexpected}, "
+            f"shape mismatch {wrong}; resume with the same hint_layers and hint_projector."
+        )
+    module.load_state_dict(state)
+    logger.info("Loaded %d hint projector tensors from %s", len(state), path)
+    return module
