@@ -658,6 +658,47 @@ def test_cli_train_then_evaluate(tiny_files, capsys):
     assert again["predictions"] == metrics["predictions"]  # same prompts as after training
 
 
+def test_cli_train_with_teacher_kd_and_student_from_teacher_layers(tiny_files):
+    """The SVAMP recipe's shape: student = some teacher layers, KD on both views, teacher rationales column."""
+    make_llama(4, 64, seed=1).save_pretrained(tiny_files / "teacher")
+    make_tokenizer().save_pretrained(tiny_files / "teacher")
+    rows = [{"question": "one plus two", "answer": 3.0, "rationale": "one and two", "teacher_label": "3"}] * 4
+    (tiny_files / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tiny_files / "kd"
+    main(
+        [
+            "rationales",
+            "train",
+            "--teacher_model_name_or_path",
+            str(tiny_files / "teacher"),
+            "--student_num_layers",
+            "2",
+            "--dataset_name",
+            str(tiny_files / "gen.jsonl"),
+            "--template",
+            "svamp",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--report_to",
+            "none",
+            "--per_device_train_batch_size",
+            "2",
+            "--kd_weight",
+            "0.5",
+            "--use_cpu",
+            "true",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "1",
+        ]
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+
+
 def test_cli_generate(tiny_files, capsys):
     rows = [{"question": "one plus two", "answer": 3.0}, {"question": "two plus two", "answer": 4.0}]
     (tiny_files / "svamp.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
