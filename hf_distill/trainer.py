@@ -8,6 +8,8 @@ Loss per optimizer step (Hinton et al. 2015, with GKD's divergences):
 where both sums run over supervised tokens (labels != -100) of the micro-batch and `num_items` counts the supervised
 tokens of the whole gradient-accumulation window on all processes, so 2 x 2 accumulation gives the gradients of one
 batch of 4 (and DDP's gradient averaging is undone by multiplying with the number of processes, as transformers does).
+Batches with a `task` tensor (distilling step-by-step, `RationaleCollator`) get per-task token means instead:
+`label_weight * L_label + rationale_weight * L_rationale` (see `hf_distill.multitask`).
 """
 
 import inspect
@@ -36,6 +38,7 @@ from .hints import HintDistiller
 from .losses import logit_divergence
 from .losses.fused import fused_logit_distillation_loss
 from .model_card import trainer_model_card
+from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
 from .projectors import load_projectors, save_projectors
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher, shared_vocab_size
 
@@ -43,7 +46,7 @@ from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_t
 logger = logging.getLogger(__name__)
 
 # Batch keys that are not model inputs (targets, and masks produced by collators).
-NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task"}
+NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task", TASK_COUNTS_KEY}
 
 
 def _tokenizer_of(processing_class: Any) -> Any:
@@ -78,12 +81,14 @@ class DistillationMixin:
                 "No teacher given: pass `teacher_model=` (a model or a Hub id/path) or set "
                 "`teacher_model_name_or_path` in the config. To fine-tune without a teacher set `kd_weight=0`."
             )
-        self._check_dataset(kwargs.get("train_dataset"), args)
+        self._check_dataset(kwargs.get("train_dataset"), args, kwargs.get("data_collator"))
         super().__init__(model=model, args=args, **kwargs)
         # Make Trainer count the supervised tokens of each accumulation window (`num_items_in_batch`).
         self.model_accepts_loss_kwargs = True
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._head = detect_head(self.model)
+        if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
+            self.data_collator.check_model(self.model)
         self.teacher, self._vocab_size, self._fused = None, None, False
         self._fused_stats = "stats" in inspect.signature(fused_logit_distillation_loss).parameters
         self._hints = None
@@ -99,11 +104,13 @@ class DistillationMixin:
     def _needs_teacher(args: DistillationArguments) -> bool:
         return args.kd_weight > 0 or args.uses_features
 
-    def _check_dataset(self, dataset: Any, args: DistillationArguments) -> None:
+    def _check_dataset(self, dataset: Any, args: DistillationArguments, collator: Any = None) -> None:
         columns = getattr(dataset, "column_names", None)
         if not columns or isinstance(columns, dict):
             return
         usable = self._usable_columns(args)
+        if getattr(collator, "dataset_columns", None):  # a collator that reads raw columns (RationaleCollator)
+            usable = [tuple(collator.dataset_columns)]
         if not any(set(group) <= set(columns) for group in usable):
             raise ValueError(
                 f"The training dataset has columns {columns}, but {type(self).__name__} needs one of "
@@ -113,6 +120,11 @@ class DistillationMixin:
 
     def _usable_columns(self, args: DistillationArguments) -> list[tuple[str, ...]]:
         return [("input_ids",)]
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        extra = [c for c in getattr(self.data_collator, "dataset_columns", ()) if c not in self._signature_columns]
+        self._signature_columns += extra  # raw columns read by the collator survive `remove_unused_columns`
 
     def _teacher_auto_class(self) -> type:
         return (
@@ -255,6 +267,8 @@ class DistillationMixin:
     ) -> tuple[dict, dict, torch.Tensor]:
         """KD (`sum divergence`, weight `kd_weight * T^2`) and CE (`sum CE`, weight `ce_weight`), summed over
         supervised tokens."""
+        if "task" in inputs:  # distilling step-by-step: one set of terms per task view (multitask.py)
+            return split_by_task(self._logit_terms, outputs, teacher_outputs, inputs)
         args: DistillationArguments = self.args
         labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
         if self._fused:
@@ -324,6 +338,9 @@ class DistillationMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sums, weights, n_tokens, outputs = self._loss_terms(model, inputs)
+        if "task" in inputs:  # label_weight * L_label + rationale_weight * L_rationale, per-task token means
+            loss = multitask_loss(self, sums, weights, n_tokens, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         total = sum(weights[k] * v for k, v in sums.items())
         for name, value in sums.items():
             self._record_sum(f"{name}_loss", value.detach(), n_tokens)
@@ -335,6 +352,11 @@ class DistillationMixin:
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        add_window_task_counts(batch_samples, self._head, self.args, self.accelerator)  # per-task GA normalisation
+        return batch_samples, num_items_in_batch
 
     # ----------------------------------------------------------------------------------------------- metrics
     def _record_sum(self, name: str, value: torch.Tensor, count: torch.Tensor | int) -> None:
