@@ -12,7 +12,6 @@ Batches with a `task` tensor (distilling step-by-step, `RationaleCollator`) get 
 `label_weight * L_label + rationale_weight * L_rationale` (see `hf_distill.multitask`).
 """
 
-import inspect
 import logging
 import os
 from collections import defaultdict
@@ -90,9 +89,10 @@ class DistillationMixin:
         if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
             self.data_collator.check_model(self.model)
         self.teacher, self._vocab_size, self._fused = None, None, False
-        self._fused_stats = "stats" in inspect.signature(fused_logit_distillation_loss).parameters
         self._hints = None
-        if teacher_model is not None:
+        if teacher_model is not None and not self._needs_teacher(args):
+            logger.info("kd_weight is 0 and no hint/relation term is on: the teacher is not loaded or run.")
+        elif teacher_model is not None:
             self._setup_teacher(teacher_model, teacher_processing_class)
             if args.uses_features:
                 self._setup_hints()
@@ -321,7 +321,7 @@ class DistillationMixin:
             vocab_size=self._vocab_size,
             labels=y,
             reduction="sum",
-            **({"stats": stats} if self._fused_stats else {}),
+            stats=stats,
         )
         if "top1_agreement" in stats:
             self._record_sum("top1_agreement", stats["top1_agreement"], y.numel())

@@ -69,8 +69,9 @@ def manual_loss(student, teacher, batch, kd_weight, ce_weight, temperature, kd_l
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])
 @pytest.mark.parametrize("kd_loss", ["forward_kl", "jsd", "skew_reverse_kl"])
 def test_loss_equals_weighted_sum(tmp_path, tokenizer, fused, kd_loss):
-    trainer = make_trainer(tmp_path, tokenizer, kd_weight=0.7, ce_weight=0.2, temperature=2.0,
-                           use_fused_kd_loss=fused, kd_loss=kd_loss)
+    trainer = make_trainer(
+        tmp_path, tokenizer, kd_weight=0.7, ce_weight=0.2, temperature=2.0, use_fused_kd_loss=fused, kd_loss=kd_loss
+    )
     assert trainer._fused is fused
     batch = next(iter(trainer.get_train_dataloader()))
     loss = trainer.compute_loss(trainer.model, batch)
@@ -318,3 +319,8 @@ def test_fused_and_materialised_paths_take_the_same_step(tmp_path, tokenizer):
     materialised = _final_weights(tmp_path, tokenizer, "m", 4, 1, fused=False)
     for key in fused:
         assert torch.allclose(fused[key], materialised[key], atol=1e-5), key
+
+
+def test_teacher_not_kept_when_nothing_needs_it(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, kd_weight=0.0, ce_weight=1.0)
+    assert trainer.teacher is None
