@@ -31,48 +31,60 @@ def warn_once(message: str, *args: Any) -> None:
 
 
 def kd_signal_problem(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
     kd_sum: torch.Tensor,
+    n_tokens: int,
     student: nn.Module,
     teacher: nn.Module,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> str | None:
-    """Why the first step's KD term carries no signal, or None when it does.
+    """Why a KD term carries no signal, or None when it does.
 
     Args:
-        student_logits (`torch.Tensor`): supervised positions of the student, shape `(N, V)`.
-        teacher_logits (`torch.Tensor`): the teacher's at the same positions, shape `(N, V)`.
-        kd_sum (`torch.Tensor`): the KD divergence summed over the `N` positions (scalar).
+        kd_sum (`torch.Tensor`): the KD divergence summed over the supervised positions (scalar).
+        n_tokens (`int`): the number N of supervised positions.
         student (`nn.Module`), teacher (`nn.Module`): the two models; the same object is intended self-KD (no problem).
+        student_logits (`torch.Tensor`, *optional*): supervised positions of the student, shape `(N, V)`.
+        teacher_logits (`torch.Tensor`, *optional*): the teacher's at the same positions, shape `(N, V)` (the
+            chunked loss has no logits: then only `kd_sum` is looked at).
 
     Returns:
         `str` or `None`: a message naming the likely causes.
     """
     if student is teacher:
         return None
-    if student_logits.shape[0] == 0:
+    if n_tokens == 0:
         return (
             "The first training batch has no supervised tokens (every label is -100), so the KD and CE terms are 0. "
             "Check the collator (labels = -100 only on prompt and padding), `completion_only_loss` / "
             "`assistant_only_loss` with data that has completions / assistant turns, and that `max_length` does not "
             "truncate the completions away."
         )
-    if torch.equal(student_logits, teacher_logits):
+    if student_logits is not None and teacher_logits is not None and torch.equal(student_logits, teacher_logits):
         return f"The student's logits equal the teacher's on the first step, so the KD term is 0. {ZERO_KD_CAUSES}"
     if kd_sum.item() == 0.0:
         return f"The KD term is exactly 0 on the first step (same distributions as the teacher). {ZERO_KD_CAUSES}"
     return None
 
 
-def warn_if_no_kd_signal(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+def check_first_step_kd(
+    trainer: Any,
     kd_sum: torch.Tensor,
-    student: nn.Module,
-    teacher: nn.Module,
+    n_tokens: int,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> str | None:
-    """Log `kd_signal_problem`'s message as a warning (once per process); returns it. Arguments as there."""
-    problem = kd_signal_problem(student_logits, teacher_logits, kd_sum, student, teacher)
+    """Called by the trainer with each KD term; on the first training call only, logs `kd_signal_problem`'s
+    warning (once per process) and returns it. Later calls, and evaluation, return None at once.
+
+    Args:
+        trainer (`DistillationMixin`): reads `model` (the student) and `teacher`; marks itself as checked.
+        kd_sum, n_tokens, student_logits, teacher_logits: as in `kd_signal_problem`.
+    """
+    if getattr(trainer, "_kd_signal_checked", False) or not trainer.model.training:
+        return None
+    trainer._kd_signal_checked = True
+    problem = kd_signal_problem(kd_sum, n_tokens, trainer.model, trainer.teacher, student_logits, teacher_logits)
     if problem is not None:
         warn_once(problem)
     return problem

@@ -23,7 +23,7 @@ from trl import SFTTrainer
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
 from .heads import detect_head, select_positions
 from .losses import logit_divergence
-from .sanity import warn_if_no_kd_signal, warn_mixed_precision_mismatch
+from .sanity import check_first_step_kd, warn_mixed_precision_mismatch
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher, shared_vocab_size
 
 
@@ -64,7 +64,6 @@ class DistillationMixin:
         # Make Trainer count the supervised tokens of each accumulation window (`num_items_in_batch`).
         self.model_accepts_loss_kwargs = True
         warn_mixed_precision_mismatch(self.args)
-        self._kd_signal_checked = False  # the first training step's KD term is checked once (`warn_if_no_kd_signal`)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._head = detect_head(self.model)
         self.teacher, self._vocab_size = None, None
@@ -174,9 +173,7 @@ class DistillationMixin:
                 s, t, loss_type=args.kd_loss, temperature=args.temperature, beta=args.beta, skew_alpha=args.skew_alpha
             ).sum()
             weights["kd"] = args.kd_weight * args.temperature**2
-            if self.model.training and not self._kd_signal_checked:
-                self._kd_signal_checked = True
-                warn_if_no_kd_signal(s, t, sums["kd"], self.model, self.teacher)
+            check_first_step_kd(self, sums["kd"], y.numel(), s, t)  # warns once if KD is 0 on the first step
             self._record_sum("top1_agreement", (s.argmax(-1) == t.argmax(-1)).sum(), y.numel())
         else:
             s, _, y = select_positions(outputs.logits, outputs.logits, labels, self._head, None, shift_labels)

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import types
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling
 
 from hf_distill import DistillationConfig, DistillationTrainer, sanity
-from hf_distill.sanity import kd_signal_problem, mixed_precision_mismatch
+from hf_distill.sanity import check_first_step_kd, kd_signal_problem, mixed_precision_mismatch
 
 
 TEXTS = ["the cat sat on the mat", "a dog ran fast", "the big red dog is slow", "one plus two equals three"]
@@ -94,12 +95,24 @@ def test_no_supervised_tokens_warns(tmp_path, tokenizer, caplog):
 
 def test_kd_signal_problem_directly():
     s, t = torch.randn(3, 8), torch.randn(3, 8)
-    model_a, model_b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
-    assert kd_signal_problem(s, t, torch.tensor(0.7), model_a, model_b) is None
-    assert kd_signal_problem(s, s.clone(), torch.tensor(0.0), model_a, model_a) is None  # same object: intended
-    assert "equal the teacher's" in kd_signal_problem(s, s.clone(), torch.tensor(0.0), model_a, model_b)
-    assert "exactly 0" in kd_signal_problem(s, s + 3.0, torch.tensor(0.0), model_a, model_b)  # shifted logits
-    assert "no supervised tokens" in kd_signal_problem(s[:0], t[:0], torch.tensor(0.0), model_a, model_b)
+    a, b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    kd, zero = torch.tensor(0.7), torch.tensor(0.0)
+    assert kd_signal_problem(kd, 3, a, b, s, t) is None
+    assert kd_signal_problem(zero, 3, a, a, s, s.clone()) is None  # the same object: intended
+    assert "equal the teacher's" in kd_signal_problem(zero, 3, a, b, s, s.clone())
+    assert "exactly 0" in kd_signal_problem(zero, 3, a, b, s, s + 3.0)  # shifted logits, same distributions
+    assert "exactly 0" in kd_signal_problem(zero, 3, a, b)  # chunked loss: no logits
+    assert kd_signal_problem(kd, 3, a, b) is None
+    assert "no supervised tokens" in kd_signal_problem(zero, 0, a, b, s[:0], t[:0])
+
+
+def test_check_first_step_kd_only_once_and_only_in_training():
+    trainer = types.SimpleNamespace(model=torch.nn.Linear(1, 1), teacher=torch.nn.Linear(1, 1))
+    trainer.model.eval()
+    assert check_first_step_kd(trainer, torch.tensor(0.0), 3) is None  # evaluation: not the first training step
+    trainer.model.train()
+    assert "exactly 0" in check_first_step_kd(trainer, torch.tensor(0.0), 3)
+    assert check_first_step_kd(trainer, torch.tensor(0.0), 3) is None
 
 
 class Args:
