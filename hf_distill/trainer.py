@@ -39,6 +39,7 @@ from .losses.fused import fused_logit_distillation_loss
 from .model_card import trainer_model_card
 from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
 from .projectors import load_projectors, save_projectors
+from .sanity import check_first_step_kd, warn_mixed_precision_mismatch
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher, shared_vocab_size
 
 
@@ -84,6 +85,7 @@ class DistillationMixin:
         super().__init__(model=model, args=args, **kwargs)
         # Make Trainer count the supervised tokens of each accumulation window (`num_items_in_batch`).
         self.model_accepts_loss_kwargs = True
+        warn_mixed_precision_mismatch(self.args)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._head = detect_head(self.model)
         if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
@@ -157,8 +159,11 @@ class DistillationMixin:
         self._hints = HintDistiller(self.args, self.accelerator.unwrap_model(self.model), self.teacher)
         if self._hints.projectors is not None:
             self._hints.projectors.to(self.args.device)
-            if self.accelerator.num_processes > 1:
+            if self.accelerator.num_processes > 1:  # DDP-wrapped so their gradients are averaged like the student's
                 self._hints.projectors = self.accelerator.prepare_model(self._hints.projectors)
+                # not a model of the run: keep it out of save_state and of Trainer's "student prepared?" check
+                wrapped = self._hints.projectors
+                self.accelerator._models[:] = [m for m in self.accelerator._models if m is not wrapped]
 
     def _projectors(self) -> nn.Module | None:
         projectors = self._hints.projectors if self._hints is not None else None
@@ -282,6 +287,7 @@ class DistillationMixin:
                 s, t, loss_type=args.kd_loss, temperature=args.temperature, beta=args.beta, skew_alpha=args.skew_alpha
             ).sum()
             weights["kd"] = args.kd_weight * args.temperature**2
+            check_first_step_kd(self, sums["kd"], y.numel(), s, t)  # warns once if KD is 0 on the first step
             self._record_sum("top1_agreement", (s.argmax(-1) == t.argmax(-1)).sum(), y.numel())
         else:
             s, _, y = select_positions(outputs.logits, outputs.logits, labels, self._head, None, shift_labels)
@@ -325,6 +331,7 @@ class DistillationMixin:
         )
         if "top1_agreement" in stats:
             self._record_sum("top1_agreement", stats["top1_agreement"], y.numel())
+        check_first_step_kd(self, kd, y.numel())
         sums = {"kd": kd, "ce": ce}
         weights = {"kd": args.kd_weight * args.temperature**2, "ce": args.ce_weight}
         return sums, weights, y.new_tensor(y.numel())

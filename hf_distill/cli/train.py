@@ -8,7 +8,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..config import DistillationSFTConfig
 from ..data import load_any_dataset
-from ..teacher import load_model, load_tokenizer, parse_init_kwargs
+from ..teacher import load_model, load_tokenizer, parse_init_kwargs, quantized_student_kwargs
 
 
 @dataclass
@@ -131,6 +131,7 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
 
     teacher = teacher_path
     if model_args.model_name_or_path is not None:
+        model_kwargs.update(quantized_student_kwargs(model_args))  # QLoRA: {} unless load_in_4bit / load_in_8bit
         student = load_model(model_args.model_name_or_path, **model_kwargs)
     elif script_args.student_num_layers is not None and teacher_path is not None:
         from ..student import init_student_from_teacher
