@@ -16,16 +16,14 @@ from collections import defaultdict
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer
 from trl import SFTTrainer
 
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
-from .heads import detect_head, select_positions
-from .losses import logit_divergence
+from .heads import check_teacher, detect_head, logit_terms
 from .model_card import trainer_model_card
-from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher, shared_vocab_size
+from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher
 
 
 logger = logging.getLogger(__name__)
@@ -72,6 +70,7 @@ class DistillationMixin:
         self.model_accepts_loss_kwargs = True
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._head = detect_head(self.model)
+        self._loss_shifts_labels = self._head.shifts_labels  # how Trainer counts `num_items_in_batch`: as we do
         self.teacher, self._vocab_size = None, None
         if teacher_model is not None:
             self._setup_teacher(teacher_model, teacher_processing_class)
@@ -99,9 +98,7 @@ class DistillationMixin:
         return [("input_ids",)]
 
     def _teacher_auto_class(self) -> type:
-        return (
-            AutoModelForSeq2SeqLM if getattr(self.model.config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        )
+        return self._head.auto_class
 
     def _setup_teacher(self, teacher: PreTrainedModel | str, teacher_processing_class: Any) -> None:
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
@@ -119,7 +116,7 @@ class DistillationMixin:
         student_tok = _tokenizer_of(self.processing_class)
         if teacher_processing_class is not None and student_tok is not None:
             check_same_tokenizer(student_tok, _tokenizer_of(teacher_processing_class))
-        self._vocab_size = shared_vocab_size(self.accelerator.unwrap_model(self.model), teacher, student_tok)
+        self._vocab_size = check_teacher(self.accelerator.unwrap_model(self.model), teacher, student_tok)
         self.teacher = prepare_teacher(teacher, self)
 
     # ----------------------------------------------------------------------------------------------- loss
@@ -178,24 +175,20 @@ class DistillationMixin:
         self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]
     ) -> tuple[dict, dict, torch.Tensor]:
         """KD (`sum divergence`, weight `kd_weight * T^2`) and CE (`sum CE`, weight `ce_weight`), summed over
-        supervised tokens."""
-        args: DistillationArguments = self.args
-        labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
-        sums, weights = {}, {}
-        if teacher_outputs is not None:
-            s, t, y = select_positions(
-                outputs.logits, teacher_outputs.logits, labels, self._head, self._vocab_size, shift_labels
-            )
-            sums["kd"] = logit_divergence(
-                s, t, loss_type=args.kd_loss, temperature=args.temperature, beta=args.beta, skew_alpha=args.skew_alpha
-            ).sum()
-            weights["kd"] = args.kd_weight * args.temperature**2
-            self._record_sum("top1_agreement", (s.argmax(-1) == t.argmax(-1)).sum(), y.numel())
-        else:
-            s, _, y = select_positions(outputs.logits, outputs.logits, labels, self._head, None, shift_labels)
-        sums["ce"] = F.cross_entropy(s.float(), y, reduction="sum")
-        weights["ce"] = args.ce_weight
-        return sums, weights, y.new_tensor(y.numel())
+        supervised positions of the student's head (see `heads.py`: tokens, masked tokens or examples)."""
+        teacher_logits = teacher_outputs.logits if teacher_outputs is not None else None
+        terms = logit_terms(
+            outputs.logits,
+            teacher_logits,
+            inputs["labels"],
+            self._head,
+            self.args,
+            self._vocab_size,
+            inputs.get("shift_labels"),
+        )
+        if terms.agreement is not None:
+            self._record_sum("top1_agreement", *terms.agreement)
+        return terms.sums, terms.weights, terms.n_items
 
     def _extra_terms(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]) -> tuple[dict, dict]:
         """Hook for loss terms beyond the logits (none here)."""
