@@ -284,7 +284,7 @@ def logit_terms(
 
 
 # ------------------------------------------------------------------------------------------------ teacher checks
-def _named_labels(config: Any) -> dict[int, str] | None:
+def named_labels(config: Any) -> dict[int, str] | None:
     """`id2label` with int keys, or None when it holds transformers' placeholder names `LABEL_i`."""
     id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
     return None if id2label == {i: f"LABEL_{i}" for i in range(len(id2label))} else id2label
@@ -293,7 +293,7 @@ def _named_labels(config: Any) -> dict[int, str] | None:
 def check_label_spaces(student_config: Any, teacher_config: Any) -> None:
     """Raise a ValueError when the two classifiers' label spaces differ (count, or names where both name them)."""
     s_n, t_n = student_config.num_labels, teacher_config.num_labels
-    s_names, t_names = _named_labels(student_config), _named_labels(teacher_config)
+    s_names, t_names = named_labels(student_config), named_labels(teacher_config)
     if s_n != t_n or (s_names is not None and t_names is not None and s_names != t_names):
         raise ValueError(
             f"Teacher and student label spaces differ: student num_labels={s_n}, id2label={s_names or 'unnamed'}; "
