@@ -9,7 +9,10 @@ import torch
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from .losses import LOGIT_LOSSES
+from .losses import ATTENTION_LOSSES, HINT_LOSSES, LOGIT_LOSSES, RELATION_LOSSES
+from .losses.features import HINT_NORMALIZATIONS
+from .losses.relations import POOLINGS
+from .projectors import PROJECTOR_KINDS
 
 
 @dataclass
@@ -40,6 +43,34 @@ class DistillationArguments:
         Weight of the KD term.
     ce_weight (`float`, defaults to `0.5`):
         Weight of the hard-label cross-entropy on the dataset's labels.
+    use_fused_kd_loss (`bool`, defaults to `True`):
+        Chunked KD + CE from hidden states (`hf_distill.losses.fused_logit_distillation_loss`): same values and
+        gradients as materialised logits at a fraction of the memory.
+    kd_chunk_size (`int`, *optional*):
+        Token rows per chunk of the fused loss.
+
+    > Parameters that control feature hints, attention transfer and relation losses (FitNets, TinyBERT, PKD, SP, RKD)
+
+    hint_layers (`"uniform"`, `dict` or JSON `str`, *optional*):
+        Student layer -> teacher layer (`hidden_states` indices, 0 = embeddings). None turns hints off.
+    hint_loss (`str`, defaults to `"mse"`): mse | l1 | smooth_l1 | cosine.
+    hint_weight (`float`, defaults to `1.0`): weight of the hint term.
+    hint_projector (`str`, defaults to `"linear"`): identity | linear | mlp; saved in checkpoints, never exported.
+    hint_normalize (`str`, defaults to `"none"`): none | layernorm.
+    attention_weight (`float`, defaults to `0.0`): attention-map transfer weight (switches both models to eager).
+    attention_loss (`str`, defaults to `"kl"`): kl | mse on attention probabilities.
+    relation_loss (`str`, *optional*): similarity_preserving | rkd_distance | rkd_angle | gram | fsp.
+    relation_weight (`float`, defaults to `1.0`): weight of the relation term.
+    relation_pooling (`str`, defaults to `"mean"`): mean (over supervised tokens) | first | last.
+
+    > Parameters that control rationale distillation (distilling step-by-step)
+
+    label_weight (`float`, defaults to `0.5`):
+        Weight of the label-view loss for batches with a `task` tensor (from `RationaleCollator`): the loss is
+        `label_weight * L_label + rationale_weight * L_rationale`, each a token mean over its own view (Hsieh et al.
+        2023 use 0.5 / 0.5). Each view's loss is the usual `ce_weight * CE + kd_weight * T^2 * KD`.
+    rationale_weight (`float`, defaults to `0.5`):
+        Weight of the rationale-view loss (see `label_weight`).
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -66,6 +97,75 @@ class DistillationArguments:
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL mixing weight in [0, 1) (DistiLLM)."})
     kd_weight: float = field(default=0.5, metadata={"help": "Weight of the KD term (>= 0)."})
     ce_weight: float = field(default=0.5, metadata={"help": "Weight of the hard-label cross-entropy term (>= 0)."})
+    use_fused_kd_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute KD + CE in token chunks from final hidden states and lm_head weights, never "
+            "materialising [tokens, vocab] logits (falls back, with an info log, for models whose "
+            "logits cannot be rebuilt from the last hidden state)."
+        },
+    )
+    kd_chunk_size: int | None = field(
+        default=None, metadata={"help": "Token rows per chunk of the fused loss (default: 32 MiB fp32 blocks)."}
+    )
+
+    hint_layers: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Hidden-state hints: 'uniform' or a mapping student layer -> teacher layer (hidden_states "
+            "indices, 0 = embeddings), as a YAML mapping or JSON string. None turns hints off."
+        },
+    )
+    hint_loss: str = field(
+        default="mse", metadata={"help": "Hint loss on projected hidden states.", "choices": list(HINT_LOSSES)}
+    )
+    hint_weight: float = field(default=1.0, metadata={"help": "Weight of the hint term (>= 0)."})
+    hint_projector: str = field(
+        default="linear",
+        metadata={
+            "help": "Student -> teacher width projector (identity needs equal widths).",
+            "choices": list(PROJECTOR_KINDS),
+        },
+    )
+    hint_normalize: str = field(
+        default="none", metadata={"help": "Normalise both sides first.", "choices": list(HINT_NORMALIZATIONS)}
+    )
+    attention_weight: float = field(
+        default=0.0, metadata={"help": "Weight of attention-map transfer on the hint layers (> 0 switches to eager)."}
+    )
+    attention_loss: str = field(
+        default="kl", metadata={"help": "Attention-map loss.", "choices": list(ATTENTION_LOSSES)}
+    )
+    relation_loss: str | None = field(
+        default=None,
+        metadata={"help": "Relation loss on the hint layers (None: off).", "choices": list(RELATION_LOSSES)},
+    )
+    relation_weight: float = field(default=1.0, metadata={"help": "Weight of the relation term (>= 0)."})
+    relation_pooling: str = field(
+        default="mean",
+        metadata={
+            "help": "Pooling for pooled relation losses: mean over supervised tokens, first or last token.",
+            "choices": list(POOLINGS),
+        },
+    )
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether any hidden-state / attention / relation term is on."""
+        return (
+            (self.hint_layers is not None and self.hint_weight > 0)
+            or self.attention_weight > 0
+            or (self.relation_loss is not None and self.relation_weight > 0)
+        )
+
+    label_weight: float = field(
+        default=0.5,
+        metadata={"help": "Step-by-step (batches with a `task` tensor): weight of the label-view loss (>= 0)."},
+    )
+    rationale_weight: float = field(
+        default=0.5,
+        metadata={"help": "Step-by-step (batches with a `task` tensor): weight of the rationale-view loss (>= 0)."},
+    )
 
     def validate_distillation(self) -> None:
         """Check every distillation field; each error names the field, its value and what is allowed."""
@@ -80,7 +180,42 @@ class DistillationArguments:
         for name in ("kd_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
-        if self.kd_weight == 0 and self.ce_weight == 0:
+        for name in ("label_weight", "rationale_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.label_weight == 0 and self.rationale_weight == 0:
+            raise ValueError("`label_weight` and `rationale_weight` are both 0; set at least one > 0.")
+        for name, table in (
+            ("hint_loss", HINT_LOSSES),
+            ("hint_projector", PROJECTOR_KINDS),
+            ("hint_normalize", HINT_NORMALIZATIONS),
+            ("attention_loss", ATTENTION_LOSSES),
+            ("relation_pooling", POOLINGS),
+        ):
+            if getattr(self, name) not in table:
+                raise ValueError(f"`{name}` must be one of {list(table)}, got {getattr(self, name)!r}.")
+        if self.relation_loss is not None and self.relation_loss not in RELATION_LOSSES:
+            raise ValueError(
+                f"`relation_loss` must be one of {list(RELATION_LOSSES)} or None, got {self.relation_loss!r}."
+            )
+        for name in ("hint_weight", "attention_weight", "relation_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if isinstance(self.hint_layers, str) and self.hint_layers.strip().startswith("{"):
+            try:
+                self.hint_layers = json.loads(self.hint_layers)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"`hint_layers` is neither 'uniform' nor a JSON mapping: {self.hint_layers!r}."
+                ) from err
+        elif isinstance(self.hint_layers, str) and self.hint_layers != "uniform":
+            raise ValueError(
+                f"`hint_layers` must be 'uniform' or a mapping student layer -> teacher layer, got "
+                f"{self.hint_layers!r}."
+            )
+        if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
+            raise ValueError(f"`kd_chunk_size` must be >= 1 or None, got {self.kd_chunk_size}.")
+        if self.kd_weight == 0 and self.ce_weight == 0 and not self.uses_features:
             raise ValueError(
                 "`kd_weight` and `ce_weight` are both 0, so nothing would be trained; set at least one > 0."
             )
@@ -103,7 +238,7 @@ def _default_bf16() -> bool:
 class DistillationConfig(DistillationArguments, TrainingArguments):
     """`transformers.TrainingArguments` plus the distillation fields of [`DistillationArguments`]."""
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["teacher_model_init_kwargs", "hint_layers"]
 
     def __post_init__(self):
         self.validate_distillation()  # first: TrainingArguments would choke on a bad JSON string with a vaguer error
@@ -117,7 +252,7 @@ class DistillationSFTConfig(DistillationArguments, SFTConfig):
     Differs from `SFTConfig` in one default: `bf16` is on only when a bf16-capable GPU is present.
     """
 
-    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs", "hint_layers"]
 
     def __post_init__(self):
         self.validate_distillation()

@@ -103,14 +103,6 @@ class Head:
         return "regression" if self.regression else self.kind
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP / accelerate (`.module`) and PEFT (`get_base_model()`) wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 @functools.cache
 def _mapped_class_names(mapping_name: str) -> frozenset[str]:
     names = set()
@@ -129,7 +121,7 @@ def detect_head(model: nn.Module) -> Head:
     Raises:
         ValueError: the model has no config, or is a multi-label classifier (not supported).
     """
-    base = _base_model(model)
+    base = unwrap(model)
     config = getattr(base, "config", None)
     if config is None:
         raise ValueError(f"Cannot tell what to distil for {type(model).__name__}: it has no `config`.")
@@ -313,7 +305,7 @@ def check_teacher(student: nn.Module, teacher: nn.Module, tokenizer: Any = None)
         `int | None`: the shared vocabulary size when the LM heads are padded differently, else None.
     """
     s_head, t_head = detect_head(student), detect_head(teacher)
-    s_name, t_name = type(_base_model(student)).__name__, type(_base_model(teacher)).__name__
+    s_name, t_name = type(unwrap(student)).__name__, type(unwrap(teacher)).__name__
     if s_head != t_head:
         raise ValueError(
             f"The teacher ({t_name}, a {t_head.describe()} head) and the student ({s_name}, a {s_head.describe()} "
@@ -321,10 +313,79 @@ def check_teacher(student: nn.Module, teacher: nn.Module, tokenizer: Any = None)
             f"head, e.g. loaded with {s_head.auto_class.__name__} and fine-tuned on the student's task."
         )
     if s_head.kind in LABEL_KINDS:
-        check_label_spaces(_base_model(student).config, _base_model(teacher).config)
+        check_label_spaces(unwrap(student).config, unwrap(teacher).config)
     if s_head.regression:
         logger.info(
             "Regression head: the KD term is the squared error between student and teacher outputs; "
             "`kd_loss` and `temperature` do not apply."
         )
     return shared_vocab_size(student, teacher, tokenizer) if s_head.has_vocab else None
+
+
+# Causal LMs whose logits are exactly `lm_head(final hidden state)` up to the scale/softcap handled below.
+FUSED_MODEL_TYPES = {
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo",
+    "olmo2",
+    "smollm3",
+    "cohere",
+    "cohere2",
+    "granite",
+    "starcoder2",
+    "stablelm",
+    "glm",
+    "helium",
+}
+
+
+@dataclass
+class LMHead:
+    """What turns a final hidden state `(N, H)` into logits `(N, V)`: `softcap(((h @ W.T + b) * scale))`."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logit_scale: float
+    softcap: float | None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT / DDP / compile wrappers (LoRA layers stay injected)."""
+    while True:
+        if hasattr(model, "get_base_model"):  # PeftModel
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def lm_head_of(model: nn.Module) -> LMHead | None:
+    """The model's LM head when its logits can be reproduced from the final hidden state, else None."""
+    model = unwrap(model)
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in FUSED_MODEL_TYPES:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or not hasattr(model, "model"):
+        return None  # e.g. a LoRA-wrapped lm_head, or no separate decoder
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    if getattr(config, "logits_scaling", None):  # Granite divides
+        scale /= float(config.logits_scaling)
+    return LMHead(head.weight, head.bias, scale, getattr(config, "final_logit_softcapping", None))
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The base model (everything but the LM head) of a causal LM, returning `last_hidden_state`."""
+    return unwrap(model).model

@@ -73,16 +73,29 @@ class HintProjectors(nn.Module):
         transformer case: `config.hidden_size`)."""
         return cls(dict.fromkeys(layer_map, (student_width, teacher_width)), kind=kind)
 
-    def forward(self, layer_key: int | str, hidden: torch.Tensor) -> torch.Tensor:
-        """Project the hidden states of one student layer.
+    def forward(
+        self, layer_key: int | str | Mapping[int | str, torch.Tensor], hidden: torch.Tensor | None = None
+    ) -> torch.Tensor | dict[int, torch.Tensor]:
+        """Project the hidden states of one student layer, or of all hint layers in one call.
 
         Args:
-            layer_key (`int` or `str`): student layer index of the hint pair.
-            hidden (`torch.Tensor`): shape `(B, T, H_s)`; cast to the projector's parameter dtype first.
+            layer_key (`int`, `str` or `Mapping`): student layer index of the hint pair; or a mapping
+                `{student layer index: hidden states}` (then `hidden` is None), which projects every entry in a single
+                forward call (what DDP expects of a wrapped module: one forward per backward).
+            hidden (`torch.Tensor`, *optional*): shape `(B, T, H_s)`; cast to the projector's parameter dtype first.
 
         Returns:
-            `torch.Tensor`: shape `(B, T, H_t)`.
+            `torch.Tensor` of shape `(B, T, H_t)`; for a mapping, `dict[int, torch.Tensor]` with the same keys as ints.
         """
+        if isinstance(layer_key, Mapping):
+            if hidden is not None:
+                raise ValueError("Pass either (layer_key, hidden) or one mapping {layer: hidden}, not both.")
+            return {int(key): self._project(key, value) for key, value in layer_key.items()}
+        if hidden is None:
+            raise ValueError(f"No hidden states given for student layer {layer_key}.")
+        return self._project(layer_key, hidden)
+
+    def _project(self, layer_key: int | str, hidden: torch.Tensor) -> torch.Tensor:
         key = str(layer_key)
         if key not in self.projectors:
             raise KeyError(f"No hint projector for student layer {key}; configured layers: {list(self.projectors)}.")

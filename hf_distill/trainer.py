@@ -8,6 +8,8 @@ Loss per optimizer step (Hinton et al. 2015, with GKD's divergences):
 where both sums run over supervised tokens (labels != -100) of the micro-batch and `num_items` counts the supervised
 tokens of the whole gradient-accumulation window on all processes, so 2 x 2 accumulation gives the gradients of one
 batch of 4 (and DDP's gradient averaging is undone by multiplying with the number of processes, as transformers does).
+Batches with a `task` tensor (distilling step-by-step, `RationaleCollator`) get per-task token means instead:
+`label_weight * L_label + rationale_weight * L_rationale` (see `hf_distill.multitask`).
 """
 
 import logging
@@ -21,15 +23,28 @@ from transformers import PreTrainedModel, Trainer
 from trl import SFTTrainer
 
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
-from .heads import check_teacher, detect_head, logit_terms
+from .heads import (
+    aligned_labels,
+    aligned_logits,
+    check_teacher,
+    decoder_of,
+    detect_head,
+    lm_head_of,
+    logit_terms,
+    supervised_mask,
+)
+from .hints import HintDistiller
+from .losses.fused import fused_logit_distillation_loss
 from .model_card import trainer_model_card
+from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
+from .projectors import load_projectors, save_projectors
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher
 
 
 logger = logging.getLogger(__name__)
 
 # Batch keys that are not model inputs (targets, and masks produced by collators).
-NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task"}
+NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task", TASK_COUNTS_KEY}
 
 
 def _tokenizer_of(processing_class: Any) -> Any:
@@ -64,29 +79,38 @@ class DistillationMixin:
                 "No teacher given: pass `teacher_model=` (a model or a Hub id/path) or set "
                 "`teacher_model_name_or_path` in the config. To fine-tune without a teacher set `kd_weight=0`."
             )
-        self._check_dataset(kwargs.get("train_dataset"), args)
+        self._check_dataset(kwargs.get("train_dataset"), args, kwargs.get("data_collator"))
         super().__init__(model=model, args=args, **kwargs)
         # Make Trainer count the supervised tokens of each accumulation window (`num_items_in_batch`).
         self.model_accepts_loss_kwargs = True
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._head = detect_head(self.model)
         self._loss_shifts_labels = self._head.shifts_labels  # how Trainer counts `num_items_in_batch`: as we do
-        self.teacher, self._vocab_size = None, None
-        if teacher_model is not None:
+        if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
+            self.data_collator.check_model(self.model)
+        self.teacher, self._vocab_size, self._fused = None, None, False
+        self._hints = None
+        if teacher_model is not None and not self._needs_teacher(args):
+            logger.info("kd_weight is 0 and no hint/relation term is on: the teacher is not loaded or run.")
+        elif teacher_model is not None:
             self._setup_teacher(teacher_model, teacher_processing_class)
+            if args.uses_features:
+                self._setup_hints()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @staticmethod
     def _needs_teacher(args: DistillationArguments) -> bool:
-        return args.kd_weight > 0
+        return args.kd_weight > 0 or args.uses_features
 
-    def _check_dataset(self, dataset: Any, args: DistillationArguments) -> None:
+    def _check_dataset(self, dataset: Any, args: DistillationArguments, collator: Any = None) -> None:
         columns = getattr(dataset, "column_names", None)
         if not columns or isinstance(columns, dict):
             return
         usable = self._usable_columns(args)
+        if getattr(collator, "dataset_columns", None):  # a collator that reads raw columns (RationaleCollator)
+            usable = [tuple(collator.dataset_columns)]
         if not any(set(group) <= set(columns) for group in usable):
             raise ValueError(
                 f"The training dataset has columns {columns}, but {type(self).__name__} needs one of "
@@ -96,6 +120,11 @@ class DistillationMixin:
 
     def _usable_columns(self, args: DistillationArguments) -> list[tuple[str, ...]]:
         return [("input_ids",)]
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        extra = [c for c in getattr(self.data_collator, "dataset_columns", ()) if c not in self._signature_columns]
+        self._signature_columns += extra  # raw columns read by the collator survive `remove_unused_columns`
 
     def _teacher_auto_class(self) -> type:
         return self._head.auto_class
@@ -118,6 +147,57 @@ class DistillationMixin:
             check_same_tokenizer(student_tok, _tokenizer_of(teacher_processing_class))
         self._vocab_size = check_teacher(self.accelerator.unwrap_model(self.model), teacher, student_tok)
         self.teacher = prepare_teacher(teacher, self)
+        self._fused = self._fused_supported()
+
+    def _setup_hints(self) -> None:
+        """Layer map and projectors; the projectors train with the student (own optimizer group, synced across
+        processes) and are checkpointed beside it, but are never part of the exported student."""
+        self._hints = HintDistiller(self.args, self.accelerator.unwrap_model(self.model), self.teacher)
+        if self._hints.projectors is not None:
+            self._hints.projectors.to(self.args.device)
+            if self.accelerator.num_processes > 1:
+                self._hints.projectors = self.accelerator.prepare_model(self._hints.projectors)
+
+    def _projectors(self) -> nn.Module | None:
+        projectors = self._hints.projectors if self._hints is not None else None
+        return self.accelerator.unwrap_model(projectors) if projectors is not None else None
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        projectors = self._projectors()
+        if projectors is not None and any(True for _ in projectors.parameters()):
+            self.optimizer.add_param_group({"params": list(projectors.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        projectors = self._projectors()
+        if projectors is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            save_projectors(projectors, folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        projectors = self._projectors()
+        if projectors is not None:
+            load_projectors(projectors, resume_from_checkpoint)
+
+    def _fused_supported(self) -> bool:
+        """Whether the chunked hidden-state loss reproduces both models' logits here; logs why not, once."""
+        if not self.args.use_fused_kd_loss:
+            return False
+        reason = None
+        if self._head.kind != "causal_lm":
+            reason = f"the student is a {self._head.kind} model"
+        elif self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            reason = "FSDP/DeepSpeed shard the lm_head weights outside forward"
+        elif lm_head_of(self.model) is None or lm_head_of(self.teacher) is None:
+            reason = "the student's or teacher's logits are not a plain lm_head of the last hidden state"
+        if reason:
+            logger.info(
+                "Using materialised logits for the KD loss: %s (set use_fused_kd_loss=False to silence).", reason
+            )
+        return reason is None
 
     # ----------------------------------------------------------------------------------------------- loss
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +228,10 @@ class DistillationMixin:
                 "`DataCollatorForLanguageModeling(tokenizer, mlm=False)`, or DistillationSFTTrainer for raw text."
             )
         model_inputs = self._model_inputs(inputs)
-        outputs = model(**model_inputs, **self._forward_kwargs())
+        forward_kwargs = self._forward_kwargs()
+        if self._fused:  # final hidden states instead of [B, T, V] logits (one position's logits is kept)
+            forward_kwargs = {**forward_kwargs, "output_hidden_states": True, "logits_to_keep": 1}
+        outputs = model(**model_inputs, **forward_kwargs)
         teacher_outputs = self._teacher_outputs(model_inputs, inputs)
         sums, weights, n_tokens = self._logit_terms(outputs, teacher_outputs, inputs)
         extra_sums, extra_weights = self._extra_terms(outputs, teacher_outputs, inputs)
@@ -162,40 +245,91 @@ class DistillationMixin:
 
     def _forward_kwargs(self) -> dict[str, Any]:
         """Extra forward arguments for both models (e.g. `output_hidden_states=True` for hints)."""
-        return {}
+        return self._hints.forward_kwargs() if self._hints is not None else {}
 
     def _teacher_outputs(self, model_inputs: dict[str, Any], inputs: dict[str, Any]) -> Any:
         """The teacher's outputs on the student's inputs, or None without a teacher."""
         if self.teacher is None:
             return None
         with torch.no_grad():
-            return self.teacher(**model_inputs, **self._forward_kwargs())
+            if self._fused and not self._forward_kwargs():  # the base model alone: no lm_head, no logits
+                return decoder_of(self.teacher)(**model_inputs)
+            kwargs = {
+                **self._forward_kwargs(),
+                **({"output_hidden_states": True, "logits_to_keep": 1} if self._fused else {}),
+            }
+            return self.teacher(**model_inputs, **kwargs)
 
     def _logit_terms(
         self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]
     ) -> tuple[dict, dict, torch.Tensor]:
         """KD (`sum divergence`, weight `kd_weight * T^2`) and CE (`sum CE`, weight `ce_weight`), summed over
         supervised positions of the student's head (see `heads.py`: tokens, masked tokens or examples)."""
+        if "task" in inputs:  # distilling step-by-step: one set of terms per task view (multitask.py)
+            return split_by_task(self._logit_terms, outputs, teacher_outputs, inputs)
+        labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
+        if self._fused:
+            return self._fused_logit_terms(outputs, teacher_outputs, labels, shift_labels)
         teacher_logits = teacher_outputs.logits if teacher_outputs is not None else None
         terms = logit_terms(
-            outputs.logits,
-            teacher_logits,
-            inputs["labels"],
-            self._head,
-            self.args,
-            self._vocab_size,
-            inputs.get("shift_labels"),
+            outputs.logits, teacher_logits, labels, self._head, self.args, self._vocab_size, shift_labels
         )
         if terms.agreement is not None:
             self._record_sum("top1_agreement", *terms.agreement)
         return terms.sums, terms.weights, terms.n_items
 
+    def _fused_logit_terms(
+        self, outputs: Any, teacher_outputs: Any, labels: torch.Tensor, shift_labels: torch.Tensor | None
+    ) -> tuple[dict, dict, torch.Tensor]:
+        """KD and CE sums from final hidden states, chunked over tokens (never the full [N, V] logits)."""
+        args: DistillationArguments = self.args
+        mask = supervised_mask(labels, self._head, shift_labels)
+        s_hidden = aligned_logits(outputs.hidden_states[-1], self._head, shift_labels)[mask]
+        t_last = getattr(teacher_outputs, "last_hidden_state", None)
+        t_last = teacher_outputs.hidden_states[-1] if t_last is None else t_last
+        t_hidden = aligned_logits(t_last, self._head, shift_labels)[mask]
+        y = aligned_labels(labels, self._head, shift_labels)[mask]
+        s_head, t_head = lm_head_of(self.model), lm_head_of(self.teacher)
+        stats: dict[str, torch.Tensor] = {}
+        kd, ce = fused_logit_distillation_loss(
+            s_hidden,
+            s_head.weight,
+            t_hidden,
+            t_head.weight,
+            loss_type=args.kd_loss,
+            temperature=args.temperature,
+            beta=args.beta,
+            skew_alpha=args.skew_alpha,
+            chunk_size=args.kd_chunk_size,
+            student_bias=s_head.bias,
+            teacher_bias=t_head.bias,
+            student_logit_scale=s_head.logit_scale,
+            teacher_logit_scale=t_head.logit_scale,
+            student_softcap=s_head.softcap,
+            teacher_softcap=t_head.softcap,
+            vocab_size=self._vocab_size,
+            labels=y,
+            reduction="sum",
+            stats=stats,
+        )
+        if "top1_agreement" in stats:
+            self._record_sum("top1_agreement", stats["top1_agreement"], y.numel())
+        sums = {"kd": kd, "ce": ce}
+        weights = {"kd": args.kd_weight * args.temperature**2, "ce": args.ce_weight}
+        return sums, weights, y.new_tensor(y.numel())
+
     def _extra_terms(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]) -> tuple[dict, dict]:
-        """Hook for loss terms beyond the logits (none here)."""
-        return {}, {}
+        """Hidden-state hints, attention transfer and relation terms (`hf_distill.hints`), when configured."""
+        if self._hints is None:
+            return {}, {}
+        n_tokens = supervised_mask(inputs["labels"], self._head, inputs.get("shift_labels")).sum()
+        return self._hints.terms(outputs, teacher_outputs, inputs, self._head, n_tokens)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sums, weights, n_tokens, outputs = self._loss_terms(model, inputs)
+        if "task" in inputs:  # label_weight * L_label + rationale_weight * L_rationale, per-task token means
+            loss = multitask_loss(self, sums, weights, n_tokens, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         total = sum(weights[k] * v for k, v in sums.items())
         for name, value in sums.items():
             self._record_sum(f"{name}_loss", value.detach(), n_tokens)
@@ -207,6 +341,11 @@ class DistillationMixin:
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        add_window_task_counts(batch_samples, self._head, self.args, self.accelerator)  # per-task GA normalisation
+        return batch_samples, num_items_in_batch
 
     # ----------------------------------------------------------------------------------------------- metrics
     def _record_sum(self, name: str, value: torch.Tensor, count: torch.Tensor | int) -> None:

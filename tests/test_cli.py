@@ -154,3 +154,63 @@ def test_train_bad_column_name(tiny_files):
                 "true",
             ]
         )
+
+
+@pytest.mark.parametrize(
+    "student_args",
+    [
+        ["--student_num_layers", "2"],
+        ["--student_config", '{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}'],
+    ],
+    ids=["layers-from-teacher", "narrow-random"],
+)
+def test_train_builds_student_from_teacher(tiny_files, student_args):
+    out = tiny_files / "built"
+    main(
+        [
+            "train",
+            "--teacher_model_name_or_path",
+            str(tiny_files / "teacher"),
+            *student_args,
+            "--dataset_name",
+            str(tiny_files / "data.jsonl"),
+            "--hint_layers",
+            "uniform",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(out),
+            "--use_cpu",
+            "true",
+            "--save_strategy",
+            "no",
+        ]
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 2
+    assert not (out / "hint_projectors.safetensors").exists()
+
+
+def test_student_config_unknown_key(tiny_files):
+    with pytest.raises(ValueError, match="student_config sets 'hidden_sise'"):
+        main(
+            [
+                "train",
+                "--teacher_model_name_or_path",
+                str(tiny_files / "teacher"),
+                "--student_config",
+                '{"hidden_sise": 32}',
+                "--dataset_name",
+                str(tiny_files / "data.jsonl"),
+                "--output_dir",
+                str(tiny_files / "x"),
+                "--report_to",
+                "none",
+                "--use_cpu",
+                "true",
+            ]
+        )

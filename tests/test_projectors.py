@@ -29,6 +29,11 @@ def test_kinds_and_shapes():
     assert len(list(identity.parameters())) == 0
     with pytest.raises(KeyError, match="configured layers"):
         linear(2, x)
+    both = linear({"1": x, 3: 2 * x})  # one forward call for every hint layer (DDP-friendly)
+    assert set(both) == {1, 3}
+    assert torch.equal(both[1], linear(1, x)) and torch.equal(both[3], linear(3, 2 * x))
+    with pytest.raises(ValueError, match="not both"):
+        linear({1: x}, x)
 
 
 def test_identity_width_mismatch_names_both_widths():

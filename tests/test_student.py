@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+import transformers
 from conftest import make_llama, make_t5
 from transformers import (
     AutoModelForCausalLM,
@@ -162,6 +163,41 @@ def test_per_layer_config_fields_are_sliced(tmp_path):
     assert torch.equal(_logits(reloaded, ids), _logits(student, ids))
     full = init_student_from_teacher(teacher, num_layers=4).eval()
     assert torch.equal(_logits(full, ids), _logits(teacher, ids))
+
+
+_FAMILY_KW = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4}
+_FAMILY_KW.update(num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize(
+    "family,extra,expected",
+    [
+        ("Qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}, {"max_window_layers": 1}),
+        ("Mistral", {"sliding_window": 4}, {}),
+        ("Gemma3Text", {"sliding_window": 4}, {}),
+        ("SmolLM3", {"pad_token_id": 0}, {"no_rope_layers": [1, 0]}),
+    ],
+)
+def test_llama_family_models(family, extra, expected, tmp_path):
+    config_class = getattr(transformers, f"{family}Config")
+    model_class = getattr(transformers, f"{family.removesuffix('Text')}ForCausalLM")
+    torch.manual_seed(10)
+    teacher = model_class(config_class(**_FAMILY_KW, **extra)).eval()
+    ids = _ids(11, (2, 12))
+    full = init_student_from_teacher(teacher, num_layers=4).eval()
+    assert torch.equal(_logits(full, ids), _logits(teacher, ids))
+    student = init_student_from_teacher(teacher, layers=[1, 3]).eval()
+    for name in ("layer_types", "no_rope_layers"):
+        if getattr(teacher.config, name, None) is not None:
+            assert getattr(student.config, name) == [getattr(teacher.config, name)[i] for i in (1, 3)]
+    for name, value in expected.items():
+        assert getattr(student.config, name) == value
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is model_class
+    assert torch.equal(_logits(reloaded, ids), _logits(student, ids))
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    assert torch.equal(student.generate(ids[:1], **kwargs), student.generate(ids[:1], use_cache=False, **kwargs))
 
 
 def test_t5_relative_bias_moves_to_first_kept_block(tmp_path):

@@ -66,11 +66,16 @@ def manual_loss(student, teacher, batch, kd_weight, ce_weight, temperature, kd_l
     return (ce_weight * ce + kd_weight * temperature**2 * kd) / mask.sum()
 
 
-def test_loss_equals_weighted_sum(tmp_path, tokenizer):
-    trainer = make_trainer(tmp_path, tokenizer, kd_weight=0.7, ce_weight=0.2, temperature=2.0)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])
+@pytest.mark.parametrize("kd_loss", ["forward_kl", "jsd", "skew_reverse_kl"])
+def test_loss_equals_weighted_sum(tmp_path, tokenizer, fused, kd_loss):
+    trainer = make_trainer(
+        tmp_path, tokenizer, kd_weight=0.7, ce_weight=0.2, temperature=2.0, use_fused_kd_loss=fused, kd_loss=kd_loss
+    )
+    assert trainer._fused is fused
     batch = next(iter(trainer.get_train_dataloader()))
     loss = trainer.compute_loss(trainer.model, batch)
-    expected = manual_loss(trainer.model, trainer.teacher, batch, 0.7, 0.2, 2.0)
+    expected = manual_loss(trainer.model, trainer.teacher, batch, 0.7, 0.2, 2.0, kd_loss)
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
@@ -96,7 +101,7 @@ def test_trains_logs_and_saves_student_only(tmp_path, tokenizer):
     assert not any(name.startswith("teacher") for name in os.listdir(tmp_path / "final"))
 
 
-def _final_weights(tmp_path, tok, name, batch_size, accumulation):
+def _final_weights(tmp_path, tok, name, batch_size, accumulation, fused=True):
     texts = ["the cat sat on the mat and the dog sat too", "a dog", "the big red dog is slow", "one plus two"]
     trainer = DistillationTrainer(
         model=make_llama(2, 32),
@@ -122,11 +127,12 @@ def _final_weights(tmp_path, tok, name, batch_size, accumulation):
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def test_gradient_accumulation_equals_full_batch(tmp_path, tokenizer):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])
+def test_gradient_accumulation_equals_full_batch(tmp_path, tokenizer, fused):
     """2 micro-batches of 2 (ragged lengths) must give the same SGD update as one batch of 4."""
     start = make_llama(2, 32).state_dict()
-    full = _final_weights(tmp_path, tokenizer, "full", 4, 1)
-    accumulated = _final_weights(tmp_path, tokenizer, "ga", 2, 2)
+    full = _final_weights(tmp_path, tokenizer, "full", 4, 1, fused)
+    accumulated = _final_weights(tmp_path, tokenizer, "ga", 2, 2, fused)
     moved = max((full[k] - start[k]).abs().max().item() for k in start)
     assert moved > 1e-3  # the step really changed the weights
     for key in full:
@@ -306,3 +312,15 @@ def test_model_card_written_by_trainer_mechanism(tmp_path, tokenizer):
     assert "- hf-distill" in card and "- distillation" in card
     assert "# tiny-student" in card and "`kd_loss`: forward_kl" in card and "eval_kd_loss" in card
     assert "LlamaForCausalLM" in card  # the teacher (a model object) is named by its class when it has no path
+
+
+def test_fused_and_materialised_paths_take_the_same_step(tmp_path, tokenizer):
+    fused = _final_weights(tmp_path, tokenizer, "f", 4, 1, fused=True)
+    materialised = _final_weights(tmp_path, tokenizer, "m", 4, 1, fused=False)
+    for key in fused:
+        assert torch.allclose(fused[key], materialised[key], atol=1e-5), key
+
+
+def test_teacher_not_kept_when_nothing_needs_it(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, kd_weight=0.0, ce_weight=1.0)
+    assert trainer.teacher is None

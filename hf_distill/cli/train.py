@@ -40,6 +40,13 @@ class TrainScriptArguments:
             "chat template is applied (loss on the assistant turn only)."
         },
     )
+    student_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Build a randomly initialised student from the teacher's config with these overrides, e.g. "
+            '\'{"hidden_size": 288, "num_hidden_layers": 6}\' (TinyBERT-style narrow students).'
+        },
+    )
     task: str = field(
         default="causal_lm",
         metadata={
@@ -94,6 +101,24 @@ def prepare_columns(dataset, script_args: TrainScriptArguments):
     return dataset
 
 
+def student_from_config(teacher, overrides: dict | str):
+    """A randomly initialised model of the teacher's class and config, with `overrides` applied."""
+    import copy
+
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides)
+    config = copy.deepcopy(teacher.config)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"student_config sets {key!r}, which {type(config).__name__} does not have.")
+        setattr(config, key, value)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if "num_hidden_layers" in overrides and getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[: overrides["num_hidden_layers"]]
+    return type(teacher)(config)
+
+
 def make_parser(prog: str | None = None) -> TrlParser:
     parser = TrlParser((TrainScriptArguments, DistillationSFTConfig, ModelConfig), prog=prog)
     return parser
@@ -143,8 +168,13 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
 
         teacher = load_task_model(teacher_path, script_args.task, label_kwargs, **teacher_kwargs)
         student = init_student_from_teacher(teacher, num_layers=script_args.student_num_layers)
+    elif script_args.student_config is not None and teacher_path is not None:
+        teacher = load_task_model(teacher_path, script_args.task, label_kwargs, **teacher_kwargs)
+        student = student_from_config(teacher, script_args.student_config)
     else:
-        raise ValueError("Name the student: `model_name_or_path`, or `student_num_layers` with a teacher.")
+        raise ValueError(
+            "Name the student: `model_name_or_path`, or `student_num_layers` / `student_config` with a teacher."
+        )
     if script_args.task != "causal_lm":
         if model_args.use_peft:
             raise ValueError("`use_peft` is supported for task causal_lm only.")

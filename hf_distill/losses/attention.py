@@ -5,9 +5,11 @@ Inputs are the post-softmax maps transformers returns with `output_attentions=Tr
 and columns = keys. `attentions[k - 1]` belongs to layer `k`, so a hint layer map `{i: j}` (hidden_states indices,
 `i, j >= 1`) pairs `student.attentions[i - 1]` with `teacher.attentions[j - 1]`.
 
-Masking: with `mask` (B, T) bool, padded query rows are dropped and padded key columns are zeroed, then each row is
-renormalised over its valid keys on both sides. Padded entries therefore never reach the loss; when the model already
-masks padded keys (they hold ~0 mass) the renormalisation changes nothing.
+Masking: `mask` (B, T) bool selects the query rows that count and `key_mask` (B, T) the key columns (it defaults to
+`mask`; pass the attention mask here when `mask` selects only supervised positions, so prompt tokens stay valid keys).
+Rows outside `mask` are dropped and columns outside `key_mask` are zeroed, then each row is renormalised over its valid
+keys on both sides. Padded entries therefore never reach the loss; when the model already masks padded keys (they hold
+~0 mass) the renormalisation changes nothing.
 
 Per valid query row, averaged over heads:
 
@@ -25,7 +27,7 @@ from .features import _fp32
 
 
 def _prepare(
-    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, key_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks, head grouping, key masking and renormalisation, then selection of the valid query rows.
 
@@ -53,32 +55,49 @@ def _prepare(
     s, t = _fp32(student), _fp32(teacher)
     if h_t != h_s:
         t = t.reshape(b, h_s, h_t // h_s, t_q, t_k).mean(2)
-    if mask is None:
-        return s.transpose(1, 2).reshape(-1, h_s, t_k), t.transpose(1, 2).reshape(-1, h_s, t_k)
-    mask = mask.to(s.device, torch.bool)
-    if mask.shape != (b, t_q):
-        raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, T) = {(b, t_q)}.")
-    keys = mask[:, None, None, :]
-    s = torch.where(keys, s, 0.0)
-    t = torch.where(keys, t, 0.0)
-    s = s / s.sum(-1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
-    t = t / t.sum(-1, keepdim=True).clamp(min=torch.finfo(t.dtype).tiny)
+    mask = _check_mask(mask, b, t_q, s.device, "mask")
+    key_mask = mask if key_mask is None else _check_mask(key_mask, b, t_q, s.device, "key_mask")
+    if key_mask is not None:
+        keys = key_mask[:, None, None, :]
+        s = torch.where(keys, s, 0.0)
+        t = torch.where(keys, t, 0.0)
+        s = s / s.sum(-1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
+        t = t / t.sum(-1, keepdim=True).clamp(min=torch.finfo(t.dtype).tiny)
     # (B, heads, T, T) -> (B, T, heads, T) -> valid query rows (N, heads, T)
-    return s.transpose(1, 2)[mask], t.transpose(1, 2)[mask]
+    s, t = s.transpose(1, 2), t.transpose(1, 2)
+    if mask is None:
+        return s.reshape(-1, h_s, t_k), t.reshape(-1, h_s, t_k)
+    return s[mask], t[mask]
 
 
-def kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _check_mask(mask: torch.Tensor | None, b: int, t: int, device: torch.device, name: str) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = mask.to(device, torch.bool)
+    if mask.shape != (b, t):
+        raise ValueError(f"{name} shape {tuple(mask.shape)} must be (B, T) = {(b, t)}.")
+    return mask
+
+
+def kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """KL(teacher row || student row), averaged over heads, summed over valid query rows.
 
     Args:
         student (`torch.Tensor`): student attention probabilities, shape `(B, heads_s, T, T)`.
         teacher (`torch.Tensor`): teacher attention probabilities, shape `(B, heads_t, T, T)`, heads_t = g * heads_s.
-        mask (`torch.Tensor`, *optional*): bool, shape `(B, T)`; None counts every query and key.
+        mask (`torch.Tensor`, *optional*): bool, shape `(B, T)`, the query rows that count; None counts every row.
+        key_mask (`torch.Tensor`, *optional*): bool, shape `(B, T)`, the valid keys; defaults to `mask` (None with
+            `mask` None: every key).
 
     Returns:
         `torch.Tensor`: fp32 scalar; keys with zero teacher mass contribute 0 (`0 log 0 = 0`).
     """
-    s, t = _prepare(student, teacher, mask)
+    s, t = _prepare(student, teacher, mask, key_mask)
     positive = t > 0
     log_t = torch.where(positive, t, 1.0).log()  # double `where`: finite gradients where t == 0
     log_s = s.clamp(min=torch.finfo(s.dtype).tiny).log()
@@ -86,9 +105,14 @@ def kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None =
     return per_key.sum(-1).mean(-1).sum()
 
 
-def mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def mse(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Squared L2 distance between rows, averaged over heads, summed over valid query rows. Shapes as `kl`."""
-    s, t = _prepare(student, teacher, mask)
+    s, t = _prepare(student, teacher, mask, key_mask)
     return (s - t).pow(2).sum(-1).mean(-1).sum()
 
 
@@ -113,14 +137,20 @@ def attention_count(mask: torch.Tensor | None, attention: torch.Tensor | None = 
 
 
 def attention_loss(
-    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None, *, loss_type: str = "kl"
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    key_mask: torch.Tensor | None = None,
+    loss_type: str = "kl",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention layer pair by name.
 
     Args:
         student (`torch.Tensor`): shape `(B, heads_s, T, T)`.
         teacher (`torch.Tensor`): shape `(B, heads_t, T, T)`.
-        mask (`torch.Tensor`, *optional*): bool, shape `(B, T)`.
+        mask (`torch.Tensor`, *optional*): bool, shape `(B, T)`, the query rows that count.
+        key_mask (`torch.Tensor`, *optional*): bool, shape `(B, T)`, the valid keys (default: `mask`).
         loss_type (`str`): a key of `ATTENTION_LOSSES` (kl | mse).
 
     Returns:
@@ -128,4 +158,4 @@ def attention_loss(
     """
     if loss_type not in ATTENTION_LOSSES:
         raise ValueError(f"Unknown attention_loss {loss_type!r}; choose one of {sorted(ATTENTION_LOSSES)}.")
-    return ATTENTION_LOSSES[loss_type](student, teacher, mask), attention_count(mask, student)
+    return ATTENTION_LOSSES[loss_type](student, teacher, mask, key_mask), attention_count(mask, student)

@@ -21,13 +21,16 @@ def causal_maps(b: int, heads: int, t: int, seed: int, mask: torch.Tensor | None
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
 
 
-def reference(loss_type: str, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> float:
+def reference(
+    loss_type: str, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> float:
     """Loops: group teacher heads, keep valid keys, renormalise, compare rows, mean over heads, sum over queries."""
     b, h_s, n, _ = s.shape
     g = t.shape[1] // h_s
+    key_mask = mask if key_mask is None else key_mask
     total = 0.0
     for bi in range(b):
-        keys = [k for k in range(n) if mask[bi, k]]
+        keys = [k for k in range(n) if key_mask[bi, k]]
         for q in range(n):
             if not mask[bi, q]:
                 continue
@@ -61,6 +64,23 @@ def test_matches_loop_reference(loss_type, teacher_heads, student_masks_keys, ma
     assert value.dtype == torch.float64
     assert value.item() == pytest.approx(reference(loss_type, s, t, mask), rel=1e-10)
     assert count.item() == mask.sum().item() == 14
+
+
+@pytest.mark.parametrize("loss_type", list(ATTENTION_LOSSES))
+def test_separate_query_and_key_masks(loss_type, mask):
+    """Queries: only supervised positions; keys: every real token (prompt included)."""
+    s = causal_maps(3, 2, 6, seed=0)
+    t = causal_maps(3, 4, 6, seed=1, mask=mask)
+    supervised = mask.clone()
+    supervised[:, :3] = False
+    value, count = attention_loss(s, t, supervised, key_mask=mask, loss_type=loss_type)
+    assert count.item() == supervised.sum().item()
+    assert value.item() == pytest.approx(reference(loss_type, s, t, supervised, mask), rel=1e-10)
+    only_supervised_keys, _ = attention_loss(s, t, supervised, loss_type=loss_type)
+    assert only_supervised_keys.item() == pytest.approx(reference(loss_type, s, t, supervised), rel=1e-10)
+    assert only_supervised_keys.item() != pytest.approx(value.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="key_mask shape"):
+        attention_loss(s, t, supervised, key_mask=mask[:, :4])
 
 
 @pytest.mark.parametrize("loss_type", list(ATTENTION_LOSSES))

