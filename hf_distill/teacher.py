@@ -77,7 +77,8 @@ def dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:
     plain.load_state_dict(model.state_dict(), strict=False)
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
-    plain.generation_config = copy.deepcopy(model.generation_config)
+    if getattr(model, "generation_config", None) is not None:  # heads without generate() have none
+        plain.generation_config = copy.deepcopy(model.generation_config)
     return plain.eval()
 
 

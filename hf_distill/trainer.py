@@ -18,29 +18,28 @@ from collections import defaultdict
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer
 from trl import SFTTrainer
 
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
 from .heads import (
     aligned_labels,
     aligned_logits,
+    check_teacher,
     decoder_of,
     detect_head,
     lm_head_of,
-    select_positions,
+    logit_terms,
     supervised_mask,
 )
 from .hints import HintDistiller
-from .losses import logit_divergence
 from .losses.fused import fused_logit_distillation_loss
 from .model_card import trainer_model_card
 from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
 from .projectors import load_projectors, save_projectors
 from .sanity import check_first_step_kd, warn_mixed_precision_mismatch
-from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher, shared_vocab_size
+from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher
 
 
 logger = logging.getLogger(__name__)
@@ -88,6 +87,7 @@ class DistillationMixin:
         warn_mixed_precision_mismatch(self.args)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._head = detect_head(self.model)
+        self._loss_shifts_labels = self._head.shifts_labels  # how Trainer counts `num_items_in_batch`: as we do
         if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
             self.data_collator.check_model(self.model)
         self.teacher, self._vocab_size, self._fused = None, None, False
@@ -129,9 +129,7 @@ class DistillationMixin:
         self._signature_columns += extra  # raw columns read by the collator survive `remove_unused_columns`
 
     def _teacher_auto_class(self) -> type:
-        return (
-            AutoModelForSeq2SeqLM if getattr(self.model.config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        )
+        return self._head.auto_class
 
     def _setup_teacher(self, teacher: PreTrainedModel | str, teacher_processing_class: Any) -> None:
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
@@ -149,7 +147,7 @@ class DistillationMixin:
         student_tok = _tokenizer_of(self.processing_class)
         if teacher_processing_class is not None and student_tok is not None:
             check_same_tokenizer(student_tok, _tokenizer_of(teacher_processing_class))
-        self._vocab_size = shared_vocab_size(self.accelerator.unwrap_model(self.model), teacher, student_tok)
+        self._vocab_size = check_teacher(self.accelerator.unwrap_model(self.model), teacher, student_tok)
         self.teacher = prepare_teacher(teacher, self)
         self._fused = self._fused_supported()
 
@@ -271,29 +269,21 @@ class DistillationMixin:
         self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]
     ) -> tuple[dict, dict, torch.Tensor]:
         """KD (`sum divergence`, weight `kd_weight * T^2`) and CE (`sum CE`, weight `ce_weight`), summed over
-        supervised tokens."""
+        supervised positions of the student's head (see `heads.py`: tokens, masked tokens or examples)."""
         if "task" in inputs:  # distilling step-by-step: one set of terms per task view (multitask.py)
             return split_by_task(self._logit_terms, outputs, teacher_outputs, inputs)
-        args: DistillationArguments = self.args
         labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
         if self._fused:
             return self._fused_logit_terms(outputs, teacher_outputs, labels, shift_labels)
-        sums, weights = {}, {}
-        if teacher_outputs is not None:
-            s, t, y = select_positions(
-                outputs.logits, teacher_outputs.logits, labels, self._head, self._vocab_size, shift_labels
-            )
-            sums["kd"] = logit_divergence(
-                s, t, loss_type=args.kd_loss, temperature=args.temperature, beta=args.beta, skew_alpha=args.skew_alpha
-            ).sum()
-            weights["kd"] = args.kd_weight * args.temperature**2
-            check_first_step_kd(self, sums["kd"], y.numel(), s, t)  # warns once if KD is 0 on the first step
-            self._record_sum("top1_agreement", (s.argmax(-1) == t.argmax(-1)).sum(), y.numel())
-        else:
-            s, _, y = select_positions(outputs.logits, outputs.logits, labels, self._head, None, shift_labels)
-        sums["ce"] = F.cross_entropy(s.float(), y, reduction="sum")
-        weights["ce"] = args.ce_weight
-        return sums, weights, y.new_tensor(y.numel())
+        teacher_logits = teacher_outputs.logits if teacher_outputs is not None else None
+        terms = logit_terms(
+            outputs.logits, teacher_logits, labels, self._head, self.args, self._vocab_size, shift_labels
+        )
+        if terms.agreement is not None:
+            self._record_sum("top1_agreement", *terms.agreement)
+        if "kd" in terms.sums:  # warns once if KD is exactly 0 on the first step
+            check_first_step_kd(self, terms.sums["kd"], terms.n_items)
+        return terms.sums, terms.weights, terms.n_items
 
     def _fused_logit_terms(
         self, outputs: Any, teacher_outputs: Any, labels: torch.Tensor, shift_labels: torch.Tensor | None
