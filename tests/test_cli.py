@@ -74,6 +74,14 @@ def tiny_files(tmp_path):
     return tmp_path
 
 
+TWO_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no"]
+
+
+def train_argv(output_dir: Path, *args: str) -> list[str]:
+    """`hf-distill train ARGS` on CPU into `output_dir`, with reporting off."""
+    return ["train", *args, "--output_dir", str(output_dir), "--report_to", "none", "--use_cpu", "true"]
+
+
 def test_train_from_yaml_with_overrides(tiny_files):
     recipe = {
         "model_name_or_path": str(tiny_files / "student"),
@@ -104,8 +112,8 @@ def test_train_from_yaml_with_overrides(tiny_files):
 
 def test_train_chat_recipe_style(tiny_files):
     main(
-        [
-            "train",
+        train_argv(
+            tiny_files / "chat_out",
             "--model_name_or_path",
             str(tiny_files / "student"),
             "--teacher_model_name_or_path",
@@ -116,19 +124,8 @@ def test_train_chat_recipe_style(tiny_files):
             '{"question": "prompt", "equation": "completion"}',
             "--chat_format",
             "true",
-            "--max_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "2",
-            "--report_to",
-            "none",
-            "--output_dir",
-            str(tiny_files / "chat_out"),
-            "--use_cpu",
-            "true",
-            "--save_strategy",
-            "no",
-        ]
+            *TWO_STEPS,
+        )
     )
     assert (tiny_files / "chat_out" / "model.safetensors").exists()
 
@@ -136,8 +133,8 @@ def test_train_chat_recipe_style(tiny_files):
 def test_train_bad_column_name(tiny_files):
     with pytest.raises(ValueError, match="rename_columns names \\['nope'\\]"):
         main(
-            [
-                "train",
+            train_argv(
+                tiny_files / "x",
                 "--model_name_or_path",
                 str(tiny_files / "student"),
                 "--teacher_model_name_or_path",
@@ -146,13 +143,7 @@ def test_train_bad_column_name(tiny_files):
                 str(tiny_files / "chat.jsonl"),
                 "--rename_columns",
                 '{"nope": "prompt"}',
-                "--output_dir",
-                str(tiny_files / "x"),
-                "--report_to",
-                "none",
-                "--use_cpu",
-                "true",
-            ]
+            )
         )
 
 
@@ -167,8 +158,8 @@ def test_train_bad_column_name(tiny_files):
 def test_train_builds_student_from_teacher(tiny_files, student_args):
     out = tiny_files / "built"
     main(
-        [
-            "train",
+        train_argv(
+            out,
             "--teacher_model_name_or_path",
             str(tiny_files / "teacher"),
             *student_args,
@@ -176,19 +167,8 @@ def test_train_builds_student_from_teacher(tiny_files, student_args):
             str(tiny_files / "data.jsonl"),
             "--hint_layers",
             "uniform",
-            "--max_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "2",
-            "--report_to",
-            "none",
-            "--output_dir",
-            str(out),
-            "--use_cpu",
-            "true",
-            "--save_strategy",
-            "no",
-        ]
+            *TWO_STEPS,
+        )
     )
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 2
@@ -198,19 +178,13 @@ def test_train_builds_student_from_teacher(tiny_files, student_args):
 def test_student_config_unknown_key(tiny_files):
     with pytest.raises(ValueError, match="student_config sets 'hidden_sise'"):
         main(
-            [
-                "train",
+            train_argv(
+                tiny_files / "x",
                 "--teacher_model_name_or_path",
                 str(tiny_files / "teacher"),
                 "--student_config",
                 '{"hidden_sise": 32}',
                 "--dataset_name",
                 str(tiny_files / "data.jsonl"),
-                "--output_dir",
-                str(tiny_files / "x"),
-                "--report_to",
-                "none",
-                "--use_cpu",
-                "true",
-            ]
+            )
         )

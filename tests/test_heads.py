@@ -3,7 +3,7 @@ per example (sequence classification) or per output (regression). Losses are re-
 
 import pytest
 import torch
-from conftest import make_llama, make_t5
+from conftest import bert_config, distill_config, make_llama, make_t5
 from datasets import Dataset
 from transformers import (
     AutoModelForMaskedLM,
@@ -13,11 +13,9 @@ from transformers import (
     BartConfig,
     BartForConditionalGeneration,
     BartForSequenceClassification,
-    BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
     BertForTokenClassification,
-    LlamaConfig,
     LlamaForSequenceClassification,
     default_data_collator,
 )
@@ -33,19 +31,7 @@ KD_W, CE_W, T = 0.7, 0.3, 2.0
 def bert(cls, layers: int = 2, seed: int = 0, **kwargs):
     """Tiny random BERT (vocab 64, hidden 32), dropout off so that losses are deterministic."""
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        **kwargs,
-    )
-    return cls(config)
+    return cls(bert_config(layers, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kwargs))
 
 
 def bart(cls=BartForConditionalGeneration, layers: int = 1, seed: int = 0, **kwargs):
@@ -73,19 +59,7 @@ def bart(cls=BartForConditionalGeneration, layers: int = 1, seed: int = 0, **kwa
 
 
 def llama_cls(layers: int = 2, hidden: int = 32, seed: int = 0, num_labels: int = 3):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        num_labels=num_labels,
-    )
-    return LlamaForSequenceClassification(config)
+    return make_llama(layers, hidden, seed=seed, cls=LlamaForSequenceClassification, num_labels=num_labels)
 
 
 def t5(layers: int = 2, seed: int = 0):
@@ -172,22 +146,9 @@ CASES = {
 
 
 def config(tmp_path, **kwargs) -> DistillationConfig:
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-        kd_weight=KD_W,
-        ce_weight=CE_W,
-        temperature=T,
+    return distill_config(
+        tmp_path, **{"max_steps": 1, "kd_weight": KD_W, "ce_weight": CE_W, "temperature": T, **kwargs}
     )
-    base.update(kwargs)
-    return DistillationConfig(**base)
 
 
 # ----------------------------------------------------------------------------------------------- references

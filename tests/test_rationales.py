@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import WORDS, make_llama, make_t5, make_tokenizer
+from conftest import WORDS, distill_config, make_llama, make_t5, make_tokenizer
 from datasets import Dataset, load_from_disk
 
 from hf_distill import (
@@ -57,21 +57,7 @@ def one_thread():
 
 
 def config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-        kd_weight=0.0,
-        ce_weight=1.0,
-    )
-    base.update(kw)
-    return DistillationConfig(**base)
+    return distill_config(tmp_path, **{"kd_weight": 0.0, "ce_weight": 1.0, **kw})
 
 
 def make_trainer(tmp_path, tok, student, teacher=None, rows=ROWS, **kw):

@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import make_llama, make_lm_trainer
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling
@@ -28,26 +28,7 @@ def sanity_warnings(caplog) -> list[str]:
 
 
 def train_one_step(tmp_path, tok, student, teacher, collator=None, **kw):
-    data = Dataset.from_dict({"text": TEXTS}).map(lambda r: tok(r["text"]), remove_columns=["text"])
-    args = DistillationConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        **kw,
-    )
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=data,
-        data_collator=collator or DataCollatorForLanguageModeling(tok, mlm=False),
-        processing_class=tok,
-    )
+    trainer = make_lm_trainer(tmp_path, tok, TEXTS, student, teacher, collator, **kw)
     trainer.train()
     return trainer
 

@@ -5,14 +5,13 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import make_t5, make_tokenizer
+from conftest import bert_config, make_t5, make_tokenizer
 from datasets import ClassLabel, Dataset, Features
 from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
     BertForTokenClassification,
@@ -34,19 +33,6 @@ TAGGED = [
     {"words": ["the", "cat", "sat"], "tags": ["O", "ANIMAL", "O"]},
     {"words": ["a", "big", "red", "dog", "ran"], "tags": ["O", "O", "O", "ANIMAL", "O"]},
 ]
-
-
-def bert_config(layers: int, **kwargs) -> BertConfig:
-    return BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        **kwargs,
-    )
 
 
 def test_label_kwargs_from_names_ids_floats_and_classlabel():
@@ -129,6 +115,13 @@ def write_rows(path, rows):
     return str(path)
 
 
+def save_models(folder, tok, **models) -> None:
+    """Save each model, with `tok`, under `folder / <name>`."""
+    for name, model in models.items():
+        model.save_pretrained(folder / name)
+        tok.save_pretrained(folder / name)
+
+
 def run_recipe(tmp_path, **recipe):
     base = {
         "max_steps": 2,
@@ -152,11 +145,13 @@ def run_recipe(tmp_path, **recipe):
 def test_cli_sequence_classification(tmp_path):
     tok = make_tokenizer()
     torch.manual_seed(0)
-    BertModel(bert_config(2)).save_pretrained(tmp_path / "student")  # no head yet: the task adds one
     names = {0: "contradiction", 1: "entailment", 2: "neutral"}
-    BertForSequenceClassification(bert_config(4, id2label=names)).save_pretrained(tmp_path / "teacher")
-    for name in ("student", "teacher"):
-        tok.save_pretrained(tmp_path / name)
+    save_models(
+        tmp_path,
+        tok,
+        student=BertModel(bert_config(2)),  # no head yet: the task adds one
+        teacher=BertForSequenceClassification(bert_config(4, id2label=names)),
+    )
     out = run_recipe(
         tmp_path,
         task="sequence_classification",
@@ -179,10 +174,12 @@ def test_cli_sequence_classification(tmp_path):
 
 def test_cli_rejects_a_teacher_with_other_labels(tmp_path):
     tok = make_tokenizer()
-    BertModel(bert_config(2)).save_pretrained(tmp_path / "student")
-    BertForSequenceClassification(bert_config(4, num_labels=2)).save_pretrained(tmp_path / "teacher")
-    for name in ("student", "teacher"):
-        tok.save_pretrained(tmp_path / name)
+    save_models(
+        tmp_path,
+        tok,
+        student=BertModel(bert_config(2)),
+        teacher=BertForSequenceClassification(bert_config(4, num_labels=2)),
+    )
     with pytest.raises(ValueError, match=r"student num_labels=3.*teacher num_labels=2"):
         run_recipe(
             tmp_path,
@@ -198,15 +195,14 @@ def test_cli_token_classification_and_masked_lm(tmp_path):
     tok = make_tokenizer()
     tok.add_special_tokens({"mask_token": "<mask>"})
     torch.manual_seed(0)
-    models = {
-        "tc_student": BertForTokenClassification(bert_config(2, num_labels=2)),
-        "tc_teacher": BertForTokenClassification(bert_config(4, id2label={0: "ANIMAL", 1: "O"})),
-        "mlm_student": BertForMaskedLM(bert_config(2)),
-        "mlm_teacher": BertForMaskedLM(bert_config(4)),
-    }
-    for name, model in models.items():
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
+    save_models(
+        tmp_path,
+        tok,
+        tc_student=BertForTokenClassification(bert_config(2, num_labels=2)),
+        tc_teacher=BertForTokenClassification(bert_config(4, id2label={0: "ANIMAL", 1: "O"})),
+        mlm_student=BertForMaskedLM(bert_config(2)),
+        mlm_teacher=BertForMaskedLM(bert_config(4)),
+    )
     out = run_recipe(
         tmp_path / "tc",
         task="token_classification",
@@ -231,10 +227,7 @@ def test_cli_token_classification_and_masked_lm(tmp_path):
 
 def test_cli_seq2seq_t5(tmp_path):
     tok = make_tokenizer()
-    make_t5(num_layers=2).save_pretrained(tmp_path / "student")
-    make_t5(num_layers=3, seed=1).save_pretrained(tmp_path / "teacher")
-    for name in ("student", "teacher"):
-        tok.save_pretrained(tmp_path / name)
+    save_models(tmp_path, tok, student=make_t5(num_layers=2), teacher=make_t5(num_layers=3, seed=1))
     out = run_recipe(
         tmp_path,
         task="seq2seq",
