@@ -14,10 +14,9 @@ def run_quickstart(teacher_path, out, *extra):
     return json.loads((out / "results.json").read_text())
 
 
-def test_quickstart_tiny(tmp_path):
-    make_llama(4, 64, seed=1).save_pretrained(tmp_path / "teacher")
-    make_tokenizer().save_pretrained(tmp_path / "teacher")
-    report = run_quickstart(
+def run_tiny_quickstart(tmp_path, steps: int):
+    """`run_quickstart` on the tiny teacher in `tmp_path / "teacher"`: 12 samples of 8 tokens, `steps` steps."""
+    return run_quickstart(
         tmp_path / "teacher",
         tmp_path / "qs",
         "--num_samples",
@@ -25,12 +24,18 @@ def test_quickstart_tiny(tmp_path):
         "--max_new_tokens",
         "8",
         "--steps",
-        "3",
+        str(steps),
         "--batch_size",
         "4",
         "--generation_batch_size",
         "6",
     )
+
+
+def test_quickstart_tiny(tmp_path):
+    make_llama(4, 64, seed=1).save_pretrained(tmp_path / "teacher")
+    make_tokenizer().save_pretrained(tmp_path / "teacher")
+    report = run_tiny_quickstart(tmp_path, steps=3)
     assert set(report["results"]) == {"kd_student", "ce_only_student", "teacher"}
     for name in ("kd_student", "ce_only_student"):
         assert report["results"][name]["tokens"] > 0 and report["results"][name]["kl"] > 0
@@ -40,20 +45,7 @@ def test_quickstart_tiny(tmp_path):
     # the transfer set is cached: a second run reuses the files on disk instead of generating again
     cache = tmp_path / "qs" / "transfer_set"
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
-    run_quickstart(
-        tmp_path / "teacher",
-        tmp_path / "qs",
-        "--num_samples",
-        "12",
-        "--max_new_tokens",
-        "8",
-        "--steps",
-        "1",
-        "--batch_size",
-        "4",
-        "--generation_batch_size",
-        "6",
-    )
+    run_tiny_quickstart(tmp_path, steps=1)
     assert before and {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == before
 
 
