@@ -156,6 +156,26 @@ def make_lm_trainer(
     )
 
 
+def one_sgd_step(batch_size: int, accumulation: int) -> dict:
+    """Config fields for one plain SGD update (lr 1, no clipping, constant schedule) over `accumulation`
+    micro-batches of `batch_size` rows: gradient-accumulation runs then compare weight for weight."""
+    return dict(
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+    )
+
+
+def trained_weights(trainer) -> dict[str, torch.Tensor]:
+    """Run `trainer.train()` and return a detached copy of the model's state dict."""
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()

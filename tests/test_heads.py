@@ -3,7 +3,7 @@ per example (sequence classification) or per output (regression). Losses are re-
 
 import pytest
 import torch
-from conftest import bert_config, distill_config, make_llama, make_t5
+from conftest import bert_config, distill_config, make_llama, make_t5, one_sgd_step, trained_weights
 from datasets import Dataset
 from transformers import (
     AutoModelForMaskedLM,
@@ -442,20 +442,11 @@ def _ga_weights(tmp_path, name: str, batch_size: int, accumulation: int) -> dict
     trainer = DistillationTrainer(
         model=bert(BertForSequenceClassification, num_labels=3),
         teacher_model=bert(BertForSequenceClassification, layers=4, seed=1, num_labels=3),
-        args=config(
-            tmp_path / name,
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            optim="sgd",
-            learning_rate=1.0,
-            max_grad_norm=0.0,
-            lr_scheduler_type="constant",
-        ),
+        args=config(tmp_path / name, **one_sgd_step(batch_size, accumulation)),
         train_dataset=dataset("sequence_classification", n_batches=1),  # 4 rows, one labelled -100
         data_collator=default_data_collator,
     )
-    trainer.train()
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return trained_weights(trainer)
 
 
 def test_gradient_accumulation_equals_full_batch_for_sequence_classification(tmp_path):

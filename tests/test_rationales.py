@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import WORDS, distill_config, make_llama, make_t5, make_tokenizer
+from conftest import WORDS, distill_config, make_llama, make_t5, make_tokenizer, one_sgd_step, trained_weights
 from datasets import Dataset, load_from_disk
 
 from hf_distill import (
@@ -142,18 +142,11 @@ def _final_weights(tmp_path, tok, name, batch_size, accumulation):
         tmp_path / name,
         tok,
         make_llama(2, 32),
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        optim="sgd",
-        learning_rate=1.0,
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
+        **one_sgd_step(batch_size, accumulation),
         label_weight=0.8,
         rationale_weight=0.3,
     )
-    trainer.train()
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return trained_weights(trainer)
 
 
 def test_gradient_accumulation_equals_full_batch(tmp_path, tokenizer):
@@ -303,50 +296,30 @@ def toy_data():
     return Dataset.from_list([{"text": r["text"], "gold": r["gold"], "id": f"t{i}"} for i, r in enumerate(TOY_ROWS)])
 
 
+def generate_toy(model, tok, output_dir, data=None, **kwargs):
+    """`generate_rationales` on `toy_data()` (or `data`) with the TOY template, 16 new tokens and no progress bar;
+    `kwargs` add or override arguments."""
+    settings = {"template": TOY, "output_dir": str(output_dir), "max_new_tokens": 16, "show_progress": False}
+    return generate_rationales(model, tok, toy_data() if data is None else data, **{**settings, **kwargs})
+
+
 def test_generate_parse_and_filter(tmp_path, toy_teacher, caplog):
     model, tok = toy_teacher
     with caplog.at_level(logging.WARNING, logger="hf_distill.rationales"):
-        out = generate_rationales(
-            model,
-            tok,
-            toy_data(),
-            template=TOY,
-            output_dir=str(tmp_path),
-            batch_size=2,
-            max_new_tokens=16,
-            show_progress=False,
-        )
+        out = generate_toy(model, tok, tmp_path, batch_size=2)
     assert out["id"] == ["t0", "t2"]
     assert out["rationale"] == ["because the cat sat", "the mat is red"] and out["teacher_label"] == ["yes", "yes"]
     assert "Kept 2 of 4 rows" in caplog.text and "1 with no readable answer and 1 whose teacher answer" in caplog.text
     assert load_from_disk(str(tmp_path / "dataset"))["rationale"] == out["rationale"]
     records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in records] == [r["cont"] for r in TOY_ROWS]  # real greedy generate, eos-stopped
-    unfiltered = generate_rationales(
-        model,
-        tok,
-        toy_data(),
-        template=TOY,
-        output_dir=str(tmp_path),
-        max_new_tokens=16,
-        filter_mismatch=False,
-        show_progress=False,
-    )  # resumes: nothing to generate
+    unfiltered = generate_toy(model, tok, tmp_path, filter_mismatch=False)  # resumes: nothing to generate
     assert unfiltered["teacher_label"] == ["yes", "no", "yes", ""]
 
 
 def test_resume_continues_where_it_stopped(tmp_path, toy_teacher):
     model, tok = toy_teacher
-    reference = generate_rationales(
-        model,
-        tok,
-        toy_data(),
-        template=TOY,
-        output_dir=str(tmp_path / "ref"),
-        batch_size=2,
-        max_new_tokens=16,
-        show_progress=False,
-    )
+    reference = generate_toy(model, tok, tmp_path / "ref", batch_size=2)
     calls = []
     original = model.generate
 
@@ -360,31 +333,13 @@ def test_resume_continues_where_it_stopped(tmp_path, toy_teacher):
     model.generate = crash_on_second_batch
     try:
         with pytest.raises(KeyboardInterrupt):
-            generate_rationales(
-                model,
-                tok,
-                toy_data(),
-                template=TOY,
-                output_dir=str(out_dir),
-                batch_size=2,
-                max_new_tokens=16,
-                show_progress=False,
-            )
+            generate_toy(model, tok, out_dir, batch_size=2)
         lines = (out_dir / "generations.jsonl").read_text().splitlines()
         assert [json.loads(line)["index"] for line in lines] == [0, 1]  # the first batch was persisted
         with open(out_dir / "generations.jsonl", "a") as f:
             f.write('{"index": 2, "key": "cut sho')  # a line cut short by the crash
         del model.generate
-        resumed = generate_rationales(
-            model,
-            tok,
-            toy_data(),
-            template=TOY,
-            output_dir=str(out_dir),
-            batch_size=2,
-            max_new_tokens=16,
-            show_progress=False,
-        )
+        resumed = generate_toy(model, tok, out_dir, batch_size=2)
     finally:
         vars(model).pop("generate", None)
     assert resumed.to_list() == reference.to_list()
@@ -392,24 +347,13 @@ def test_resume_continues_where_it_stopped(tmp_path, toy_teacher):
         generate_rationales(model, tok, toy_data(), template=TOY, output_dir=str(out_dir), max_new_tokens=8)
     other = toy_data().map(lambda r: {"text": r["text"] + " a"})
     with pytest.raises(ValueError, match="Row 0 of the dataset differs from the row generated earlier"):
-        generate_rationales(
-            model, tok, other, template=TOY, output_dir=str(out_dir), max_new_tokens=16, show_progress=False
-        )
+        generate_toy(model, tok, out_dir, data=other)
 
 
 def test_resume_calls_generate_only_for_missing_rows(tmp_path, toy_teacher):
     model, tok = toy_teacher
     out_dir = tmp_path / "run"
-    generate_rationales(
-        model,
-        tok,
-        toy_data().select(range(2)),
-        template=TOY,
-        output_dir=str(out_dir / "a"),
-        batch_size=2,
-        max_new_tokens=16,
-        show_progress=False,
-    )
+    generate_toy(model, tok, out_dir / "a", data=toy_data().select(range(2)), batch_size=2)
     # same rows, same settings, copied progress file of the first two rows plus nothing else -> 1 more batch
     (out_dir / "b").mkdir()
     first = (out_dir / "a" / "generations.jsonl").read_text()
@@ -418,17 +362,7 @@ def test_resume_calls_generate_only_for_missing_rows(tmp_path, toy_teacher):
     original = model.generate
     model.generate = lambda *a, **k: batches.append(k["input_ids"].shape[0]) or original(*a, **k)
     try:
-        out = generate_rationales(
-            model,
-            tok,
-            toy_data(),
-            template=TOY,
-            output_dir=str(out_dir / "b"),
-            batch_size=2,
-            max_new_tokens=16,
-            show_progress=False,
-            filter_mismatch=False,
-        )
+        out = generate_toy(model, tok, out_dir / "b", batch_size=2, filter_mismatch=False)
     finally:
         vars(model).pop("generate", None)
     assert batches == [2] and len(out) == 4

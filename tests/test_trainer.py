@@ -5,7 +5,15 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import distill_config, make_llama, make_lm_trainer, make_tokenizer, tokenized_texts
+from conftest import (
+    distill_config,
+    make_llama,
+    make_lm_trainer,
+    make_tokenizer,
+    one_sgd_step,
+    tokenized_texts,
+    trained_weights,
+)
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
@@ -80,19 +88,12 @@ def _final_weights(tmp_path, tok, name, batch_size, accumulation, fused=True):
         tmp_path / name,
         tok,
         texts,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        optim="sgd",
-        learning_rate=1.0,
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
+        **one_sgd_step(batch_size, accumulation),
         kd_weight=0.6,
         ce_weight=0.4,
         temperature=2.0,
     )
-    trainer.train()
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return trained_weights(trainer)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])
