@@ -82,6 +82,18 @@ def train_argv(output_dir: Path, *args: str) -> list[str]:
     return ["train", *args, "--output_dir", str(output_dir), "--report_to", "none", "--use_cpu", "true"]
 
 
+def chat_pair_args(tiny_files: Path) -> list[str]:
+    """The tiny student and teacher of `tiny_files`, on its chat data."""
+    return [
+        "--model_name_or_path",
+        str(tiny_files / "student"),
+        "--teacher_model_name_or_path",
+        str(tiny_files / "teacher"),
+        "--dataset_name",
+        str(tiny_files / "chat.jsonl"),
+    ]
+
+
 def test_train_from_yaml_with_overrides(tiny_files):
     recipe = {
         "model_name_or_path": str(tiny_files / "student"),
@@ -114,12 +126,7 @@ def test_train_chat_recipe_style(tiny_files):
     main(
         train_argv(
             tiny_files / "chat_out",
-            "--model_name_or_path",
-            str(tiny_files / "student"),
-            "--teacher_model_name_or_path",
-            str(tiny_files / "teacher"),
-            "--dataset_name",
-            str(tiny_files / "chat.jsonl"),
+            *chat_pair_args(tiny_files),
             "--rename_columns",
             '{"question": "prompt", "equation": "completion"}',
             "--chat_format",
@@ -135,12 +142,7 @@ def test_train_bad_column_name(tiny_files):
         main(
             train_argv(
                 tiny_files / "x",
-                "--model_name_or_path",
-                str(tiny_files / "student"),
-                "--teacher_model_name_or_path",
-                str(tiny_files / "teacher"),
-                "--dataset_name",
-                str(tiny_files / "chat.jsonl"),
+                *chat_pair_args(tiny_files),
                 "--rename_columns",
                 '{"nope": "prompt"}',
             )

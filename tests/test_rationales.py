@@ -520,12 +520,32 @@ def test_cli_help(capsys):
     assert all(flag in out for flag in ("--label_weight", "--rationale_weight", "--rationale_column", "--template"))
 
 
+def rationales_train_argv(output_dir, *args: str) -> list[str]:
+    """`hf-distill rationales train ARGS` into `output_dir`: 2 CPU steps of batch 2, no reporting, no checkpoints."""
+    return [
+        "rationales",
+        "train",
+        *args,
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--per_device_train_batch_size",
+        "2",
+        "--use_cpu",
+        "true",
+        "--save_strategy",
+        "no",
+    ]
+
+
 def test_cli_train_then_evaluate(tiny_files, capsys):
     out = tiny_files / "run"
     main(
-        [
-            "rationales",
-            "train",
+        rationales_train_argv(
+            out,
             "--model_name_or_path",
             str(tiny_files / "student"),
             "--dataset_name",
@@ -534,25 +554,13 @@ def test_cli_train_then_evaluate(tiny_files, capsys):
             "explanation",
             "--eval_dataset_name",
             str(tiny_files / "esnli.jsonl"),
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "2",
-            "--report_to",
-            "none",
-            "--per_device_train_batch_size",
-            "2",
             "--kd_weight",
             "0",
             "--ce_weight",
             "1",
-            "--use_cpu",
-            "true",
             "--eval_max_new_tokens",
             "3",
-            "--save_strategy",
-            "no",
-        ]
+        )
     )
     metrics = json.loads((out / "task_accuracy.json").read_text())
     assert metrics["total"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0 and len(metrics["predictions"]) == 6
@@ -586,9 +594,8 @@ def test_cli_train_with_teacher_kd_and_student_from_teacher_layers(tiny_files):
     (tiny_files / "gen.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tiny_files / "kd"
     main(
-        [
-            "rationales",
-            "train",
+        rationales_train_argv(
+            out,
             "--teacher_model_name_or_path",
             str(tiny_files / "teacher"),
             "--student_num_layers",
@@ -597,23 +604,11 @@ def test_cli_train_with_teacher_kd_and_student_from_teacher_layers(tiny_files):
             str(tiny_files / "gen.jsonl"),
             "--template",
             "svamp",
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "2",
-            "--report_to",
-            "none",
-            "--per_device_train_batch_size",
-            "2",
             "--kd_weight",
             "0.5",
-            "--use_cpu",
-            "true",
-            "--save_strategy",
-            "no",
             "--logging_steps",
             "1",
-        ]
+        )
     )
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 2
