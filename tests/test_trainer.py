@@ -92,7 +92,9 @@ def _final_weights(tmp_path, tok, name, batch_size, accumulation, fused=True):
         kd_weight=0.6,
         ce_weight=0.4,
         temperature=2.0,
+        use_fused_kd_loss=fused,
     )
+    assert trainer._fused is fused
     return trained_weights(trainer)
 
 
