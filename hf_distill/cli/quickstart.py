@@ -35,6 +35,8 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--learning_rate", type=float, default=2e-4, help="Peak learning rate (cosine schedule).")
     p.add_argument("--kd_loss", default="forward_kl", help="Divergence of the KD student.")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature.")
+    p.add_argument("--kd_weight", type=float, default=0.9, help="KD student: weight of the KD term.")
+    p.add_argument("--ce_weight", type=float, default=0.1, help="KD student: weight of the hard-label CE term.")
     p.add_argument("--seed", type=int, default=0, help="Seed for sampling and training.")
     return p
 
@@ -137,7 +139,9 @@ def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
     )
 
     results, timings, trainers = {}, {}, {}
-    for step, (name, kd_w, ce_w) in enumerate([("kd_student", 0.5, 0.5), ("ce_only_student", 0.0, 1.0)], start=3):
+    for step, (name, kd_w, ce_w) in enumerate(
+        [("kd_student", opts.kd_weight, opts.ce_weight), ("ce_only_student", 0.0, 1.0)], start=3
+    ):
         print(f"[{step}/4] Training {name} ({opts.num_layers} layers, {opts.steps} steps, kd_weight={kd_w}) ...")
         trainer, seconds = _train_student(name, teacher, tokenizer, sft_data, opts, kd_w, ce_w, use_gpu)
         trainers[name], timings[name] = trainer, seconds
@@ -178,8 +182,8 @@ def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
         losses={
             "kd_loss": opts.kd_loss,
             "temperature": opts.temperature,
-            "kd_weight": 0.5,
-            "ce_weight": 0.5,
+            "kd_weight": opts.kd_weight,
+            "ce_weight": opts.ce_weight,
             "steps": opts.steps,
             "batch_size": opts.batch_size,
         },
