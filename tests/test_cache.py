@@ -336,3 +336,64 @@ def test_bad_inputs(tmp_path, tokenizer):
         TeacherCache(
             build(tmp_path, tokenizer, rows.add_column("row_id", [f"r{i}" for i in range(6)]), name="named").path
         ).attach_row_ids(rows)
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one(tmp_path, tokenizer):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    teacher_model().save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS * 2))
+    one = build(tmp_path, tokenizer, prompt_completion_rows(tokenizer, PAIRS * 2), name="one", dtype="float32")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "hf_distill.cli.main",
+        "cache-teacher",
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "two"),
+        "--k",
+        "8",
+        "--batch_size",
+        "2",
+        "--rows_per_shard",
+        "2",
+        "--dtype",
+        "float32",
+        "--use_cpu",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    two = TeacherCache(tmp_path / "two")
+    ids = list(range(len(PAIRS) * 2))
+    for a, b in zip(one.lookup(ids), two.lookup(ids)):
+        assert (a.ids == b.ids).all() and abs(a.logprobs - b.logprobs).max() < 1e-5
+    by_rank = {0: set(), 1: set()}
+    for path in (tmp_path / "two" / "shards").glob("*.arrow"):
+        rank = int(path.name.split("-rank")[1][:5])
+        by_rank[rank] |= set(Dataset.from_file(str(path))["row_id"])
+    assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1] and by_rank[0] | by_rank[1] == set(ids)
