@@ -239,3 +239,41 @@ def _lm_collator(tok):
     from transformers import DataCollatorForLanguageModeling
 
     return DataCollatorForLanguageModeling(tok, mlm=False)
+
+
+def _seq_kd_weights(tmp_path, tok, batch_size, accumulation):
+    t = trainer(
+        tmp_path,
+        tok,
+        seq_kd=True,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+    )
+    seen = []
+    compute_loss = t.compute_loss
+
+    def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
+        seen.append(((inputs["labels"][:, 1:] != -100).sum().item(), int(num_items_in_batch)))
+        return compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    t.compute_loss = recording
+    t.train()
+    assert len(seen) == accumulation
+    assert all(n == sum(count for count, _ in seen) for _, n in seen)  # normalised by the generated tokens
+    return {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+
+
+def test_rewritten_batches_keep_accumulation_exact(tmp_path, tokenizer):
+    """Teacher targets (greedy, deterministic) in 2 x 2 accumulation give the update of one batch of 4, and every
+    micro-batch's loss is divided by the window's count of generated tokens."""
+    start = make_llama(2, 32).state_dict()
+    full = _seq_kd_weights(tmp_path / "full", tokenizer, 4, 1)
+    accumulated = _seq_kd_weights(tmp_path / "ga", tokenizer, 2, 2)
+    assert max((full[k] - start[k]).abs().max().item() for k in start) > 1e-3
+    for key in full:
+        assert torch.allclose(full[key], accumulated[key], atol=1e-5), key
