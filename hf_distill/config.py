@@ -81,6 +81,15 @@ class DistillationArguments:
     teacher_weights (`list[float]`, *optional*): one weight per teacher (default: equal).
     multi_teacher_mode (`str`, defaults to `"mixture"`): `mixture` (divergence to the weighted mixture of the
         teachers' distributions) or `sum` (weighted sum of per-teacher divergences).
+
+    > Parameters that control rationale distillation (distilling step-by-step)
+
+    label_weight (`float`, defaults to `0.5`):
+        Weight of the label-view loss for batches with a `task` tensor (from `RationaleCollator`): the loss is
+        `label_weight * L_label + rationale_weight * L_rationale`, each a token mean over its own view (Hsieh et al.
+        2023 use 0.5 / 0.5). Each view's loss is the usual `ce_weight * CE + kd_weight * T^2 * KD`.
+    rationale_weight (`float`, defaults to `0.5`):
+        Weight of the rationale-view loss (see `label_weight`).
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -203,6 +212,15 @@ class DistillationArguments:
             or (self.relation_loss is not None and self.relation_weight > 0)
         )
 
+    label_weight: float = field(
+        default=0.5,
+        metadata={"help": "Step-by-step (batches with a `task` tensor): weight of the label-view loss (>= 0)."},
+    )
+    rationale_weight: float = field(
+        default=0.5,
+        metadata={"help": "Step-by-step (batches with a `task` tensor): weight of the rationale-view loss (>= 0)."},
+    )
+
     def validate_distillation(self) -> None:
         """Check every distillation field; each error names the field, its value and what is allowed."""
         if self.kd_loss not in LOGIT_LOSSES:
@@ -216,6 +234,11 @@ class DistillationArguments:
         for name in ("kd_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        for name in ("label_weight", "rationale_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.label_weight == 0 and self.rationale_weight == 0:
+            raise ValueError("`label_weight` and `rationale_weight` are both 0; set at least one > 0.")
         for name, table in (
             ("hint_loss", HINT_LOSSES),
             ("hint_projector", PROJECTOR_KINDS),

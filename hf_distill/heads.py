@@ -1,68 +1,187 @@
-"""What is distilled for each kind of model head: which positions carry a distribution, and how labels line up.
+"""What is distilled for each kind of model head, worked out from the model itself.
 
-`select_positions` turns full model outputs into aligned rows, one per supervised position:
-student logits `(N, V)`, teacher logits `(N, V)` and hard labels `(N,)`.
+| kind                      | logits    | labels | supervised positions                | hard loss | KD term        |
+| ------------------------- | --------- | ------ | ----------------------------------- | --------- | -------------- |
+| `causal_lm`               | (B, T, V) | (B, T) | logits at t predict label t+1       | CE        | `kd_loss`, T^2 |
+| `seq2seq`                 | (B, T, V) | (B, T) | decoder tokens, label t at t        | CE        | `kd_loss`, T^2 |
+| `masked_lm`               | (B, T, V) | (B, T) | masked tokens (labels != -100 only) | CE        | `kd_loss`, T^2 |
+| `token_classification`    | (B, T, C) | (B, T) | labelled tokens, no shift           | CE        | `kd_loss`, T^2 |
+| `sequence_classification` | (B, C)    | (B,)   | one row per example                 | CE        | `kd_loss`, T^2 |
+| ... regression head       | (B, C)    | (B,)*  | each label value                    | MSE       | MSE to teacher |
+
+(*) or (B, C) for several regression outputs.
+A regression head has `num_labels == 1` (and no `problem_type`) or `problem_type="regression"`.
+Positions whose label is -100 (prompts, padding, unmasked tokens, sub-word continuations, dropped examples) never
+count, and each supervised position is one "item" of the loss normaliser: the same count transformers' `Trainer` uses
+for `num_items_in_batch` (`labels != -100`, over `labels[:, 1:]` for causal LMs only), so gradient accumulation matches
+one large batch for every head. Regression heads have no distribution to soften: their KD term is the squared error
+between student and teacher outputs, weighted by `kd_weight` alone (`kd_loss` and `temperature` do not apply).
+Multi-label classification (`problem_type="multi_label_classification"`, float labels `(B, C)`) is not supported: a
+per-class sigmoid divergence is not implemented, and such models raise a ValueError.
 """
 
+import functools
+import logging
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+from transformers.models.auto import modeling_auto
 
+from .losses import logit_divergence
+from .teacher import shared_vocab_size
+
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
+# kind -> (Auto class, transformers mapping of that head, class-name suffixes for models outside the mappings).
+# Checked in this order: BART's ForConditionalGeneration is listed as a masked LM too, and encoder-decoder
+# classifiers (BartForSequenceClassification) must not count as seq2seq.
+_KINDS: dict[str, tuple[type, str, tuple[str, ...]]] = {
+    "sequence_classification": (
+        AutoModelForSequenceClassification,
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+        ("ForSequenceClassification",),
+    ),
+    "token_classification": (
+        AutoModelForTokenClassification,
+        "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+        ("ForTokenClassification",),
+    ),
+    "seq2seq": (AutoModelForSeq2SeqLM, "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", ()),
+    "masked_lm": (AutoModelForMaskedLM, "MODEL_FOR_MASKED_LM_MAPPING_NAMES", ("ForMaskedLM",)),
+    "causal_lm": (AutoModelForCausalLM, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ("ForCausalLM", "LMHeadModel")),
+}
+HEAD_KINDS = tuple(_KINDS)
+LABEL_KINDS = ("sequence_classification", "token_classification")
 
-@dataclass
+
+@dataclass(frozen=True)
 class Head:
-    """How a model's logits line up with its labels.
+    """What a model predicts and how its logits line up with its labels.
 
-    kind: "causal_lm" (logits at t predict label t+1), "seq2seq" (decoder logits at t predict label t).
+    Args:
+        kind (`str`): one of `HEAD_KINDS` (see the module docstring).
+        regression (`bool`): a sequence-classification head trained with MSE (`num_labels == 1` or
+            `problem_type="regression"`).
     """
 
     kind: str
+    regression: bool = False
+
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ValueError(f"Unknown head kind {self.kind!r}; expected one of {list(HEAD_KINDS)}.")
 
     @property
     def shifts_labels(self) -> bool:
+        """Logits at t predict label t+1 (causal LMs), as transformers' `ForCausalLMLoss`."""
         return self.kind == "causal_lm"
+
+    @property
+    def has_vocab(self) -> bool:
+        """The last logit dimension is a token vocabulary (so padded embedding matrices are sliced to one size)."""
+        return self.kind in ("causal_lm", "seq2seq", "masked_lm")
+
+    @property
+    def auto_class(self) -> type:
+        """The transformers Auto class that loads a model with this head (used for a teacher given by name)."""
+        return _KINDS[self.kind][0]
+
+    def describe(self) -> str:
+        return "regression" if self.regression else self.kind
+
+
+@functools.cache
+def _mapped_class_names(mapping_name: str) -> frozenset[str]:
+    names = set()
+    for value in getattr(modeling_auto, mapping_name, {}).values():
+        names.update([value] if isinstance(value, str) else value)
+    return frozenset(names)
 
 
 def detect_head(model: nn.Module) -> Head:
-    """Infer the head from the (possibly PEFT- or accelerate-wrapped) model's config."""
-    config = getattr(model, "config", None)
+    """Infer what to distil from the (possibly PEFT-, DDP- or accelerate-wrapped) model's class and config.
+
+    The class is looked up in transformers' Auto mappings (sequence classification, token classification, seq2seq
+    LM, masked LM, causal LM, in that order), then by its name's suffix; other encoder-decoders count as seq2seq and
+    anything else as a causal LM.
+
+    Raises:
+        ValueError: the model has no config, or is a multi-label classifier (not supported).
+    """
+    base = unwrap(model)
+    config = getattr(base, "config", None)
     if config is None:
         raise ValueError(f"Cannot tell what to distil for {type(model).__name__}: it has no `config`.")
-    if getattr(config, "is_encoder_decoder", False):
-        return Head("seq2seq")
-    return Head("causal_lm")
+    name = type(base).__name__
+    kind = next((k for k, (_, mapping, _) in _KINDS.items() if name in _mapped_class_names(mapping)), None)
+    if kind is None:
+        kind = next((k for k, (_, _, suffixes) in _KINDS.items() if suffixes and name.endswith(suffixes)), None)
+    if kind is None:
+        kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal_lm"
+    problem_type = getattr(config, "problem_type", None)
+    if kind == "sequence_classification" and problem_type == "multi_label_classification":
+        raise ValueError(
+            f"{name} is a multi-label classifier (problem_type='multi_label_classification'); distilling per-class "
+            "sigmoid outputs is not supported. Use single-label classification or regression heads."
+        )
+    regression = kind == "sequence_classification" and (
+        problem_type == "regression" or (problem_type is None and getattr(config, "num_labels", 2) == 1)
+    )
+    return Head(kind, regression)
 
 
+# ------------------------------------------------------------------------------------------------ positions
 def supervised_mask(labels: torch.Tensor, head: Head, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool mask `(B, T)` (or `(B, T-1)` for causal LMs) of positions whose label is not -100.
+    """Bool mask of supervised positions (label != -100).
 
     Args:
-        labels (`torch.Tensor`): shape `(B, T)`.
+        labels (`torch.Tensor`): `(B, T)` for token heads, `(B,)` (or `(B, C)` regression targets) for sequence heads.
         shift_labels (`torch.Tensor`, *optional*): already-shifted labels `(B, T)` from padding-free collators.
+
+    Returns:
+        `torch.Tensor`: `(B, T-1)` for causal LMs (`labels[:, 1:]`), else the shape of `labels`.
     """
-    if shift_labels is not None:
-        return shift_labels != IGNORE_INDEX
-    if head.shifts_labels:
-        return labels[:, 1:] != IGNORE_INDEX
-    return labels != IGNORE_INDEX
+    return aligned_labels(labels, head, shift_labels) != IGNORE_INDEX
 
 
 def aligned_labels(labels: torch.Tensor, head: Head, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Labels aligned with logit positions: `(B, T-1)` for causal LMs (`labels[:, 1:]`), else `(B, T)`."""
+    """Labels aligned with logit positions: `(B, T-1)` for causal LMs (`labels[:, 1:]`), else `labels` unchanged."""
     if shift_labels is not None:
         return shift_labels
     return labels[:, 1:] if head.shifts_labels else labels
 
 
 def aligned_logits(logits: torch.Tensor, head: Head, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits aligned with `aligned_labels`: `(B, T-1, V)` for causal LMs (last position dropped), else `(B, T, V)`."""
+    """Logits aligned with `aligned_labels`: `(B, T-1, V)` for causal LMs (last position dropped); `(B,)` for a
+    single-output regression head (`(B, 1)` squeezed); else unchanged."""
     if head.shifts_labels and shift_labels is None:
         return logits[:, :-1]
+    if head.regression and logits.shape[-1] == 1:
+        return logits.squeeze(-1)
     return logits
+
+
+def _check_labels(labels: torch.Tensor, head: Head) -> None:
+    if head.kind == "sequence_classification" and not head.regression and labels.ndim != 1:
+        raise ValueError(
+            f"Sequence-classification labels must be class ids of shape (B,), got shape {tuple(labels.shape)}; "
+            "multi-label targets (B, C) are not supported."
+        )
+    if head.kind == "token_classification" and labels.ndim != 2:
+        raise ValueError(f"Token-classification labels must have shape (B, T), got {tuple(labels.shape)}.")
 
 
 def select_positions(
@@ -76,20 +195,131 @@ def select_positions(
     """Rows of supervised positions.
 
     Args:
-        student_logits (`torch.Tensor`): `(B, T, V_s)`.
-        teacher_logits (`torch.Tensor`): `(B, T, V_t)`.
-        labels (`torch.Tensor`): `(B, T)`, -100 where nothing is supervised (prompt, padding).
+        student_logits (`torch.Tensor`): `(B, T, V_s)` for token heads, `(B, C)` for sequence classification.
+        teacher_logits (`torch.Tensor`): same layout as the student's (`V_t` may be padded beyond `V_s`).
+        labels (`torch.Tensor`): `(B, T)` or `(B,)`, -100 where nothing is supervised (prompt, padding, ...).
         vocab_size (`int`, *optional*): slice both vocabularies to this many entries (padded embedding matrices).
 
     Returns:
-        `(student (N, V), teacher (N, V), labels (N,))` with N the number of supervised positions.
+        `(student (N, V), teacher (N, V), labels (N,))` with N the number of supervised positions; for regression
+        heads `(student (N,), teacher (N,), targets (N,))`, one row per label value.
     """
+    _check_labels(labels, head)
     mask = supervised_mask(labels, head, shift_labels)
     s = aligned_logits(student_logits, head, shift_labels)[mask]
     t = aligned_logits(teacher_logits, head, shift_labels)[mask]
-    if vocab_size is not None:
+    if vocab_size is not None and head.has_vocab:
         s, t = s[..., :vocab_size], t[..., :vocab_size]
-    return s, t, aligned_labels(labels, head, shift_labels)[mask]
+    y = aligned_labels(labels, head, shift_labels)[mask]
+    return s, t, y if head.regression else y.long()
+
+
+# ------------------------------------------------------------------------------------------------ loss terms
+class LogitTerms(NamedTuple):
+    """Summed logit loss terms of one micro-batch.
+
+    `sums[name]` is a scalar summed over the `n_items` supervised positions and `weights[name]` its factor in the
+    loss; `agreement` is `(number of positions where the top-1 classes agree, n_items)`, or None without a teacher
+    or for regression heads.
+    """
+
+    sums: dict[str, torch.Tensor]
+    weights: dict[str, float]
+    n_items: torch.Tensor
+    agreement: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def hard_loss(student: torch.Tensor, labels: torch.Tensor, head: Head) -> torch.Tensor:
+    """Summed hard-label loss of selected rows: CE for `(N, V)` logits and `(N,)` class ids, squared error for
+    regression `(N,)` outputs and targets. fp32."""
+    if head.regression:
+        return (student.float() - labels.float()).pow(2).sum()
+    return F.cross_entropy(student.float(), labels, reduction="sum")
+
+
+def logit_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    head: Head,
+    args: Any,
+    vocab_size: int | None = None,
+    shift_labels: torch.Tensor | None = None,
+) -> LogitTerms:
+    """KD and hard-label terms for any head: `loss = (ce_weight * sums["ce"] + kd_weight * T^2 * sums["kd"]) / N`.
+
+    Args:
+        student_logits (`torch.Tensor`): the student's `logits` (see `select_positions` for the layouts).
+        teacher_logits (`torch.Tensor`, *optional*): the teacher's, or None for a CE-only run.
+        labels (`torch.Tensor`): `(B, T)` or `(B,)`, -100 where not supervised.
+        args: an object with `kd_loss`, `temperature`, `beta`, `skew_alpha`, `kd_weight`, `ce_weight`
+            (a `DistillationArguments`).
+        vocab_size (`int`, *optional*): shared real vocabulary size of padded LM heads.
+    """
+    reference = teacher_logits if teacher_logits is not None else student_logits
+    s, t, y = select_positions(student_logits, reference, labels, head, vocab_size, shift_labels)
+    sums = {"ce": hard_loss(s, y, head)}
+    weights = {"ce": args.ce_weight}
+    n_items = torch.as_tensor(y.numel(), device=s.device)
+    agreement = None
+    if teacher_logits is not None:
+        if head.regression:
+            sums["kd"] = (s.float() - t.float()).pow(2).sum()
+            weights["kd"] = args.kd_weight
+        else:
+            sums["kd"] = logit_divergence(
+                s, t, loss_type=args.kd_loss, temperature=args.temperature, beta=args.beta, skew_alpha=args.skew_alpha
+            ).sum()
+            weights["kd"] = args.kd_weight * args.temperature**2
+            agreement = ((s.argmax(-1) == t.argmax(-1)).sum(), n_items)
+    return LogitTerms(sums, weights, n_items, agreement)
+
+
+# ------------------------------------------------------------------------------------------------ teacher checks
+def named_labels(config: Any) -> dict[int, str] | None:
+    """`id2label` with int keys, or None when it holds transformers' placeholder names `LABEL_i`."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    return None if id2label == {i: f"LABEL_{i}" for i in range(len(id2label))} else id2label
+
+
+def check_label_spaces(student_config: Any, teacher_config: Any) -> None:
+    """Raise a ValueError when the two classifiers' label spaces differ (count, or names where both name them)."""
+    s_n, t_n = student_config.num_labels, teacher_config.num_labels
+    s_names, t_names = named_labels(student_config), named_labels(teacher_config)
+    if s_n != t_n or (s_names is not None and t_names is not None and s_names != t_names):
+        raise ValueError(
+            f"Teacher and student label spaces differ: student num_labels={s_n}, id2label={s_names or 'unnamed'}; "
+            f"teacher num_labels={t_n}, id2label={t_names or 'unnamed'}. Class i of one model must be class i of "
+            "the other: fine-tune the teacher on the student's labels (or give both the same `id2label`)."
+        )
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module, tokenizer: Any = None) -> int | None:
+    """Check that `teacher` can teach `student` and return the vocabulary size to compare logits over.
+
+    The heads must be of one kind (a causal-LM teacher cannot score a classifier's classes), regression goes with
+    regression, and classifiers must share their label space; LM heads must share a vocabulary (padded embedding
+    matrices are sliced to the tokenizer's size, see `teacher.shared_vocab_size`).
+
+    Returns:
+        `int | None`: the shared vocabulary size when the LM heads are padded differently, else None.
+    """
+    s_head, t_head = detect_head(student), detect_head(teacher)
+    s_name, t_name = type(unwrap(student)).__name__, type(unwrap(teacher)).__name__
+    if s_head != t_head:
+        raise ValueError(
+            f"The teacher ({t_name}, a {t_head.describe()} head) and the student ({s_name}, a {s_head.describe()} "
+            f"head) predict different things, so their outputs cannot be compared. Give a teacher with the student's "
+            f"head, e.g. loaded with {s_head.auto_class.__name__} and fine-tuned on the student's task."
+        )
+    if s_head.kind in LABEL_KINDS:
+        check_label_spaces(unwrap(student).config, unwrap(teacher).config)
+    if s_head.regression:
+        logger.info(
+            "Regression head: the KD term is the squared error between student and teacher outputs; "
+            "`kd_loss` and `temperature` do not apply."
+        )
+    return shared_vocab_size(student, teacher, tokenizer) if s_head.has_vocab else None
 
 
 # Causal LMs whose logits are exactly `lm_head(final hidden state)` up to the scale/softcap handled below.

@@ -96,11 +96,15 @@ class HintDistiller(nn.Module):
         """Summed hint / attention / relation terms and their weights (see the module docstring)."""
         args = self.args
         labels = inputs["labels"]
-        sup = supervised_mask(labels, head, inputs.get("shift_labels"))
-        if head.shifts_labels and inputs.get("shift_labels") is None:
-            sup = F.pad(sup, (0, 1), value=False)  # hidden position t predicts label t + 1
         attn = inputs.get("attention_mask")
-        attn = attn.bool() if attn is not None else torch.ones_like(sup)
+        if labels.dim() == 1:  # sequence classification: one label per example, every real token carries the hint
+            attn = attn.bool() if attn is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+            sup = attn
+        else:
+            sup = supervised_mask(labels, head, inputs.get("shift_labels"))
+            if head.shifts_labels and inputs.get("shift_labels") is None:
+                sup = F.pad(sup, (0, 1), value=False)  # hidden position t predicts label t + 1
+            attn = attn.bool() if attn is not None else torch.ones_like(sup)
         s_states, t_states = outputs.hidden_states, teacher_outputs.hidden_states
         pairs = list(self.layer_map.items())
         projected = self.projectors({i: s_states[i] for i, _ in pairs}) if self.projectors is not None else None

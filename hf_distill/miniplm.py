@@ -69,12 +69,19 @@ def mean_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask
         `torch.Tensor`: mean NLL per sequence (nats per target token), shape `(B,)`, fp32; NaN for a row without
         targets.
     """
-    targets = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # (B, T-1)
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)  # (B,)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    right_padded = bool((mask == (positions[None, :] < lengths[:, None])).all())
+    targets = mask[:, 1:] & mask[:, :-1]  # (B, T-1)
     out = []
     for b in range(logits.shape[0]):
-        keep = targets[b]
-        row_logits = logits[b, :-1][keep].float()  # (N_b, V)
-        out.append(F.cross_entropy(row_logits, input_ids[b, 1:][keep], reduction="mean"))
+        if right_padded:  # a prefix: slice (a view) instead of copying the row's logits
+            n = max(int(lengths[b]) - 1, 0)
+            row_logits, row_targets = logits[b, :n], input_ids[b, 1 : n + 1]
+        else:
+            row_logits, row_targets = logits[b, :-1][targets[b]], input_ids[b, 1:][targets[b]]  # (N_b, V), (N_b,)
+        out.append(F.cross_entropy(row_logits.float(), row_targets, reduction="mean"))
     return torch.stack(out)
 
 
@@ -184,10 +191,32 @@ def _digest(plan: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+def _write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a kill never leaves a torn file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2))
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask`, both `(B, T)` with T the longest sequence, padded on the right."""
+    input_ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, seq in enumerate(seqs):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        attention_mask[b, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+@torch.inference_mode()
+def _nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[float]:
+    ids, mask = input_ids.to(model.device), attention_mask.to(model.device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+    return mean_token_nll(logits, ids, mask).double().cpu().tolist()
 
 
 def _read_shards(shard_dir: Path) -> Iterator[dict[str, Any]]:
@@ -299,20 +328,12 @@ def score(
         tokens = _tokenize(dataset, tokenizer, text_column, add_special_tokens)
     plan = plan_instances(tokens["n"], tokens["empty"], row_ids, max_length)
     run_state = {
-        "status": "running",
-        "n_rows": len(dataset),
-        "n_instances": len(plan["ids"]),
-        "max_length": max_length,
-        "add_special_tokens": add_special_tokens,
-        "text_column": text_column,
-        "id_column": id_column,
-        "empty": plan["empty"],
-        "too_short": plan["too_short"],
-        "corpus_digest": _digest(plan),
-        "tokenizer": getattr(tokenizer, "name_or_path", None) or None,
-        "teacher": _model_name(teacher),
+        "status": "running", "n_rows": len(dataset), "n_instances": len(plan["ids"]), "max_length": max_length,
+        "add_special_tokens": add_special_tokens, "text_column": text_column, "id_column": id_column,
+        "empty": plan["empty"], "too_short": plan["too_short"], "corpus_digest": _digest(plan),
+        "tokenizer": getattr(tokenizer, "name_or_path", None) or None, "teacher": _model_name(teacher),
         "reference": _model_name(reference),
-    }
+    }  # fmt: skip
     _check_state(out / STATE_FILE, run_state)
     position = {inst_id: i for i, inst_id in enumerate(plan["ids"])}
     finished = {rec["id"] for rec in _read_shards(shard_dir) if rec["id"] in position}
@@ -324,9 +345,8 @@ def score(
             logger.info("Resuming: %d of %d instances already scored.", len(finished), len(plan["ids"]))
 
     init_kwargs = dict(model_init_kwargs or {})
-    teacher_model = _prepare(teacher, init_kwargs, state.device)
-    reference_model = _prepare(reference, init_kwargs, state.device)
-    vocab = min((v for v in map(output_vocab_size, (teacher_model, reference_model)) if v is not None), default=None)
+    models = [_prepare(m, init_kwargs, state.device) for m in (teacher, reference)] if todo else []  # done: no load
+    vocab = min((v for v in map(output_vocab_size, models) if v is not None), default=None)
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     nonce = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     start_time = time.perf_counter()
@@ -336,56 +356,27 @@ def score(
         for batch in _batched(mine, batch_size):
             rows = sorted({plan["row"][i] for i in batch})
             row_tokens = dict(zip(rows, tokens[rows]["input_ids"]))
-            starts = [plan["start"][i] for i in batch]
-            seqs = [row_tokens[plan["row"][i]][s : s + plan["n_tokens"][i]] for i, s in zip(batch, starts)]
-            width = max(len(s) for s in seqs)
-            input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for b, seq in enumerate(seqs):
-                input_ids[b, : len(seq)] = torch.tensor(seq)
-                attention_mask[b, : len(seq)] = 1
+            seqs = [row_tokens[plan["row"][i]][plan["start"][i] :][: plan["n_tokens"][i]] for i in batch]
+            input_ids, attention_mask = right_pad(seqs, pad_id)
             if vocab is not None and int(input_ids.max()) >= vocab:
-                raise ValueError(
-                    f"Token id {int(input_ids.max())} is outside the models' vocabulary ({vocab}); the "
-                    "corpus was tokenised with another tokenizer."
-                )
-            with torch.inference_mode():
-                nlls = []
-                for model in (teacher_model, reference_model):
-                    ids, mask = input_ids.to(model.device), attention_mask.to(model.device)
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-                    nlls.append(mean_token_nll(logits, ids, mask).double().cpu().tolist())
-            for i, nll_t, nll_r in zip(batch, *nlls):
-                buffer.append(
-                    {
-                        "id": plan["ids"][i],
-                        "nll_teacher": nll_t,
-                        "nll_reference": nll_r,
-                        "score": nll_r - nll_t,
-                        "n_tokens": plan["n_tokens"][i],
-                    }
-                )
+                raise ValueError(f"Token id {int(input_ids.max())} is outside the models' vocabulary ({vocab}); the "
+                                 "corpus was tokenised with another tokenizer.")  # fmt: skip
+            nll_t, nll_r = (_nll(model, input_ids, attention_mask) for model in models)
+            buffer += [{"id": plan["ids"][i], "nll_teacher": t, "nll_reference": r, "score": r - t,
+                        "n_tokens": plan["n_tokens"][i]} for i, t, r in zip(batch, nll_t, nll_r)]  # fmt: skip
             n_batches, n_done, n_tok = n_batches + 1, n_done + len(batch), n_tok + int(attention_mask.sum())
             progress.update(len(batch))
             progress.set_postfix(tok_per_s=f"{n_tok / (time.perf_counter() - start_time):.0f}")
             if n_batches % flush_every == 0 or n_done == len(mine):
-                path = shard_dir / f"{nonce}-rank{state.process_index:05d}-{n_shards:06d}.jsonl"
-                tmp = shard_dir / f".{path.name}.tmp"
-                tmp.write_text("".join(json.dumps(rec) + "\n" for rec in buffer))
-                os.replace(tmp, path)
+                name = f"{nonce}-rank{state.process_index:05d}-{n_shards:06d}.jsonl"
+                _write_text(shard_dir / name, "".join(json.dumps(rec) + "\n" for rec in buffer))
                 buffer, n_shards = [], n_shards + 1
                 if callback is not None:
                     callback(n_batches)
         progress.close()
     elapsed = time.perf_counter() - start_time
-    logger.info(
-        "MiniPLM scoring, process %d: %d instances, %d tokens in %.1f s (%.0f tokens/s).",
-        state.process_index,
-        len(mine),
-        n_tok,
-        elapsed,
-        n_tok / max(elapsed, 1e-9),
-    )
+    logger.info("MiniPLM scoring, process %d: %d instances, %d tokens in %.1f s (%.0f tokens/s).",
+                state.process_index, len(mine), n_tok, elapsed, n_tok / max(elapsed, 1e-9))  # fmt: skip
     state.wait_for_everyone()
     if state.is_main_process:
         _merge(out, plan, run_state, todo, time.perf_counter() - start_time, state.num_processes)
@@ -416,43 +407,22 @@ def _merge(
         )
     if duplicates:
         logger.warning("Dropped %d duplicate score records (kept the first of each id).", duplicates)
-    columns = {
-        "id": plan["ids"],
-        "row": plan["row"],
-        "chunk": plan["chunk"],
-        "start": plan["start"],
-        "n_tokens": plan["n_tokens"],
-        "chunked": plan["chunked"],
-    }
-    for key in ("nll_teacher", "nll_reference", "score"):
-        columns[key] = [rec[key] for rec in records]
-    table = pa.table({k: pa.array(v, type=pa.string() if k == "id" else None) for k, v in columns.items()})
+    columns = {"id": pa.array(plan["ids"], type=pa.string())}
+    columns |= {key: plan[key] for key in ("row", "chunk", "start", "n_tokens", "chunked")}
+    columns |= {key: [rec[key] for rec in records] for key in ("nll_teacher", "nll_reference", "score")}
     tmp = out / f".{SCORES_FILE}.tmp"
-    pq.write_table(table, tmp)
+    pq.write_table(pa.table(columns), tmp)
     os.replace(tmp, out / SCORES_FILE)
     tokens = sum(plan["n_tokens"][i] for i in todo)
-    report = {
-        **{k: v for k, v in run_state.items() if k != "status"},
-        "scored_this_run": len(todo),
-        "tokens_this_run": tokens,
-        "seconds_this_run": seconds,
-        "tokens_per_second": tokens / max(seconds, 1e-9),
-        "num_processes": num_processes,
-        "scores_file": SCORES_FILE,
-    }
+    report = {key: value for key, value in run_state.items() if key != "status"}
+    report |= {"scored_this_run": len(todo), "tokens_this_run": tokens, "seconds_this_run": seconds,
+               "tokens_per_second": tokens / max(seconds, 1e-9), "num_processes": num_processes,
+               "scores_file": SCORES_FILE}  # fmt: skip
     _write_json(out / SCORE_REPORT_FILE, report)
     _write_json(out / STATE_FILE, {**run_state, "status": "done"})
-    logger.info(
-        "MiniPLM scores: %d instances (%d empty rows and %d too-short windows skipped) -> %s; this run %d "
-        "tokens in %.1f s (%.0f tokens/s).",
-        len(records),
-        run_state["empty"],
-        run_state["too_short"],
-        out / SCORES_FILE,
-        tokens,
-        seconds,
-        report["tokens_per_second"],
-    )
+    logger.info("MiniPLM scores: %d instances (%d empty rows and %d too-short windows skipped) -> %s; this run %d "
+                "tokens in %.1f s (%.0f tokens/s).", len(records), run_state["empty"], run_state["too_short"],
+                out / SCORES_FILE, tokens, seconds, report["tokens_per_second"])  # fmt: skip
 
 
 def load_scores(scores: Dataset | str | os.PathLike) -> Dataset:
@@ -573,19 +543,12 @@ def select(
     refined.to_parquet(str(out / "data.parquet"))
     threshold = float(values[order[k - 1]])
     report = {
-        "alpha": alpha,
-        "n": n,
-        "kept": k,
-        "dropped": n - k,
-        "rule": "kept = ceil(alpha * n) top scores, corpus order",
-        "unit": "windows" if chunked else "rows",
-        "threshold": threshold,
-        "score_min": float(values.min()),
-        "score_mean": float(values.mean()),
-        "score_max": float(values.max()),
+        "alpha": alpha, "n": n, "kept": k, "dropped": n - k, "rule": "kept = ceil(alpha * n) top scores, corpus order",
+        "unit": "windows" if chunked else "rows", "threshold": threshold, "score_min": float(values.min()),
+        "score_mean": float(values.mean()), "score_max": float(values.max()),
         "score_mean_kept": float(values[kept].mean()),
         "score_mean_dropped": float(values[~kept].mean()) if k < n else None,
-    }
+    }  # fmt: skip
     hist = text_histogram(values, kept)
     report["plot"] = "score_hist.png" if _plot(values, kept, threshold, out / "score_hist.png") else None
     _write_json(out / "report.json", {**report, "histogram": hist.splitlines()})

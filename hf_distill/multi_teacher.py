@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .heads import select_positions
+from .heads import hard_loss, select_positions
 from .losses import logit_divergence
 
 
@@ -94,6 +94,8 @@ def multi_teacher_logit_terms(
     """KD and CE sums over supervised tokens against several teachers (module docstring). Same contract as
     `DistillationMixin._logit_terms`."""
     args = trainer.args
+    if trainer._head.regression:
+        raise ValueError("Several teachers need a classification or LM head (their distributions are mixed).")
     labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
     rows = [
         select_positions(outputs.logits, t.logits, labels, trainer._head, trainer._vocab_size, shift_labels)
@@ -118,6 +120,6 @@ def multi_teacher_logit_terms(
         target = args.temperature * mixture_log_probs(t_logits, weights, temperature=args.temperature)
         kd = logit_divergence(s, target, **hyper).sum()
     trainer._record_sum("top1_agreement", (s.argmax(-1) == target.argmax(-1)).sum(), y.numel())
-    sums = {"kd": kd, "ce": F.cross_entropy(s.float(), y, reduction="sum")}
+    sums = {"kd": kd, "ce": hard_loss(s, y, trainer._head)}
     weights_out = {"kd": args.kd_weight * args.temperature**2, "ce": args.ce_weight}
     return sums, weights_out, y.new_tensor(y.numel())

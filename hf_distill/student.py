@@ -238,7 +238,8 @@ def init_student_from_teacher(
         )
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
-    student.generation_config = copy.deepcopy(teacher.generation_config)
+    if getattr(teacher, "generation_config", None) is not None:  # classification heads have none
+        student.generation_config = copy.deepcopy(teacher.generation_config)
     student.to(reference.device)
     student.train(teacher.training)
     logger.info(

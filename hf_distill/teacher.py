@@ -1,6 +1,7 @@
 """Loading teachers (Hub name, local path or GGUF file), checking tokenizers and vocabularies, and placing the teacher
 for inference under DDP, FSDP and DeepSpeed ZeRO."""
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -76,7 +77,8 @@ def dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:
     plain.load_state_dict(model.state_dict(), strict=False)
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
-    plain.generation_config = copy.deepcopy(model.generation_config)
+    if getattr(model, "generation_config", None) is not None:  # heads without generate() have none
+        plain.generation_config = copy.deepcopy(model.generation_config)
     return plain.eval()
 
 
@@ -97,6 +99,50 @@ def load_model(name_or_path: str, auto_class: type = AutoModelForCausalLM, **ini
     if str(getattr(method, "value", method)) == "gguf":
         model = dequantized_copy(model)
     return model
+
+
+def quantized_student_kwargs(model_args: Any) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments for a QLoRA student (bitsandbytes 4-bit, or 8-bit), {} when not asked for.
+
+    Args:
+        model_args (`trl.ModelConfig`): reads `load_in_4bit`, `load_in_8bit`, `use_peft`, `bnb_4bit_quant_type`,
+            `use_bnb_nested_quant`, `bnb_4bit_quant_storage`, `dtype` (the 4-bit compute dtype).
+
+    Returns:
+        `dict`: `quantization_config` and `device_map` (this process's GPU, so each DDP rank holds its own copy).
+
+    Raises:
+        `ValueError`: without `use_peft` (quantized weights cannot be trained, only adapters on them) or without a
+            CUDA GPU. `ImportError`: bitsandbytes is not installed.
+    """
+    if not (getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)):
+        return {}
+    bits = 4 if model_args.load_in_4bit else 8
+    if not model_args.use_peft:
+        raise ValueError(
+            f"`load_in_{bits}bit` quantizes the student, whose quantized weights cannot be trained: set `use_peft: "
+            "true` (QLoRA: LoRA adapters trained on the frozen quantized weights)."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"`load_in_{bits}bit` needs bitsandbytes: `pip install bitsandbytes` (CUDA GPUs only).")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"`load_in_{bits}bit` (bitsandbytes) needs a CUDA GPU and none is visible. On CPU train a plain LoRA "
+            f"student instead: drop `load_in_{bits}bit`, keep `use_peft: true`."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16",
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+            bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,  # "bfloat16" under FSDP2
+        )
+    return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
@@ -161,20 +207,112 @@ def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer: PreTrai
     return real
 
 
-def prepare_teacher(teacher: nn.Module, trainer: Any) -> nn.Module:
-    """Freeze the teacher and place it for inference beside the student.
+def shared_parameter_names(teacher: nn.Module, student: nn.Module) -> list[str]:
+    """Names (in the teacher) of parameters that are the very same tensors in the student, e.g. after
+    `get_peft_model(base)` injected the student's adapters into a `base` that is also passed as the teacher."""
+    student_ids = {id(p) for p in student.parameters()}
+    return [name for name, p in teacher.named_parameters() if id(p) in student_ids]
 
-    DeepSpeed: an inference engine with the same ZeRO stage (ZeRO-3 partitions the parameters; no optimizer).
-    FSDP: sharded like the student. Otherwise (single device, DDP): moved to the device in eval mode, not wrapped.
+
+def check_teacher_fits(teacher: nn.Module, device: torch.device, placement: str, half_precision: bool = False) -> None:
+    """Raise a ValueError when a teacher placed whole on a CUDA `device` cannot fit in its free memory.
+
+    Only parameters and buffers not yet on `device` count (a teacher loaded there already holds its memory). Other
+    device types are not checked (the copy fails with the backend's own out-of-memory error).
+
+    Args:
+        teacher (`nn.Module`): the frozen teacher.
+        device (`torch.device`): where it will live.
+        placement (`str`): the placement named in the message (e.g. "DDP", "DeepSpeed ZeRO-2").
+        half_precision (`bool`): floating tensors will be cast to 2 bytes per element on the way (DeepSpeed fp16/bf16).
     """
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    needed = 0
+    for tensor in [*teacher.parameters(), *teacher.buffers()]:
+        if tensor.device != device and tensor.device.type != "meta":
+            size = 2 if half_precision and tensor.is_floating_point() else tensor.element_size()
+            needed += tensor.numel() * size
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed > free:
+        gib = 1024**3
+        raise ValueError(
+            f"The teacher needs {needed / gib:.2f} GiB on {device} but only {free / gib:.2f} GiB are free: under "
+            f"{placement} every process holds the whole teacher. Shard it with FSDP "
+            "(`accelerate launch --config_file recipes/accelerate/fsdp2.yaml ...`) or DeepSpeed ZeRO-3 "
+            "(`recipes/accelerate/zero3.yaml`), load it in bf16 (`teacher_model_init_kwargs: {dtype: bfloat16}`), "
+            "or train from an offline teacher cache (`hf-distill cache-teacher`)."
+        )
+
+
+@contextlib.contextmanager
+def _fsdp_plugin_restored(plugin: Any):
+    """Undo the auto-wrap policy that preparing the teacher writes into accelerate's FSDP plugin, so the student is
+    later wrapped by its own layer classes, not the teacher's."""
+    saved = {name: getattr(plugin, name) for name in ("auto_wrap_policy", "transformer_cls_names_to_wrap")}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(plugin, name, value)
+
+
+def prepare_teacher(teacher: nn.Module, trainer: Any) -> nn.Module:
+    """Freeze the teacher and place it for inference beside the student, through accelerate's and TRL's APIs.
+
+    - DeepSpeed: `trl.models.prepare_deepspeed`, an engine without optimizer. ZeRO-3 partitions the teacher's
+      parameters like the student's; ZeRO-1/2 shard only optimizer state and gradients, which a frozen teacher does not
+      have, so the teacher runs at stage 0: whole on every device, in the engine's fp16/bf16.
+    - FSDP2: accelerate's `fsdp2_prepare_model`, the function that shards the student: the same units (one per
+      decoder layer, embeddings, final norm + head), mixed-precision policy, CPU offload, and the rank-0 broadcast of
+      `cpu_ram_efficient_loading` (TRL's `prepare_fsdp` shards only the root module under FSDP2, so the whole teacher
+      is gathered for every forward, and it skips that broadcast).
+    - FSDP1: `trl.models.prepare_fsdp` (an FSDP wrapper with the plugin's auto-wrap policy and `sync_module_states`).
+    - Otherwise (one device, DDP, multi-CPU): `accelerator.prepare_model(evaluation_mode=True)`: moved to the device,
+      under the mixed-precision autocast, without a DDP wrapper (a frozen model has nothing to synchronise).
+
+    Under no branch is the teacher registered in `accelerator._models`, so `accelerator.save_state` and the
+    Trainer's checkpoints hold the student only (and accelerate never pairs the student's optimizer with the teacher).
+
+    Args:
+        teacher (`nn.Module`): the teacher, a `PreTrainedModel` or a `peft.PeftModel` (adapters merged or not).
+        trainer (`transformers.Trainer`): the trainer whose `accelerator` and `model` (the student) are set up.
+
+    Returns:
+        `nn.Module`: the prepared teacher, in eval mode with `requires_grad=False` everywhere.
+    """
+    shared = shared_parameter_names(teacher, trainer.model)
+    if shared:
+        raise ValueError(
+            f"The teacher shares {len(shared)} parameter tensors with the student (e.g. {shared[:3]}), so freezing "
+            "the teacher would freeze the student and the teacher would change during training. This happens when "
+            "the student is `get_peft_model(base, ...)` (PEFT injects adapters into `base` in place) and `base` is "
+            "also the teacher: load the teacher separately or pass `copy.deepcopy(base)` made before get_peft_model."
+        )
     teacher.eval().requires_grad_(False)
     accelerator = trainer.accelerator
     if trainer.is_deepspeed_enabled:
         from trl.models import prepare_deepspeed
 
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        stage = ds_config["zero_optimization"]["stage"]
+        if stage != 3:
+            half = any(ds_config.get(key, {}).get("enabled") is True for key in ("fp16", "bf16"))
+            check_teacher_fits(teacher, accelerator.device, f"DeepSpeed ZeRO-{stage}", half_precision=half)
         return prepare_deepspeed(teacher, accelerator)
     if trainer.is_fsdp_enabled:
-        from trl.models import prepare_fsdp
+        plugin = accelerator.state.fsdp_plugin
+        with _fsdp_plugin_restored(plugin):
+            if plugin.fsdp_version == 2:
+                from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        return prepare_fsdp(teacher, accelerator)
-    return accelerator.prepare_model(teacher, evaluation_mode=True)
+                return fsdp2_prepare_model(accelerator, teacher).eval()
+            from trl.models import prepare_fsdp
+
+            return prepare_fsdp(teacher, accelerator)
+    placement = "DDP" if accelerator.num_processes > 1 else "single-device training"
+    check_teacher_fits(teacher, accelerator.device, placement)
+    prepared = accelerator.prepare_model(teacher, evaluation_mode=True)
+    # prepare_model registers every model for `save_state`; the teacher is not part of the training state.
+    accelerator._models[:] = [m for m in accelerator._models if m is not prepared and m is not teacher]
+    return prepared

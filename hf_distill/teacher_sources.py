@@ -38,6 +38,8 @@ class TeacherSourcesMixin:
         tokenizer = _tokenizer_of(self.processing_class)
         self._cache_tokenizer = tokenizer
         if self._teacher_cache is not None:
+            if self._head.kind != "causal_lm":
+                raise ValueError(f"Teacher caches hold causal-LM distributions; the student is a {self._head.kind}.")
             if tokenizer is not None:
                 self._teacher_cache.check_tokenizer(tokenizer)
             self.data_collator = TeacherCacheCollator(self._teacher_cache, self.data_collator)

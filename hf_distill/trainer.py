@@ -8,18 +8,18 @@ Loss per optimizer step (Hinton et al. 2015, with GKD's divergences):
 where both sums run over supervised tokens (labels != -100) of the micro-batch and `num_items` counts the supervised
 tokens of the whole gradient-accumulation window on all processes, so 2 x 2 accumulation gives the gradients of one
 batch of 4 (and DDP's gradient averaging is undone by multiplying with the number of processes, as transformers does).
+Batches with a `task` tensor (distilling step-by-step, `RationaleCollator`) get per-task token means instead:
+`label_weight * L_label + rationale_weight * L_rationale` (see `hf_distill.multitask`).
 """
 
-import inspect
 import logging
 import os
 from collections import defaultdict
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer
 from trl import SFTTrainer
 
 from .cache import CACHE_BATCH_KEYS, CachedTeacherOutputs, cache_logit_terms, cached_teacher_outputs
@@ -27,26 +27,28 @@ from .config import DistillationArguments, DistillationConfig, DistillationSFTCo
 from .heads import (
     aligned_labels,
     aligned_logits,
+    check_teacher,
     decoder_of,
     detect_head,
     lm_head_of,
-    select_positions,
+    logit_terms,
     supervised_mask,
 )
 from .hints import HintDistiller
-from .losses import logit_divergence
 from .losses.fused import fused_logit_distillation_loss
 from .model_card import trainer_model_card
 from .multi_teacher import multi_teacher_logit_terms, setup_teachers
+from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
 from .projectors import load_projectors, save_projectors
-from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher, shared_vocab_size
+from .sanity import check_first_step_kd, warn_mixed_precision_mismatch
+from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher
 from .teacher_sources import TeacherSourcesMixin
 
 
 logger = logging.getLogger(__name__)
 
 # Batch keys that are not model inputs (targets, and masks produced by collators).
-NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task"}
+NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task", TASK_COUNTS_KEY}
 NON_MODEL_KEYS.update(CACHE_BATCH_KEYS)  # teacher-cache entries added by TeacherCacheCollator
 
 
@@ -84,21 +86,26 @@ class DistillationMixin(TeacherSourcesMixin):
                 "No teacher given: pass `teacher_model=` (a model or a Hub id/path) or set "
                 "`teacher_model_name_or_path` in the config. To fine-tune without a teacher set `kd_weight=0`."
             )
-        self._check_dataset(kwargs.get("train_dataset"), args)
+        self._check_dataset(kwargs.get("train_dataset"), args, kwargs.get("data_collator"))
         super().__init__(model=model, args=args, **kwargs)
         # Make Trainer count the supervised tokens of each accumulation window (`num_items_in_batch`).
         self.model_accepts_loss_kwargs = True
+        warn_mixed_precision_mismatch(self.args)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._head = detect_head(self.model)
+        self._loss_shifts_labels = self._head.shifts_labels  # how Trainer counts `num_items_in_batch`: as we do
+        if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
+            self.data_collator.check_model(self.model)
         self.teacher, self._vocab_size, self._fused = None, None, False
-        self._fused_stats = "stats" in inspect.signature(fused_logit_distillation_loss).parameters
         self._hints = None
-        if isinstance(teacher_model, list | tuple):
+        if teacher_model is not None and not self._needs_teacher(args):
+            logger.info("kd_weight is 0 and no hint/relation term is on: the teacher is not loaded or run.")
+        elif isinstance(teacher_model, list | tuple):
             setup_teachers(self, teacher_model, teacher_processing_class)
         elif teacher_model is not None:
             self._setup_teacher(teacher_model, teacher_processing_class)
         self._setup_teacher_sources()
-        if teacher_model is not None and args.uses_features:
+        if self.teacher is not None and args.uses_features:
             self._setup_hints()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
@@ -108,11 +115,13 @@ class DistillationMixin(TeacherSourcesMixin):
     def _needs_teacher(args: DistillationArguments) -> bool:
         return (args.kd_weight > 0 and args.teacher_cache is None) or args.uses_features or args.seq_kd
 
-    def _check_dataset(self, dataset: Any, args: DistillationArguments) -> None:
+    def _check_dataset(self, dataset: Any, args: DistillationArguments, collator: Any = None) -> None:
         columns = getattr(dataset, "column_names", None)
         if not columns or isinstance(columns, dict):
             return
         usable = self._usable_columns(args)
+        if getattr(collator, "dataset_columns", None):  # a collator that reads raw columns (RationaleCollator)
+            usable = [tuple(collator.dataset_columns)]
         if not any(set(group) <= set(columns) for group in usable):
             raise ValueError(
                 f"The training dataset has columns {columns}, but {type(self).__name__} needs one of "
@@ -123,10 +132,13 @@ class DistillationMixin(TeacherSourcesMixin):
     def _usable_columns(self, args: DistillationArguments) -> list[tuple[str, ...]]:
         return [("input_ids",)]
 
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        extra = [c for c in getattr(self.data_collator, "dataset_columns", ()) if c not in self._signature_columns]
+        self._signature_columns += extra  # raw columns read by the collator survive `remove_unused_columns`
+
     def _teacher_auto_class(self) -> type:
-        return (
-            AutoModelForSeq2SeqLM if getattr(self.model.config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        )
+        return self._head.auto_class
 
     def _setup_teacher(self, teacher: PreTrainedModel | str, teacher_processing_class: Any) -> None:
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
@@ -144,7 +156,7 @@ class DistillationMixin(TeacherSourcesMixin):
         student_tok = _tokenizer_of(self.processing_class)
         if teacher_processing_class is not None and student_tok is not None:
             check_same_tokenizer(student_tok, _tokenizer_of(teacher_processing_class))
-        self._vocab_size = shared_vocab_size(self.accelerator.unwrap_model(self.model), teacher, student_tok)
+        self._vocab_size = check_teacher(self.accelerator.unwrap_model(self.model), teacher, student_tok)
         self.teacher = prepare_teacher(teacher, self)
         self._fused = self._fused_supported()
 
@@ -154,8 +166,11 @@ class DistillationMixin(TeacherSourcesMixin):
         self._hints = HintDistiller(self.args, self.accelerator.unwrap_model(self.model), self.teacher)
         if self._hints.projectors is not None:
             self._hints.projectors.to(self.args.device)
-            if self.accelerator.num_processes > 1:
+            if self.accelerator.num_processes > 1:  # DDP-wrapped so their gradients are averaged like the student's
                 self._hints.projectors = self.accelerator.prepare_model(self._hints.projectors)
+                # not a model of the run: keep it out of save_state and of Trainer's "student prepared?" check
+                wrapped = self._hints.projectors
+                self.accelerator._models[:] = [m for m in self.accelerator._models if m is not wrapped]
 
     def _projectors(self) -> nn.Module | None:
         projectors = self._hints.projectors if self._hints is not None else None
@@ -268,8 +283,9 @@ class DistillationMixin(TeacherSourcesMixin):
         self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]
     ) -> tuple[dict, dict, torch.Tensor]:
         """KD (`sum divergence`, weight `kd_weight * T^2`) and CE (`sum CE`, weight `ce_weight`), summed over
-        supervised tokens."""
-        args: DistillationArguments = self.args
+        supervised positions of the student's head (see `heads.py`: tokens, masked tokens or examples)."""
+        if "task" in inputs:  # distilling step-by-step: one set of terms per task view (multitask.py)
+            return split_by_task(self._logit_terms, outputs, teacher_outputs, inputs)
         labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
         if isinstance(teacher_outputs, CachedTeacherOutputs):
             return cache_logit_terms(self, outputs, teacher_outputs, inputs)
@@ -277,21 +293,15 @@ class DistillationMixin(TeacherSourcesMixin):
             return multi_teacher_logit_terms(self, outputs, teacher_outputs, inputs)
         if self._fused:
             return self._fused_logit_terms(outputs, teacher_outputs, labels, shift_labels)
-        sums, weights = {}, {}
-        if teacher_outputs is not None:
-            s, t, y = select_positions(
-                outputs.logits, teacher_outputs.logits, labels, self._head, self._vocab_size, shift_labels
-            )
-            sums["kd"] = logit_divergence(
-                s, t, loss_type=args.kd_loss, temperature=args.temperature, beta=args.beta, skew_alpha=args.skew_alpha
-            ).sum()
-            weights["kd"] = args.kd_weight * args.temperature**2
-            self._record_sum("top1_agreement", (s.argmax(-1) == t.argmax(-1)).sum(), y.numel())
-        else:
-            s, _, y = select_positions(outputs.logits, outputs.logits, labels, self._head, None, shift_labels)
-        sums["ce"] = F.cross_entropy(s.float(), y, reduction="sum")
-        weights["ce"] = args.ce_weight
-        return sums, weights, y.new_tensor(y.numel())
+        teacher_logits = teacher_outputs.logits if teacher_outputs is not None else None
+        terms = logit_terms(
+            outputs.logits, teacher_logits, labels, self._head, self.args, self._vocab_size, shift_labels
+        )
+        if terms.agreement is not None:
+            self._record_sum("top1_agreement", *terms.agreement)
+        if "kd" in terms.sums:  # warns once if KD is exactly 0 on the first step
+            check_first_step_kd(self, terms.sums["kd"], terms.n_items)
+        return terms.sums, terms.weights, terms.n_items
 
     def _fused_logit_terms(
         self, outputs: Any, teacher_outputs: Any, labels: torch.Tensor, shift_labels: torch.Tensor | None
@@ -325,10 +335,11 @@ class DistillationMixin(TeacherSourcesMixin):
             vocab_size=self._vocab_size,
             labels=y,
             reduction="sum",
-            **({"stats": stats} if self._fused_stats else {}),
+            stats=stats,
         )
         if "top1_agreement" in stats:
             self._record_sum("top1_agreement", stats["top1_agreement"], y.numel())
+        check_first_step_kd(self, kd, y.numel())
         sums = {"kd": kd, "ce": ce}
         weights = {"kd": args.kd_weight * args.temperature**2, "ce": args.ce_weight}
         return sums, weights, y.new_tensor(y.numel())
@@ -342,6 +353,9 @@ class DistillationMixin(TeacherSourcesMixin):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sums, weights, n_tokens, outputs = self._loss_terms(model, inputs)
+        if "task" in inputs:  # label_weight * L_label + rationale_weight * L_rationale, per-task token means
+            loss = multitask_loss(self, sums, weights, n_tokens, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         total = sum(weights[k] * v for k, v in sums.items())
         for name, value in sums.items():
             self._record_sum(f"{name}_loss", value.detach(), n_tokens)
@@ -353,6 +367,11 @@ class DistillationMixin(TeacherSourcesMixin):
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        add_window_task_counts(batch_samples, self._head, self.args, self.accelerator)  # per-task GA normalisation
+        return batch_samples, num_items_in_batch
 
     # ----------------------------------------------------------------------------------------------- metrics
     def _record_sum(self, name: str, value: torch.Tensor, count: torch.Tensor | int) -> None:

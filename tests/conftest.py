@@ -11,14 +11,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    BertConfig,
+    DataCollatorForLanguageModeling,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
 )
+
+from hf_distill import DistillationConfig, DistillationTrainer
 
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -51,9 +57,15 @@ def make_tokenizer(words: list[str] | None = None, chat_template: bool = True) -
 
 
 def make_llama(
-    num_layers: int = 2, hidden: int = 32, vocab_size: int = 64, heads: int = 4, seed: int = 0, **kwargs
-) -> LlamaForCausalLM:
-    """A seeded tiny random Llama causal LM (fp32, eval-ready)."""
+    num_layers: int = 2,
+    hidden: int = 32,
+    vocab_size: int = 64,
+    heads: int = 4,
+    seed: int = 0,
+    cls: type = LlamaForCausalLM,
+    **kwargs,
+) -> PreTrainedModel:
+    """A seeded tiny random Llama (fp32, eval-ready): a causal LM, or any other Llama head class `cls`."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -69,7 +81,23 @@ def make_llama(
         tie_word_embeddings=False,
         **kwargs,
     )
-    return LlamaForCausalLM(config)
+    return cls(config)
+
+
+def bert_config(layers: int = 2, **kwargs) -> BertConfig:
+    """A tiny BERT config (vocab 64, hidden 32, 4 heads) with `layers` layers; `kwargs` add or replace fields."""
+    return BertConfig(
+        **{
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "max_position_embeddings": 64,
+            "pad_token_id": 0,
+            **kwargs,
+        }
+    )
 
 
 def make_t5(num_layers: int = 2, d_model: int = 32, vocab_size: int = 64, seed: int = 0) -> T5ForConditionalGeneration:
@@ -88,6 +116,64 @@ def make_t5(num_layers: int = 2, d_model: int = 32, vocab_size: int = 64, seed: 
         decoder_start_token_id=0,
     )
     return T5ForConditionalGeneration(config)
+
+
+def tokenized_texts(tok: PreTrainedTokenizerFast, texts: list[str]) -> Dataset:
+    """`texts` tokenised into a dataset of `input_ids` / `attention_mask` rows (no `text` column)."""
+    return Dataset.from_dict({"text": texts}).map(lambda r: tok(r["text"]), remove_columns=["text"])
+
+
+def distill_config(tmp_path, **overrides) -> DistillationConfig:
+    """A tiny seeded CPU run: batch 4, 2 steps, a log line each step, no checkpoints, output in `tmp_path/out`.
+    `overrides` replace or add any field."""
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+    )
+    base.update(overrides)
+    return DistillationConfig(**base)
+
+
+def make_lm_trainer(
+    tmp_path, tok, texts: list[str], student=None, teacher=None, collator=None, **overrides
+) -> DistillationTrainer:
+    """A causal-LM `DistillationTrainer` on `texts` with `distill_config(tmp_path, **overrides)`; the student and
+    teacher default to `make_llama(2, 32)` and `make_llama(4, 64, seed=1)`, the collator to the causal-LM one."""
+    return DistillationTrainer(
+        model=student if student is not None else make_llama(2, 32),
+        teacher_model=teacher if teacher is not None else make_llama(4, 64, seed=1),
+        args=distill_config(tmp_path, **overrides),
+        train_dataset=tokenized_texts(tok, texts),
+        data_collator=collator or DataCollatorForLanguageModeling(tok, mlm=False),
+        processing_class=tok,
+    )
+
+
+def one_sgd_step(batch_size: int, accumulation: int) -> dict:
+    """Config fields for one plain SGD update (lr 1, no clipping, constant schedule) over `accumulation`
+    micro-batches of `batch_size` rows: gradient-accumulation runs then compare weight for weight."""
+    return dict(
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+    )
+
+
+def trained_weights(trainer) -> dict[str, torch.Tensor]:
+    """Run `trainer.train()` and return a detached copy of the model's state dict."""
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
 @pytest.fixture

@@ -74,6 +74,26 @@ def tiny_files(tmp_path):
     return tmp_path
 
 
+TWO_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no"]
+
+
+def train_argv(output_dir: Path, *args: str) -> list[str]:
+    """`hf-distill train ARGS` on CPU into `output_dir`, with reporting off."""
+    return ["train", *args, "--output_dir", str(output_dir), "--report_to", "none", "--use_cpu", "true"]
+
+
+def chat_pair_args(tiny_files: Path) -> list[str]:
+    """The tiny student and teacher of `tiny_files`, on its chat data."""
+    return [
+        "--model_name_or_path",
+        str(tiny_files / "student"),
+        "--teacher_model_name_or_path",
+        str(tiny_files / "teacher"),
+        "--dataset_name",
+        str(tiny_files / "chat.jsonl"),
+    ]
+
+
 def test_train_from_yaml_with_overrides(tiny_files):
     recipe = {
         "model_name_or_path": str(tiny_files / "student"),
@@ -104,31 +124,15 @@ def test_train_from_yaml_with_overrides(tiny_files):
 
 def test_train_chat_recipe_style(tiny_files):
     main(
-        [
-            "train",
-            "--model_name_or_path",
-            str(tiny_files / "student"),
-            "--teacher_model_name_or_path",
-            str(tiny_files / "teacher"),
-            "--dataset_name",
-            str(tiny_files / "chat.jsonl"),
+        train_argv(
+            tiny_files / "chat_out",
+            *chat_pair_args(tiny_files),
             "--rename_columns",
             '{"question": "prompt", "equation": "completion"}',
             "--chat_format",
             "true",
-            "--max_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "2",
-            "--report_to",
-            "none",
-            "--output_dir",
-            str(tiny_files / "chat_out"),
-            "--use_cpu",
-            "true",
-            "--save_strategy",
-            "no",
-        ]
+            *TWO_STEPS,
+        )
     )
     assert (tiny_files / "chat_out" / "model.safetensors").exists()
 
@@ -136,21 +140,53 @@ def test_train_chat_recipe_style(tiny_files):
 def test_train_bad_column_name(tiny_files):
     with pytest.raises(ValueError, match="rename_columns names \\['nope'\\]"):
         main(
-            [
-                "train",
-                "--model_name_or_path",
-                str(tiny_files / "student"),
-                "--teacher_model_name_or_path",
-                str(tiny_files / "teacher"),
-                "--dataset_name",
-                str(tiny_files / "chat.jsonl"),
+            train_argv(
+                tiny_files / "x",
+                *chat_pair_args(tiny_files),
                 "--rename_columns",
                 '{"nope": "prompt"}',
-                "--output_dir",
-                str(tiny_files / "x"),
-                "--report_to",
-                "none",
-                "--use_cpu",
-                "true",
-            ]
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "student_args",
+    [
+        ["--student_num_layers", "2"],
+        ["--student_config", '{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}'],
+    ],
+    ids=["layers-from-teacher", "narrow-random"],
+)
+def test_train_builds_student_from_teacher(tiny_files, student_args):
+    out = tiny_files / "built"
+    main(
+        train_argv(
+            out,
+            "--teacher_model_name_or_path",
+            str(tiny_files / "teacher"),
+            *student_args,
+            "--dataset_name",
+            str(tiny_files / "data.jsonl"),
+            "--hint_layers",
+            "uniform",
+            *TWO_STEPS,
+        )
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 2
+    assert not (out / "hint_projectors.safetensors").exists()
+
+
+def test_student_config_unknown_key(tiny_files):
+    with pytest.raises(ValueError, match="student_config sets 'hidden_sise'"):
+        main(
+            train_argv(
+                tiny_files / "x",
+                "--teacher_model_name_or_path",
+                str(tiny_files / "teacher"),
+                "--student_config",
+                '{"hidden_sise": 32}',
+                "--dataset_name",
+                str(tiny_files / "data.jsonl"),
+            )
         )

@@ -102,6 +102,12 @@ def test_mean_token_nll_ignores_padding_and_pad_id(models):
     with torch.no_grad():
         nll = mean_token_nll(teacher(input_ids=ids, attention_mask=mask).logits, ids, mask)
     np.testing.assert_allclose(nll.tolist(), [reference_nll(teacher, s) for s in seqs], atol=1e-5)
+    left = torch.tensor([[0, 0, 9, 3, 3]])  # left padding takes the general (non-prefix) path
+    left_mask, position_ids = torch.tensor([[0, 0, 1, 1, 1]]), torch.tensor([[0, 0, 0, 1, 2]])
+    with torch.no_grad():
+        logits = teacher(input_ids=left, attention_mask=left_mask, position_ids=position_ids).logits
+    np.testing.assert_allclose(mean_token_nll(logits, left, left_mask).tolist(), [reference_nll(teacher, seqs[1])],
+                               atol=1e-5)  # fmt: skip
 
 
 def test_pretokenised_and_id_column(models, tmp_path):
@@ -150,6 +156,8 @@ def test_kill_and_resume_scores_each_instance_once(models, tmp_path):
         np.testing.assert_allclose(resumed[key], full[key], atol=1e-6, rtol=0)
     again = score(teacher, reference, data, tokenizer, **kwargs)  # finished: nothing to do, same file
     assert seen_t["n"] == n and again["score"] == resumed["score"]
+    merged = score(str(tmp_path / "no-such-model"), reference, data, tokenizer, **kwargs)  # no model is even loaded
+    assert merged["score"] == resumed["score"]
     with pytest.raises(ValueError, match="different max_length"):
         score(teacher, reference, data, tokenizer, **{**kwargs, "max_length": 6})
 

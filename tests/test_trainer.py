@@ -5,12 +5,20 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_llama, make_tokenizer
+from conftest import (
+    distill_config,
+    make_llama,
+    make_lm_trainer,
+    make_tokenizer,
+    one_sgd_step,
+    tokenized_texts,
+    trained_weights,
+)
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
-from hf_distill import DistillationConfig, DistillationSFTConfig, DistillationSFTTrainer, DistillationTrainer
+from hf_distill import DistillationSFTConfig, DistillationSFTTrainer, DistillationTrainer
 from hf_distill.losses import logit_divergence
 
 
@@ -22,35 +30,8 @@ TEXTS = [
 ]
 
 
-def tokenized(tok, texts=TEXTS):
-    return Dataset.from_dict({"text": texts}).map(lambda r: tok(r["text"]), remove_columns=["text"])
-
-
-def config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-    )
-    base.update(kw)
-    return DistillationConfig(**base)
-
-
 def make_trainer(tmp_path, tok, student=None, teacher=None, **kw):
-    return DistillationTrainer(
-        model=student if student is not None else make_llama(2, 32),
-        teacher_model=teacher if teacher is not None else make_llama(4, 64, seed=1),
-        args=config(tmp_path, **kw),
-        train_dataset=tokenized(tok),
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-        processing_class=tok,
-    )
+    return make_lm_trainer(tmp_path, tok, TEXTS, student=student, teacher=teacher, **kw)
 
 
 def manual_loss(student, teacher, batch, kd_weight, ce_weight, temperature, kd_loss="forward_kl"):
@@ -69,8 +50,9 @@ def manual_loss(student, teacher, batch, kd_weight, ce_weight, temperature, kd_l
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])
 @pytest.mark.parametrize("kd_loss", ["forward_kl", "jsd", "skew_reverse_kl"])
 def test_loss_equals_weighted_sum(tmp_path, tokenizer, fused, kd_loss):
-    trainer = make_trainer(tmp_path, tokenizer, kd_weight=0.7, ce_weight=0.2, temperature=2.0,
-                           use_fused_kd_loss=fused, kd_loss=kd_loss)
+    trainer = make_trainer(
+        tmp_path, tokenizer, kd_weight=0.7, ce_weight=0.2, temperature=2.0, use_fused_kd_loss=fused, kd_loss=kd_loss
+    )
     assert trainer._fused is fused
     batch = next(iter(trainer.get_train_dataloader()))
     loss = trainer.compute_loss(trainer.model, batch)
@@ -87,7 +69,7 @@ def test_trains_logs_and_saves_student_only(tmp_path, tokenizer):
     assert not trainer.teacher.training
     assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
     assert all(torch.equal(teacher_before[k], v) for k, v in trainer.teacher.state_dict().items())
-    metrics = trainer.evaluate(tokenized(tokenizer))
+    metrics = trainer.evaluate(tokenized_texts(tokenizer, TEXTS))
     assert {"eval_kd_loss", "eval_ce_loss", "eval_top1_agreement", "eval_loss"} <= set(metrics)
 
     ckpt = tmp_path / "out" / "checkpoint-3"
@@ -102,28 +84,18 @@ def test_trains_logs_and_saves_student_only(tmp_path, tokenizer):
 
 def _final_weights(tmp_path, tok, name, batch_size, accumulation, fused=True):
     texts = ["the cat sat on the mat and the dog sat too", "a dog", "the big red dog is slow", "one plus two"]
-    trainer = DistillationTrainer(
-        model=make_llama(2, 32),
-        teacher_model=make_llama(4, 64, seed=1),
-        args=config(
-            tmp_path / name,
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            optim="sgd",
-            learning_rate=1.0,
-            max_grad_norm=0.0,
-            lr_scheduler_type="constant",
-            kd_weight=0.6,
-            ce_weight=0.4,
-            temperature=2.0,
-        ),
-        train_dataset=tokenized(tok, texts),
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-        processing_class=tok,
+    trainer = make_lm_trainer(
+        tmp_path / name,
+        tok,
+        texts,
+        **one_sgd_step(batch_size, accumulation),
+        kd_weight=0.6,
+        ce_weight=0.4,
+        temperature=2.0,
+        use_fused_kd_loss=fused,
     )
-    trainer.train()
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer._fused is fused
+    return trained_weights(trainer)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])
@@ -166,8 +138,8 @@ def test_different_tokenizers_rejected(tmp_path, tokenizer):
         DistillationTrainer(
             model=make_llama(2, 32),
             teacher_model=make_llama(4, 64, seed=1),
-            args=config(tmp_path),
-            train_dataset=tokenized(tokenizer),
+            args=distill_config(tmp_path),
+            train_dataset=tokenized_texts(tokenizer, TEXTS),
             processing_class=tokenizer,
             teacher_processing_class=other,
         )
@@ -175,11 +147,13 @@ def test_different_tokenizers_rejected(tmp_path, tokenizer):
 
 def test_no_teacher_and_bad_dataset(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="No teacher given"):
-        DistillationTrainer(model=make_llama(2, 32), args=config(tmp_path), train_dataset=tokenized(tokenizer))
+        DistillationTrainer(
+            model=make_llama(2, 32), args=distill_config(tmp_path), train_dataset=tokenized_texts(tokenizer, TEXTS)
+        )
     bad = Dataset.from_dict({"sentence": TEXTS})
     with pytest.raises(ValueError, match=r"columns \['sentence'\].*needs one of input_ids"):
         DistillationTrainer(
-            model=make_llama(2, 32), teacher_model=make_llama(4, 64), args=config(tmp_path), train_dataset=bad
+            model=make_llama(2, 32), teacher_model=make_llama(4, 64), args=distill_config(tmp_path), train_dataset=bad
         )
     with pytest.raises(ValueError, match=r"needs one of text \| messages \| prompt\+completion"):
         DistillationSFTTrainer(
@@ -201,8 +175,8 @@ def test_no_teacher_and_bad_dataset(tmp_path, tokenizer):
 def test_ce_only_needs_no_teacher(tmp_path, tokenizer):
     trainer = DistillationTrainer(
         model=make_llama(2, 32),
-        args=config(tmp_path, kd_weight=0.0, ce_weight=1.0),
-        train_dataset=tokenized(tokenizer),
+        args=distill_config(tmp_path, kd_weight=0.0, ce_weight=1.0),
+        train_dataset=tokenized_texts(tokenizer, TEXTS),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
     )
@@ -305,7 +279,7 @@ def test_sft_packing(tmp_path, tokenizer):
 def test_model_card_written_by_trainer_mechanism(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
     trainer.train()
-    trainer.evaluate(tokenized(tokenizer))
+    trainer.evaluate(tokenized_texts(tokenizer, TEXTS))
     trainer.create_model_card(model_name="tiny-student")  # what push_to_hub calls before uploading
     card = (tmp_path / "out" / "README.md").read_text()
     assert "- hf-distill" in card and "- distillation" in card
@@ -318,3 +292,8 @@ def test_fused_and_materialised_paths_take_the_same_step(tmp_path, tokenizer):
     materialised = _final_weights(tmp_path, tokenizer, "m", 4, 1, fused=False)
     for key in fused:
         assert torch.allclose(fused[key], materialised[key], atol=1e-5), key
+
+
+def test_teacher_not_kept_when_nothing_needs_it(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, kd_weight=0.0, ce_weight=1.0)
+    assert trainer.teacher is None

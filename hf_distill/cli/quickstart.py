@@ -25,13 +25,13 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="smollm2", help="Teacher Hub id / path, or 'smollm2' (the wheel's GGUF).")
     p.add_argument("--output_dir", default="runs/quickstart", help="Where the transfer set, students and report go.")
     p.add_argument("--num_layers", type=int, default=10, help="Student depth (evenly spaced teacher layers).")
-    p.add_argument("--num_samples", type=int, default=440, help="Transfer-set size (train + held-out).")
+    p.add_argument("--num_samples", type=int, default=288, help="Transfer-set size (train + held-out).")
     p.add_argument("--held_out_fraction", type=float, default=0.1, help="Fraction of samples held out for evaluation.")
-    p.add_argument("--max_new_tokens", type=int, default=96, help="Teacher completion length when sampling.")
-    p.add_argument("--generation_batch_size", type=int, default=16, help="Prompts per generate call.")
-    p.add_argument("--steps", type=int, default=100, help="Optimizer steps for each student.")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="Teacher completion length when sampling.")
+    p.add_argument("--generation_batch_size", type=int, default=32, help="Prompts per generate call.")
+    p.add_argument("--steps", type=int, default=80, help="Optimizer steps for each student.")
     p.add_argument("--batch_size", type=int, default=8, help="Sequences per step.")
-    p.add_argument("--max_length", type=int, default=192, help="Truncate training sequences to this many tokens.")
+    p.add_argument("--max_length", type=int, default=128, help="Truncate training sequences to this many tokens.")
     p.add_argument("--learning_rate", type=float, default=2e-4, help="Peak learning rate (cosine schedule).")
     p.add_argument("--kd_loss", default="forward_kl", help="Divergence of the KD student.")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature.")
@@ -72,6 +72,7 @@ def _train_student(name, teacher, tokenizer, data, opts, kd_weight, ce_weight, u
         ce_weight=ce_weight,
         teacher_model_name_or_path=None,
         dataloader_num_workers=0,
+        gradient_checkpointing=False,  # TRL enables it by default; memory is not the constraint here
     )
     trainer = DistillationSFTTrainer(
         model=student,

@@ -8,7 +8,8 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..config import DistillationSFTConfig
 from ..data import load_any_dataset
-from ..teacher import load_model, load_tokenizer, parse_init_kwargs
+from ..tasks import TASKS, build_task_trainer, load_task_model, task_label_kwargs
+from ..teacher import load_tokenizer, parse_init_kwargs, quantized_student_kwargs
 
 
 @dataclass
@@ -37,6 +38,31 @@ class TrainScriptArguments:
         metadata={
             "help": "Turn string prompt/completion columns into user/assistant messages, so the tokenizer's "
             "chat template is applied (loss on the assistant turn only)."
+        },
+    )
+    student_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Build a randomly initialised student from the teacher's config with these overrides, e.g. "
+            '\'{"hidden_size": 288, "num_hidden_layers": 6}\' (TinyBERT-style narrow students).'
+        },
+    )
+    task: str = field(
+        default="causal_lm",
+        metadata={
+            "help": "What the student predicts: causal_lm (SFT data: text, prompt/completion or messages), seq2seq, "
+            "sequence_classification, token_classification or masked_lm (tokenized from the columns below).",
+            "choices": list(TASKS),
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "Input text column (non-causal tasks)."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Second input text column, e.g. the hypothesis of an NLI pair."}
+    )
+    label_column: str = field(
+        default="label",
+        metadata={
+            "help": "Class names/ids (classification), tag lists (token classification) or target text (seq2seq)."
         },
     )
     student_num_layers: int | None = field(
@@ -75,6 +101,24 @@ def prepare_columns(dataset, script_args: TrainScriptArguments):
     return dataset
 
 
+def student_from_config(teacher, overrides: dict | str):
+    """A randomly initialised model of the teacher's class and config, with `overrides` applied."""
+    import copy
+
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides)
+    config = copy.deepcopy(teacher.config)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"student_config sets {key!r}, which {type(config).__name__} does not have.")
+        setattr(config, key, value)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if "num_hidden_layers" in overrides and getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[: overrides["num_hidden_layers"]]
+    return type(teacher)(config)
+
+
 def make_parser(prog: str | None = None) -> TrlParser:
     parser = TrlParser((TrainScriptArguments, DistillationSFTConfig, ModelConfig), prog=prog)
     return parser
@@ -104,17 +148,6 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    teacher = teacher_path
-    if model_args.model_name_or_path is not None:
-        student = load_model(model_args.model_name_or_path, **model_kwargs)
-    elif script_args.student_num_layers is not None and teacher_path is not None:
-        from ..student import init_student_from_teacher
-
-        teacher = load_model(teacher_path, **teacher_kwargs)
-        student = init_student_from_teacher(teacher, num_layers=script_args.student_num_layers)
-    else:
-        raise ValueError("Name the student: `model_name_or_path`, or `student_num_layers` with a teacher.")
-
     train = load_any_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     evaluation = None
     if script_args.eval_dataset_name:
@@ -125,6 +158,28 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
         )
     train = prepare_columns(train, script_args)
     evaluation = prepare_columns(evaluation, script_args) if evaluation is not None else None
+    label_kwargs = task_label_kwargs(train, script_args.task, script_args.label_column)
+
+    teacher = teacher_path
+    if model_args.model_name_or_path is not None:
+        model_kwargs.update(quantized_student_kwargs(model_args))  # QLoRA: {} unless load_in_4bit / load_in_8bit
+        student = load_task_model(model_args.model_name_or_path, script_args.task, label_kwargs, **model_kwargs)
+    elif script_args.student_num_layers is not None and teacher_path is not None:
+        from ..student import init_student_from_teacher
+
+        teacher = load_task_model(teacher_path, script_args.task, label_kwargs, **teacher_kwargs)
+        student = init_student_from_teacher(teacher, num_layers=script_args.student_num_layers)
+    elif script_args.student_config is not None and teacher_path is not None:
+        teacher = load_task_model(teacher_path, script_args.task, label_kwargs, **teacher_kwargs)
+        student = student_from_config(teacher, script_args.student_config)
+    else:
+        raise ValueError(
+            "Name the student: `model_name_or_path`, or `student_num_layers` / `student_config` with a teacher."
+        )
+    if script_args.task != "causal_lm":
+        if model_args.use_peft:
+            raise ValueError("`use_peft` is supported for task causal_lm only.")
+        return build_task_trainer(script_args, args, student, teacher, tokenizer, train, evaluation)
     return DistillationSFTTrainer(
         model=student,
         teacher_model=teacher,

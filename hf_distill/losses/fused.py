@@ -31,8 +31,9 @@ from .logits import LOGIT_LOSSES
 
 
 IGNORE_INDEX = -100
-# Automatic chunking keeps one `[rows, V]` block at 2**23 elements (32 MiB in fp32); a chunk holds about five.
-_AUTO_BLOCK_ELEMENTS = 1 << 23
+# Automatic chunking keeps one `[rows, V]` block under 2**24 elements (64 MiB in fp32); a chunk holds at most about
+# five such blocks. Larger blocks cost memory for little speed (benchmarks/kd_loss_memory.py).
+_AUTO_BLOCK_ELEMENTS = 1 << 24
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -198,7 +199,7 @@ class _FusedLogitDistillation(torch.autograd.Function):
     """Chunked divergence (and optional hard-label CE) whose gradients are computed during the forward pass."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts: _Options):
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts: _Options, stats=None):
         ctx.set_materialize_grads(False)
         n = s_hidden.shape[0]
         dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
@@ -248,6 +249,9 @@ class _FusedLogitDistillation(torch.autograd.Function):
                 log_pt.div_(temperature)
                 log_pt.sub_(torch.logsumexp(log_pt, dim=-1, keepdim=True))
             del z
+            if stats is not None:  # argmax is unchanged by temperature and log-softmax
+                agree = (log_ps.argmax(-1) == log_pt.argmax(-1)).sum()
+                stats["top1_agreement"] = stats.get("top1_agreement", 0) + agree
             loss_rows, g = divergence(log_ps, log_pt, need_grad, **hyper)
             del log_ps, log_pt
             kd_sum += loss_rows.sum()
@@ -279,15 +283,18 @@ class _FusedLogitDistillation(torch.autograd.Function):
             if ce_part is not None and grad_ce is not None:
                 total = ce_part * grad_ce if total is None else total.addcmul_(ce_part, grad_ce)
             out.append(None if total is None else total.to(dtype))
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def _leading(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape[:-1])
 
 
-def _auto_chunk_size(vocab: int) -> int:
-    return max(1, _AUTO_BLOCK_ELEMENTS // vocab)
+def _auto_chunk_size(n: int, vocab: int) -> int:
+    """Rows per chunk: at most `_AUTO_BLOCK_ELEMENTS // vocab`, split evenly over the `n` rows."""
+    max_rows = max(1, _AUTO_BLOCK_ELEMENTS // vocab)
+    num_chunks = max(1, -(-n // max_rows))
+    return max(1, -(-n // num_chunks))
 
 
 def fused_logit_distillation_loss(
@@ -311,6 +318,7 @@ def fused_logit_distillation_loss(
     vocab_size: int | None = None,
     labels: torch.Tensor | None = None,
     reduction: str = "mean",
+    stats: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Teacher-logit divergence (and optionally hard-label CE) computed in token chunks from hidden states.
 
@@ -331,7 +339,8 @@ def fused_logit_distillation_loss(
         beta (`float`): jsd interpolation (TRL's GKD convention), 0 = forward KL, 1 = reverse KL.
         skew_alpha (`float`): skew KL mixing weight.
         mask (`torch.Tensor`, *optional*): bool, shape `(N,)` or `(B, T)`; only these positions are computed.
-        chunk_size (`int`, *optional*): token rows per chunk; None picks `2**23 // V` rows (32 MiB fp32 blocks).
+        chunk_size (`int`, *optional*): token rows per chunk; None picks at most `2**24 // V` rows
+            (64 MiB fp32 blocks), split evenly.
         student_bias (`torch.Tensor`, *optional*): shape `(V_s,)`; teacher_bias likewise `(V_t,)`.
         student_logit_scale (`float`): multiplies the student's logits (e.g. Cohere's `logit_scale`);
             teacher_logit_scale likewise.
@@ -341,6 +350,8 @@ def fused_logit_distillation_loss(
         labels (`torch.Tensor`, *optional*): int, shape `(N,)` or `(B, T)`, -100 ignored. When given, also returns the
             hard-label cross-entropy of the student's logits (temperature 1) over the selected positions.
         reduction (`str`): "mean" over the selected positions (CE: over those with a label) or "sum".
+        stats (`dict`, *optional*): when given, `stats["top1_agreement"]` is set to the number of selected positions
+            where the student's and teacher's argmax tokens agree (a by-product of the chunks; no extra matmul).
 
     Returns:
         `torch.Tensor` or `tuple[torch.Tensor, torch.Tensor]`: the divergence, a scalar (0 when nothing is selected),
@@ -405,7 +416,7 @@ def fused_logit_distillation_loss(
         temperature=float(temperature),
         beta=float(beta),
         skew_alpha=float(skew_alpha),
-        chunk_size=chunk_size or _auto_chunk_size(vocab_size),
+        chunk_size=chunk_size or _auto_chunk_size(s_hidden.shape[0], vocab_size),
         reduction=reduction,
         student_logit_scale=float(student_logit_scale),
         teacher_logit_scale=float(teacher_logit_scale),
@@ -424,5 +435,6 @@ def fused_logit_distillation_loss(
         None if teacher_bias is None else teacher_bias.detach(),
         labels,
         opts,
+        stats,
     )
     return (kd, ce) if labels is not None else kd

@@ -108,11 +108,8 @@ def skew_reverse_kl(
     **_: float,
 ) -> torch.Tensor:
     """Skew reverse KL of DistiLLM: KL(p_s || a * p_s + (1 - a) * p_t). Shapes as `forward_kl`."""
-    log_s = _log_softmax(student_logits, temperature)
-    log_t = _log_softmax(teacher_logits, temperature)
-    if skew_alpha == 0:
-        return _kl(log_s, log_t)
-    return _kl(log_s, _log_mix(log_s, log_t, skew_alpha))
+    # the skew forward KL with the two models' roles swapped
+    return skew_forward_kl(teacher_logits, student_logits, temperature=temperature, skew_alpha=skew_alpha)
 
 
 def tvd(

@@ -313,3 +313,40 @@ def test_no_tensor_larger_than_one_chunk_of_logits(loss_type):
     assert largest_vocab_block_rows(run_materialised, vocab) >= n  # the recorder does see full [N, V] logits
     assert largest_vocab_block_rows(run_fused, vocab) == chunk  # here at most one chunk's block ever exists
     assert s_weight.grad is not None and torch.isfinite(s_weight.grad).all()
+
+
+def test_stats_count_top1_agreement():
+    g = torch.Generator().manual_seed(3)
+    hs, ws = torch.randn(13, 8, generator=g), torch.randn(20, 8, generator=g)
+    ht, wt = torch.randn(13, 8, generator=g), torch.randn(20, 8, generator=g)
+    stats = {}
+    fused_logit_distillation_loss(hs, ws, ht, wt, chunk_size=4, stats=stats)
+    expected = ((hs @ ws.T).argmax(-1) == (ht @ wt.T).argmax(-1)).sum()
+    assert int(stats["top1_agreement"]) == int(expected)
+    stats = {}
+    fused_logit_distillation_loss(hs, ws, hs, ws, chunk_size=5, stats=stats)
+    assert int(stats["top1_agreement"]) == 13
+
+
+def test_automatic_chunk_size_splits_rows_evenly(monkeypatch):
+    import hf_distill.losses.fused as fused_module
+
+    vocab = 37
+    monkeypatch.setattr(fused_module, "_AUTO_BLOCK_ELEMENTS", 10 * vocab)  # at most 10 rows per block
+    s_hidden, s_weight, _, t_hidden, t_weight, _ = make_inputs(n=23, h_s=6, h_t=5, vocab=vocab)  # H < rows
+
+    def run():
+        fused_logit_distillation_loss(s_hidden, s_weight, t_hidden, t_weight, loss_type="jsd").backward()
+
+    assert largest_vocab_block_rows(run, vocab) == 8  # 23 rows in 3 even chunks of <= 8, not 10 + 10 + 3
+
+
+def test_bfloat16_inputs_match_materialised_bfloat16_logits():
+    inputs = make_inputs(dtype=torch.bfloat16, bias=True)
+    got = fused(*inputs, loss_type="jsd", chunk_size=6)
+    expected = materialised(*inputs, loss_type="jsd")  # bf16 logits, fp32 divergence, as a bf16 model would give
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-3)
+    for g, e in zip(student_grads(got, inputs), student_grads(expected, inputs)):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), e.float(), rtol=5e-2, atol=5e-3)

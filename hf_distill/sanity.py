@@ -1,0 +1,120 @@
+"""Run-time checks that warn instead of failing: a KD term that is zero from the first step, and mixed-precision
+settings of the training config that disagree with the accelerate config the run was launched with."""
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+logger = logging.getLogger(__name__)
+
+_warned: set[str] = set()  # messages already logged by `warn_once` in this process
+
+ZERO_KD_CAUSES = (
+    "Likely causes: (1) the teacher has the student's weights (the student is a full copy of the teacher, or both "
+    "were loaded from the same checkpoint); (2) a LoRA student on top of the teacher's weights: LoRA's B matrices "
+    "start at zero, so the KD term starts at 0 and only grows as the adapters train (expected for self-distillation "
+    "from the base model); (3) a teacher PeftModel whose adapter is disabled, zero-initialised or never loaded, so "
+    "it equals a student built from the same base; (4) teacher_model_name_or_path names the student's own checkpoint."
+)
+
+
+def warn_once(message: str, *args: Any) -> None:
+    """`logger.warning(message, *args)` the first time this formatted message comes up in this process."""
+    text = message % args if args else message
+    if text not in _warned:
+        _warned.add(text)
+        logger.warning(text)
+
+
+def kd_signal_problem(
+    kd_sum: torch.Tensor,
+    n_tokens: int,
+    student: nn.Module,
+    teacher: nn.Module,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+) -> str | None:
+    """Why a KD term carries no signal, or None when it does.
+
+    Args:
+        kd_sum (`torch.Tensor`): the KD divergence summed over the supervised positions (scalar).
+        n_tokens (`int`): the number N of supervised positions.
+        student (`nn.Module`), teacher (`nn.Module`): the two models; the same object is intended self-KD (no problem).
+        student_logits (`torch.Tensor`, *optional*): supervised positions of the student, shape `(N, V)`.
+        teacher_logits (`torch.Tensor`, *optional*): the teacher's at the same positions, shape `(N, V)` (the
+            chunked loss has no logits: then only `kd_sum` is looked at).
+
+    Returns:
+        `str` or `None`: a message naming the likely causes.
+    """
+    if student is teacher:
+        return None
+    if n_tokens == 0:
+        return (
+            "The first training batch has no supervised tokens (every label is -100), so the KD and CE terms are 0. "
+            "Check the collator (labels = -100 only on prompt and padding), `completion_only_loss` / "
+            "`assistant_only_loss` with data that has completions / assistant turns, and that `max_length` does not "
+            "truncate the completions away."
+        )
+    if student_logits is not None and teacher_logits is not None and torch.equal(student_logits, teacher_logits):
+        return f"The student's logits equal the teacher's on the first step, so the KD term is 0. {ZERO_KD_CAUSES}"
+    if kd_sum.item() == 0.0:
+        return f"The KD term is exactly 0 on the first step (same distributions as the teacher). {ZERO_KD_CAUSES}"
+    return None
+
+
+def check_first_step_kd(
+    trainer: Any,
+    kd_sum: torch.Tensor,
+    n_tokens: int,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+) -> str | None:
+    """Called by the trainer with each KD term; on the first training call only, logs `kd_signal_problem`'s
+    warning (once per process) and returns it. Later calls, and evaluation, return None at once.
+
+    Args:
+        trainer (`DistillationMixin`): reads `model` (the student) and `teacher`; marks itself as checked.
+        kd_sum, n_tokens, student_logits, teacher_logits: as in `kd_signal_problem`.
+    """
+    if getattr(trainer, "_kd_signal_checked", False) or not trainer.model.training:
+        return None
+    trainer._kd_signal_checked = True
+    problem = kd_signal_problem(kd_sum, n_tokens, trainer.model, trainer.teacher, student_logits, teacher_logits)
+    if problem is not None:
+        warn_once(problem)
+    return problem
+
+
+def mixed_precision_mismatch(args: Any, launcher_precision: str | None = None) -> str | None:
+    """A message when the training config's `bf16`/`fp16` disagrees with the accelerate config's mixed precision.
+
+    `accelerate launch` exports the config's `mixed_precision` as `ACCELERATE_MIXED_PRECISION`; transformers then lets
+    `bf16=True` / `fp16=True` of the training config win without a word.
+
+    Args:
+        args (`TrainingArguments`): the training config.
+        launcher_precision (`str`, *optional*): defaults to the `ACCELERATE_MIXED_PRECISION` environment variable;
+            nothing to compare (None) outside `accelerate launch`.
+    """
+    launcher = launcher_precision if launcher_precision is not None else os.environ.get("ACCELERATE_MIXED_PRECISION")
+    requested = "fp16" if getattr(args, "fp16", False) else "bf16" if getattr(args, "bf16", False) else None
+    if launcher is None or requested is None or launcher.lower() == requested:
+        return None
+    return (
+        f"Mixed precision disagrees: the accelerate config says mixed_precision={launcher.lower()!r} but the training "
+        f"config sets {requested}=True, and the training config wins, so this run uses {requested}. Make them agree "
+        f"(`mixed_precision: {requested}` in the accelerate config, or `{requested}: false` in the recipe)."
+    )
+
+
+def warn_mixed_precision_mismatch(args: Any) -> str | None:
+    """Log `mixed_precision_mismatch(args)` once, from the main process only; returns the message."""
+    problem = mixed_precision_mismatch(args)
+    if problem is not None and getattr(args, "process_index", 0) == 0:
+        warn_once(problem)
+    return problem

@@ -1,0 +1,66 @@
+"""`hf-distill quickstart` end to end on a tiny local teacher (the real SmolLM2 run is `-m slow`)."""
+
+import json
+
+import pytest
+from conftest import make_llama, make_tokenizer
+from transformers import AutoModelForCausalLM
+
+from hf_distill.cli.main import main
+
+
+def run_quickstart(teacher_path, out, *extra):
+    main(["quickstart", "--teacher", str(teacher_path), "--output_dir", str(out), "--num_layers", "2", *extra])
+    return json.loads((out / "results.json").read_text())
+
+
+def run_tiny_quickstart(tmp_path, steps: int):
+    """`run_quickstart` on the tiny teacher in `tmp_path / "teacher"`: 12 samples of 8 tokens, `steps` steps."""
+    return run_quickstart(
+        tmp_path / "teacher",
+        tmp_path / "qs",
+        "--num_samples",
+        "12",
+        "--max_new_tokens",
+        "8",
+        "--steps",
+        str(steps),
+        "--batch_size",
+        "4",
+        "--generation_batch_size",
+        "6",
+    )
+
+
+def test_quickstart_tiny(tmp_path):
+    make_llama(4, 64, seed=1).save_pretrained(tmp_path / "teacher")
+    make_tokenizer().save_pretrained(tmp_path / "teacher")
+    report = run_tiny_quickstart(tmp_path, steps=3)
+    assert set(report["results"]) == {"kd_student", "ce_only_student", "teacher"}
+    for name in ("kd_student", "ce_only_student"):
+        assert report["results"][name]["tokens"] > 0 and report["results"][name]["kl"] > 0
+    card = (tmp_path / "qs" / "student" / "README.md").read_text()
+    assert "- hf-distill" in card and "- distillation" in card and "kd_student" in card
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "qs" / "student").config.num_hidden_layers == 2
+    # the transfer set is cached: a second run reuses the files on disk instead of generating again
+    cache = tmp_path / "qs" / "transfer_set"
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    run_tiny_quickstart(tmp_path, steps=1)
+    assert before and {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_quickstart_real_teacher_smoke(tmp_path):
+    report = run_quickstart(
+        "smollm2",
+        tmp_path / "qs",
+        "--num_samples",
+        "16",
+        "--max_new_tokens",
+        "16",
+        "--steps",
+        "2",
+        "--batch_size",
+        "4",
+    )
+    assert report["results"]["teacher"]["perplexity"] < 100
