@@ -245,6 +245,11 @@ class PolicyBatchRewriter:
 
     def __call__(self, batch: dict, *, student: nn.Module, teacher: nn.Module | None, accelerator: Any) -> dict:
         """The micro-batch to train on (the same object when nothing is replaced)."""
+        if "task" in batch:
+            raise ValueError(
+                "On-policy samples (`lmbda`) and `seq_kd` rewrite single prompt/completion batches; they do not apply "
+                "to the two task views of a RationaleCollator batch."
+            )
         if self.args.seq_kd:
             if teacher is None:
                 raise ValueError("`seq_kd=True` needs a live teacher to generate the targets (not a teacher cache).")
