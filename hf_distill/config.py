@@ -63,6 +63,25 @@ class DistillationArguments:
     relation_weight (`float`, defaults to `1.0`): weight of the relation term.
     relation_pooling (`str`, defaults to `"mean"`): mean (over supervised tokens) | first | last.
 
+    > Parameters that control other teacher sources (offline cache, on-policy samples, sequence-level KD, several
+    teachers)
+
+    teacher_cache (`str`, *optional*):
+        Folder written by `hf-distill cache-teacher`: train from the teacher's cached top-k log-probabilities with no
+        teacher in memory (sparse KD with a tail bucket, `hf_distill.losses.sparse`).
+    lmbda (`float`, defaults to `0.0`):
+        Probability that a micro-batch's completions are replaced by student samples (GKD's on-policy fraction).
+    max_new_tokens (`int`, defaults to `128`): completion length limit for on-policy samples and `seq_kd`.
+    generation_temperature (`float`, defaults to `1.0`):
+        Sampling temperature of on-policy samples (the KD softmax has its own `temperature`).
+    seq_kd (`bool`, defaults to `False`): replace completions by teacher generations (sequence-level KD).
+    seq_kd_do_sample (`bool`, defaults to `False`): sample the `seq_kd` targets at `generation_temperature`
+        instead of greedy decoding.
+    teacher_models_name_or_path (`list[str]`, *optional*): several teachers (same tokenizer as the student).
+    teacher_weights (`list[float]`, *optional*): one weight per teacher (default: equal).
+    multi_teacher_mode (`str`, defaults to `"mixture"`): `mixture` (divergence to the weighted mixture of the
+        teachers' distributions) or `sum` (weighted sum of per-teacher divergences).
+
     > Parameters that control rationale distillation (distilling step-by-step)
 
     label_weight (`float`, defaults to `0.5`):
@@ -149,6 +168,41 @@ class DistillationArguments:
         },
     )
 
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "Teacher cache folder from `hf-distill cache-teacher`: train with no teacher in memory."},
+    )
+    lmbda: float = field(
+        default=0.0,
+        metadata={"help": "Probability in [0, 1] that a batch's completions are replaced by student samples (GKD)."},
+    )
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Completion length limit of on-policy samples and seq_kd generations."}
+    )
+    generation_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (> 0) of on-policy samples (not the KD temperature)."}
+    )
+    seq_kd: bool = field(
+        default=False, metadata={"help": "Sequence-level KD: replace completions by the teacher's generations."}
+    )
+    seq_kd_do_sample: bool = field(
+        default=False, metadata={"help": "Sample seq_kd targets at generation_temperature instead of greedy."}
+    )
+    teacher_models_name_or_path: list[str] | None = field(
+        default=None, metadata={"help": "Several teachers (Hub ids or paths) sharing the student's tokenizer."}
+    )
+    teacher_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight (>= 0) per teacher; default equal weights."}
+    )
+    multi_teacher_mode: str = field(
+        default="mixture",
+        metadata={
+            "help": "mixture: divergence to the weighted mixture of teacher distributions; sum: weighted sum of "
+            "per-teacher divergences.",
+            "choices": ["mixture", "sum"],
+        },
+    )
+
     @property
     def uses_features(self) -> bool:
         """Whether any hidden-state / attention / relation term is on."""
@@ -227,6 +281,40 @@ class DistillationArguments:
                     f"`teacher_model_init_kwargs` must be a dict or a JSON object string, got "
                     f"{self.teacher_model_init_kwargs!r} ({err})."
                 ) from err
+        self.validate_teacher_sources()
+
+    def validate_teacher_sources(self) -> None:
+        """Checks of the cache, on-policy, seq_kd and multi-teacher fields."""
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"`lmbda` must be in [0, 1] (probability of on-policy batches), got {self.lmbda}.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {self.max_new_tokens}.")
+        if not self.generation_temperature > 0:
+            raise ValueError(f"`generation_temperature` must be > 0, got {self.generation_temperature}.")
+        if self.multi_teacher_mode not in ("mixture", "sum"):
+            raise ValueError(f"`multi_teacher_mode` must be 'mixture' or 'sum', got {self.multi_teacher_mode!r}.")
+        if self.teacher_models_name_or_path is not None and self.teacher_model_name_or_path is not None:
+            raise ValueError(
+                "Set `teacher_model_name_or_path` (one teacher) or `teacher_models_name_or_path` (several), not both."
+            )
+        if self.teacher_weights is not None:
+            if any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
+                raise ValueError(f"`teacher_weights` must be >= 0 with a positive sum, got {self.teacher_weights}.")
+            n = len(self.teacher_models_name_or_path or [])
+            if n and len(self.teacher_weights) != n:
+                raise ValueError(
+                    f"`teacher_weights` has {len(self.teacher_weights)} entries for {n} teachers in "
+                    "`teacher_models_name_or_path`; give one weight per teacher."
+                )
+        if self.teacher_cache is not None:
+            if self.teacher_model_name_or_path is not None or self.teacher_models_name_or_path is not None:
+                raise ValueError(
+                    "`teacher_cache` replaces the live teacher: unset `teacher_model_name_or_path` / "
+                    "`teacher_models_name_or_path`."
+                )
+            from .cache import check_cache_config
+
+            check_cache_config(self)
 
 
 def _default_bf16() -> bool:

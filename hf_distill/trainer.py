@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from trl import SFTTrainer
 
+from .cache import CACHE_BATCH_KEYS, CachedTeacherOutputs, cache_logit_terms, cached_teacher_outputs
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
 from .heads import (
     aligned_labels,
@@ -36,23 +37,26 @@ from .heads import (
 from .hints import HintDistiller
 from .losses.fused import fused_logit_distillation_loss
 from .model_card import trainer_model_card
+from .multi_teacher import multi_teacher_logit_terms, setup_teachers
 from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
 from .projectors import load_projectors, save_projectors
 from .sanity import check_first_step_kd, warn_mixed_precision_mismatch
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher
+from .teacher_sources import TeacherSourcesMixin
 
 
 logger = logging.getLogger(__name__)
 
 # Batch keys that are not model inputs (targets, and masks produced by collators).
 NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task", TASK_COUNTS_KEY}
+NON_MODEL_KEYS.update(CACHE_BATCH_KEYS)  # teacher-cache entries added by TeacherCacheCollator
 
 
 def _tokenizer_of(processing_class: Any) -> Any:
     return getattr(processing_class, "tokenizer", processing_class)
 
 
-class DistillationMixin:
+class DistillationMixin(TeacherSourcesMixin):
     """Teacher handling, loss assembly and metrics shared by both distillation trainers."""
 
     _tag_names: ClassVar[list[str]] = ["hf-distill", "distillation"]
@@ -75,6 +79,8 @@ class DistillationMixin:
                 f"distillation fields), got {type(args).__name__}."
             )
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_models_name_or_path
+        self._teacher_cache = self._open_teacher_cache(args, teacher_model, kwargs)
         if teacher_model is None and self._needs_teacher(args):
             raise ValueError(
                 "No teacher given: pass `teacher_model=` (a model or a Hub id/path) or set "
@@ -94,17 +100,20 @@ class DistillationMixin:
         self._hints = None
         if teacher_model is not None and not self._needs_teacher(args):
             logger.info("kd_weight is 0 and no hint/relation term is on: the teacher is not loaded or run.")
+        elif isinstance(teacher_model, list | tuple):
+            setup_teachers(self, teacher_model, teacher_processing_class)
         elif teacher_model is not None:
             self._setup_teacher(teacher_model, teacher_processing_class)
-            if args.uses_features:
-                self._setup_hints()
+        self._setup_teacher_sources()
+        if self.teacher is not None and args.uses_features:
+            self._setup_hints()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @staticmethod
     def _needs_teacher(args: DistillationArguments) -> bool:
-        return args.kd_weight > 0 or args.uses_features
+        return (args.kd_weight > 0 and args.teacher_cache is None) or args.uses_features or args.seq_kd
 
     def _check_dataset(self, dataset: Any, args: DistillationArguments, collator: Any = None) -> None:
         columns = getattr(dataset, "column_names", None)
@@ -254,6 +263,11 @@ class DistillationMixin:
 
     def _teacher_outputs(self, model_inputs: dict[str, Any], inputs: dict[str, Any]) -> Any:
         """The teacher's outputs on the student's inputs, or None without a teacher."""
+        if self._teacher_cache is not None:
+            return cached_teacher_outputs(inputs)
+        if len(self.teachers) > 1:
+            with torch.no_grad():
+                return [teacher(**model_inputs, **self._forward_kwargs()) for teacher in self.teachers]
         if self.teacher is None:
             return None
         with torch.no_grad():
@@ -273,6 +287,10 @@ class DistillationMixin:
         if "task" in inputs:  # distilling step-by-step: one set of terms per task view (multitask.py)
             return split_by_task(self._logit_terms, outputs, teacher_outputs, inputs)
         labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
+        if isinstance(teacher_outputs, CachedTeacherOutputs):
+            return cache_logit_terms(self, outputs, teacher_outputs, inputs)
+        if isinstance(teacher_outputs, list):
+            return multi_teacher_logit_terms(self, outputs, teacher_outputs, inputs)
         if self._fused:
             return self._fused_logit_terms(outputs, teacher_outputs, labels, shift_labels)
         teacher_logits = teacher_outputs.logits if teacher_outputs is not None else None

