@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import make_llama, make_lm_trainer
 from safetensors.torch import load_file
-from test_trainer import TEXTS, config, tokenized
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+from test_trainer import TEXTS
+from transformers import AutoModelForCausalLM
 
-from hf_distill import DistillationTrainer
 from hf_distill.losses.features import mse
 
 
@@ -21,14 +20,7 @@ def hint_trainer(tmp_path, tok, student=None, **kw):
         relation_weight=1.0,
     )
     base.update(kw)
-    return DistillationTrainer(
-        model=student if student is not None else make_llama(2, 32),
-        teacher_model=make_llama(4, 64, seed=1),
-        args=config(tmp_path, **base),
-        train_dataset=tokenized(tok),
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-        processing_class=tok,
-    )
+    return make_lm_trainer(tmp_path, tok, TEXTS, student=student, **base)
 
 
 def test_all_components_decrease_on_a_fixed_batch(tmp_path, tokenizer):
@@ -123,7 +115,7 @@ def test_hint_layers_json_string_and_uniform(tmp_path, tokenizer):
 
 def test_eager_attention_only_when_needed(tmp_path, tokenizer):
     trainer = hint_trainer(tmp_path, tokenizer, attention_weight=0.0)
-    assert trainer.model.config._attn_implementation != "eager" or TEXTS  # sdpa kept without attention losses
+    assert trainer.model.config._attn_implementation != "eager"  # sdpa kept without attention losses
     trainer = hint_trainer(tmp_path, tokenizer, attention_weight=1.0)
     assert trainer.model.config._attn_implementation == "eager"
     assert trainer.teacher.config._attn_implementation == "eager"
