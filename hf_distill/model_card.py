@@ -99,11 +99,16 @@ def trainer_model_card(
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     description = f"{arch}, {layers} layers, {n_params / 1e6:.1f}M parameters"
-    teacher = trainer.teacher
-    teacher_name = args.teacher_model_name_or_path or (
-        getattr(getattr(teacher, "config", None), "_name_or_path", None)
-        or (type(teacher).__name__ if teacher else None)
-    )
+    teachers = getattr(trainer, "teachers", None) or ([trainer.teacher] if trainer.teacher is not None else [])
+    names = list(getattr(args, "teacher_models_name_or_path", None) or [])
+    if not names and args.teacher_model_name_or_path:
+        names = [args.teacher_model_name_or_path]
+    if not names:
+        names = [getattr(getattr(t, "config", None), "_name_or_path", None) or type(t).__name__ for t in teachers]
+    cache = getattr(trainer, "_teacher_cache", None)
+    if not names and cache is not None:
+        names = [f"{cache.info['teacher']['name_or_path']} (offline top-{cache.info.get('k')} cache)"]
+    teacher_name = ", ".join(n for n in names if n) or None
     losses = {name: getattr(args, name) for name in ("kd_loss", "temperature", "kd_weight", "ce_weight")}
     if args.kd_loss == "jsd":
         losses["beta"] = args.beta

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "distributed"
 ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 TRAIN_RECIPES = sorted((ROOT / "recipes").glob("[kc][de]/*.yaml"))
-DOCS = [ROOT / "docs" / "multi_gpu.md", ROOT / "docs" / "readme_multi_gpu_section.md"]
+DOCS = [ROOT / "docs" / "multi_gpu.md", ROOT / "README.md"]
 KEYS = ("loss", "kd_loss", "ce_loss", "grad_norm")
 
 

@@ -137,6 +137,12 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
         model_kwargs["attn_implementation"] = model_args.attn_implementation
 
     tok_path = script_args.tokenizer_name_or_path or model_args.model_name_or_path or teacher_path
+    if tok_path is None and args.teacher_models_name_or_path:
+        tok_path = args.teacher_models_name_or_path[0]  # several teachers share one tokenizer
+    if tok_path is None and args.teacher_cache:
+        from ..cache import TeacherCache
+
+        tok_path = TeacherCache(args.teacher_cache).info["tokenizer"]["name_or_path"]
     if tok_path is None:
         raise ValueError("Set `model_name_or_path` (the student) or `teacher_model_name_or_path`.")
     if tok_path == teacher_path:
