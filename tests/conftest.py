@@ -24,7 +24,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill import DistillationConfig, DistillationSFTConfig, DistillationTrainer
 
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -141,16 +141,33 @@ def distill_config(tmp_path, **overrides) -> DistillationConfig:
     return DistillationConfig(**base)
 
 
+def distill_sft_config(tmp_path, **overrides) -> DistillationSFTConfig:
+    """A tiny CPU `DistillationSFTConfig`: batch 2, 2 steps, a log line each step, no checkpoints, output in
+    `tmp_path/sft`. `overrides` replace or add any field."""
+    base = dict(
+        output_dir=str(tmp_path / "sft"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    base.update(overrides)
+    return DistillationSFTConfig(**base)
+
+
 def make_lm_trainer(
-    tmp_path, tok, texts: list[str], student=None, teacher=None, collator=None, **overrides
+    tmp_path, tok, texts: list[str] | Dataset, student=None, teacher=None, collator=None, **overrides
 ) -> DistillationTrainer:
-    """A causal-LM `DistillationTrainer` on `texts` with `distill_config(tmp_path, **overrides)`; the student and
-    teacher default to `make_llama(2, 32)` and `make_llama(4, 64, seed=1)`, the collator to the causal-LM one."""
+    """A causal-LM `DistillationTrainer` on `texts` (a list of strings is tokenised, a `Dataset` used as is) with
+    `distill_config(tmp_path, **overrides)`; the student and teacher default to `make_llama(2, 32)` and
+    `make_llama(4, 64, seed=1)`, the collator to the causal-LM one."""
     return DistillationTrainer(
         model=student if student is not None else make_llama(2, 32),
         teacher_model=teacher if teacher is not None else make_llama(4, 64, seed=1),
         args=distill_config(tmp_path, **overrides),
-        train_dataset=tokenized_texts(tok, texts),
+        train_dataset=texts if isinstance(texts, Dataset) else tokenized_texts(tok, texts),
         data_collator=collator or DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok,
     )

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
+from conftest import distill_config, distill_sft_config, make_llama, make_tokenizer
 from datasets import Dataset, load_from_disk
 from transformers import DataCollatorForSeq2Seq
 
 import hf_distill.cache as cache_module
-from hf_distill import DistillationConfig, DistillationSFTConfig, DistillationSFTTrainer, DistillationTrainer
+from hf_distill import DistillationSFTTrainer, DistillationTrainer
 from hf_distill.cache import TeacherCache, cache_teacher, input_digest, supervised_positions, tokenize_for_cache
 from hf_distill.collators import TeacherCacheCollator
 
@@ -111,19 +111,7 @@ def test_supervision_rules():
 
 
 def trainer_args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=3,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-    )
-    base.update(kw)
-    return DistillationConfig(**base)
+    return distill_config(tmp_path, **{"per_device_train_batch_size": 3, **kw})
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -190,16 +178,7 @@ def test_sft_trainer_trains_from_cache(tmp_path, tokenizer):
         model=make_llama(2, 32),
         train_dataset=rows,
         processing_class=tokenizer,
-        args=DistillationSFTConfig(
-            output_dir=str(tmp_path / "sft"),
-            per_device_train_batch_size=2,
-            max_steps=2,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            logging_steps=1,
-            teacher_cache=str(cache.path),
-        ),
+        args=distill_sft_config(tmp_path, teacher_cache=str(cache.path)),
     )
     trainer.train()
     assert any("kd_loss" in e for e in trainer.state.log_history)

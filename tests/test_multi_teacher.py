@@ -5,11 +5,10 @@ import copy
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
-from datasets import Dataset
+from conftest import distill_config, make_llama, make_lm_trainer, make_tokenizer, tokenized_texts
 from transformers import DataCollatorForLanguageModeling
 
-from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill import DistillationTrainer
 from hf_distill.losses import logit_divergence
 from hf_distill.multi_teacher import mixture_log_probs
 
@@ -18,37 +17,18 @@ TEXTS = ["the cat sat on the mat", "a dog ran fast", "the big red dog is slow an
 
 
 def tokenized(tok):
-    return Dataset.from_dict({"text": TEXTS}).map(lambda r: tok(r["text"]), remove_columns=["text"])
+    return tokenized_texts(tok, TEXTS)
+
+
+MULTI = {"max_steps": 1, "temperature": 2.0, "kd_weight": 0.7, "ce_weight": 0.3}
 
 
 def config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-        temperature=2.0,
-        kd_weight=0.7,
-        ce_weight=0.3,
-    )
-    base.update(kw)
-    return DistillationConfig(**base)
+    return distill_config(tmp_path, **{**MULTI, **kw})
 
 
 def make(tmp_path, tok, teachers, student=None, **kw):
-    return DistillationTrainer(
-        model=student if student is not None else make_llama(2, 32),
-        teacher_model=teachers,
-        args=config(tmp_path, **kw),
-        train_dataset=tokenized(tok),
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-        processing_class=tok,
-    )
+    return make_lm_trainer(tmp_path, tok, TEXTS, student=student, teacher=teachers, **{**MULTI, **kw})
 
 
 def test_mixture_log_probs_vs_float64():

@@ -5,11 +5,11 @@ import copy
 
 import pytest
 import torch
-from conftest import make_llama, make_t5
+from conftest import distill_config, distill_sft_config, make_llama, make_lm_trainer, make_t5
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq
 
-from hf_distill import DistillationConfig, DistillationSFTConfig, DistillationSFTTrainer, DistillationTrainer
+from hf_distill import DistillationSFTTrainer, DistillationTrainer
 from hf_distill.cache import tokenize_for_cache
 from hf_distill.onpolicy import PolicyBatchRewriter, generate_completions, rebuild_batch, split_prompts
 
@@ -28,31 +28,12 @@ def rows(tok) -> Dataset:
 
 
 def config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-        max_new_tokens=6,
-    )
-    base.update(kw)
-    return DistillationConfig(**base)
+    return distill_config(tmp_path, **{"max_new_tokens": 6, **kw})
 
 
 def trainer(tmp_path, tok, student=None, **kw):
-    return DistillationTrainer(
-        model=student if student is not None else make_llama(2, 32),
-        teacher_model=make_llama(4, 64, seed=1),
-        args=config(tmp_path, **kw),
-        train_dataset=rows(tok),
-        data_collator=DataCollatorForSeq2Seq(tok, padding=True),
-        processing_class=tok,
-    )
+    collator = DataCollatorForSeq2Seq(tok, padding=True)
+    return make_lm_trainer(tmp_path, tok, rows(tok), student=student, collator=collator, **{"max_new_tokens": 6, **kw})
 
 
 def first_batch(t):
@@ -167,17 +148,7 @@ def test_sft_trainer_on_policy(tmp_path, tokenizer):
         teacher_model=make_llama(4, 64, seed=1),
         train_dataset=data,
         processing_class=tokenizer,
-        args=DistillationSFTConfig(
-            output_dir=str(tmp_path / "sft"),
-            per_device_train_batch_size=2,
-            max_steps=2,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            logging_steps=1,
-            lmbda=1.0,
-            max_new_tokens=4,
-        ),
+        args=distill_sft_config(tmp_path, lmbda=1.0, max_new_tokens=4),
     )
     t.train()
     assert t._policy.num_student_batches == 2

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     distill_config,
+    distill_sft_config,
     make_llama,
     make_lm_trainer,
     make_tokenizer,
@@ -186,18 +187,7 @@ def test_ce_only_needs_no_teacher(tmp_path, tokenizer):
 
 
 def sft_config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "sft"),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        max_length=32,
-    )
-    base.update(kw)
-    return DistillationSFTConfig(**base)
+    return distill_sft_config(tmp_path, **{"max_length": 32, **kw})
 
 
 def test_sft_completion_only_supervises_completion(tmp_path, tokenizer):
