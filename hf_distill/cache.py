@@ -56,7 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .heads import IGNORE_INDEX, aligned_labels, aligned_logits, supervised_mask
+from .heads import IGNORE_INDEX, aligned_labels, aligned_logits, divergence_kwargs, supervised_mask
 from .losses.sparse import SPARSE_LOSSES, sparse_logit_divergence
 from .teacher import load_model, load_tokenizer, output_vocab_size
 
@@ -705,16 +705,7 @@ def cache_logit_terms(
             )
         s_kd = s[:, :vocab]  # the student's extra rows are embedding padding
     sums = {
-        "kd": sparse_logit_divergence(
-            s_kd,
-            ids,
-            logprobs,
-            tail,
-            loss_type=args.kd_loss,
-            temperature=args.temperature,
-            beta=args.beta,
-            skew_alpha=args.skew_alpha,
-        ).sum(),
+        "kd": sparse_logit_divergence(s_kd, ids, logprobs, tail, **divergence_kwargs(args)).sum(),
         "ce": torch.nn.functional.cross_entropy(s.float(), y, reduction="sum"),
     }
     trainer._record_sum("top1_agreement", (s_kd.argmax(-1) == ids[:, 0]).sum(), y.numel())

@@ -237,6 +237,17 @@ def hard_loss(student: torch.Tensor, labels: torch.Tensor, head: Head) -> torch.
     return F.cross_entropy(student.float(), labels, reduction="sum")
 
 
+def divergence_kwargs(args: Any) -> dict[str, Any]:
+    """`loss_type` / `temperature` / `beta` / `skew_alpha` from a `DistillationConfig`-like `args`, as the logit
+    divergence functions (dense, sparse, fused) take them."""
+    return {
+        "loss_type": args.kd_loss,
+        "temperature": args.temperature,
+        "beta": args.beta,
+        "skew_alpha": args.skew_alpha,
+    }
+
+
 def logit_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -267,9 +278,7 @@ def logit_terms(
             sums["kd"] = (s.float() - t.float()).pow(2).sum()
             weights["kd"] = args.kd_weight
         else:
-            sums["kd"] = logit_divergence(
-                s, t, loss_type=args.kd_loss, temperature=args.temperature, beta=args.beta, skew_alpha=args.skew_alpha
-            ).sum()
+            sums["kd"] = logit_divergence(s, t, **divergence_kwargs(args)).sum()
             weights["kd"] = args.kd_weight * args.temperature**2
             agreement = ((s.argmax(-1) == t.argmax(-1)).sum(), n_items)
     return LogitTerms(sums, weights, n_items, agreement)

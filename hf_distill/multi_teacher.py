@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .heads import hard_loss, select_positions
+from .heads import divergence_kwargs, hard_loss, select_positions
 from .losses import logit_divergence
 
 
@@ -104,12 +104,7 @@ def multi_teacher_logit_terms(
     s, y = rows[0][0], rows[0][2]
     t_logits = [r[1] for r in rows]
     weights = teacher_weights(args, len(t_logits))
-    hyper = {
-        "loss_type": args.kd_loss,
-        "temperature": args.temperature,
-        "beta": args.beta,
-        "skew_alpha": args.skew_alpha,
-    }
+    hyper = divergence_kwargs(args)
     per_teacher = [logit_divergence(s, t, **hyper).sum() for t in t_logits]
     for i, value in enumerate(per_teacher):
         trainer._record_sum(f"kd_teacher{i}_loss", value.detach(), y.numel())
