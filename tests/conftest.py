@@ -123,38 +123,23 @@ def tokenized_texts(tok: PreTrainedTokenizerFast, texts: list[str]) -> Dataset:
     return Dataset.from_dict({"text": texts}).map(lambda r: tok(r["text"]), remove_columns=["text"])
 
 
+def tiny_run(**fields) -> dict:
+    """Config fields shared by the tiny test runs: 2 steps, a log line each step, no reporting, CPU, no checkpoints;
+    `fields` add or replace any."""
+    return {"max_steps": 2, "logging_steps": 1, "report_to": [], "use_cpu": True, "save_strategy": "no", **fields}
+
+
 def distill_config(tmp_path, **overrides) -> DistillationConfig:
-    """A tiny seeded CPU run: batch 4, 2 steps, a log line each step, no checkpoints, output in `tmp_path/out`.
-    `overrides` replace or add any field."""
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-    )
-    base.update(overrides)
-    return DistillationConfig(**base)
+    """A tiny seeded CPU run (`tiny_run`, batch 4), output in `tmp_path/out`. `overrides` replace or add any field."""
+    base = tiny_run(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, seed=0, data_seed=0)
+    return DistillationConfig(**{**base, **overrides})
 
 
 def distill_sft_config(tmp_path, **overrides) -> DistillationSFTConfig:
-    """A tiny CPU `DistillationSFTConfig`: batch 2, 2 steps, a log line each step, no checkpoints, output in
-    `tmp_path/sft`. `overrides` replace or add any field."""
-    base = dict(
-        output_dir=str(tmp_path / "sft"),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-    )
-    base.update(overrides)
-    return DistillationSFTConfig(**base)
+    """A tiny CPU `DistillationSFTConfig` (`tiny_run`, batch 2), output in `tmp_path/sft`. `overrides` replace or
+    add any field."""
+    base = tiny_run(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2)
+    return DistillationSFTConfig(**{**base, **overrides})
 
 
 def make_lm_trainer(

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import distill_config, distill_sft_config, make_llama, make_lm_trainer, make_t5
+from conftest import distill_config, distill_sft_config, make_llama, make_lm_trainer, make_t5, one_sgd_step
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq
 
@@ -217,13 +217,7 @@ def _seq_kd_weights(tmp_path, tok, batch_size, accumulation):
         tmp_path,
         tok,
         seq_kd=True,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        optim="sgd",
-        learning_rate=1.0,
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
+        **one_sgd_step(batch_size, accumulation),
     )
     seen = []
     compute_loss = t.compute_loss
