@@ -215,29 +215,22 @@ def test_offline_sequence_level_kd(tmp_path, tokenizer):
     assert any("kd_loss" in e for e in trainer.state.log_history)
 
 
-def test_cli_caches_text_dataset(tmp_path, tokenizer):
-    from hf_distill.cli.main import main
-
+def cache_teacher_argv(tmp_path, tokenizer, pairs, output_dir, k: int, *options: str) -> list[str]:
+    """Save the teacher (and tokenizer) under `tmp_path/teacher`, write `pairs` to `tmp_path/data.jsonl`, and return
+    the `cache-teacher` command line over them (`options` appended)."""
     teacher_model().save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS))
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    teacher = ["--teacher", str(tmp_path / "teacher"), "--dataset", str(data)]
+    return ["cache-teacher", *teacher, "--output_dir", str(output_dir), "--k", str(k), *options]
+
+
+def test_cli_caches_text_dataset(tmp_path, tokenizer):
+    from hf_distill.cli.main import main
+
     out = tmp_path / "cli_cache"
-    main(
-        [
-            "cache-teacher",
-            "--teacher",
-            str(tmp_path / "teacher"),
-            "--dataset",
-            str(data),
-            "--output_dir",
-            str(out),
-            "--k",
-            "4",
-            "--batch_size",
-            "4",
-        ]
-    )
+    main(cache_teacher_argv(tmp_path, tokenizer, PAIRS, out, 4, "--batch_size", "4"))
     cache = TeacherCache(out)
     assert len(cache) == len(PAIRS) and cache.k == 4
     train = load_from_disk(str(out / "train_dataset"))
@@ -326,10 +319,7 @@ def test_two_processes_match_one(tmp_path, tokenizer):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    teacher_model().save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in PAIRS * 2))
+    argv = cache_teacher_argv(tmp_path, tokenizer, PAIRS * 2, tmp_path / "two", 8, "--batch_size", "2")
     one = build(tmp_path, tokenizer, prompt_completion_rows(tokenizer, PAIRS * 2), name="one", dtype="float32")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     cmd = [
@@ -341,17 +331,7 @@ def test_two_processes_match_one(tmp_path, tokenizer):
         "--standalone",
         "-m",
         "hf_distill.cli.main",
-        "cache-teacher",
-        "--teacher",
-        str(tmp_path / "teacher"),
-        "--dataset",
-        str(data),
-        "--output_dir",
-        str(tmp_path / "two"),
-        "--k",
-        "8",
-        "--batch_size",
-        "2",
+        *argv,
         "--rows_per_shard",
         "2",
         "--dtype",
