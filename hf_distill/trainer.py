@@ -334,6 +334,7 @@ class DistillationMixin(TeacherSourcesMixin):
             labels=y,
             reduction="sum",
             stats=stats,
+            loss_weights=(args.kd_weight * args.temperature**2, args.ce_weight),
         )
         if "top1_agreement" in stats:
             self._record_sum("top1_agreement", stats["top1_agreement"], y.numel())

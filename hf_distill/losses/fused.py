@@ -139,6 +139,7 @@ class _Options:
     student_softcap: float | None
     teacher_softcap: float | None
     need_grad: tuple[bool, bool, bool]  # student hidden, weight, bias
+    loss_weights: tuple[float, float] | None = None  # (kd, ce): one gradient buffer for kd_w * kd + ce_w * ce
 
 
 def _project(hidden, weight, bias, scale, softcap, dtype, keep_softcap_grad):
@@ -215,8 +216,12 @@ class _FusedLogitDistillation(torch.autograd.Function):
         if labels is not None:
             valid = labels != IGNORE_INDEX
             ce_denom = max(int(valid.sum()), 1) if opts.reduction == "mean" else 1
-            ce_grads = _Grads(s_hidden, s_weight, s_bias, opts.need_grad, dtype) if need_grad else None
+            combined = opts.loss_weights is not None
+            ce_grads = (
+                _Grads(s_hidden, s_weight, s_bias, opts.need_grad, dtype) if need_grad and not combined else None
+            )
             ce_sum = torch.zeros((), dtype=dtype, device=s_hidden.device)
+        g_ce = None
 
         for start in range(0, n, opts.chunk_size):
             rows = slice(start, min(start + opts.chunk_size, n))
@@ -231,13 +236,16 @@ class _FusedLogitDistillation(torch.autograd.Function):
                 target = labels[rows].clamp(min=0).unsqueeze(1)
                 row_valid = valid[rows]
                 ce_sum += torch.where(row_valid, lse - z.gather(1, target).squeeze(1), 0.0).sum()
-                if ce_grads is not None:
+                if need_grad:
                     g = z.sub(lse.unsqueeze(1)).exp_()  # softmax(z)
                     g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))
                     g.mul_(row_valid.unsqueeze(1).to(g.dtype) * (chain / ce_denom))
                     if dcap is not None:
                         g.mul_(dcap)
-                    ce_grads.fold(g, rows, h_s, s_weight)
+                    if ce_grads is not None:
+                        ce_grads.fold(g, rows, h_s, s_weight)
+                    else:  # folded together with the KD gradient below: one pair of matmuls per chunk
+                        g_ce = g
                     del g
 
             log_ps = z.div_(temperature)
@@ -259,6 +267,10 @@ class _FusedLogitDistillation(torch.autograd.Function):
                 g.mul_(chain / (temperature * kd_denom))
                 if dcap is not None:
                     g.mul_(dcap)
+                if g_ce is not None:
+                    kd_w, ce_w = opts.loss_weights
+                    g = g.mul_(kd_w).add_(g_ce, alpha=ce_w)
+                    g_ce = None
                 kd_grads.fold(g, rows, h_s, s_weight)
             del g, dcap
 
@@ -268,6 +280,7 @@ class _FusedLogitDistillation(torch.autograd.Function):
             *(ce_grads.as_tuple() if ce_grads is not None else _dummy_grads()),
         )
         ctx.input_dtypes = (s_hidden.dtype, s_weight.dtype, None if s_bias is None else s_bias.dtype)
+        ctx.loss_weights = opts.loss_weights if labels is not None else None
         kd = kd_sum / kd_denom
         ce = (ce_sum / ce_denom) if labels is not None else torch.zeros_like(kd)
         return kd, ce
@@ -275,6 +288,17 @@ class _FusedLogitDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_kd, grad_ce):
         saved = ctx.saved_tensors
+        if ctx.loss_weights is not None:  # the buffer holds d(kd_w * kd + ce_w * ce); upstream must be proportional
+            kd_w, ce_w = ctx.loss_weights
+            g_kd = torch.zeros(()) if grad_kd is None else grad_kd.detach().cpu()
+            g_ce = torch.zeros(()) if grad_ce is None else grad_ce.detach().cpu()
+            scale = g_kd / kd_w if kd_w != 0 else g_ce / ce_w
+            if not torch.allclose(g_kd.double() * ce_w, g_ce.double() * kd_w, rtol=1e-5, atol=1e-12):
+                raise RuntimeError(
+                    f"fused loss built with loss_weights={ctx.loss_weights} was back-propagated with gradients "
+                    f"({float(g_kd)}, {float(g_ce)}) not in that ratio; use kd_w * kd + ce_w * ce (times any scalar)."
+                )
+            grad_kd, grad_ce = scale.to(saved[0].device if saved[0] is not None else "cpu"), None
         out = []
         for kd_part, ce_part, dtype in zip(saved[:3], saved[3:], ctx.input_dtypes):
             total = None
@@ -319,6 +343,7 @@ def fused_logit_distillation_loss(
     labels: torch.Tensor | None = None,
     reduction: str = "mean",
     stats: dict | None = None,
+    loss_weights: tuple[float, float] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Teacher-logit divergence (and optionally hard-label CE) computed in token chunks from hidden states.
 
@@ -350,6 +375,10 @@ def fused_logit_distillation_loss(
         labels (`torch.Tensor`, *optional*): int, shape `(N,)` or `(B, T)`, -100 ignored. When given, also returns the
             hard-label cross-entropy of the student's logits (temperature 1) over the selected positions.
         reduction (`str`): "mean" over the selected positions (CE: over those with a label) or "sum".
+        loss_weights (`tuple[float, float]`, *optional*): `(kd_w, ce_w)` with `labels`: the caller promises to
+            back-propagate `c * (kd_w * kd + ce_w * ce)` (any scalar c), so both gradients share one buffer and one
+            pair of matmuls per chunk (about a third less work). Backward raises if the upstream gradients are not in
+            that ratio.
         stats (`dict`, *optional*): when given, `stats["top1_agreement"]` is set to the number of selected positions
             where the student's and teacher's argmax tokens agree (a by-product of the chunks; no extra matmul).
 
@@ -425,6 +454,7 @@ def fused_logit_distillation_loss(
         need_grad=tuple(
             grad_on and t is not None and t.requires_grad for t in (s_hidden, student_weight, student_bias)
         ),
+        loss_weights=None if loss_weights is None or labels is None else tuple(float(w) for w in loss_weights),
     )
     kd, ce = _FusedLogitDistillation.apply(
         s_hidden,

@@ -350,3 +350,31 @@ def test_bfloat16_inputs_match_materialised_bfloat16_logits():
     for g, e in zip(student_grads(got, inputs), student_grads(expected, inputs)):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), e.float(), rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("weights", [(0.7, 0.3), (2.0, 0.0), (1.0, 1.0)])
+def test_loss_weights_share_one_gradient_buffer(weights):
+    g = torch.Generator().manual_seed(4)
+    hs = torch.randn(11, 8, generator=g, requires_grad=True)
+    ws = torch.randn(20, 8, generator=g, requires_grad=True)
+    ht, wt = torch.randn(11, 8, generator=g), torch.randn(20, 8, generator=g)
+    labels = torch.randint(0, 20, (11,), generator=g)
+    labels[3] = -100
+    kw = dict(loss_type="jsd", temperature=2.0, labels=labels, reduction="sum", chunk_size=4)
+    kd, ce = fused_logit_distillation_loss(hs, ws, ht, wt, **kw)
+    (0.5 * (weights[0] * kd + weights[1] * ce)).backward()
+    expected = (hs.grad.clone(), ws.grad.clone())
+    hs.grad = ws.grad = None
+    kd2, ce2 = fused_logit_distillation_loss(hs, ws, ht, wt, loss_weights=weights, **kw)
+    assert torch.equal(kd, kd2) and torch.equal(ce, ce2)
+    (0.5 * (weights[0] * kd2 + weights[1] * ce2)).backward()
+    assert torch.allclose(hs.grad, expected[0], atol=1e-6) and torch.allclose(ws.grad, expected[1], atol=1e-6)
+
+
+def test_loss_weights_refuse_other_ratios():
+    g = torch.Generator().manual_seed(5)
+    hs = torch.randn(5, 8, generator=g, requires_grad=True)
+    ws, ht, wt = torch.randn(20, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(20, 8, generator=g)
+    kd, ce = fused_logit_distillation_loss(hs, ws, ht, wt, labels=torch.arange(5), loss_weights=(1.0, 1.0))
+    with pytest.raises(RuntimeError, match="not in that ratio"):
+        (kd + 3 * ce).backward()
