@@ -7,6 +7,10 @@ divergence and its gradient with respect to the student's logits are computed an
 into the gradients of the student's hidden states, lm_head weight and bias right away. Only one chunk's `[rows, V]`
 blocks are alive at a time; the backward pass then only scales the stored gradients.
 
+Speed: the `[rows, V]` blocks are allocated once per call and reused by every chunk, every element-wise step writes
+into one of them (in-place log-softmax, `out=` products), and at temperature 1 the hard-label CE shares the student's
+log-softmax and softmax with the divergence. On CPU this makes the loss cost about its four matmuls (benchmarks/).
+
 Gradients of the divergences with respect to the student's tempered logits `s = z / T` (`p = softmax`), row by row:
 
 - forward_kl:       p_s - p_t
@@ -31,88 +35,101 @@ from .logits import LOGIT_LOSSES
 
 
 IGNORE_INDEX = -100
-# Automatic chunking keeps one `[rows, V]` block under 2**24 elements (64 MiB in fp32); a chunk holds at most about
-# five such blocks. Larger blocks cost memory for little speed (benchmarks/kd_loss_memory.py).
+# Automatic chunking keeps one `[rows, V]` block under 2**24 elements (64 MiB in fp32). A call allocates three to five
+# such blocks once (two for the logits, one or two scratch, one more for CE at temperature != 1) and every chunk reuses
+# them. Larger blocks cost memory for little speed (benchmarks/kd_loss_memory.py).
 _AUTO_BLOCK_ELEMENTS = 1 << 24
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`(a * b).sum(-1)` for `(c, V)` inputs without a `(c, V)` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """`x = log_softmax(x, -1)` in place for a `(c, V)` block: one fused kernel on CPU, no new block."""
+    if x.device.type == "cpu":
+        return torch._log_softmax(x, -1, False, out=x)
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
 
 
-# Each divergence takes the student's and the teacher's log-probabilities `(c, V)` (both are overwritten) and returns
-# the per-row divergence `(c,)` and, if `need_grad`, its gradient with respect to the student's tempered logits.
-def _forward_kl(log_ps, log_pt, need_grad, **_):
-    p_t = log_pt.exp()
-    gap = log_pt.sub_(log_ps)  # log p_t - log p_s
-    loss = _rowdot(p_t, gap)
-    return loss, (log_ps.exp_().sub_(p_t) if need_grad else None)
+def _dot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Row-wise `(a * b).sum(-1)` of `(c, V)` blocks, shape `(c,)`; the product goes to `out` (may be `a` or `b`)."""
+    return torch.mul(a, b, out=out).sum(-1)
 
 
-def _reverse_kl(log_ps, log_pt, need_grad, **_):
-    gap = log_pt.neg_().add_(log_ps)  # log p_s - log p_t
-    p_s = log_ps.exp_()
-    loss = _rowdot(p_s, gap)
-    return loss, (gap.sub_(loss.unsqueeze(1)).mul_(p_s) if need_grad else None)
+# Each divergence takes the student's and the teacher's tempered log-probabilities `ls`, `lt` (`(c, V)` blocks, both
+# overwritten) and `_SCRATCH[name]` scratch blocks of the same shape. It returns the per-row divergence `(c,)` and, if
+# `need_grad`, its gradient with respect to the student's tempered logits and `p_s = exp(ls)`, in two distinct blocks
+# (else None, None). No other `(c, V)` tensor is allocated.
+def _forward_kl(ls, lt, scratch, need_grad, **_):
+    p_t = torch.exp(lt, out=scratch[0])
+    loss = _dot(lt.sub_(ls), p_t, out=lt)  # sum p_t * (log p_t - log p_s)
+    if not need_grad:
+        return loss, None, None
+    p_s = ls.exp_()
+    return loss, torch.sub(p_s, p_t, out=lt), p_s
 
 
-def _jsd(log_ps, log_pt, need_grad, beta, **_):
+def _reverse_kl(ls, lt, scratch, need_grad, **_):
+    gap = torch.sub(ls, lt, out=lt)  # log p_s - log p_t
+    p_s = ls.exp_()
+    loss = _dot(p_s, gap, out=scratch[0])
+    if not need_grad:
+        return loss, None, None
+    return loss, gap.sub_(loss.unsqueeze(1)).mul_(p_s), p_s
+
+
+def _jsd(ls, lt, scratch, need_grad, beta, **_):
     if beta == 0:
-        return _forward_kl(log_ps, log_pt, need_grad)
+        return _forward_kl(ls, lt, scratch, need_grad)
     if beta == 1:
-        return _reverse_kl(log_ps, log_pt, need_grad)
-    log_m = log_ps + math.log1p(-beta)
-    beta_pt = log_pt + math.log(beta)
+        return _reverse_kl(ls, lt, scratch, need_grad)
+    log_m, beta_pt = torch.add(ls, math.log1p(-beta), out=scratch[0]), torch.add(lt, math.log(beta), out=scratch[1])
     torch.logaddexp(log_m, beta_pt, out=log_m)  # log(b * p_t + (1 - b) * p_s)
-    loss = _rowdot(beta_pt.exp_(), log_pt.sub_(log_m))  # b * KL(p_t || m)
-    del beta_pt
-    gap = log_m.neg_().add_(log_ps)  # log p_s - log m
-    p_s = log_ps.exp_()
-    kl_s = _rowdot(p_s, gap)
-    loss = loss + (1 - beta) * kl_s
-    return loss, (gap.sub_(kl_s.unsqueeze(1)).mul_(p_s).mul_(1 - beta) if need_grad else None)
-
-
-def _skew_forward_kl(log_ps, log_pt, need_grad, skew_alpha, **_):
-    if skew_alpha == 0:
-        return _forward_kl(log_ps, log_pt, need_grad)
-    log_m = log_pt + math.log(skew_alpha)
-    torch.logaddexp(log_m, log_ps + math.log1p(-skew_alpha), out=log_m)  # log(a * p_t + (1 - a) * p_s)
-    p_t = log_pt.exp()
-    gap = log_pt.sub_(log_m)  # log p_t - log m
-    loss = _rowdot(p_t, gap)
+    kl_t = _dot(lt.sub_(log_m), beta_pt.exp_(), out=lt)  # b * KL(p_t || m)
+    p_s = torch.exp(ls, out=scratch[1])
+    gap = ls.sub_(log_m)  # log p_s - log m
+    kl_s = _dot(p_s, gap, out=scratch[0])  # KL(p_s || m)
+    loss = kl_t + (1 - beta) * kl_s
     if not need_grad:
-        return loss, None
-    del p_t, log_m
-    w = gap.add_(log_ps).add_(math.log1p(-skew_alpha)).exp_()  # (1 - a) * p_s * p_t / m
-    return loss, log_ps.exp_().mul_(w.sum(-1, keepdim=True)).sub_(w)
+        return loss, None, None
+    return loss, gap.sub_(kl_s.unsqueeze(1)).mul_(p_s).mul_(1 - beta), p_s
 
 
-def _skew_reverse_kl(log_ps, log_pt, need_grad, skew_alpha, **_):
+def _skew_forward_kl(ls, lt, scratch, need_grad, skew_alpha, **_):
     if skew_alpha == 0:
-        return _reverse_kl(log_ps, log_pt, need_grad)
-    log_m = log_ps + math.log(skew_alpha)
-    torch.logaddexp(log_m, log_pt.add_(math.log1p(-skew_alpha)), out=log_m)  # log(a * p_s + (1 - a) * p_t)
-    del log_pt
-    gap = log_m.neg_().add_(log_ps)  # log p_s - log m
-    ratio = gap.exp() if need_grad else None  # p_s / m
-    p_s = log_ps.exp_()
-    loss = _rowdot(p_s, gap)
+        return _forward_kl(ls, lt, scratch, need_grad)
+    log_m = torch.add(lt, math.log(skew_alpha), out=scratch[0])
+    torch.logaddexp(log_m, torch.add(ls, math.log1p(-skew_alpha), out=scratch[1]), out=log_m)  # log(a p_t + (1-a) p_s)
+    p_t = torch.exp(lt, out=scratch[1])
+    gap = lt.sub_(log_m)  # log p_t - log m
+    loss = _dot(p_t, gap, out=scratch[0])
     if not need_grad:
-        return loss, None
-    ratio.sub_(_rowdot(p_s, ratio).unsqueeze(1)).mul_(-skew_alpha)
-    return loss, ratio.add_(gap).sub_(loss.unsqueeze(1)).mul_(p_s)
+        return loss, None, None
+    w = gap.add_(ls).add_(math.log1p(-skew_alpha)).exp_()  # (1 - a) * p_s * p_t / m
+    p_s = ls.exp_()
+    return loss, torch.mul(p_s, w.sum(-1, keepdim=True), out=scratch[0]).sub_(w), p_s
 
 
-def _tvd(log_ps, log_pt, need_grad, **_):
-    p_s = log_ps.exp_()
-    diff = log_pt.exp_().neg_().add_(p_s)  # p_s - p_t
+def _skew_reverse_kl(ls, lt, scratch, need_grad, skew_alpha, **_):
+    if skew_alpha == 0:
+        return _reverse_kl(ls, lt, scratch, need_grad)
+    log_m = torch.add(ls, math.log(skew_alpha), out=scratch[0])
+    torch.logaddexp(log_m, lt.add_(math.log1p(-skew_alpha)), out=log_m)  # log(a * p_s + (1 - a) * p_t)
+    gap = torch.sub(ls, log_m, out=lt)  # log p_s - log m
+    p_s = ls.exp_()
+    loss = _dot(p_s, gap, out=scratch[1])
+    if not need_grad:
+        return loss, None, None
+    ratio = torch.exp(gap, out=scratch[0])  # p_s / m
+    ratio.sub_(_dot(p_s, ratio, out=scratch[1]).unsqueeze(1)).mul_(-skew_alpha)
+    return loss, ratio.add_(gap).sub_(loss.unsqueeze(1)).mul_(p_s), p_s
+
+
+def _tvd(ls, lt, scratch, need_grad, **_):
+    p_s = ls.exp_()
+    diff = torch.sub(p_s, lt.exp_(), out=lt)  # p_s - p_t
     loss = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
     if not need_grad:
-        return loss, None
+        return loss, None, None
     g = diff.sign_().mul_(0.5)
-    return loss, g.sub_(_rowdot(p_s, g).unsqueeze(1)).mul_(p_s)
+    return loss, g.sub_(_dot(p_s, g, out=scratch[0]).unsqueeze(1)).mul_(p_s), p_s
 
 
 _DIVERGENCES: dict[str, Callable] = {
@@ -123,7 +140,8 @@ _DIVERGENCES: dict[str, Callable] = {
     "skew_reverse_kl": _skew_reverse_kl,
     "tvd": _tvd,
 }
-assert set(_DIVERGENCES) == set(LOGIT_LOSSES), "every divergence in LOGIT_LOSSES needs a fused gradient here"
+_SCRATCH = {"forward_kl": 1, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 2, "skew_reverse_kl": 2, "tvd": 1}
+assert set(_DIVERGENCES) == set(LOGIT_LOSSES) == set(_SCRATCH), "every loss in LOGIT_LOSSES needs a fused gradient"
 
 
 @dataclass(frozen=True)
@@ -142,21 +160,23 @@ class _Options:
     loss_weights: tuple[float, float] | None = None  # (kd, ce): one gradient buffer for kd_w * kd + ce_w * ce
 
 
-def _project(hidden, weight, bias, scale, softcap, dtype, keep_softcap_grad):
-    """Logits of one chunk, `(c, V)` in `dtype`: (h @ W.T + b) * scale, then softcap * tanh(. / softcap).
-
-    Also returns `1 - tanh^2` (the softcap's derivative) when `keep_softcap_grad` and a softcap is set, else None.
-    """
-    z = (hidden @ weight.T).to(dtype)
+def _project_(out, hidden, weight, bias, scale, softcap, keep_softcap_grad):
+    """Logits of one chunk written into the `(c, V)` block `out`: (h @ W.T + b) * scale, then
+    softcap * tanh(. / softcap). Returns `out` and `1 - tanh^2` (the softcap's derivative, a new block) when
+    `keep_softcap_grad` and a softcap is set, else None."""
+    if hidden.dtype == out.dtype and weight.dtype == out.dtype:
+        torch.mm(hidden, weight.T, out=out)
+    else:  # e.g. bf16 inputs: fp32 math from the bf16 product, as a bf16 model's upcast logits
+        out.copy_(hidden @ weight.T)
     if bias is not None:
-        z.add_(bias.to(dtype))
+        out.add_(bias)
     if scale != 1.0:
-        z.mul_(scale)
+        out.mul_(scale)
     if softcap is None:
-        return z, None
-    z.div_(softcap).tanh_()
-    dcap = torch.square(z).neg_().add_(1.0) if keep_softcap_grad else None
-    return z.mul_(softcap), dcap
+        return out, None
+    out.div_(softcap).tanh_()
+    dcap = torch.square(out).neg_().add_(1.0) if keep_softcap_grad else None
+    return out.mul_(softcap), dcap
 
 
 def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -182,7 +202,10 @@ class _Grads:
         """Adds one chunk: `grad_logits` `(c, V)` is dLoss/d(h @ W.T + b) for the token rows `rows`."""
         g = grad_logits.to(weight.dtype)
         if self.hidden is not None:
-            self.hidden[rows] = g @ weight
+            if g.dtype == self.hidden.dtype:
+                torch.mm(g, weight, out=self.hidden[rows])
+            else:
+                self.hidden[rows] = g @ weight
         if self.weight is not None:
             _addmm_(self.weight, g.T, hidden)
         if self.bias is not None:
@@ -202,17 +225,19 @@ class _FusedLogitDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts: _Options, stats=None):
         ctx.set_materialize_grads(False)
-        n = s_hidden.shape[0]
+        n, vocab = s_hidden.shape[0], s_weight.shape[0]
         dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
         need_grad = any(opts.need_grad)
         divergence = _DIVERGENCES[opts.loss_type]
         hyper = {"beta": opts.beta, "skew_alpha": opts.skew_alpha}
         temperature = opts.temperature
+        own_ce_block = labels is not None and temperature != 1.0  # else CE shares the student's log-softmax
 
         kd_denom = max(n, 1) if opts.reduction == "mean" else 1
         kd_grads = _Grads(s_hidden, s_weight, s_bias, opts.need_grad, dtype) if need_grad else None
         kd_sum = torch.zeros((), dtype=dtype, device=s_hidden.device)
         ce_grads = ce_sum = None
+        combined = False
         if labels is not None:
             valid = labels != IGNORE_INDEX
             ce_denom = max(int(valid.sum()), 1) if opts.reduction == "mean" else 1
@@ -221,58 +246,59 @@ class _FusedLogitDistillation(torch.autograd.Function):
                 _Grads(s_hidden, s_weight, s_bias, opts.need_grad, dtype) if need_grad and not combined else None
             )
             ce_sum = torch.zeros((), dtype=dtype, device=s_hidden.device)
-        g_ce = None
+        rows_per_chunk = min(opts.chunk_size, max(n, 1))
+        num_blocks = 2 + _SCRATCH[opts.loss_type] + own_ce_block
+        blocks = [torch.empty(rows_per_chunk, vocab, dtype=dtype, device=s_hidden.device) for _ in range(num_blocks)]
+        # d(loss)/d(h @ W.T + b) = scale * dcap * d(loss)/d(logits); tempered logits add 1 / T for the divergence
+        kd_scale = opts.student_logit_scale / (temperature * kd_denom)
+        if combined:
+            kd_scale *= opts.loss_weights[0]
 
         for start in range(0, n, opts.chunk_size):
             rows = slice(start, min(start + opts.chunk_size, n))
+            c = rows.stop - rows.start
+            ls, lt, *scratch = (b[:c] for b in blocks)
+            ce_block = scratch.pop() if own_ce_block else None
             h_s = s_hidden[rows]
-            z, dcap = _project(
-                h_s, s_weight, s_bias, opts.student_logit_scale, opts.student_softcap, dtype, need_grad
-            )  # (c, V)
-            chain = opts.student_logit_scale  # d(logits)/d(h @ W.T + b) = scale * dcap
+            _, dcap = _project_(
+                ls, h_s, s_weight, s_bias, opts.student_logit_scale, opts.student_softcap, need_grad
+            )
+            with torch.no_grad():
+                _project_(lt, t_hidden[rows], t_weight, t_bias, opts.teacher_logit_scale, opts.teacher_softcap, False)
+            if stats is not None:  # argmax is unchanged by temperature and log-softmax; ties count as agreement
+                t_top = lt.max(-1).indices.unsqueeze(1)
+                agree = (ls.gather(1, t_top).squeeze(1) >= ls.amax(-1)).sum()
+                stats["top1_agreement"] = stats.get("top1_agreement", 0) + agree
 
             if labels is not None:
-                lse = torch.logsumexp(z, dim=-1)
                 target = labels[rows].clamp(min=0).unsqueeze(1)
                 row_valid = valid[rows]
-                ce_sum += torch.where(row_valid, lse - z.gather(1, target).squeeze(1), 0.0).sum()
-                if need_grad:
-                    g = z.sub(lse.unsqueeze(1)).exp_()  # softmax(z)
-                    g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))
-                    g.mul_(row_valid.unsqueeze(1).to(g.dtype) * (chain / ce_denom))
-                    if dcap is not None:
-                        g.mul_(dcap)
-                    if ce_grads is not None:
-                        ce_grads.fold(g, rows, h_s, s_weight)
-                    else:  # folded together with the KD gradient below: one pair of matmuls per chunk
-                        g_ce = g
-                    del g
+                if own_ce_block:
+                    ce_logp = _log_softmax_(ce_block.copy_(ls))
+                else:
+                    ce_logp = _log_softmax_(ls)  # temperature 1: also the divergence's student log-probs
+                ce_sum -= torch.where(row_valid, ce_logp.gather(1, target).squeeze(1), 0.0).sum()
+            if labels is None or own_ce_block:
+                _log_softmax_(ls.div_(temperature) if temperature != 1.0 else ls)
+            _log_softmax_(lt.div_(temperature) if temperature != 1.0 else lt)
 
-            log_ps = z.div_(temperature)
-            log_ps.sub_(torch.logsumexp(log_ps, dim=-1, keepdim=True))
-            with torch.no_grad():
-                log_pt, _ = _project(
-                    t_hidden[rows], t_weight, t_bias, opts.teacher_logit_scale, opts.teacher_softcap, dtype, False
-                )
-                log_pt.div_(temperature)
-                log_pt.sub_(torch.logsumexp(log_pt, dim=-1, keepdim=True))
-            del z
-            if stats is not None:  # argmax is unchanged by temperature and log-softmax
-                agree = (log_ps.argmax(-1) == log_pt.argmax(-1)).sum()
-                stats["top1_agreement"] = stats.get("top1_agreement", 0) + agree
-            loss_rows, g = divergence(log_ps, log_pt, need_grad, **hyper)
-            del log_ps, log_pt
+            loss_rows, g, p_s = divergence(ls, lt, scratch, need_grad, **hyper)
             kd_sum += loss_rows.sum()
-            if g is not None:
-                g.mul_(chain / (temperature * kd_denom))
-                if dcap is not None:
-                    g.mul_(dcap)
-                if g_ce is not None:
-                    kd_w, ce_w = opts.loss_weights
-                    g = g.mul_(kd_w).add_(g_ce, alpha=ce_w)
-                    g_ce = None
-                kd_grads.fold(g, rows, h_s, s_weight)
-            del g, dcap
+            if g is None:
+                continue
+            g.mul_(kd_scale)
+            if labels is not None:  # CE gradient: softmax(z) - onehot(target) on rows with a label
+                p_ce = ce_logp.exp_() if own_ce_block else p_s
+                ce_row = row_valid.to(dtype).mul_(opts.student_logit_scale / ce_denom).unsqueeze(1)
+                if combined:
+                    ce_row.mul_(opts.loss_weights[1])
+                    g.addcmul_(p_ce, ce_row).scatter_add_(1, target, ce_row.neg())
+                else:
+                    g_ce = p_ce.mul_(ce_row).scatter_add_(1, target, ce_row.neg())
+                    ce_grads.fold(g_ce if dcap is None else g_ce.mul_(dcap), rows, h_s, s_weight)
+            kd_grads.fold(g if dcap is None else g.mul_(dcap), rows, h_s, s_weight)
+            del dcap
+        del blocks
 
         # Saved (not kept on ctx) so that autograd frees them right after backward unless the graph is retained.
         ctx.save_for_backward(
@@ -380,7 +406,8 @@ def fused_logit_distillation_loss(
             pair of matmuls per chunk (about a third less work). Backward raises if the upstream gradients are not in
             that ratio.
         stats (`dict`, *optional*): when given, `stats["top1_agreement"]` is set to the number of selected positions
-            where the student's and teacher's argmax tokens agree (a by-product of the chunks; no extra matmul).
+            where the teacher's argmax token is also a top token of the student (a by-product of the chunks; no extra
+            matmul).
 
     Returns:
         `torch.Tensor` or `tuple[torch.Tensor, torch.Tensor]`: the divergence, a scalar (0 when nothing is selected),
