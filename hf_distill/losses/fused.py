@@ -260,9 +260,7 @@ class _FusedLogitDistillation(torch.autograd.Function):
             ls, lt, *scratch = (b[:c] for b in blocks)
             ce_block = scratch.pop() if own_ce_block else None
             h_s = s_hidden[rows]
-            _, dcap = _project_(
-                ls, h_s, s_weight, s_bias, opts.student_logit_scale, opts.student_softcap, need_grad
-            )
+            _, dcap = _project_(ls, h_s, s_weight, s_bias, opts.student_logit_scale, opts.student_softcap, need_grad)
             with torch.no_grad():
                 _project_(lt, t_hidden[rows], t_weight, t_bias, opts.teacher_logit_scale, opts.teacher_softcap, False)
             if stats is not None:  # argmax is unchanged by temperature and log-softmax; ties count as agreement
