@@ -11,9 +11,13 @@ Pipeline (all sizes in the YAML recipe; flags override keys):
 3. `hf_distill.miniplm.score` on the pool (timed end to end, models already loaded) against a bare loop of teacher +
    reference forward passes on the same padded batches (median of `throughput_repeats` pairs); optionally the CLI
    under torchrun with 2 processes vs 1 (tokens/s from its score_report.json, model loading excluded).
-4. `select` keeps ceil(alpha * n) instances; the uniform baseline keeps as many, drawn at random (seed).
-5. Two students (same init, seed, steps and batch size) pretrained with the plain LM loss (`transformers.Trainer`,
-   labels = tokens, padding masked from the attention mask), one per half; held-out perplexity of each.
+4. `select` keeps ceil(alpha * n) instances; the uniform baseline keeps as many, drawn at random (seed). With
+   `token_matched_uniform`, a third set: random rows until it has as many tokens as the MiniPLM half (Difference
+   Sampling favours longer texts on a corpus of short rows, so equal row counts are not equal data).
+5. Students (same init, seed, steps and batch size) pretrained with the plain LM loss (`transformers.Trainer`,
+   labels = tokens, padding masked from the attention mask), one per set; held-out perplexity of each (per text, the
+   same for every student). One text per row, or with `packing` each set packed into `max_length` blocks so that every
+   step sees the same number of tokens whichever set it trains on.
 
     OMP_NUM_THREADS=1 python benchmarks/miniplm.py --config recipes/miniplm/smoke.yaml --out runs/bench   # ~4 min
     python benchmarks/miniplm.py --config recipes/miniplm/smollm2_esnli_svamp.yaml --out runs/bench
@@ -79,11 +83,25 @@ class MiniPLMBenchConfig:
     )
     student_layers: int = field(default=4, metadata={"help": "Student depth (teacher width and vocabulary)."})
     train_steps: int = field(default=300, metadata={"help": "Pretraining steps per student."})
+    train_batch_size: int | None = field(
+        default=None, metadata={"help": "Rows (or packed blocks) per student step; default: batch_size."}
+    )
     learning_rate: float = field(default=1e-3, metadata={"help": "Student learning rate."})
     throughput_repeats: int = field(default=1, metadata={"help": "Timed score / bare-loop pairs (median reported)."})
     seed: int = field(default=0, metadata={"help": "Seed for shuffling, the random half and training."})
     compare_processes: bool = field(default=False, metadata={"help": "Also time the CLI with 2 processes vs 1."})
     process_rows: int = field(default=256, metadata={"help": "Pool rows scored in the 1-vs-2-process comparison."})
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on each half packed into max_length blocks (EOS between texts), so every step sees "
+            "batch_size * max_length tokens whichever half it is; else one text per row."
+        },
+    )
+    token_matched_uniform: bool = field(
+        default=False,
+        metadata={"help": "Also train a student on uniform random rows with as many tokens as the MiniPLM half."},
+    )
 
 
 def load_texts(data_dir: Path, split: str) -> list[str]:
@@ -98,6 +116,17 @@ def lm_rows(texts: list[str], tokenizer, max_length: int) -> Dataset:
     return Dataset.from_dict({"input_ids": [x for x in ids if len(x) >= 2]})
 
 
+def packed_rows(texts: list[str], tokenizer, max_length: int) -> Dataset:
+    """Tokens of the texts, EOS after each, concatenated and cut into `max_length` blocks (the last may be short)."""
+    stream = [t for ids in tokenizer(texts)["input_ids"] for t in [*ids, tokenizer.eos_token_id]]
+    blocks = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
+    return Dataset.from_dict({"input_ids": [b for b in blocks if len(b) >= 2]})
+
+
+def n_tokens(texts: list[str], tokenizer) -> int:
+    return sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+
+
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right padding; labels are the tokens, -100 where the attention mask is 0 (never from pad_id == eos)."""
     width = max(len(r["input_ids"]) for r in rows)
@@ -109,10 +138,12 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def pretrain(model, data: Dataset, cfg: MiniPLMBenchConfig, steps: int, lr: float, pad_id: int, out: Path) -> float:
+def pretrain(
+    model, data: Dataset, cfg: MiniPLMBenchConfig, steps: int, lr: float, pad_id: int, out: Path, batch_size: int
+) -> float:
     """Plain LM loss for `steps` steps; returns seconds."""
     args = TrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=cfg.batch_size, learning_rate=lr,
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
         warmup_steps=max(1, steps // 10), lr_scheduler_type="cosine", logging_steps=max(1, steps // 5),
         save_strategy="no", report_to="none", use_cpu=DEVICE == "cpu", seed=cfg.seed, data_seed=cfg.seed,
         remove_unused_columns=False, disable_tqdm=True,
@@ -207,7 +238,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     reference = make_model(teacher, cfg.reference_layers, cfg.reference_init)
     ref_seconds = pretrain(reference, lm_rows(ref_texts, tokenizer, cfg.max_length), cfg, cfg.reference_steps,
-                           cfg.reference_learning_rate, pad_id, work / "reference_run")  # fmt: skip
+                           cfg.reference_learning_rate, pad_id, work / "reference_run", cfg.batch_size)  # fmt: skip
     reference.eval().to(DEVICE).save_pretrained(work / "reference")
     tokenizer.save_pretrained(work / "reference")
 
@@ -246,9 +277,20 @@ def main() -> None:
     k = len(refined)
     uniform = sorted(random.Random(cfg.seed).sample(range(len(pool)), k))
     halves = {"miniplm": list(refined["text"]), "uniform": [pool[i] for i in uniform]}
+    if cfg.token_matched_uniform:  # random rows until the MiniPLM half's token count is reached
+        lengths = [len(ids) for ids in tokenizer(pool)["input_ids"]]
+        order, budget, picked = list(range(len(pool))), n_tokens(halves["miniplm"], tokenizer), []
+        random.Random(cfg.seed + 2).shuffle(order)
+        for i in order:
+            if sum(lengths[j] for j in picked) >= budget:
+                break
+            picked.append(i)
+        halves["uniform_token_matched"] = [pool[i] for i in sorted(picked)]
     values = np.asarray(scores["score"])
     result["selection"] = {"n": len(scores), "kept": k, "mean_score_kept": float(np.sort(values)[::-1][:k].mean()),
-                           "mean_score_all": float(values.mean())}  # fmt: skip
+                           "mean_score_all": float(values.mean()),
+                           "rows": {name: len(texts) for name, texts in halves.items()},
+                           "tokens": {name: n_tokens(texts, tokenizer) for name, texts in halves.items()}}  # fmt: skip
 
     # 5. students, same init and steps
     ppl = {"teacher": perplexity(teacher, eval_data, cfg.batch_size, pad_id),
@@ -260,8 +302,9 @@ def main() -> None:
     rows = [{"model": name, "held_out_ppl": value, "train_s": ""} for name, value in ppl.items()]
     for name, half in halves.items():
         student = copy.deepcopy(initial)  # the same initial weights for both halves
-        seconds = pretrain(student, lm_rows(half, tokenizer, cfg.max_length), cfg, cfg.train_steps, cfg.learning_rate,
-                           pad_id, work / f"student_{name}")  # fmt: skip
+        rows_of = packed_rows if cfg.packing else lm_rows
+        seconds = pretrain(student, rows_of(half, tokenizer, cfg.max_length), cfg, cfg.train_steps, cfg.learning_rate,
+                           pad_id, work / f"student_{name}", cfg.train_batch_size or cfg.batch_size)  # fmt: skip
         ppl[f"student_{name}"] = perplexity(student, eval_data, cfg.batch_size, pad_id)
         rows.append({"model": f"student on {name} half", "held_out_ppl": ppl[f"student_{name}"], "train_s": seconds})
     result["held_out_perplexity"] = ppl
