@@ -20,7 +20,9 @@ Pipeline (all sizes in the YAML recipe; flags override keys):
    step sees the same number of tokens whichever set it trains on.
 
     OMP_NUM_THREADS=1 python benchmarks/miniplm.py --config recipes/miniplm/smoke.yaml --out runs/bench   # ~4 min
-    python benchmarks/miniplm.py --config recipes/miniplm/smollm2_esnli_svamp.yaml --out runs/bench
+    OMP_NUM_THREADS=1 python benchmarks/miniplm.py --config recipes/miniplm/medium.yaml --out runs/bench  # ~30 min
+    python benchmarks/miniplm.py --config recipes/miniplm/medium_packed.yaml --out runs/bench  # ~26 min
+    python benchmarks/miniplm.py --config recipes/miniplm/smollm2_esnli_svamp.yaml --out runs/bench  # hours
 """
 
 import copy
@@ -123,7 +125,7 @@ def packed_rows(texts: list[str], tokenizer, max_length: int) -> Dataset:
     return Dataset.from_dict({"input_ids": [b for b in blocks if len(b) >= 2]})
 
 
-def n_tokens(texts: list[str], tokenizer) -> int:
+def count_tokens(texts: list[str], tokenizer) -> int:
     return sum(len(ids) for ids in tokenizer(texts)["input_ids"])
 
 
@@ -279,7 +281,7 @@ def main() -> None:
     halves = {"miniplm": list(refined["text"]), "uniform": [pool[i] for i in uniform]}
     if cfg.token_matched_uniform:  # random rows until the MiniPLM half's token count is reached
         lengths = [len(ids) for ids in tokenizer(pool)["input_ids"]]
-        order, budget, picked = list(range(len(pool))), n_tokens(halves["miniplm"], tokenizer), []
+        order, budget, picked = list(range(len(pool))), count_tokens(halves["miniplm"], tokenizer), []
         random.Random(cfg.seed + 2).shuffle(order)
         for i in order:
             if sum(lengths[j] for j in picked) >= budget:
@@ -288,9 +290,10 @@ def main() -> None:
         halves["uniform_token_matched"] = [pool[i] for i in sorted(picked)]
     values = np.asarray(scores["score"])
     result["selection"] = {"n": len(scores), "kept": k, "mean_score_kept": float(np.sort(values)[::-1][:k].mean()),
-                           "mean_score_all": float(values.mean()),
-                           "rows": {name: len(texts) for name, texts in halves.items()},
-                           "tokens": {name: n_tokens(texts, tokenizer) for name, texts in halves.items()}}  # fmt: skip
+                           "mean_score_all": float(values.mean())}  # fmt: skip
+    result["sets"] = {
+        name: {"rows": len(rows), "tokens": count_tokens(rows, tokenizer)} for name, rows in halves.items()
+    }
 
     # 5. students, same init and steps
     ppl = {"teacher": perplexity(teacher, eval_data, cfg.batch_size, pad_id),
