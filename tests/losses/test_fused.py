@@ -378,3 +378,33 @@ def test_loss_weights_refuse_other_ratios():
     kd, ce = fused_logit_distillation_loss(hs, ws, ht, wt, labels=torch.arange(5), loss_weights=(1.0, 1.0))
     with pytest.raises(RuntimeError, match="not in that ratio"):
         (kd + 3 * ce).backward()
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_blocks_are_allocated_once_per_call_and_reused_by_every_chunk(loss_type, temperature):
+    import hf_distill.losses.fused as fused_module
+
+    n, h, vocab, chunk = 64, 6, 50, 8  # 8 chunks
+    s_hidden, s_weight, _, t_hidden, t_weight, _ = make_inputs(n=n, h_s=h, h_t=h - 1, vocab=vocab)
+    labels = torch.randint(0, vocab, (n,))
+    storages = set()
+
+    class StorageRecorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == vocab and t.shape[0] > 1:
+                    storages.add(t.untyped_storage().data_ptr())
+            return out
+
+    with StorageRecorder():
+        kd, ce = fused_logit_distillation_loss(
+            s_hidden, s_weight, t_hidden, t_weight, loss_type=loss_type, temperature=temperature, labels=labels,
+            chunk_size=chunk, loss_weights=(0.5, 0.5), beta=0.3, skew_alpha=0.2,
+        )  # fmt: skip
+    storages -= {w.untyped_storage().data_ptr() for w in (s_weight, t_weight)}  # `weight.T` views of the inputs
+    expected = 2 + fused_module._SCRATCH[loss_type] + (temperature != 1.0)
+    assert len(storages) == expected  # the same few blocks for all 8 chunks, not new ones per chunk or per op
+    (0.5 * kd + 0.5 * ce).backward()
+    assert torch.isfinite(s_weight.grad).all()
