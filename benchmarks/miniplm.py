@@ -79,6 +79,9 @@ class MiniPLMBenchConfig:
     max_length: int = field(default=128, metadata={"help": "Scoring window / training sequence length."})
     batch_size: int = field(default=8, metadata={"help": "Scoring, training and eval batch size."})
     alpha: float = field(default=0.5, metadata={"help": "Fraction of the pool kept by MiniPLM (and at random)."})
+    select_length_bins: int = field(
+        default=1, metadata={"help": "`select(length_bins=...)`: 1 ranks all rows together (MiniPLM)."}
+    )
     student_init: str = field(
         default="scratch",
         metadata={"help": "scratch: random init; teacher: teacher layers.", "choices": ["scratch", "teacher"]},
@@ -275,7 +278,7 @@ def main() -> None:
 
     # 4. MiniPLM half vs a uniform random half of the same size
     refined = select(work / "scores", Dataset.from_dict({"text": pool}), alpha=cfg.alpha, output_dir=work / "refined",
-                     tokenizer=tokenizer)  # fmt: skip
+                     tokenizer=tokenizer, length_bins=cfg.select_length_bins)  # fmt: skip
     k = len(refined)
     uniform = sorted(random.Random(cfg.seed).sample(range(len(pool)), k))
     halves = {"miniplm": list(refined["text"]), "uniform": [pool[i] for i in uniform]}
@@ -289,8 +292,9 @@ def main() -> None:
             picked.append(i)
         halves["uniform_token_matched"] = [pool[i] for i in sorted(picked)]
     values = np.asarray(scores["score"])
-    result["selection"] = {"n": len(scores), "kept": k, "mean_score_kept": float(np.sort(values)[::-1][:k].mean()),
-                           "mean_score_all": float(values.mean())}  # fmt: skip
+    report = json.loads((work / "refined" / "report.json").read_text())
+    result["selection"] = {"n": len(scores), "kept": k, "mean_score_kept": report["score_mean_kept"],
+                           "mean_score_all": float(values.mean()), "length_bins": cfg.select_length_bins}  # fmt: skip
     result["sets"] = {
         name: {"rows": len(rows), "tokens": count_tokens(rows, tokenizer)} for name, rows in halves.items()
     }

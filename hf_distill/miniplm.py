@@ -485,6 +485,7 @@ def select(
     add_special_tokens: bool = True,
     dataset_config: str | None = None,
     split: str = "train",
+    length_bins: int = 1,
 ) -> Dataset:
     """Keep the top `alpha` fraction of instances by score, in original corpus order, and write the refined corpus.
 
@@ -503,6 +504,10 @@ def select(
         tokenizer, text_column, add_special_tokens: only for chunked text corpora, as in `score`; the tokenizer
             defaults to the one `score` recorded in `<scores>/state.json` (when it was loaded from a name or path).
         dataset_config / split (`str`): used when `dataset` is a name or path.
+        length_bins (`int`): 1 (default) ranks all instances together, as MiniPLM does. `K > 1` splits the instances
+            into `K` equal-count bins by `n_tokens` and ranks each by its percentile within its bin, so every length
+            bin keeps about `alpha` of its instances (still exactly `ceil(alpha * n)` in all). Use it on corpora of
+            variable-length rows, where the score can favour long rows (docs/miniplm.md).
 
     Returns:
         `Dataset`: the refined corpus.
@@ -528,7 +533,7 @@ def select(
             f"Scores refer to row {rows.max()} but the dataset has {len(dataset)} rows: they were "
             "computed on another corpus."
         )
-    order = np.lexsort((np.arange(n), -values))  # score descending, earlier instance first among ties
+    order = np.lexsort((np.arange(n), -values, _within_bin_rank(scores, values, length_bins)))
     kept = np.zeros(n, dtype=bool)
     kept[order[:k]] = True
     kept_idx = np.flatnonzero(kept)  # ascending = original corpus order
@@ -542,8 +547,11 @@ def select(
     refined.save_to_disk(str(out / "dataset"))
     refined.to_parquet(str(out / "data.parquet"))
     threshold = float(values[order[k - 1]])
+    rule = "kept = ceil(alpha * n) top scores, corpus order"
+    if length_bins > 1:
+        rule += f"; ranked within {length_bins} equal-count n_tokens bins"
     report = {
-        "alpha": alpha, "n": n, "kept": k, "dropped": n - k, "rule": "kept = ceil(alpha * n) top scores, corpus order",
+        "alpha": alpha, "n": n, "kept": k, "dropped": n - k, "rule": rule, "length_bins": length_bins,
         "unit": "windows" if chunked else "rows", "threshold": threshold, "score_min": float(values.min()),
         "score_mean": float(values.mean()), "score_max": float(values.max()),
         "score_mean_kept": float(values[kept].mean()),
@@ -558,6 +566,24 @@ def select(
         "MiniPLM select: kept %d of %d instances (alpha=%s, threshold %.4f) -> %s", k, n, alpha, threshold, out
     )
     return refined
+
+
+def _within_bin_rank(scores: Dataset, values: np.ndarray, length_bins: int) -> np.ndarray:
+    """Primary sort key of `select`, shape `(n,)`: zeros for `length_bins=1`; else each instance's score rank within
+    its `n_tokens` bin (0 = best) divided by the bin's size."""
+    n = len(values)
+    if not isinstance(length_bins, int) or length_bins < 1:
+        raise ValueError(f"length_bins must be a positive integer, got {length_bins!r}.")
+    if length_bins == 1:
+        return np.zeros(n)
+    if "n_tokens" not in scores.column_names:
+        raise ValueError("length_bins > 1 needs the scores' `n_tokens` column (written by `score`).")
+    by_length = np.lexsort((np.arange(n), np.asarray(scores["n_tokens"])))  # shortest first, corpus order in ties
+    key = np.empty(n)
+    for members in np.array_split(by_length, min(length_bins, n)):
+        ranked = members[np.lexsort((members, -values[members]))]  # best score first, earlier instance among ties
+        key[ranked] = np.arange(len(ranked)) / len(ranked)
+    return key
 
 
 def _kept_windows(

@@ -314,3 +314,35 @@ def test_cli_recipes_parse(recipe):
     command = recipe.name.split("_")[0]
     (args,) = make_parser(command=command).parse_args_and_config(["--config", str(recipe), "--output_dir", "/tmp/x"])
     assert args.output_dir == "/tmp/x" and args.dataset
+
+
+@pytest.mark.parametrize("length_bins", [2, 3])
+def test_select_length_bins_keeps_alpha_of_every_length_bin(tmp_path, length_bins):
+    n, alpha = 12, 0.5
+    lengths = [3, 9, 4, 10, 5, 11, 6, 12, 7, 13, 8, 14]  # corpus order mixes short and long rows
+    values = [float(x) for x in lengths]  # the score favours long rows, as it can on short-row corpora
+    values[0] = 100.0  # the shortest row is the best of its bin
+    data = Dataset.from_dict({"label": list(range(n))})
+    scores = Dataset.from_dict({"row": list(range(n)), "score": values, "n_tokens": lengths})
+    plain = select(scores, data, alpha=alpha, output_dir=tmp_path / "plain")
+    binned = select(scores, data, alpha=alpha, output_dir=tmp_path / "binned", length_bins=length_bins)
+    assert len(plain) == len(binned) == 6
+    assert plain["label"] == [0, 3, 5, 7, 9, 11]  # top scores (row 0 and the five longest rows), in corpus order
+    assert binned["label"] == sorted(binned["label"])  # corpus order
+    by_length = sorted(range(n), key=lambda i: lengths[i])
+    for members in np.array_split(np.asarray(by_length), length_bins):
+        kept = [i for i in members if i in binned["label"]]
+        assert len(kept) == len(members) // 2  # alpha of every bin
+        best = sorted(members, key=lambda i: -values[i])[: len(kept)]
+        assert sorted(kept) == sorted(best)  # and within a bin, the best scores
+    report = json.loads((tmp_path / "binned" / "report.json").read_text())
+    assert report["length_bins"] == length_bins and "n_tokens bins" in report["rule"]
+
+
+def test_select_length_bins_errors(tmp_path):
+    data = Dataset.from_dict({"label": [0, 1]})
+    with pytest.raises(ValueError, match="n_tokens"):
+        select(Dataset.from_dict({"row": [0, 1], "score": [1.0, 2.0]}), data, output_dir=tmp_path, length_bins=2)
+    scores = Dataset.from_dict({"row": [0, 1], "score": [1.0, 2.0], "n_tokens": [3, 4]})
+    with pytest.raises(ValueError, match="positive integer"):
+        select(scores, data, output_dir=tmp_path, length_bins=0)

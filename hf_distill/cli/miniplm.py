@@ -55,6 +55,10 @@ class SelectArguments:
     )
     text_column: str = field(default="text", metadata={"help": "Text column (chunked corpora only)."})
     add_special_tokens: bool = field(default=True, metadata={"help": "As used for scoring (chunked corpora only)."})
+    length_bins: int = field(
+        default=1,
+        metadata={"help": "1: rank all instances together (MiniPLM). K > 1: rank within K equal-count length bins."},
+    )
 
 
 COMMANDS = {"score": ScoreArguments, "select": SelectArguments}
@@ -103,6 +107,6 @@ def run(argv: list[str], prog: str = "hf-distill miniplm") -> None:
         refined = select(
             args.scores, args.dataset, alpha=args.alpha, output_dir=args.output_dir, tokenizer=args.tokenizer,
             text_column=args.text_column, add_special_tokens=args.add_special_tokens,
-            dataset_config=args.dataset_config, split=args.split,
+            dataset_config=args.dataset_config, split=args.split, length_bins=args.length_bins,
         )  # fmt: skip
         print(f"Kept {len(refined)} instances (alpha={args.alpha}) -> {args.output_dir} (see report.txt).")
