@@ -284,12 +284,13 @@ def main() -> None:
     halves = {"miniplm": list(refined["text"]), "uniform": [pool[i] for i in uniform]}
     if cfg.token_matched_uniform:  # random rows until the MiniPLM half's token count is reached
         lengths = [len(ids) for ids in tokenizer(pool)["input_ids"]]
-        order, budget, picked = list(range(len(pool))), count_tokens(halves["miniplm"], tokenizer), []
+        order, budget, total, picked = list(range(len(pool))), count_tokens(halves["miniplm"], tokenizer), 0, []
         random.Random(cfg.seed + 2).shuffle(order)
         for i in order:
-            if sum(lengths[j] for j in picked) >= budget:
+            if total >= budget:
                 break
             picked.append(i)
+            total += lengths[i]
         halves["uniform_token_matched"] = [pool[i] for i in sorted(picked)]
     values = np.asarray(scores["score"])
     report = json.loads((work / "refined" / "report.json").read_text())
@@ -307,9 +308,9 @@ def main() -> None:
     del teacher
     ppl["student_init"] = perplexity(initial.to(DEVICE), eval_data, cfg.batch_size, pad_id)
     rows = [{"model": name, "held_out_ppl": value, "train_s": ""} for name, value in ppl.items()]
+    rows_of = packed_rows if cfg.packing else lm_rows
     for name, half in halves.items():
         student = copy.deepcopy(initial)  # the same initial weights for both halves
-        rows_of = packed_rows if cfg.packing else lm_rows
         seconds = pretrain(student, rows_of(half, tokenizer, cfg.max_length), cfg, cfg.train_steps, cfg.learning_rate,
                            pad_id, work / f"student_{name}", cfg.train_batch_size or cfg.batch_size)  # fmt: skip
         ppl[f"student_{name}"] = perplexity(student, eval_data, cfg.batch_size, pad_id)

@@ -162,7 +162,7 @@ class _Options:
 
 def _project_(out, hidden, weight, bias, scale, softcap, keep_softcap_grad):
     """Logits of one chunk written into the `(c, V)` block `out`: (h @ W.T + b) * scale, then
-    softcap * tanh(. / softcap). Returns `out` and `1 - tanh^2` (the softcap's derivative, a new block) when
+    softcap * tanh(. / softcap). Returns `1 - tanh^2` (the softcap's derivative, a new block) when
     `keep_softcap_grad` and a softcap is set, else None."""
     if hidden.dtype == out.dtype and weight.dtype == out.dtype:
         torch.mm(hidden, weight.T, out=out)
@@ -173,10 +173,11 @@ def _project_(out, hidden, weight, bias, scale, softcap, keep_softcap_grad):
     if scale != 1.0:
         out.mul_(scale)
     if softcap is None:
-        return out, None
+        return None
     out.div_(softcap).tanh_()
     dcap = torch.square(out).neg_().add_(1.0) if keep_softcap_grad else None
-    return out.mul_(softcap), dcap
+    out.mul_(softcap)
+    return dcap
 
 
 def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -260,7 +261,7 @@ class _FusedLogitDistillation(torch.autograd.Function):
             ls, lt, *scratch = (b[:c] for b in blocks)
             ce_block = scratch.pop() if own_ce_block else None
             h_s = s_hidden[rows]
-            _, dcap = _project_(ls, h_s, s_weight, s_bias, opts.student_logit_scale, opts.student_softcap, need_grad)
+            dcap = _project_(ls, h_s, s_weight, s_bias, opts.student_logit_scale, opts.student_softcap, need_grad)
             with torch.no_grad():
                 _project_(lt, t_hidden[rows], t_weight, t_bias, opts.teacher_logit_scale, opts.teacher_softcap, False)
             if stats is not None:  # argmax is unchanged by temperature and log-softmax; ties count as agreement
