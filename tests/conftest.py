@@ -1,6 +1,10 @@
 """Offline, seeded tiny models and tokenizers built from configs (no Hub access anywhere in the tests)."""
 
+import contextlib
 import os
+import signal
+import subprocess
+import warnings
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,6 +29,7 @@ from transformers import (
 )
 
 from hf_distill import DistillationConfig, DistillationSFTConfig, DistillationTrainer
+from hf_distill.cli.shutdown import ABANDONED, TIMEOUT_ENV
 
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -196,3 +201,49 @@ def student() -> LlamaForCausalLM:
 @pytest.fixture
 def tiny_t5() -> T5ForConditionalGeneration:
     return make_t5()
+
+
+def descendants(root: int) -> dict[int, str]:
+    """`root` and every process below it (pid -> "ppid stat elapsed args"), parents before children."""
+    rows = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,stat=,etime=,args="], capture_output=True, text=True,
+                          check=False).stdout.splitlines()  # fmt: skip
+    table = {int(r.split()[0]): r.split(None, 1)[1] for r in rows if r.strip()}
+    tree, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop(0)
+        tree[pid] = table.get(pid, "(gone)")
+        frontier += [child for child, row in table.items() if int(row.split()[0]) == pid and child not in tree]
+    return tree
+
+
+def run_processes(cmd: list[str], env: dict, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
+    """Run a multi-process launcher (torchrun, accelerate launch) in its own session and check it exits 0.
+
+    On timeout, lists the launcher's process tree, sends every process in it SIGABRT with faulthandler on (each Python
+    process prints its stacks), then SIGKILL, and fails with that output: a hang names where it hung, and leaves no
+    orphans. A CLI whose final process-group destroy had to be abandoned (hf_distill.cli.shutdown) is reported as a
+    warning.
+    """
+    env = {**env, "PYTHONFAULTHANDLER": "1", TIMEOUT_ENV: "30"}
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = descendants(proc.pid)
+        for pid in reversed(tree):  # workers first, then the launcher
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=20)  # each process prints its stacks and dies
+        for pid in reversed(tree):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()  # everything read so far plus the rest: retrying loses no output
+        ps = "\n".join(f"{pid} {row}" for pid, row in tree.items())
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s. Processes:\n{ps}\n"
+                    f"stdout:\n{stdout[-3000:]}\nstderr (stacks after SIGABRT):\n{stderr[-12000:]}")  # fmt: skip
+    if ABANDONED in stderr:
+        warnings.warn(f"{' '.join(cmd)}: {stderr[stderr.index(ABANDONED) :][:6000]}", stacklevel=2)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

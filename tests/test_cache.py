@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import distill_config, distill_sft_config, make_llama, make_tokenizer
+from conftest import distill_config, distill_sft_config, make_llama, make_tokenizer, run_processes
 from datasets import Dataset, load_from_disk
 from transformers import DataCollatorForSeq2Seq
 
@@ -313,8 +313,6 @@ def test_bad_inputs(tmp_path, tokenizer):
 @pytest.mark.distributed
 def test_two_processes_match_one(tmp_path, tokenizer):
     import os
-    import signal
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -338,15 +336,7 @@ def test_two_processes_match_one(tmp_path, tokenizer):
         "float32",
         "--use_cpu",
     ]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run_processes(cmd, env, timeout=180)
     two = TeacherCache(tmp_path / "two")
     ids = list(range(len(PAIRS) * 2))
     for a, b in zip(one.lookup(ids), two.lookup(ids)):

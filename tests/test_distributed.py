@@ -21,7 +21,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
-from conftest import make_llama, make_tokenizer
+from conftest import make_llama, make_tokenizer, run_processes
 from safetensors.torch import load_file
 
 from hf_distill.cli.train import make_parser
@@ -170,9 +170,7 @@ def run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
     for key in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_"))]:
         del env[key]
-    proc = subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return run_processes(cmd, env, timeout=300, cwd=cwd)
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]

@@ -5,15 +5,13 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, make_llama, make_tokenizer
+from conftest import WORDS, make_llama, make_tokenizer, run_processes
 from datasets import Dataset, load_from_disk
 
 from hf_distill.cli.main import main
@@ -269,14 +267,7 @@ def test_two_processes_match_one(models, tmp_path):
            str(ROOT / "tests/distributed/miniplm_score.py"), "--teacher", str(tmp_path / "teacher"),
            "--reference", str(tmp_path / "reference"), "--dataset", str(tmp_path / "data.jsonl"),
            "--output_dir", str(tmp_path / "two"), "--counts_dir", str(tmp_path / "counts")]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers: no orphans left behind
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    run_processes(cmd, env, timeout=180)
     two = load_scores(tmp_path / "two")
     assert two["id"] == one["id"]
     for key in ("nll_teacher", "nll_reference", "score"):

@@ -3,7 +3,6 @@
 import json
 from dataclasses import dataclass, field
 
-import torch
 from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
@@ -206,6 +205,3 @@ def run(argv: list[str], prog: str = "hf-distill train") -> None:
     if args.eval_strategy != "no" and trainer.eval_dataset is not None:
         print(trainer.evaluate())
     print(f"Saved the student to {args.output_dir}")
-    trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # a gloo group left to interpreter exit can abort a rank
