@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     module = importlib.import_module(COMMANDS[name][0])
     module.run(rest, prog=f"hf-distill {name}")
-    from .shutdown import finish_distributed  # after the command: torch is imported by then
+    from .shutdown import end_distributed_run  # after the command: torch is imported by then
 
-    finish_distributed()  # multi-process runs: barrier + bounded destroy of the process group
+    end_distributed_run()  # multi-process runs: barrier, bounded destroy of the process group, exit 0
 
 
 if __name__ == "__main__":
