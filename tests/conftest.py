@@ -205,8 +205,11 @@ def tiny_t5() -> T5ForConditionalGeneration:
 
 def descendants(root: int) -> dict[int, str]:
     """`root` and every process below it (pid -> "ppid stat elapsed args"), parents before children."""
-    rows = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,stat=,etime=,args="], capture_output=True, text=True,
-                          check=False).stdout.splitlines()  # fmt: skip
+    try:
+        rows = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,stat=,etime=,args="], capture_output=True, text=True,
+                              check=False).stdout.splitlines()  # fmt: skip
+    except FileNotFoundError:  # no procps: only the launcher itself is known
+        rows = [f"{root} ? ? ? (ps not installed)"]
     table = {int(r.split()[0]): r.split(None, 1)[1] for r in rows if r.strip()}
     tree, frontier = {}, [root]
     while frontier:

@@ -9,7 +9,6 @@ so the command's outputs are saved and exit status 0 is the truth.
 """
 
 import atexit
-import logging
 import os
 import sys
 import threading
@@ -17,8 +16,6 @@ import traceback
 
 import torch
 
-
-logger = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "HF_DISTILL_DESTROY_TIMEOUT"
 ABANDONED = "hf-distill: destroy_process_group did not return"
