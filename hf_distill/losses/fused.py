@@ -247,6 +247,7 @@ class _FusedLogitDistillation(torch.autograd.Function):
                 _Grads(s_hidden, s_weight, s_bias, opts.need_grad, dtype) if need_grad and not combined else None
             )
             ce_sum = torch.zeros((), dtype=dtype, device=s_hidden.device)
+            ce_scale = opts.student_logit_scale / ce_denom * (opts.loss_weights[1] if combined else 1.0)
         rows_per_chunk = min(opts.chunk_size, max(n, 1))
         num_blocks = 2 + _SCRATCH[opts.loss_type] + own_ce_block
         blocks = [torch.empty(rows_per_chunk, vocab, dtype=dtype, device=s_hidden.device) for _ in range(num_blocks)]
@@ -288,9 +289,8 @@ class _FusedLogitDistillation(torch.autograd.Function):
             g.mul_(kd_scale)
             if labels is not None:  # CE gradient: softmax(z) - onehot(target) on rows with a label
                 p_ce = ce_logp.exp_() if own_ce_block else p_s
-                ce_row = row_valid.to(dtype).mul_(opts.student_logit_scale / ce_denom).unsqueeze(1)
+                ce_row = row_valid.to(dtype).mul_(ce_scale).unsqueeze(1)
                 if combined:
-                    ce_row.mul_(opts.loss_weights[1])
                     g.addcmul_(p_ce, ce_row).scatter_add_(1, target, ce_row.neg())
                 else:
                     g_ce = p_ce.mul_(ce_row).scatter_add_(1, target, ce_row.neg())
