@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import warnings
+from pathlib import Path
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +33,7 @@ from hf_distill import DistillationConfig, DistillationSFTConfig, DistillationTr
 from hf_distill.cli.shutdown import ABANDONED, TIMEOUT_ENV
 
 
+REPO = Path(__file__).resolve().parents[1]
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 WORDS = (  # noqa: SIM905
     "the a an is are was of to and in on at it this that cat dog sat mat ran fast slow big small red blue "
@@ -219,17 +221,35 @@ def descendants(root: int) -> dict[int, str]:
     return tree
 
 
-def run_processes(cmd: list[str], env: dict, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
-    """Run a multi-process launcher (torchrun, accelerate launch) in its own session and check it exits 0.
+def launcher_env() -> dict[str, str]:
+    """Environment of a launched test run: CPU only, one thread per process, offline, this checkout importable, no
+    `ACCELERATE_*` / `FSDP_*` settings leaking in from the caller, Python stacks on SIGABRT, a short destroy limit."""
+    env = dict(
+        os.environ,
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        PYTHONFAULTHANDLER="1",
+    )
+    env[TIMEOUT_ENV] = "30"
+    for key in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        del env[key]
+    return env
+
+
+def run_processes(cmd: list[str], timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a multi-process launcher (torchrun, accelerate launch) with `launcher_env()` in its own session and check it
+    exits 0.
 
     On timeout, lists the launcher's process tree, sends every process in it SIGABRT with faulthandler on (each Python
     process prints its stacks), then SIGKILL, and fails with that output: a hang names where it hung, and leaves no
     orphans. A CLI whose final process-group destroy had to be abandoned (hf_distill.cli.shutdown) is reported as a
     warning.
     """
-    env = {**env, "PYTHONFAULTHANDLER": "1", TIMEOUT_ENV: "30"}
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(cmd, env=launcher_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -7,10 +7,8 @@ launcher argument handling (a dry run: nothing is launched), and that the docume
 
 import itertools
 import json
-import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -159,20 +157,6 @@ def test_documented_commands_parse(doc):
 
 
 # ------------------------------------------------------------------------------------------------ 2 CPU processes
-def run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    for key in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_"))]:
-        del env[key]
-    return run_processes(cmd, env, timeout=300, cwd=cwd)
-
-
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
@@ -192,8 +176,8 @@ def assert_same_run(one: list[dict], two: list[dict], weights_one: Path, weights
 @pytest.mark.distributed
 def test_two_processes_equal_one_process(tmp_path):
     """torchrun 2 x batch 2 (DDP over gloo) == 1 x batch 4: loss trajectory, final weights; checkpoints once."""
-    run([sys.executable, str(SCRIPTS / "kd_equivalence.py"), str(tmp_path / "one"), "--batch_size", "4"])
-    run(TORCHRUN + [str(SCRIPTS / "kd_equivalence.py"), str(tmp_path / "two"), "--batch_size", "2"])
+    run_processes([sys.executable, str(SCRIPTS / "kd_equivalence.py"), str(tmp_path / "one"), "--batch_size", "4"])
+    run_processes(TORCHRUN + [str(SCRIPTS / "kd_equivalence.py"), str(tmp_path / "two"), "--batch_size", "2"])
     one = json.loads((tmp_path / "one/result.json").read_text())
     two = json.loads((tmp_path / "two/result.json").read_text())
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
@@ -267,8 +251,10 @@ def test_accelerate_launch_cli_with_cpu_2proc_config(tmp_path):
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     train = ["-m", "hf_distill.cli.main", "train", "--config", str(tmp_path / "recipe.yaml"), "--use_cpu", "true"]
-    run([sys.executable] + train + ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
-    run(
+    run_processes(
+        [sys.executable] + train + ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")]
+    )
+    run_processes(
         ACCELERATE
         + ["--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml")]
         + train
@@ -289,7 +275,7 @@ def test_accelerate_launch_cli_with_cpu_2proc_config(tmp_path):
 def test_fsdp2_teacher_sharded_on_cpu(tmp_path):
     """prepare_teacher's FSDP2 branch: one unit per decoder layer + embeddings + tail, half the weights per rank,
     rank 0's weights broadcast (cpu_ram_efficient_loading), logits unchanged, plugin untouched, not registered."""
-    run(TORCHRUN + [str(SCRIPTS / "fsdp2_teacher.py"), str(tmp_path)])
+    run_processes(TORCHRUN + [str(SCRIPTS / "fsdp2_teacher.py"), str(tmp_path)])
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["num_processes"] == 2
@@ -303,7 +289,9 @@ def test_fsdp2_teacher_sharded_on_cpu(tmp_path):
 @pytest.mark.distributed
 def test_fsdp_trainer_on_cpu(tmp_path):
     """Try the whole Trainer under FSDP2 on 2 CPU processes; skip with accelerate's verdict when it cannot."""
-    run(TORCHRUN + [str(SCRIPTS / "kd_equivalence.py"), str(tmp_path / "fsdp"), "--batch_size", "2", "--fsdp"])
+    run_processes(
+        TORCHRUN + [str(SCRIPTS / "kd_equivalence.py"), str(tmp_path / "fsdp"), "--batch_size", "2", "--fsdp"]
+    )
     result = json.loads((tmp_path / "fsdp/result.json").read_text())
     if result["distributed_type"] != "DistributedType.FSDP":
         pytest.skip(
@@ -313,7 +301,7 @@ def test_fsdp_trainer_on_cpu(tmp_path):
             "'Inconsistent compute device and `device_id`: cpu vs cpu:0'). The FSDP2 teacher sharding itself is "
             "covered on CPU by test_fsdp2_teacher_sharded_on_cpu."
         )
-    run([sys.executable, str(SCRIPTS / "kd_equivalence.py"), str(tmp_path / "one"), "--batch_size", "4"])
+    run_processes([sys.executable, str(SCRIPTS / "kd_equivalence.py"), str(tmp_path / "one"), "--batch_size", "4"])
     one = json.loads((tmp_path / "one/result.json").read_text())
     assert_same_run(
         one["log_history"],

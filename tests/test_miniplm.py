@@ -262,12 +262,11 @@ def test_two_processes_match_one(models, tmp_path):
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
     one = score(teacher, reference, Dataset.from_dict({"text": texts}), tokenizer, output_dir=tmp_path / "one",
                 max_length=8, batch_size=3)  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(ROOT / "tests/distributed/miniplm_score.py"), "--teacher", str(tmp_path / "teacher"),
            "--reference", str(tmp_path / "reference"), "--dataset", str(tmp_path / "data.jsonl"),
            "--output_dir", str(tmp_path / "two"), "--counts_dir", str(tmp_path / "counts")]  # fmt: skip
-    run_processes(cmd, env, timeout=180)
+    run_processes(cmd, timeout=180)
     two = load_scores(tmp_path / "two")
     assert two["id"] == one["id"]
     for key in ("nll_teacher", "nll_reference", "score"):
