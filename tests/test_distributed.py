@@ -286,22 +286,22 @@ def test_fsdp2_teacher_sharded_on_cpu(tmp_path):
         assert result["max_abs_diff"] < 1e-5, rank  # rank 1 started from other weights
 
 
-@pytest.mark.distributed
-def test_fsdp_trainer_on_cpu(tmp_path):
-    """Try the whole Trainer under FSDP2 on 2 CPU processes; skip with accelerate's verdict when it cannot."""
-    run_processes(
-        TORCHRUN + [str(SCRIPTS / "kd_equivalence.py"), str(tmp_path / "fsdp"), "--batch_size", "2", "--fsdp"]
-    )
+@pytest.mark.gpu
+def test_fsdp_trainer_on_gpu(tmp_path):
+    """The whole Trainer under FSDP2 on every visible GPU (global batch 4) == one process without FSDP.
+
+    GPU only: accelerate enables FSDP for GPU-type distributed modes, never MULTI_CPU, so on CPU it would silently
+    run DDP. The FSDP2 teacher sharding itself is covered on CPU by test_fsdp2_teacher_sharded_on_cpu.
+    """
+    n = torch.cuda.device_count()
+    assert n >= 1 and 4 % n == 0, f"needs 1, 2 or 4 visible CUDA devices, found {n}"
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(n)))}
+    script = str(SCRIPTS / "kd_equivalence.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+    run_processes(launch + [script, str(tmp_path / "fsdp"), "--batch_size", str(4 // n), "--fsdp", "--gpu"], env=env)
     result = json.loads((tmp_path / "fsdp/result.json").read_text())
-    if result["distributed_type"] != "DistributedType.FSDP":
-        pytest.skip(
-            f"FSDP cannot run on CPU here: with fsdp=True, fsdp_config={{'version': 2}} and use_cpu=True, accelerate "
-            f"chose {result['distributed_type']} (AcceleratorState enables FSDP only for GPU-type distributed modes, "
-            "never MULTI_CPU; and torch's FSDP1, as trl.models.prepare_fsdp wraps it, fails on CPU with "
-            "'Inconsistent compute device and `device_id`: cpu vs cpu:0'). The FSDP2 teacher sharding itself is "
-            "covered on CPU by test_fsdp2_teacher_sharded_on_cpu."
-        )
-    run_processes([sys.executable, str(SCRIPTS / "kd_equivalence.py"), str(tmp_path / "one"), "--batch_size", "4"])
+    assert result["distributed_type"] == "DistributedType.FSDP", result
+    run_processes([sys.executable, script, str(tmp_path / "one"), "--batch_size", "4", "--gpu"], env=env)
     one = json.loads((tmp_path / "one/result.json").read_text())
     assert_same_run(
         one["log_history"],

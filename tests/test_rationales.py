@@ -260,8 +260,15 @@ TOY_ROWS = [  # prompts of different lengths (left padding); row 1 disagrees wit
 ]
 
 
-def memorised(tok, pairs, steps=100, hidden=64, **model_kw):
-    """A tiny Llama trained until greedy decoding reproduces each prompt's (token ids) continuation (then eos)."""
+def memorised(tok, pairs, max_steps=400, check_every=10, hidden=64, **model_kw):
+    """A tiny Llama trained until greedy decoding reproduces each prompt's (token ids) continuation, then eos.
+
+    Trains with Adam (lr 1e-2, gradients clipped to norm 1: unclipped, the loss spikes every ~100 steps and a fixed
+    step count lands on either side of a spike depending on the CPU's matmul kernels). Every `check_every` steps each
+    prompt is decoded greedily on its own; training stops once all match with a loss below 0.01 (a margin, so that
+    left-padded batched decoding keeps the same argmax). Fails, naming the rows that differ, if `max_steps` is not
+    enough: the tests that use it rely on the memorisation, so it is checked, never assumed.
+    """
     model = make_llama(2, hidden, seed=0, **model_kw)
     seqs = [(p, tok(c)["input_ids"] + [tok.eos_token_id]) for p, c in pairs]
     width = max(len(p) + len(c) for p, c in seqs)
@@ -273,23 +280,52 @@ def memorised(tok, pairs, steps=100, hidden=64, **model_kw):
         labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
         mask[i, : len(p) + len(c)] = 1
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def greedy_mismatches() -> list[str]:
+        model.eval()
+        wrong = []
+        with torch.no_grad():
+            for p, c in seqs:
+                out = model.generate(
+                    torch.tensor([p]), max_new_tokens=len(c), do_sample=False, pad_token_id=0, eos_token_id=c[-1]
+                )[0, len(p) :].tolist()
+                if out != c:
+                    wrong.append(f"{tok.decode(c)!r} -> {tok.decode(out)!r}")
+        model.train()
+        return wrong
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # also when called from a module-scoped fixture (before `one_thread`)
     try:
-        for _ in range(steps):
+        for step in range(1, max_steps + 1):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            if step % check_every == 0 and loss.item() < 0.01 and not greedy_mismatches():
+                return model.eval()
+        wrong = greedy_mismatches()
     finally:
         torch.set_num_threads(threads)
-    return model.eval()
+    raise AssertionError(
+        f"The toy model did not memorise its continuations in {max_steps} steps (loss {loss.item():.4f}); greedy "
+        f"decoding differs for {len(wrong)} of {len(seqs)} rows: {'; '.join(wrong) or 'none (loss still >= 0.01)'}."
+    )
 
 
 @pytest.fixture(scope="module")
 def toy_teacher():
     tok = make_tokenizer()
     return memorised(tok, [(tok(TOY.prompt(r))["input_ids"], r["cont"]) for r in TOY_ROWS]), tok
+
+
+def test_memorised_fails_loudly_when_it_did_not_memorise():
+    tok = make_tokenizer()
+    with pytest.raises(
+        AssertionError, match=r"did not memorise its continuations in 10 steps.*differs for [1-4] of 4"
+    ):
+        memorised(tok, [(tok(TOY.prompt(r))["input_ids"], r["cont"]) for r in TOY_ROWS], max_steps=10)
 
 
 def toy_data():
@@ -478,9 +514,7 @@ def test_math_accuracy_is_exact_numeric_match(tmp_path):
     ]
     outputs = ["( 1 + 2 )", "7", "5", "3"]  # an equation evaluated, two exact numbers and a wrong one
     collator = RationaleCollator(tok, views=("label",))
-    model = memorised(
-        tok, [(collator.prompt_ids(SVAMP_TEMPLATE.format_input(r)), o) for r, o in zip(rows, outputs)], steps=120
-    )
+    model = memorised(tok, [(collator.prompt_ids(SVAMP_TEMPLATE.format_input(r)), o) for r, o in zip(rows, outputs)])
     result = evaluate_task_accuracy(
         model, tok, Dataset.from_list(rows), template="svamp", collator=collator, max_new_tokens=8, show_progress=False
     )

@@ -255,13 +255,30 @@ def test_sft_lora_student_trains_adapters_only(tmp_path, tokenizer):
 
 
 def test_sft_packing(tmp_path, tokenizer):
+    """Packed (padding-free) batches: the KD term equals the one computed on each packed sequence on its own, so
+    no position predicts across a sequence boundary and no sequence attends to its neighbour."""
     trainer = DistillationSFTTrainer(
         model=make_llama(2, 32),
         teacher_model=make_llama(4, 64, seed=1),
-        args=sft_config(tmp_path, packing=True, max_length=16),
+        args=sft_config(tmp_path, packing=True, max_length=16, kd_weight=1.0, ce_weight=0.0, temperature=2.0),
         train_dataset=Dataset.from_dict({"text": TEXTS * 3}),
         processing_class=tokenizer,
     )
+    batch = next(iter(trainer.get_train_dataloader()))
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert batch["input_ids"].shape[0] == 1 and len(starts) >= 2  # one row holding several sequences
+    kd_sum, count = 0.0, 0
+    for start, end in zip(starts, starts[1:] + [batch["input_ids"].shape[1]]):
+        ids, labels = batch["input_ids"][:, start:end], batch["labels"][:, start:end]
+        with torch.no_grad():
+            t_logits = trainer.teacher(input_ids=ids).logits[:, :-1]
+            s_logits = trainer.model(input_ids=ids).logits[:, :-1]
+        mask = labels[:, 1:] != -100
+        kd_sum += logit_divergence(s_logits[mask], t_logits[mask], temperature=2.0).sum()
+        count += int(mask.sum())
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    assert torch.allclose(loss, 2.0**2 * kd_sum / count, atol=1e-5)
     trainer.train()
     assert trainer.state.global_step == 2
 
