@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import TrainerCallback
 
 
 logger = logging.getLogger(__name__)
@@ -167,3 +168,20 @@ def load_projectors(module: HintProjectors, directory: str | os.PathLike) -> Hin
     module.load_state_dict(state)
     logger.info("Loaded %d hint projector tensors from %s", len(state), path)
     return module
+
+
+class ProjectorGradReset(TrainerCallback):
+    """Zeroes the projectors' gradients after every optimizer step, as `Trainer` does for the student.
+
+    `Trainer` calls `model.zero_grad()` after each step; the projectors live outside the student, so without this their
+    `.grad` would keep summing over the whole run (and a resumed run, starting from zero, would diverge).
+
+    Args:
+        projectors (`nn.Module`): the projectors (plain or DDP-wrapped).
+    """
+
+    def __init__(self, projectors: nn.Module) -> None:
+        self.projectors = projectors
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.projectors.zero_grad(set_to_none=True)

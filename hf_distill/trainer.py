@@ -40,7 +40,7 @@ from .losses.fused import fused_logit_distillation_loss
 from .model_card import trainer_model_card
 from .multi_teacher import multi_teacher_logit_terms, setup_teachers
 from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
-from .projectors import load_projectors, save_projectors
+from .projectors import ProjectorGradReset, load_projectors, save_projectors
 from .sanity import check_first_step_kd, warn_mixed_precision_mismatch
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher
 from .teacher_sources import TeacherSourcesMixin
@@ -172,10 +172,23 @@ class DistillationMixin(TeacherSourcesMixin):
                 # not a model of the run: keep it out of save_state and of Trainer's "student prepared?" check
                 wrapped = self._hints.projectors
                 self.accelerator._models[:] = [m for m in self.accelerator._models if m is not wrapped]
+            self.add_callback(ProjectorGradReset(self._hints.projectors))  # Trainer zeroes only the student's
 
     def _projectors(self) -> nn.Module | None:
         projectors = self._hints.projectors if self._hints is not None else None
         return self.accelerator.unwrap_model(projectors) if projectors is not None else None
+
+    def _clip_grad_norm(self, model):
+        """One gradient norm (and clip) over the student and the hint projectors, which train together."""
+        projectors = self._projectors()
+        params = [p for p in projectors.parameters() if p.grad is not None] if projectors is not None else []
+        if not params:
+            return super()._clip_grad_norm(model)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # the engine clips its own (sharded) parameters
+            torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+            logger.warning_once("Under FSDP/DeepSpeed the hint projectors are clipped on their own gradient norm.")
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *params], self.args.max_grad_norm)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)

@@ -5,7 +5,7 @@ import torch
 from conftest import make_llama, make_lm_trainer
 from safetensors.torch import load_file
 from test_trainer import TEXTS
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hf_distill.losses.features import mse
 
@@ -119,3 +119,45 @@ def test_eager_attention_only_when_needed(tmp_path, tokenizer):
     trainer = hint_trainer(tmp_path, tokenizer, attention_weight=1.0)
     assert trainer.model.config._attn_implementation == "eager"
     assert trainer.teacher.config._attn_implementation == "eager"
+
+
+class _GradProbe(TrainerCallback):
+    """Records, per optimizer step, the projector gradients' norm before the step and whether any is left after it."""
+
+    def __init__(self, trainer):
+        self.trainer, self.pre, self.left_after, self.total_pre = trainer, [], [], []
+
+    def _grads(self, module):
+        return [p.grad for p in module.parameters() if p.grad is not None]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # after clipping, before optimizer.step()
+        proj = self._grads(self.trainer._projectors())
+        student = self._grads(self.trainer.model)
+        self.pre.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in proj])).item())
+        self.total_pre.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in proj + student])).item())
+
+    def on_step_end(self, args, state, control, **kwargs):  # after the Trainer's zero_grad
+        self.left_after.append(any(g.abs().sum() > 0 for g in self._grads(self.trainer._projectors())))
+
+
+def test_projector_gradients_reset_every_step_and_are_clipped_with_the_student(tmp_path, tokenizer):
+    trainer = hint_trainer(tmp_path, tokenizer, max_steps=4, max_grad_norm=0.05, learning_rate=1e-3)
+    probe = _GradProbe(trainer)
+    trainer.add_callback(probe)
+    trainer.train()
+    assert probe.left_after == [False] * 4  # zeroed with the student's after every optimizer step
+    assert all(0 < n for n in probe.pre)
+    assert max(probe.total_pre) <= 0.05 * (1 + 1e-4)  # one clipping norm over student + projectors
+
+
+def test_resume_with_hints_attention_and_relations_is_exact(tmp_path, tokenizer):
+    run = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=1e-3, lr_scheduler_type="linear")
+    full = hint_trainer(tmp_path / "full", tokenizer, **run)
+    full.train()
+    resumed = hint_trainer(tmp_path / "resumed", tokenizer, **run)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e and e["step"] > 2] for t in (full, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    for a, b in ((full.model, resumed.model), (full._projectors(), resumed._projectors())):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
