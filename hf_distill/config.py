@@ -81,6 +81,9 @@ class DistillationArguments:
     teacher_weights (`list[float]`, *optional*): one weight per teacher (default: equal).
     multi_teacher_mode (`str`, defaults to `"mixture"`): `mixture` (divergence to the weighted mixture of the
         teachers' distributions) or `sum` (weighted sum of per-teacher divergences).
+    nonfinite_teacher (`str`, defaults to `"error"`): what a teacher output with NaN/inf does (e.g. an fp16 teacher
+        that overflowed): `error` stops the run before the optimizer step, naming the step and the cause (the last
+        saved checkpoint is untouched); `skip` drops such micro-batches from the gradient with a counted warning.
 
     > Parameters that control rationale distillation (distilling step-by-step)
 
@@ -203,6 +206,15 @@ class DistillationArguments:
         },
     )
 
+    nonfinite_teacher: str = field(
+        default="error",
+        metadata={
+            "help": "A teacher output with NaN/inf: error (stop, naming the step and the cause) or skip (drop the "
+            "micro-batch from the gradient, with a counted warning).",
+            "choices": ["error", "skip"],
+        },
+    )
+
     @property
     def uses_features(self) -> bool:
         """Whether any hidden-state / attention / relation term is on."""
@@ -225,6 +237,8 @@ class DistillationArguments:
         """Check every distillation field; each error names the field, its value and what is allowed."""
         if self.kd_loss not in LOGIT_LOSSES:
             raise ValueError(f"`kd_loss` must be one of {list(LOGIT_LOSSES)}, got {self.kd_loss!r}.")
+        if self.nonfinite_teacher not in ("error", "skip"):
+            raise ValueError(f"`nonfinite_teacher` must be 'error' or 'skip', got {self.nonfinite_teacher!r}.")
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
         if not 0.0 <= self.beta <= 1.0:

@@ -90,6 +90,46 @@ def check_first_step_kd(
     return problem
 
 
+def nonfinite_teacher_problem(teacher_outputs: Any, teacher: nn.Module | None = None) -> str | None:
+    """Why the teacher's outputs for a batch cannot be distilled (NaN / inf values), or None when they are finite.
+
+    Args:
+        teacher_outputs: a model output (its `logits`, `last_hidden_state` and last `hidden_states` are checked: the
+            logits `(B, T, V)` on the materialised path, the final hidden states `(B, T, H)` on the fused one), or a
+            list of them (several teachers).
+        teacher (`nn.Module`, *optional*): the teacher, to name its dtype in the message.
+
+    Returns:
+        `str` or `None`: what is non-finite and the likely cause.
+    """
+    outputs = teacher_outputs if isinstance(teacher_outputs, list | tuple) else [teacher_outputs]
+    for index, output in enumerate(outputs):
+        hidden = getattr(output, "hidden_states", None)
+        named = {
+            "logits": getattr(output, "logits", None),
+            "last_hidden_state": getattr(output, "last_hidden_state", None),
+            "hidden_states[-1]": hidden[-1] if hidden else None,
+        }
+        for name, tensor in named.items():
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                continue
+            bad = ~torch.isfinite(tensor)
+            if bad.any():
+                which = f"teacher {index}'s" if len(outputs) > 1 else "the teacher's"
+                dtype = next(teacher.parameters()).dtype if teacher is not None else tensor.dtype
+                hint = (
+                    "float16 overflows above 65504: load the teacher in bfloat16 or float32 "
+                    "(`teacher_model_init_kwargs: {dtype: bfloat16}`)"
+                    if dtype == torch.float16
+                    else "check the teacher's weights and inputs (a NaN in its checkpoint, an overflowing layer)"
+                )
+                return (
+                    f"{int(bad.sum())} of {tensor.numel()} values of {which} `{name}` (shape {tuple(tensor.shape)}, "
+                    f"dtype {tensor.dtype}; teacher weights in {dtype}) are NaN or inf. Likely cause: {hint}."
+                )
+    return None
+
+
 def mixed_precision_mismatch(args: Any, launcher_precision: str | None = None) -> str | None:
     """A message when the training config's `bf16`/`fp16` disagrees with the accelerate config's mixed precision.
 

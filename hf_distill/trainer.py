@@ -41,7 +41,7 @@ from .model_card import trainer_model_card
 from .multi_teacher import multi_teacher_logit_terms, setup_teachers
 from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
 from .projectors import ProjectorGradReset, load_projectors, save_projectors
-from .sanity import check_first_step_kd, warn_mixed_precision_mismatch
+from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_mixed_precision_mismatch
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher
 from .teacher_sources import TeacherSourcesMixin
 
@@ -51,6 +51,13 @@ logger = logging.getLogger(__name__)
 # Batch keys that are not model inputs (targets, and masks produced by collators).
 NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task", TASK_COUNTS_KEY}
 NON_MODEL_KEYS.update(CACHE_BATCH_KEYS)  # teacher-cache entries added by TeacherCacheCollator
+
+
+class _SkipBatch(Exception):  # noqa: N818 (control flow, not an error)
+    """Raised inside `_loss_terms` when `nonfinite_teacher="skip"` drops a micro-batch."""
+
+    def __init__(self, outputs: Any) -> None:
+        self.outputs = outputs
 
 
 def _tokenizer_of(processing_class: Any) -> Any:
@@ -93,6 +100,7 @@ class DistillationMixin(TeacherSourcesMixin):
         self.model_accepts_loss_kwargs = True
         warn_mixed_precision_mismatch(self.args)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._skipped_batches = 0  # micro-batches dropped by nonfinite_teacher="skip"
         self._head = detect_head(self.model)
         self._loss_shifts_labels = self._head.shifts_labels  # how Trainer counts `num_items_in_batch`: as we do
         if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
@@ -261,11 +269,36 @@ class DistillationMixin(TeacherSourcesMixin):
             forward_kwargs = {**forward_kwargs, "output_hidden_states": True, "logits_to_keep": 1}
         outputs = model(**model_inputs, **forward_kwargs)
         teacher_outputs = self._teacher_outputs(model_inputs, inputs)
+        self._check_finite(teacher_outputs, outputs, inputs)
         sums, weights, n_tokens = self._logit_terms(outputs, teacher_outputs, inputs)
         extra_sums, extra_weights = self._extra_terms(outputs, teacher_outputs, inputs)
         sums.update(extra_sums)
         weights.update(extra_weights)
         return sums, weights, n_tokens, outputs
+
+    def _check_finite(self, teacher_outputs: Any, outputs: Any, inputs: dict[str, Any]) -> None:
+        """Stop (or, with `nonfinite_teacher="skip"`, drop the micro-batch) when the teacher's outputs hold NaN/inf:
+        a divergence against them would silently turn the student's weights into NaN."""
+        problem = nonfinite_teacher_problem(teacher_outputs, self.teacher) if teacher_outputs is not None else None
+        if problem is None:
+            return
+        training = self.model.training
+        where = f"optimizer step {self.state.global_step + 1}" if training else "evaluation"
+        rows = f"micro-batch of {inputs['labels'].shape[0]} rows"
+        if self.args.nonfinite_teacher == "skip" and training:
+            self._skipped_batches += 1
+            logger.warning(
+                "Skipped a %s at %s (%d skipped so far; nonfinite_teacher=skip): %s",
+                rows,
+                where,
+                self._skipped_batches,
+                problem,
+            )
+            raise _SkipBatch(outputs)
+        raise FloatingPointError(
+            f"Non-finite teacher outputs at {where} ({rows}; nothing of this step was applied, saved checkpoints are "
+            f"untouched): {problem} To drop such micro-batches instead, set `nonfinite_teacher=skip`."
+        )
 
     def _prepare_batch(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """Hook to rewrite the batch before the forward passes (identity here)."""
@@ -364,7 +397,12 @@ class DistillationMixin(TeacherSourcesMixin):
         return self._hints.terms(outputs, teacher_outputs, inputs, self._head, n_tokens)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        sums, weights, n_tokens, outputs = self._loss_terms(model, inputs)
+        try:
+            sums, weights, n_tokens, outputs = self._loss_terms(model, inputs)
+        except _SkipBatch as skip:  # a zero loss that still reaches every student parameter (DDP needs the backward)
+            outputs = skip.outputs
+            loss = 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
+            return (loss, outputs) if return_outputs else loss
         if "task" in inputs:  # label_weight * L_label + rationale_weight * L_rationale, per-task token means
             loss = multitask_loss(self, sums, weights, n_tokens, inputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss

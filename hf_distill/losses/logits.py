@@ -28,8 +28,11 @@ def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dim from log-probabilities; `0 * log 0` counts as 0."""
-    return (log_p.exp() * (log_p - log_q)).nansum(-1)
+    """KL(p || q) over the last dim from log-probabilities; `0 * log 0` counts as 0 (and only that: a NaN in either
+    input stays NaN, it is never summed away)."""
+    p = log_p.exp()
+    zero = p == 0
+    return torch.where(zero, 0.0, p * (log_p.masked_fill(zero, 0.0) - log_q)).sum(-1)
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
