@@ -53,7 +53,7 @@ NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks"
 NON_MODEL_KEYS.update(CACHE_BATCH_KEYS)  # teacher-cache entries added by TeacherCacheCollator
 
 
-class _SkipBatch(Exception):  # noqa: N818 (control flow, not an error)
+class _SkipBatch(Exception):  # control flow, not an error
     """Raised inside `_loss_terms` when `nonfinite_teacher="skip"` drops a micro-batch."""
 
     def __init__(self, outputs: Any) -> None:
