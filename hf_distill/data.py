@@ -1,6 +1,7 @@
 """Loading datasets the way users name them: a Hub id, a local JSON/JSONL/CSV/Parquet file or a
 `save_to_disk` folder."""
 
+import json
 import os
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -34,9 +35,55 @@ def load_any_dataset(
     if os.path.isfile(name_or_path):
         if ext not in FILE_FORMATS:
             raise ValueError(f"Cannot read {name_or_path}: supported files end in {sorted(FILE_FORMATS)}.")
-        data = load_dataset(FILE_FORMATS[ext], data_files=name_or_path, split="train")
+        if os.path.getsize(name_or_path) == 0:
+            raise ValueError(f"{name_or_path} is empty (0 bytes): it has no rows. Point to a file with data.")
+        try:
+            data = load_dataset(FILE_FORMATS[ext], data_files=name_or_path, split="train")
+        except Exception as err:
+            problem = json_file_problem(name_or_path) if FILE_FORMATS[ext] == "json" else None
+            if problem is None:
+                raise ValueError(f"Cannot read {name_or_path}: {type(err).__name__}: {err}") from err
+            raise ValueError(problem) from None  # one clear line instead of datasets' chained traceback
+        if len(data) == 0:
+            raise ValueError(
+                f"{name_or_path} has no rows (only blank lines or an empty list). Point to a file with data."
+            )
         return data if split in (None, "train") else _missing_split(name_or_path, split)
     return load_dataset(name_or_path, config, split=split)
+
+
+def json_file_problem(path: str) -> str | None:
+    """What makes a .json / .jsonl file unreadable as rows, naming the file and line, or None if nothing is found.
+
+    A file is fine as one JSON list (or object of columns), or as one JSON object per line (JSON Lines).
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if not text.strip():
+        return f"{path} is empty (only whitespace): it has no rows. Point to a file with data."
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list | dict):
+        return (
+            None
+            if isinstance(whole, dict) or all(isinstance(r, dict) for r in whole)
+            else (f"{path}: a JSON list whose items are not all objects (rows must be {{column: value}} objects).")
+        )
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            return (
+                f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno}): {line.strip()[:80]!r}. "
+                "Each line of a JSON Lines file must be one complete JSON object; fix or remove that line."
+            )
+        if not isinstance(row, dict):
+            return f"{path}, line {number}: a JSON {type(row).__name__}, not an object ({{column: value}} per line)."
+    return None
 
 
 def _missing_split(path: str, split: str) -> Dataset:

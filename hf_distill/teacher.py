@@ -93,7 +93,20 @@ def load_model(name_or_path: str, auto_class: type = AutoModelForCausalLM, **ini
     kwargs = parse_init_kwargs(init_kwargs)
     if name_or_path == "smollm2":
         name_or_path, kwargs["gguf_file"] = smollm2_location()
-    model = auto_class.from_pretrained(name_or_path, **kwargs)
+    try:
+        model = auto_class.from_pretrained(name_or_path, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        raise ValueError(
+            f"{name_or_path} holds a {config.model_type} model ({type(config).__name__}, architectures "
+            f"{getattr(config, 'architectures', None)}), which {auto_class.__name__} cannot load: the teacher must "
+            "have the student's kind of head. Give a teacher of the student's kind (for a causal-LM student, a "
+            "causal LM), or a student of the teacher's kind (e.g. a seq2seq student for a T5 teacher)."
+        ) from None
     quant = getattr(model.config, "quantization_config", None)
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     if str(getattr(method, "value", method)) == "gguf":
@@ -169,6 +182,44 @@ def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
             f"{len(t_vocab)}; e.g. {differing}). Logit distillation needs one token-to-id map: pick a student of the "
             "teacher's family or give the student the teacher's tokenizer (`processing_class`)."
         )
+
+
+def check_tokenizer_of_model(teacher: nn.Module, student_tokenizer: PreTrainedTokenizerBase) -> None:
+    """What can be checked of a teacher passed as a model object without its tokenizer.
+
+    Loads the tokenizer saved with the teacher (its `name_or_path`) when there is one and compares it with the
+    student's (`check_same_tokenizer`); otherwise compares the special-token ids of the teacher's config with the
+    student tokenizer's and warns that the token-to-id map could not be verified.
+
+    Raises:
+        `ValueError`: the tokenizers, or their special-token ids, differ.
+    """
+    config = getattr(teacher, "config", None)
+    source = getattr(config, "_name_or_path", None) or getattr(teacher, "name_or_path", None)
+    if source:
+        try:
+            teacher_tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            teacher_tokenizer = None
+        if teacher_tokenizer is not None:
+            check_same_tokenizer(student_tokenizer, teacher_tokenizer)
+            return
+    differing = []
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        theirs, ours = getattr(config, name, None), getattr(student_tokenizer, name, None)
+        if isinstance(theirs, int) and isinstance(ours, int) and theirs != ours:
+            differing.append(f"{name} {theirs} (teacher config) vs {ours} (student tokenizer)")
+    if differing:
+        raise ValueError(
+            f"The teacher's special-token ids differ from the student tokenizer's: {'; '.join(differing)}. Logit "
+            "distillation needs one token-to-id map; pass the teacher's tokenizer as `teacher_processing_class=` "
+            "to have it checked."
+        )
+    logger.warning(
+        "The teacher was passed as a model object without its tokenizer, so its token-to-id map could not be checked "
+        "against the student's (only the vocabulary size and special-token ids were). If the two tokenizers may "
+        "differ, pass `teacher_processing_class=<teacher tokenizer>`: a mismatch gives silently wrong KD targets."
+    )
 
 
 def output_vocab_size(model: nn.Module) -> int | None:

@@ -41,8 +41,14 @@ from .model_card import trainer_model_card
 from .multi_teacher import multi_teacher_logit_terms, setup_teachers
 from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
 from .projectors import ProjectorGradReset, load_projectors, save_projectors
-from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_mixed_precision_mismatch
-from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher
+from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_mixed_precision_mismatch, warn_once
+from .teacher import (
+    check_same_tokenizer,
+    check_tokenizer_of_model,
+    load_model,
+    load_tokenizer,
+    prepare_teacher,
+)
 from .teacher_sources import TeacherSourcesMixin
 
 
@@ -88,6 +94,13 @@ class DistillationMixin(TeacherSourcesMixin):
             )
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         teacher_model = teacher_model if teacher_model is not None else args.teacher_models_name_or_path
+        n_teachers = len(teacher_model) if isinstance(teacher_model, list | tuple) else int(teacher_model is not None)
+        if args.teacher_weights is not None and n_teachers < 2:
+            raise ValueError(
+                f"`teacher_weights` ({args.teacher_weights}) weighs several teachers, but {n_teachers} teacher is "
+                "given, so it would have no effect. Remove it, or give several teachers (a list as `teacher_model=` "
+                "or `teacher_models_name_or_path`)."
+            )
         self._teacher_cache = self._open_teacher_cache(args, teacher_model, kwargs)
         if teacher_model is None and self._needs_teacher(args):
             raise ValueError(
@@ -165,6 +178,8 @@ class DistillationMixin(TeacherSourcesMixin):
         student_tok = _tokenizer_of(self.processing_class)
         if teacher_processing_class is not None and student_tok is not None:
             check_same_tokenizer(student_tok, _tokenizer_of(teacher_processing_class))
+        elif student_tok is not None and teacher is not self.accelerator.unwrap_model(self.model):
+            check_tokenizer_of_model(teacher, student_tok)
         self._vocab_size = check_teacher(self.accelerator.unwrap_model(self.model), teacher, student_tok)
         self.teacher = prepare_teacher(teacher, self)
         self._fused = self._fused_supported()
@@ -264,6 +279,7 @@ class DistillationMixin(TeacherSourcesMixin):
                 "`DataCollatorForLanguageModeling(tokenizer, mlm=False)`, or DistillationSFTTrainer for raw text."
             )
         model_inputs = self._model_inputs(inputs)
+        self._check_length(inputs)
         forward_kwargs = self._forward_kwargs()
         if self._fused:  # final hidden states instead of [B, T, V] logits (one position's logits is kept)
             forward_kwargs = {**forward_kwargs, "output_hidden_states": True, "logits_to_keep": 1}
@@ -275,6 +291,24 @@ class DistillationMixin(TeacherSourcesMixin):
         sums.update(extra_sums)
         weights.update(extra_weights)
         return sums, weights, n_tokens, outputs
+
+    def _check_length(self, inputs: dict[str, Any]) -> None:
+        """Warn once when a batch is longer than a model's `max_position_embeddings` (`max_length` not set)."""
+        positions = inputs.get("position_ids")
+        length = int(positions.max()) + 1 if positions is not None else inputs["input_ids"].shape[-1]
+        for name, model in (("student", self.model), ("teacher", self.teacher)):
+            config = getattr(self.accelerator.unwrap_model(model), "config", None)
+            limit = getattr(config, "max_position_embeddings", 0)
+            if model is not None and isinstance(limit, int) and 0 < limit < length:
+                warn_once(
+                    "A batch has sequences of %d positions, more than the %s's max_position_embeddings (%d): "
+                    "positions beyond it are outside what the model was trained for. Set `max_length` (<= %d) to "
+                    "truncate rows.",
+                    length,
+                    name,
+                    limit,
+                    limit,
+                )
 
     def _check_finite(self, teacher_outputs: Any, outputs: Any, inputs: dict[str, Any]) -> None:
         """Stop (or, with `nonfinite_teacher="skip"`, drop the micro-batch) when the teacher's outputs hold NaN/inf:

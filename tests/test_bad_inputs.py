@@ -1,14 +1,20 @@
 """Bad inputs and faults a new user runs into (issue sweep): each gives one clear error or warning, never a silent
 wrong result. The kill-and-resume cases live in benchmarks/fault_sweep.py."""
 
+import json
 import logging
+import random
 
 import pytest
 import torch
-from conftest import make_llama, make_lm_trainer
+from conftest import WORDS, make_llama, make_lm_trainer, make_t5, make_tokenizer, tokenized_texts
 from safetensors.torch import load_file
+from test_cli import train_argv
 from test_trainer import TEXTS
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from hf_distill.cli.main import main
+from hf_distill.data import load_any_dataset
 
 
 # ----------------------------------------------------------------------------------------------- non-finite teacher
@@ -90,3 +96,128 @@ def test_kl_keeps_nan_inputs_nan():
     values = logit_divergence(student, teacher, loss_type="forward_kl")
     assert torch.isnan(values[1]) and torch.isfinite(values[[0, 2]]).all()
     assert torch.isfinite(logit_divergence(student, teacher.masked_fill(teacher.isnan(), -1e9))).all()
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+def shuffled_tokenizer():
+    """Same size and special tokens as `make_tokenizer()`, another token -> id map ('the' is not id 6)."""
+    words = list(WORDS)
+    random.Random(0).shuffle(words)
+    return make_tokenizer(words=words)
+
+
+def test_teacher_object_with_its_own_tokenizer_folder_is_checked(tmp_path, tokenizer):
+    shuffled_tokenizer().save_pretrained(tmp_path / "teacher")
+    make_llama(4, 64, seed=1).save_pretrained(tmp_path / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")  # a model object; no teacher_processing_class
+    with pytest.raises(ValueError, match="Teacher and student tokenizers differ"):
+        make_lm_trainer(tmp_path, tokenizer, TEXTS, teacher=teacher)
+
+
+def test_teacher_object_without_tokenizer_warns_it_could_not_be_verified(tmp_path, tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.teacher"):
+        make_lm_trainer(tmp_path, tokenizer, TEXTS, teacher=make_llama(4, 64, seed=1))
+    assert "could not be checked" in caplog.text and "teacher_processing_class=" in caplog.text
+    other_eos = make_llama(4, 64, seed=1)
+    other_eos.config.eos_token_id = 9
+    with pytest.raises(ValueError, match=r"eos_token_id 9 \(teacher config\) vs 3 \(student tokenizer\)"):
+        make_lm_trainer(tmp_path, tokenizer, TEXTS, teacher=other_eos)
+
+
+def test_teacher_object_with_teacher_processing_class_is_checked(tmp_path, tokenizer):
+    from conftest import DataCollatorForLanguageModeling, distill_config
+
+    from hf_distill import DistillationTrainer
+
+    with pytest.raises(ValueError, match="Teacher and student tokenizers differ"):
+        DistillationTrainer(
+            model=make_llama(2, 32),
+            teacher_model=make_llama(4, 64, seed=1),
+            teacher_processing_class=shuffled_tokenizer(),
+            args=distill_config(tmp_path),
+            train_dataset=tokenized_texts(tokenizer, TEXTS),
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            processing_class=tokenizer,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- data files
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", r"empty \(0 bytes\)"),
+        ("\n\n  \n", r"empty \(only whitespace\)"),
+        (
+            '{"text": "a"}\n' * 4 + '{"text": "b"\n' + '{"text": "c"}\n',
+            r"line 5: not valid JSON .*'\{\"text\": \"b\"'",
+        ),
+        ('{"text": "a"}\n[1, 2]\n', r"line 2: a JSON list, not an object"),
+    ],
+    ids=["empty", "blank", "malformed-line-5", "not-an-object"],
+)
+def test_broken_jsonl_names_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_any_dataset(str(path))
+    assert str(path) in str(info.value) and info.value.__cause__ is None  # one message, no chained traceback
+
+
+def test_broken_jsonl_through_the_cli_is_one_line(tmp_path, capsys):
+    tok = make_tokenizer()
+    for name, model in {"teacher": make_llama(4, 64, seed=1), "student": make_llama(2, 32)}.items():
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "data.jsonl").write_text('{"text": "the cat"}\n{"text": oops}\n')
+    argv = [
+        "--model_name_or_path",
+        str(tmp_path / "student"),
+        "--teacher_model_name_or_path",
+        str(tmp_path / "teacher"),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(train_argv(tmp_path / "out", *argv, "--dataset_name", str(tmp_path / "data.jsonl")))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert f"{tmp_path / 'data.jsonl'}, line 2: not valid JSON" in err and "--debug" in err
+
+
+def test_t5_teacher_folder_with_a_causal_student_on_the_cli(tmp_path, capsys):
+    tok = make_tokenizer()
+    make_t5().save_pretrained(tmp_path / "t5")
+    make_llama(2, 32).save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "t5")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
+    argv = ["--model_name_or_path", str(tmp_path / "student"), "--teacher_model_name_or_path", str(tmp_path / "t5")]
+    with pytest.raises(SystemExit):
+        main(train_argv(tmp_path / "out", *argv, "--dataset_name", str(tmp_path / "data.jsonl")))
+    err = capsys.readouterr().err
+    assert "holds a t5 model (T5Config" in err and "AutoModelForCausalLM cannot load" in err
+    assert "Traceback" not in err and "Unrecognized configuration class" not in err
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_teacher_weights_with_one_teacher_is_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=r"`teacher_weights` \(\[1.0\]\) weighs several teachers, but 1 teacher"):
+        make_lm_trainer(tmp_path, tokenizer, TEXTS, teacher_weights=[1.0])
+
+
+def test_rows_longer_than_max_position_embeddings_warn_once(tmp_path, tokenizer, caplog):
+    long_text = " ".join(["the cat sat on the mat"] * 30)  # 180 tokens; the tiny Llamas have 128 positions
+    with caplog.at_level(logging.WARNING, logger="hf_distill.sanity"):
+        make_lm_trainer(tmp_path, tokenizer, [long_text] * 4, max_steps=2).train()
+    assert caplog.text.count("more than the student's max_position_embeddings (128)") == 1
+    assert "sequences of 180 positions" in caplog.text and "Set `max_length` (<= 128)" in caplog.text
+
+
+def test_cli_config_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "hf_distill.cli.main", "train", "--output_dir", str(tmp_path), "--temperature", "-1"]
+    plain = subprocess.run(cmd, capture_output=True, text=True)
+    assert plain.returncode != 0 and "Traceback" not in plain.stderr
+    assert "`temperature` must be > 0, got -1.0" in plain.stderr and "--help" in plain.stderr
+    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "`temperature` must be > 0" in debug.stderr

@@ -1,6 +1,7 @@
 """`hf-distill` entry point: dispatches to one module per subcommand (imported lazily, so `--help` is fast)."""
 
 import importlib
+import os
 import sys
 
 
@@ -17,12 +18,19 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: hf-distill <command> [options]", "", "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `hf-distill <command> --help` for a command's options."]
+    lines += ["", "Run `hf-distill <command> --help` for a command's options; `--debug` shows tracebacks of errors."]
     return "\n".join(lines)
+
+
+DEBUG_ENV = "HF_DISTILL_DEBUG"
+# Errors that carry a message for the user (bad config, missing file, bad data); anything else is a bug: traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return
@@ -31,7 +39,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"hf-distill: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(COMMANDS[name][0])
-    module.run(rest, prog=f"hf-distill {name}")
+    try:
+        module.run(rest, prog=f"hf-distill {name}")
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(
+            f"hf-distill {name}: error: {err}\n(`hf-distill {name} --help` lists the options; add --debug or set "
+            f"{DEBUG_ENV}=1 for the traceback.)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     from .shutdown import end_distributed_run  # after the command: torch is imported by then
 
     end_distributed_run()  # multi-process runs: barrier, bounded destroy of the process group, exit 0
