@@ -216,8 +216,8 @@ def test_cli_config_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     import sys
 
     cmd = [sys.executable, "-m", "hf_distill.cli.main", "train", "--output_dir", str(tmp_path), "--temperature", "-1"]
-    plain = subprocess.run(cmd, capture_output=True, text=True)
+    plain = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert plain.returncode != 0 and "Traceback" not in plain.stderr
     assert "`temperature` must be > 0, got -1.0" in plain.stderr and "--help" in plain.stderr
-    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True)
+    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "`temperature` must be > 0" in debug.stderr
