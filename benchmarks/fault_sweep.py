@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
-from conftest import launcher_env, make_llama, make_t5, make_tokenizer  # noqa: E402
+from conftest import WORDS, launcher_env, make_llama, make_t5, make_tokenizer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 
@@ -40,7 +40,7 @@ RUN += ["--save_strategy", "no", "--logging_steps", "1", "--seed", "0"]
 def lay_out(root: Path) -> dict[str, str]:
     """Tiny models, tokenizers and data files for the cases; returns their paths by name."""
     tok = make_tokenizer()
-    other = make_tokenizer(words=list(reversed(make_tokenizer().convert_ids_to_tokens(list(range(6, 64))))))
+    other = make_tokenizer(words=list(reversed(WORDS)))  # same size, another token -> id map
     models = {"student": (make_llama(2, 32), tok), "teacher": (make_llama(4, 64, seed=1), tok)}
     models["other_tok_teacher"] = (make_llama(4, 64, seed=1), other)
     models["t5"] = (make_t5(), tok)

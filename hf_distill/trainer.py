@@ -297,9 +297,11 @@ class DistillationMixin(TeacherSourcesMixin):
         positions = inputs.get("position_ids")
         length = int(positions.max()) + 1 if positions is not None else inputs["input_ids"].shape[-1]
         for name, model in (("student", self.model), ("teacher", self.teacher)):
+            if model is None:  # no live teacher (a cache, or CE only)
+                continue
             config = getattr(self.accelerator.unwrap_model(model), "config", None)
             limit = getattr(config, "max_position_embeddings", 0)
-            if model is not None and isinstance(limit, int) and 0 < limit < length:
+            if isinstance(limit, int) and 0 < limit < length:
                 warn_once(
                     "A batch has sequences of %d positions, more than the %s's max_position_embeddings (%d): "
                     "positions beyond it are outside what the model was trained for. Set `max_length` (<= %d) to "
