@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 
+from .teacher import parse_init_kwargs
+
 
 TAGS = ["hf-distill", "distillation"]
 
@@ -56,11 +58,26 @@ def hub_id(name: Any) -> str | None:
     return name
 
 
-def teacher_fingerprint(model: Any) -> str:
-    """`revision <commit>` for a model loaded from the Hub, else `fingerprint <16 hex>`: a hash of its config and a
-    strided sample (64 values) of every weight (config only when the weights are sharded across processes)."""
+def hub_commit(name: Any, revision: str | None = None) -> str | None:
+    """The commit of Hub model `name` at `revision` in the local Hub cache (what `from_pretrained` loaded), or None
+    when `name` is not a Hub id or is not cached. Reads the cache only, never the network."""
+    repo_id = hub_id(name)
+    if repo_id is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    from .recipes import snapshot_commit
+
+    path = try_to_load_from_cache(repo_id, "config.json", revision=revision, cache_dir=os.environ.get("HF_HUB_CACHE"))
+    return snapshot_commit(path, "config.json") if isinstance(path, str) else None
+
+
+def teacher_fingerprint(model: Any, name: str | None = None, revision: str | None = None) -> str:
+    """`revision <commit>` for a teacher loaded from the Hub (`name`, at `revision`, found in the local Hub cache),
+    else `fingerprint <16 hex>`: a hash of its config and a strided sample (64 values) of every weight (config only
+    when the weights are sharded across processes)."""
     config = getattr(model, "config", None)
-    commit = getattr(config, "_commit_hash", None)
+    commit = hub_commit(name or getattr(config, "_name_or_path", None), revision)
     if commit:
         return f"revision {commit}"
     digest = hashlib.sha256()
@@ -73,10 +90,10 @@ def teacher_fingerprint(model: Any) -> str:
     local = all(type(p.data) is torch.Tensor and p.numel() > 0 and not hasattr(p, "ds_id") for _, p in params)
     if not local:  # FSDP DTensors / ZeRO-3 shards: reading them would need every process
         return f"config fingerprint {digest.hexdigest()[:16]}"
-    for name, param in params:
+    for key, param in params:
         flat = param.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float64)
-        digest.update(f"{name}{tuple(param.shape)}".encode() + sample.numpy().tobytes())
+        digest.update(f"{key}{tuple(param.shape)}".encode() + sample.numpy().tobytes())
     return f"fingerprint {digest.hexdigest()[:16]}"
 
 
@@ -180,7 +197,9 @@ def trainer_model_card(
     if not names and cache is not None:
         names = [f"{cache.info['teacher']['name_or_path']} (offline top-{cache.info.get('k')} cache)"]
     teacher_name = ", ".join(n for n in names if n) or None
-    revisions = [teacher_fingerprint(t) for t in teachers if hasattr(t, "parameters")]
+    revision = parse_init_kwargs(args.teacher_model_init_kwargs).get("revision")
+    paired = zip(teachers, names if len(names) == len(teachers) else [None] * len(teachers), strict=True)
+    revisions = [teacher_fingerprint(t, n, revision) for t, n in paired if hasattr(t, "parameters")]
     if not revisions and cache is not None:
         revisions = [f"config fingerprint {cache.info['teacher'].get('config_sha256', '')[:16]}"]
     recipe = getattr(trainer, "recipe", None)

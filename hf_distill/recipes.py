@@ -105,8 +105,8 @@ class ResolvedRecipe:
         return self.hub.uri(self.commit) if self.hub is not None else self.source
 
 
-def _commit_of(path: str, filename: str) -> str | None:
-    """The `<commit>` of a Hub cache path `.../snapshots/<commit>/<filename>`."""
+def snapshot_commit(path: str, filename: str) -> str | None:
+    """The `<commit>` of a Hub cache path `.../snapshots/<commit>/<filename>` (None for any other path)."""
     snapshot = Path(path).parents[len(Path(filename).parts) - 1]
     return snapshot.name if snapshot.parent.name == "snapshots" else None
 
@@ -116,7 +116,8 @@ def resolve_recipe(source: str, *, cache_dir: str | os.PathLike | None = None) -
 
     Args:
         source (`str`): local path or Hub reference.
-        cache_dir (`str`, *optional*): Hub cache folder (default: `HF_HUB_CACHE`).
+        cache_dir (`str`, *optional*): Hub cache folder (default: the `HF_HUB_CACHE` environment variable as it is
+            now, else huggingface_hub's default).
 
     Raises:
         FileNotFoundError: neither a local file nor a resolvable Hub reference; the message names both readings.
@@ -134,6 +135,7 @@ def resolve_recipe(source: str, *, cache_dir: str | os.PathLike | None = None) -
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
+    cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE") or None
     try:
         path = hf_hub_download(
             ref.repo_id, ref.filename, repo_type=ref.repo_type, revision=ref.revision, cache_dir=cache_dir
@@ -148,7 +150,7 @@ def resolve_recipe(source: str, *, cache_dir: str | os.PathLike | None = None) -
             f"resolve: {type(err).__name__}: {err}.{offline} Check the path, or the repo, file and revision "
             f"({forms})."
         ) from err
-    commit = _commit_of(path, ref.filename)
+    commit = snapshot_commit(path, ref.filename)
     logger.info("Recipe %s resolved to %s (commit %s).", source, path, commit)
     return ResolvedRecipe(source, path, ref, commit)
 
