@@ -267,3 +267,41 @@ def test_student_trained_from_a_hub_recipe_carries_it_in_its_card(tmp_path):
     original = make_parser().parse_args_and_config(["--config", str(snapshot), *flags])
     assert make_parser().parse_args_and_config(["--config", str(written)]) == original
     assert yaml.safe_load((out / RECIPE_FILE).read_text()) == from_card
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"trust_remote_code": True}, {"teacher_model_init_kwargs": '{"trust_remote_code": true}'}],
+    ids=["top-level", "in-teacher-kwargs"],
+)
+def test_hub_recipe_may_not_switch_on_remote_code_by_itself(fields, tmp_path, monkeypatch):
+    from hf_distill.cli.train import make_parser
+
+    cache = tmp_path / "hub"
+    add_to_hub_cache(cache, "ns/recipes", C1, {"r.yaml": recipe_bytes(dataset_name="d.jsonl", **fields)})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    key = next(iter(fields))
+    with pytest.raises(ValueError, match=f"switches on trust_remote_code \\({key}\\)"):
+        parse_args_and_recipe(make_parser(), ["--config", "ns/recipes/r.yaml"], "hf-distill train")
+    value = "true" if key == "trust_remote_code" else fields[key]
+    parsed, _ = parse_args_and_recipe(make_parser(), ["--config", "ns/recipes/r.yaml", f"--{key}", value], "x")
+    assert parsed  # allowed once the command line says so; a local file is the user's own and is not checked
+    local = tmp_path / "local.yaml"
+    local.write_bytes(recipe_bytes(dataset_name="d.jsonl", **fields))
+    assert parse_args_and_recipe(make_parser(), ["--config", str(local)], "x")[1].resolved.hub is None
+
+
+def test_shipped_recipes_follow_the_naming_convention():
+    import re
+
+    readme = (REPO / "recipes" / "README.md").read_text()
+    part, student = r"[a-z0-9]+(-[a-z0-9]+)*", r"[a-z0-9]+-\d+l(-\d+)?"
+    patterns = {  # kd/<student>_from_<teacher>_<data>[_<variant>] (or _<style>-style), ce/<student>_<data>[_<v>]
+        "kd": re.compile(rf"^{student}(_from_{part}|_{part}-style)_{part}(_{part})?$"),
+        "ce": re.compile(rf"^{student}_{part}(_{part})?$"),
+    }
+    for folder, pattern in patterns.items():
+        for path in sorted((REPO / "recipes" / folder).glob("*.yaml")):
+            name = f"{folder}/{path.name}"
+            assert path.read_text().startswith("#"), f"{name} does not start with a comment"
+            assert pattern.match(path.stem) or f"`{name}`" in readme, f"{name} breaks the README's naming convention"

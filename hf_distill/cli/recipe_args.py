@@ -8,6 +8,7 @@ the run (the reference pinned to its commit).
 """
 
 import argparse
+import json
 from typing import Any
 
 import yaml
@@ -46,6 +47,22 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str
     return vars(namespace)
 
 
+def remote_code_keys(config: dict[str, Any]) -> list[str]:
+    """The keys of a recipe that switch on `trust_remote_code`, at the top or inside a kwargs mapping / JSON string."""
+    found = []
+    for key, value in config.items():
+        if key == "trust_remote_code" and value:
+            found.append(key)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                continue
+        if isinstance(value, dict) and value.get("trust_remote_code"):
+            found.append(key)
+    return found
+
+
 def parse_args_and_recipe(parser: Any, argv: list[str], prog: str) -> tuple[tuple, Recipe]:
     """Parse `argv` with a `TrlParser`, reading `--config` from a local file or the Hub.
 
@@ -62,11 +79,19 @@ def parse_args_and_recipe(parser: Any, argv: list[str], prog: str) -> tuple[tupl
     if resolved is not None and resolved.hub is not None:
         print(f"Recipe {source} -> {resolved.hub.repo_id} commit {resolved.commit} ({resolved.path})")
     overrides = {} if {"-h", "--help"} & set(flags) else explicit_flags(parser, flags)
-    outputs = parser.parse_args_and_config(["--config", resolved.path, *flags] if resolved else flags)
     config = {}
     if resolved is not None:
         with open(resolved.path, encoding="utf-8") as f:
             config = yaml.safe_load(f) or {}
+    remote = [key for key in remote_code_keys(config if isinstance(config, dict) else {}) if key not in overrides]
+    if resolved is not None and resolved.hub is not None and remote:
+        raise ValueError(
+            f"The Hub recipe {source!r} switches on trust_remote_code ({', '.join(remote)}): it would run code from "
+            f"the repos it names. Read it, then allow it on the command line: "
+            + " ".join(f"--{key} ..." if key != "trust_remote_code" else "--trust_remote_code true" for key in remote)
+            + "."
+        )
+    outputs = parser.parse_args_and_config(["--config", resolved.path, *flags] if resolved else flags)
     config.update(overrides)
     command = command_line(prog, (["--config", resolved.pinned] if resolved else []) + flags)
     return outputs, Recipe(config, command, resolved, rerun=f"{prog} --config recipe.yaml")
