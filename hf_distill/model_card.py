@@ -11,8 +11,9 @@ import os
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 
+from .recipes import recipe_from_config, snapshot_commit
 from .teacher import parse_init_kwargs
 
 
@@ -64,10 +65,6 @@ def hub_commit(name: Any, revision: str | None = None) -> str | None:
     repo_id = hub_id(name)
     if repo_id is None:
         return None
-    from huggingface_hub import try_to_load_from_cache
-
-    from .recipes import snapshot_commit
-
     path = try_to_load_from_cache(repo_id, "config.json", revision=revision, cache_dir=os.environ.get("HF_HUB_CACHE"))
     return snapshot_commit(path, "config.json") if isinstance(path, str) else None
 
@@ -202,7 +199,7 @@ def trainer_model_card(
     revisions = [teacher_fingerprint(t, n, revision) for t, n in paired if hasattr(t, "parameters")]
     if not revisions and cache is not None:
         revisions = [f"config fingerprint {cache.info['teacher'].get('config_sha256', '')[:16]}"]
-    recipe = getattr(trainer, "recipe", None)
+    recipe = getattr(trainer, "recipe", None) or recipe_from_config(args)
     if dataset_name is None and recipe is not None:
         dataset_name = recipe.config.get("dataset_name") or recipe.config.get("dataset")
     losses = {name: getattr(args, name) for name in ("kd_loss", "temperature", "kd_weight", "ce_weight")}

@@ -171,12 +171,15 @@ class Recipe:
         resolved (`ResolvedRecipe`, *optional*): the `--config` file; `None` when the run had only flags.
         rerun (`str`, *optional*): the command that runs `config` saved as `recipe.yaml` (e.g.
             `hf-distill train --config recipe.yaml`); `None` for commands without `--config`.
+        note (`str`, *optional*): shown in the card instead of the usual sentence (e.g. what the recipe lacks).
+        extra (`dict`): more entries for `recipe_source.json`.
     """
 
     config: dict[str, Any]
     command: str
     resolved: ResolvedRecipe | None = None
     rerun: str | None = None
+    note: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_yaml(self) -> str:
@@ -224,8 +227,31 @@ class Recipe:
         elif self.resolved is not None:
             lines += [f"Recipe: local file `{self.resolved.source}`.", ""]
         rerun = f" Saved as `recipe.yaml`, `{self.rerun}` runs it again." if self.rerun else ""
-        lines += [f"The exact recipe (the command's flags folded in).{rerun}", "", CARD_MARKER, "```yaml"]
+        lines += [self.note or f"The exact recipe (the command's flags folded in).{rerun}", "", CARD_MARKER, "```yaml"]
         return "\n".join(lines) + "\n" + self.to_yaml().rstrip("\n") + "\n```\n"
+
+
+def recipe_from_config(args: Any) -> Recipe | None:
+    """The recipe of a trainer built in Python: its config's `output_dir` and every field that differs from the
+    defaults (tokens left out). The student and the data were objects, so the recipe names neither; `None` when
+    the config class cannot be built with defaults."""
+    try:
+        defaults = type(args)(output_dir=args.output_dir).to_dict()
+    except (TypeError, ValueError):  # a user subclass with required fields: no recipe rather than no card
+        return None
+    changed = {
+        key: value
+        for key, value in args.to_dict().items()
+        if key != "output_dir" and not key.endswith("_token") and defaults.get(key, object()) != value
+    }
+    config = json.loads(json.dumps({"output_dir": args.output_dir, **changed}, default=str))
+    note = (
+        "Trained with the Python API: the student and the data were passed as objects, so this recipe holds the "
+        "config only (`output_dir` and every field that differs from the defaults). Add `model_name_or_path` (or "
+        "`student_num_layers`) and `dataset_name`, save it as `recipe.yaml` and run `hf-distill train --config "
+        "recipe.yaml`."
+    )
+    return Recipe(config, "hf-distill train --config recipe.yaml", note=note)
 
 
 def recipe_from_card(card: Any) -> dict[str, Any]:

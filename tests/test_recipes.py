@@ -305,3 +305,35 @@ def test_shipped_recipes_follow_the_naming_convention():
             name = f"{folder}/{path.name}"
             assert path.read_text().startswith("#"), f"{name} does not start with a comment"
             assert pattern.match(path.stem) or f"`{name}`" in readme, f"{name} breaks the README's naming convention"
+
+
+def test_python_trainer_card_carries_its_config_as_a_recipe(tmp_path):
+    """`push_to_hub` / `create_model_card` of a trainer built in Python: the config round-trips through the card."""
+    from conftest import make_lm_trainer
+    from trl import TrlParser
+
+    from hf_distill import DistillationConfig
+    from hf_distill.model_card import teacher_fingerprint
+
+    tok = make_tokenizer()
+    trainer = make_lm_trainer(
+        tmp_path, tok, ["the cat sat on the mat"] * 4, kd_loss="skew_forward_kl", temperature=2.0
+    )
+    trainer.create_model_card(model_name="py-student")  # what push_to_hub calls before uploading
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Trained with the Python API" in card and "hf-distill train --config recipe.yaml" in card
+    assert f"(fingerprint {teacher_fingerprint(trainer.teacher).split()[-1]})" in card
+    written = tmp_path / "from_card.yaml"
+    written.write_text(yaml.safe_dump(recipe_from_card(card)))
+    (parsed,) = TrlParser((DistillationConfig,)).parse_args_and_config(["--config", str(written)])
+    assert parsed == trainer.args
+
+
+def test_teacher_fingerprint_follows_the_weights():
+    from hf_distill.model_card import teacher_fingerprint
+
+    a, b = make_llama(2, 32, seed=0), make_llama(2, 32, seed=0)
+    assert teacher_fingerprint(a) == teacher_fingerprint(b) and teacher_fingerprint(a).startswith("fingerprint ")
+    with __import__("torch").no_grad():
+        b.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0
+    assert teacher_fingerprint(a) != teacher_fingerprint(b)
