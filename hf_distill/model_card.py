@@ -88,8 +88,11 @@ def teacher_fingerprint(
         json.dumps({k: v for k, v in as_dict.items() if k not in volatile}, sort_keys=True, default=str).encode()
     )
     params = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
-    local = all(type(p.data) is torch.Tensor and p.numel() > 0 and not hasattr(p, "ds_id") for _, p in params)
-    if not local:  # FSDP DTensors / ZeRO-3 shards: reading them would need every process
+    local = all(
+        type(p.data) is torch.Tensor and p.numel() > 0 and p.device.type != "meta" and not hasattr(p, "ds_id")
+        for _, p in params
+    )
+    if not local:  # FSDP DTensors / ZeRO-3 shards / meta tensors: no local values to read
         return f"config fingerprint {digest.hexdigest()[:16]}"
     for key, param in params:
         flat = param.detach().reshape(-1)
