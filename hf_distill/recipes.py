@@ -147,8 +147,8 @@ def resolve_recipe(source: str, *, cache_dir: str | os.PathLike | None = None) -
         raise FileNotFoundError(
             f"Recipe {source!r} not found: {local}, and as a Hub reference (repo {ref.repo_id!r} of type "
             f"{ref.repo_type}, file {ref.filename!r}, revision {ref.revision or 'default branch'}) it did not "
-            f"resolve: {type(err).__name__}: {err}.{offline} Check the path, or the repo, file and revision "
-            f"({forms})."
+            f"resolve: {type(err).__name__}: {str(err).rstrip('.')}.{offline} Check the path, or the repo, file and "
+            f"revision ({forms})."
         ) from err
     commit = snapshot_commit(path, ref.filename)
     logger.info("Recipe %s resolved to %s (commit %s).", source, path, commit)
