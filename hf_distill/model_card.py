@@ -1,12 +1,20 @@
-"""Model cards for distilled students: tags `hf-distill` and `distillation`, the teacher, the losses and results.
+"""Model cards for distilled students: tags `hf-distill` and `distillation`, `base_model`, the teacher (with its
+revision or fingerprint), the data, the library versions, the losses, the results and, for CLI runs, the exact
+recipe and the command that reproduces it (`hf_distill.recipes.recipe_from_card` reads the recipe back).
 
 The trainer's `create_model_card` (used by `save_model`, checkpoints and `push_to_hub`) writes this card as README.md.
 """
 
+import hashlib
+import json
 import os
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+import torch
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
+
+from .recipes import recipe_from_config, snapshot_commit
+from .teacher import parse_init_kwargs
 
 
 TAGS = ["hf-distill", "distillation"]
@@ -32,6 +40,78 @@ def _table(results: dict[str, dict[str, float]] | None) -> str:
     return "\n".join(lines)
 
 
+SHORTHANDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # teacher shorthands -> their Hub ids
+
+
+def hub_id(name: Any) -> str | None:
+    """`name` when it reads as a Hub repo id (`namespace/name`, no such local path), a shorthand's id, else None."""
+    if not isinstance(name, str):
+        return None
+    name = SHORTHANDS.get(name, name)
+    if name.count("/") != 1 or os.path.exists(name) or name.startswith((".", "/")):
+        return None
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        return None
+    return name
+
+
+def hub_commit(name: Any, revision: str | None = None, cache_dir: str | None = None) -> str | None:
+    """The commit of Hub model `name` at `revision` in the local Hub cache (what `from_pretrained` loaded), or None
+    when `name` is not a Hub id (shorthands such as `smollm2` load other files) or is not cached. Reads the cache
+    only, never the network."""
+    repo_id = hub_id(name) if name not in SHORTHANDS else None
+    if repo_id is None:
+        return None
+    cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
+    path = try_to_load_from_cache(repo_id, "config.json", revision=revision, cache_dir=cache_dir)
+    return snapshot_commit(path, "config.json") if isinstance(path, str) else None
+
+
+def teacher_fingerprint(
+    model: Any, name: str | None = None, revision: str | None = None, cache_dir: str | None = None
+) -> str:
+    """`revision <commit>` for a teacher loaded from the Hub (`name`, at `revision`, found in the local Hub cache),
+    else `fingerprint <16 hex>`: a hash of its config and a strided sample (64 values) of every weight (config only
+    when the weights are sharded across processes)."""
+    config = getattr(model, "config", None)
+    commit = hub_commit(name or getattr(config, "_name_or_path", None), revision, cache_dir)
+    if commit:
+        return f"revision {commit}"
+    digest = hashlib.sha256()
+    as_dict = config.to_dict() if config is not None else {}
+    volatile = ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype")
+    digest.update(
+        json.dumps({k: v for k, v in as_dict.items() if k not in volatile}, sort_keys=True, default=str).encode()
+    )
+    params = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
+    local = all(
+        type(p.data) is torch.Tensor and p.numel() > 0 and p.device.type != "meta" and not hasattr(p, "ds_id")
+        for _, p in params
+    )
+    if not local:  # FSDP DTensors / ZeRO-3 shards / meta tensors: no local values to read
+        return f"config fingerprint {digest.hexdigest()[:16]}"
+    for key, param in params:
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float64)
+        digest.update(f"{key}{tuple(param.shape)}".encode() + sample.numpy().tobytes())
+    return f"fingerprint {digest.hexdigest()[:16]}"
+
+
+def library_versions() -> str:
+    """`hf-distill X (transformers Y, trl Z, torch W)`."""
+    import transformers
+    import trl
+
+    from . import __version__
+
+    versions = f"transformers {transformers.__version__}, trl {trl.__version__}, torch {torch.__version__}"
+    return f"hf-distill {__version__} ({versions})"
+
+
 def build_model_card(
     *,
     model_name: str,
@@ -42,6 +122,8 @@ def build_model_card(
     dataset: str | None = None,
     base_model: str | None = None,
     extra: str = "",
+    teacher_revision: str | None = None,
+    recipe: Any = None,
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` for a distilled student.
 
@@ -51,12 +133,20 @@ def build_model_card(
         student_description (`str`): e.g. "10-layer Llama (54M parameters) initialised from teacher layers".
         losses (`dict`): loss settings, e.g. `{"kd_loss": "forward_kl", "temperature": 1.0, "kd_weight": 0.5}`.
         results (`dict`, *optional*): `{row name: {metric: value}}`, rendered as a table.
+        dataset (`str`, *optional*): the training data; listed in the metadata when it is a Hub id.
+        base_model (`str`, *optional*): the model the student was initialised from (metadata `base_model`, kept
+            only when it is a Hub id: the Hub rejects other values); default: the teacher's Hub id.
+        teacher_revision (`str`, *optional*): e.g. `revision <commit>` or `fingerprint <hash>` (`teacher_fingerprint`).
+        recipe (`hf_distill.recipes.Recipe`, *optional*): embedded as YAML with the command that reproduces it.
     """
+    base_model = hub_id(base_model) or hub_id(teacher)
+    teacher_line = f"`{teacher}`" if teacher else "none (fine-tuned without a teacher)"
+    teacher_line += f" ({teacher_revision})" if teacher_revision else ""
     data = ModelCardData(
         tags=list(TAGS),
         library_name="transformers",
         base_model=base_model,
-        datasets=[dataset] if dataset and "/" in dataset and not os.path.exists(dataset) else None,
+        datasets=[dataset] if hub_id(dataset) else None,
     )
     loss_lines = "\n".join(f"- `{k}`: {v}" for k, v in losses.items())
     paper = PAPERS.get(str(losses.get("kd_loss")), "")
@@ -68,9 +158,10 @@ def build_model_card(
 
 A student model distilled with [hf-distill](https://pypi.org/project/hf-distill/).
 
-- **Teacher:** `{teacher or "none (fine-tuned without a teacher)"}`
+- **Teacher:** {teacher_line}
 - **Student:** {student_description}
 - **Training data:** {dataset or "not recorded"}
+- **Library:** {library_versions()}
 
 ## Losses
 
@@ -81,7 +172,7 @@ A student model distilled with [hf-distill](https://pypi.org/project/hf-distill/
 
 {_table(results)}
 {extra}
-"""
+{recipe.card_section() if recipe is not None else ""}"""
     return ModelCard(body)
 
 
@@ -91,7 +182,8 @@ def trainer_model_card(
     dataset_name: str | None = None,
     results: dict[str, dict[str, float]] | None = None,
 ) -> ModelCard:
-    """The card for a `DistillationMixin` trainer's current state (teacher, loss fields, last logged metrics)."""
+    """The card for a `DistillationMixin` trainer's current state (teacher, loss fields, last logged metrics), with the
+    trainer's `recipe` (set by the CLI) embedded."""
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = getattr(model, "config", None)
@@ -109,6 +201,18 @@ def trainer_model_card(
     if not names and cache is not None:
         names = [f"{cache.info['teacher']['name_or_path']} (offline top-{cache.info.get('k')} cache)"]
     teacher_name = ", ".join(n for n in names if n) or None
+    init = parse_init_kwargs(args.teacher_model_init_kwargs)
+    paired = zip(teachers, names if len(names) == len(teachers) else [None] * len(teachers), strict=True)
+    revisions = [
+        teacher_fingerprint(t, n, init.get("revision"), init.get("cache_dir"))
+        for t, n in paired
+        if hasattr(t, "parameters")
+    ]
+    if not revisions and cache is not None:
+        revisions = [f"config fingerprint {cache.info['teacher'].get('config_sha256', '')[:16]}"]
+    recipe = getattr(trainer, "recipe", None) or recipe_from_config(args)
+    if dataset_name is None and recipe is not None:
+        dataset_name = recipe.config.get("dataset_name") or recipe.config.get("dataset")
     losses = {name: getattr(args, name) for name in ("kd_loss", "temperature", "kd_weight", "ce_weight")}
     if args.kd_loss == "jsd":
         losses["beta"] = args.beta
@@ -125,4 +229,7 @@ def trainer_model_card(
         losses=losses,
         results=results,
         dataset=dataset_name,
+        base_model=getattr(config, "_name_or_path", None),
+        teacher_revision=", ".join(revisions) or None,
+        recipe=recipe,
     )

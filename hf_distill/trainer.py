@@ -76,6 +76,7 @@ class DistillationMixin(TeacherSourcesMixin):
     _tag_names: ClassVar[list[str]] = ["hf-distill", "distillation"]
     _config_class: type = DistillationConfig
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulation window's token count itself
+    recipe: Any = None  # the CLI's `hf_distill.recipes.Recipe`: embedded in the model card
 
     def __init__(
         self,

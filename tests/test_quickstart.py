@@ -7,6 +7,7 @@ from conftest import make_llama, make_tokenizer
 from transformers import AutoModelForCausalLM
 
 from hf_distill.cli.main import main
+from hf_distill.recipes import recipe_from_card
 
 
 def run_quickstart(teacher_path, out, *extra):
@@ -41,6 +42,8 @@ def test_quickstart_tiny(tmp_path):
         assert report["results"][name]["tokens"] > 0 and report["results"][name]["kl"] > 0
     card = (tmp_path / "qs" / "student" / "README.md").read_text()
     assert "- hf-distill" in card and "- distillation" in card and "kd_student" in card
+    assert "hf-distill quickstart --teacher " in card and "(fingerprint " in card  # the command; the teacher's hash
+    assert recipe_from_card(card)["steps"] == 3 and recipe_from_card(card)["num_samples"] == 12
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "qs" / "student").config.num_hidden_layers == 2
     # the transfer set is cached: a second run reuses the files on disk instead of generating again
     cache = tmp_path / "qs" / "transfer_set"

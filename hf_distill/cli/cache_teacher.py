@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
+from .recipe_args import parse_args_and_recipe
+
 
 @dataclass
 class CacheTeacherArguments:
@@ -54,7 +56,7 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 
 def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
-    (args,) = make_parser(prog).parse_args_and_config(argv)
+    (args,), recipe = parse_args_and_recipe(make_parser(prog), argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import os
 
@@ -65,6 +67,8 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
     from ..teacher import load_tokenizer
 
     state = PartialState(cpu=args.use_cpu)
+    if state.is_main_process:
+        recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
     tokenizer = load_tokenizer(args.tokenizer or args.teacher)
     dataset = load_any_dataset(args.dataset, args.dataset_config, args.split)
     train_path = os.path.join(args.output_dir, "train_dataset")

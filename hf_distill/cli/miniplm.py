@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
+from .recipe_args import parse_args_and_recipe
+
 
 @dataclass
 class ScoreArguments:
@@ -86,7 +88,8 @@ def run(argv: list[str], prog: str = "hf-distill miniplm") -> None:
     if command not in COMMANDS:
         print(f"{prog}: unknown command {command!r}.\n\n{usage(prog)}", file=sys.stderr)
         sys.exit(2)
-    (args,) = make_parser(f"{prog} {command}", command).parse_args_and_config(rest)
+    (args,), recipe = parse_args_and_recipe(make_parser(f"{prog} {command}", command), rest, f"{prog} {command}")
+    recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from accelerate import PartialState
 

@@ -16,7 +16,8 @@ import torch
 
 from ..config import DistillationSFTConfig
 from ..evaluation import teacher_student_metrics
-from ..model_card import build_model_card
+from ..model_card import build_model_card, teacher_fingerprint
+from ..recipes import Recipe, command_line
 from ..teacher import load_model, load_tokenizer
 
 
@@ -191,6 +192,9 @@ def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
             k: {m: v for m, v in r.items() if m in ("kl", "top1_agreement", "perplexity")} for k, r in results.items()
         },
         dataset="data-free transfer set sampled from the teacher (hf_distill.transfer_set)",
+        base_model=opts.teacher,
+        teacher_revision=teacher_fingerprint(teacher),
+        recipe=Recipe(vars(opts), command_line(prog, [a for k, v in vars(opts).items() for a in (f"--{k}", str(v))])),
         extra=f"\n## Sample\n\nPrompt: {generations['prompt']!r}\n\nStudent: {generations['kd_student']!r}\n",
     )
     card.save(os.path.join(student_dir, "README.md"))

@@ -18,6 +18,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from ..config import DistillationConfig
 from ..data import load_any_dataset
 from ..rationales import TEMPLATES
+from .recipe_args import parse_args_and_recipe
 
 
 @dataclass
@@ -211,10 +212,13 @@ def _maybe_peft(model, model_args: ModelConfig):
 def train(argv: list[str], prog: str) -> dict | None:
     from ..rationales import evaluate_task_accuracy
 
-    script_args, args, model_args = make_train_parser(prog).parse_args_and_config(argv)
+    (script_args, args, model_args), recipe = parse_args_and_recipe(make_train_parser(prog), argv, prog)
+    recipe.save(args.output_dir)
     trainer = build_rationale_trainer(script_args, args, model_args)
+    trainer.recipe = recipe  # embedded in the model card
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
+    trainer.create_model_card(dataset_name=script_args.dataset_name)
     trainer.processing_class.save_pretrained(args.output_dir)
     print(f"Saved the student to {args.output_dir}")
     if not script_args.eval_dataset_name:

@@ -1,4 +1,7 @@
-"""`hf-distill train --config recipe.yaml [--field value ...]`: YAML keys are config fields; flags override them."""
+"""`hf-distill train --config recipe.yaml [--field value ...]`: YAML keys are config fields; flags override them.
+
+`--config` also takes a Hub reference (`<namespace>/<repo>/<path>.yaml[@revision]`, see `hf_distill.recipes`).
+"""
 
 import json
 from dataclasses import dataclass, field
@@ -10,6 +13,7 @@ from ..config import DistillationSFTConfig
 from ..data import load_any_dataset
 from ..tasks import TASKS, build_task_trainer, load_task_model, task_label_kwargs
 from ..teacher import load_tokenizer, parse_init_kwargs, quantized_student_kwargs
+from .recipe_args import parse_args_and_recipe
 
 
 @dataclass
@@ -198,10 +202,13 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
 
 
 def run(argv: list[str], prog: str = "hf-distill train") -> None:
-    script_args, args, model_args = make_parser(prog).parse_args_and_config(argv)
+    (script_args, args, model_args), recipe = parse_args_and_recipe(make_parser(prog), argv, prog)
+    recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
     trainer = build_trainer(script_args, args, model_args)
+    trainer.recipe = recipe  # embedded in the model card
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
+    trainer.create_model_card(dataset_name=script_args.dataset_name)
     if args.eval_strategy != "no" and trainer.eval_dataset is not None:
         print(trainer.evaluate())
     print(f"Saved the student to {args.output_dir}")

@@ -1,0 +1,97 @@
+"""`--config` for every subcommand that takes one: a local YAML file or a Hub reference (see `hf_distill.recipes`).
+
+`parse_args_and_recipe(parser, argv, prog)` replaces `TrlParser.parse_args_and_config(argv)`: it resolves the
+`--config` value (a local path wins; else `huggingface_hub.hf_hub_download`, offline mode and cache included), prints
+the commit a Hub reference resolved to, parses as TRL does (YAML keys are fields, flags override them) and returns the
+run's `Recipe`: the YAML mapping with the flags given on the command line folded in, and the command that reproduces
+the run (the reference pinned to its commit).
+"""
+
+import argparse
+import json
+from typing import Any
+
+import yaml
+
+from ..recipes import Recipe, command_line, resolve_recipe
+
+
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`(--config value or None, the other arguments)`; accepts `--config X` and `--config=X`."""
+    rest, source, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("`--config` needs a value: a local YAML file or a Hub reference.")
+            source, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            source = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return source, rest
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
+    """The fields set on the command line, with their parsed values (not the defaults, not the YAML's)."""
+    saved = [(action, action.default, action.required) for action in parser._actions]
+    try:
+        for action in parser._actions:
+            action.default, action.required = argparse.SUPPRESS, False
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default, required in saved:
+            action.default, action.required = default, required
+    return vars(namespace)
+
+
+def remote_code_keys(config: dict[str, Any]) -> list[str]:
+    """The keys of a recipe that switch on `trust_remote_code`, at the top or inside a kwargs mapping / JSON string."""
+    found = []
+    for key, value in config.items():
+        if key == "trust_remote_code" and value:
+            found.append(key)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                continue
+        if isinstance(value, dict) and value.get("trust_remote_code"):
+            found.append(key)
+    return found
+
+
+def parse_args_and_recipe(parser: Any, argv: list[str], prog: str) -> tuple[tuple, Recipe]:
+    """Parse `argv` with a `TrlParser`, reading `--config` from a local file or the Hub.
+
+    Args:
+        parser (`trl.TrlParser`): the subcommand's parser.
+        argv (`list[str]`): the subcommand's arguments.
+        prog (`str`): the subcommand as typed, e.g. `"hf-distill train"` (the start of the reproducing command).
+
+    Returns:
+        `(dataclasses, recipe)`: what `parse_args_and_config` returns, and the run's `hf_distill.recipes.Recipe`.
+    """
+    source, flags = split_config(list(argv))
+    resolved = resolve_recipe(source) if source is not None else None
+    if resolved is not None and resolved.hub is not None:
+        print(f"Recipe {source} -> {resolved.hub.repo_id} commit {resolved.commit} ({resolved.path})")
+    overrides = {} if {"-h", "--help"} & set(flags) else explicit_flags(parser, flags)
+    config = {}
+    if resolved is not None:
+        with open(resolved.path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    remote = [key for key in remote_code_keys(config if isinstance(config, dict) else {}) if key not in overrides]
+    if resolved is not None and resolved.hub is not None and remote:
+        raise ValueError(
+            f"The Hub recipe {source!r} switches on trust_remote_code ({', '.join(remote)}): it would run code from "
+            f"the repos it names. Read it, then allow it on the command line: "
+            + " ".join(f"--{key} ..." if key != "trust_remote_code" else "--trust_remote_code true" for key in remote)
+            + "."
+        )
+    outputs = parser.parse_args_and_config(["--config", resolved.path, *flags] if resolved else flags)
+    config.update(overrides)
+    command = command_line(prog, (["--config", resolved.pinned] if resolved else []) + flags)
+    return outputs, Recipe(config, command, resolved, rerun=f"{prog} --config recipe.yaml")
