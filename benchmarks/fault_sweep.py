@@ -285,7 +285,8 @@ def main() -> None:
             argv = [*argv, "--output_dir", str(out)] if argv[0] == "train" else argv
             proc = run_cli(argv, root)
             outcome = classify(proc, expected, needle, out)
-            last = (proc.stderr.strip().splitlines() or [""])[-1][:160]
+            lines = proc.stderr.strip().splitlines() or [""]
+            last = next((line for line in lines if "error:" in line), lines[-1])[:160]  # the message itself
             result = {"case": name, "expected": expected, "outcome": outcome, "exit": proc.returncode}
             results.append({**result, "last_line": last})
             print(f"{name:<40} {outcome:<36} {last[:90]}", flush=True)
