@@ -74,6 +74,11 @@ def cases(p: dict[str, str]) -> list[tuple[str, list[str], str, str | None]]:
     """(name, argv after `hf-distill`, expected outcome: error | works | warns, text the message must contain)."""
     pair = ["--model_name_or_path", p["student"], "--teacher_model_name_or_path", p["teacher"]]
     train = ["train", *pair, *RUN]
+
+    def on_data(teacher: str, *extra: str) -> list[str]:  # the tiny student and data, with another teacher
+        student = ["--model_name_or_path", p["student"], "--teacher_model_name_or_path", p[teacher]]
+        return ["train", *student, *RUN, "--dataset_name", p["data"], *extra]
+
     return [
         ("plain run", [*train, "--dataset_name", p["data"]], "works", None),
         ("dataset file missing", [*train, "--dataset_name", "/nonexistent/data.jsonl"], "error", None),
@@ -95,31 +100,13 @@ def cases(p: dict[str, str]) -> list[tuple[str, list[str], str, str | None]]:
         ),
         (
             "T5 teacher, causal student",
-            [
-                "train",
-                "--model_name_or_path",
-                p["student"],
-                "--teacher_model_name_or_path",
-                p["t5"],
-                *RUN,
-                "--dataset_name",
-                p["data"],
-            ],
+            on_data("t5"),
             "error",
             "holds a t5 model",
         ),
         (
             "teacher with another tokenizer",
-            [
-                "train",
-                "--model_name_or_path",
-                p["student"],
-                "--teacher_model_name_or_path",
-                p["other_tok_teacher"],
-                *RUN,
-                "--dataset_name",
-                p["data"],
-            ],
+            on_data("other_tok_teacher"),
             "error",
             "tokenizers differ",
         ),
@@ -175,33 +162,13 @@ def cases(p: dict[str, str]) -> list[tuple[str, list[str], str, str | None]]:
         ),
         (
             "NaN teacher",
-            [
-                "train",
-                "--model_name_or_path",
-                p["student"],
-                "--teacher_model_name_or_path",
-                p["nan_teacher"],
-                *RUN,
-                "--dataset_name",
-                p["data"],
-            ],
+            on_data("nan_teacher"),
             "error",
             "Non-finite teacher outputs",
         ),
         (
             "NaN teacher, nonfinite_teacher=skip",
-            [
-                "train",
-                "--model_name_or_path",
-                p["student"],
-                "--teacher_model_name_or_path",
-                p["nan_teacher"],
-                *RUN,
-                "--dataset_name",
-                p["data"],
-                "--nonfinite_teacher",
-                "skip",
-            ],
+            on_data("nan_teacher", "--nonfinite_teacher", "skip"),
             "warns",
             "Skipped a micro-batch",
         ),
