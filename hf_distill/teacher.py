@@ -93,6 +93,10 @@ def load_model(name_or_path: str, auto_class: type = AutoModelForCausalLM, **ini
     kwargs = parse_init_kwargs(init_kwargs)
     if name_or_path == "smollm2":
         name_or_path, kwargs["gguf_file"] = smollm2_location()
+    if name_or_path.startswith((os.sep, ".", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(
+            f"No model at {name_or_path}: that folder does not exist (a Hub id has no leading / or .)."
+        )
     try:
         model = auto_class.from_pretrained(name_or_path, **kwargs)
     except ValueError as err:

@@ -221,3 +221,15 @@ def test_cli_config_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     assert "`temperature` must be > 0, got -1.0" in plain.stderr and "--help" in plain.stderr
     debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "`temperature` must be > 0" in debug.stderr
+
+
+def test_missing_teacher_folder_on_the_cli(tmp_path, capsys):
+    tok = make_tokenizer()
+    make_llama(2, 32).save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
+    argv = ["--model_name_or_path", str(tmp_path / "student"), "--teacher_model_name_or_path", str(tmp_path / "no")]
+    with pytest.raises(SystemExit):
+        main(train_argv(tmp_path / "out", *argv, "--dataset_name", str(tmp_path / "data.jsonl")))
+    err = capsys.readouterr().err
+    assert f"No model at {tmp_path / 'no'}: that folder does not exist" in err and "Traceback" not in err
