@@ -24,7 +24,7 @@ def usage() -> str:
 
 DEBUG_ENV = "HF_DISTILL_DEBUG"
 # Errors that carry a message for the user (bad config, missing file, bad data); anything else is a bug: traceback.
-USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # OSError: a path or Hub id that cannot be loaded
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError)  # OSError: unloadable path / Hub id
 
 
 def main(argv: list[str] | None = None) -> None:
