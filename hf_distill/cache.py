@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 INFO_FILE = "cache_info.json"
 SHARD_DIR = "shards"
+CORRUPT_SUFFIX = ".corrupt"  # unreadable shards are renamed so, then recomputed, by a resumed `cache_teacher`
 FORMAT = "hf-distill-teacher-cache"
 VERSION = 1
 VALUE_DTYPES = {"float16": pa.float16(), "bfloat16": pa.int16(), "float32": pa.float32()}
@@ -300,11 +301,42 @@ def _check_info(path: Path, info: dict[str, Any]) -> None:
             )
 
 
+def _unreadable_shard(path: Path, error: Exception) -> ValueError:
+    return ValueError(
+        f"The teacher cache shard {path} is unreadable ({type(error).__name__}: {error}); the file is truncated or "
+        "corrupt. Re-run `hf-distill cache-teacher` with the same settings and output_dir: it sets the shard aside "
+        f"as {path.name}{CORRUPT_SUFFIX} and recomputes its rows."
+    )
+
+
+def _read_shard(path: Path) -> pa.Table:
+    """The whole table of one shard file (memory-mapped); a ValueError names the file when it cannot be read."""
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    except (pa.ArrowException, OSError) as error:
+        raise _unreadable_shard(path, error) from error
+
+
+def set_aside_corrupt_shards(shard_dir: Path) -> list[Path]:
+    """Rename every unreadable shard `X.arrow` to `X.arrow.corrupt` (with a warning), so that a resumed
+    `cache_teacher` recomputes its rows. Returns the new paths."""
+    moved = []
+    for path in sorted(shard_dir.glob("*.arrow")):
+        try:
+            _read_shard(path)
+        except ValueError as error:
+            target = path.with_name(path.name + CORRUPT_SUFFIX)
+            os.replace(path, target)
+            logger.warning("%s Set aside as %s; its rows are recomputed.", error.args[0].split(";")[0], target)
+            moved.append(target)
+    return moved
+
+
 def _read_finished(shard_dir: Path) -> dict[Any, int]:
     """row_id -> input_digest of the rows in finished shards."""
     finished = {}
     for path in sorted(shard_dir.glob("*.arrow")):
-        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().select(["row_id", "input_digest"])
+        table = _read_shard(path).select(["row_id", "input_digest"])
         finished.update(zip(table.column("row_id").to_pylist(), table.column("input_digest").to_pylist()))
     return finished
 
@@ -422,6 +454,7 @@ def cache_teacher(
     shard_dir = out / SHARD_DIR
     if state.is_main_process:
         shard_dir.mkdir(parents=True, exist_ok=True)
+        set_aside_corrupt_shards(shard_dir)  # a truncated shard (killed copy, full disk) is recomputed, not fatal
     state.wait_for_everyone()
     _check_info(out / INFO_FILE, info)
     finished = _read_finished(shard_dir)
@@ -555,11 +588,35 @@ class TeacherCache:
         shards = sorted((self.path / SHARD_DIR).glob("*.arrow"))
         if not shards:
             raise ValueError(f"The teacher cache {self.path} holds no shards yet; run `hf-distill cache-teacher`.")
-        self.dataset: Dataset = concatenate_datasets([Dataset.from_file(str(p)) for p in shards])
+        parts = []
+        for shard in shards:
+            try:
+                parts.append(Dataset.from_file(str(shard)))
+            except (pa.ArrowException, OSError) as error:
+                raise _unreadable_shard(shard, error) from error
+        self.dataset: Dataset = concatenate_datasets(parts)
         self._arrow = self.dataset.with_format("arrow")
         self._index: dict[Any, int] = {}
         for i, rid in enumerate(self._arrow["row_id"].to_pylist()):
             self._index.setdefault(rid, i)
+        self._check_complete()
+
+    def _check_complete(self) -> None:
+        """A cache marked complete must still hold the `num_rows` rows it was finished with (from the shards' row
+        ids, already in memory: no full read)."""
+        expected = self.info.get("num_rows")
+        if self.info.get("status") != "complete" or expected is None or len(self._index) >= expected:
+            return
+        lost = expected - len(self._index)
+        named = ""
+        if self.info.get("ids_from_index"):
+            gone = [i for i in range(expected) if i not in self._index]
+            named = f" (ids {gone[:10]}{' ...' if len(gone) > 10 else ''})"
+        raise ValueError(
+            f"The teacher cache {self.path} lost {lost} of its {expected} rows{named}: a shard file under "
+            f"{SHARD_DIR}/ was deleted or truncated. Re-run `hf-distill cache-teacher` with the same settings and "
+            "output_dir: it rebuilds the missing rows and keeps the others."
+        )
 
     k = property(lambda self: int(self.info["k"]))
     vocab_size = property(lambda self: int(self.info["vocab_size"]))
@@ -588,16 +645,27 @@ class TeacherCache:
             )
 
     def attach_row_ids(self, dataset: Dataset | None) -> Dataset | None:
-        """`dataset` with the cache's id column: added as the row index when the cache was built that way."""
-        if dataset is None or not hasattr(dataset, "column_names") or self.id_column in dataset.column_names:
+        """`dataset` with the cache's id column (added as the row index when the cache was built that way), after
+        checking that the cache holds every one of its ids (a ValueError names the first missing ones, their count
+        and the fix), so that a run never stops at the first batch that reaches a missing row."""
+        if dataset is None or getattr(dataset, "column_names", None) is None:  # e.g. an IterableDataset: unchecked
             return dataset
-        if not self.info.get("ids_from_index"):
+        if self.id_column not in dataset.column_names:
+            if not self.info.get("ids_from_index"):
+                raise ValueError(
+                    f"The training dataset has no `{self.id_column}` column, which the teacher cache {self.path} uses "
+                    "to find each row's teacher entries; keep that column in the dataset."
+                )
+            logger.info("Adding a `%s` column (row index) to match the teacher cache's rows.", self.id_column)
+            dataset = dataset.add_column(self.id_column, list(range(len(dataset))))
+        missing = self.missing(dataset[self.id_column])
+        if missing:
             raise ValueError(
-                f"The training dataset has no `{self.id_column}` column, which the teacher cache {self.path} uses to "
-                "find each row's teacher entries; keep that column in the dataset."
+                f"The teacher cache {self.path} has no entries for {len(missing)} of the {len(dataset)} training rows "
+                f"(ids {missing[:10]}{' ...' if len(missing) > 10 else ''}). Re-run `hf-distill cache-teacher` on "
+                "this dataset with the same output_dir: rows already cached are kept, the missing ones are computed."
             )
-        logger.info("Adding a `%s` column (row index) to match the teacher cache's rows.", self.id_column)
-        return dataset.add_column(self.id_column, list(range(len(dataset))))
+        return dataset
 
     def lookup(self, row_ids: Sequence[Any]) -> list[CachedRow]:
         """The cached rows for `row_ids`; a ValueError names the ids the cache lacks."""
