@@ -89,15 +89,19 @@ def _pack_varwidth(values: np.ndarray, widths: np.ndarray) -> bytes:
 
 
 def _unpack_varwidth(data: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """Inverse of `_pack_varwidth` for known `widths` `(N,)`: gathers every field's bits at once."""
+    """Inverse of `_pack_varwidth` for known `widths` `(N,)` (each <= 56 bits): every field is cut at once out of the
+    8 bytes that start at its first bit, read as one big-endian uint64."""
     if widths.size == 0 or widths.max() == 0:
         return np.zeros(widths.size, dtype=np.int64)
-    bits = np.unpackbits(data, count=int(widths.sum())).astype(np.int64)
-    j = np.arange(int(widths.max()), dtype=np.int64)
-    keep = j[None, :] < widths[:, None]
-    index = np.minimum((np.cumsum(widths) - widths)[:, None] + j[None, :], bits.size - 1)
-    shift = np.where(keep, widths[:, None] - 1 - j[None, :], 0)
-    return (np.where(keep, bits[index], 0) << shift).sum(-1)
+    if widths.max() > 56:
+        raise ValueError(f"field of {widths.max()} bits; at most 56 are supported")
+    offsets = np.cumsum(widths) - widths
+    padded = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
+    windows = padded[(offsets >> 3)[:, None] + np.arange(8)]  # (N, 8) uint8
+    words = np.ascontiguousarray(windows).view(">u8").reshape(-1).astype(np.uint64)
+    words = words << (offsets & 7).astype(np.uint64)
+    values = words >> (64 - np.maximum(widths, 1)).astype(np.uint64)
+    return np.where(widths > 0, values, 0).astype(np.int64)
 
 
 def encode_row(
