@@ -19,6 +19,12 @@ Layout of `output_dir`:
         tail_logmass    list<float16>    n values, log(1 - sum of the k probabilities), computed as the logsumexp of
                                          the other V - k log-probabilities (-inf when k = V); same dtype as above
         input_ids, labels  list<int32>   only in `generate=True` caches: the rows with teacher-written completions
+      With `compression="compact"` (format version 2) the three top-k columns are replaced by
+        id_golomb_order uint8            the row's exp-Golomb order for its delta-coded ids
+        crc32           uint32           CRC-32 of the payload (checked on every read; cache-teacher sets aside a shard
+                                         whose rows fail it)
+        payload         binary           ids, quantized log-probs and tail of the row (`hf_distill.cache_compact`)
+      Version-1 (uncompressed) caches are still read and still written by compression="none".
 
 Positions. Causal LM: the cached distribution for label position j (j >= 1) is the teacher's softmax of the logits at
 j - 1. A row's supervised label positions are those with labels[j] != -100 when the dataset has `labels`, else
@@ -29,7 +35,14 @@ the top-k log-probabilities divided by T together with a tail bucket of tempered
 `hf_distill.losses.sparse`). So one cache serves every temperature.
 
 Size per supervised token: k * (4 + 2) bytes of ids and fp16 values plus 2 bytes of tail, plus per row about 32 bytes
-(id, digest, count, list offsets), i.e. <= 6k + 8 bytes for rows of a few supervised tokens or more.
+(id, digest, count, list offsets), i.e. <= 6k + 8 bytes for rows of a few supervised tokens or more. Compact: about
+2 bytes per entry (SmolLM2 top-64 on e-SNLI: ~9.3 bits per id + 6 bits per log-prob + 4 bytes per token; measured
+figures and the quantization error in docs/teacher_cache.md).
+
+Integrity. A cache marked complete must hold its `num_rows` rows when opened, and the trainer checks that it holds
+every id of the training set before training; an unreadable shard raises an error naming the file. Re-running
+`cache_teacher` on the same output_dir sets unreadable shards aside (`*.arrow.corrupt`, with a warning) and recomputes
+every missing row.
 
 Resume and processes. Shards are written every `rows_per_shard` rows, to a temporary name then renamed (a kill never
 leaves a torn shard). A re-run reads the row ids already cached (checking their input digests), splits the rest across
