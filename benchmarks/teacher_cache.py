@@ -1,5 +1,9 @@
 """Claim: an offline top-k teacher cache is small (<= 6k + 8 bytes per supervised token), training from it costs
 <= 1.10x an SFT step of the student alone, and a k = 64 cache distils about as well as the live teacher.
+Claim (section `compression`, issue #23): the compact format (`--compression compact`) stores <= 132 bytes per
+supervised token at k = 64 and <= 260 at k = 128 (tail included), a student trained from it reaches a held-out KL
+within 1% of one trained from the fp16 cache (same steps, seed, data order), and a training step from it takes
+<= 1.05x the fp16 cache's step, both timed side by side in one run.
 
 Pipeline (sizes are flags):
 1. Data (offline): e-SNLI rows from ../shared/data as prompt ("Premise: ... Hypothesis: ... Relation and
@@ -15,10 +19,16 @@ Pipeline (sizes are flags):
    machine the minimum wall time and the CPU time are the least disturbed by other jobs).
 5. Quality: each variant trains `train_steps` steps from the same init, seed and data order (`Trainer.train`); then
    the held-out forward KL(teacher || student) per supervised token (dense, T = 1) and the student's CE.
+6. Compression (`--sections compression`): fp16 and compact caches at each k of `compression_ks`: bytes of the shard
+   files per supervised token; the id coding on these rows (plain bit-packing ceil(log2 V) bits vs Rice vs the
+   exp-Golomb code used, bits per id); `quantization_error` (bucket KL of the decoded vs the fp16 values, also for
+   other `value_bits`); the step time of fp16 vs compact cache (k = `time_k`) interleaved round-robin, and the
+   collator alone (where the decoding happens); students trained `train_steps` steps from each (k = `time_k`).
 
     python benchmarks/teacher_cache.py --out runs/bench                                   # full sizes
     python benchmarks/teacher_cache.py --out runs/bench --train_rows 16 --eval_rows 8 --train_steps 2 \
         --time_steps 4 --warmup 1                                                         # smoke, ~4 min on 2 cores
+    python benchmarks/teacher_cache.py --out runs/bench --sections compression            # issue #23 only
 """
 
 import copy
@@ -29,6 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
@@ -40,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, sync, write_json
 
 from hf_distill import DistillationConfig, DistillationTrainer
-from hf_distill.cache import cache_teacher, tokenize_for_cache
+from hf_distill.cache import TeacherCache, cache_teacher, tokenize_for_cache
+from hf_distill.cache_compact import _fields, _golomb_order, id_bits, quantization_error
 from hf_distill.student import init_student_from_teacher
 from hf_distill.teacher import load_model, load_tokenizer
 
@@ -66,6 +78,12 @@ class CacheBenchConfig:
     warmup: int = field(default=2, metadata={"help": "Untimed steps per variant before timing."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Student learning rate."})
     seed: int = field(default=0, metadata={"help": "Seed for data order and training."})
+    sections: str = field(
+        default="baseline,compression",
+        metadata={"help": "baseline (size, step time vs SFT/live, quality) and/or compression (issue #23)."},
+    )
+    compression_ks: str = field(default="64,128", metadata={"help": "k of the fp16 vs compact comparison."})
+    value_bits: int = field(default=6, metadata={"help": "Bits per log-prob of the compact caches."})
 
 
 def esnli_rows(data_dir: Path, split: str, n: int, tokenizer, max_length: int) -> Dataset:
@@ -85,10 +103,13 @@ def esnli_rows(data_dir: Path, split: str, n: int, tokenizer, max_length: int) -
 def trainer_for(
     variant: str, student, teacher, rows: Dataset, tokenizer, cfg: CacheBenchConfig, work: Path, steps: int
 ):
+    """Variants: sft, live, cache_k16, cache (k = time_k), or fp16_k<k> / compact_k<k> (the folder of that name)."""
     cache = {"cache_k16": 16, "cache": cfg.time_k}.get(variant)
     kw = {"kd_weight": 0.0, "ce_weight": 1.0} if variant == "sft" else {}
     if variant.startswith("cache"):
         kw["teacher_cache"] = str(work / f"cache_k{cache}")
+    elif variant.startswith(("fp16_", "compact_")):
+        kw["teacher_cache"] = str(work / variant)
     args = DistillationConfig(
         output_dir=str(work / f"run_{variant}"),
         per_device_train_batch_size=cfg.batch_size,
@@ -154,6 +175,139 @@ def held_out_kl(student, teacher_logps: list[torch.Tensor], batches: list[dict])
     return {"kl_to_teacher": kl / n, "ce": ce / n, "tokens": n}
 
 
+@torch.no_grad()
+def held_out_teacher(teacher, held_out: Dataset, tokenizer) -> tuple[list[dict], list[torch.Tensor]]:
+    """Held-out batches of 8 rows and the teacher's log-probs `(N_b, V)` at their supervised tokens."""
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    batches = [collate([held_out[i] for i in range(j, min(j + 8, len(held_out)))]) for j in range(0, len(held_out), 8)]
+    teacher_logps = []
+    for batch in batches:
+        logits = teacher(input_ids=batch["input_ids"].to(DEVICE), attention_mask=batch["attention_mask"].to(DEVICE))
+        mask = batch["labels"][:, 1:].to(DEVICE) != -100
+        teacher_logps.append(F.log_softmax(logits.logits[:, :-1][mask].float(), -1))
+    return batches, teacher_logps
+
+
+def id_coding_bits(cache: TeacherCache) -> dict[str, float]:
+    """Bits per id on this cache's rows: plain bit-packing, a Rice code and the exp-Golomb code compact caches use
+    (order chosen per row in both), each of a row's position's ids sorted and delta-coded."""
+    total = {"packed": 0, "rice": 0, "exp_golomb": 0}
+    entries, max_bits = 0, id_bits(cache.vocab_size)
+    for row in cache.lookup(list(cache._index)):
+        gaps = (np.diff(np.sort(row.ids.astype(np.int64), 1), axis=1, prepend=-1) - 1).reshape(-1)
+        if gaps.size == 0:
+            continue
+        b = np.arange(max_bits + 1)[:, None]
+        total["rice"] += int(((gaps[None, :] >> b).sum(-1) + gaps.size * (b[:, 0] + 1)).min())
+        prefix, widths, _ = _fields(gaps, _golomb_order(gaps, max_bits))
+        total["exp_golomb"] += int(prefix.sum() + gaps.size + widths.sum())  # unary m + its 1 bit, then the fields
+        total["packed"] += gaps.size * max_bits
+        entries += gaps.size
+    return {name: bits / entries for name, bits in total.items()}
+
+
+def compression_section(cfg, teacher, tokenizer, train, work, initial, batches, teacher_logps) -> dict:
+    """fp16 vs compact caches: size, id coding, quantization error, step time side by side, trained students."""
+    out = {"sizes": [], "quantization": {}, "id_bits": {}}
+    for k in map(int, cfg.compression_ks.split(",")):
+        for compression in ("none", "compact"):
+            name = f"{'fp16' if compression == 'none' else 'compact'}_k{k}"
+            folder = work / name
+            start = time.perf_counter()
+            cache = cache_teacher(
+                teacher,
+                train,
+                tokenizer,
+                folder,
+                k=k,
+                batch_size=2 * cfg.batch_size,
+                max_length=cfg.max_length,
+                compression=compression,
+                value_bits=cfg.value_bits,
+            )
+            build_s = time.perf_counter() - start
+            n_bytes = sum(p.stat().st_size for p in (folder / "shards").glob("*.arrow"))
+            tokens = sum(cache.dataset["num_tokens"])
+            out["sizes"].append(
+                {
+                    "k": k,
+                    "compression": compression,
+                    "bytes": n_bytes,
+                    "tokens": tokens,
+                    "bytes_per_token": n_bytes / tokens,
+                    "bytes_per_entry": n_bytes / (tokens * k),
+                    "target": 132 if k == 64 else 260 if k == 128 else 2 * k + 4,
+                    "build_s": build_s,
+                }
+            )
+        fp16 = TeacherCache(work / f"fp16_k{k}")
+        out["id_bits"][k] = id_coding_bits(fp16)
+        out["quantization"][k] = {
+            "compact_vs_fp16": quantization_error(work / f"compact_k{k}", reference=fp16),
+            **{f"bits{b}": quantization_error(fp16, value_bits=b) for b in (4, 5, 6, 7, 8)},
+        }
+    names = [f"fp16_k{cfg.time_k}", f"compact_k{cfg.time_k}"]
+    timed = {
+        name: trainer_for(name, copy.deepcopy(initial), teacher, train, tokenizer, cfg, work, 1) for name in names
+    }
+    samples, cpu_samples = step_times(timed, train, cfg)
+    collate = {name: [] for name in names}
+    for step in range(cfg.warmup + 3 * cfg.time_steps):  # the collator alone (where compact rows are decoded)
+        ids = [(step * cfg.batch_size + j) % len(train) for j in range(cfg.batch_size)]
+        for name, t in timed.items():
+            rows = [t.train_dataset[i] for i in ids]
+            start = time.perf_counter()
+            t.data_collator(rows)
+            if step >= cfg.warmup:
+                collate[name].append(time.perf_counter() - start)
+    del timed
+    fp16_name, compact_name = names
+    out["step_time_s"] = {
+        name: {
+            "wall_min": min(samples[name]),
+            "wall_median": statistics.median(samples[name]),
+            "cpu_median": statistics.median(cpu_samples[name]),
+            "collate_median": statistics.median(collate[name]),
+        }
+        for name in names
+    }
+    out["compact_over_fp16_step"] = {
+        key: out["step_time_s"][compact_name][key] / out["step_time_s"][fp16_name][key]
+        for key in ("wall_min", "wall_median", "cpu_median", "collate_median")
+    }
+    quality = {}
+    for name in names:
+        torch.manual_seed(cfg.seed)
+        trainer = trainer_for(name, copy.deepcopy(initial), teacher, train, tokenizer, cfg, work, cfg.train_steps)
+        start = time.perf_counter()
+        trainer.train()
+        quality[name] = {**held_out_kl(trainer.model, teacher_logps, batches), "train_s": time.perf_counter() - start}
+    quality["compact_over_fp16_kl"] = quality[compact_name]["kl_to_teacher"] / quality[fp16_name]["kl_to_teacher"]
+    out["quality"] = quality
+
+    print(format_table(out["sizes"], ["k", "compression", "bytes_per_token", "bytes_per_entry", "target", "tokens"]))
+    print(format_table([{"k": k, **v} for k, v in out["id_bits"].items()], ["k", "packed", "rice", "exp_golomb"]))
+    rows = []
+    for k, q in out["quantization"].items():
+        for key, v in q.items():
+            rows.append({"k": k, "measure": key, **{m: v[m] for m in ("kl_mean", "kl_max", "bytes_per_entry")}})
+    print(format_table(rows, ["k", "measure", "kl_mean", "kl_max", "bytes_per_entry"]))
+    print(
+        format_table(
+            [{"variant": n, **v} for n, v in out["step_time_s"].items()]
+            + [{"variant": "compact / fp16", **out["compact_over_fp16_step"]}],
+            ["variant", "wall_min", "wall_median", "cpu_median", "collate_median"],
+        )
+    )
+    print(
+        format_table(
+            [{"student": n, **quality[n]} for n in names], ["student", "kl_to_teacher", "ce", "tokens", "train_s"]
+        )
+    )
+    print(f"held-out KL compact / fp16: {quality['compact_over_fp16_kl']:.5f}")
+    return out
+
+
 def main() -> None:
     (cfg,) = TrlParser((CacheBenchConfig,)).parse_args_and_config()
     data_dir, work = Path(cfg.data_dir), Path(cfg.out) / "teacher_cache"
@@ -166,6 +320,7 @@ def main() -> None:
     train = esnli_rows(data_dir, "train", cfg.train_rows, tokenizer, cfg.max_length)
     held_out = esnli_rows(data_dir, "validation", cfg.eval_rows, tokenizer, cfg.max_length)
     supervised = sum(sum(y != -100 for y in labels[1:]) for labels in train["labels"])
+    sections = set(cfg.sections.split(","))
     result = {
         "config": asdict(cfg),
         "device": DEVICE,
@@ -176,6 +331,16 @@ def main() -> None:
             "mean_row_tokens": sum(map(len, train["input_ids"])) / len(train),
         },
     }
+
+    initial = init_student_from_teacher(teacher, num_layers=cfg.student_layers)
+    held_out_batches, teacher_logps = held_out_teacher(teacher, held_out, tokenizer)
+    if "compression" in sections:
+        result["compression"] = compression_section(
+            cfg, teacher, tokenizer, train, work, initial, held_out_batches, teacher_logps
+        )
+    if "baseline" not in sections:
+        print(f"wrote {write_json(cfg.out, 'teacher_cache', result)}")
+        return
 
     # cache size per supervised token for each k (fp16 values, int32 ids)
     sizes = []
@@ -202,7 +367,6 @@ def main() -> None:
     result["cache_size"] = sizes
 
     # step time: SFT vs cache vs live teacher, interleaved
-    initial = init_student_from_teacher(teacher, num_layers=cfg.student_layers)
     timed = {
         name: trainer_for(name, copy.deepcopy(initial), teacher, train, tokenizer, cfg, work, 1)
         for name in ("sft", "cache", "live")
@@ -224,16 +388,7 @@ def main() -> None:
         }
 
     # quality: same init, seed, data order and steps; held-out KL to the teacher
-    collate = DataCollatorForSeq2Seq(tokenizer, padding=True)
-    batches = [collate([held_out[i] for i in range(j, min(j + 8, len(held_out)))]) for j in range(0, len(held_out), 8)]
-    with torch.no_grad():
-        teacher_logps = []
-        for batch in batches:
-            logits = teacher(
-                input_ids=batch["input_ids"].to(DEVICE), attention_mask=batch["attention_mask"].to(DEVICE)
-            )
-            mask = batch["labels"][:, 1:].to(DEVICE) != -100
-            teacher_logps.append(F.log_softmax(logits.logits[:, :-1][mask].float(), -1))
+    batches = held_out_batches
     quality = {"init": held_out_kl(copy.deepcopy(initial).to(DEVICE), teacher_logps, batches)}
     for name in ("sft", "cache_k16", "cache", "live"):
         torch.manual_seed(cfg.seed)

@@ -19,6 +19,12 @@ Layout of `output_dir`:
         tail_logmass    list<float16>    n values, log(1 - sum of the k probabilities), computed as the logsumexp of
                                          the other V - k log-probabilities (-inf when k = V); same dtype as above
         input_ids, labels  list<int32>   only in `generate=True` caches: the rows with teacher-written completions
+      With `compression="compact"` (format version 2) the three top-k columns are replaced by
+        id_golomb_order uint8            the row's exp-Golomb order for its delta-coded ids
+        crc32           uint32           CRC-32 of the payload (checked on every read; cache-teacher sets aside a shard
+                                         whose rows fail it)
+        payload         binary           ids, quantized log-probs and tail of the row (`hf_distill.cache_compact`)
+      Version-1 (uncompressed) caches are still read and still written by compression="none".
 
 Positions. Causal LM: the cached distribution for label position j (j >= 1) is the teacher's softmax of the logits at
 j - 1. A row's supervised label positions are those with labels[j] != -100 when the dataset has `labels`, else
@@ -29,7 +35,14 @@ the top-k log-probabilities divided by T together with a tail bucket of tempered
 `hf_distill.losses.sparse`). So one cache serves every temperature.
 
 Size per supervised token: k * (4 + 2) bytes of ids and fp16 values plus 2 bytes of tail, plus per row about 32 bytes
-(id, digest, count, list offsets), i.e. <= 6k + 8 bytes for rows of a few supervised tokens or more.
+(id, digest, count, list offsets), i.e. <= 6k + 8 bytes for rows of a few supervised tokens or more. Compact: about
+2 bytes per entry (SmolLM2 top-64 on e-SNLI: ~9.3 bits per id + 6 bits per log-prob + 4 bytes per token; measured
+figures and the quantization error in docs/teacher_cache.md).
+
+Integrity. A cache marked complete must hold its `num_rows` rows when opened, and the trainer checks that it holds
+every id of the training set before training; an unreadable shard raises an error naming the file. Re-running
+`cache_teacher` on the same output_dir sets unreadable shards aside (`*.arrow.corrupt`, with a warning) and recomputes
+every missing row.
 
 Resume and processes. Shards are written every `rows_per_shard` rows, to a temporary name then renamed (a kill never
 leaves a torn shard). A re-run reads the row ids already cached (checking their input digests), splits the rest across
@@ -56,6 +69,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .cache_compact import DEFAULT_VALUE_BITS, checksum, decode_row, encode_row
 from .heads import IGNORE_INDEX, aligned_labels, aligned_logits, divergence_kwargs, supervised_mask
 from .losses.sparse import SPARSE_LOSSES, sparse_logit_divergence
 from .teacher import load_model, load_tokenizer, output_vocab_size
@@ -65,8 +79,12 @@ logger = logging.getLogger(__name__)
 
 INFO_FILE = "cache_info.json"
 SHARD_DIR = "shards"
+CORRUPT_SUFFIX = ".corrupt"  # unreadable shards are renamed so, then recomputed, by a resumed `cache_teacher`
 FORMAT = "hf-distill-teacher-cache"
-VERSION = 1
+VERSION = 1  # uncompressed rows (int32 ids + fp16/bf16/fp32 values); still written by compression="none"
+COMPACT_VERSION = 2  # compression="compact": one encoded payload per row (`hf_distill.cache_compact`)
+VERSIONS = {VERSION: "none", COMPACT_VERSION: "compact"}
+COMPRESSIONS = tuple(VERSIONS.values())
 VALUE_DTYPES = {"float16": pa.float16(), "bfloat16": pa.int16(), "float32": pa.float32()}
 SUPERVISION_COLUMNS = ("labels", "completion_mask", "assistant_masks", "attention_mask")
 # Keys the collator adds to a batch (label-position indexed, `(B, T, k)` / `(B, T)`); they are not model inputs.
@@ -82,7 +100,10 @@ RESUME_KEYS = (
     "max_length",
     "id_column",
     "generate",
+    "compression",
+    "value_bits",
 )
+RESUME_DEFAULTS = {"compression": "none"}  # keys that version-1 caches written before them lack
 
 
 # ----------------------------------------------------------------------------------------------- identities
@@ -212,19 +233,23 @@ def _list_array(flat: pa.Array, lengths: list[int]) -> pa.Array:
 
 def _write_shard(shard_dir: Path, name: str, records: list[dict[str, Any]], dtype: str, row_id_type: pa.DataType):
     """One Arrow stream file from per-row records; written to a temporary name and renamed."""
-    k_lengths = [len(r["topk_ids"]) for r in records]
     columns = {
         "row_id": pa.array([r["row_id"] for r in records], type=row_id_type),
         "input_digest": pa.array([r["input_digest"] for r in records], type=pa.int64()),
         "num_tokens": pa.array([r["num_tokens"] for r in records], type=pa.int32()),
-        "topk_ids": _list_array(
-            pa.array(np.concatenate([r["topk_ids"] for r in records]).astype(np.int32)), k_lengths
-        ),
-        "topk_logprobs": _list_array(_value_array(torch.cat([r["topk_logprobs"] for r in records]), dtype), k_lengths),
-        "tail_logmass": _list_array(
-            _value_array(torch.cat([r["tail_logmass"] for r in records]), dtype), [r["num_tokens"] for r in records]
-        ),
     }
+    if "payload" in records[0]:  # compact rows (`hf_distill.cache_compact`)
+        columns["id_golomb_order"] = pa.array([r["id_golomb_order"] for r in records], type=pa.uint8())
+        columns["crc32"] = pa.array([checksum(r["payload"]) for r in records], type=pa.uint32())
+        columns["payload"] = pa.array([r["payload"] for r in records], type=pa.binary())
+    else:
+        k_lengths = [len(r["topk_ids"]) for r in records]
+        ids = pa.array(np.concatenate([r["topk_ids"] for r in records]).astype(np.int32))
+        columns["topk_ids"] = _list_array(ids, k_lengths)
+        values = _value_array(torch.cat([r["topk_logprobs"] for r in records]), dtype)
+        columns["topk_logprobs"] = _list_array(values, k_lengths)
+        tails = _value_array(torch.cat([r["tail_logmass"] for r in records]), dtype)
+        columns["tail_logmass"] = _list_array(tails, [r["num_tokens"] for r in records])
     if "input_ids" in records[0]:
         for key in ("input_ids", "labels"):
             lengths = [len(r[key]) for r in records]
@@ -293,18 +318,57 @@ def _check_info(path: Path, info: dict[str, Any]) -> None:
         return
     old = json.loads(path.read_text())
     for key in RESUME_KEYS:
-        if old.get(key) != info.get(key):
+        before, now = old.get(key, RESUME_DEFAULTS.get(key)), info.get(key, RESUME_DEFAULTS.get(key))
+        if before != now:
             raise ValueError(
-                f"{path.parent} holds a teacher cache built with a different {key} ({old.get(key)!r}, now "
-                f"{info.get(key)!r}); adding rows would mix them. Use a new output_dir, or delete it to start over."
+                f"{path.parent} holds a teacher cache built with a different {key} ({before!r}, now {now!r}); "
+                "adding rows would mix them. Use a new output_dir, or delete it to start over."
             )
+
+
+def _unreadable_shard(path: Path, error: Exception) -> ValueError:
+    return ValueError(
+        f"The teacher cache shard {path} is unreadable ({type(error).__name__}: {error}); the file is truncated or "
+        "corrupt. Re-run `hf-distill cache-teacher` with the same settings and output_dir: it sets the shard aside "
+        f"as {path.name}{CORRUPT_SUFFIX} and recomputes its rows."
+    )
+
+
+def _read_shard(path: Path, verify: bool = False) -> pa.Table:
+    """The whole table of one shard file (memory-mapped); a ValueError names the file when it cannot be read, or with
+    `verify` when a compact row's payload does not match its CRC-32."""
+    try:
+        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    except (pa.ArrowException, OSError) as error:
+        raise _unreadable_shard(path, error) from error
+    if verify and "crc32" in table.column_names:
+        crcs = table.column("crc32").to_pylist()
+        bad = [i for i, (x, c) in enumerate(zip(table.column("payload").to_pylist(), crcs)) if checksum(x) != c]
+        if bad:
+            raise _unreadable_shard(path, ValueError(f"checksum mismatch in {len(bad)} row(s)"))
+    return table
+
+
+def set_aside_corrupt_shards(shard_dir: Path) -> list[Path]:
+    """Rename every unreadable shard `X.arrow` (truncated, or a compact row failing its CRC-32) to `X.arrow.corrupt`
+    (with a warning), so that a resumed `cache_teacher` recomputes its rows. Returns the new paths."""
+    moved = []
+    for path in sorted(shard_dir.glob("*.arrow")):
+        try:
+            _read_shard(path, verify=True)
+        except ValueError as error:
+            target = path.with_name(path.name + CORRUPT_SUFFIX)
+            os.replace(path, target)
+            logger.warning("%s Set aside as %s; its rows are recomputed.", error.args[0].split(";")[0], target)
+            moved.append(target)
+    return moved
 
 
 def _read_finished(shard_dir: Path) -> dict[Any, int]:
     """row_id -> input_digest of the rows in finished shards."""
     finished = {}
     for path in sorted(shard_dir.glob("*.arrow")):
-        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().select(["row_id", "input_digest"])
+        table = _read_shard(path).select(["row_id", "input_digest"])
         finished.update(zip(table.column("row_id").to_pylist(), table.column("input_digest").to_pylist()))
     return finished
 
@@ -327,6 +391,8 @@ def cache_teacher(
     generation_temperature: float = 1.0,
     teacher_init_kwargs: dict[str, Any] | None = None,
     use_cpu: bool = False,
+    compression: str = "none",
+    value_bits: int = DEFAULT_VALUE_BITS,
 ) -> "TeacherCache":
     """Run the teacher once over `dataset` and store its top-k distribution at every supervised token.
 
@@ -354,6 +420,10 @@ def cache_teacher(
         max_new_tokens, generate_do_sample, generation_temperature: generation settings (greedy by default).
         teacher_init_kwargs (`dict`, *optional*): `from_pretrained` kwargs when `teacher` is a name.
         use_cpu (`bool`): force CPU even when a GPU is visible.
+        compression (`str`): "none" (int32 ids + `dtype` values, format version 1) or "compact" (about 2 bytes per
+            entry, version 2: delta + exp-Golomb coded ids, log-probs quantized in `value_bits` bits against each
+            position's top log-prob, fp16 tail; `hf_distill.cache_compact`, docs/teacher_cache.md).
+        value_bits (`int`): bits per quantized log-prob with compression="compact" (default 6).
 
     Returns:
         `TeacherCache`: the cache (all rows of `dataset` included).
@@ -367,6 +437,16 @@ def cache_teacher(
     dtype_name = str(dtype).replace("torch.", "")
     if dtype_name not in VALUE_DTYPES:
         raise ValueError(f"`dtype` must be one of {list(VALUE_DTYPES)}, got {dtype!r}.")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"`compression` must be one of {list(COMPRESSIONS)}, got {compression!r}.")
+    compact = compression == "compact"
+    if compact and dtype_name != "float16":
+        raise ValueError(
+            f"compression='compact' quantizes the log-probs itself (`value_bits`) and keeps its scalars in float16; "
+            f"dtype={dtype_name!r} applies to compression='none' only."
+        )
+    if compact and not 1 <= value_bits <= 16:
+        raise ValueError(f"`value_bits` must be between 1 and 16, got {value_bits}.")
     if "input_ids" not in dataset.column_names:
         raise ValueError(
             f"cache_teacher needs a tokenised dataset with `input_ids` (columns: {dataset.column_names}); tokenise it "
@@ -403,7 +483,9 @@ def cache_teacher(
     )
     info = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": COMPACT_VERSION if compact else VERSION,
+        "compression": compression,
+        **({"value_bits": value_bits} if compact else {}),
         "k": k,
         "dtype": dtype_name,
         "vocab_size": vocab_size,
@@ -422,6 +504,7 @@ def cache_teacher(
     shard_dir = out / SHARD_DIR
     if state.is_main_process:
         shard_dir.mkdir(parents=True, exist_ok=True)
+        set_aside_corrupt_shards(shard_dir)  # a truncated shard (killed copy, full disk) is recomputed, not fatal
     state.wait_for_everyone()
     _check_info(out / INFO_FILE, info)
     finished = _read_finished(shard_dir)
@@ -473,14 +556,21 @@ def cache_teacher(
                 extra = [{"input_ids": s, "labels": y} for s, y in zip(seqs, labels)]
             scored = score_rows(teacher, seqs, positions, k, pad_id, vocab_size)
             for i, seq, pos, (ids, values, tail), more in zip(batch, seqs, positions, scored, extra):
+                if compact:
+                    payload, order = encode_row(ids.numpy(), values.numpy(), tail.numpy(), vocab_size, value_bits)
+                    entries = {"payload": payload, "id_golomb_order": order}
+                else:
+                    entries = {
+                        "topk_ids": ids.reshape(-1).numpy(),
+                        "topk_logprobs": values.reshape(-1),
+                        "tail_logmass": tail,
+                    }
                 buffer.append(
                     {
                         "row_id": row_ids[i],
                         "input_digest": input_digest(seq),
                         "num_tokens": len(pos),
-                        "topk_ids": ids.reshape(-1).numpy(),
-                        "topk_logprobs": values.reshape(-1),
-                        "tail_logmass": tail,
+                        **entries,
                         **more,
                     }
                 )
@@ -550,18 +640,48 @@ class TeacherCache:
                 "`hf_distill.cache.cache_teacher`."
             )
         self.info = json.loads(info_path.read_text())
-        if self.info.get("format") != FORMAT or self.info.get("version") != VERSION:
-            raise ValueError(f"{info_path} is not a version-{VERSION} hf-distill teacher cache.")
+        if self.info.get("format") != FORMAT or self.info.get("version") not in VERSIONS:
+            raise ValueError(
+                f"{info_path} is not an hf-distill teacher cache of a version this library reads ({list(VERSIONS)}); "
+                "rebuild it with `hf-distill cache-teacher`, or upgrade hf-distill."
+            )
         shards = sorted((self.path / SHARD_DIR).glob("*.arrow"))
         if not shards:
             raise ValueError(f"The teacher cache {self.path} holds no shards yet; run `hf-distill cache-teacher`.")
-        self.dataset: Dataset = concatenate_datasets([Dataset.from_file(str(p)) for p in shards])
+        parts = []
+        self._shards = shards
+        for shard in shards:
+            try:
+                parts.append(Dataset.from_file(str(shard)))
+            except (pa.ArrowException, OSError) as error:
+                raise _unreadable_shard(shard, error) from error
+        self.dataset: Dataset = concatenate_datasets(parts)
+        self._shard_ends = np.cumsum([len(part) for part in parts])
         self._arrow = self.dataset.with_format("arrow")
         self._index: dict[Any, int] = {}
         for i, rid in enumerate(self._arrow["row_id"].to_pylist()):
             self._index.setdefault(rid, i)
+        self._check_complete()
+
+    def _check_complete(self) -> None:
+        """A cache marked complete must still hold the `num_rows` rows it was finished with (from the shards' row
+        ids, already in memory: no full read)."""
+        expected = self.info.get("num_rows")
+        if self.info.get("status") != "complete" or expected is None or len(self._index) >= expected:
+            return
+        lost = expected - len(self._index)
+        named = ""
+        if self.info.get("ids_from_index"):
+            gone = [i for i in range(expected) if i not in self._index]
+            named = f" (ids {gone[:10]}{' ...' if len(gone) > 10 else ''})"
+        raise ValueError(
+            f"The teacher cache {self.path} lost {lost} of its {expected} rows{named}: a shard file under "
+            f"{SHARD_DIR}/ was deleted or truncated. Re-run `hf-distill cache-teacher` with the same settings and "
+            "output_dir: it rebuilds the missing rows and keeps the others."
+        )
 
     k = property(lambda self: int(self.info["k"]))
+    compact = property(lambda self: VERSIONS[self.info["version"]] == "compact")
     vocab_size = property(lambda self: int(self.info["vocab_size"]))
     id_column = property(lambda self: self.info["id_column"])
     supervision = property(lambda self: self.info["supervision"])
@@ -588,16 +708,27 @@ class TeacherCache:
             )
 
     def attach_row_ids(self, dataset: Dataset | None) -> Dataset | None:
-        """`dataset` with the cache's id column: added as the row index when the cache was built that way."""
-        if dataset is None or not hasattr(dataset, "column_names") or self.id_column in dataset.column_names:
+        """`dataset` with the cache's id column (added as the row index when the cache was built that way), after
+        checking that the cache holds every one of its ids (a ValueError names the first missing ones, their count
+        and the fix), so that a run never stops at the first batch that reaches a missing row."""
+        if dataset is None or getattr(dataset, "column_names", None) is None:  # e.g. an IterableDataset: unchecked
             return dataset
-        if not self.info.get("ids_from_index"):
+        if self.id_column not in dataset.column_names:
+            if not self.info.get("ids_from_index"):
+                raise ValueError(
+                    f"The training dataset has no `{self.id_column}` column, which the teacher cache {self.path} uses "
+                    "to find each row's teacher entries; keep that column in the dataset."
+                )
+            logger.info("Adding a `%s` column (row index) to match the teacher cache's rows.", self.id_column)
+            dataset = dataset.add_column(self.id_column, list(range(len(dataset))))
+        missing = self.missing(dataset[self.id_column])
+        if missing:
             raise ValueError(
-                f"The training dataset has no `{self.id_column}` column, which the teacher cache {self.path} uses to "
-                "find each row's teacher entries; keep that column in the dataset."
+                f"The teacher cache {self.path} has no entries for {len(missing)} of the {len(dataset)} training rows "
+                f"(ids {missing[:10]}{' ...' if len(missing) > 10 else ''}). Re-run `hf-distill cache-teacher` on "
+                "this dataset with the same output_dir: rows already cached are kept, the missing ones are computed."
             )
-        logger.info("Adding a `%s` column (row index) to match the teacher cache's rows.", self.id_column)
-        return dataset.add_column(self.id_column, list(range(len(dataset))))
+        return dataset
 
     def lookup(self, row_ids: Sequence[Any]) -> list[CachedRow]:
         """The cached rows for `row_ids`; a ValueError names the ids the cache lacks."""
@@ -608,7 +739,10 @@ class TeacherCache:
                 f"{missing[:10]}. Cache every training (and evaluation) row: re-run `hf-distill cache-teacher` on "
                 "that dataset with the same output_dir (rows already cached are skipped)."
             )
-        table = self._arrow[[self._index[rid] for rid in row_ids]]
+        positions = [self._index[rid] for rid in row_ids]
+        table = self._arrow[positions]
+        if self.compact:
+            return self._decode(table, row_ids, positions)
         k = self.k
         ids, id_off = _list_column(table, "topk_ids")
         values, _ = _list_column(table, "topk_logprobs")
@@ -629,6 +763,31 @@ class TeacherCache:
                     tails[tail_off[b] : tail_off[b + 1]].astype(np.float32),
                 )
             )
+        return rows
+
+    def _decode(self, table: pa.Table, row_ids: Sequence[Any], positions: list[int]) -> list[CachedRow]:
+        """Compact rows -> `CachedRow`s (vectorised per row; a bad checksum names the shard file)."""
+        payloads = table.column("payload").to_pylist()
+        crcs = table.column("crc32").to_pylist()
+        counts = table.column("num_tokens").to_pylist()
+        orders = table.column("id_golomb_order").to_pylist()
+        digests = table.column("input_digest").to_pylist()
+        rows = []
+        for rid, where, payload, crc, n, order, digest in zip(
+            row_ids, positions, payloads, crcs, counts, orders, digests, strict=True
+        ):
+            try:
+                if checksum(payload) != crc:
+                    raise ValueError("checksum mismatch")
+                ids, logprobs, tail = decode_row(payload, n, self.k, order, self.info["value_bits"])
+            except ValueError as error:
+                shard = self._shards[int(np.searchsorted(self._shard_ends, where, side="right"))]
+                raise ValueError(
+                    f"Row {rid!r} of the teacher cache shard {shard} is corrupt ({error}). Re-run `hf-distill "
+                    "cache-teacher` with the same settings and output_dir: it sets the shard aside as "
+                    f"{shard.name}{CORRUPT_SUFFIX} and recomputes its rows."
+                ) from error
+            rows.append(CachedRow(rid, digest, ids, logprobs, tail))
         return rows
 
     def training_dataset(self) -> Dataset:

@@ -279,18 +279,17 @@ def test_bad_inputs(tmp_path, tokenizer):
         DistillationTrainer(
             model=make_llama(2, 32),
             args=trainer_args(tmp_path, teacher_cache=str(cache.path)),
-            train_dataset=rows,
+            train_dataset=rows.select(range(4)),
             processing_class=other_tok,
         )
-    trainer = DistillationTrainer(
-        model=make_llama(2, 32),
-        args=trainer_args(tmp_path, teacher_cache=str(cache.path), per_device_train_batch_size=6),
-        train_dataset=rows,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-        processing_class=tokenizer,
-    )
-    with pytest.raises(ValueError, match=r"no entries for 2 row\(s\).*\[(4, 5|5, 4)\]"):
-        trainer.train()
+    with pytest.raises(ValueError, match=r"no entries for 2 of the 6 training rows \(ids \[4, 5\]\)"):
+        DistillationTrainer(  # refused when the trainer is built, not at the first batch reaching row 4
+            model=make_llama(2, 32),
+            args=trainer_args(tmp_path, teacher_cache=str(cache.path), per_device_train_batch_size=6),
+            train_dataset=rows,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+            processing_class=tokenizer,
+        )
     with pytest.raises(ValueError, match="Pass either `teacher_model` or `teacher_cache`"):
         DistillationTrainer(
             model=make_llama(2, 32),
@@ -342,3 +341,63 @@ def test_two_processes_match_one(tmp_path, tokenizer):
         rank = int(path.name.split("-rank")[1][:5])
         by_rank[rank] |= set(Dataset.from_file(str(path))["row_id"])
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1] and by_rank[0] | by_rank[1] == set(ids)
+
+
+def shard_files(cache_dir) -> list:
+    return sorted((cache_dir / "shards").glob("*.arrow"))
+
+
+def test_lost_shard_is_refused_at_open_and_rebuilt(tmp_path, tokenizer, monkeypatch):
+    rows = prompt_completion_rows(tokenizer)
+    full = build(tmp_path, tokenizer, rows, rows_per_shard=2, dtype="float32")
+    reference = {e.row_id: e for e in full.lookup(list(range(6)))}
+    lost = Dataset.from_file(str(shard_files(full.path)[1]))["row_id"]
+    shard_files(full.path)[1].unlink()  # two rows gone; cache_info.json still says complete with 6 rows
+    expected = rf"lost 2 of its 6 rows \(ids \{sorted(lost)}\).*Re-run `hf-distill cache-teacher`"
+    with pytest.raises(ValueError, match=expected):
+        TeacherCache(full.path)
+    with pytest.raises(ValueError, match=expected):
+        DistillationTrainer(
+            model=make_llama(2, 32),
+            args=trainer_args(tmp_path, teacher_cache=str(full.path)),
+            train_dataset=rows,
+            processing_class=tokenizer,
+        )
+    scored = []
+    original = cache_module.score_rows
+
+    def counting(teacher, seqs, *args):
+        scored.extend(seqs)
+        return original(teacher, seqs, *args)
+
+    monkeypatch.setattr(cache_module, "score_rows", counting)
+    repaired = build(tmp_path, tokenizer, rows, rows_per_shard=2, dtype="float32")  # the documented repair
+    assert len(scored) == 2 and len(repaired) == 6  # only the lost rows were recomputed
+    for entry in repaired.lookup(list(range(6))):
+        assert (entry.ids == reference[entry.row_id].ids).all()
+        assert abs(entry.logprobs - reference[entry.row_id].logprobs).max() < 1e-6
+
+
+def test_truncated_shard_names_the_file_and_is_recomputed(tmp_path, tokenizer, caplog):
+    rows = prompt_completion_rows(tokenizer)
+    full = build(tmp_path, tokenizer, rows, rows_per_shard=2, dtype="float32")
+    reference = {e.row_id: e for e in full.lookup(list(range(6)))}
+    shard = shard_files(full.path)[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a torn copy
+    with pytest.raises(ValueError, match=rf"shard {shard} is unreadable.*truncated or corrupt.*cache-teacher"):
+        TeacherCache(full.path)
+    with pytest.raises(ValueError, match=rf"shard {shard} is unreadable"):
+        DistillationTrainer(
+            model=make_llama(2, 32),
+            args=trainer_args(tmp_path, teacher_cache=str(full.path)),
+            train_dataset=rows,
+            processing_class=tokenizer,
+        )
+    with caplog.at_level("WARNING", logger="hf_distill.cache"):
+        repaired = build(tmp_path, tokenizer, rows, rows_per_shard=2, dtype="float32")
+    assert not shard.exists() and shard.with_name(shard.name + ".corrupt").exists()
+    assert any("Set aside as" in r.getMessage() and shard.name in r.getMessage() for r in caplog.records)
+    assert len(repaired) == 6
+    for entry in repaired.lookup(list(range(6))):
+        assert (entry.ids == reference[entry.row_id].ids).all()
+        assert abs(entry.logprobs - reference[entry.row_id].logprobs).max() < 1e-6

@@ -1,6 +1,7 @@
 """`hf-distill cache-teacher`: store a teacher's top-k log-probabilities per supervised token for offline KD.
 
 hf-distill cache-teacher --teacher smollm2 --dataset data.jsonl --output_dir runs/cache --k 64
+hf-distill cache-teacher ... --compression compact    # ~2 bytes per top-k entry instead of 6 (docs/teacher_cache.md)
 torchrun --nproc_per_node 2 -m hf_distill.cli.main cache-teacher ...   # or accelerate launch -m hf_distill.cli.main
 hf-distill train --config recipe.yaml --teacher_cache runs/cache --dataset_name runs/cache/train_dataset
 
@@ -35,6 +36,15 @@ class CacheTeacherArguments:
         default="float16",
         metadata={"help": "Stored log-prob dtype.", "choices": ["float16", "bfloat16", "float32"]},
     )
+    compression: str = field(
+        default="none",
+        metadata={
+            "help": "none: int32 ids + `dtype` log-probs (6 B per entry in fp16); compact: ~2 B per entry (delta-coded"
+            " ids, log-probs quantized in `value_bits` bits, fp16 tail; docs/teacher_cache.md).",
+            "choices": ["none", "compact"],
+        },
+    )
+    value_bits: int = field(default=6, metadata={"help": "Bits per quantized log-prob with --compression compact."})
     model_dtype: str = field(default="float32", metadata={"help": "Teacher weights dtype: float32, bfloat16, auto."})
     id_column: str = field(default="row_id", metadata={"help": "Unique row id column (default: the row index)."})
     rows_per_shard: int = field(default=1024, metadata={"help": "Rows per shard file (work lost at most on a kill)."})
@@ -102,6 +112,8 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         generation_temperature=args.generation_temperature,
         teacher_init_kwargs={"dtype": args.model_dtype},
         use_cpu=args.use_cpu,
+        compression=args.compression,
+        value_bits=args.value_bits,
     )
     if state.is_main_process:
         if args.generate:
@@ -109,4 +121,5 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         elif tokenised_here:
             dataset.save_to_disk(train_path)
         saved = f"; training rows in {train_path}" if args.generate or tokenised_here else ""
-        print(f"Cached {len(cache)} rows (k={cache.k}, {cache.info['dtype']}) -> {args.output_dir}{saved}.")
+        kind = f"compact, {args.value_bits}-bit log-probs" if cache.compact else cache.info["dtype"]
+        print(f"Cached {len(cache)} rows (k={cache.k}, {kind}) -> {args.output_dir}{saved}.")
