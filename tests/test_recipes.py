@@ -130,7 +130,8 @@ def test_missing_reference_names_both_readings(hub_cache, reference, reason):
         assert "HF_HUB_OFFLINE is set" in message
 
 
-def test_missing_reference_from_the_command_line(hub_cache, tmp_path):
+def test_missing_reference_from_the_command_line(hub_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DISTILL_DEBUG", "1")  # the exception itself, not the CLI's one-line report
     with pytest.raises(FileNotFoundError, match="not a local file .* as a Hub reference .* did not resolve"):
         main(["train", "--config", "ns/recipes/kd/missing.yaml", "--output_dir", str(tmp_path / "x")])
 
