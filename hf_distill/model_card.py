@@ -8,6 +8,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .quantization import QAT_METADATA_KEY, describe_quantization
+
 
 TAGS = ["hf-distill", "distillation"]
 
@@ -118,6 +120,7 @@ def trainer_model_card(
         logged = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
         if logged:
             results = {"student (last evaluation)": {k: v for k, v in logged[-1].items() if k.startswith("eval_")}}
+    quantization = getattr(config, QAT_METADATA_KEY, None) if getattr(args, "student_quantization", None) else None
     return build_model_card(
         model_name=model_name or os.path.basename(os.path.normpath(args.output_dir)),
         teacher=teacher_name,
@@ -125,4 +128,5 @@ def trainer_model_card(
         losses=losses,
         results=results,
         dataset=dataset_name,
+        extra=describe_quantization(quantization),
     )
