@@ -37,11 +37,20 @@ def _ids(seed: int = 0) -> torch.Tensor:
 
 
 def _on_grid(weight: torch.Tensor, bits: int, group: int) -> bool:
-    """Whether every group of `weight` is `scale * q` with torchao's symmetric scale `amax / (2**bits - 1) * 2`."""
+    """Whether every group of `weight` is `s * q` with integers `q` in `[-2**(bits-1), 2**(bits-1) - 1]`.
+
+    torchao's symmetric scale is `s = amax / (2**bits - 1) * 2` of the latent weights, so after rounding the group's
+    largest magnitude is `2**(bits-1) * s` (a negative extreme) or `(2**(bits-1) - 1) * s` (a positive one).
+    """
     groups = weight.reshape(-1, group)
-    scale = groups.abs().amax(1, keepdim=True) / ((2**bits - 1) / 2)
-    q = groups / scale
-    return bool((q - q.round()).abs().max() < 1e-3 and q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1))
+    amax = groups.abs().amax(1, keepdim=True)
+    ok = torch.zeros(groups.shape[0], dtype=torch.bool)
+    for k in (2 ** (bits - 1), 2 ** (bits - 1) - 1):
+        q = groups / (amax / k)
+        integral = (q - q.round()).abs().amax(1) < 1e-3
+        in_range = (q.amin(1) >= -(2 ** (bits - 1)) - 1e-3) & (q.amax(1) <= 2 ** (bits - 1) - 1 + 1e-3)
+        ok |= integral & in_range
+    return bool(ok.all())
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [("student_quantization", "int3w", "int8da_int4w")])
