@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", default=None, help="e-SNLI folder (default: ../shared/data/esnli beside the repo).")
     p.add_argument("--train_rows", type=int, default=800, help="Training rows (the run sees steps x batch of them).")
     p.add_argument("--eval_rows", type=int, default=48, help="Held-out validation rows.")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_length", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=2e-4)

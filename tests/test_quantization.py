@@ -194,3 +194,20 @@ def test_trainer_trains_qat_student_saves_grid_weights_and_states_scheme(tmp_pat
 
     card = str(trainer_model_card(trainer))
     assert "student_quantization=int4w" in card and "group size 32" in card
+
+
+def test_trainer_with_lora_student_and_qat_gives_a_clear_error(tmp_path):
+    peft = pytest.importorskip("peft")
+    tok = make_tokenizer()
+    student = peft.get_peft_model(make_llama(2, 64), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="does not support a PEFT/LoRA student"):
+        DistillationTrainer(
+            model=student,
+            teacher_model=make_llama(4, 64, seed=1),
+            args=DistillationConfig(
+                output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, student_quantization="int4w"
+            ),
+            train_dataset=tokenized_texts(tok, ["one two three", "yes no"]),
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+            processing_class=tok,
+        )
