@@ -10,11 +10,11 @@ byte-level BPE tokenizer (tokens, token types, merges, special ids) and the chat
   GGUF blocks of 32 (one fp16 scale per block), anything else as in `f16`. In a `q4_0` file the output matrix (and the
   token embeddings when they are tied to it) is stored as q8_0: llama.cpp keeps that tensor at higher precision too
   (q6_K, which the `gguf` Python package cannot write).
-- The block scale is chosen per block among llama.cpp's rule (`d = signed max / -8`, `amax / 127`) and the scales
-  `amax / k` that put a block already on an integer grid exactly on it, keeping the candidate with the smaller squared
-  error. Weights of a QAT student (`student_quantization=int4w`, group size 32, saved on torchao's int4 grid) are
-  therefore stored without further rounding (up to the fp16 scale), and any other weights at least as accurately as
-  llama.cpp's own rule.
+- Block scales follow llama.cpp's rule (`d = signed max / -8` for q4_0, `amax / 127` for q8_0), except where a block
+  already lies on an integer grid (`amax / k` for an integer `k`, up to the fp16 scale): then that grid's scale is used
+  and the block is stored exactly. Weights of a QAT student (`student_quantization=int4w`, group size 32, saved on
+  torchao's int4 grid) therefore export to q4_0 without further rounding, and any other weights exactly as llama.cpp
+  would quantize them.
 """
 
 import json
@@ -33,6 +33,7 @@ GGUF_QUANTS = ("f16", "q8_0", "q4_0")
 BLOCK = 32
 # quant -> (qmin, qmax, grid divisors k tried as scale amax / k)
 _GRIDS = {"q4_0": (-8, 7, range(1, 9)), "q8_0": (-128, 127, range(96, 129))}
+_EXACT = 2e-3  # a grid scale is used when it reproduces every weight of the block to this fraction of its amax
 
 
 def _gguf():
@@ -52,7 +53,8 @@ def quantize_blocks(weights: np.ndarray, quant: str) -> np.ndarray:
 
     Returns:
         `np.ndarray` of uint8, shape `(R, C // 32 * bytes_per_block)` (18 for q4_0, 34 for q8_0), the layout of
-        `gguf.quants.quantize` (fp16 scale, then the packed integers).
+        `gguf.quants.quantize` (fp16 scale, then the packed integers). Values equal llama.cpp's quantization except
+        for blocks that lie exactly on an integer grid, which are kept exact.
     """
     if quant not in _GRIDS:
         raise ValueError(f"`quant` must be 'q4_0' or 'q8_0', got {quant!r}.")
@@ -68,19 +70,22 @@ def quantize_blocks(weights: np.ndarray, quant: str) -> np.ndarray:
     else:
         candidates = [amax / 127]
     candidates += [amax / k for k in divisors]
-    best_d = best_q = best_err = None
-    for d in candidates:
+    # llama.cpp's rule (as `gguf.quants`: integers from the fp32 scale, the scale stored in fp16), kept for every
+    # block unless a grid scale reproduces it exactly
+    with np.errstate(divide="ignore"):
+        inverse = np.where(candidates[0] == 0, 0, 1 / candidates[0])
+    if quant == "q4_0":
+        best_q = np.trunc(blocks * inverse + np.float32(8.5)).clip(0, 15) - 8
+    else:
+        scaled = blocks * inverse
+        best_q = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))
+    best_d = candidates[0].astype(np.float16).astype(np.float32)
+    for d in candidates[1:]:
         d16 = d.astype(np.float16).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(d16 == 0, 0, np.rint(blocks / np.where(d16 == 0, 1, d16))).clip(qmin, qmax)
-        err = ((q * d16 - blocks) ** 2).sum(axis=1, keepdims=True)
-        if best_err is None:
-            best_d, best_q, best_err = d16, q, err
-        else:
-            better = err < best_err
-            best_d = np.where(better, d16, best_d)
-            best_q = np.where(better, q, best_q)
-            best_err = np.minimum(err, best_err)
+        exact = np.abs(q * d16 - blocks).max(axis=1, keepdims=True) <= _EXACT * amax
+        best_d, best_q = np.where(exact, d16, best_d), np.where(exact, q, best_q)
     scale = best_d.astype(np.float16).view(np.uint8)  # (n_blocks, 2)
     if quant == "q4_0":
         nibbles = (best_q + 8).astype(np.uint8)
