@@ -150,9 +150,18 @@ def cases(p: dict[str, str]) -> list[tuple[str, list[str], str, str | None]]:
         ),
         (
             "teacher_cache folder missing",
-            [*train, "--dataset_name", p["data"], "--teacher_cache", "/no/cache"],
+            [
+                "train",
+                "--model_name_or_path",
+                p["student"],
+                *RUN,
+                "--dataset_name",
+                p["data"],
+                "--teacher_cache",
+                "/no/cache",
+            ],
             "error",
-            None,
+            "/no/cache",
         ),
         (
             "resume from a missing checkpoint",

@@ -13,6 +13,7 @@ from .losses import ATTENTION_LOSSES, HINT_LOSSES, LOGIT_LOSSES, RELATION_LOSSES
 from .losses.features import HINT_NORMALIZATIONS
 from .losses.relations import POOLINGS
 from .projectors import PROJECTOR_KINDS
+from .quantization import QUANT_SCHEMES, check_scheme
 
 
 @dataclass
@@ -93,6 +94,15 @@ class DistillationArguments:
         2023 use 0.5 / 0.5). Each view's loss is the usual `ce_weight * CE + kd_weight * T^2 * KD`.
     rationale_weight (`float`, defaults to `0.5`):
         Weight of the rationale-view loss (see `label_weight`).
+
+    > Parameters that control quantization-aware distillation (torchao QAT, `hf_distill.quantization`)
+
+    student_quantization (`str`, *optional*):
+        `int8da_int4w`, `int4w` or `int8w`: the student's Linear layers (all but the output head) are fake-quantized
+        with torchao during training, so the KD terms train it for that precision; `save_model` writes the rounded
+        weights. None (default): full precision.
+    student_quantization_group_size (`int`, defaults to `32`):
+        Weights per quantization group (32 matches GGUF's q4_0 / q8_0 blocks).
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -233,8 +243,22 @@ class DistillationArguments:
         metadata={"help": "Step-by-step (batches with a `task` tensor): weight of the rationale-view loss (>= 0)."},
     )
 
+    student_quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Quantization-aware distillation with torchao: fake-quantize the student's Linear layers "
+            "(int8da_int4w, int4w, int8w) while it learns from the full-precision teacher. None: off.",
+            "choices": list(QUANT_SCHEMES),
+        },
+    )
+    student_quantization_group_size: int = field(
+        default=32, metadata={"help": "Weights per quantization group of `student_quantization` (32 = GGUF block)."}
+    )
+
     def validate_distillation(self) -> None:
         """Check every distillation field; each error names the field, its value and what is allowed."""
+        if self.student_quantization is not None:
+            check_scheme(self.student_quantization, self.student_quantization_group_size)
         if self.kd_loss not in LOGIT_LOSSES:
             raise ValueError(f"`kd_loss` must be one of {list(LOGIT_LOSSES)}, got {self.kd_loss!r}.")
         if self.nonfinite_teacher not in ("error", "skip"):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 
+from .quantization import QAT_METADATA_KEY, describe_quantization
 from .recipes import recipe_from_config, snapshot_commit
 from .teacher import parse_init_kwargs
 
@@ -222,6 +223,7 @@ def trainer_model_card(
         logged = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
         if logged:
             results = {"student (last evaluation)": {k: v for k, v in logged[-1].items() if k.startswith("eval_")}}
+    quantization = getattr(config, QAT_METADATA_KEY, None) if getattr(args, "student_quantization", None) else None
     return build_model_card(
         model_name=model_name or os.path.basename(os.path.normpath(args.output_dir)),
         teacher=teacher_name,
@@ -232,4 +234,5 @@ def trainer_model_card(
         base_model=getattr(config, "_name_or_path", None),
         teacher_revision=", ".join(revisions) or None,
         recipe=recipe,
+        extra=describe_quantization(quantization),
     )

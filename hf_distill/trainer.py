@@ -41,6 +41,7 @@ from .model_card import trainer_model_card
 from .multi_teacher import multi_teacher_logit_terms, setup_teachers
 from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
 from .projectors import ProjectorGradReset, load_projectors, save_projectors
+from .quantization import fake_quantized_weights, prepare_qat_student
 from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_mixed_precision_mismatch, warn_once
 from .teacher import (
     check_same_tokenizer,
@@ -117,6 +118,9 @@ class DistillationMixin(TeacherSourcesMixin):
         self._skipped_batches = 0  # micro-batches dropped by nonfinite_teacher="skip"
         self._head = detect_head(self.model)
         self._loss_shifts_labels = self._head.shifts_labels  # how Trainer counts `num_items_in_batch`: as we do
+        if args.student_quantization is not None:  # torchao QAT: fake-quantized Linear layers (quantization.py)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            prepare_qat_student(unwrapped, args.student_quantization, args.student_quantization_group_size)
         if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
             self.data_collator.check_model(self.model)
         self.teacher, self._vocab_size, self._fused = None, None, False
@@ -227,6 +231,14 @@ class DistillationMixin(TeacherSourcesMixin):
         if projectors is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             save_projectors(projectors, folder)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As `Trainer.save_model`; a QAT student (`student_quantization`) is saved with its weights rounded onto the
+        int grid, except in checkpoints (`checkpoint-N`), which keep the latent fp32 weights for resuming."""
+        if self.args.student_quantization is None or (_internal_call and output_dir is not None):
+            return super().save_model(output_dir, _internal_call)
+        with fake_quantized_weights(self.accelerator.unwrap_model(self.model)):
+            return super().save_model(output_dir, _internal_call)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
