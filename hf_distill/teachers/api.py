@@ -271,7 +271,9 @@ class APITeacher:
             sampling["top_p"] = top_p
         if stop:
             sampling["stop"] = list(stop)
-        settings = {**self.identity, **sampling, "n": n, "seed": seed if temperature > 0 else None}
+        # what decides the responses (the URL may change between runs: a restarted server, another host)
+        settings = {"model": self.model, "endpoint": self.endpoint, **sampling, "n": n}
+        settings["seed"] = seed if temperature > 0 else None
         root = store.removesuffix(".jsonl")
         os.makedirs(os.path.dirname(os.path.abspath(store)), exist_ok=True)
         _check_settings(f"{root}.settings.json", settings)
