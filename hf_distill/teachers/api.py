@@ -315,7 +315,7 @@ class APITeacher:
                         except APITeacherError as err:
                             first_error = first_error or err
                             continue
-                        record = {"index": i, "sample": j, "key": keys[i], **result}
+                        record = {"index": i, "sample": j, "key": keys[i], **result, "time": round(time.time(), 3)}
                         out.write(json.dumps(record) + "\n")
                         out.flush()
                         os.fsync(out.fileno())  # persisted before any further request is sent
