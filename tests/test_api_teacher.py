@@ -14,6 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+
+pytest.importorskip("openai", reason="API teachers need the `openai` client (extra `api`)")
+pytest.importorskip("fastapi", reason="the loopback server is `transformers serve` (transformers[serving])")
+pytest.importorskip("uvicorn", reason="the loopback server is `transformers serve` (transformers[serving])")
 from conftest import CHAT_TEMPLATE, REPO, WORDS, make_llama
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -396,3 +401,91 @@ def test_bad_settings_are_refused(monkeypatch):
         APITeacher("http://127.0.0.1:1/v1", "m", api_key_env="MY_KEY")
     with pytest.raises(ValueError, match="teacher_api_model"):
         APITeacher("http://127.0.0.1:1/v1", "")
+
+
+class _Stub:
+    """A scripted OpenAI-compatible stub on 127.0.0.1 (for status codes a real server does not give on demand):
+    answers the scripted statuses in turn, then 200; a 401 body echoes the bearer key, as some providers do."""
+
+    def __init__(self, statuses: list[int], delay: float = 0.0):
+        import http.server
+        import threading
+
+        self.statuses, self.calls, self.delay = list(statuses), 0, delay
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                stub.calls += 1
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                time.sleep(stub.delay)
+                status = stub.statuses.pop(0) if stub.statuses else 200
+                if status == 200:
+                    body = {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "m",
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+                        ],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+                    }
+                else:
+                    body = {"error": {"message": f"Incorrect API key provided: {self.headers.get('authorization')}"}}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("statuses", [[429, 503], [500, 502, 504]])
+def test_retries_on_429_and_5xx_then_succeeds(tmp_path, statuses):
+    stub = _Stub(statuses)
+    try:
+        results, stats = APITeacher(stub.base, "m", max_retries=3).generate(
+            ["hi"], str(tmp_path / "r.jsonl"), show_progress=False
+        )
+    finally:
+        stub.close()
+    assert stub.calls == len(statuses) + 1 and results[0][0]["text"] == "ok" and stats["completion_tokens"] == 1
+
+
+def test_4xx_is_not_retried_and_never_shows_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DISTILL_API_KEY", SECRET)
+    stub = _Stub([401])
+    try:
+        with pytest.raises(APITeacherError, match="HTTP 401") as info:
+            APITeacher(stub.base, "m", max_retries=3).generate(["hi"], str(tmp_path / "r.jsonl"), show_progress=False)
+    finally:
+        stub.close()
+    assert stub.calls == 1 and stub.base in str(info.value) and "API key" in str(info.value)
+    assert SECRET not in str(info.value) and "***" in str(info.value)  # the echoed key is scrubbed
+
+
+def test_timeout_per_request_is_retried_then_reported(tmp_path):
+    stub = _Stub([], delay=1.5)
+    try:
+        with pytest.raises(APITeacherError, match="timed out") as info:
+            APITeacher(stub.base, "m", max_retries=1, timeout=0.3).generate(
+                ["hi"], str(tmp_path / "r.jsonl"), show_progress=False
+            )
+    finally:
+        stub.close()
+    assert stub.calls == 2 and "after 1 retries" in str(info.value)
