@@ -489,3 +489,18 @@ def test_timeout_per_request_is_retried_then_reported(tmp_path):
     finally:
         stub.close()
     assert stub.calls == 2 and "after 1 retries" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "module", ["hf_distill.cli.rationales:generate", "hf_distill.cli.quickstart", "hf_distill.cli.cache_teacher"]
+)
+def test_cli_flags_in_help(module, capsys):
+    import importlib
+
+    name, _, sub = module.partition(":")
+    argv = [sub, "--help"] if sub else ["--help"]
+    with pytest.raises(SystemExit):
+        importlib.import_module(name).run(argv)
+    text = capsys.readouterr().out
+    for flag in ("--teacher_api_base", "--teacher_api_model", "--teacher_api_endpoint", "--max_concurrency"):
+        assert flag in text
