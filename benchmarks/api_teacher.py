@@ -82,7 +82,7 @@ def main() -> None:
     serve = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve"]
     log = open(work / "serve.log", "ab")  # noqa: SIM115 - open for the server's lifetime
     server = subprocess.Popen(
-        ["nice", "-n", "10", *serve, "--host", "127.0.0.1", "--port", str(port), "--format", "quiet", str(model_dir)],
+        [*serve, "--host", "127.0.0.1", "--port", str(port), "--format", "quiet", str(model_dir)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -99,18 +99,14 @@ def main() -> None:
         cmd += ["--teacher_api_endpoint", "completions"]
         store = job / "api_responses.jsonl"
         started = time.time()
-        first = subprocess.Popen(
-            ["nice", "-n", "10", *cmd, "--max_concurrency", "1"], env=env, stdout=subprocess.DEVNULL
-        )
+        first = subprocess.Popen([*cmd, "--max_concurrency", "1"], env=env, stdout=subprocess.DEVNULL)
         while len(_records(store)) < opts.kill_after and first.poll() is None:
             time.sleep(0.2)
         first.send_signal(signal.SIGKILL)
         first.wait()
         phase1 = _records(store)
         print(f"killed after {len(phase1)} responses ({time.time() - started:.0f} s)", flush=True)
-        second = subprocess.run(
-            ["nice", "-n", "10", *cmd, "--max_concurrency", "4"], env=env, capture_output=True, text=True, check=False
-        )
+        second = subprocess.run([*cmd, "--max_concurrency", "4"], env=env, capture_output=True, text=True, check=False)
         if second.returncode != 0:
             raise SystemExit(second.stderr[-3000:])
     finally:
