@@ -254,6 +254,11 @@ def generate_rationales(
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     if isinstance(teacher, APITeacher):
+        if use_chat_template and teacher.endpoint != "chat":
+            raise ValueError(
+                "With an API teacher the endpoint decides the prompt form: use endpoint='chat' "
+                "(--teacher_api_endpoint chat) for a chat user turn."
+            )
         return _api_rationales(
             teacher,
             dataset,
