@@ -504,3 +504,18 @@ def test_cli_flags_in_help(module, capsys):
     text = capsys.readouterr().out
     for flag in ("--teacher_api_base", "--teacher_api_model", "--teacher_api_endpoint", "--max_concurrency"):
         assert flag in text
+
+
+def test_store_with_a_cut_line_resumes_cleanly(tmp_path):
+    stub = _Stub([])
+    store = tmp_path / "r.jsonl"
+    try:
+        teacher = APITeacher(stub.base, "m")
+        teacher.generate(["a", "b", "c"], str(store), show_progress=False)
+        lines = store.read_text().splitlines()
+        store.write_text(lines[0] + "\n" + lines[1][:25])  # killed while writing the second response
+        results, stats = teacher.generate(["a", "b", "c"], str(store), show_progress=False)
+    finally:
+        stub.close()
+    assert stats["reused"] == 1 and stats["requests"] == 2 and stub.calls == 5
+    assert sorted(r["index"] for r in _lines(store)) == [0, 1, 2] and len(results) == 3

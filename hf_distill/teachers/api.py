@@ -283,6 +283,7 @@ class APITeacher:
         reused = len(done)
         if done:
             logger.info("Resuming: %d of %d responses already in %s.", reused, len(prompts) * n, store)
+        _end_with_newline(store)  # a line cut short by a kill must not swallow the next record
         client = self._client() if todo else None
         started = time.time()
         made = prompt_tokens = completion_tokens = 0
@@ -410,6 +411,14 @@ def _read_store(path: str, keys: list[str], n: int) -> dict[tuple[int, int], dic
                 )
             done.setdefault(unit, record)
     return done
+
+
+def _end_with_newline(path: str) -> None:
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def _append_run(path: str, stats: dict[str, Any]) -> None:
