@@ -519,3 +519,16 @@ def test_store_with_a_cut_line_resumes_cleanly(tmp_path):
         stub.close()
     assert stats["reused"] == 1 and stats["requests"] == 2 and stub.calls == 5
     assert sorted(r["index"] for r in _lines(store)) == [0, 1, 2] and len(results) == 3
+
+
+def test_quickstart_samples_the_transfer_set_from_the_api_teacher(server, tiny_folder, tmp_path):
+    from hf_distill.cli.main import main
+
+    out = tmp_path / "qs"
+    main(
+        ["quickstart", "--teacher", tiny_folder, "--output_dir", str(out), "--num_layers", "1", "--num_samples", "8"]
+        + ["--max_new_tokens", "6", "--steps", "1", "--batch_size", "4", "--teacher_api_base", server.base]
+    )
+    stores = list((out / "transfer_set").rglob("api_responses.jsonl"))
+    assert len(stores) == 1 and len(_lines(stores[0])) == 8  # every sample came from the server
+    assert json.loads((out / "results.json").read_text())["results"]["kd_student"]["tokens"] > 0
