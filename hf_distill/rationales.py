@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .collators import RationaleCollator
+from .jobs import check_or_record_settings
 from .rationale_templates import (
     ESNLI_TEMPLATE,
     SVAMP_TEMPLATE,
@@ -181,22 +182,6 @@ def _key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _check_meta(output_dir: str, meta: dict[str, Any]) -> None:
-    path = os.path.join(output_dir, META_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        differ = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        if differ:
-            raise ValueError(
-                f"{output_dir} holds rationales generated with other settings ({differ}, as (before, now)); use a "
-                "new output_dir, or pass the same settings to resume."
-            )
-    else:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-
-
 def generate_rationales(
     teacher: PreTrainedModel | str | APITeacher,
     tokenizer: PreTrainedTokenizerBase | None,
@@ -296,7 +281,7 @@ def generate_rationales(
         seed=seed if do_sample else None,
         use_chat_template=use_chat_template,
     )
-    _check_meta(output_dir, settings)
+    check_or_record_settings(os.path.join(output_dir, META_FILE), settings, "rationales")
 
     def prompt_text(row: Mapping[str, Any]) -> str:
         text = template.prompt(row)
@@ -374,7 +359,8 @@ def _api_rationales(
 ) -> Dataset:
     """`generate_rationales` with a served teacher: one request per (row, sample), resumable, then parse and pick."""
     os.makedirs(output_dir, exist_ok=True)
-    _check_meta(output_dir, dict(template=template.name, teacher=f"api:{teacher.model}", rows=len(dataset)))
+    meta = dict(template=template.name, teacher=f"api:{teacher.model}", rows=len(dataset))
+    check_or_record_settings(os.path.join(output_dir, META_FILE), meta, "rationales")
     prompts = [template.prompt(dataset[i]) for i in range(len(dataset))]
     results, _ = teacher.generate(
         prompts,

@@ -363,7 +363,7 @@ def test_n_samples_and_settings_check(server, tiny_folder, tmp_path):
         PROMPTS[:2], store, n=3, temperature=1.0, max_new_tokens=6, seed=5, show_progress=False
     )
     assert stats["requests"] == 0 and again == results
-    with pytest.raises(ValueError, match="other API-teacher settings"):
+    with pytest.raises(ValueError, match="API-teacher responses made with other settings"):
         teacher.generate(PROMPTS[:2], store, n=2, temperature=1.0, max_new_tokens=6, seed=5, show_progress=False)
     with pytest.raises(ValueError, match="answers another prompt"):
         teacher.generate(PROMPTS[1:3], store, n=3, temperature=1.0, max_new_tokens=6, seed=5, show_progress=False)

@@ -26,6 +26,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..jobs import check_or_record_settings
+
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +278,7 @@ class APITeacher:
         settings["seed"] = seed if temperature > 0 else None
         root = store.removesuffix(".jsonl")
         os.makedirs(os.path.dirname(os.path.abspath(store)), exist_ok=True)
-        _check_settings(f"{root}.settings.json", settings)
+        check_or_record_settings(f"{root}.settings.json", settings, "API-teacher responses")
         keys = [_prompt_key(p) for p in prompts]
         done = _read_store(store, keys, n)
         todo = [(i, j) for i in range(len(prompts)) for j in range(n) if (i, j) not in done]
@@ -369,23 +371,6 @@ class APITeacher:
 
 def _prompt_key(prompt: Prompt) -> str:
     return hashlib.sha1(json.dumps(prompt, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-
-
-def _check_settings(path: str, settings: dict[str, Any]) -> None:
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        differ = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if differ:
-            raise ValueError(
-                f"{path} records other API-teacher settings ({differ}, as (before, now)); pass the same settings to "
-                "resume, or use a new output folder."
-            )
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _read_store(path: str, keys: list[str], n: int) -> dict[tuple[int, int], dict[str, Any]]:
