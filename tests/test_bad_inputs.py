@@ -163,38 +163,43 @@ def test_broken_jsonl_names_the_file_and_line(tmp_path, content, message):
     assert str(path) in str(info.value) and info.value.__cause__ is None  # one message, no chained traceback
 
 
-def test_broken_jsonl_through_the_cli_is_one_line(tmp_path, capsys):
+def train_cli_error(tmp_path, capsys, teacher_folder, data: str | None = None, **models) -> str:
+    """`hf-distill train` in-process on a tiny student (and the `models` saved beside it) with the teacher folder
+    `teacher_folder`; expects the CLI's exit 1 and returns what it printed on stderr."""
     tok = make_tokenizer()
-    for name, model in {"teacher": make_llama(4, 64, seed=1), "student": make_llama(2, 32)}.items():
+    for name, model in {"student": make_llama(2, 32), **models}.items():
         model.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
-    (tmp_path / "data.jsonl").write_text('{"text": "the cat"}\n{"text": oops}\n')
+    rows = "\n".join(json.dumps({"text": t}) for t in TEXTS)
+    (tmp_path / "data.jsonl").write_text(rows if data is None else data)
     argv = [
         "--model_name_or_path",
         str(tmp_path / "student"),
         "--teacher_model_name_or_path",
-        str(tmp_path / "teacher"),
+        str(tmp_path / teacher_folder),
     ]
     with pytest.raises(SystemExit) as exit_info:
         main(train_argv(tmp_path / "out", *argv, "--dataset_name", str(tmp_path / "data.jsonl")))
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert exit_info.value.code == 1
+    return capsys.readouterr().err
+
+
+def test_broken_jsonl_through_the_cli_is_one_line(tmp_path, capsys):
+    data = '{"text": "the cat"}\n{"text": oops}\n'
+    err = train_cli_error(tmp_path, capsys, "teacher", data=data, teacher=make_llama(4, 64, seed=1))
+    assert "Traceback" not in err
     assert f"{tmp_path / 'data.jsonl'}, line 2: not valid JSON" in err and "--debug" in err
 
 
 def test_t5_teacher_folder_with_a_causal_student_on_the_cli(tmp_path, capsys):
-    tok = make_tokenizer()
-    make_t5().save_pretrained(tmp_path / "t5")
-    make_llama(2, 32).save_pretrained(tmp_path / "student")
-    tok.save_pretrained(tmp_path / "student")
-    tok.save_pretrained(tmp_path / "t5")
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
-    argv = ["--model_name_or_path", str(tmp_path / "student"), "--teacher_model_name_or_path", str(tmp_path / "t5")]
-    with pytest.raises(SystemExit):
-        main(train_argv(tmp_path / "out", *argv, "--dataset_name", str(tmp_path / "data.jsonl")))
-    err = capsys.readouterr().err
+    err = train_cli_error(tmp_path, capsys, "t5", t5=make_t5())
     assert "holds a t5 model (T5Config" in err and "AutoModelForCausalLM cannot load" in err
     assert "Traceback" not in err and "Unrecognized configuration class" not in err
+
+
+def test_missing_teacher_folder_on_the_cli(tmp_path, capsys):
+    err = train_cli_error(tmp_path, capsys, "no")
+    assert f"No model at {tmp_path / 'no'}: that folder does not exist" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -221,15 +226,3 @@ def test_cli_config_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     assert "`temperature` must be > 0, got -1.0" in plain.stderr and "--help" in plain.stderr
     debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "`temperature` must be > 0" in debug.stderr
-
-
-def test_missing_teacher_folder_on_the_cli(tmp_path, capsys):
-    tok = make_tokenizer()
-    make_llama(2, 32).save_pretrained(tmp_path / "student")
-    tok.save_pretrained(tmp_path / "student")
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
-    argv = ["--model_name_or_path", str(tmp_path / "student"), "--teacher_model_name_or_path", str(tmp_path / "no")]
-    with pytest.raises(SystemExit):
-        main(train_argv(tmp_path / "out", *argv, "--dataset_name", str(tmp_path / "data.jsonl")))
-    err = capsys.readouterr().err
-    assert f"No model at {tmp_path / 'no'}: that folder does not exist" in err and "Traceback" not in err
