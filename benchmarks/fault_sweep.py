@@ -262,7 +262,8 @@ def main() -> None:
             proc = run_cli(argv, root)
             outcome = classify(proc, expected, needle, out)
             lines = proc.stderr.strip().splitlines() or [""]
-            last = next((line for line in lines if "error:" in line), lines[-1])[:160]  # the message itself
+            line = next((line for line in lines if "hf-distill " in line and "error:" in line), lines[-1])
+            last = line[line.find("hf-distill ") if "error:" in line else 0 :][:160]  # the message itself
             result = {"case": name, "expected": expected, "outcome": outcome, "exit": proc.returncode}
             results.append({**result, "last_line": last})
             print(f"{name:<40} {outcome:<36} {last[:90]}", flush=True)
