@@ -42,6 +42,7 @@ from .multi_teacher import multi_teacher_logit_terms, setup_teachers
 from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
 from .projectors import load_projectors, save_projectors
 from .sanity import check_first_step_kd, warn_mixed_precision_mismatch
+from .taid import TaidCallback
 from .teacher import check_same_tokenizer, load_model, load_tokenizer, prepare_teacher
 from .teacher_sources import TeacherSourcesMixin
 
@@ -106,6 +107,8 @@ class DistillationMixin(TeacherSourcesMixin):
         elif teacher_model is not None:
             self._setup_teacher(teacher_model, teacher_processing_class)
         self._setup_teacher_sources()
+        if args.kd_loss == "taid":  # TAID's t is training state: moved, logged and checkpointed by this callback
+            self.add_callback(TaidCallback.from_args(args))
         if self.teacher is not None and args.uses_features:
             self._setup_hints()
         if hasattr(self.model, "add_model_tags"):
@@ -356,6 +359,10 @@ class DistillationMixin(TeacherSourcesMixin):
             loss = multitask_loss(self, sums, weights, n_tokens, inputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
         total = sum(weights[k] * v for k, v in sums.items())
+        taid = self._taid_callback()
+        if taid is not None and model.training and "kd" in sums:  # the step's KD loss over all micro-batches / ranks
+            pair = torch.stack([sums["kd"].detach().double(), torch.as_tensor(n_tokens, dtype=torch.float64)])
+            taid.observe(self.accelerator.gather(pair.to(self.accelerator.device).unsqueeze(0)).sum(0))
         for name, value in sums.items():
             self._record_sum(f"{name}_loss", value.detach(), n_tokens)
         self._record_sum("total_loss", total.detach(), n_tokens)
@@ -371,6 +378,13 @@ class DistillationMixin(TeacherSourcesMixin):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         add_window_task_counts(batch_samples, self._head, self.args, self.accelerator)  # per-task GA normalisation
         return batch_samples, num_items_in_batch
+
+    def _taid_callback(self) -> TaidCallback | None:
+        """The TAID callback (looked up each time: resuming with `restore_callback_states_from_checkpoint` replaces
+        it by a new instance)."""
+        if self.args.kd_loss != "taid":
+            return None
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, TaidCallback)), None)
 
     # ----------------------------------------------------------------------------------------------- metrics
     def _record_sum(self, name: str, value: torch.Tensor, count: torch.Tensor | int) -> None:
@@ -399,6 +413,8 @@ class DistillationMixin(TeacherSourcesMixin):
         metrics = self._averaged_metrics(mode)
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        elif self._taid_callback() is not None:
+            metrics["taid_t"] = self._taid_callback().t
         logs.update(metrics)
         super().log(logs, *args, **kwargs)
 
