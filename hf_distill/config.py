@@ -129,9 +129,7 @@ class DistillationArguments:
     taid_alpha: float = field(
         default=5e-4, metadata={"help": "TAID: step size of the adaptive t update, in [0, 1] (0: linear schedule)."}
     )
-    taid_beta: float = field(
-        default=0.99, metadata={"help": "TAID: momentum of the relative loss change, in [0, 1)."}
-    )
+    taid_beta: float = field(default=0.99, metadata={"help": "TAID: momentum of the relative loss change, in [0, 1)."})
     taid_adaptive: bool = field(
         default=True, metadata={"help": "TAID: adaptive t update (False: linear schedule from t_start to t_end)."}
     )

@@ -163,6 +163,8 @@ def _by_autograd(name: str) -> Callable:
     return divergence
 
 
+# Divergences whose chunk gradient comes from autograd (new blocks per chunk) rather than a closed form.
+BY_AUTOGRAD = ("ab_divergence", "akl")
 _DIVERGENCES: dict[str, Callable] = {
     "forward_kl": _forward_kl,
     "reverse_kl": _reverse_kl,

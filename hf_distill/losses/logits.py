@@ -148,7 +148,7 @@ def taid(
 
     Args:
         taid_t (`float`): the interpolation t in [0, 1], training state that the trainer moves from `taid_t_start`
-            to `taid_t_end` (`hf_distill.taid.TaidSchedule`).
+            to `taid_t_end` (`hf_distill.taid.TaidCallback`).
     """
     if taid_t is None or not 0.0 <= taid_t <= 1.0:
         raise ValueError(
