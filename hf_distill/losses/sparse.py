@@ -29,7 +29,8 @@ Divergence: any divergence of `hf_distill.losses.logits` applied to the two (k +
     jsd        = beta KL(q || m) + (1 - beta) KL(s || m),  m = beta q + (1 - beta) s   (GKD convention)
 
 and likewise skew_forward_kl, skew_reverse_kl, tvd, taid (the target interpolates the two bucket distributions),
-ab_divergence and akl (its head/tail split runs over the buckets sorted by q, the tail bucket counted as one). When k = V the tail is empty (rho = -inf, the bucket is dropped)
+ab_divergence and akl (its head/tail split runs over the buckets sorted by q, the tail bucket counted as one).
+When k = V the tail is empty (rho = -inf, the bucket is dropped)
 and every value and gradient equals the dense loss of `logit_divergence` on the full logits. When k < V the bucketed
 forward KL is a lower bound of the dense forward KL against the same teacher (data-processing inequality).
 """

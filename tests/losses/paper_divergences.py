@@ -45,7 +45,8 @@ def ab_reference(s_logits, t_logits, temperature=1.0, ab_alpha=0.7, ab_beta=0.4)
 
 def akl_reference(s_logits, t_logits, temperature=1.0, akl_mu=0.5):
     """Wu et al. 2025: head = teacher-sorted tokens before the cumulative teacher mass exceeds mu (top token always),
-    g_head / g_tail = sum |p - q| over each part, AKL = g_head / g * FKL + g_tail / g * RKL, weights without gradient."""
+    g_head / g_tail = sum |p - q| over each part, AKL = g_head / g * FKL + g_tail / g * RKL, weights without
+    gradient."""
     p, q = _softmax(t_logits, temperature), _softmax(s_logits, temperature)
     flat_p, flat_q = p.reshape(-1, p.shape[-1]).detach(), q.reshape(-1, q.shape[-1]).detach()
     weights = []

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from paper_divergences import NEW_HYPER, STOP_GRADIENT, new_reference
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hf_distill.losses import LOGIT_LOSSES, fused_logit_distillation_loss, logit_distillation_loss
@@ -164,7 +164,8 @@ def test_all_false_mask_gives_zero_loss_and_zero_grads(loss_type):
     assert kd.item() == 0.0 and ce.item() == 0.0
     for g in student_grads(kd + ce, inputs):
         assert torch.isfinite(g).all() and (g == 0).all()
-    assert materialised(*inputs, loss_type=loss_type, mask=torch.zeros(2, 5, dtype=torch.bool), **NEW_HYPER).item() == 0.0
+    nothing = torch.zeros(2, 5, dtype=torch.bool)
+    assert materialised(*inputs, loss_type=loss_type, mask=nothing, **NEW_HYPER).item() == 0.0
 
 
 def test_padded_vocab_is_sliced_to_the_shared_vocabulary():

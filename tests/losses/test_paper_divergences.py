@@ -5,7 +5,7 @@ import pytest
 import torch
 from paper_divergences import NEW_HYPER, akl_reference, new_reference, taid_reference
 
-from hf_distill.losses import fused_logit_distillation_loss, logit_divergence, logit_distillation_loss
+from hf_distill.losses import fused_logit_distillation_loss, logit_distillation_loss, logit_divergence
 from hf_distill.losses.logits import akl_head_weight
 from hf_distill.losses.sparse import sparse_logit_divergence
 
