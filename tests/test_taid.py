@@ -118,3 +118,23 @@ def test_two_processes_move_t_like_one(tmp_path):
     assert [e["taid_t"] for e in two] == pytest.approx([e["taid_t"] for e in one], abs=1e-7)
     assert one[-1]["taid_t"] > one[0]["taid_t"]
     assert [e["kd_loss"] for e in two] == pytest.approx([e["kd_loss"] for e in one], abs=1e-5)
+
+
+def test_sft_trainer_moves_and_logs_t(tmp_path, tokenizer):
+    """DistillationSFTTrainer (prompt / completion rows, as the quickstart) runs TAID the same way."""
+    from conftest import distill_sft_config
+    from datasets import Dataset
+
+    from hf_distill import DistillationSFTTrainer
+
+    ds = Dataset.from_dict({"prompt": ["the cat sat on", "one plus two equals"], "completion": [" the mat", " three"]})
+    trainer = DistillationSFTTrainer(
+        model=make_llama(2, 32),
+        teacher_model=make_llama(4, 64, seed=1),
+        args=distill_sft_config(tmp_path, max_length=32, max_steps=3, kd_loss="taid", taid_adaptive=False),
+        train_dataset=ds,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = [e["taid_t"] for e in trainer.state.log_history if "kd_loss" in e]
+    assert logged == pytest.approx([0.4, 0.4 + 0.6 / 3, 0.4 + 1.2 / 3])  # linear schedule, updated from step 2 on
