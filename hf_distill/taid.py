@@ -85,8 +85,10 @@ class TaidCallback(TrainerCallback, ExportableState):
         pair = kd_sum_and_count.detach().to(torch.float64)
         self._window = pair if self._window is None else self._window + pair
 
-    def _publish(self, args: Any) -> None:
+    def publish(self, args: Any) -> "TaidCallback":
+        """Hands the current t to the loss (through `args`, which `divergence_kwargs` reads); returns self."""
         setattr(args, TAID_T_ATTRIBUTE, self.t)
+        return self
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
@@ -94,14 +96,14 @@ class TaidCallback(TrainerCallback, ExportableState):
             for name, value in saved["attributes"].items():
                 setattr(self, name, value)
         self._window = None
-        self._publish(args)
+        self.publish(args)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._window is not None and self._window[1] > 0:
             kd_sum, count = self._window.tolist()
             self.update(kd_sum / count, state.global_step - 1, state.max_steps)
         self._window = None
-        self._publish(args)
+        self.publish(args)
 
     def state(self) -> dict:
         return {

@@ -108,7 +108,7 @@ class DistillationMixin(TeacherSourcesMixin):
             self._setup_teacher(teacher_model, teacher_processing_class)
         self._setup_teacher_sources()
         if args.kd_loss == "taid":  # TAID's t is training state: moved, logged and checkpointed by this callback
-            self.add_callback(TaidCallback.from_args(args))
+            self.add_callback(TaidCallback.from_args(args).publish(args))
         if self.teacher is not None and args.uses_features:
             self._setup_hints()
         if hasattr(self.model, "add_model_tags"):
@@ -355,14 +355,11 @@ class DistillationMixin(TeacherSourcesMixin):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sums, weights, n_tokens, outputs = self._loss_terms(model, inputs)
+        self._observe_taid(model, sums, n_tokens)
         if "task" in inputs:  # label_weight * L_label + rationale_weight * L_rationale, per-task token means
             loss = multitask_loss(self, sums, weights, n_tokens, inputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
         total = sum(weights[k] * v for k, v in sums.items())
-        taid = self._taid_callback()
-        if taid is not None and model.training and "kd" in sums:  # the step's KD loss over all micro-batches / ranks
-            pair = torch.stack([sums["kd"].detach().double(), torch.as_tensor(n_tokens, dtype=torch.float64)])
-            taid.observe(self.accelerator.gather(pair.to(self.accelerator.device).unsqueeze(0)).sum(0))
         for name, value in sums.items():
             self._record_sum(f"{name}_loss", value.detach(), n_tokens)
         self._record_sum("total_loss", total.detach(), n_tokens)
@@ -378,6 +375,16 @@ class DistillationMixin(TeacherSourcesMixin):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         add_window_task_counts(batch_samples, self._head, self.args, self.accelerator)  # per-task GA normalisation
         return batch_samples, num_items_in_batch
+
+    def _observe_taid(self, model: nn.Module, sums: dict, n_tokens: torch.Tensor) -> None:
+        """Adds this micro-batch's KD sum and token count, summed over processes, to TAID's optimizer-step loss."""
+        taid = self._taid_callback()
+        kd_keys = [k for k in sums if k == "kd" or k.endswith("_kd")]  # `label_kd` / `rationale_kd` for step-by-step
+        if taid is None or not model.training or not kd_keys:
+            return
+        kd = sum(sums[k] for k in kd_keys).detach().double()
+        pair = torch.stack([kd, torch.as_tensor(n_tokens, dtype=torch.float64, device=kd.device)])
+        taid.observe(self.accelerator.gather(pair.to(self.accelerator.device).unsqueeze(0)).sum(0))
 
     def _taid_callback(self) -> TaidCallback | None:
         """The TAID callback (looked up each time: resuming with `restore_callback_states_from_checkpoint` replaces
