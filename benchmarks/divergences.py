@@ -13,8 +13,9 @@ defaults (taid t 0.4 -> 1.0 with the adaptive update, ab_alpha 0.8 / ab_beta 0.3
 Defaults (sized for ~35 min of CPU, fp32, one intra-op thread: the shared 2-core machine is oversubscribed, where
 more threads only spin): 96 transfer samples (48 new tokens, 25% of prompts held out), 12 steps of 8 sequences
 (<= 128 tokens), seeds 0, 1 and 2 (the seed changes the data order; the student's initial weights are the teacher's
-layers either way), so 18 runs (measured: 26 min of CPU, ~80 s per run). Every run writes `<out>/runs/<kd_loss>_seed<seed>.json` and is
-skipped when that file exists, so an interrupted benchmark resumes where it stopped.
+layers either way), so 18 runs (measured: 26 min of CPU, ~80 s per run). Every run writes
+`<out>/runs/<kd_loss>_seed<seed>.json` and is skipped when that file exists, so an interrupted benchmark resumes where
+it stopped.
 
     nice -n 10 python benchmarks/divergences.py --out runs/bench/divergences
     python benchmarks/divergences.py --smoke --out /tmp/div_smoke     # pipeline check, 2 steps
