@@ -33,13 +33,23 @@ class DistillationArguments:
 
     kd_loss (`str`, defaults to `"forward_kl"`):
         Divergence between teacher and student token distributions: forward_kl, reverse_kl, jsd, skew_forward_kl,
-        skew_reverse_kl or tvd (named so because `trl.SFTConfig` already owns `loss_type`).
+        skew_reverse_kl, tvd, taid, ab_divergence or akl (named so because `trl.SFTConfig` already owns `loss_type`;
+        see docs/divergences.md).
     temperature (`float`, defaults to `1.0`):
         Softmax temperature of the KD loss; the KD term is multiplied by `temperature**2` (Hinton et al.).
     beta (`float`, defaults to `0.5`):
         Interpolation of the generalized JSD: 0 = forward KL, 1 = reverse KL (TRL's GKD convention).
     skew_alpha (`float`, defaults to `0.1`):
         Mixing weight of skew KL / skew reverse KL (DistiLLM).
+    taid_t_start (`float`, defaults to `0.4`), taid_t_end (`float`, defaults to `1.0`):
+        TAID: the interpolation t starts at `taid_t_start` and never passes `taid_t_end` (t = 1 is forward KL).
+    taid_alpha (`float`, defaults to `5e-4`), taid_beta (`float`, defaults to `0.99`):
+        TAID's adaptive update after each optimizer step: step size alpha and momentum beta of the relative loss
+        change; t moves by at least the linear schedule from t_start to t_end over `max_steps`.
+    taid_adaptive (`bool`, defaults to `True`): False follows the linear schedule only.
+    ab_alpha (`float`, defaults to `0.8`), ab_beta (`float`, defaults to `0.3`):
+        ABKD's alpha-beta divergence; (1, 0) is forward KL, (0, 1) reverse KL.
+    akl_mu (`float`, defaults to `0.5`): AKL's head threshold (teacher cumulative probability).
     kd_weight (`float`, defaults to `0.5`):
         Weight of the KD term.
     ce_weight (`float`, defaults to `0.5`):
@@ -127,6 +137,20 @@ class DistillationArguments:
         default=0.5, metadata={"help": "Generalized JSD interpolation in [0, 1]: 0 forward KL, 1 reverse KL."}
     )
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL mixing weight in [0, 1) (DistiLLM)."})
+    taid_t_start: float = field(default=0.4, metadata={"help": "TAID: initial interpolation t in [0, 1)."})
+    taid_t_end: float = field(default=1.0, metadata={"help": "TAID: final (largest) t in (taid_t_start, 1]."})
+    taid_alpha: float = field(
+        default=5e-4, metadata={"help": "TAID: step size of the adaptive t update, in [0, 1] (0: linear schedule)."}
+    )
+    taid_beta: float = field(default=0.99, metadata={"help": "TAID: momentum of the relative loss change, in [0, 1)."})
+    taid_adaptive: bool = field(
+        default=True, metadata={"help": "TAID: adaptive t update (False: linear schedule from t_start to t_end)."}
+    )
+    ab_alpha: float = field(default=0.8, metadata={"help": "ABKD alpha >= 0 ((1, 0) = forward KL)."})
+    ab_beta: float = field(default=0.3, metadata={"help": "ABKD beta >= 0 ((0, 1) = reverse KL)."})
+    akl_mu: float = field(
+        default=0.5, metadata={"help": "AKL head threshold in (0, 1]: teacher cumulative mass of the head."}
+    )
     kd_weight: float = field(default=0.5, metadata={"help": "Weight of the KD term (>= 0)."})
     ce_weight: float = field(default=0.5, metadata={"help": "Weight of the hard-label cross-entropy term (>= 0)."})
     use_fused_kd_loss: bool = field(
@@ -255,6 +279,27 @@ class DistillationArguments:
         default=32, metadata={"help": "Weights per quantization group of `student_quantization` (32 = GGUF block)."}
     )
 
+    def validate_divergence_fields(self) -> None:
+        """Checks of the TAID, ABKD and AKL fields; each error names the field and what it allows."""
+        if not 0.0 <= self.taid_t_start < 1.0:
+            raise ValueError(f"`taid_t_start` must be in [0, 1) (TAID's initial t), got {self.taid_t_start}.")
+        if not self.taid_t_start < self.taid_t_end <= 1.0:
+            raise ValueError(
+                f"`taid_t_end` must be in (taid_t_start, 1] = ({self.taid_t_start}, 1], got {self.taid_t_end}."
+            )
+        if not 0.0 <= self.taid_alpha <= 1.0:
+            raise ValueError(f"`taid_alpha` must be in [0, 1] (TAID's adaptive step size), got {self.taid_alpha}.")
+        if not 0.0 <= self.taid_beta < 1.0:
+            raise ValueError(f"`taid_beta` must be in [0, 1) (TAID's momentum), got {self.taid_beta}.")
+        for name in ("ab_alpha", "ab_beta"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(
+                    f"`{name}` must be >= 0 (ABKD; (ab_alpha, ab_beta) = (1, 0) is forward KL, (0, 1) reverse KL), "
+                    f"got {getattr(self, name)}."
+                )
+        if not 0.0 < self.akl_mu <= 1.0:
+            raise ValueError(f"`akl_mu` must be in (0, 1] (AKL's head threshold), got {self.akl_mu}.")
+
     def validate_distillation(self) -> None:
         """Check every distillation field; each error names the field, its value and what is allowed."""
         if self.student_quantization is not None:
@@ -269,6 +314,7 @@ class DistillationArguments:
             raise ValueError(f"`beta` must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.beta}.")
         if not 0.0 <= self.skew_alpha < 1.0:
             raise ValueError(f"`skew_alpha` must be in [0, 1), got {self.skew_alpha}.")
+        self.validate_divergence_fields()
         for name in ("kd_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")

@@ -38,6 +38,7 @@ from transformers import (
 from transformers.models.auto import modeling_auto
 
 from .losses import logit_divergence
+from .taid import current_taid_t
 from .teacher import shared_vocab_size
 
 
@@ -238,13 +239,18 @@ def hard_loss(student: torch.Tensor, labels: torch.Tensor, head: Head) -> torch.
 
 
 def divergence_kwargs(args: Any) -> dict[str, Any]:
-    """`loss_type` / `temperature` / `beta` / `skew_alpha` from a `DistillationConfig`-like `args`, as the logit
-    divergence functions (dense, sparse, fused) take them."""
+    """`loss_type` / `temperature` / `beta` / `skew_alpha` / `taid_t` / `ab_alpha` / `ab_beta` / `akl_mu` from a
+    `DistillationConfig`-like `args`, as the logit divergence functions (dense, sparse, fused) take them. TAID's `t` is
+    training state, not a field: the trainer's `TaidCallback` keeps it current (`hf_distill.taid.current_taid_t`)."""
     return {
         "loss_type": args.kd_loss,
         "temperature": args.temperature,
         "beta": args.beta,
         "skew_alpha": args.skew_alpha,
+        "taid_t": current_taid_t(args),
+        "ab_alpha": getattr(args, "ab_alpha", 0.8),
+        "ab_beta": getattr(args, "ab_beta", 0.3),
+        "akl_mu": getattr(args, "akl_mu", 0.5),
     }
 
 

@@ -43,6 +43,7 @@ from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, 
 from .projectors import ProjectorGradReset, load_projectors, save_projectors
 from .quantization import fake_quantized_weights, prepare_qat_student
 from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_mixed_precision_mismatch, warn_once
+from .taid import TaidCallback
 from .teacher import (
     check_same_tokenizer,
     check_tokenizer_of_model,
@@ -132,6 +133,8 @@ class DistillationMixin(TeacherSourcesMixin):
         elif teacher_model is not None:
             self._setup_teacher(teacher_model, teacher_processing_class)
         self._setup_teacher_sources()
+        if args.kd_loss == "taid":  # TAID's t is training state: moved, logged and checkpointed by this callback
+            self.add_callback(TaidCallback.from_args(args).publish(args))
         if self.teacher is not None and args.uses_features:
             self._setup_hints()
         if hasattr(self.model, "add_model_tags"):
@@ -452,6 +455,7 @@ class DistillationMixin(TeacherSourcesMixin):
             outputs = skip.outputs
             loss = 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
             return (loss, outputs) if return_outputs else loss
+        self._observe_taid(model, sums, n_tokens)
         if "task" in inputs:  # label_weight * L_label + rationale_weight * L_rationale, per-task token means
             loss = multitask_loss(self, sums, weights, n_tokens, inputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
@@ -471,6 +475,23 @@ class DistillationMixin(TeacherSourcesMixin):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         add_window_task_counts(batch_samples, self._head, self.args, self.accelerator)  # per-task GA normalisation
         return batch_samples, num_items_in_batch
+
+    def _observe_taid(self, model: nn.Module, sums: dict, n_tokens: torch.Tensor) -> None:
+        """Adds this micro-batch's KD sum and token count, summed over processes, to TAID's optimizer-step loss."""
+        taid = self._taid_callback()
+        kd_keys = [k for k in sums if k == "kd" or k.endswith("_kd")]  # `label_kd` / `rationale_kd` for step-by-step
+        if taid is None or not model.training or not kd_keys:
+            return
+        kd = sum(sums[k] for k in kd_keys).detach().double()
+        pair = torch.stack([kd, torch.as_tensor(n_tokens, dtype=torch.float64, device=kd.device)])
+        taid.observe(self.accelerator.gather(pair.to(self.accelerator.device).unsqueeze(0)).sum(0))
+
+    def _taid_callback(self) -> TaidCallback | None:
+        """The TAID callback (looked up each time: resuming with `restore_callback_states_from_checkpoint` replaces
+        it by a new instance)."""
+        if self.args.kd_loss != "taid":
+            return None
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, TaidCallback)), None)
 
     # ----------------------------------------------------------------------------------------------- metrics
     def _record_sum(self, name: str, value: torch.Tensor, count: torch.Tensor | int) -> None:
@@ -499,6 +520,8 @@ class DistillationMixin(TeacherSourcesMixin):
         metrics = self._averaged_metrics(mode)
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        elif self._taid_callback() is not None:
+            metrics["taid_t"] = self._taid_callback().t
         logs.update(metrics)
         super().log(logs, *args, **kwargs)
 

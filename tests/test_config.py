@@ -56,6 +56,14 @@ def test_choices_come_from_the_loss_table():
         ({"kd_weight": -0.1}, r"`kd_weight` must be >= 0"),
         ({"kd_weight": 0.0, "ce_weight": 0.0}, r"both 0"),
         ({"teacher_model_init_kwargs": "{not json"}, r"`teacher_model_init_kwargs` must be a dict or a JSON object"),
+        ({"taid_t_start": 1.0}, r"`taid_t_start` must be in \[0, 1\)"),
+        ({"taid_t_start": 0.5, "taid_t_end": 0.5}, r"`taid_t_end` must be in \(taid_t_start, 1\] = \(0.5, 1\]"),
+        ({"taid_t_end": 1.2}, r"`taid_t_end` must be in"),
+        ({"taid_alpha": -1e-3}, r"`taid_alpha` must be in \[0, 1\]"),
+        ({"taid_beta": 1.0}, r"`taid_beta` must be in \[0, 1\)"),
+        ({"ab_alpha": -0.5}, r"`ab_alpha` must be >= 0 \(ABKD"),
+        ({"ab_beta": float("nan")}, r"`ab_beta` must be >= 0"),
+        ({"akl_mu": 0.0}, r"`akl_mu` must be in \(0, 1\]"),
     ],
 )
 def test_validation_errors(cls, kwargs, message):

@@ -19,6 +19,10 @@ Gradients of the divergences with respect to the student's tempered logits `s = 
 - skew_forward_kl:  p_s * sum(w) - w,   w = (1 - a) * p_s * p_t / m,     m = a * p_t + (1 - a) * p_s
 - skew_reverse_kl:  p_s * (log p_s - log m - L - a * (p_s / m - sum(p_s^2 / m))),   m = a * p_s + (1 - a) * p_t
 - tvd:              p_s * (g - sum(p_s * g)),   g = 0.5 * sign(p_s - p_t)
+- taid:             p_s - p_tgt,   p_tgt = softmax((1 - t) * log p_s + t * log p_t)   (the target carries no gradient)
+- ab_divergence, akl: autograd through the dense formula (`hf_distill.losses.logits`) on the chunk's block alone, so
+                    value and gradient are the dense ones by construction; this costs a few more `(rows, V)` blocks
+                    per chunk (still never the full `[N, V]` logits)
 
 Liger's `LigerFusedLinearJSD` is deliberately not dispatched to, even when installed: it allocates a `(BT, V)` fp32
 loss buffer (so the full-vocabulary block exists after all), has no bias, logit scale, softcap or position mask, and
@@ -132,6 +136,35 @@ def _tvd(ls, lt, scratch, need_grad, **_):
     return loss, g.sub_(_dot(p_s, g, out=scratch[0]).unsqueeze(1)).mul_(p_s), p_s
 
 
+def _taid(ls, lt, scratch, need_grad, taid_t=None, **_):
+    if taid_t is None or not 0.0 <= taid_t <= 1.0:
+        raise ValueError(f"loss_type='taid' needs taid_t in [0, 1], got {taid_t!r}.")
+    if taid_t != 1.0:  # target log-probs: log_softmax((1 - t) * ls + t * lt), written into lt
+        _log_softmax_(lt.mul_(taid_t).add_(ls, alpha=1.0 - taid_t))
+    return _forward_kl(ls, lt, scratch, need_grad)
+
+
+def _by_autograd(name: str) -> Callable:
+    """A fused divergence from the dense one: value and gradient by autograd on one `(c, V)` chunk."""
+    dense = LOGIT_LOSSES[name]
+
+    def divergence(ls, lt, scratch, need_grad, **hyper):
+        if not need_grad:
+            with torch.no_grad():
+                return dense(ls, lt, temperature=1.0, **hyper), None, None
+        # log_softmax of log-probabilities is the identity, and the gradient with respect to them equals the gradient
+        # with respect to the tempered logits (both depend on the input only through its softmax).
+        leaf = ls.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = dense(leaf, lt, temperature=1.0, **hyper)
+            (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        return loss.detach(), grad, torch.exp(ls, out=scratch[0])
+
+    return divergence
+
+
+# Divergences whose chunk gradient comes from autograd (new blocks per chunk) rather than a closed form.
+BY_AUTOGRAD = ("ab_divergence", "akl")
 _DIVERGENCES: dict[str, Callable] = {
     "forward_kl": _forward_kl,
     "reverse_kl": _reverse_kl,
@@ -139,8 +172,21 @@ _DIVERGENCES: dict[str, Callable] = {
     "skew_forward_kl": _skew_forward_kl,
     "skew_reverse_kl": _skew_reverse_kl,
     "tvd": _tvd,
+    "taid": _taid,
+    "ab_divergence": _by_autograd("ab_divergence"),
+    "akl": _by_autograd("akl"),
 }
-_SCRATCH = {"forward_kl": 1, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 2, "skew_reverse_kl": 2, "tvd": 1}
+_SCRATCH = {
+    "forward_kl": 1,
+    "reverse_kl": 1,
+    "jsd": 2,
+    "skew_forward_kl": 2,
+    "skew_reverse_kl": 2,
+    "tvd": 1,
+    "taid": 1,
+    "ab_divergence": 1,
+    "akl": 1,
+}
 assert set(_DIVERGENCES) == set(LOGIT_LOSSES) == set(_SCRATCH), "every loss in LOGIT_LOSSES needs a fused gradient"
 
 
@@ -158,6 +204,7 @@ class _Options:
     teacher_softcap: float | None
     need_grad: tuple[bool, bool, bool]  # student hidden, weight, bias
     loss_weights: tuple[float, float] | None = None  # (kd, ce): one gradient buffer for kd_w * kd + ce_w * ce
+    extra_hyper: tuple[tuple[str, float | None], ...] = ()  # taid_t, ab_alpha, ab_beta, akl_mu
 
 
 def _project_(out, hidden, weight, bias, scale, softcap, keep_softcap_grad):
@@ -230,7 +277,7 @@ class _FusedLogitDistillation(torch.autograd.Function):
         dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
         need_grad = any(opts.need_grad)
         divergence = _DIVERGENCES[opts.loss_type]
-        hyper = {"beta": opts.beta, "skew_alpha": opts.skew_alpha}
+        hyper = {"beta": opts.beta, "skew_alpha": opts.skew_alpha, **dict(opts.extra_hyper)}
         temperature = opts.temperature
         own_ce_block = labels is not None and temperature != 1.0  # else CE shares the student's log-softmax
 
@@ -356,6 +403,10 @@ def fused_logit_distillation_loss(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
+    taid_t: float | None = None,
+    ab_alpha: float = 0.8,
+    ab_beta: float = 0.3,
+    akl_mu: float = 0.5,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     student_bias: torch.Tensor | None = None,
@@ -384,10 +435,12 @@ def fused_logit_distillation_loss(
         teacher_hidden (`torch.Tensor`): shape `(N, H_t)` or `(B, T, H_t)`, same leading shape as the student's.
         teacher_weight (`torch.Tensor`): teacher lm_head weight, shape `(V_t, H_t)`.
         loss_type (`str`): a key of `LOGIT_LOSSES`: forward_kl | reverse_kl | jsd | skew_forward_kl |
-            skew_reverse_kl | tvd.
+            skew_reverse_kl | tvd | taid | ab_divergence | akl.
         temperature (`float`): softmax temperature of the divergence (no T^2 factor; the trainer applies it).
         beta (`float`): jsd interpolation (TRL's GKD convention), 0 = forward KL, 1 = reverse KL.
         skew_alpha (`float`): skew KL mixing weight.
+        taid_t, ab_alpha, ab_beta, akl_mu (`float`): hyper-parameters of taid, ab_divergence and akl (as
+            `logit_divergence`).
         mask (`torch.Tensor`, *optional*): bool, shape `(N,)` or `(B, T)`; only these positions are computed.
         chunk_size (`int`, *optional*): token rows per chunk; None picks at most `2**24 // V` rows
             (64 MiB fp32 blocks), split evenly.
@@ -481,6 +534,12 @@ def fused_logit_distillation_loss(
             grad_on and t is not None and t.requires_grad for t in (s_hidden, student_weight, student_bias)
         ),
         loss_weights=None if loss_weights is None or labels is None else tuple(float(w) for w in loss_weights),
+        extra_hyper=(
+            ("taid_t", None if taid_t is None else float(taid_t)),
+            ("ab_alpha", float(ab_alpha)),
+            ("ab_beta", float(ab_beta)),
+            ("akl_mu", float(akl_mu)),
+        ),
     )
     kd, ce = _FusedLogitDistillation.apply(
         s_hidden,

@@ -13,6 +13,18 @@ Conventions (all follow the literature and TRL's GKD trainer):
 - `skew_forward_kl` = KL(p_t || a * p_t + (1 - a) * p_s)  (DistiLLM, Ko et al. 2024; a = `skew_alpha`)
 - `skew_reverse_kl` = KL(p_s || a * p_s + (1 - a) * p_t)
 - `tvd`             = 0.5 * sum_v |p_t - p_s|
+- `taid`            = KL(p_tgt || p_s), p_tgt = softmax((1 - t) * sg(log p_s) + t * log p_t), sg = stop-gradient;
+                      t = `taid_t` in [0, 1] is training state (`hf_distill.taid`); t = 1 is exactly forward KL
+                      (TAID, Shing et al. ICLR 2025)
+- `ab_divergence`   = -1 / (a b) * sum_v (p_t^a p_s^b - a / (a + b) p_t^(a + b) - b / (a + b) p_s^(a + b)),
+                      a = `ab_alpha`, b = `ab_beta` (ABKD, Wang et al. ICML 2025; Cichocki et al. 2011), with its
+                      continuous limits: b = 0 is 1 / a^2 * sum (p_t^a log(p_t^a / p_s^a) - p_t^a + p_s^a) (a = 1:
+                      forward KL), a = 0 is 1 / b^2 * sum (p_s^b log(p_s^b / p_t^b) - p_s^b + p_t^b) (b = 1: reverse
+                      KL), a = b = 0 is 0.5 * sum (log p_t - log p_s)^2
+- `akl`             = w_head * KL(p_t || p_s) + w_tail * KL(p_s || p_t) per position (AKL, Wu et al. COLING 2025):
+                      sort the vocabulary by p_t, the head is the tokens before the teacher's cumulative mass exceeds
+                      mu = `akl_mu` (always at least the top token), g_head / g_tail = sum |p_t - p_s| over head /
+                      tail, w_head = g_head / (g_head + g_tail), w_tail = 1 - w_head; the weights carry no gradient
 """
 
 import math
@@ -124,6 +136,109 @@ def tvd(
     return 0.5 * (p_t - p_s).abs().sum(-1)
 
 
+def taid(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    taid_t: float | None = None,
+    **_: float,
+) -> torch.Tensor:
+    """TAID (Shing et al., ICLR 2025): KL(p_tgt || p_s) to a target between the detached student and the teacher.
+
+    `p_tgt = softmax((1 - t) * sg(log p_s) + t * log p_t)` (the stop-gradient `sg` is the paper's: the target moves
+    with the student but is not optimised); `t = 1` is exactly `forward_kl`. Shapes as `forward_kl`.
+
+    Args:
+        taid_t (`float`): the interpolation t in [0, 1], training state that the trainer moves from `taid_t_start`
+            to `taid_t_end` (`hf_distill.taid.TaidCallback`).
+    """
+    if taid_t is None or not 0.0 <= taid_t <= 1.0:
+        raise ValueError(
+            f"loss_type='taid' needs taid_t, the interpolation t in [0, 1], got {taid_t!r}; the trainer passes its "
+            "current value (hf_distill.taid), a direct call must pass taid_t=..."
+        )
+    log_s = _log_softmax(student_logits, temperature)
+    log_t = _log_softmax(teacher_logits, temperature)
+    if taid_t != 1.0:
+        log_t = torch.log_softmax((1.0 - taid_t) * log_s.detach() + taid_t * log_t, dim=-1)
+    return _kl(log_t, log_s)
+
+
+def ab_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ab_alpha: float = 0.8,
+    ab_beta: float = 0.3,
+    **_: float,
+) -> torch.Tensor:
+    """Alpha-beta divergence D_AB(p_t || p_s) of ABKD (Wang et al., ICML 2025) per position.
+
+    Formula and its limits in the module docstring: `(ab_alpha, ab_beta) = (1, 0)` is forward KL, `(0, 1)` reverse KL,
+    `(0.5, 0.5)` four times the squared Hellinger distance. Shapes as `forward_kl`.
+
+    Args:
+        ab_alpha (`float`): a >= 0, weight on the teacher's mass (larger: more mode-covering, like forward KL).
+        ab_beta (`float`): b >= 0, weight on the student's mass (larger: more mode-seeking, like reverse KL).
+    """
+    a, b = float(ab_alpha), float(ab_beta)
+    if a < 0 or b < 0:
+        raise ValueError(f"ab_divergence needs ab_alpha >= 0 and ab_beta >= 0, got ({a}, {b}).")
+    log_q = _log_softmax(student_logits, temperature)
+    log_p = _log_softmax(teacher_logits, temperature)
+    if a == 0 and b == 0:
+        return 0.5 * (log_p - log_q).square().sum(-1)
+    if b == 0:  # 1/a^2 sum(p^a log(p^a / q^a) - p^a + q^a)
+        p_a = (a * log_p).exp()
+        return (p_a * (log_p - log_q)).nansum(-1) / a - (p_a - (a * log_q).exp()).sum(-1) / a**2
+    if a == 0:  # 1/b^2 sum(q^b log(q^b / p^b) - q^b + p^b)
+        q_b = (b * log_q).exp()
+        return (q_b * (log_q - log_p)).nansum(-1) / b - (q_b - (b * log_p).exp()).sum(-1) / b**2
+    c = a + b
+    cross = (a * log_p + b * log_q).exp()
+    own = (a / c) * (c * log_p).exp() + (b / c) * (c * log_q).exp()
+    return (own - cross).sum(-1) / (a * b)
+
+
+def akl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    akl_mu: float = 0.5,
+    **_: float,
+) -> torch.Tensor:
+    """Adaptive KL (AKL, Wu et al., COLING 2025): forward and reverse KL mixed per position by the head/tail gap.
+
+    Weights in the module docstring; they are computed without gradient, as in the paper's code. Shapes as
+    `forward_kl`.
+
+    Args:
+        akl_mu (`float`): head threshold in (0, 1]: the head holds the teacher's top tokens up to cumulative mass mu.
+    """
+    log_s = _log_softmax(student_logits, temperature)
+    log_t = _log_softmax(teacher_logits, temperature)
+    with torch.no_grad():
+        w_head = akl_head_weight(log_s, log_t, akl_mu)
+    return w_head * _kl(log_t, log_s) + (1.0 - w_head) * _kl(log_s, log_t)
+
+
+def akl_head_weight(log_s: torch.Tensor, log_t: torch.Tensor, mu: float) -> torch.Tensor:
+    """AKL's forward-KL weight `g_head / (g_head + g_tail)` from log-probabilities `(..., V)`; shape `(...)`.
+
+    0.5 where the two distributions are equal (both KL terms are then 0).
+    """
+    p_t, idx = log_t.exp().sort(dim=-1, descending=True)
+    gap = (p_t - log_s.exp().gather(-1, idx)).abs()
+    tail = p_t.cumsum(-1) > mu
+    tail[..., 0] = False  # the teacher's top token is always head
+    g_head = torch.where(tail, 0.0, gap).sum(-1)
+    total = gap.sum(-1)
+    return torch.where(total > 0, g_head / total.clamp(min=torch.finfo(total.dtype).tiny), 0.5)
+
+
 LOGIT_LOSSES = {
     "forward_kl": forward_kl,
     "reverse_kl": reverse_kl,
@@ -131,6 +246,9 @@ LOGIT_LOSSES = {
     "skew_forward_kl": skew_forward_kl,
     "skew_reverse_kl": skew_reverse_kl,
     "tvd": tvd,
+    "taid": taid,
+    "ab_divergence": ab_divergence,
+    "akl": akl,
 }
 
 
@@ -142,6 +260,10 @@ def logit_divergence(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
+    taid_t: float | None = None,
+    ab_alpha: float = 0.8,
+    ab_beta: float = 0.3,
+    akl_mu: float = 0.5,
 ) -> torch.Tensor:
     """Per-position divergence chosen by name (see the module docstring).
 
@@ -149,6 +271,8 @@ def logit_divergence(
         student_logits (`torch.Tensor`): shape `(..., V)`.
         teacher_logits (`torch.Tensor`): shape `(..., V)`; same V as the student (align vocabularies first).
         loss_type (`str`): a key of `LOGIT_LOSSES`.
+        beta, skew_alpha, taid_t, ab_alpha, ab_beta, akl_mu: the hyper-parameters of jsd, skew KL, taid,
+            ab_divergence and akl (each divergence reads only its own).
 
     Returns:
         `torch.Tensor`: fp32, shape `(...)`.
@@ -161,7 +285,15 @@ def logit_divergence(
             "shape; align the vocabularies (same tokenizer) and the positions first."
         )
     return LOGIT_LOSSES[loss_type](
-        student_logits, teacher_logits, temperature=temperature, beta=beta, skew_alpha=skew_alpha
+        student_logits,
+        teacher_logits,
+        temperature=temperature,
+        beta=beta,
+        skew_alpha=skew_alpha,
+        taid_t=taid_t,
+        ab_alpha=ab_alpha,
+        ab_beta=ab_beta,
+        akl_mu=akl_mu,
     )
 
 
@@ -174,23 +306,32 @@ def logit_distillation_loss(
     beta: float = 0.5,
     skew_alpha: float = 0.1,
     mask: torch.Tensor | None = None,
+    **hyper: float,
 ) -> torch.Tensor:
     """Mean divergence over the positions where `mask` is True (no T^2 factor; the trainer applies it).
 
     Args:
         student_logits (`torch.Tensor`): shape `(..., V)`, e.g. `(B, T, V)`.
         teacher_logits (`torch.Tensor`): shape `(..., V)`.
-        loss_type (`str`): forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd.
+        loss_type (`str`): forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | taid |
+            ab_divergence | akl.
         temperature (`float`): softmax temperature for both models.
         beta (`float`): jsd interpolation, 0 = forward KL, 1 = reverse KL.
         skew_alpha (`float`): skew KL mixing weight.
         mask (`torch.Tensor`, *optional*): bool, shape `(...)`; None counts every position.
+        **hyper: `taid_t`, `ab_alpha`, `ab_beta`, `akl_mu` as `logit_divergence`.
 
     Returns:
         `torch.Tensor`: fp32 scalar; 0 when the mask selects nothing.
     """
     per_position = logit_divergence(
-        student_logits, teacher_logits, loss_type=loss_type, temperature=temperature, beta=beta, skew_alpha=skew_alpha
+        student_logits,
+        teacher_logits,
+        loss_type=loss_type,
+        temperature=temperature,
+        beta=beta,
+        skew_alpha=skew_alpha,
+        **hyper,
     )
     if mask is None:
         return per_position.mean()

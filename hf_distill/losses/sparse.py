@@ -28,7 +28,9 @@ Divergence: any divergence of `hf_distill.losses.logits` applied to the two (k +
     forward_kl = sum_b q_b (log q_b - log s_b)        reverse_kl = sum_b s_b (log s_b - log q_b)
     jsd        = beta KL(q || m) + (1 - beta) KL(s || m),  m = beta q + (1 - beta) s   (GKD convention)
 
-and likewise skew_forward_kl, skew_reverse_kl and tvd. When k = V the tail is empty (rho = -inf, the bucket is dropped)
+and likewise skew_forward_kl, skew_reverse_kl, tvd, taid (the target interpolates the two bucket distributions),
+ab_divergence and akl (its head/tail split runs over the buckets sorted by q, the tail bucket counted as one).
+When k = V the tail is empty (rho = -inf, the bucket is dropped)
 and every value and gradient equals the dense loss of `logit_divergence` on the full logits. When k < V the bucketed
 forward KL is a lower bound of the dense forward KL against the same teacher (data-processing inequality).
 """
@@ -109,6 +111,7 @@ def sparse_logit_divergence(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
+    **hyper: float,
 ) -> torch.Tensor:
     """Per-position divergence between the student and a cached top-k teacher (formula in the module docstring).
 
@@ -123,6 +126,7 @@ def sparse_logit_divergence(
         temperature (`float`): KD temperature.
         beta (`float`): jsd interpolation, 0 = forward KL, 1 = reverse KL.
         skew_alpha (`float`): skew KL mixing weight.
+        **hyper: `taid_t`, `ab_alpha`, `ab_beta`, `akl_mu` for taid, ab_divergence and akl (as `logit_divergence`).
 
     Returns:
         `torch.Tensor`: fp32, shape `(N,)`.
@@ -143,7 +147,7 @@ def sparse_logit_divergence(
     log_q = teacher_bucket_log_probs(topk_logprobs, tail_logmass, student_logits.shape[-1], temperature=temperature)
     log_q = log_q.to(log_s.dtype)
     # The bucket distributions are normalised, so the dense divergences at T = 1 act on them unchanged.
-    return LOGIT_LOSSES[loss_type](log_s, log_q, temperature=1.0, beta=beta, skew_alpha=skew_alpha)
+    return LOGIT_LOSSES[loss_type](log_s, log_q, temperature=1.0, beta=beta, skew_alpha=skew_alpha, **hyper)
 
 
 def sparse_distillation_loss(
@@ -156,6 +160,7 @@ def sparse_distillation_loss(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
+    **hyper: float,
 ) -> torch.Tensor:
     """Mean of `sparse_logit_divergence` over the N positions (0 when N == 0). Shapes as there; returns a scalar."""
     per_position = sparse_logit_divergence(
@@ -167,5 +172,6 @@ def sparse_distillation_loss(
         temperature=temperature,
         beta=beta,
         skew_alpha=skew_alpha,
+        **hyper,
     )
     return per_position.sum() / max(per_position.numel(), 1)

@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, required=True)
     parser.add_argument("--max_steps", type=int, default=4)
     parser.add_argument("--save_steps", type=int, default=2)
+    parser.add_argument("--kd_loss", default="forward_kl", help="kd_loss of the run (e.g. taid: t must move alike)")
     parser.add_argument("--fsdp", action="store_true", help="ask for FSDP2 (fsdp=True, fsdp_config version 2)")
     parser.add_argument("--gpu", action="store_true", help="run on the visible CUDA devices (default: CPU)")
     cli = parser.parse_args()
@@ -91,7 +92,7 @@ def main() -> None:
         report_to=[],
         seed=0,
         data_seed=0,
-        kd_loss="forward_kl",
+        kd_loss=cli.kd_loss,
         kd_weight=0.6,
         ce_weight=0.4,
         temperature=2.0,

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from paper_divergences import NEW_HYPER
 
 from hf_distill.losses import LOGIT_LOSSES, logit_divergence
 from hf_distill.losses.sparse import (
@@ -40,9 +41,10 @@ def test_full_vocab_equals_dense_values_and_gradients(loss_type, temperature):
     ids, values, tail = cache_entries(t, V)
     ids = ids.flip(-1)  # any order of the k ids must give the same value
     values = values.flip(-1)
-    sparse = sparse_logit_divergence(s, ids, values, tail, loss_type=loss_type, temperature=temperature, beta=0.3)
+    kw = dict(loss_type=loss_type, temperature=temperature, beta=0.3, **NEW_HYPER)
+    sparse = sparse_logit_divergence(s, ids, values, tail, **kw)
     (g_sparse,) = torch.autograd.grad(sparse.sum(), s)
-    dense = logit_divergence(s, t, loss_type=loss_type, temperature=temperature, beta=0.3)
+    dense = logit_divergence(s, t, **kw)
     (g_dense,) = torch.autograd.grad(dense.sum(), s)
     assert torch.allclose(sparse, dense, atol=1e-12)
     assert torch.allclose(g_sparse, g_dense, atol=1e-12)
@@ -121,12 +123,13 @@ def test_forward_kl_is_a_lower_bound_of_dense():
         assert (sparse_logit_divergence(s, ids, values, tail) <= logit_divergence(s, t) + 1e-12).all()
 
 
-@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "tvd"])
+@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "tvd", "ab_divergence"])
 def test_gradcheck_topk(loss_type):
     s, t = logits(10)[:3].requires_grad_(), logits(11)[:3]
     ids, values, tail = cache_entries(t, 4)
     assert torch.autograd.gradcheck(
-        lambda x: sparse_logit_divergence(x, ids, values, tail, loss_type=loss_type, temperature=1.5), (s,)
+        lambda x: sparse_logit_divergence(x, ids, values, tail, loss_type=loss_type, temperature=1.5, **NEW_HYPER),
+        (s,),
     )
 
 
