@@ -200,6 +200,8 @@ def check_tokenizer_of_model(teacher: nn.Module, student_tokenizer: PreTrainedTo
     """
     config = getattr(teacher, "config", None)
     source = getattr(config, "_name_or_path", None) or getattr(teacher, "name_or_path", None)
+    if source and source == getattr(student_tokenizer, "name_or_path", None):
+        return  # the student's tokenizer is the one saved with the teacher
     if source:
         try:
             teacher_tokenizer = AutoTokenizer.from_pretrained(source)

@@ -226,3 +226,13 @@ def test_cli_config_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     assert "`temperature` must be > 0, got -1.0" in plain.stderr and "--help" in plain.stderr
     debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "`temperature` must be > 0" in debug.stderr
+
+
+def test_teacher_object_loaded_from_the_tokenizers_folder_is_not_warned_about(tmp_path, tokenizer, caplog):
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    make_llama(4, 64, seed=1).save_pretrained(tmp_path / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    own = type(tokenizer).from_pretrained(tmp_path / "teacher")  # name_or_path = the teacher's folder
+    with caplog.at_level(logging.WARNING, logger="hf_distill.teacher"):
+        make_lm_trainer(tmp_path, own, TEXTS, teacher=teacher)
+    assert "could not be checked" not in caplog.text
