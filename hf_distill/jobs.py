@@ -2,8 +2,13 @@
 that decides whether earlier work in an output folder can be reused."""
 
 import json
+import logging
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
+
+
+logger = logging.getLogger(__name__)
 
 
 def check_or_record_settings(path: str, settings: dict[str, Any], what: str) -> None:
@@ -34,3 +39,25 @@ def check_or_record_settings(path: str, settings: dict[str, Any], what: str) -> 
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2)
     os.replace(tmp, path)
+
+
+def read_appended_records(path: str, parse: Callable[[dict], Any]) -> Iterator[tuple[int, Any]]:
+    """`(line number, parse(record))` for each JSON line of a file a job appends to (missing file: nothing).
+
+    A line cut short by a kill, or one `parse` rejects (`KeyError`, `TypeError`, `ValueError`, `AttributeError`), is
+    skipped with a warning: its work is redone.
+
+    Args:
+        path (`str`): the JSON-lines file.
+        parse (`Callable[[dict], Any]`): turns one record into what the job keeps.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                parsed = parse(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                logger.warning("Skipping unreadable line %d of %s (an interrupted write); it is redone.", number, path)
+                continue
+            yield number, parsed

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .collators import RationaleCollator
-from .jobs import check_or_record_settings
+from .jobs import check_or_record_settings, read_appended_records
 from .rationale_templates import (
     ESNLI_TEMPLATE,
     SVAMP_TEMPLATE,
@@ -165,17 +165,7 @@ def _as_list(value: Any) -> list:
 
 def _read_done(path: str) -> dict[int, dict[str, Any]]:
     """Finished rows of an earlier run; a line cut short by a crash is skipped (that row is generated again)."""
-    done = {}
-    if not os.path.exists(path):
-        return done
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-                done[int(record["index"])] = record
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                logger.warning("Skipping unreadable line %d of %s (an interrupted write); it is redone.", number, path)
-    return done
+    return {index: record for _, (index, record) in read_appended_records(path, lambda r: (int(r["index"]), r))}
 
 
 def _key(text: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..jobs import check_or_record_settings
+from ..jobs import check_or_record_settings, read_appended_records
 
 
 logger = logging.getLogger(__name__)
@@ -377,24 +377,19 @@ def _read_store(path: str, keys: list[str], n: int) -> dict[tuple[int, int], dic
     """Finished responses of earlier runs; a line cut short by a kill is skipped (that response is requested
     again), a repeated (prompt, sample) keeps its first response."""
     done: dict[tuple[int, int], dict[str, Any]] = {}
-    if not os.path.exists(path):
-        return done
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-                unit = (int(record["index"]), int(record["sample"]))
-                if not isinstance(record.get("text"), str) or "key" not in record:
-                    raise KeyError("text")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                logger.warning("Skipping unreadable line %d of %s (an interrupted write); it is redone.", number, path)
-                continue
-            if unit[0] >= len(keys) or unit[1] >= n or record["key"] != keys[unit[0]]:
-                raise ValueError(
-                    f"Line {number} of {path} answers another prompt (prompt {unit[0]}, sample {unit[1]}); the "
-                    "prompts changed since the earlier run. Use a new output folder."
-                )
-            done.setdefault(unit, record)
+
+    def parse(record: dict) -> tuple[tuple[int, int], dict[str, Any]]:
+        if not isinstance(record.get("text"), str) or "key" not in record:
+            raise KeyError("text")
+        return (int(record["index"]), int(record["sample"])), record
+
+    for number, (unit, record) in read_appended_records(path, parse):
+        if unit[0] >= len(keys) or unit[1] >= n or record["key"] != keys[unit[0]]:
+            raise ValueError(
+                f"Line {number} of {path} answers another prompt (prompt {unit[0]}, sample {unit[1]}); the "
+                "prompts changed since the earlier run. Use a new output folder."
+            )
+        done.setdefault(unit, record)
     return done
 
 
