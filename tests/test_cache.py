@@ -80,8 +80,8 @@ def test_half_precision_values(tmp_path, tokenizer, dtype, atol):
         assert abs(a.logprobs - b.logprobs).max() < atol and abs(a.tail - b.tail).max() < atol
 
 
-def test_resume_skips_cached_rows_and_checks_settings(tmp_path, tokenizer, monkeypatch):
-    rows = prompt_completion_rows(tokenizer)
+def count_scored_rows(monkeypatch) -> list:
+    """Make `cache_module.score_rows` record every sequence it scores; returns that (growing) list."""
     scored = []
     original = cache_module.score_rows
 
@@ -90,6 +90,12 @@ def test_resume_skips_cached_rows_and_checks_settings(tmp_path, tokenizer, monke
         return original(teacher, seqs, *args)
 
     monkeypatch.setattr(cache_module, "score_rows", counting)
+    return scored
+
+
+def test_resume_skips_cached_rows_and_checks_settings(tmp_path, tokenizer, monkeypatch):
+    rows = prompt_completion_rows(tokenizer)
+    scored = count_scored_rows(monkeypatch)
     build(tmp_path, tokenizer, rows.select(range(2)))  # a run that stopped after two rows
     assert len(scored) == 2
     cache = build(tmp_path, tokenizer, rows)
@@ -363,14 +369,7 @@ def test_lost_shard_is_refused_at_open_and_rebuilt(tmp_path, tokenizer, monkeypa
             train_dataset=rows,
             processing_class=tokenizer,
         )
-    scored = []
-    original = cache_module.score_rows
-
-    def counting(teacher, seqs, *args):
-        scored.extend(seqs)
-        return original(teacher, seqs, *args)
-
-    monkeypatch.setattr(cache_module, "score_rows", counting)
+    scored = count_scored_rows(monkeypatch)
     repaired = build(tmp_path, tokenizer, rows, rows_per_shard=2, dtype="float32")  # the documented repair
     assert len(scored) == 2 and len(repaired) == 6  # only the lost rows were recomputed
     for entry in repaired.lookup(list(range(6))):
