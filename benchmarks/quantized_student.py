@@ -101,30 +101,18 @@ def metrics(model, teacher, batches) -> dict:
 
 
 def train(name: str, opts, teacher, tokenizer, data, quantization: str | None, folder: Path) -> dict:
-    from hf_distill import DistillationSFTConfig, DistillationSFTTrainer
+    from hf_distill import DistillationSFTTrainer
+    from hf_distill.cli.quickstart import quickstart_config
     from hf_distill.student import init_student_from_teacher
 
     torch.manual_seed(opts.seed)
     student = init_student_from_teacher(teacher, num_layers=opts.num_layers).requires_grad_(True)
-    args = DistillationSFTConfig(
-        output_dir=str(folder.parent / f"{name}_run"),
-        max_steps=opts.steps,
-        per_device_train_batch_size=opts.batch_size,
-        learning_rate=opts.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, opts.steps // 20),
-        max_length=opts.max_length,
-        logging_steps=max(1, opts.steps // 10),
-        save_strategy="no",
-        report_to=[],
-        seed=opts.seed,
-        data_seed=opts.seed,
-        use_cpu=True,
-        bf16=False,
+    args = quickstart_config(
+        str(folder.parent / f"{name}_run"),
+        opts,
+        use_gpu=False,
         kd_weight=opts.kd_weight,
         ce_weight=opts.ce_weight,
-        dataloader_num_workers=0,
-        gradient_checkpointing=False,
         student_quantization=quantization,
         student_quantization_group_size=opts.group_size,
     )

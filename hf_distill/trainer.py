@@ -172,6 +172,7 @@ class DistillationMixin(TeacherSourcesMixin):
 
     def _setup_teacher(self, teacher: PreTrainedModel | str, teacher_processing_class: Any) -> None:
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
+        given_as_model = not isinstance(teacher, str)  # a name or path has had its own tokenizer loaded below
         if isinstance(teacher, str):
             if teacher_processing_class is None:
                 try:
@@ -186,7 +187,7 @@ class DistillationMixin(TeacherSourcesMixin):
         student_tok = _tokenizer_of(self.processing_class)
         if teacher_processing_class is not None and student_tok is not None:
             check_same_tokenizer(student_tok, _tokenizer_of(teacher_processing_class))
-        elif student_tok is not None and teacher is not self.accelerator.unwrap_model(self.model):
+        elif given_as_model and student_tok is not None and teacher is not self.accelerator.unwrap_model(self.model):
             check_tokenizer_of_model(teacher, student_tok)
         self._vocab_size = check_teacher(self.accelerator.unwrap_model(self.model), teacher, student_tok)
         self.teacher = prepare_teacher(teacher, self)
@@ -520,8 +521,8 @@ class DistillationMixin(TeacherSourcesMixin):
         metrics = self._averaged_metrics(mode)
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        elif self._taid_callback() is not None:
-            metrics["taid_t"] = self._taid_callback().t
+        elif (taid := self._taid_callback()) is not None:
+            metrics["taid_t"] = taid.t
         logs.update(metrics)
         super().log(logs, *args, **kwargs)
 

@@ -67,3 +67,21 @@ def test_quickstart_real_teacher_smoke(tmp_path):
         "4",
     )
     assert report["results"]["teacher"]["perplexity"] < 100
+
+
+def test_quickstart_config_is_the_shared_run_and_fields_override():
+    import argparse
+
+    from hf_distill.cli.quickstart import quickstart_config
+
+    opts = argparse.Namespace(steps=80, batch_size=8, learning_rate=2e-4, max_length=128, seed=3)
+    args = quickstart_config("out", opts, use_gpu=False, kd_weight=0.9, save_strategy="steps")
+    assert (args.max_steps, args.per_device_train_batch_size, args.warmup_steps, args.logging_steps) == (80, 8, 4, 8)
+    assert (args.lr_scheduler_type.value, args.seed, args.data_seed, args.use_cpu, args.bf16) == (
+        "cosine",
+        3,
+        3,
+        True,
+        False,
+    )
+    assert (args.kd_weight, args.save_strategy.value, args.gradient_checkpointing) == (0.9, "steps", False)

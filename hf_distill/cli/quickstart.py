@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -50,35 +51,49 @@ def _to_prompt_completion(row: dict) -> dict:
     return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
 
 
+def quickstart_config(output_dir: str, opts: Any, use_gpu: bool, **fields: Any) -> DistillationSFTConfig:
+    """The quickstart's training run: `opts.steps` steps of `opts.batch_size` rows of at most `opts.max_length`
+    tokens, cosine schedule from `opts.learning_rate` with 5% warm-up, seed `opts.seed`, fp32 on CPU (bf16 on a
+    GPU), no checkpoints or reporting; `fields` add or replace config fields (weights, losses, ...)."""
+    return DistillationSFTConfig(
+        **{
+            "output_dir": output_dir,
+            "max_steps": opts.steps,
+            "per_device_train_batch_size": opts.batch_size,
+            "learning_rate": opts.learning_rate,
+            "lr_scheduler_type": "cosine",
+            "warmup_steps": max(1, opts.steps // 20),
+            "max_length": opts.max_length,
+            "logging_steps": max(1, opts.steps // 10),
+            "save_strategy": "no",
+            "report_to": [],
+            "seed": opts.seed,
+            "data_seed": opts.seed,
+            "use_cpu": not use_gpu,
+            "bf16": use_gpu,
+            "dataloader_num_workers": 0,
+            "gradient_checkpointing": False,  # TRL enables it by default; memory is not the constraint here
+            **fields,
+        }
+    )
+
+
 def _train_student(name, teacher, tokenizer, data, opts, kd_weight, ce_weight, use_gpu):
     from ..student import init_student_from_teacher
     from ..trainer import DistillationSFTTrainer
 
     torch.manual_seed(opts.seed)
     student = init_student_from_teacher(teacher, num_layers=opts.num_layers).requires_grad_(True)
-    args = DistillationSFTConfig(
-        output_dir=os.path.join(opts.output_dir, name),
-        max_steps=opts.steps,
-        per_device_train_batch_size=opts.batch_size,
+    args = quickstart_config(
+        os.path.join(opts.output_dir, name),
+        opts,
+        use_gpu,
         per_device_eval_batch_size=opts.batch_size,
-        learning_rate=opts.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, opts.steps // 20),
-        max_length=opts.max_length,
-        logging_steps=max(1, opts.steps // 10),
-        save_strategy="no",
-        report_to=[],
-        seed=opts.seed,
-        data_seed=opts.seed,
-        use_cpu=not use_gpu,
-        bf16=use_gpu,
         kd_loss=opts.kd_loss,
         temperature=opts.temperature,
         kd_weight=kd_weight,
         ce_weight=ce_weight,
         teacher_model_name_or_path=None,
-        dataloader_num_workers=0,
-        gradient_checkpointing=False,  # TRL enables it by default; memory is not the constraint here
     )
     trainer = DistillationSFTTrainer(
         model=student,
