@@ -23,6 +23,7 @@ from conftest import make_llama
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from hf_distill.cli.shutdown import end_distributed_run
 from hf_distill.teacher import prepare_teacher
 
 
@@ -69,3 +70,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()  # barrier + bounded destroy, as the CLI ends: gloo aborts ranks left to interpreter exit

@@ -23,6 +23,7 @@ from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedModel
 
 from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill.cli.shutdown import end_distributed_run
 
 
 TEXTS = [
@@ -134,3 +135,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()  # barrier + bounded destroy, as the CLI ends: gloo aborts ranks left to interpreter exit

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from hf_distill.cli.shutdown import end_distributed_run
 from hf_distill.miniplm import score
 from hf_distill.teacher import load_model
 
@@ -50,3 +51,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()  # barrier + bounded destroy, as the CLI ends: gloo aborts ranks left to interpreter exit
