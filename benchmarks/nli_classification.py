@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoModelForSequenceClassification
 
-    from hf_distill.tasks import prepare_task_dataset, task_collator
-    from hf_distill.teacher import load_model, load_tokenizer
+    from hf_distill.data.tasks import prepare_task_dataset, task_collator
+    from hf_distill.teachers.loading import load_model, load_tokenizer
 
     torch.manual_seed(args.seed)
     wall = time.perf_counter()

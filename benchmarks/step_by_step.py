@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hf_distill import DistillationConfig, DistillationTrainer, RationaleCollator  # noqa: E402
-from hf_distill.data import load_any_dataset  # noqa: E402
-from hf_distill.rationales import evaluate_task_accuracy, explanations_as_rationales  # noqa: E402
-from hf_distill.teacher import load_model, load_tokenizer  # noqa: E402
+from hf_distill.data.loading import load_any_dataset  # noqa: E402
+from hf_distill.data.rationales import evaluate_task_accuracy, explanations_as_rationales  # noqa: E402
+from hf_distill.teachers.loading import load_model, load_tokenizer  # noqa: E402
 
 
 SMOKE = dict(train_size=16, eval_size=8, steps=2, batch_size=2, eval_batch_size=8)

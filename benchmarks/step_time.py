@@ -44,7 +44,7 @@ def main() -> None:
 
     from hf_distill import DistillationConfig, DistillationTrainer
     from hf_distill.student import init_student_from_teacher
-    from hf_distill.teacher import load_model, load_tokenizer
+    from hf_distill.teachers.loading import load_model, load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -1,7 +1,7 @@
 """hf-distill: knowledge distillation for the Hugging Face Trainer ecosystem."""
 
-from .collators import RationaleCollator
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
+from .data.collators import RationaleCollator
 from .trainer import DistillationMixin, DistillationSFTTrainer, DistillationTrainer
 
 

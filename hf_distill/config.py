@@ -9,10 +9,10 @@ import torch
 from transformers import TrainingArguments
 from trl import SFTConfig
 
+from .features.projectors import PROJECTOR_KINDS
 from .losses import ATTENTION_LOSSES, HINT_LOSSES, LOGIT_LOSSES, RELATION_LOSSES
 from .losses.features import HINT_NORMALIZATIONS
 from .losses.relations import POOLINGS
-from .projectors import PROJECTOR_KINDS
 from .quantization import QUANT_SCHEMES, check_scheme
 
 
@@ -396,7 +396,7 @@ class DistillationArguments:
                     "`teacher_cache` replaces the live teacher: unset `teacher_model_name_or_path` / "
                     "`teacher_models_name_or_path`."
                 )
-            from .cache import check_cache_config
+            from .teachers.cache import check_cache_config
 
             check_cache_config(self)
 

@@ -37,14 +37,13 @@ from transformers import (
 )
 from transformers.models.auto import modeling_auto
 
-from .losses import logit_divergence
+from .losses import IGNORE_INDEX, logit_divergence
 from .taid import current_taid_t
-from .teacher import shared_vocab_size
+from .teachers.loading import shared_vocab_size
 
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 # kind -> (Auto class, transformers mapping of that head, class-name suffixes for models outside the mappings).
 # Checked in this order: BART's ForConditionalGeneration is listed as a masked LM too, and encoder-decoder
@@ -254,6 +253,15 @@ def divergence_kwargs(args: Any) -> dict[str, Any]:
     }
 
 
+def kd_scale(args: Any, head: Head | None = None) -> float:
+    """The weight of a summed KD divergence: `kd_weight * T^2` (Hinton et al. 2015: gradients of tempered softmaxes
+    shrink by 1 / T^2), or `kd_weight` for regression heads, whose KD term is a squared error. The one place this
+    factor is written."""
+    if head is not None and head.regression:
+        return args.kd_weight
+    return args.kd_weight * args.temperature**2
+
+
 def logit_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -280,12 +288,11 @@ def logit_terms(
     n_items = torch.as_tensor(y.numel(), device=s.device)
     agreement = None
     if teacher_logits is not None:
+        weights["kd"] = kd_scale(args, head)
         if head.regression:
             sums["kd"] = (s.float() - t.float()).pow(2).sum()
-            weights["kd"] = args.kd_weight
         else:
             sums["kd"] = logit_divergence(s, t, **divergence_kwargs(args)).sum()
-            weights["kd"] = args.kd_weight * args.temperature**2
             agreement = ((s.argmax(-1) == t.argmax(-1)).sum(), n_items)
     return LogitTerms(sums, weights, n_items, agreement)
 

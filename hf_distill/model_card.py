@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 
 from .quantization import QAT_METADATA_KEY, describe_quantization
 from .recipes import recipe_from_config, snapshot_commit
-from .teacher import parse_init_kwargs
+from .teachers.loading import parse_init_kwargs
 
 
 TAGS = ["hf-distill", "distillation"]

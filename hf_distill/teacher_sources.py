@@ -1,12 +1,12 @@
 """Teacher sources beyond one live teacher, as a mixin of `DistillationMixin`: an offline top-k cache
-(`hf_distill.cache`), on-policy student samples and sequence-level KD (`hf_distill.onpolicy`) and several teachers
-(`hf_distill.multi_teacher`). The trainer calls these methods; the loss math lives in the modules named."""
+(`teachers.cache`), on-policy student samples and sequence-level KD (`teachers.onpolicy`) and several teachers
+(`teachers.ensemble`). The trainer calls these methods; the loss math lives in the modules named."""
 
 from typing import Any
 
-from .cache import TeacherCache
-from .collators import TeacherCacheCollator
-from .onpolicy import PolicyBatchRewriter
+from .data.collators import TeacherCacheCollator
+from .teachers.cache import TeacherCache
+from .teachers.onpolicy import PolicyBatchRewriter
 
 
 def _tokenizer_of(processing_class: Any) -> Any:

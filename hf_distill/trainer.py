@@ -22,8 +22,9 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from trl import SFTTrainer
 
-from .cache import CACHE_BATCH_KEYS, CachedTeacherOutputs, cache_logit_terms, cached_teacher_outputs
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
+from .features.hints import HintDistiller
+from .features.projectors import ProjectorGradReset, load_projectors, save_projectors
 from .heads import (
     aligned_labels,
     aligned_logits,
@@ -35,23 +36,22 @@ from .heads import (
     logit_terms,
     supervised_mask,
 )
-from .hints import HintDistiller
 from .losses.fused import fused_logit_distillation_loss
 from .model_card import trainer_model_card
-from .multi_teacher import multi_teacher_logit_terms, setup_teachers
 from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
-from .projectors import ProjectorGradReset, load_projectors, save_projectors
 from .quantization import fake_quantized_weights, prepare_qat_student
 from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_mixed_precision_mismatch, warn_once
 from .taid import TaidCallback
-from .teacher import (
+from .teacher_sources import TeacherSourcesMixin
+from .teachers.cache import CACHE_BATCH_KEYS, CachedTeacherOutputs, cache_logit_terms, cached_teacher_outputs
+from .teachers.ensemble import multi_teacher_logit_terms, setup_teachers
+from .teachers.loading import (
     check_same_tokenizer,
     check_tokenizer_of_model,
     load_model,
     load_tokenizer,
     prepare_teacher,
 )
-from .teacher_sources import TeacherSourcesMixin
 
 
 logger = logging.getLogger(__name__)
@@ -443,7 +443,7 @@ class DistillationMixin(TeacherSourcesMixin):
         return sums, weights, y.new_tensor(y.numel())
 
     def _extra_terms(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]) -> tuple[dict, dict]:
-        """Hidden-state hints, attention transfer and relation terms (`hf_distill.hints`), when configured."""
+        """Hidden-state hints, attention transfer and relation terms (`hf_distill.features.hints`), when configured."""
         if self._hints is None:
             return {}, {}
         n_tokens = supervised_mask(inputs["labels"], self._head, inputs.get("shift_labels")).sum()

@@ -24,8 +24,8 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from hf_distill.rationale_templates import ESNLI_TEMPLATE, SVAMP_TEMPLATE
-from hf_distill.rationales import generate_rationales
+from hf_distill.data.rationale_templates import ESNLI_TEMPLATE, SVAMP_TEMPLATE
+from hf_distill.data.rationales import generate_rationales
 from hf_distill.teachers.api import APITeacher, APITeacherError
 
 
@@ -219,7 +219,7 @@ def test_rationales_from_api_equal_local_greedy(server, tiny_folder, tmp_path, e
 def test_transfer_set_from_api_equals_local_greedy(server, tiny_folder, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_distill.transfer_set import build_transfer_set
+    from hf_distill.data.transfer_set import build_transfer_set
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_folder), AutoTokenizer.from_pretrained(tiny_folder)
     prompts = PROMPTS + ["the dog sat", "a big blue mat"]

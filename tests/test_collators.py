@@ -7,7 +7,7 @@ import pytest
 from conftest import make_llama, make_t5, make_tokenizer
 from datasets import Dataset
 
-import hf_distill.collators
+import hf_distill.data.collators
 from hf_distill import DistillationConfig, DistillationTrainer, RationaleCollator
 
 
@@ -28,7 +28,7 @@ def unpad(batch, i):
 
 
 def test_doctest():
-    result = doctest.testmod(hf_distill.collators)
+    result = doctest.testmod(hf_distill.data.collators)
     assert result.attempted >= 5 and result.failed == 0
 
 
@@ -158,7 +158,7 @@ def test_validate_names_dataset_row(tokenizer):
 def test_long_rationale_is_truncated_and_counted(tokenizer, caplog):
     long_row = {"input": "the cat sat", "label": "yes", "rationale": " ".join(["the cat is big"] * 20)}
     collator = RationaleCollator(tokenizer, max_length=20)
-    with caplog.at_level(logging.WARNING, logger="hf_distill.collators"):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.data.collators"):
         batch = collator([ROWS[0], long_row])
     assert collator.num_truncated == {"input": 0, "label": 0, "rationale": 1}
     assert "truncated 1 rationale" in caplog.text and "max_length=20" in caplog.text

@@ -16,7 +16,7 @@ from datasets import Dataset, load_from_disk
 
 from hf_distill.cli.main import main
 from hf_distill.cli.miniplm import COMMANDS, make_parser
-from hf_distill.miniplm import kept_count, load_scores, mean_token_nll, score, select
+from hf_distill.data.miniplm import kept_count, load_scores, mean_token_nll, score, select
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,7 +287,7 @@ def test_smollm2_scores_real_text(tmp_path):
     if not (DATA / "esnli" / "train.jsonl").exists():
         pytest.skip(f"no task data at {DATA}")
     pytest.importorskip("gguf")
-    from hf_distill.teacher import load_model, load_tokenizer
+    from hf_distill.teachers.loading import load_model, load_tokenizer
 
     rows = [json.loads(line) for line in (DATA / "esnli" / "train.jsonl").read_text().splitlines()[:6]]
     texts = [f"{r['premise']} {r['explanation']}" for r in rows]

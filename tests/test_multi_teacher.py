@@ -10,7 +10,7 @@ from transformers import DataCollatorForLanguageModeling
 
 from hf_distill import DistillationTrainer
 from hf_distill.losses import logit_divergence
-from hf_distill.multi_teacher import mixture_log_probs
+from hf_distill.teachers.ensemble import mixture_log_probs
 
 
 TEXTS = ["the cat sat on the mat", "a dog ran fast", "the big red dog is slow and the cat is small", "one plus two"]

@@ -15,9 +15,9 @@ from transformers import DataCollatorForLanguageModeling
 from trl import ModelConfig
 
 from hf_distill import DistillationConfig, DistillationTrainer
-from hf_distill import teacher as teacher_module
 from hf_distill.losses import logit_divergence
-from hf_distill.teacher import check_teacher_fits, prepare_teacher, quantized_student_kwargs
+from hf_distill.teachers import loading as teacher_module
+from hf_distill.teachers.loading import check_teacher_fits, prepare_teacher, quantized_student_kwargs
 
 
 TEXTS = ["the cat sat on the mat", "a dog ran fast", "the big red dog is slow", "one plus two equals three"]

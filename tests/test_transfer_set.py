@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_llama, make_t5, make_tokenizer
 
-from hf_distill.transfer_set import PROMPT_TEMPLATES, PROMPT_TOPICS, build_transfer_set, default_prompts
+from hf_distill.data.transfer_set import PROMPT_TEMPLATES, PROMPT_TOPICS, build_transfer_set, default_prompts
 
 
 PROMPTS = [

@@ -79,7 +79,7 @@ def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
         )
     import os
 
-    from ..data import load_any_dataset
+    from ..data.loading import load_any_dataset
     from ..teachers.api import generate_completions_dataset
 
     dataset = load_any_dataset(args.dataset, args.dataset_config, args.split)
@@ -106,9 +106,9 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
 
     from accelerate import PartialState
 
-    from ..cache import cache_teacher, tokenize_for_cache
-    from ..data import load_any_dataset
-    from ..teacher import load_tokenizer
+    from ..data.loading import load_any_dataset
+    from ..teachers.cache import cache_teacher, tokenize_for_cache
+    from ..teachers.loading import load_tokenizer
 
     state = PartialState(cpu=args.use_cpu)
     if state.is_main_process:

@@ -93,7 +93,7 @@ def run(argv: list[str], prog: str = "hf-distill miniplm") -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from accelerate import PartialState
 
-    from ..miniplm import SCORE_REPORT_FILE, score, select
+    from ..data.miniplm import SCORE_REPORT_FILE, score, select
 
     if command == "score":
         state = PartialState(cpu=args.use_cpu)

@@ -19,7 +19,7 @@ from ..config import DistillationSFTConfig
 from ..evaluation import teacher_student_metrics
 from ..model_card import build_model_card, teacher_fingerprint
 from ..recipes import Recipe, command_line
-from ..teacher import load_model, load_tokenizer
+from ..teachers.loading import load_model, load_tokenizer
 
 
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -119,7 +119,7 @@ def _generate(model, tokenizer, messages, max_new_tokens=48) -> str:
 
 
 def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
-    from ..transfer_set import build_transfer_set
+    from ..data.transfer_set import build_transfer_set
 
     opts = make_parser(prog).parse_args(argv)
     use_gpu = torch.cuda.is_available()
@@ -211,7 +211,7 @@ def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
         results={
             k: {m: v for m, v in r.items() if m in ("kl", "top1_agreement", "perplexity")} for k, r in results.items()
         },
-        dataset="data-free transfer set sampled from the teacher (hf_distill.transfer_set)",
+        dataset="data-free transfer set sampled from the teacher (hf_distill.data.transfer_set)",
         base_model=opts.teacher,
         teacher_revision=teacher_fingerprint(teacher),
         recipe=Recipe(vars(opts), command_line(prog, [a for k, v in vars(opts).items() for a in (f"--{k}", str(v))])),

@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..config import DistillationConfig
-from ..data import load_any_dataset
-from ..rationales import TEMPLATES
+from ..data.loading import load_any_dataset
+from ..data.rationales import TEMPLATES
 from ..teachers.api import APITeacher, add_api_arguments
 from .recipe_args import parse_args_and_recipe
 
@@ -129,7 +129,7 @@ def make_train_parser(prog: str | None = None) -> TrlParser:
 
 def load_student(name_or_path: str, **init_kwargs):
     """A causal LM or, when its config says encoder-decoder, a seq2seq model (T5)."""
-    from ..teacher import load_model
+    from ..teachers.loading import load_model
 
     auto = AutoModelForCausalLM
     if name_or_path != "smollm2" and getattr(AutoConfig.from_pretrained(name_or_path), "is_encoder_decoder", False):
@@ -138,7 +138,7 @@ def load_student(name_or_path: str, **init_kwargs):
 
 
 def _load_tokenizer(name_or_path: str):
-    from ..teacher import load_tokenizer
+    from ..teachers.loading import load_tokenizer
 
     tokenizer = (
         load_tokenizer(name_or_path) if name_or_path == "smollm2" else AutoTokenizer.from_pretrained(name_or_path)
@@ -151,8 +151,8 @@ def _load_tokenizer(name_or_path: str):
 def build_rationale_trainer(script_args: RationaleScriptArguments, args: DistillationConfig, model_args: ModelConfig):
     """Tokenizer, student, optional teacher, `{input, label, rationale}` rows and the collator -> the trainer."""
     from .. import RationaleCollator
-    from ..rationales import to_rationale_rows
-    from ..teacher import load_model, parse_init_kwargs
+    from ..data.rationales import to_rationale_rows
+    from ..teachers.loading import load_model, parse_init_kwargs
     from ..trainer import DistillationTrainer
 
     if script_args.dataset_name is None:
@@ -217,7 +217,7 @@ def _maybe_peft(model, model_args: ModelConfig):
 
 
 def train(argv: list[str], prog: str) -> dict | None:
-    from ..rationales import evaluate_task_accuracy
+    from ..data.rationales import evaluate_task_accuracy
 
     (script_args, args, model_args), recipe = parse_args_and_recipe(make_train_parser(prog), argv, prog)
     recipe.save(args.output_dir)
@@ -260,7 +260,7 @@ def run(argv: list[str], prog: str = "hf-distill rationales") -> None:
         return
     ns = make_parser(prog).parse_args(argv)
     if ns.command == "generate":
-        from ..rationales import generate_rationales
+        from ..data.rationales import generate_rationales
 
         init_kwargs = json.loads(ns.teacher_init_kwargs) if ns.teacher_init_kwargs else None
         teacher = APITeacher.from_args(ns, model=ns.teacher) or ns.teacher
@@ -288,7 +288,7 @@ def run(argv: list[str], prog: str = "hf-distill rationales") -> None:
         print(f"{len(result)} rows with rationales in {os.path.join(ns.output_dir, 'dataset')}")
     elif ns.command == "evaluate":
         from .. import RationaleCollator
-        from ..rationales import evaluate_task_accuracy
+        from ..data.rationales import evaluate_task_accuracy
 
         model = load_student(ns.model)
         tokenizer = _load_tokenizer(ns.tokenizer or ns.model)

@@ -1,7 +1,7 @@
 """Hidden-state hint losses (FitNets, Romero et al. 2015; DistilBERT / TinyBERT / BERT-PKD hidden-state losses).
 
 A hint pairs the hidden states of one student layer with those of one teacher layer. The student states are first
-projected to the teacher width (`hf_distill.projectors.HintProjectors`), optionally both sides are layer-normalised
+projected to the teacher width (`features.projectors.HintProjectors`), optionally both sides are layer-normalised
 (`hint_normalize`), then one of `HINT_LOSSES` compares them per position:
 
 - `mse`       = mean_H (s - t)^2

@@ -1,7 +1,7 @@
 """Black-box teachers behind OpenAI-compatible endpoints (vLLM, TGI, llama.cpp, Ollama, `transformers serve`, hosted).
 
 A served teacher only returns text, so it serves every place where the teacher writes text: rationales
-(`hf_distill.rationales.generate_rationales`), the data-free transfer set (`hf_distill.transfer_set`) and
+(`hf_distill.data.rationales.generate_rationales`), the data-free transfer set (`hf_distill.data.transfer_set`) and
 sequence-level KD targets (`generate_completions_dataset`, used by `hf-distill cache-teacher --generate`).
 
 - Client: the `openai` package (`pip install "hf-distill[api]"`): it speaks both `/v1/chat/completions` and

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-
-IGNORE_INDEX = -100
+from ..losses import IGNORE_INDEX
 
 
 def split_prompts(batch: dict[str, torch.Tensor], *, is_encoder_decoder: bool = False) -> list[list[int]]:

@@ -24,7 +24,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .teachers.api import APITeacher
+from ..teachers.api import APITeacher
 
 
 logger = logging.getLogger(__name__)

