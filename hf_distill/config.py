@@ -279,6 +279,27 @@ class DistillationArguments:
         default=32, metadata={"help": "Weights per quantization group of `student_quantization` (32 = GGUF block)."}
     )
 
+    # Self-distillation and early exits (hf_distill.teachers.ema, hf_distill.features.early_exit)
+    teacher_ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Self-distillation with a mean teacher: with no teacher given, the teacher is an exponential "
+            "moving average of the student, `ema = decay * ema + (1 - decay) * student` after every optimizer step "
+            "(decay in (0, 1), e.g. 0.999). Saved in checkpoints, never exported. None: off."
+        },
+    )
+    early_exit_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Deep-to-shallow self-distillation: student layers whose hidden states also go through the "
+            "final norm and lm_head and learn the final layer's (detached) distribution: 'uniform' (1/4, 1/2, 3/4 of "
+            "the depth) or a comma-separated / JSON list of layer numbers in [1, num_layers). None: off."
+        },
+    )
+    early_exit_weight: float = field(
+        default=1.0, metadata={"help": "Weight of each early exit's terms (KD x T^2, and CE x ce_weight)."}
+    )
+
     def validate_divergence_fields(self) -> None:
         """Checks of the TAID, ABKD and AKL fields; each error names the field and what it allows."""
         if not 0.0 <= self.taid_t_start < 1.0:
@@ -366,6 +387,7 @@ class DistillationArguments:
                     f"{self.teacher_model_init_kwargs!r} ({err})."
                 ) from err
         self.validate_teacher_sources()
+        self.validate_learning_schemes()
 
     def validate_teacher_sources(self) -> None:
         """Checks of the cache, on-policy, seq_kd and multi-teacher fields."""
@@ -399,6 +421,20 @@ class DistillationArguments:
             from .teachers.cache import check_cache_config
 
             check_cache_config(self)
+
+    def validate_learning_schemes(self) -> None:
+        """Checks of the EMA-teacher and early-exit fields."""
+        if self.teacher_ema_decay is not None and not 0.0 < self.teacher_ema_decay < 1.0:
+            raise ValueError(
+                f"`teacher_ema_decay` must be in (0, 1) (e.g. 0.999; None turns the EMA teacher off), got "
+                f"{self.teacher_ema_decay}."
+            )
+        if self.early_exit_weight < 0:
+            raise ValueError(f"`early_exit_weight` must be >= 0, got {self.early_exit_weight}.")
+        if self.early_exit_layers is not None:
+            from .features.early_exit import parse_exit_layers
+
+            self.early_exit_layers = parse_exit_layers(self.early_exit_layers)
 
 
 def _default_bf16() -> bool:

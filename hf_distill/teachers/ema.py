@@ -1,0 +1,179 @@
+"""Self-distillation with a mean teacher: the teacher is an exponential moving average of the student (Tarvainen and
+Valpola 2017; as a distillation teacher e.g. in DINO and BYOL).
+
+With no teacher given and `teacher_ema_decay` set, the teacher is a frozen deep copy of the student taken when the
+trainer is built, moved after every optimizer step by
+
+    ema = decay * ema + (1 - decay) * student          (every parameter and saved float buffer)
+
+The update reads only the student's weights, which are identical on every process (DDP), so the EMA is too. It is a
+live model with the student's lm_head, so the dense and fused KD paths of `teachers.live` apply unchanged.
+
+`EMACallback` does the update (`on_step_end`) and writes `checkpoint-N/ema_teacher.safetensors` (`on_save`); a
+resumed run restores it bit-exactly with `EMATeacher.load_checkpoint(folder)`. The EMA is never exported: `save_model`
+writes the student only.
+"""
+
+import copy
+import logging
+import os
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import TrainerCallback
+
+from ..heads import unwrap
+from ..terms import LossTerms, SupervisedView
+from .base import SourceContext, TeacherSource
+from .live import FusedLiveTeacher, LiveTeacher, fused_unsupported_reason
+
+
+logger = logging.getLogger(__name__)
+
+EMA_FILENAME = "ema_teacher.safetensors"
+
+
+@torch.no_grad()
+def ema_update_(ema: nn.Module, student: nn.Module, decay: float) -> None:
+    """`ema = decay * ema + (1 - decay) * student`, in place, for every parameter and saved floating-point buffer.
+
+    Args:
+        ema (`nn.Module`): the moving average, same architecture (parameter and buffer names) as `student`.
+        student (`nn.Module`): the trained model (DDP / PEFT wrappers are looked through).
+        decay (`float`): in (0, 1).
+
+    Each tensor is updated as `ema.mul_(decay).add_(student, alpha=1 - decay)` in the EMA's own dtype. Integer
+    buffers and buffers outside the state dict (e.g. rotary `inv_freq`, rebuilt from the config on load) are copied,
+    so a resumed EMA holds exactly what the uninterrupted one does.
+    """
+    student, ema = unwrap(student), unwrap(ema)
+    source = {**dict(student.named_parameters()), **dict(student.named_buffers())}
+    saved = set(ema.state_dict())
+    targets = {**dict(ema.named_parameters()), **dict(ema.named_buffers())}
+    missing = sorted(set(targets) - set(source))
+    if missing:
+        raise ValueError(f"The EMA teacher has tensors the student lacks: {missing[:5]}; it must be a copy of it.")
+    seen: set[int] = set()
+    for name, target in targets.items():
+        if id(target) in seen:  # tied weights: one tensor, updated once
+            continue
+        seen.add(id(target))
+        value = source[name].detach().to(device=target.device, dtype=target.dtype)
+        if target.is_floating_point() and name in saved:
+            target.mul_(decay).add_(value, alpha=1.0 - decay)
+        else:
+            target.copy_(value)
+
+
+def ema_copy(student: nn.Module) -> nn.Module:
+    """A frozen deep copy of the (unwrapped) student in eval mode: the EMA teacher's starting point."""
+    return copy.deepcopy(unwrap(student)).eval().requires_grad_(False)
+
+
+class EMATeacher(TeacherSource):
+    """The moving average of the student as the teacher; dense (`LiveTeacher`) or fused (`FusedLiveTeacher`) KD.
+
+    Args:
+        context (`SourceContext`): the run (config with `teacher_ema_decay`, head, student).
+        fused (`bool`, *optional*): the chunked hidden-state loss; default: `args.use_fused_kd_loss` where
+            `live.fused_unsupported_reason` finds nothing against it.
+        sharded (`bool`): FSDP / DeepSpeed (no fused loss, see `live.fused_unsupported_reason`).
+
+    Attributes:
+        decay (`float`): `args.teacher_ema_decay`.
+        models (`list[nn.Module]`): `[the EMA model]`.
+    """
+
+    name = "ema"
+
+    def __init__(self, context: SourceContext, fused: bool | None = None, sharded: bool = False):
+        super().__init__(context)
+        self.decay = context.args.teacher_ema_decay
+        if self.decay is None or not 0.0 < self.decay < 1.0:
+            raise ValueError(f"EMATeacher needs `teacher_ema_decay` in (0, 1), got {self.decay}.")
+        model = ema_copy(context.student)
+        if fused is None:
+            reason = fused_unsupported_reason(context, model, sharded)
+            fused = bool(context.args.use_fused_kd_loss) and reason is None
+            if context.args.use_fused_kd_loss and reason:
+                logger.info("EMA teacher: materialised logits for the KD loss: %s.", reason)
+        self.inner = (FusedLiveTeacher if fused else LiveTeacher)(context, model)
+        self.fused = fused
+        self.name = "ema-fused" if fused else "ema"
+        self.models = [model]
+
+    @classmethod
+    def active(cls, args: Any, teacher: Any) -> bool:
+        """Picked when no teacher is given and `teacher_ema_decay` is set."""
+        return teacher is None and getattr(args, "teacher_ema_decay", None) is not None
+
+    # ------------------------------------------------------------------------------------------- the source
+    def student_forward_kwargs(self) -> dict[str, Any]:
+        return self.inner.student_forward_kwargs()
+
+    def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> Any:
+        return self.inner.outputs(model_inputs, batch)
+
+    def terms(self, student_outputs: Any, teacher_outputs: Any, view: SupervisedView) -> LossTerms:
+        return self.inner.terms(student_outputs, teacher_outputs, view)
+
+    # ------------------------------------------------------------------------------------------- training state
+    def update(self) -> None:
+        """One EMA step from the student's current weights (after an optimizer step)."""
+        ema_update_(self.model, self.context.student, self.decay)
+
+    def callbacks(self) -> list[TrainerCallback]:
+        """The callbacks the trainer adds: the EMA update after each optimizer step and its checkpoint file."""
+        return [EMACallback(self)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA's tensors (CPU, contiguous, tied weights as separate copies)."""
+        return {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
+
+    def save_checkpoint(self, folder: str | os.PathLike) -> str:
+        """Write `folder/ema_teacher.safetensors` (bit-exact) and return its path."""
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, EMA_FILENAME)
+        save_file(self.state_dict(), path, metadata={"decay": repr(self.decay)})
+        return path
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Restore the EMA from `folder/ema_teacher.safetensors` (raises when absent or of another model/decay)."""
+        path = os.path.join(folder, EMA_FILENAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No {EMA_FILENAME} in {folder}: the checkpoint was saved without an EMA teacher, so a run with "
+                "`teacher_ema_decay` cannot resume from it (its teacher would restart from the current student)."
+            )
+        with safe_open(path, framework="pt") as f:
+            saved_decay = (f.metadata() or {}).get("decay")
+        if saved_decay is not None and saved_decay != repr(self.decay):
+            logger.warning(
+                "%s was written with teacher_ema_decay=%s; resuming with %s.", path, saved_decay, self.decay
+            )
+        state = load_file(path)
+        own = self.model.state_dict()
+        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+            raise ValueError(f"{path} does not hold an EMA of this student (tensor names or shapes differ).")
+        self.model.load_state_dict(state)
+
+
+class EMACallback(TrainerCallback):
+    """Moves the EMA teacher after every optimizer step and writes it into each checkpoint folder.
+
+    Args:
+        source (`EMATeacher`): the source whose model is updated.
+    """
+
+    def __init__(self, source: EMATeacher):
+        self.source = source
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.source.update()
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:  # the folder Trainer._save_checkpoint just wrote (no hyper-parameter search)
+            self.source.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))

@@ -1,0 +1,154 @@
+"""EMA self-distillation (`hf_distill.teachers.ema`): the update against a hand computation, the source's terms equal
+a live teacher's on the same weights (dense and fused), checkpoints restore the EMA bit-exactly, it is never
+exported."""
+
+import copy
+
+import pytest
+import torch
+from conftest import distill_config, make_llama, tokenized_texts
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+
+from hf_distill import DistillationTrainer
+from hf_distill.heads import detect_head
+from hf_distill.teachers.base import SourceContext
+from hf_distill.teachers.ema import EMA_FILENAME, EMATeacher, ema_update_
+from hf_distill.teachers.live import FusedLiveTeacher, LiveTeacher
+from hf_distill.terms import SupervisedView
+
+
+TEXTS = ["the cat sat on the mat and the dog sat too", "a dog", "the big red dog is slow", "one plus two"]
+
+
+def test_update_matches_hand_computation():
+    student, ema = make_llama(2, 32, seed=0), make_llama(2, 32, seed=1)
+    before = {k: v.double().clone() for k, v in ema.state_dict().items()}
+    ema_update_(ema, student, 0.9)
+    for name, value in ema.state_dict().items():
+        if value.is_floating_point():
+            expected = 0.9 * before[name] + 0.1 * student.state_dict()[name].double()
+            assert torch.allclose(value.double(), expected, rtol=0, atol=1e-6), name
+    ema_update_(ema, student, 0.5)  # a second step moves it further towards the student
+    w = "model.layers.0.mlp.up_proj.weight"
+    expected = (
+        0.5 * (0.9 * before[w] + 0.1 * student.state_dict()[w].double()) + 0.5 * student.state_dict()[w].double()
+    )
+    assert torch.allclose(ema.state_dict()[w].double(), expected, atol=1e-6)
+
+
+def test_tied_weights_update_once():
+    student, ema = make_llama(2, 32, seed=0), make_llama(2, 32, seed=1)
+    for model in (student, ema):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    before = ema.lm_head.weight.double().clone()
+    ema_update_(ema, student, 0.9)
+    assert ema.lm_head.weight is ema.model.embed_tokens.weight
+    assert torch.allclose(ema.lm_head.weight.double(), 0.9 * before + 0.1 * student.lm_head.weight.double(), atol=1e-6)
+
+
+def _source(args, student, **kw) -> EMATeacher:
+    return EMATeacher(SourceContext(args, detect_head(student), student), **kw)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_terms_equal_a_live_teacher_on_the_same_weights(tmp_path, tokenizer, fused):
+    args = distill_config(tmp_path, teacher_ema_decay=0.9)
+    student = make_llama(2, 32)
+    source = _source(args, student, fused=fused)
+    assert source.name == ("ema-fused" if fused else "ema") and not source.model.training
+    assert all(not p.requires_grad for p in source.model.parameters())
+    with torch.no_grad():  # move the student so that the EMA differs from it
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    source.update()
+    batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)([tokenizer(t) for t in TEXTS])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    view = SupervisedView.from_batch(batch, detect_head(student))
+    live_cls = FusedLiveTeacher if fused else LiveTeacher
+    live = live_cls(SourceContext(args, detect_head(student), student), copy.deepcopy(source.model))
+    got = source.terms(student(**inputs, **source.student_forward_kwargs()), source.outputs(inputs, batch), view)
+    ref = live.terms(student(**inputs, **live.student_forward_kwargs()), live.outputs(inputs, batch), view)
+    assert set(got.sums) == {"kd", "ce"} and got.sums["kd"] > 0
+    for key in got.sums:
+        assert torch.equal(got.sums[key], ref.sums[key]), key
+    assert got.weights == ref.weights
+
+
+class _EMATrainer(DistillationTrainer):
+    """The current trainer with the EMA source's model as its teacher, its callback, and its checkpoint restore."""
+
+    def __init__(self, *a, ema: EMATeacher, **kw):
+        super().__init__(*a, teacher_model=ema.model, **kw)
+        self.ema = ema
+        for callback in ema.callbacks():
+            self.add_callback(callback)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.ema.load_checkpoint(resume_from_checkpoint)
+
+
+def ema_trainer(tmp_path, tok, **fields) -> _EMATrainer:
+    run = {"teacher_ema_decay": 0.8, "learning_rate": 1e-2, "lr_scheduler_type": "linear", "max_steps": 4, **fields}
+    args = distill_config(tmp_path, **run)
+    student = make_llama(2, 32)
+    ema = _source(args, student)
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    data = tokenized_texts(tok, TEXTS)
+    return _EMATrainer(
+        model=student, ema=ema, args=args, train_dataset=data, data_collator=collator, processing_class=tok
+    )
+
+
+def test_ema_moves_after_every_optimizer_step_and_kd_is_logged(tmp_path, tokenizer):
+    trainer = ema_trainer(tmp_path, tokenizer, max_steps=2, gradient_accumulation_steps=2,
+                          per_device_train_batch_size=2)  # fmt: skip
+    start = {k: v.clone() for k, v in trainer.ema.model.state_dict().items()}
+    steps = []
+    original = trainer.ema.update
+
+    def counted_update():
+        steps.append(trainer.state.global_step)
+        original()
+
+    trainer.ema.update = counted_update
+    trainer.train()
+    assert steps == [1, 2]  # once per optimizer step, not per micro-batch
+    w = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(trainer.ema.model.state_dict()[w], start[w])
+    assert not torch.equal(trainer.ema.model.state_dict()[w], trainer.model.state_dict()[w])
+    assert any("kd_loss" in e for e in trainer.state.log_history)
+
+
+def test_resume_restores_the_ema_exactly_and_it_is_not_exported(tmp_path, tokenizer):
+    full = ema_trainer(tmp_path / "full", tokenizer, save_strategy="steps", save_steps=2)
+    full.train()
+    ckpt = tmp_path / "full" / "out" / "checkpoint-2"
+    assert (ckpt / EMA_FILENAME).exists()
+    resumed = ema_trainer(tmp_path / "resumed", tokenizer)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e and e["step"] > 2] for t in (full, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    for a, b in ((full.model, resumed.model), (full.ema.model, resumed.ema.model)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+
+    full.save_model(str(tmp_path / "export"))
+    assert not (tmp_path / "export" / EMA_FILENAME).exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, full.model.state_dict()[name]), name
+
+
+def test_resume_without_ema_file_and_bad_decay_say_so(tmp_path):
+    args = distill_config(tmp_path, teacher_ema_decay=0.9)
+    source = _source(args, make_llama(2, 32))
+    with pytest.raises(FileNotFoundError, match="teacher_ema_decay"):
+        source.load_checkpoint(tmp_path)
+    source.save_checkpoint(tmp_path / "ok")
+    other = _source(args, make_llama(2, 64))
+    with pytest.raises(ValueError, match="does not hold an EMA of this student"):
+        other.load_checkpoint(tmp_path / "ok")
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="teacher_ema_decay"):
+            distill_config(tmp_path, teacher_ema_decay=bad)
