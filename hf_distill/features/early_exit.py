@@ -147,7 +147,7 @@ def early_exit_terms(
         exit_hidden = norm(view.rows(hidden_states[layer]))  # (N, H)
         if fused:
             stats: dict[str, Any] = {}
-            kd, ce = fused_logit_distillation_loss(
+            result = fused_logit_distillation_loss(
                 exit_hidden,
                 head.weight,
                 final,
@@ -165,6 +165,7 @@ def early_exit_terms(
                 reduction="sum",
                 stats=stats,
             )
+            kd, ce = result if with_ce else (result, None)
             agreement = stats.get("top1_agreement")
         else:
             logits = _logits(exit_hidden, head)
