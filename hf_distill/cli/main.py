@@ -12,6 +12,7 @@ COMMANDS = {
     "rationales": ("hf_distill.cli.rationales", "Generate teacher rationales (distilling step-by-step)."),
     "miniplm": ("hf_distill.cli.miniplm", "MiniPLM Difference Sampling: `miniplm score` and `miniplm select`."),
     "cache-teacher": ("hf_distill.cli.cache_teacher", "Store the teacher's top-k log-probs for offline KD."),
+    "chain": ("hf_distill.cli.chain", "Teacher-assistant chains / born-again generations: one train run per stage."),
     "export": ("hf_distill.cli.export", "Write a saved Llama-family student as a GGUF file (f16, q8_0, q4_0)."),
 }
 
