@@ -2,6 +2,7 @@
 fused), 2 x 2 gradient accumulation equal to a batch of 4, checkpoints of tied peers, every peer saved loadable."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -129,3 +130,31 @@ def test_needs_two_peers_and_a_peer_model(tmp_path):
     with pytest.raises(ValueError, match="PeerStudents"):
         MutualLearning(SourceContext(args, detect_head(student), student))
     assert not MutualLearning.active(student) and MutualLearning.active(PeerStudents([student, make_llama(2, 32)]))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("fused", [False, True])
+def test_two_processes_equal_one_process(tmp_path, fused):
+    """torchrun 2 x batch 2 (DDP over gloo, the PeerStudents wrapper as the one model) == 1 x batch 4."""
+    import sys
+    from pathlib import Path
+
+    from conftest import run_processes
+    from safetensors.torch import load_file
+
+    script = Path(__file__).resolve().parent / "distributed" / "peers_equivalence.py"
+    flags = ["--fused"] if fused else []
+    run_processes([sys.executable, str(script), str(tmp_path / "one"), "--batch_size", "4", *flags])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    run_processes([*torchrun, str(script), str(tmp_path / "two"), "--batch_size", "2", *flags])
+    one, two = (json.loads((tmp_path / n / "result.json").read_text()) for n in ("one", "two"))
+    assert (one["num_processes"], two["num_processes"], two["wrapper"]) == (1, 2, "DistributedDataParallel")
+    assert len(one["log_history"]) == len(two["log_history"]) == 3
+    for a, b in zip(one["log_history"], two["log_history"]):
+        for key in ("loss", "peer0_kd_loss", "peer1_ce_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    for peer in ("peer0", "peer1"):
+        w1 = load_file(tmp_path / "one/final" / peer / "model.safetensors")
+        w2 = load_file(tmp_path / "two/final" / peer / "model.safetensors")
+        for key in w1:
+            torch.testing.assert_close(w1[key], w2[key], atol=1e-5, rtol=0, msg=key)

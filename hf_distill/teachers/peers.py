@@ -70,6 +70,7 @@ class PeerStudents(nn.Module):
         self.peers = nn.ModuleList(peers)
         self.config = unwrap(peers[0]).config  # read by Trainer/TRL checks (use_cache, name_or_path, ...)
         self.main_input_name = getattr(unwrap(peers[0]), "main_input_name", "input_ids")
+        self.generation_config = getattr(unwrap(peers[0]), "generation_config", None)  # TRL sets its pad token
 
     def get_base_model(self) -> nn.Module:
         """Peer 0, which stands for every peer where one model's head or config is asked for (`heads.unwrap`)."""
@@ -115,6 +116,12 @@ class PeerStudents(nn.Module):
                 state[key] = value.clone()
             seen.add(ident)
         return state
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Model-card tags on every peer."""
+        for peer in self.peers:
+            if hasattr(peer, "add_model_tags"):
+                peer.add_model_tags(tags)
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Gradient checkpointing in every peer."""

@@ -1,0 +1,82 @@
+"""Mutual-learning run used by tests/test_peers.py, on 1 process (`python`) or 2 (`torchrun --nproc_per_node 2`).
+
+    CUDA_VISIBLE_DEVICES= torchrun --nproc_per_node 2 tests/distributed/peers_equivalence.py OUT --batch_size 2
+    CUDA_VISIBLE_DEVICES= python tests/distributed/peers_equivalence.py OUT --batch_size 4
+
+Two tiny seeded peers (`PeerStudents`) trained by `MutualLearning` (through tests/source_trainer.py), sequential data,
+SGD; writes OUT/result.json (loss trajectory, wrapper type) and OUT/final/peer0, peer1 (main process).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (conftest helpers)
+
+from conftest import make_llama, make_tokenizer
+from datasets import Dataset
+from kd_equivalence import TEXTS
+from source_trainer import SourceTrainer
+from transformers import DataCollatorForLanguageModeling
+
+from hf_distill import DistillationConfig
+from hf_distill.cli.shutdown import end_distributed_run
+from hf_distill.teachers.peers import MutualLearning, PeerStudents
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--batch_size", type=int, required=True)
+    parser.add_argument("--fused", action="store_true")
+    cli = parser.parse_args()
+    out = Path(cli.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer()
+    data = Dataset.from_dict({"text": TEXTS}).map(lambda r: tok(r["text"]), remove_columns=["text"])
+    args = DistillationConfig(
+        output_dir=str(out / "run"),
+        use_cpu=True,
+        per_device_train_batch_size=cli.batch_size,
+        max_steps=3,
+        train_sampling_strategy="sequential",
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        kd_weight=0.6,
+        ce_weight=0.4,
+        temperature=2.0,
+        use_fused_kd_loss=cli.fused,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = SourceTrainer(
+        model=PeerStudents([make_llama(2, 32, seed=0), make_llama(2, 32, seed=1)]),
+        args=args,
+        train_dataset=data,
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        processing_class=tok,
+        make_source=MutualLearning,
+    )
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out / "final")
+        result = {
+            "num_processes": trainer.accelerator.num_processes,
+            "wrapper": type(trainer.model_wrapped).__name__,
+            "log_history": [e for e in trainer.state.log_history if "loss" in e and "step" in e],
+        }
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
+    end_distributed_run()
