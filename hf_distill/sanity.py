@@ -78,12 +78,13 @@ def check_first_step_kd(
     warning (once per process) and returns it. Later calls, and evaluation, return None at once.
 
     Args:
-        trainer (`DistillationMixin`): reads `model` (the student) and `teacher`; marks itself as checked.
+        trainer (`DistillationMixin`): reads `model` (the student) and `teacher`; its public `kd_signal_checked` flag
+            is set after the first training call.
         kd_sum, n_tokens, student_logits, teacher_logits: as in `kd_signal_problem`.
     """
-    if getattr(trainer, "_kd_signal_checked", False) or not trainer.model.training:
+    if getattr(trainer, "kd_signal_checked", False) or not trainer.model.training:
         return None
-    trainer._kd_signal_checked = True
+    trainer.kd_signal_checked = True
     problem = kd_signal_problem(kd_sum, n_tokens, trainer.model, trainer.teacher, student_logits, teacher_logits)
     if problem is not None:
         warn_once(problem)

@@ -56,6 +56,24 @@ def test_teacher_is_not_part_of_accelerate_state(tmp_path, tokenizer):
     assert set(load_file(tmp_path / "state" / "model.safetensors")) == set(trainer.model.state_dict())
 
 
+def test_unregister_model_on_the_pinned_accelerate(tmp_path):
+    """`unregister_model` edits accelerate's private `_models` list (no public API); this pins that it still exists
+    and still decides what `save_state` writes, so an accelerate upgrade that changes it fails here first."""
+    from accelerate import Accelerator
+
+    from hf_distill.teachers.loading import unregister_model
+
+    accelerator = Accelerator(cpu=True)
+    kept, dropped = accelerator.prepare_model(torch.nn.Linear(2, 2)), accelerator.prepare_model(torch.nn.Linear(3, 3))
+    assert isinstance(accelerator._models, list) and len(accelerator._models) == 2
+    unregister_model(accelerator, dropped)
+    assert accelerator._models == [kept]
+    accelerator.save_state(str(tmp_path / "state"))
+    files = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert "model.safetensors" in files and not any(name.startswith("model_1") for name in files)
+    assert set(load_file(tmp_path / "state" / "model.safetensors")) == {"weight", "bias"}
+
+
 def test_teacher_sharing_the_students_parameters_is_rejected(tmp_path, tokenizer):
     base = make_llama(2, 32)
     student = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))  # injects adapters into `base`
