@@ -26,6 +26,7 @@ from trl import SFTTrainer
 
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
 from .data.collators import TeacherCacheCollator
+from .features.early_exit import EarlyExits
 from .features.hints import HintDistiller
 from .features.projectors import ProjectorGradReset, load_projectors, save_projectors
 from .heads import detect_head
@@ -35,10 +36,12 @@ from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_if_too_
 from .taid import TaidCallback
 from .teachers import SourceContext, SourceRequest, TeacherSource, select_teacher_source
 from .teachers.cache import CACHE_BATCH_KEYS, TeacherCache
+from .teachers.ema import self_taught
 from .teachers.ensemble import check_teacher_list
 from .teachers.live import FusedLiveTeacher, fused_unsupported_reason
 from .teachers.loading import load_teacher, prepare_teacher, unregister_model
 from .teachers.onpolicy import PolicyBatchRewriter
+from .teachers.peers import MutualLearning, save_peers
 from .terms import TASK_COUNTS_KEY, LossTerms, SupervisedView, add_window_task_counts, normalised_loss, terms_per_task
 
 
@@ -100,7 +103,8 @@ class DistillationMixin:
                 "or `teacher_model_name_or_path`)."
             )
         self.teacher_cache = self._open_teacher_cache(args, teacher_model, kwargs)
-        if teacher_model is None and self._needs_teacher(args):
+        taught_by_itself = self_taught(args, model, teacher_model)  # EMA teacher or peers (issue 20)
+        if teacher_model is None and self._needs_teacher(args) and not taught_by_itself:
             raise ValueError(
                 "No teacher given: pass `teacher_model=` (a model or a Hub id/path) or set "
                 "`teacher_model_name_or_path` in the config. To fine-tune without a teacher set `kd_weight=0`."
@@ -129,6 +133,9 @@ class DistillationMixin:
         request = SourceRequest(context, self.teachers, self.teacher_cache, fused)
         self.teacher_source: TeacherSource = select_teacher_source(request)
         logger.info("Teacher source: %s.", self.teacher_source.name)
+        for callback in getattr(self.teacher_source, "callbacks", list)():  # e.g. the EMA teacher's update
+            self.add_callback(callback)
+        self._early_exits = EarlyExits(args, student, self._vocab_size) if EarlyExits.active(args) else None
         if self.teacher_cache is not None:
             self.data_collator = TeacherCacheCollator(self.teacher_cache, self.data_collator)
         self._policy = None
@@ -277,6 +284,10 @@ class DistillationMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As `Trainer.save_model`; a QAT student (`student_quantization`) is saved with its weights rounded onto the
         int grid, except in checkpoints (`checkpoint-N`), which keep the latent fp32 weights for resuming."""
+        if not _internal_call and MutualLearning.active(self.model):  # every peer to output_dir/peer{i}
+            return save_peers(
+                self.model, output_dir or self.args.output_dir, self.processing_class, self.args.should_save
+            )
         if self.args.student_quantization is None or (_internal_call and output_dir is not None):
             return super().save_model(output_dir, _internal_call)
         with fake_quantized_weights(self.accelerator.unwrap_model(self.model)):
@@ -284,6 +295,8 @@ class DistillationMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if hasattr(self.teacher_source, "load_checkpoint"):  # training state of the source (the EMA teacher)
+            self.teacher_source.load_checkpoint(resume_from_checkpoint)
         projectors = self._projectors()
         if projectors is not None:
             load_projectors(projectors, resume_from_checkpoint)
@@ -320,13 +333,15 @@ class DistillationMixin:
         model_inputs = self._model_inputs(inputs)
         self._check_length(inputs)
         source = self.teacher_source
-        outputs = model(**model_inputs, **source.student_forward_kwargs())
+        exit_kwargs = self._early_exits.forward_kwargs() if self._early_exits is not None else {}
+        outputs = model(**model_inputs, **{**source.student_forward_kwargs(), **exit_kwargs})
         teacher_outputs = source.outputs(model_inputs, inputs)
         self._check_finite(teacher_outputs, outputs, inputs)
 
         def logit_terms(v: SupervisedView) -> LossTerms:
             terms = source.terms(outputs, teacher_outputs, v)
-            if "kd" in terms.sums:  # warns once if KD is exactly 0 (or has no tokens) on the first step
+            # warns once if KD is exactly 0 (or has no tokens) on the first step; an EMA teacher starts as the student
+            if "kd" in terms.sums and not getattr(source, "starts_as_student", False):
                 check_first_step_kd(self, terms.sums["kd"], terms.n_items)
             return terms
 
@@ -336,6 +351,8 @@ class DistillationMixin:
             hint_sums, hint_weights = self._hints.terms(outputs, teacher_outputs, inputs, self._head, view.n_items)
             terms.sums.update(hint_sums)
             terms.weights.update(hint_weights)
+        if self._early_exits is not None:  # deep-to-shallow self-distillation (features/early_exit.py)
+            terms.update(self._early_exits.terms(outputs, view))
         return terms, view, outputs
 
     def _loss_terms(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[dict, dict, torch.Tensor, Any]:

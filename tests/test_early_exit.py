@@ -96,3 +96,34 @@ def test_exits_add_no_parameters_and_need_hidden_states(tmp_path, tokenizer):
         exits.terms(out, SupervisedView.from_batch(batch, detect_head(model)))
     with pytest.raises(ValueError, match=r"outside \[1, 4\)"):
         EarlyExits(distill_config(tmp_path, early_exit_layers=[0]), model)
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_trainer_logs_each_exit_and_exports_an_ordinary_model(tmp_path, tokenizer, with_teacher):
+    from conftest import tokenized_texts
+    from transformers import AutoModelForCausalLM
+
+    from hf_distill import DistillationTrainer
+
+    trainer = DistillationTrainer(
+        model=make_llama(4, 32),
+        teacher_model=make_llama(4, 64, seed=1) if with_teacher else None,
+        args=distill_config(
+            tmp_path,
+            early_exit_layers=[1, 2],
+            early_exit_weight=0.5,
+            kd_weight=0.5 if with_teacher else 0.0,
+            ce_weight=0.5,
+        ),
+        train_dataset=tokenized_texts(tokenizer, TEXTS),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = next(e for e in trainer.state.log_history if "exit1_kd_loss" in e)
+    expected = {"exit1_kd_loss", "exit1_ce_loss", "exit2_kd_loss", "exit2_ce_loss", "exit1_agreement", "ce_loss"}
+    assert expected <= set(logged) and ("kd_loss" in logged) == with_teacher
+    trainer.save_model(str(tmp_path / "export"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert type(reloaded) is type(trainer.model) and reloaded.config.num_hidden_layers == 4
+    assert set(reloaded.state_dict()) == set(make_llama(4, 32).state_dict())

@@ -74,30 +74,19 @@ def test_terms_equal_a_live_teacher_on_the_same_weights(tmp_path, tokenizer, fus
     assert got.weights == ref.weights
 
 
-class _EMATrainer(DistillationTrainer):
-    """The current trainer with the EMA source's model as its teacher, its callback, and its checkpoint restore."""
-
-    def __init__(self, *a, ema: EMATeacher, **kw):
-        super().__init__(*a, teacher_model=ema.model, **kw)
-        self.ema = ema
-        for callback in ema.callbacks():
-            self.add_callback(callback)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.ema.load_checkpoint(resume_from_checkpoint)
-
-
-def ema_trainer(tmp_path, tok, **fields) -> _EMATrainer:
+def ema_trainer(tmp_path, tok, **fields) -> DistillationTrainer:
+    """A trainer given no teacher and `teacher_ema_decay`: its source is the EMA of the student."""
     run = {"teacher_ema_decay": 0.8, "learning_rate": 1e-2, "lr_scheduler_type": "linear", "max_steps": 4, **fields}
-    args = distill_config(tmp_path, **run)
-    student = make_llama(2, 32)
-    ema = _source(args, student)
-    collator = DataCollatorForLanguageModeling(tok, mlm=False)
-    data = tokenized_texts(tok, TEXTS)
-    return _EMATrainer(
-        model=student, ema=ema, args=args, train_dataset=data, data_collator=collator, processing_class=tok
+    trainer = DistillationTrainer(
+        model=make_llama(2, 32),
+        args=distill_config(tmp_path, **run),
+        train_dataset=tokenized_texts(tok, TEXTS),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        processing_class=tok,
     )
+    trainer.ema = trainer.teacher_source
+    assert isinstance(trainer.ema, EMATeacher) and trainer.ema.name == "ema-fused" and trainer.teacher is None
+    return trainer
 
 
 def test_ema_moves_after_every_optimizer_step_and_kd_is_logged(tmp_path, tokenizer):
@@ -138,6 +127,13 @@ def test_resume_restores_the_ema_exactly_and_it_is_not_exported(tmp_path, tokeni
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, full.model.state_dict()[name]), name
+
+
+def test_a_teacher_and_an_ema_teacher_are_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="drop one of them"):
+        DistillationTrainer(model=make_llama(2, 32), teacher_model=make_llama(2, 32, seed=1),
+                            args=distill_config(tmp_path, teacher_ema_decay=0.9),
+                            train_dataset=tokenized_texts(tokenizer, TEXTS), processing_class=tokenizer)  # fmt: skip
 
 
 def test_resume_without_ema_file_and_bad_decay_say_so(tmp_path):

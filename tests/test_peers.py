@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import distill_config, make_llama, one_sgd_step, tokenized_texts
-from source_trainer import SourceTrainer
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
 
+from hf_distill import DistillationTrainer
 from hf_distill.heads import detect_head
 from hf_distill.teachers.base import SourceContext
 from hf_distill.teachers.peers import MutualLearning, PeerStudents, peer_folders
@@ -63,16 +63,19 @@ def test_gradients_match_a_float64_reference(tmp_path, tokenizer, fused, n_peers
     assert "top1_agreement" in terms.metrics
 
 
-def peer_trainer(tmp_path, tok, peers=None, **fields) -> SourceTrainer:
+def peer_trainer(tmp_path, tok, peers=None, **fields) -> DistillationTrainer:
+    """A trainer whose model is `PeerStudents`: its source is mutual learning, no teacher needed."""
     model = PeerStudents(peers or [make_llama(2, 32, seed=0), make_llama(2, 32, seed=1)])
-    return SourceTrainer(
+    trainer = DistillationTrainer(
         model=model,
         args=distill_config(tmp_path, kd_weight=0.6, ce_weight=0.4, **fields),
         train_dataset=tokenized_texts(tok, TEXTS),
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok,
-        make_source=MutualLearning,
     )
+    trainer.source = trainer.teacher_source
+    assert isinstance(trainer.source, MutualLearning) and trainer.teacher is None
+    return trainer
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -96,9 +99,11 @@ def test_every_peer_is_saved_and_loadable_and_logs_its_terms(tmp_path, tokenizer
     trainer.train()
     logged = next(e for e in trainer.state.log_history if "peer0_kd_loss" in e)
     assert {"peer0_ce_loss", "peer1_ce_loss", "peer1_kd_loss", "top1_agreement"} <= set(logged)
-    folders = trainer.model.save_pretrained(tmp_path / "export")
-    assert peer_folders(tmp_path / "export") == folders and len(folders) == 2
+    trainer.save_model(str(tmp_path / "export"))  # the trainer's export: one folder per peer, with the tokenizer
+    folders = peer_folders(tmp_path / "export")
+    assert len(folders) == 2 and not (tmp_path / "export" / "model.safetensors").exists()
     for folder, peer in zip(folders, trainer.model.peers):
+        assert AutoTokenizer.from_pretrained(folder).vocab_size == tokenizer.vocab_size
         reloaded = AutoModelForCausalLM.from_pretrained(folder)
         assert type(reloaded) is type(peer)
         for name, value in reloaded.state_dict().items():

@@ -20,8 +20,10 @@ from torch import nn
 from .base import SourceContext, TeacherSource
 from .cache import TeacherCache
 from .cached import CacheTeacher
+from .ema import EMATeacher
 from .ensemble import EnsembleTeacher
 from .live import FusedLiveTeacher, LiveTeacher
+from .peers import MutualLearning
 
 
 @dataclass
@@ -48,6 +50,8 @@ SOURCES: list[tuple[str, Callable[[SourceRequest], bool], Callable[[SourceReques
     ("ensemble", lambda r: len(r.teachers) > 1, lambda r: EnsembleTeacher(r.context, r.teachers)),
     ("live-fused", lambda r: len(r.teachers) == 1 and r.fused, lambda r: FusedLiveTeacher(r.context, r.teachers[0])),
     ("live", lambda r: len(r.teachers) == 1, lambda r: LiveTeacher(r.context, r.teachers[0])),
+    ("peers", lambda r: MutualLearning.active(r.context.student), lambda r: MutualLearning(r.context)),
+    ("ema", lambda r: r.context.args.teacher_ema_decay is not None, lambda r: EMATeacher(r.context)),
     ("none", lambda r: True, lambda r: TeacherSource(r.context)),
 ]
 

@@ -88,6 +88,7 @@ class EMATeacher(TeacherSource):
     """
 
     name = "ema"
+    starts_as_student = True  # KD is exactly 0 on the first step by construction (no "dead KD" warning)
 
     def __init__(self, context: SourceContext, fused: bool | None = None, sharded: bool = False):
         super().__init__(context)
@@ -159,6 +160,25 @@ class EMATeacher(TeacherSource):
         if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
             raise ValueError(f"{path} does not hold an EMA of this student (tensor names or shapes differ).")
         self.model.load_state_dict(state)
+
+
+def self_taught(args: Any, model: nn.Module, teacher: Any) -> bool:
+    """Whether the run is its own teacher, so that no teacher model is needed: an EMA of the student
+    (`teacher_ema_decay`) or peers teaching each other (`PeerStudents`). Raises a ValueError when a teacher is given
+    as well, which would be ambiguous."""
+    from .peers import MutualLearning
+
+    ema, peers = getattr(args, "teacher_ema_decay", None) is not None, MutualLearning.active(model)
+    if (ema or peers) and (teacher is not None or getattr(args, "teacher_cache", None) is not None):
+        what = (
+            "`teacher_ema_decay` (the teacher is an EMA of the student)"
+            if ema
+            else "PeerStudents (peers teach each other)"
+        )
+        raise ValueError(f"{what} and a teacher (`teacher_model` / `teacher_cache`) are both given; drop one of them.")
+    if ema and peers:
+        raise ValueError("`teacher_ema_decay` and PeerStudents are both set; choose one self-distillation scheme.")
+    return ema or peers
 
 
 class EMACallback(TrainerCallback):

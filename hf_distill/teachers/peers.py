@@ -147,6 +147,16 @@ class PeerStudents(nn.Module):
         return folders
 
 
+def save_peers(model: nn.Module, output_dir: str, processing_class: Any = None, is_main_process: bool = True) -> None:
+    """The export of a mutual-learning run (`DistillationMixin.save_model`): every peer to `output_dir/peer{i}`, with
+    the tokenizer (or processor) beside each, so each folder loads with `from_pretrained`."""
+    if not is_main_process:
+        return
+    for folder in unwrap_peers(model).save_pretrained(output_dir):
+        if processing_class is not None:
+            processing_class.save_pretrained(folder)
+
+
 def peer_folders(directory: str | os.PathLike) -> list[str]:
     """The peer folders `PeerStudents.save_pretrained` wrote in `directory`, in peer order."""
     with open(os.path.join(directory, PEERS_FILE), encoding="utf-8") as f:

@@ -3,8 +3,8 @@
     CUDA_VISIBLE_DEVICES= torchrun --nproc_per_node 2 tests/distributed/peers_equivalence.py OUT --batch_size 2
     CUDA_VISIBLE_DEVICES= python tests/distributed/peers_equivalence.py OUT --batch_size 4
 
-Two tiny seeded peers (`PeerStudents`) trained by `MutualLearning` (through tests/source_trainer.py), sequential data,
-SGD; writes OUT/result.json (loss trajectory, wrapper type) and OUT/final/peer0, peer1 (main process).
+Two tiny seeded peers (`PeerStudents`) trained by `MutualLearning` (the trainer's `peers` source), sequential data,
+SGD; writes OUT/result.json (loss trajectory, wrapper type) and OUT/final/peer0, peer1 (`save_model`).
 """
 
 import argparse
@@ -18,10 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (conftest
 from conftest import make_llama, make_tokenizer
 from datasets import Dataset
 from kd_equivalence import TEXTS
-from source_trainer import SourceTrainer
 from transformers import DataCollatorForLanguageModeling
 
-from hf_distill import DistillationConfig
+from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cli.shutdown import end_distributed_run
 from hf_distill.teachers.peers import MutualLearning, PeerStudents
 
@@ -58,17 +57,17 @@ def main() -> None:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = SourceTrainer(
+    trainer = DistillationTrainer(
         model=PeerStudents([make_llama(2, 32, seed=0), make_llama(2, 32, seed=1)]),
         args=args,
         train_dataset=data,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok,
-        make_source=MutualLearning,
     )
+    assert isinstance(trainer.teacher_source, MutualLearning)
     trainer.train()
+    trainer.save_model(str(out / "final"))
     if trainer.accelerator.is_main_process:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out / "final")
         result = {
             "num_processes": trainer.accelerator.num_processes,
             "wrapper": type(trainer.model_wrapped).__name__,
