@@ -40,8 +40,6 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from _common import format_table, write_json  # noqa: E402
 
 from hf_distill import DistillationSFTTrainer  # noqa: E402
-from hf_distill.teachers.base import SourceContext, TeacherSource  # noqa: E402
-from hf_distill.terms import SupervisedView, normalised_loss  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,37 +61,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default="kd_direct,kd_chain,ce_only,mutual,ema,early_exit")
     return p.parse_args()
-
-
-class SchemeTrainer(DistillationSFTTrainer):
-    """Runs one `TeacherSource` (+ optional extra terms) per micro-batch as `teachers/base.py` describes, for the
-    schemes the trainer does not dispatch to yet (mutual learning, early exits)."""
-
-    @staticmethod
-    def _needs_teacher(args: Any) -> bool:
-        return False
-
-    def __init__(self, *args: Any, make_source, extra=None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        context = SourceContext(
-            self.args, self._head, self.accelerator.unwrap_model(self.model), self.processing_class
-        )
-        self.source, self.extra = make_source(context), extra(context) if extra is not None else None
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        model_inputs = self._model_inputs(inputs)
-        kwargs = self.source.student_forward_kwargs()
-        if self.extra is not None:
-            kwargs = {**kwargs, **self.extra.forward_kwargs()}
-        outputs = model(**model_inputs, **kwargs)
-        view = SupervisedView.from_batch(inputs, self._head)
-        terms = self.source.terms(outputs, self.source.outputs(model_inputs, inputs), view)
-        if self.extra is not None:
-            terms.update(self.extra.terms(outputs, view))
-        loss, metrics = normalised_loss(terms, view, self.args, num_items_in_batch, self.accelerator.num_processes)
-        for name, (value, count) in metrics.items():
-            self._record_sum(name, value, count)
-        return (loss, outputs) if return_outputs else loss
 
 
 def setting(opts: argparse.Namespace) -> dict[str, Any]:
@@ -221,14 +188,12 @@ def run_one(name: str, opts, env) -> dict[str, Any]:
         )
         seconds = train(t)
         return {"rows": {"ce_only": held_out(t.model, env, t)}, "seconds": seconds}
-    if name == "mutual":
-        from hf_distill.teachers.peers import MutualLearning, PeerStudents
+    if name == "mutual":  # the trainer's `peers` source: the model is PeerStudents, no teacher
+        from hf_distill.teachers.peers import PeerStudents
 
         shifted = list(range(2, 30, 3))  # 2, 5, ..., 29: another 10 of the teacher's layers
         model = PeerStudents([student(teacher, 10), student(teacher, shifted)])
-        t = SchemeTrainer(
-            model=model, args=config(opts, name, S, kd_weight=1.0, ce_weight=1.0), make_source=MutualLearning, **common
-        )
+        t = DistillationSFTTrainer(model=model, args=config(opts, name, S, kd_weight=1.0, ce_weight=1.0), **common)
         seconds = train(t)
         return {
             "rows": {
@@ -236,40 +201,27 @@ def run_one(name: str, opts, env) -> dict[str, Any]:
                 "mutual peer1 (layers 2,5..29)": held_out(model.peers[1], env, t),
             },
             "seconds": seconds,
-            "fused": t.source.fused,
+            "fused": t.teacher_source.fused,
         }
-    if name == "ema":
-        from hf_distill.heads import detect_head
-        from hf_distill.teachers.ema import EMATeacher
-
+    if name == "ema":  # the trainer's `ema` source: no teacher, teacher_ema_decay set
         model = student(teacher, 10)
         args = config(opts, name, S, kd_weight=0.5, ce_weight=1.0, teacher_ema_decay=opts.ema_decay)
-        ema = EMATeacher(SourceContext(args, detect_head(model), model))
-        # the current trainer with the EMA model as its (live, fused) teacher and the EMA callback
-        t = DistillationSFTTrainer(model=model, teacher_model=ema.model, args=args, **common)
-        for callback in ema.callbacks():
-            t.add_callback(callback)
+        t = DistillationSFTTrainer(model=model, args=args, **common)
         seconds = train(t)
         return {
             "rows": {
                 f"ema (decay {opts.ema_decay})": held_out(t.model, env, t),
-                "ema teacher itself": held_out(ema.model, env, t),
+                "ema teacher itself": held_out(t.teacher_source.model, env, t),
             },
             "seconds": seconds,
         }
-    if name == "early_exit":
-        from hf_distill.features.early_exit import EarlyExits
+    if name == "early_exit":  # CE + the trainer's early-exit terms, no teacher
+        from hf_distill.features.early_exit import resolve_exit_layers
 
         model = student(teacher, 10)
         args = config(opts, name, S, kd_weight=0.0, ce_weight=1.0, early_exit_layers="uniform", early_exit_weight=0.5)
-        t = SchemeTrainer(
-            model=model,
-            args=args,
-            make_source=TeacherSource,
-            extra=lambda ctx: EarlyExits(ctx.args, ctx.student),
-            **common,
-        )
-        layers = t.extra.layers
+        t = DistillationSFTTrainer(model=model, args=args, **common)
+        layers = resolve_exit_layers("uniform", model.config.num_hidden_layers)
         before = exit_agreement(model, layers, t.get_eval_dataloader())
         seconds = train(t)
         after = exit_agreement(model, layers, t.get_eval_dataloader())
