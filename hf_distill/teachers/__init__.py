@@ -51,7 +51,7 @@ SOURCES: list[tuple[str, Callable[[SourceRequest], bool], Callable[[SourceReques
     ("live-fused", lambda r: len(r.teachers) == 1 and r.fused, lambda r: FusedLiveTeacher(r.context, r.teachers[0])),
     ("live", lambda r: len(r.teachers) == 1, lambda r: LiveTeacher(r.context, r.teachers[0])),
     ("peers", lambda r: MutualLearning.active(r.context.student), lambda r: MutualLearning(r.context)),
-    ("ema", lambda r: r.context.args.teacher_ema_decay is not None, lambda r: EMATeacher(r.context)),
+    ("ema", lambda r: EMATeacher.active(r.context.args, None), lambda r: EMATeacher(r.context)),
     ("none", lambda r: True, lambda r: TeacherSource(r.context)),
 ]
 
