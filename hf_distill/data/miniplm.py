@@ -39,6 +39,7 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
 from ..teachers.loading import check_same_tokenizer, load_model, load_tokenizer, output_vocab_size
 from .loading import load_any_dataset
@@ -204,11 +205,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_ids` and `attention_mask`, both `(B, T)` with T the longest sequence, padded on the right."""
-    input_ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, seq in enumerate(seqs):
-        input_ids[b, : len(seq)] = torch.tensor(seq)
-        attention_mask[b, : len(seq)] = 1
+    input_ids = pad([torch.tensor(seq, dtype=torch.long) for seq in seqs], pad_id, "right")
+    attention_mask = pad([torch.ones(len(seq), dtype=torch.long) for seq in seqs], 0, "right")
     return input_ids, attention_mask
 
 

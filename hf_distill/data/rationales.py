@@ -22,6 +22,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from trl.trainer.utils import pad
 
 from ..jobs import check_or_record_settings, read_appended_records
 from ..teachers.api import APITeacher
@@ -109,14 +110,10 @@ class _StopOnText(StoppingCriteria):
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            input_ids[i, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[i, length - len(seq) :] = 1
+def _padded(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask`, both `(B, T)` long with T the longest sequence, padded on `side`."""
+    input_ids = pad([torch.tensor(seq, dtype=torch.long) for seq in sequences], pad_id, side)
+    attention_mask = pad([torch.ones(len(seq), dtype=torch.long) for seq in sequences], 0, side)
     return input_ids, attention_mask
 
 
@@ -136,15 +133,8 @@ def _generate(
 ) -> list[str]:
     """Generated text after each prompt (greedy unless `do_sample=True`), special tokens removed."""
     device = next(model.parameters()).device
-    if seq2seq:
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), length), _pad_id(tokenizer), dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, seq in enumerate(sequences):
-            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[i, : len(seq)] = 1
-    else:
-        input_ids, attention_mask = _left_pad(sequences, _pad_id(tokenizer))
+    # encoder inputs are right-padded; decoder-only generation continues from the last column: left padding
+    input_ids, attention_mask = _padded(sequences, _pad_id(tokenizer), "right" if seq2seq else "left")
     criteria = StoppingCriteriaList([_StopOnText(tokenizer, 0 if seq2seq else input_ids.shape[1], stops)])
     eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))} - {None}
     output = model.generate(

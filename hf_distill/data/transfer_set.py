@@ -23,6 +23,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
 from ..teachers.api import APITeacher
 
@@ -159,11 +160,8 @@ def _generate_batch(
     encoded = [_prompt_ids(tokenizer, p) for p in prompts]
     width = max(len(ids) for ids in encoded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)  # (B, T)
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
+    input_ids = pad([torch.tensor(ids, dtype=torch.long) for ids in encoded], pad_id, "left")  # (B, T)
+    attention_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in encoded], 0, "left")  # (B, T)
     device = next(teacher.parameters()).device
     fork_devices = [device] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=fork_devices):

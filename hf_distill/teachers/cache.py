@@ -68,6 +68,7 @@ from datasets import Dataset, concatenate_datasets
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
 from ..heads import IGNORE_INDEX, aligned_labels, aligned_logits, divergence_kwargs, supervised_mask
 from ..losses.sparse import SPARSE_LOSSES, sparse_logit_divergence
@@ -281,12 +282,8 @@ def score_rows(
         `list` of B triples on CPU: ids `(n_b, k)` int32, log-probs `(n_b, k)` fp32, log tail mass `(n_b,)` fp32.
     """
     device = next(teacher.parameters()).device
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, row in enumerate(rows):
-        input_ids[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        attention_mask[b, : len(row)] = 1
+    input_ids = pad([torch.as_tensor(row, dtype=torch.long) for row in rows], pad_token_id, "right")  # (B, T)
+    attention_mask = pad([torch.ones(len(row), dtype=torch.long) for row in rows], 0, "right")  # (B, T)
     if int(input_ids.max()) >= vocab_size:
         raise ValueError(
             f"Token id {int(input_ids.max())} is outside the teacher's vocabulary ({vocab_size}); the dataset was "
