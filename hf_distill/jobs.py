@@ -70,6 +70,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     write_text_atomic(path, json.dumps(obj, indent=indent))
 
 
+def batched(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` items of `items` (the last may be shorter); `itertools.batched` from Python 3.12."""
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
 # ----------------------------------------------------------------------------------------------- settings
 def _differing(
     old: Mapping[str, Any], settings: Mapping[str, Any], keys: Iterable[str], defaults: Mapping[str, Any]
@@ -321,6 +327,11 @@ class ResumableJob:
         self.check_settings()
         if not self.settings_path.exists():
             self.record_settings()
+
+    @staticmethod
+    def batched(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
+        """Consecutive lists of `size` items (the last may be shorter)."""
+        return batched(items, size)
 
     @staticmethod
     def todo(items: Iterable[Any], done: Collection[Any]) -> list[Any]:

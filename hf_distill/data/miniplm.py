@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,11 +208,6 @@ def _nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return mean_token_nll(logits, ids, mask).double().cpu().tolist()
 
 
-def _batched(items: list[int], size: int) -> Iterator[list[int]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def _prepare(model: PreTrainedModel | str, init_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
     if isinstance(model, str | os.PathLike):
         model = load_model(str(model), **init_kwargs)
@@ -320,7 +315,7 @@ def score(
         shards = job.shard_writer(shard_dir, ".jsonl")
         progress = tqdm(total=len(mine), desc="MiniPLM scoring", unit="inst", disable=not state.is_main_process)
         buffer, n_batches, n_done, n_tok = [], 0, 0, 0
-        for batch in _batched(mine, batch_size):
+        for batch in job.batched(mine, batch_size):
             rows = sorted({plan["row"][i] for i in batch})
             row_tokens = dict(zip(rows, tokens[rows]["input_ids"]))
             seqs = [row_tokens[plan["row"][i]][plan["start"][i] :][: plan["n_tokens"][i]] for i in batch]

@@ -54,7 +54,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,11 +301,6 @@ def score_rows(
     return list(zip(ids.int().cpu().split(counts), values.cpu().split(counts), tail.cpu().split(counts), strict=True))
 
 
-def _batched(items: list[int], size: int) -> Iterator[list[int]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def _unreadable_shard(path: Path, error: Exception) -> ValueError:
     return ValueError(
         f"The teacher cache shard {path} is unreadable ({type(error).__name__}: {error}); the file is truncated or "
@@ -515,7 +510,7 @@ def cache_teacher(
         shards = job.shard_writer(shard_dir, ".arrow")
         progress = tqdm(total=len(mine), desc="Caching teacher top-k", unit="row", disable=not state.is_main_process)
         buffer, n_tokens = [], 0
-        for batch in _batched(list(mine), batch_size):
+        for batch in job.batched(mine, batch_size):
             chunk = dataset[batch]
             rows = [{column: values[j] for column, values in chunk.items()} for j in range(len(batch))]
             seqs = [list(r["input_ids"][:max_length]) for r in rows]
