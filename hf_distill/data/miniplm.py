@@ -16,6 +16,7 @@ Resume. `score` appends one JSON-lines shard per process every `flush_every` bat
 renamed, so a kill never leaves a torn shard) under `<output_dir>/shards/`, and keeps `<output_dir>/state.json`. A
 re-run with the same corpus and settings reads the finished ids from the shards, scores only the rest, and the main
 process merges everything into `<output_dir>/scores.parquet` with exactly one row per instance in corpus order.
+The settings check, shard writing and splitting are `hf_distill.jobs.ResumableJob`'s (docs/resumable_jobs.md).
 """
 
 import hashlib

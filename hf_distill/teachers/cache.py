@@ -48,6 +48,7 @@ Resume and processes. Shards are written every `rows_per_shard` rows, to a tempo
 leaves a torn shard). A re-run reads the row ids already cached (checking their input digests), splits the rest across
 processes with `accelerate.PartialState.split_between_processes` (`accelerate launch` / `torchrun`) and caches only
 those. Rows of another dataset may be added to the same cache (e.g. an evaluation split) if their ids are distinct.
+The settings check, shard writing and splitting are `hf_distill.jobs.ResumableJob`'s (docs/resumable_jobs.md).
 """
 
 import hashlib
