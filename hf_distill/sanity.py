@@ -159,3 +159,20 @@ def warn_mixed_precision_mismatch(args: Any) -> str | None:
     if problem is not None and getattr(args, "process_index", 0) == 0:
         warn_once(problem)
     return problem
+
+
+def warn_if_too_long(length: int, models: dict[str, nn.Module | None]) -> str | None:
+    """Warn once (and return the message) when a batch of `length` positions is longer than a model's
+    `max_position_embeddings` (`max_length` not set); `models` maps a role ("student", "teacher") to the unwrapped
+    model, or None."""
+    for name, model in models.items():
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", 0) if model is not None else 0
+        if isinstance(limit, int) and 0 < limit < length:
+            message = (
+                f"A batch has sequences of {length} positions, more than the {name}'s max_position_embeddings "
+                f"({limit}): positions beyond it are outside what the model was trained for. Set `max_length` "
+                f"(<= {limit}) to truncate rows."
+            )
+            warn_once(message)
+            return message
+    return None

@@ -31,21 +31,13 @@ from .features.projectors import ProjectorGradReset, load_projectors, save_proje
 from .heads import detect_head
 from .model_card import trainer_model_card
 from .quantization import fake_quantized_weights, prepare_qat_student
-from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_mixed_precision_mismatch, warn_once
+from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_if_too_long, warn_mixed_precision_mismatch
 from .taid import TaidCallback
 from .teachers import SourceContext, SourceRequest, TeacherSource, select_teacher_source
 from .teachers.cache import CACHE_BATCH_KEYS, TeacherCache
 from .teachers.ensemble import check_teacher_list
 from .teachers.live import FusedLiveTeacher, fused_unsupported_reason
-from .teachers.loading import (
-    check_same_tokenizer,
-    check_teacher,
-    check_tokenizer_of_model,
-    load_model,
-    load_tokenizer,
-    prepare_teacher,
-    unregister_model,
-)
+from .teachers.loading import load_teacher, prepare_teacher, unregister_model
 from .teachers.onpolicy import PolicyBatchRewriter
 from .terms import TASK_COUNTS_KEY, LossTerms, SupervisedView, add_window_task_counts, normalised_loss, terms_per_task
 
@@ -139,7 +131,10 @@ class DistillationMixin:
         logger.info("Teacher source: %s.", self.teacher_source.name)
         if self.teacher_cache is not None:
             self.data_collator = TeacherCacheCollator(self.teacher_cache, self.data_collator)
-        self._policy = self._policy_rewriter() if PolicyBatchRewriter.active(args) else None
+        self._policy = None
+        if PolicyBatchRewriter.active(args):  # on-policy samples / seq-KD: batch rewriters before the forward pass
+            self._policy = PolicyBatchRewriter.for_student(args, context.tokenizer, student.config,
+                                                           self._head.kind == "seq2seq")  # fmt: skip
         if args.kd_loss == "taid":  # TAID's t is training state: moved, logged and checkpointed by this callback
             self.add_callback(TaidCallback.from_args(args).publish(args))
         if hasattr(self.model, "add_model_tags"):
@@ -217,28 +212,12 @@ class DistillationMixin:
         return [teacher for teacher, _ in loaded]
 
     def _load_teacher(self, teacher: PreTrainedModel | str, processing_class: Any) -> tuple[nn.Module, int | None]:
-        """One teacher: loaded (a name or path), checked against the student (tokenizer, head, vocabulary) and placed
-        (`prepare_teacher`). Returns the prepared teacher and the vocabulary size to compare logits over."""
-        init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
-        given_as_model = not isinstance(teacher, str)  # a name or path has had its own tokenizer loaded below
-        if isinstance(teacher, str):
-            if processing_class is None:
-                try:
-                    processing_class = load_tokenizer(teacher, gguf_file=init_kwargs.get("gguf_file"))
-                except (OSError, ValueError) as err:
-                    logger.warning(
-                        "Could not load the teacher tokenizer of %s (%s); vocabularies are compared by size only.",
-                        teacher,
-                        err,
-                    )
-            teacher = load_model(teacher, self._teacher_auto_class(), **init_kwargs)
+        """One teacher, loaded and checked (`teachers.loading.load_teacher`) and placed (`prepare_teacher`); returns
+        it and the vocabulary size to compare logits over."""
         student = self.accelerator.unwrap_model(self.model)
-        student_tok = _tokenizer_of(self.processing_class)
-        if processing_class is not None and student_tok is not None:
-            check_same_tokenizer(student_tok, _tokenizer_of(processing_class))
-        elif given_as_model and student_tok is not None and teacher is not student:
-            check_tokenizer_of_model(teacher, student_tok)
-        vocab_size = check_teacher(student, teacher, student_tok)
+        init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
+        teacher, vocab_size = load_teacher(teacher, self._teacher_auto_class(), student, self.processing_class,
+                                           processing_class, **init_kwargs)  # fmt: skip
         return prepare_teacher(teacher, self), vocab_size
 
     def _fused_supported(self, context: SourceContext, teacher: nn.Module) -> bool:
@@ -251,16 +230,6 @@ class DistillationMixin:
                 "Using materialised logits for the KD loss: %s (set use_fused_kd_loss=False to silence).", reason
             )
         return reason is None
-
-    def _policy_rewriter(self) -> PolicyBatchRewriter:
-        """The batch rewriter of on-policy samples (`lmbda`) and sequence-level KD (`seq_kd`)."""
-        tokenizer = _tokenizer_of(self.processing_class)
-        config = self.accelerator.unwrap_model(self.model).config
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad = pad if pad is not None else config.pad_token_id if config.pad_token_id is not None else 0
-        eos = getattr(tokenizer, "eos_token_id", None)
-        eos = eos if eos is not None else config.eos_token_id
-        return PolicyBatchRewriter(self.args, pad, eos, self._head.kind == "seq2seq")
 
     def _setup_hints(self) -> HintDistiller:
         """Layer map and projectors; the projectors train with the student (own optimizer group, synced across
@@ -383,21 +352,9 @@ class DistillationMixin:
         """Warn once when a batch is longer than a model's `max_position_embeddings` (`max_length` not set)."""
         positions = inputs.get("position_ids")
         length = int(positions.max()) + 1 if positions is not None else inputs["input_ids"].shape[-1]
-        for name, model in (("student", self.model), ("teacher", self.teacher)):
-            if model is None:  # no live teacher (a cache, or CE only)
-                continue
-            config = getattr(self.accelerator.unwrap_model(model), "config", None)
-            limit = getattr(config, "max_position_embeddings", 0)
-            if isinstance(limit, int) and 0 < limit < length:
-                warn_once(
-                    "A batch has sequences of %d positions, more than the %s's max_position_embeddings (%d): "
-                    "positions beyond it are outside what the model was trained for. Set `max_length` (<= %d) to "
-                    "truncate rows.",
-                    length,
-                    name,
-                    limit,
-                    limit,
-                )
+        unwrap = self.accelerator.unwrap_model
+        teacher = unwrap(self.teacher) if self.teacher is not None else None
+        warn_if_too_long(length, {"student": unwrap(self.model), "teacher": teacher})
 
     def _check_finite(self, teacher_outputs: Any, outputs: Any, inputs: dict[str, Any]) -> None:
         """Stop (or, with `nonfinite_teacher="skip"`, drop the micro-batch) when the teacher's outputs hold NaN/inf:

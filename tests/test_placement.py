@@ -183,3 +183,21 @@ def test_bf16_autocast_teacher_and_fp32_kd_loss(tmp_path, tokenizer):
     torch.testing.assert_close(kd, logit_divergence(s.double(), t.double()).float(), atol=1e-6, rtol=1e-5)
     sums, _, _, _ = trainer._loss_terms(trainer.model, batch)
     assert all(v.dtype == torch.float32 for v in sums.values())
+
+
+def test_load_teacher_checks_tokenizer_head_and_vocabulary(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from hf_distill.teachers.loading import load_teacher
+
+    path = tmp_path / "teacher"
+    make_llama(2, 48, seed=3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    student = make_llama(2, 32)
+    teacher, vocab = load_teacher(str(path), AutoModelForCausalLM, student, tokenizer)
+    assert teacher.config.hidden_size == 48 and vocab in (None, len(tokenizer))
+    with pytest.raises(ValueError, match="predict different things"):
+        from transformers import BertConfig, BertForSequenceClassification
+
+        load_teacher(BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=64)), AutoModelForCausalLM, student)  # fmt: skip

@@ -411,3 +411,49 @@ def check_teacher(student: nn.Module, teacher: nn.Module, tokenizer: Any = None)
             "`kd_loss` and `temperature` do not apply."
         )
     return shared_vocab_size(student, teacher, tokenizer) if s_head.has_vocab else None
+
+
+def load_teacher(
+    teacher: nn.Module | str,
+    auto_class: type,
+    student: nn.Module,
+    student_tokenizer: Any = None,
+    teacher_tokenizer: Any = None,
+    **init_kwargs: Any,
+) -> tuple[nn.Module, int | None]:
+    """One teacher, loaded when given by name or path, and checked against the student (not yet placed: see
+    `prepare_teacher`).
+
+    Checks: the tokenizers are the same (`check_same_tokenizer`; a teacher given by name has its own tokenizer loaded
+    for that, and a warning is logged when it cannot be), a teacher given as a model has a vocabulary that fits the
+    student's tokenizer (`check_tokenizer_of_model`), and the heads, label spaces and vocabularies match
+    (`check_teacher`).
+
+    Args:
+        teacher (`nn.Module` or `str`): the teacher, or a Hub id / local path / shorthand for `load_model`.
+        auto_class (`type`): the transformers Auto class of the student's head.
+        student (`nn.Module`): the unwrapped student.
+        student_tokenizer, teacher_tokenizer: the tokenizers (or processors), either may be None.
+        **init_kwargs: `from_pretrained` keyword arguments for a teacher given by name.
+
+    Returns:
+        `(teacher, vocab_size)`: the teacher model and the vocabulary size to compare logits over (None: all).
+    """
+    given_as_model = not isinstance(teacher, str)  # a name or path has had its own tokenizer loaded below
+    if isinstance(teacher, str):
+        if teacher_tokenizer is None:
+            try:
+                teacher_tokenizer = load_tokenizer(teacher, gguf_file=init_kwargs.get("gguf_file"))
+            except (OSError, ValueError) as err:
+                logger.warning(
+                    "Could not load the teacher tokenizer of %s (%s); vocabularies are compared by size only.",
+                    teacher,
+                    err,
+                )
+        teacher = load_model(teacher, auto_class, **init_kwargs)
+    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)
+    if teacher_tokenizer is not None and student_tokenizer is not None:
+        check_same_tokenizer(student_tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
+    elif given_as_model and student_tokenizer is not None and teacher is not student:
+        check_tokenizer_of_model(teacher, student_tokenizer)
+    return teacher, check_teacher(student, teacher, student_tokenizer)
