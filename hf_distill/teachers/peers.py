@@ -57,7 +57,7 @@ class PeerStudents(nn.Module):
     Example:
         >>> model = PeerStudents([student_a, student_b])
         >>> trainer = DistillationTrainer(model=model, args=DistillationConfig("out", kd_weight=1.0), ...)
-        >>> trainer.train(); model.save_pretrained("out")   # out/peer0, out/peer1
+        >>> trainer.train(); trainer.save_model("out")   # out/peer0, out/peer1 (the trainer picks the `peers` source)
     """
 
     def __init__(self, peers: list[nn.Module]):
