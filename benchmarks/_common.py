@@ -70,6 +70,20 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process image (Linux `/proc/self/status` `VmHWM`).
+
+    Unlike `ru_maxrss`, which Linux carries over `execve` (a child started by `subprocess` reports at least its
+    parent's peak), `VmHWM` belongs to the process's own address space, so a fresh interpreter starts
+    from its own size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line (not Linux?): cannot read the peak RSS.")
+
+
 def peak_memory(step: Callable[[], object], device: str | torch.device = "cpu") -> dict[str, int]:
     """Runs `step()` once and returns `{"peak_bytes": ..., "baseline_slack_bytes": ...}`.
 
