@@ -166,7 +166,7 @@ def measure(variant: str, workdir: str, warmup: int, iters: int) -> dict:
         trainer.create_optimizer()
         model, optimizer = trainer.model, trainer.optimizer
 
-    step_index, last_loss = iter(range(warmup + iters)), [float("nan")]
+    step_index, last_loss = iter(range(warmup + iters)), [None]  # the teacher's forward has no loss
 
     def step() -> None:
         batch = batches[next(step_index)]
@@ -207,15 +207,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant (median over rounds)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 layers, batch 2 x 64, 1 + 2 steps")
-    parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    parser.add_argument("--data", default=None, help="folder with esnli/train.jsonl (default: ../shared/data)")
     opts = parser.parse_args()
     if opts.quick:
         opts.layers, opts.batch, opts.seq, opts.iters, opts.warmup, opts.rounds = 2, 2, 64, 2, 1, 1
+    if opts.data is None:  # ../shared/data beside the checkout (main) or beside its parent folder (worktrees)
+        found = [p for p in (ROOT.parent, ROOT.parents[1]) if (p / "shared" / "data" / "esnli").is_dir()]
+        opts.data = str((found[0] if found else ROOT.parent) / "shared" / "data")
     if opts.iters < 1 or opts.warmup < 0 or opts.rounds < 1:
         parser.error("--iters and --rounds must be >= 1 and --warmup >= 0.")
 
     settings = {k: getattr(opts, k) for k in ("batch", "seq", "layers", "iters", "warmup")}
     settings["data_found"] = os.path.exists(os.path.join(opts.data, "esnli", "train.jsonl"))
+    settings["torch_threads"] = torch.get_num_threads()  # the children inherit OMP_NUM_THREADS
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     workdir = Path(opts.out) / "step_time_work" / key
     prepare(workdir, opts)
@@ -235,30 +239,34 @@ def main() -> None:
             part.write_text(json.dumps(res, indent=2) + "\n")
             runs[variant].append(res)
 
-    table = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in runs.items()}
+    def median(values: list) -> object:
+        return statistics.median(values) if None not in values else None
+
+    table = {v: {k: median([r[k] for r in rs]) for k in rs[0]} for v, rs in runs.items()}
     results = {"settings": settings, "rounds": opts.rounds, "device": "cuda" if torch.cuda.is_available() else "cpu"}
     results["variants"], results["per_round"] = table, runs
     sft = table.get("sft", {}).get("step_s")
-    base = sft + table["teacher_forward"]["step_s"] if sft and "teacher_forward" in table else None
     sft_cpu = table.get("sft", {}).get("step_cpu_s")
+    teacher = table.get("teacher_forward", {})
     for row in table.values():
         if sft:
             row["ratio_vs_sft"] = row["step_s"] / sft
             row["cpu_ratio_vs_sft"] = row["step_cpu_s"] / sft_cpu
-        if base:
-            row["ratio_vs_sft_plus_teacher"] = row["step_s"] / base
+        if sft and teacher:
+            row["ratio_vs_sft_plus_teacher"] = row["step_s"] / (sft + teacher["step_s"])
+            row["cpu_ratio_vs_sft_plus_teacher"] = row["step_cpu_s"] / (sft_cpu + teacher["step_cpu_s"])
 
-    head = f"{'variant':<20}{'step s':>8}{'cpu s':>8}{'/ SFT':>8}{'cpu/SFT':>9}{'/(SFT+T)':>10}"
+    columns = (("ratio_vs_sft", 8), ("cpu_ratio_vs_sft", 9), ("ratio_vs_sft_plus_teacher", 10))
+    columns += (("cpu_ratio_vs_sft_plus_teacher", 14),)
+    head = f"{'variant':<20}{'step s':>8}{'cpu s':>8}{'/ SFT':>8}{'cpu/SFT':>9}{'/(SFT+T)':>10}{'cpu/(SFT+T)':>14}"
     head += f"{'peak RSS MiB':>14}{'after warm-up':>15}{'last loss':>11}"
     print(head)
     for variant, row in table.items():
-        ratios = "".join(
-            f"{row[k]:>{w}.3f}" if k in row else " " * w
-            for k, w in (("ratio_vs_sft", 8), ("cpu_ratio_vs_sft", 9), ("ratio_vs_sft_plus_teacher", 10))
-        )
+        ratios = "".join(f"{row[k]:>{w}.3f}" if k in row else " " * w for k, w in columns)
+        loss = f"{row['loss']:>11.4f}" if row["loss"] is not None else f"{'-':>11}"
         print(
             f"{variant:<20}{row['step_s']:>8.3f}{row['step_cpu_s']:>8.3f}{ratios}"
-            f"{row['peak_rss_mib']:>14.0f}{row['rss_after_warmup_mib']:>15.0f}{row['loss']:>11.4f}"
+            f"{row['peak_rss_mib']:>14.0f}{row['rss_after_warmup_mib']:>15.0f}{loss}"
         )
     print(f"wrote {write_json(opts.out, 'step_time', results)}")
 
