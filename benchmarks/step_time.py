@@ -140,12 +140,12 @@ def measure(variant: str, workdir: str, warmup: int, iters: int) -> dict:
             model=load("student").train(), teacher_model=teacher, args=args, processing_class=tokenizer
         )
     elif variant == "trl_gkd":
+        from datasets import Dataset
+        from transformers import default_data_collator
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
         args = GKDConfig(**common, lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, max_length=ids.shape[-1])
         teacher = load("teacher").eval().requires_grad_(False)
-        from datasets import Dataset
-        from transformers import default_data_collator
 
         # GKD's own data: the same token rows, stacked as they are (its ChatML collator would re-tokenise messages).
         rows = Dataset.from_dict({"input_ids": ids.flatten(0, 1).tolist()})
