@@ -2,6 +2,7 @@
 completions are really generated, the loss covers the generated tokens, lmbda = 0 is the off-policy loss."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -70,6 +71,14 @@ def test_rebuild_batch():
     seq2seq = rebuild_batch([[7, 8], [9]], [[10, 3], [11]], pad_token_id=0, is_encoder_decoder=True)
     assert seq2seq["labels"].tolist() == [[10, 3], [11, -100]]
     assert seq2seq["attention_mask"].tolist() == [[1, 1], [1, 0]]
+
+
+def test_rebuild_batch_pads_with_trl_and_keeps_one_column_for_empty_completions():
+    out = rebuild_batch([[7], [8, 9]], [[], []], pad_token_id=5, is_encoder_decoder=True)
+    assert out["input_ids"].tolist() == [[7, 5], [8, 9]] and out["attention_mask"].tolist() == [[1, 0], [1, 1]]
+    assert out["labels"].tolist() == [[-100], [-100]] and out["labels"].dtype == torch.long
+    causal = rebuild_batch([[7], [8, 9]], [[3], []], pad_token_id=5)
+    assert causal["input_ids"].tolist() == [[7, 3], [8, 9]] and causal["labels"].tolist() == [[-100, 3], [-100, -100]]
 
 
 def test_greedy_generation_matches_generate_and_stops_at_eos():
@@ -242,3 +251,14 @@ def test_rewritten_batches_keep_accumulation_exact(tmp_path, tokenizer):
     assert max((full[k] - start[k]).abs().max().item() for k in start) > 1e-3
     for key in full:
         assert torch.allclose(full[key], accumulated[key], atol=1e-5), key
+
+
+def test_rewriter_for_student_takes_the_tokenizers_ids_then_the_configs():
+    args = types.SimpleNamespace(seed=0)
+    config = types.SimpleNamespace(pad_token_id=None, eos_token_id=3)
+    rewriter = PolicyBatchRewriter.for_student(
+        args, types.SimpleNamespace(pad_token_id=1, eos_token_id=2), config, False
+    )
+    assert (rewriter.pad_token_id, rewriter.eos_token_id) == (1, 2)
+    rewriter = PolicyBatchRewriter.for_student(args, None, config, True)
+    assert (rewriter.pad_token_id, rewriter.eos_token_id, rewriter.is_encoder_decoder) == (0, 3, True)
