@@ -25,7 +25,8 @@ the teacher). Peak RSS is that process's `VmHWM` at the end (whole process: inte
 state, steps; not `ru_maxrss`, which a child started by `subprocess` inherits from its parent's peak). Also reported:
 the RSS after the warm-up steps (weights touched, optimizer state allocated).
 With `--rounds R` the variants run R times in rotating order and each figure is the median over rounds. Finished
-(variant, round) results are kept under `--out` and reused by a re-run with the same settings (resumable).
+(variant, round) results are kept under `--out` and reused by a re-run with the same settings and the same code
+(`hf_distill/` and this script; resumable).
 
     python benchmarks/step_time.py --out runs/bench [--iters 5] [--warmup 1] [--rounds 1] [--batch 4] [--seq 256]
     python benchmarks/step_time.py --quick --out runs/bench_quick   # smoke test: 2 layers, batch 2 x 64, 2 steps
@@ -72,6 +73,14 @@ def token_batches(tokenizer, n: int, batch: int, seq: int, data_dir: str) -> tor
         print(f"{path} not found: using random tokens", file=sys.stderr)
         ids = torch.randint(0, len(tokenizer), (need,), generator=torch.Generator().manual_seed(0))
     return ids.view(n, batch, seq)
+
+
+def code_fingerprint() -> str:
+    """sha256 prefix of `hf_distill/**/*.py` and this script: finished results are reused only for the same code."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "hf_distill").rglob("*.py")) + [Path(__file__).resolve()]:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def prepare(workdir: Path, opts: argparse.Namespace) -> None:
@@ -220,6 +229,7 @@ def main() -> None:
     settings = {k: getattr(opts, k) for k in ("batch", "seq", "layers", "iters", "warmup")}
     settings["data_found"] = os.path.exists(os.path.join(opts.data, "esnli", "train.jsonl"))
     settings["torch_threads"] = torch.get_num_threads()  # the children inherit OMP_NUM_THREADS
+    settings["code"] = code_fingerprint()  # a re-run after a code change measures again instead of resuming
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     workdir = Path(opts.out) / "step_time_work" / key
     prepare(workdir, opts)
