@@ -143,7 +143,7 @@ CROSS_TOKENIZER_LOSSES = {"uld": uld, "gold": gold}
 @torch.no_grad()
 def teacher_row_stats(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     target_ids: torch.Tensor,
     base_rows: torch.Tensor,
     *,
@@ -162,7 +162,8 @@ def teacher_row_stats(
 
     Args:
         hidden (`torch.Tensor`): `(R, H)` teacher final hidden states of the rows needed.
-        weight (`torch.Tensor`): `(V, H)` the teacher's lm_head weight.
+        weight (`torch.Tensor`, *optional*): `(V, H)` the teacher's lm_head weight; None when `hidden` already
+            holds the logits `(R, V)`.
         target_ids (`torch.Tensor`): `(R,)` the token each row predicts (its log-prob is returned).
         base_rows (`torch.Tensor`): `(G,)` indices into the R rows whose full distribution is needed.
         top_k (`int`, *optional*): sorted entries kept for ULD (None: all V).
@@ -172,19 +173,20 @@ def teacher_row_stats(
         chunk_size (`int`): rows per chunk.
 
     Returns:
-        `dict`: `target_logprobs (R,)`; for the G base rows `top (G, K)` and `tail (G,)` of the (unshared) entries,
-        and with `shared_ids` also `shared (G, M)`.
+        `dict`: `target_logprobs (R,)`; for the G base rows `argmax (G,)` (the top token id), `top (G, K)` and
+        `tail (G,)` of the (unshared) entries, and with `shared_ids` also `shared (G, M)`.
     """
     device = hidden.device
+    vocab = hidden.shape[-1] if weight is None else weight.shape[0]
     is_base = torch.zeros(hidden.shape[0], dtype=torch.long, device=device)
     is_base[base_rows] = torch.arange(1, base_rows.numel() + 1, device=device)
     rest = None
     if shared_ids is not None:
-        rest = torch.ones(weight.shape[0], dtype=torch.bool, device=device).index_fill(0, shared_ids, False)
-    target_logprobs, tops, tails, shared, order = [], [], [], [], []
+        rest = torch.ones(vocab, dtype=torch.bool, device=device).index_fill(0, shared_ids, False)
+    target_logprobs, tops, tails, shared, order, argmax = [], [], [], [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size].float()
-        logits = h @ weight.float().T
+        logits = h if weight is None else h @ weight.float().T
         if bias is not None:
             logits = logits + bias.float()
         logits = logits * logit_scale
@@ -196,6 +198,7 @@ def teacher_row_stats(
         if (base > 0).any():
             probs = logprobs[base > 0].exp()
             order.append(base[base > 0] - 1)
+            argmax.append(probs.argmax(-1))
             if shared_ids is not None:
                 shared.append(probs[:, shared_ids])
                 probs = probs[:, rest]
@@ -203,15 +206,17 @@ def teacher_row_stats(
             tops.append(top)
             tails.append(tail)
     out = {"target_logprobs": torch.cat(target_logprobs)}
-    k = min(top_k or weight.shape[0], int(rest.sum()) if rest is not None else weight.shape[0])
+    k = min(top_k or vocab, int(rest.sum()) if rest is not None else vocab)
     if not order:
         out["top"], out["tail"] = hidden.new_zeros(0, k), hidden.new_zeros(0)
+        out["argmax"] = torch.zeros(0, dtype=torch.long, device=device)
         if shared_ids is not None:
             out["shared"] = hidden.new_zeros(0, shared_ids.numel())
         return out
     inverse = torch.empty_like(torch.cat(order))
     inverse[torch.cat(order)] = torch.arange(inverse.numel(), device=device)
     out["top"], out["tail"] = torch.cat(tops)[inverse], torch.cat(tails)[inverse]
+    out["argmax"] = torch.cat(argmax)[inverse]
     if shared_ids is not None:
         out["shared"] = torch.cat(shared)[inverse]
     return out
