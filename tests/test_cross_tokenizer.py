@@ -253,7 +253,7 @@ def test_gemma3_teacher_with_a_smollm2_student():
 
 def test_trainer_runs_a_teacher_with_another_tokenizer(tmp_path):
     """A few DistillationTrainer steps with a teacher of another tokenizer: finite, decreasing loss."""
-    import hf_distill.teachers as teachers
+    from hf_distill import teachers
 
     if not hasattr(teachers, "SOURCES"):
         pytest.skip("the trainer picks teacher sources through `hf_distill.teachers.SOURCES` once it is wired")
@@ -274,7 +274,7 @@ def test_trainer_runs_a_teacher_with_another_tokenizer(tmp_path):
         teacher_model=teacher,
         args=distill_config(
             tmp_path, cross_tokenizer_loss="gold", max_steps=12, learning_rate=3e-3, use_fused_kd_loss=False
-        ),  # fmt: skip
+        ),
         train_dataset=data,
         data_collator=DataCollatorForLanguageModeling(s_tok, mlm=False),
         processing_class=s_tok,
