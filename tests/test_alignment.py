@@ -81,16 +81,18 @@ def test_word_vs_char_tokenizers_whitespace():
     assert [len(g.student) for g in groups] == [3, 4, 5]
 
 
+@pytest.mark.parametrize("use_offsets", [True, False])
 @pytest.mark.parametrize("text", ["café über naïve", "smile 😀 ok", "日本語 text"])
-def test_unicode_byte_level_vs_char(text):
+def test_unicode_byte_level_vs_char(text, use_offsets):
     s_tok = byte_bpe_tokenizer(["plain english words only", "ok text smile"])
     t_tok = char_tokenizer(text)
     ids = s_tok(text, add_special_tokens=False)["input_ids"]
-    decoded, s_spans = token_char_spans(s_tok, ids)
+    decoded, s_spans = token_char_spans(s_tok, ids, use_offsets=use_offsets)
     assert decoded == text
     assert len(ids) > len(text.split())  # rare characters are split into byte tokens
     t_spans = offsets(t_tok, text)
     groups = align_spans(s_spans, t_spans, text)
+    assert sum(len(g.student) for g in groups) == len(ids)  # every byte token in a group
     covered = "".join(text[g.start : g.end] for g in groups)
     assert covered == text  # every character aligned once, in order
     for g in groups:  # each group: the same characters on both sides (up to whitespace)
@@ -99,13 +101,14 @@ def test_unicode_byte_level_vs_char(text):
         assert s_text.strip() == t_text.strip()
 
 
-def test_token_char_spans_skips_special_tokens():
+@pytest.mark.parametrize("use_offsets,expected", [(True, ["the", "cat"]), (False, ["the", " cat"])])
+def test_token_char_spans_skips_special_tokens(use_offsets, expected):
     tok = word_tokenizer(["the", "cat"])
     ids = [tok.bos_token_id, *tok("the cat", add_special_tokens=False)["input_ids"], tok.eos_token_id]
-    text, spans = token_char_spans(tok, ids)
+    text, spans = token_char_spans(tok, ids, use_offsets=use_offsets)
     assert text == "the cat"
     assert spans[0] is None and spans[-1] is None
-    assert [text[slice(*s)] for s in spans[1:-1]] == ["the", " cat"]
+    assert [text[slice(*s)] for s in spans[1:-1]] == expected  # the tokenizer's offsets leave the space out
 
 
 def test_shared_token_ids_across_space_conventions():

@@ -28,35 +28,43 @@ class Group:
     end: int
 
 
-def token_char_spans(tokenizer: Any, ids: list[int]) -> tuple[str, list[Span | None]]:
+def token_char_spans(tokenizer: Any, ids: list[int], use_offsets: bool = True) -> tuple[str, list[Span | None]]:
     """The text `ids` decode to (special tokens skipped) and each token's character span in it.
 
-    Spans come from decoding every prefix (one batched call): token k spans `[len(decode(ids[:k])),
-    len(decode(ids[:k+1])))`. Special tokens get None. Where a prefix does not decode to a prefix of the text (a
-    multi-byte character split over byte tokens), the boundary moves to the next one that does, so the tokens of one
-    character share its span through the last of them.
+    When re-encoding the text gives back the same (non-special) tokens, the tokenizer's own offsets are used.
+    Otherwise spans come from decoding every prefix (one batched call, quadratic in T): token k spans
+        `[len(decode(ids[:k])), len(decode(ids[:k+1])))`. Special tokens get None. Where a prefix does not decode to a
+    prefix of the text (a multi-byte character split over byte tokens), the boundary stays at the previous one that
+    does, so the tokens of one character are empty spans up to the last of them, which covers the character (and
+    `align_spans` keeps them in one group).
 
     Args:
         tokenizer: the student's tokenizer (`PreTrainedTokenizerBase`).
         ids (`list[int]`): `(T,)` token ids of one row, padding removed.
+        use_offsets (`bool`): try the tokenizer's offsets first (False: always decode prefixes).
 
     Returns:
         `(text, spans)`: `spans[k]` is `(start, end)` or None.
     """
     special = set(tokenizer.all_special_ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    plain = [k for k, tok in enumerate(ids) if tok not in special]
+    if use_offsets and getattr(
+        tokenizer, "is_fast", False
+    ):  # fast path: re-encoding the text gives back the same tokens
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"] == [ids[k] for k in plain]:
+            spans: list[Span | None] = [None] * len(ids)
+            for k, (start, end) in zip(plain, enc["offset_mapping"]):
+                spans[k] = (start, end)
+            return text, spans
     prefixes = tokenizer.batch_decode(
         [ids[:k] for k in range(len(ids) + 1)], skip_special_tokens=True, clean_up_tokenization_spaces=False
     )
-    text = prefixes[-1]
     bounds: list[int | None] = [len(p) if text.startswith(p) else None for p in prefixes]
-    for k in range(len(bounds) - 2, -1, -1):  # an unreliable boundary takes the next reliable one
-        if bounds[k] is None:
-            bounds[k] = bounds[k + 1]
-    for k in range(1, len(bounds)):  # keep them monotone
-        bounds[k] = max(bounds[k], bounds[k - 1])
-    spans: list[Span | None] = [
-        None if tok in special else (bounds[k], bounds[k + 1]) for k, tok in enumerate(ids)
-    ]  # fmt: skip
+    for k in range(1, len(bounds)):  # an unreliable boundary takes the previous one; keep them monotone
+        bounds[k] = bounds[k - 1] if bounds[k] is None else max(bounds[k], bounds[k - 1])
+    spans = [None if tok in special else (bounds[k], bounds[k + 1]) for k, tok in enumerate(ids)]
     return text, spans
 
 
@@ -64,10 +72,11 @@ def align_spans(student: list[Span | None], teacher: list[Span | None], text: st
     """Groups of student and teacher tokens that cover the same characters of `text`.
 
     Walks both lists in order (None entries are skipped: special tokens, padding, tokens outside the supervised
-    text), closing a group where a student token and a teacher token end at the same character; teacher tokens that
-    end at that character too (bytes of one character) join it. Teacher tokens wholly before the next student token
-    are context only. A group is kept when its student tokens are consecutive positions and both sides start at the
-    same character up to whitespace, so a teacher token that straddles a prompt/completion boundary drops the group.
+    text), closing a group where a student token and a teacher token end at the same character; the tokens of either
+    side that end at that character too (bytes of one character) join it. Teacher tokens wholly before the next
+    student token are context only. A group is kept when its student tokens are consecutive positions and both sides
+    start at the same character up to whitespace, so a teacher token that straddles a prompt/completion boundary
+    drops the group.
 
     Args:
         student (`list`): `(T_s,)` spans of the student's tokens (None: not aligned, e.g. not supervised).
@@ -101,6 +110,9 @@ def align_spans(student: list[Span | None], teacher: list[Span | None], text: st
             while t < len(t_items) and t_items[t][1][1] == s_end and t_items[t][1][0] < s_end:
                 g_t.append(t_items[t])
                 t += 1
+            while s < len(s_items) and s_items[s][1][1] == s_end and s_items[s][1][0] < s_end:
+                g_s.append(s_items[s])
+                s += 1
             group = _checked_group(g_s, g_t, text)
             if group is not None:
                 groups.append(group)
