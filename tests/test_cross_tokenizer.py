@@ -216,6 +216,23 @@ def test_config_fields_are_validated(tmp_path):
         make(cross_tokenizer_loss="uld", hint_layers="uniform")
 
 
+def test_teacher_tokenizer_is_found(tmp_path):
+    from hf_distill.teachers.cross_tokenizer import teacher_tokenizer_for
+
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, _, t_tok = make_source(student)
+    args = source.context.args
+    args.teacher_tokenizer_name_or_path = args.teacher_model_name_or_path = None
+    assert teacher_tokenizer_for(args, source.model, t_tok) is t_tok
+    t_tok.save_pretrained(tmp_path / "tok")
+    args.teacher_tokenizer_name_or_path = str(tmp_path / "tok")
+    built = CrossTokenizerTeacher.from_args(source.context, source.model)
+    assert built.teacher_tokenizer.get_vocab() == t_tok.get_vocab()
+    args.teacher_tokenizer_name_or_path = None
+    with pytest.raises(ValueError, match="teacher_tokenizer_name_or_path"):
+        teacher_tokenizer_for(args, source.model)
+
+
 def test_mismatch_error_names_cross_tokenizer_loss():
     from hf_distill.teachers.loading import check_same_tokenizer
 

@@ -88,6 +88,14 @@ class CrossTokenizerTeacher(TeacherSource):
         self.chunk_size = args.kd_chunk_size or 64
         self._shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
+    @classmethod
+    def from_args(
+        cls, context: SourceContext, teacher: nn.Module, teacher_processing_class: Any = None
+    ) -> "CrossTokenizerTeacher":
+        """The source for a run with `cross_tokenizer_loss` set: the teacher's tokenizer from
+        `teacher_tokenizer_for` (what a registry entry in `teachers/__init__.py` calls)."""
+        return cls(context, teacher, teacher_tokenizer_for(context.args, teacher, teacher_processing_class))
+
     def shared_ids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(student_ids (M,), teacher_ids (M,), teacher_to_student (V_t,))` of the shared token strings, computed
         once (`alignment.shared_token_ids`); `teacher_to_student` is -1 for teacher ids without a student twin."""
