@@ -301,3 +301,35 @@ def test_trainer_runs_a_teacher_with_another_tokenizer(tmp_path):
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_conversations_use_the_teachers_own_chat_template():
+    """With `messages` in the batch, the teacher reads the conversation in its own template; only the assistant's
+    supervised tokens are aligned, at their place in the teacher's text."""
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, s_tok, t_tok = make_source(student)
+    t_tok.chat_template = "{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}\n{% endfor %}"
+    conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+                     for p, a in zip(PROMPTS, ANSWERS)]  # fmt: skip
+    rows = [s_tok.apply_chat_template(c, return_assistant_tokens_mask=True, return_dict=True) for c in conversations]
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {
+        "input_ids": torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows]),
+        "attention_mask": torch.tensor(
+            [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]
+        ),
+        "labels": torch.tensor(
+            [
+                [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]
+                + [-100] * (width - len(r["input_ids"]))
+                for r in rows
+            ]
+        ),
+        "messages": conversations,
+    }
+    terms, t_out = run_terms(source, student, batch)
+    assert t_out.texts[0] == "[user]: question two plus two\n[assistant]: answer four\n"
+    for b, groups in enumerate(source.groups(t_out, batch["labels"])):
+        aligned = "".join(t_out.texts[b][g.start : g.end] for g in groups)
+        assert aligned.split() == ANSWERS[b].split()  # every answer word, nothing of the prompt or template
+    assert torch.isfinite(terms.total())

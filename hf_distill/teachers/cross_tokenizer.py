@@ -125,7 +125,13 @@ class CrossTokenizerTeacher(TeacherSource):
                 row_spans[j] = span
             texts.append(text)
             student_spans.append(row_spans)
-        t_ids, t_spans = self.teacher_tokenize(texts)
+        templated = self.teacher_chat_texts(batch)
+        if templated is not None:
+            labels = batch["labels"].tolist()
+            rows = zip(student_spans, labels, texts, templated)
+            student_spans = [relocate_supervised(spans, y, text, t_text) for spans, y, text, t_text in rows]
+            texts = templated
+        t_ids, t_spans = self.teacher_tokenize(texts, add_special_tokens=templated is None)
         device = next(self.model.parameters()).device
         t_ids = t_ids.to(device)
         t_mask = torch.zeros_like(t_ids)
@@ -139,14 +145,29 @@ class CrossTokenizerTeacher(TeacherSource):
                 hidden = self.model(input_ids=t_ids, attention_mask=t_mask).logits
         return CrossTokenizerOutputs(hidden, t_ids, texts, student_spans, t_spans)
 
-    def teacher_tokenize(self, texts: list[str]) -> tuple[torch.Tensor, list[list[Span | None]]]:
+    def teacher_chat_texts(self, batch: dict[str, Any]) -> list[str] | None:
+        """The conversations of the batch rendered with the teacher's own chat template, when the batch carries them
+        (`messages`: one list of `{"role", "content"}` dicts per row, kept by the collator) and the teacher's
+        tokenizer has a template; else None (the teacher reads the decoded student text)."""
+        messages = batch.get("messages")
+        if messages is None or not getattr(self.teacher_tokenizer, "chat_template", None):
+            return None
+        if len(messages) != batch["input_ids"].shape[0]:
+            raise ValueError(f"`messages` has {len(messages)} conversations for {batch['input_ids'].shape[0]} rows.")
+        return [self.teacher_tokenizer.apply_chat_template(m, tokenize=False) for m in messages]
+
+    def teacher_tokenize(
+        self, texts: list[str], add_special_tokens: bool = True
+    ) -> tuple[torch.Tensor, list[list[Span | None]]]:
         """The teacher's tokens of each text, its BOS first (so the first text token has a predictor), right-padded.
+        A text rendered by a chat template carries its own special tokens (`add_special_tokens=False`).
 
         Returns:
             `(ids (B, T_t), spans)`: spans per row (unpadded length), None for special tokens.
         """
         tok = self.teacher_tokenizer
-        enc = tok(texts, return_offsets_mapping=True, return_special_tokens_mask=True)
+        enc = tok(texts, return_offsets_mapping=True, return_special_tokens_mask=True,
+                  add_special_tokens=add_special_tokens)  # fmt: skip
         bos = tok.bos_token_id
         rows, spans = [], []
         for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
@@ -248,6 +269,43 @@ class CrossTokenizerTeacher(TeacherSource):
         defined = twin >= 0
         agree = (twin == s_logprobs.argmax(-1)) & defined
         return terms.metric("top1_agreement", agree.sum().float(), defined.sum())
+
+
+def relocate_supervised(
+    spans: list[Span | None], labels: list[int], text: str, teacher_text: str
+) -> list[Span | None]:
+    """Student spans moved from the student's decoded `text` into `teacher_text` (the same conversation rendered by
+    the teacher's chat template), supervised tokens only.
+
+    Each run of consecutive supervised tokens (`labels != -100`) is looked up in `teacher_text` after the previous
+    run; a run that is not found (the templates changed its text) keeps no spans, so it gets CE only.
+
+    Args:
+        spans (`list`): `(T,)` spans in `text`. labels (`list[int]`): `(T,)`. text, teacher_text (`str`).
+
+    Returns:
+        `list`: `(T,)` spans in `teacher_text`, None outside the supervised runs.
+    """
+    out: list[Span | None] = [None] * len(spans)
+    cursor, j = 0, 0
+    while j < len(spans):
+        if labels[j] == IGNORE_INDEX or spans[j] is None:
+            j += 1
+            continue
+        run = [j]
+        while run[-1] + 1 < len(spans) and labels[run[-1] + 1] != IGNORE_INDEX and spans[run[-1] + 1] is not None:
+            run.append(run[-1] + 1)
+        start, end = spans[run[0]][0], spans[run[-1]][1]
+        piece = text[start:end].strip()
+        found = teacher_text.find(piece, cursor) if piece else -1
+        if found >= 0:
+            shift = found - (start + len(text[start:end]) - len(text[start:end].lstrip()))
+            for k in run:
+                a, b = spans[k]
+                out[k] = (max(found, a + shift), max(found, b + shift))
+            cursor = found + len(piece)
+        j = run[-1] + 1
+    return out
 
 
 def teacher_tokenizer_for(args: Any, teacher: nn.Module, teacher_processing_class: Any = None) -> Any:
