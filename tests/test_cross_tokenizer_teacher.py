@@ -268,12 +268,7 @@ def test_gemma3_teacher_with_a_smollm2_student():
         terms.total().backward()
 
 
-def test_trainer_runs_a_teacher_with_another_tokenizer(tmp_path):
-    """A few DistillationTrainer steps with a teacher of another tokenizer: finite, decreasing loss."""
-    from hf_distill import teachers
-
-    if not hasattr(teachers, "SOURCES"):
-        pytest.skip("the trainer picks teacher sources through `hf_distill.teachers.SOURCES` once it is wired")
+def _cross_trainer(tmp_path, **overrides):
     from conftest import distill_config
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling
@@ -285,51 +280,39 @@ def test_trainer_runs_a_teacher_with_another_tokenizer(tmp_path):
     data = Dataset.from_dict({"text": texts}).map(lambda r: s_tok(r["text"]), remove_columns=["text"])
     teacher = make_llama(vocab_size=len(t_tok), seed=1)
     with torch.no_grad():
-        teacher.lm_head.weight.mul_(30.0)
-    trainer = DistillationTrainer(
+        teacher.lm_head.weight.mul_(30.0)  # peaked, so ULD's part has a gradient
+    fields = dict(cross_tokenizer_loss="gold", max_steps=12, learning_rate=3e-3, seed=0, data_seed=0)
+    return DistillationTrainer(
         model=make_llama(vocab_size=len(s_tok), seed=0),
         teacher_model=teacher,
-        args=distill_config(
-            tmp_path, cross_tokenizer_loss="gold", max_steps=12, learning_rate=3e-3, use_fused_kd_loss=False
-        ),
+        args=distill_config(tmp_path, **{**fields, **overrides}),
         train_dataset=data,
         data_collator=DataCollatorForLanguageModeling(s_tok, mlm=False),
         processing_class=s_tok,
         teacher_processing_class=t_tok,
     )
+
+
+def test_trainer_runs_a_teacher_with_another_tokenizer(tmp_path):
+    """A few DistillationTrainer steps with a teacher of another tokenizer: finite, decreasing loss."""
+    trainer = _cross_trainer(tmp_path)
+    assert trainer.teacher_source.name == "cross-tokenizer"
     trainer.train()
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    losses = [log["loss"] for log in logs]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3])
+    assert any(key.startswith("kd") or "top1_agreement" in key for key in logs[0])
 
 
-def test_conversations_use_the_teachers_own_chat_template():
-    """With `messages` in the batch, the teacher reads the conversation in its own template; only the assistant's
-    supervised tokens are aligned, at their place in the teacher's text."""
-    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
-    source, s_tok, t_tok = make_source(student)
-    t_tok.chat_template = "{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}\n{% endfor %}"
-    conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
-                     for p, a in zip(PROMPTS, ANSWERS)]  # fmt: skip
-    rows = [s_tok.apply_chat_template(c, return_assistant_tokens_mask=True, return_dict=True) for c in conversations]
-    width = max(len(r["input_ids"]) for r in rows)
-    batch = {
-        "input_ids": torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows]),
-        "attention_mask": torch.tensor(
-            [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]
-        ),
-        "labels": torch.tensor(
-            [
-                [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]
-                + [-100] * (width - len(r["input_ids"]))
-                for r in rows
-            ]
-        ),
-        "messages": conversations,
-    }
-    terms, t_out = run_terms(source, student, batch)
-    assert t_out.texts[0] == "[user]: question two plus two\n[assistant]: answer four\n"
-    for b, groups in enumerate(source.groups(t_out, batch["labels"])):
-        aligned = "".join(t_out.texts[b][g.start : g.end] for g in groups)
-        assert aligned.split() == ANSWERS[b].split()  # every answer word, nothing of the prompt or template
-    assert torch.isfinite(terms.total())
+@pytest.mark.parametrize("loss", ["uld", "gold"])
+def test_trainer_gradient_accumulation_2x2_equals_batch_of_4(tmp_path, loss):
+    from conftest import one_sgd_step, trained_weights
+
+    rows = {"max_steps": 1, "cross_tokenizer_loss": loss}
+    full = trained_weights(_cross_trainer(tmp_path / "full", **{**one_sgd_step(4, 1), **rows}))
+    accumulated = trained_weights(_cross_trainer(tmp_path / "ga", **{**one_sgd_step(2, 2), **rows}))
+    start = make_llama(vocab_size=len(make_tokenizer()), seed=0).state_dict()
+    assert max((full[k] - start[k]).abs().max().item() for k in start) > 1e-3
+    for key in full:
+        torch.testing.assert_close(full[key], accumulated[key], rtol=1e-4, atol=1e-5)

