@@ -237,6 +237,7 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=32)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-methods", nargs="+", default=["ce", "uld", "gold"], choices=["ce", "uld", "gold"])
     opts = parser.parse_args()
     train_rows, eval_rows = load_rows("train"), load_rows("validation")
     if not train_rows:
@@ -287,7 +288,7 @@ def main() -> None:
         mem_path = out / "memory.json"
         memory = json.loads(mem_path.read_text()) if mem_path.exists() else []
         done = {m["method"] for m in memory}
-        for method in ("ce", "uld", "gold"):
+        for method in opts.memory_methods:
             if method not in done:
                 memory.append(run_isolated(__file__, "measure_memory", method=method, batch_size=opts.batch_size,
                                            max_len=opts.max_len))  # fmt: skip
