@@ -380,5 +380,7 @@ def lm_head_of(model: nn.Module) -> LMHead | None:
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
-    """The base model (everything but the LM head) of a causal LM, returning `last_hidden_state`."""
-    return unwrap(model).model
+    """The base model (everything but the LM head) of a causal LM, returning `last_hidden_state`
+    (`PreTrainedModel.get_decoder()`; `.model` for modules without it)."""
+    model = unwrap(model)
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model

@@ -27,7 +27,7 @@ from trl import SFTTrainer
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
 from .data.collators import TeacherCacheCollator
 from .features.hints import HintDistiller
-from .features.projectors import ProjectorGradReset, load_projectors, save_projectors
+from .features.projectors import ProjectorCallback, load_projectors
 from .heads import detect_head
 from .model_card import trainer_model_card
 from .quantization import fake_quantized_weights, prepare_qat_student
@@ -242,7 +242,7 @@ class DistillationMixin:
                 hints.projectors = self.accelerator.prepare_model(hints.projectors)
                 # not a model of the run: keep it out of save_state and of Trainer's "student prepared?" check
                 unregister_model(self.accelerator, hints.projectors)
-            self.add_callback(ProjectorGradReset(hints.projectors))  # Trainer zeroes only the student's
+            self.add_callback(ProjectorCallback(hints.projectors))  # zeroed with the student, saved in checkpoints
         return hints
 
     def _projectors(self) -> nn.Module | None:
@@ -267,13 +267,6 @@ class DistillationMixin:
         if projectors is not None and any(True for _ in projectors.parameters()):
             self.optimizer.add_param_group({"params": list(projectors.parameters()), "weight_decay": 0.0})
         return optimizer
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        projectors = self._projectors()
-        if projectors is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            save_projectors(projectors, folder)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As `Trainer.save_model`; a QAT student (`student_quantization`) is saved with its weights rounded onto the

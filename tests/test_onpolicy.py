@@ -73,6 +73,14 @@ def test_rebuild_batch():
     assert seq2seq["attention_mask"].tolist() == [[1, 1], [1, 0]]
 
 
+def test_rebuild_batch_pads_with_trl_and_keeps_one_column_for_empty_completions():
+    out = rebuild_batch([[7], [8, 9]], [[], []], pad_token_id=5, is_encoder_decoder=True)
+    assert out["input_ids"].tolist() == [[7, 5], [8, 9]] and out["attention_mask"].tolist() == [[1, 0], [1, 1]]
+    assert out["labels"].tolist() == [[-100], [-100]] and out["labels"].dtype == torch.long
+    causal = rebuild_batch([[7], [8, 9]], [[3], []], pad_token_id=5)
+    assert causal["input_ids"].tolist() == [[7, 3], [8, 9]] and causal["labels"].tolist() == [[-100, 3], [-100, -100]]
+
+
 def test_greedy_generation_matches_generate_and_stops_at_eos():
     model = make_llama(4, 64, seed=1).eval()
     prompts = [[7, 8, 9], [10]]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.data.data_collator import DataCollatorMixin
+from trl.trainer.utils import pad
 
 from ..heads import IGNORE_INDEX
 from ..teachers.cache import TeacherCache, input_digest, supervised_positions
@@ -262,11 +263,13 @@ class RationaleCollator(DataCollatorMixin):
             totals,
         )
 
-    def _padded_length(self, lengths: list[int]) -> int:
-        length = max(lengths) if lengths else 0
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return length
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        """`(B, T)` long tensor of the rows right-padded with `value` (T: the longest row, rounded up to
+        `pad_to_multiple_of`)."""
+        if not rows:
+            return torch.zeros((0, 0), dtype=torch.long)
+        tensors = [torch.tensor(row, dtype=torch.long) for row in rows]
+        return pad(tensors, value, "right", self.pad_to_multiple_of or None)
 
     def _pad_id(self) -> int:
         for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
@@ -275,28 +278,19 @@ class RationaleCollator(DataCollatorMixin):
         return 0
 
     def _pad_causal(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
-        length = self._padded_length([len(p) + len(c) for p, c in zip(prompts, completions)])
-        input_ids = torch.full((len(prompts), length), self._pad_id(), dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        labels = torch.full((len(prompts), length), IGNORE_INDEX, dtype=torch.long)
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            n_prompt, n = len(prompt), len(prompt) + len(completion)
-            input_ids[i, :n] = torch.tensor(prompt + completion, dtype=torch.long)
-            attention_mask[i, :n] = 1
-            labels[i, n_prompt:n] = torch.tensor(completion, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        rows = [prompt + completion for prompt, completion in zip(prompts, completions)]
+        return {
+            "input_ids": self._pad(rows, self._pad_id()),
+            "attention_mask": self._pad([[1] * len(row) for row in rows], 0),
+            "labels": self._pad([[IGNORE_INDEX] * len(p) + c for p, c in zip(prompts, completions)], IGNORE_INDEX),
+        }
 
     def _pad_seq2seq(self, sources: list[list[int]], targets: list[list[int]]) -> dict[str, torch.Tensor]:
-        src_len = self._padded_length([len(s) for s in sources])
-        tgt_len = self._padded_length([len(t) for t in targets])
-        input_ids = torch.full((len(sources), src_len), self._pad_id(), dtype=torch.long)
-        attention_mask = torch.zeros((len(sources), src_len), dtype=torch.long)
-        labels = torch.full((len(sources), tgt_len), IGNORE_INDEX, dtype=torch.long)
-        for i, (source, target) in enumerate(zip(sources, targets)):
-            input_ids[i, : len(source)] = torch.tensor(source, dtype=torch.long)
-            attention_mask[i, : len(source)] = 1
-            labels[i, : len(target)] = torch.tensor(target, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {
+            "input_ids": self._pad(sources, self._pad_id()),
+            "attention_mask": self._pad([[1] * len(source) for source in sources], 0),
+            "labels": self._pad(targets, IGNORE_INDEX),
+        }
 
 
 def _unwrap(model: Any) -> Any:

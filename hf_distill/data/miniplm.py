@@ -16,6 +16,7 @@ Resume. `score` appends one JSON-lines shard per process every `flush_every` bat
 renamed, so a kill never leaves a torn shard) under `<output_dir>/shards/`, and keeps `<output_dir>/state.json`. A
 re-run with the same corpus and settings reads the finished ids from the shards, scores only the rest, and the main
 process merges everything into `<output_dir>/scores.parquet` with exactly one row per instance in corpus order.
+The settings check, shard writing and splitting are `hf_distill.jobs.ResumableJob`'s (docs/resumable_jobs.md).
 """
 
 import hashlib
@@ -24,8 +25,7 @@ import logging
 import math
 import os
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,9 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
+from ..jobs import ResumableJob, atomic_path, read_shard_records, write_json_atomic
 from ..teachers.loading import check_same_tokenizer, load_model, load_tokenizer, output_vocab_size
 from .loading import load_any_dataset
 
@@ -51,6 +53,8 @@ STATE_FILE = "state.json"
 SHARD_DIR = "shards"
 SCORE_REPORT_FILE = "score_report.json"
 SCORE_COLUMNS = ["id", "row", "chunk", "start", "n_tokens", "chunked", "nll_teacher", "nll_reference", "score"]
+# Checked when a run resumes into an existing output_dir: a change in any of them would mix incompatible scores.
+RESUME_KEYS = ("max_length", "add_special_tokens", "text_column", "n_instances", "corpus_digest")
 
 
 def mean_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -191,24 +195,10 @@ def _digest(plan: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a kill never leaves a torn file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2))
-
-
 def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_ids` and `attention_mask`, both `(B, T)` with T the longest sequence, padded on the right."""
-    input_ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, seq in enumerate(seqs):
-        input_ids[b, : len(seq)] = torch.tensor(seq)
-        attention_mask[b, : len(seq)] = 1
+    input_ids = pad([torch.tensor(seq, dtype=torch.long) for seq in seqs], pad_id, "right")
+    attention_mask = pad([torch.ones(len(seq), dtype=torch.long) for seq in seqs], 0, "right")
     return input_ids, attention_mask
 
 
@@ -217,19 +207,6 @@ def _nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ids, mask = input_ids.to(model.device), attention_mask.to(model.device)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
     return mean_token_nll(logits, ids, mask).double().cpu().tolist()
-
-
-def _read_shards(shard_dir: Path) -> Iterator[dict[str, Any]]:
-    for path in sorted(shard_dir.glob("*.jsonl")):  # temporary files (".*.tmp") of a killed writer are ignored
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
-
-
-def _batched(items: list[int], size: int) -> Iterator[list[int]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def _prepare(model: PreTrainedModel | str, init_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
@@ -244,22 +221,6 @@ def _model_name(model: PreTrainedModel | str) -> str:
     if isinstance(model, str | os.PathLike):
         return str(model)
     return getattr(model, "name_or_path", "") or type(model).__name__
-
-
-def _check_state(path: Path, state: dict[str, Any]) -> None:
-    """Refuse to resume into an output_dir that holds scores of another corpus or other settings."""
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    for key in ("max_length", "add_special_tokens", "text_column", "n_instances", "corpus_digest"):
-        if old.get(key) != state[key]:
-            raise ValueError(
-                f"{path.parent} holds MiniPLM scores computed with a different {key} ({old.get(key)!r} vs "
-                f"{state[key]!r} now); resuming would mix them. Use a new output_dir, or delete it to start over."
-            )
-    for key in ("teacher", "reference"):
-        if old.get(key) != state[key]:
-            logger.warning("Resuming with %s %r; the finished shards used %r.", key, state[key], old.get(key))
 
 
 def score(
@@ -334,26 +295,28 @@ def score(
         "tokenizer": getattr(tokenizer, "name_or_path", None) or None, "teacher": _model_name(teacher),
         "reference": _model_name(reference),
     }  # fmt: skip
-    _check_state(out / STATE_FILE, run_state)
+    # a changed corpus or window changes the scores (resuming would mix them); a renamed model only warns
+    job = ResumableJob(out, run_state, what="MiniPLM scores", settings_file=STATE_FILE, keys=RESUME_KEYS,
+                       warn_keys=("teacher", "reference"), state=state)  # fmt: skip
+    job.check_settings()
     position = {inst_id: i for i, inst_id in enumerate(plan["ids"])}
-    finished = {rec["id"] for rec in _read_shards(shard_dir) if rec["id"] in position}
+    finished = {rec["id"] for rec in read_shard_records(shard_dir) if rec["id"] in position}
     todo = [i for i, inst_id in enumerate(plan["ids"]) if inst_id not in finished]
-    state.wait_for_everyone()  # every process has read the same finished set before anyone writes a shard
-    if state.is_main_process:
-        _write_json(out / STATE_FILE, run_state)
-        if finished:
-            logger.info("Resuming: %d of %d instances already scored.", len(finished), len(plan["ids"]))
+    job.wait()  # every process has read the same finished set before anyone writes a shard
+    job.record_settings()
+    if job.is_main_process and finished:
+        logger.info("Resuming: %d of %d instances already scored.", len(finished), len(plan["ids"]))
 
     init_kwargs = dict(model_init_kwargs or {})
     models = [_prepare(m, init_kwargs, state.device) for m in (teacher, reference)] if todo else []  # done: no load
     vocab = min((v for v in map(output_vocab_size, models) if v is not None), default=None)
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    nonce = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     start_time = time.perf_counter()
-    with state.split_between_processes(todo) as mine:
+    with job.split(todo) as mine:
+        shards = job.shard_writer(shard_dir, ".jsonl")
         progress = tqdm(total=len(mine), desc="MiniPLM scoring", unit="inst", disable=not state.is_main_process)
-        buffer, n_batches, n_shards, n_done, n_tok = [], 0, 0, 0, 0
-        for batch in _batched(mine, batch_size):
+        buffer, n_batches, n_done, n_tok = [], 0, 0, 0
+        for batch in job.batched(mine, batch_size):
             rows = sorted({plan["row"][i] for i in batch})
             row_tokens = dict(zip(rows, tokens[rows]["input_ids"]))
             seqs = [row_tokens[plan["row"][i]][plan["start"][i] :][: plan["n_tokens"][i]] for i in batch]
@@ -368,30 +331,28 @@ def score(
             progress.update(len(batch))
             progress.set_postfix(tok_per_s=f"{n_tok / (time.perf_counter() - start_time):.0f}")
             if n_batches % flush_every == 0 or n_done == len(mine):
-                name = f"{nonce}-rank{state.process_index:05d}-{n_shards:06d}.jsonl"
-                _write_text(shard_dir / name, "".join(json.dumps(rec) + "\n" for rec in buffer))
-                buffer, n_shards = [], n_shards + 1
+                shards.write_records(buffer)
+                buffer = []
                 if callback is not None:
                     callback(n_batches)
         progress.close()
     elapsed = time.perf_counter() - start_time
     logger.info("MiniPLM scoring, process %d: %d instances, %d tokens in %.1f s (%.0f tokens/s).",
                 state.process_index, len(mine), n_tok, elapsed, n_tok / max(elapsed, 1e-9))  # fmt: skip
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _merge(out, plan, run_state, todo, time.perf_counter() - start_time, state.num_processes)
-    state.wait_for_everyone()
+    job.wait()
+    if job.is_main_process:
+        _merge(out, plan, job, todo, time.perf_counter() - start_time, state.num_processes)
+    job.wait()
     return load_scores(out)
 
 
-def _merge(
-    out: Path, plan: dict[str, Any], run_state: dict[str, Any], todo: list[int], seconds: float, num_processes: int
-) -> None:
+def _merge(out: Path, plan: dict[str, Any], job: ResumableJob, todo: list[int], seconds: float, num_processes: int):
     """Main process: one row per instance (duplicates dropped, missing ones an error) -> scores.parquet + report."""
+    run_state = job.settings
     position = {inst_id: i for i, inst_id in enumerate(plan["ids"])}
     records: list[dict[str, Any] | None] = [None] * len(position)
     duplicates = 0
-    for rec in _read_shards(out / SHARD_DIR):
+    for rec in read_shard_records(out / SHARD_DIR):
         i = position.get(rec["id"])
         if i is None:
             continue
@@ -410,16 +371,15 @@ def _merge(
     columns = {"id": pa.array(plan["ids"], type=pa.string())}
     columns |= {key: plan[key] for key in ("row", "chunk", "start", "n_tokens", "chunked")}
     columns |= {key: [rec[key] for rec in records] for key in ("nll_teacher", "nll_reference", "score")}
-    tmp = out / f".{SCORES_FILE}.tmp"
-    pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, out / SCORES_FILE)
+    with atomic_path(out / SCORES_FILE) as tmp:
+        pq.write_table(pa.table(columns), tmp)
     tokens = sum(plan["n_tokens"][i] for i in todo)
     report = {key: value for key, value in run_state.items() if key != "status"}
     report |= {"scored_this_run": len(todo), "tokens_this_run": tokens, "seconds_this_run": seconds,
                "tokens_per_second": tokens / max(seconds, 1e-9), "num_processes": num_processes,
                "scores_file": SCORES_FILE}  # fmt: skip
-    _write_json(out / SCORE_REPORT_FILE, report)
-    _write_json(out / STATE_FILE, {**run_state, "status": "done"})
+    write_json_atomic(out / SCORE_REPORT_FILE, report)
+    job.record_settings(status="done")
     logger.info("MiniPLM scores: %d instances (%d empty rows and %d too-short windows skipped) -> %s; this run %d "
                 "tokens in %.1f s (%.0f tokens/s).", len(records), run_state["empty"], run_state["too_short"],
                 out / SCORES_FILE, tokens, seconds, report["tokens_per_second"])  # fmt: skip
@@ -559,7 +519,7 @@ def select(
     }  # fmt: skip
     hist = text_histogram(values, kept)
     report["plot"] = "score_hist.png" if _plot(values, kept, threshold, out / "score_hist.png") else None
-    _write_json(out / "report.json", {**report, "histogram": hist.splitlines()})
+    write_json_atomic(out / "report.json", {**report, "histogram": hist.splitlines()})
     summary = "\n".join(f"{key}: {value}" for key, value in report.items())
     (out / "report.txt").write_text(f"MiniPLM selection\n{summary}\n\nscore histogram (# kept, . dropped)\n{hist}\n")
     logger.info(

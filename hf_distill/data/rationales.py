@@ -12,7 +12,6 @@
 """
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -22,8 +21,9 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from trl.trainer.utils import pad
 
-from ..jobs import check_or_record_settings, read_appended_records
+from ..jobs import ResumableJob, read_appended_records
 from ..teachers.api import APITeacher
 from .collators import RationaleCollator
 from .rationale_templates import (
@@ -109,14 +109,10 @@ class _StopOnText(StoppingCriteria):
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            input_ids[i, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[i, length - len(seq) :] = 1
+def _padded(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask`, both `(B, T)` long with T the longest sequence, padded on `side`."""
+    input_ids = pad([torch.tensor(seq, dtype=torch.long) for seq in sequences], pad_id, side)
+    attention_mask = pad([torch.ones(len(seq), dtype=torch.long) for seq in sequences], 0, side)
     return input_ids, attention_mask
 
 
@@ -136,15 +132,8 @@ def _generate(
 ) -> list[str]:
     """Generated text after each prompt (greedy unless `do_sample=True`), special tokens removed."""
     device = next(model.parameters()).device
-    if seq2seq:
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), length), _pad_id(tokenizer), dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, seq in enumerate(sequences):
-            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[i, : len(seq)] = 1
-    else:
-        input_ids, attention_mask = _left_pad(sequences, _pad_id(tokenizer))
+    # encoder inputs are right-padded; decoder-only generation continues from the last column: left padding
+    input_ids, attention_mask = _padded(sequences, _pad_id(tokenizer), "right" if seq2seq else "left")
     criteria = StoppingCriteriaList([_StopOnText(tokenizer, 0 if seq2seq else input_ids.shape[1], stops)])
     eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))} - {None}
     output = model.generate(
@@ -259,7 +248,6 @@ def generate_rationales(
         raise ValueError("Pass the teacher's `tokenizer` (or give `teacher` as a name/path to load both).")
     if getattr(teacher.config, "is_encoder_decoder", False):
         raise ValueError("generate_rationales needs a causal LM teacher (few-shot prompting); got a seq2seq model.")
-    os.makedirs(output_dir, exist_ok=True)
     settings = dict(
         template=template.name,
         teacher=teacher_name,
@@ -271,7 +259,8 @@ def generate_rationales(
         seed=seed if do_sample else None,
         use_chat_template=use_chat_template,
     )
-    check_or_record_settings(os.path.join(output_dir, META_FILE), settings, "rationales")
+    job = ResumableJob(output_dir, settings, what="rationales", settings_file=META_FILE)
+    job.check_or_record_settings()
 
     def prompt_text(row: Mapping[str, Any]) -> str:
         text = template.prompt(row)
@@ -283,14 +272,14 @@ def generate_rationales(
 
     path = os.path.join(output_dir, GENERATIONS_FILE)
     done = _read_done(path)
-    todo = [i for i in range(len(dataset)) if i not in done]
+    todo = job.todo(range(len(dataset)), done)
     if done:
         logger.info("Resuming: %d of %d rows already in %s.", len(dataset) - len(todo), len(dataset), path)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     was_training = teacher.training
     teacher.eval()
     with (
-        open(path, "a", encoding="utf-8") as out,
+        job.append_log(path) as log,
         tqdm(
             total=len(dataset), initial=len(dataset) - len(todo), desc="rationales", disable=not show_progress
         ) as bar,
@@ -309,19 +298,13 @@ def generate_rationales(
                 max_new_tokens=max_new_tokens,
                 **sampling,
             )
+            records = []
             for i, prompt, text in zip(indices, prompts, texts):
                 rationale, answer = template.parse(text)
-                record = {
-                    "index": i,
-                    "key": _key(prompt),
-                    "generation": text,
-                    "rationale": rationale,
-                    "teacher_label": answer,
-                }
-                done[i] = record
-                out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+                done[i] = {"index": i, "key": _key(prompt), "generation": text, "rationale": rationale,
+                           "teacher_label": answer}  # fmt: skip
+                records.append(done[i])
+            log.append(records)  # flushed and fsync'd: the batch survives a kill
             bar.update(len(indices))
     teacher.train(was_training)
     for i in range(len(dataset)):  # a resumed run must be continuing the same rows
@@ -348,9 +331,8 @@ def _api_rationales(
     show_progress: bool,
 ) -> Dataset:
     """`generate_rationales` with a served teacher: one request per (row, sample), resumable, then parse and pick."""
-    os.makedirs(output_dir, exist_ok=True)
     meta = dict(template=template.name, teacher=f"api:{teacher.model}", rows=len(dataset))
-    check_or_record_settings(os.path.join(output_dir, META_FILE), meta, "rationales")
+    ResumableJob(output_dir, meta, what="rationales", settings_file=META_FILE).check_or_record_settings()
     prompts = [template.prompt(dataset[i]) for i in range(len(dataset))]
     results, _ = teacher.generate(
         prompts,

@@ -16,14 +16,15 @@ import json
 import logging
 import os
 import random
-import shutil
 from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
+from ..jobs import ResumableJob, atomic_path, fingerprint, write_json_atomic
 from ..teachers.api import APITeacher
 
 
@@ -140,9 +141,9 @@ def _fingerprint(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     }
     return {
         "teacher": str(getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__),
-        "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "config": fingerprint(config),
         "weights": weights.hexdigest(),
-        "tokenizer": hashlib.sha256(json.dumps(tok, sort_keys=True, default=str).encode()).hexdigest(),
+        "tokenizer": fingerprint(tok),
     }
 
 
@@ -159,11 +160,8 @@ def _generate_batch(
     encoded = [_prompt_ids(tokenizer, p) for p in prompts]
     width = max(len(ids) for ids in encoded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)  # (B, T)
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
+    input_ids = pad([torch.tensor(ids, dtype=torch.long) for ids in encoded], pad_id, "left")  # (B, T)
+    attention_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in encoded], 0, "left")  # (B, T)
     device = next(teacher.parameters()).device
     fork_devices = [device] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=fork_devices):
@@ -181,13 +179,6 @@ def _generate_batch(
         tokens = row if ended is None else row[:ended]
         results.append((tokenizer.decode(tokens, skip_special_tokens=True).strip(), ended is not None))
     return results
-
-
-def _write_json(path: str, payload: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written batch
 
 
 def _api_samples(
@@ -305,17 +296,16 @@ def build_transfer_set(
     }
 
     folder = batches_dir = None
-    if cache_dir is not None:
+    if cache_dir is not None:  # the folder is named by the fingerprint of everything that changes the samples
         identity = {**(teacher.identity if api else _fingerprint(teacher, tokenizer)), **settings}
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        folder = os.path.join(cache_dir, f"transfer-{key}")
+        folder = os.path.join(cache_dir, f"transfer-{fingerprint(identity)[:16]}")
         final_dir = os.path.join(folder, "dataset")
         if os.path.isdir(final_dir):
             logger.info("Transfer set loaded from the cache %s (no generation).", final_dir)
             return load_from_disk(final_dir)
         batches_dir = os.path.join(folder, "batches")
         os.makedirs(batches_dir, exist_ok=True)
-        _write_json(os.path.join(folder, "identity.json"), identity)
+        write_json_atomic(os.path.join(folder, "identity.json"), identity, indent=None)
 
     if api:  # one "batch": the API store resumes per request
         if folder is None:
@@ -326,7 +316,7 @@ def build_transfer_set(
         flat = _api_samples(teacher, tokenizer, used_prompts, sampling, seed, store)
     n_batches = (num_samples + batch_size - 1) // batch_size
     results: dict[int, list] = {0: flat} if api else {}
-    if batches_dir is not None:
+    if batches_dir is not None:  # one file per finished batch, written atomically
         for b in range(n_batches):
             path = os.path.join(batches_dir, f"batch-{b:06d}.json")
             if os.path.isfile(path):
@@ -334,22 +324,21 @@ def build_transfer_set(
                     results[b] = json.load(f)
         if results:
             logger.info("Resuming the transfer set: %d of %d batches already on disk.", len(results), n_batches)
+    todo = ResumableJob.todo(range(n_batches), results)
 
     was_training = teacher.training if not api else None
     if not api:
         teacher.eval()
     try:
         with tqdm(total=n_batches, initial=len(results), desc="Sampling the transfer set", unit="batch") as bar:
-            for b in range(n_batches):
-                if b in results:
-                    continue
+            for b in todo:
                 indices = range(b * batch_size, min((b + 1) * batch_size, num_samples))
                 batch_prompts = [prompts[i % len(prompts)] for i in indices]
                 results[b] = _generate_batch(
                     teacher, tokenizer, batch_prompts, eos_ids, sampling, seed=seed * 1_000_003 + b
                 )
                 if batches_dir is not None:
-                    _write_json(os.path.join(batches_dir, f"batch-{b:06d}.json"), results[b])
+                    write_json_atomic(os.path.join(batches_dir, f"batch-{b:06d}.json"), results[b], indent=None)
                 bar.update(1)
     finally:
         if not api:
@@ -382,8 +371,6 @@ def build_transfer_set(
     if folder is None:
         return data
     final_dir = os.path.join(folder, "dataset")
-    tmp_dir = final_dir + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    data.save_to_disk(tmp_dir, num_shards=dict.fromkeys(data, 1))  # an empty split needs one (empty) shard
-    os.replace(tmp_dir, final_dir)
+    with atomic_path(final_dir) as tmp_dir:
+        data.save_to_disk(str(tmp_dir), num_shards=dict.fromkeys(data, 1))  # an empty split needs one (empty) shard
     return load_from_disk(final_dir)

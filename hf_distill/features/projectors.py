@@ -170,11 +170,15 @@ def load_projectors(module: HintProjectors, directory: str | os.PathLike) -> Hin
     return module
 
 
-class ProjectorGradReset(TrainerCallback):
-    """Zeroes the projectors' gradients after every optimizer step, as `Trainer` does for the student.
+class ProjectorCallback(TrainerCallback):
+    """The projectors' share of the training loop, through Trainer's public callback hooks.
 
-    `Trainer` calls `model.zero_grad()` after each step; the projectors live outside the student, so without this their
-    `.grad` would keep summing over the whole run (and a resumed run, starting from zero, would diverge).
+    - `on_step_end`: zeroes their gradients after every optimizer step, as `Trainer` does for the student (it calls
+      `model.zero_grad()`; the projectors live outside the student, so without this their `.grad` would keep summing
+      over the whole run and a resumed run, starting from zero, would diverge).
+    - `on_save`: writes them into the checkpoint folder Trainer just saved (`checkpoint-<global_step>` under
+      `output_dir`), on the process that saves. Loading them on resume is `load_projectors`, called by the trainer's
+      `_load_from_checkpoint` (there is no callback hook that knows the checkpoint being resumed).
 
     Args:
         projectors (`nn.Module`): the projectors (plain or DDP-wrapped).
@@ -185,3 +189,8 @@ class ProjectorGradReset(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.projectors.zero_grad(set_to_none=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_projectors(getattr(self.projectors, "module", self.projectors), folder)

@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..jobs import check_or_record_settings, read_appended_records
+from ..jobs import AppendLog, check_or_record_settings, read_appended_records, write_json_atomic
 
 
 logger = logging.getLogger(__name__)
@@ -285,7 +285,6 @@ class APITeacher:
         reused = len(done)
         if done:
             logger.info("Resuming: %d of %d responses already in %s.", reused, len(prompts) * n, store)
-        _end_with_newline(store)  # a line cut short by a kill must not swallow the next record
         client = self._client() if todo else None
         started = time.time()
         made = prompt_tokens = completion_tokens = 0
@@ -303,7 +302,7 @@ class APITeacher:
                 pending[pool.submit(self.request, client, prompts[i], {**sampling, **extra})] = unit
 
         with (
-            open(store, "a", encoding="utf-8") as out,
+            AppendLog(store) as log,  # ends a line a kill cut short, so it cannot swallow the next record
             ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="api-teacher") as pool,
             tqdm(total=len(prompts) * n, initial=reused, desc=desc, disable=not show_progress) as bar,
         ):
@@ -319,9 +318,7 @@ class APITeacher:
                             first_error = first_error or err
                             continue
                         record = {"index": i, "sample": j, "key": keys[i], **result, "time": round(time.time(), 3)}
-                        out.write(json.dumps(record) + "\n")
-                        out.flush()
-                        os.fsync(out.fileno())  # persisted before any further request is sent
+                        log.append([record])  # flushed and fsync'd before any further request is sent
                         done[(i, j)] = record
                         made += 1
                         prompt_tokens += result["prompt_tokens"]
@@ -393,24 +390,13 @@ def _read_store(path: str, keys: list[str], n: int) -> dict[tuple[int, int], dic
     return done
 
 
-def _end_with_newline(path: str) -> None:
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, "rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-
-
 def _append_run(path: str, stats: dict[str, Any]) -> None:
     runs = []
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             runs = json.load(f)
     runs.append(stats)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(runs, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, runs)
 
 
 def generate_completions_dataset(

@@ -48,15 +48,14 @@ Resume and processes. Shards are written every `rows_per_shard` rows, to a tempo
 leaves a torn shard). A re-run reads the row ids already cached (checking their input digests), splits the rest across
 processes with `accelerate.PartialState.split_between_processes` (`accelerate launch` / `torchrun`) and caches only
 those. Rows of another dataset may be added to the same cache (e.g. an evaluation split) if their ids are distinct.
+The settings check, shard writing and splitting are `hf_distill.jobs.ResumableJob`'s (docs/resumable_jobs.md).
 """
 
 import hashlib
 import json
 import logging
 import os
-import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +67,10 @@ from datasets import Dataset, concatenate_datasets
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.trainer.utils import pad
 
 from ..heads import IGNORE_INDEX
+from ..jobs import ResumableJob, ShardWriter, fingerprint, shard_paths
 from .cache_compact import DEFAULT_VALUE_BITS, checksum, decode_row, encode_row
 from .loading import load_model, load_tokenizer, output_vocab_size
 
@@ -106,17 +107,13 @@ RESUME_DEFAULTS = {"compression": "none"}  # keys that version-1 caches written 
 
 
 # ----------------------------------------------------------------------------------------------- identities
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """`{"name_or_path", "vocab_size", "vocab_sha256"}`: two tokenizers with the same token -> id map match."""
     vocab = tokenizer.get_vocab()
     return {
         "name_or_path": getattr(tokenizer, "name_or_path", None) or None,
         "vocab_size": len(vocab),
-        "vocab_sha256": _sha(sorted(vocab.items(), key=lambda kv: kv[1])),
+        "vocab_sha256": fingerprint(sorted(vocab.items(), key=lambda kv: kv[1])),
     }
 
 
@@ -128,7 +125,7 @@ def teacher_identity(teacher: nn.Module, name_or_path: str | None = None) -> dic
     return {
         "name_or_path": name_or_path or as_dict.get("_name_or_path") or type(teacher).__name__,
         "model_type": as_dict.get("model_type"),
-        "config_sha256": _sha({k: v for k, v in as_dict.items() if k not in volatile}),
+        "config_sha256": fingerprint({k: v for k, v in as_dict.items() if k not in volatile}),
     }
 
 
@@ -230,8 +227,9 @@ def _list_array(flat: pa.Array, lengths: list[int]) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, flat)
 
 
-def _write_shard(shard_dir: Path, name: str, records: list[dict[str, Any]], dtype: str, row_id_type: pa.DataType):
-    """One Arrow stream file from per-row records; written to a temporary name and renamed."""
+def _write_shard(shards: ShardWriter, records: list[dict[str, Any]], dtype: str, row_id_type: pa.DataType) -> None:
+    """One Arrow stream file from per-row records, the next shard of `shards` (written to a temporary name and
+    renamed)."""
     columns = {
         "row_id": pa.array([r["row_id"] for r in records], type=row_id_type),
         "input_digest": pa.array([r["input_digest"] for r in records], type=pa.int64()),
@@ -255,11 +253,12 @@ def _write_shard(shard_dir: Path, name: str, records: list[dict[str, Any]], dtyp
             flat = pa.array(np.concatenate([np.asarray(r[key], dtype=np.int32) for r in records]))
             columns[key] = _list_array(flat, lengths)
     table = pa.table(columns)
-    path = shard_dir / f"{name}.arrow"
-    tmp = shard_dir / f".{name}.arrow.tmp"
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+
+    shards.write(write)
 
 
 @torch.no_grad()
@@ -280,12 +279,8 @@ def score_rows(
         `list` of B triples on CPU: ids `(n_b, k)` int32, log-probs `(n_b, k)` fp32, log tail mass `(n_b,)` fp32.
     """
     device = next(teacher.parameters()).device
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, row in enumerate(rows):
-        input_ids[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        attention_mask[b, : len(row)] = 1
+    input_ids = pad([torch.as_tensor(row, dtype=torch.long) for row in rows], pad_token_id, "right")  # (B, T)
+    attention_mask = pad([torch.ones(len(row), dtype=torch.long) for row in rows], 0, "right")  # (B, T)
     if int(input_ids.max()) >= vocab_size:
         raise ValueError(
             f"Token id {int(input_ids.max())} is outside the teacher's vocabulary ({vocab_size}); the dataset was "
@@ -304,25 +299,6 @@ def score_rows(
         tail = torch.full(values.shape[:1], float("-inf"), device=values.device)
     counts = [len(p) for p in positions]
     return list(zip(ids.int().cpu().split(counts), values.cpu().split(counts), tail.cpu().split(counts), strict=True))
-
-
-def _batched(items: list[int], size: int) -> Iterator[list[int]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _check_info(path: Path, info: dict[str, Any]) -> None:
-    """Refuse to add rows to a cache built with other settings."""
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    for key in RESUME_KEYS:
-        before, now = old.get(key, RESUME_DEFAULTS.get(key)), info.get(key, RESUME_DEFAULTS.get(key))
-        if before != now:
-            raise ValueError(
-                f"{path.parent} holds a teacher cache built with a different {key} ({before!r}, now {now!r}); "
-                "adding rows would mix them. Use a new output_dir, or delete it to start over."
-            )
 
 
 def _unreadable_shard(path: Path, error: Exception) -> ValueError:
@@ -366,7 +342,7 @@ def set_aside_corrupt_shards(shard_dir: Path) -> list[Path]:
 def _read_finished(shard_dir: Path) -> dict[Any, int]:
     """row_id -> input_digest of the rows in finished shards."""
     finished = {}
-    for path in sorted(shard_dir.glob("*.arrow")):
+    for path in shard_paths(shard_dir, ".arrow"):
         table = _read_shard(path).select(["row_id", "input_digest"])
         finished.update(zip(table.column("row_id").to_pylist(), table.column("input_digest").to_pylist()))
     return finished
@@ -501,11 +477,20 @@ def cache_teacher(
     }
     out = Path(output_dir)
     shard_dir = out / SHARD_DIR
-    if state.is_main_process:
+    job = ResumableJob(
+        out,
+        info,
+        what="a teacher cache",
+        settings_file=INFO_FILE,
+        keys=RESUME_KEYS,
+        defaults=RESUME_DEFAULTS,
+        state=state,
+    )
+    if job.is_main_process:
         shard_dir.mkdir(parents=True, exist_ok=True)
         set_aside_corrupt_shards(shard_dir)  # a truncated shard (killed copy, full disk) is recomputed, not fatal
-    state.wait_for_everyone()
-    _check_info(out / INFO_FILE, info)
+    job.wait()
+    job.check_settings()
     finished = _read_finished(shard_dir)
     todo = []
     for index, rid in enumerate(row_ids):
@@ -516,17 +501,16 @@ def cache_teacher(
                 f"Row id {rid!r} is already cached with other input_ids; ids must be unique across the datasets "
                 "added to one cache (give each dataset an id column with distinct values)."
             )
-    state.wait_for_everyone()  # every process has read the same finished set before anyone writes a shard
-    if state.is_main_process:
-        (out / INFO_FILE).write_text(json.dumps(info, indent=2))
-        if len(todo) < len(row_ids):
-            logger.info("Resuming: %d of %d rows already cached.", len(row_ids) - len(todo), len(row_ids))
+    job.wait()  # every process has read the same finished set before anyone writes a shard
+    job.record_settings()
+    if job.is_main_process and len(todo) < len(row_ids):
+        logger.info("Resuming: %d of %d rows already cached.", len(row_ids) - len(todo), len(row_ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nonce = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    with state.split_between_processes(todo) as mine:
+    with job.split(todo) as mine:
+        shards = job.shard_writer(shard_dir, ".arrow")
         progress = tqdm(total=len(mine), desc="Caching teacher top-k", unit="row", disable=not state.is_main_process)
-        buffer, n_shards, n_tokens = [], 0, 0
-        for batch in _batched(list(mine), batch_size):
+        buffer, n_tokens = [], 0
+        for batch in job.batched(mine, batch_size):
             chunk = dataset[batch]
             rows = [{column: values[j] for column, values in chunk.items()} for j in range(len(batch))]
             seqs = [list(r["input_ids"][:max_length]) for r in rows]
@@ -576,26 +560,19 @@ def cache_teacher(
                 n_tokens += len(pos)
             progress.update(len(batch))
             if len(buffer) >= rows_per_shard:
-                _write_shard(
-                    shard_dir, f"{nonce}-rank{state.process_index:05d}-{n_shards:06d}", buffer, dtype_name, row_id_type
-                )
-                buffer, n_shards = [], n_shards + 1
+                _write_shard(shards, buffer, dtype_name, row_id_type)
+                buffer = []
         if buffer:
-            _write_shard(
-                shard_dir, f"{nonce}-rank{state.process_index:05d}-{n_shards:06d}", buffer, dtype_name, row_id_type
-            )
+            _write_shard(shards, buffer, dtype_name, row_id_type)
         progress.close()
     logger.info("Teacher cache, process %d: %d rows, %d supervised tokens.", state.process_index, len(mine), n_tokens)
-    state.wait_for_everyone()
+    job.wait()
     cache = TeacherCache(out)
     missing = cache.missing(row_ids)
     if missing:
         raise RuntimeError(f"{len(missing)} rows were not cached (e.g. {missing[:5]}); run cache_teacher again.")
-    if state.is_main_process:
-        info["status"] = "complete"
-        info["num_rows"] = len(cache)
-        (out / INFO_FILE).write_text(json.dumps(info, indent=2))
-    state.wait_for_everyone()
+    job.record_settings(status="complete", num_rows=len(cache))
+    job.wait()
     return TeacherCache(out)
 
 

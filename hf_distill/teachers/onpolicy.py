@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationConfig
+from trl.trainer.utils import pad
 
 from ..losses import IGNORE_INDEX
 
@@ -104,16 +105,11 @@ def generate_completions(
         `list[list[int]]`: B completions (each ends with EOS, or has `max_new_tokens` tokens).
     """
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, prompt in enumerate(prompts):
-        if is_encoder_decoder:  # encoder inputs: right padding
-            input_ids[b, : len(prompt)] = torch.tensor(prompt, device=device)
-            attention_mask[b, : len(prompt)] = 1
-        else:  # decoder-only generation continues from the last column: left padding
-            input_ids[b, width - len(prompt) :] = torch.tensor(prompt, device=device)
-            attention_mask[b, width - len(prompt) :] = 1
+    # encoder inputs: right padding; decoder-only generation continues from the last column: left padding
+    side = "right" if is_encoder_decoder else "left"
+    input_ids = pad([torch.tensor(p, dtype=torch.long) for p in prompts], pad_token_id, side).to(device)  # (B, T)
+    attention_mask = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], 0, side).to(device)  # (B, T)
+    width = input_ids.shape[1]
     eos_list = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
     config = GenerationConfig(
@@ -150,23 +146,26 @@ def rebuild_batch(
         `(B, max completion length)` padded with -100.
     """
 
-    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
-        width = max(max(len(r) for r in rows), 1)
-        out = torch.full((len(rows), width), value, dtype=torch.long)
-        for b, row in enumerate(rows):
-            out[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return out.to(device)
+    def right_pad(rows: list[list[int]], value: int) -> torch.Tensor:  # (B, max(1, longest row))
+        padded = pad([torch.tensor(row, dtype=torch.long) for row in rows], value, "right")
+        if padded.shape[1] == 0:  # all rows empty: one column of padding
+            padded = torch.full((len(rows), 1), value, dtype=torch.long)
+        return padded.to(device)
 
     if is_encoder_decoder:
-        input_ids = pad(prompts, pad_token_id)
-        attention_mask = pad([[1] * len(p) for p in prompts], 0)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad(completions, IGNORE_INDEX)}
+        input_ids = right_pad(prompts, pad_token_id)
+        attention_mask = right_pad([[1] * len(p) for p in prompts], 0)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": right_pad(completions, IGNORE_INDEX),
+        }
     rows = [p + c for p, c in zip(prompts, completions)]
     labels = [[IGNORE_INDEX] * len(p) + c for p, c in zip(prompts, completions)]
     return {
-        "input_ids": pad(rows, pad_token_id),
-        "attention_mask": pad([[1] * len(r) for r in rows], 0),
-        "labels": pad(labels, IGNORE_INDEX),
+        "input_ids": right_pad(rows, pad_token_id),
+        "attention_mask": right_pad([[1] * len(r) for r in rows], 0),
+        "labels": right_pad(labels, IGNORE_INDEX),
     }
 
 
