@@ -1,5 +1,6 @@
 """`hf-distill quickstart` end to end on a tiny local teacher (the real SmolLM2 run is `-m slow`)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -108,4 +109,6 @@ def test_quickstart_learning_curve_every_n_steps(tmp_path):
         assert [p["step"] for p in curve] == [2, 4]
         assert all(p["kl"] > 0 and p["tokens"] == report["results"][name]["tokens"] for p in curve)
     # the two students share the init and the first steps' batches, but not the loss: their curves differ
+    if importlib.util.find_spec("matplotlib") is not None:  # the bench extra
+        assert report["plot"] == str(tmp_path / "qs" / "kl_curve.png") and (tmp_path / "qs" / "kl_curve.png").exists()
     assert report["curves"]["kd_student"][0]["kl"] != report["curves"]["ce_only_student"][0]["kl"]
