@@ -19,7 +19,11 @@ Resumable: the teacher is saved under OUT/nli_classification_runs/teacher (model
 run writes OUT/nli_classification_runs/<method>-seed<k>.json; a rerun skips what is there. Output:
 OUT/nli_classification.json and OUT/nli_classification.png (matplotlib, `pip install hf-distill[bench]`).
 
-The budget is stated in the JSON (steps, rows, CPU minutes per stage, torch threads). `--smoke` runs 3 steps per model
+Budget at the defaults (3000 train rows, batch 16, 300 validation rows; an estimate from per-step CPU costs measured
+in an earlier session on a loaded machine, scaled to 15 layers, not yet measured for this setting): teacher at most
+200 steps (~17 CPU-s each, <= ~57 CPU-min; less when it plateaus), students 2 seeds x 2 methods x 80 steps (CE ~10,
+KD ~15 CPU-s per step: ~65 CPU-min), evaluations ~15 CPU-min: about 2 CPU-hours, resumable across sessions. The JSON
+records the steps, rows, CPU minutes per stage and torch threads actually used. `--smoke` runs 3 steps per model
 on 48 rows (a pipeline check, not a result).
 
     python benchmarks/nli_classification.py --smoke --out runs/bench-smoke

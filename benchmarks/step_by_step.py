@@ -15,6 +15,10 @@ selection rows (validation rows [0, `--dev_size`)), keeps the weights of the bes
 `--patience` evaluations without improvement. The picked checkpoint is then scored on the report rows (validation rows
 [`--dev_size`, `--dev_size` + `--eval_size`)), which take no part in the choice.
 
+Budget at the defaults: 3 fractions x 2 methods x 2 seeds = 12 runs of at most 125 steps x 4 examples (1.25 epochs of
+the 400 rows, 5 of the 100-row subset). With the per-step CPU costs measured in an earlier session (one thread,
+label-only ~3.2 s, step-by-step ~5.8 s, scoring 64 rows ~7 s) that is at most ~2 CPU-hours; early stopping shortens it.
+
 Resumable: each finished run writes OUT/step_by_step_runs/<method>-<fraction>-seed<k>.json and is skipped on a
 rerun. Output: OUT/step_by_step.json (per-run results, mean +- spread over seeds, CPU minutes) and OUT/step_by_step.png
 (accuracy against training rows; matplotlib, `pip install hf-distill[bench]`). `--smoke` runs a tiny configuration
@@ -70,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1", help="Seeds (batch order).")
     parser.add_argument("--dev_size", type=int, default=64, help="Validation rows for early stopping / selection.")
     parser.add_argument("--eval_size", type=int, default=200, help="Validation rows scored for the report.")
-    parser.add_argument("--max_steps", type=int, default=200, help="Most optimizer steps per run.")
+    parser.add_argument("--max_steps", type=int, default=125, help="Most optimizer steps per run.")
     parser.add_argument("--eval_every", type=int, default=25, help="Steps between selection evaluations.")
     parser.add_argument("--patience", type=int, default=2, help="Evaluations without improvement before stopping.")
     parser.add_argument("--batch_size", type=int, default=4, help="Examples per step (step-by-step: 2 views each).")
