@@ -45,6 +45,7 @@ def test_quickstart_tiny(tmp_path):
     card = (tmp_path / "qs" / "student" / "README.md").read_text()
     assert "- hf-distill" in card and "- distillation" in card and "kd_student" in card
     assert "hf-distill quickstart --teacher " in card and "(fingerprint " in card  # the command; the teacher's hash
+    assert "None" not in card.split("hf-distill quickstart --teacher ")[1].split("\n")[0]  # unset flags stay unset
     assert recipe_from_card(card)["steps"] == 3 and recipe_from_card(card)["num_samples"] == 12
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "qs" / "student").config.num_hidden_layers == 2
     # the CE-only baseline is saved too, with its own card carrying the same reproducing command

@@ -241,7 +241,8 @@ def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
     for key, text in generations.items():
         print(f"  {key:>16}: {text[:300]!r}")
 
-    recipe = Recipe(vars(opts), command_line(prog, [a for k, v in vars(opts).items() for a in (f"--{k}", str(v))]))
+    flags = [a for k, v in vars(opts).items() if v is not None for a in (f"--{k}", str(v))]  # unset: default None
+    recipe = Recipe(vars(opts), command_line(prog, flags))
     table_rows = {
         k: {m: v for m, v in r.items() if m in ("kl", "top1_agreement", "perplexity")} for k, r in results.items()
     }
