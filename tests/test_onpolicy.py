@@ -2,6 +2,7 @@
 completions are really generated, the loss covers the generated tokens, lmbda = 0 is the off-policy loss."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -242,3 +243,14 @@ def test_rewritten_batches_keep_accumulation_exact(tmp_path, tokenizer):
     assert max((full[k] - start[k]).abs().max().item() for k in start) > 1e-3
     for key in full:
         assert torch.allclose(full[key], accumulated[key], atol=1e-5), key
+
+
+def test_rewriter_for_student_takes_the_tokenizers_ids_then_the_configs():
+    args = types.SimpleNamespace(seed=0)
+    config = types.SimpleNamespace(pad_token_id=None, eos_token_id=3)
+    rewriter = PolicyBatchRewriter.for_student(
+        args, types.SimpleNamespace(pad_token_id=1, eos_token_id=2), config, False
+    )
+    assert (rewriter.pad_token_id, rewriter.eos_token_id) == (1, 2)
+    rewriter = PolicyBatchRewriter.for_student(args, None, config, True)
+    assert (rewriter.pad_token_id, rewriter.eos_token_id, rewriter.is_encoder_decoder) == (0, 3, True)

@@ -56,6 +56,24 @@ def test_teacher_is_not_part_of_accelerate_state(tmp_path, tokenizer):
     assert set(load_file(tmp_path / "state" / "model.safetensors")) == set(trainer.model.state_dict())
 
 
+def test_unregister_model_on_the_pinned_accelerate(tmp_path):
+    """`unregister_model` edits accelerate's private `_models` list (no public API); this pins that it still exists
+    and still decides what `save_state` writes, so an accelerate upgrade that changes it fails here first."""
+    from accelerate import Accelerator
+
+    from hf_distill.teachers.loading import unregister_model
+
+    accelerator = Accelerator(cpu=True)
+    kept, dropped = accelerator.prepare_model(torch.nn.Linear(2, 2)), accelerator.prepare_model(torch.nn.Linear(3, 3))
+    assert isinstance(accelerator._models, list) and len(accelerator._models) == 2
+    unregister_model(accelerator, dropped)
+    assert accelerator._models == [kept]
+    accelerator.save_state(str(tmp_path / "state"))
+    files = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert "model.safetensors" in files and not any(name.startswith("model_1") for name in files)
+    assert set(load_file(tmp_path / "state" / "model.safetensors")) == {"weight", "bias"}
+
+
 def test_teacher_sharing_the_students_parameters_is_rejected(tmp_path, tokenizer):
     base = make_llama(2, 32)
     student = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))  # injects adapters into `base`
@@ -165,3 +183,21 @@ def test_bf16_autocast_teacher_and_fp32_kd_loss(tmp_path, tokenizer):
     torch.testing.assert_close(kd, logit_divergence(s.double(), t.double()).float(), atol=1e-6, rtol=1e-5)
     sums, _, _, _ = trainer._loss_terms(trainer.model, batch)
     assert all(v.dtype == torch.float32 for v in sums.values())
+
+
+def test_load_teacher_checks_tokenizer_head_and_vocabulary(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from hf_distill.teachers.loading import load_teacher
+
+    path = tmp_path / "teacher"
+    make_llama(2, 48, seed=3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    student = make_llama(2, 32)
+    teacher, vocab = load_teacher(str(path), AutoModelForCausalLM, student, tokenizer)
+    assert teacher.config.hidden_size == 48 and vocab in (None, len(tokenizer))
+    with pytest.raises(ValueError, match="predict different things"):
+        from transformers import BertConfig, BertForSequenceClassification
+
+        load_teacher(BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=64)), AutoModelForCausalLM, student)  # fmt: skip

@@ -132,3 +132,13 @@ def test_mixed_precision_mismatch_warned_once(tmp_path, tokenizer, caplog, monke
             )
     assert trainer.accelerator.mixed_precision == "bf16"  # the training config won, as the warning says
     assert [m for m in sanity_warnings(caplog) if "Mixed precision disagrees" in m] == [mixed_precision_mismatch(args)]
+
+
+def test_warn_if_too_long_names_the_model_and_the_limit():
+    from hf_distill.sanity import warn_if_too_long
+
+    short = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=8))
+    long = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=64))
+    assert warn_if_too_long(8, {"student": long, "teacher": short}) is None
+    message = warn_if_too_long(9, {"student": long, "teacher": short, "none": None})
+    assert "teacher's max_position_embeddings (8)" in message and "`max_length` (<= 8)" in message

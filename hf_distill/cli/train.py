@@ -140,9 +140,9 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
     if model_args.attn_implementation:
         model_kwargs["attn_implementation"] = model_args.attn_implementation
 
+    if isinstance(teacher_path, list):
+        teacher_path = teacher_path[0]  # several teachers share one tokenizer
     tok_path = script_args.tokenizer_name_or_path or model_args.model_name_or_path or teacher_path
-    if tok_path is None and args.teacher_models_name_or_path:
-        tok_path = args.teacher_models_name_or_path[0]  # several teachers share one tokenizer
     if tok_path is None and args.teacher_cache:
         from ..teachers.cache import TeacherCache
 
@@ -170,7 +170,7 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
     evaluation = prepare_columns(evaluation, script_args) if evaluation is not None else None
     label_kwargs = task_label_kwargs(train, script_args.task, script_args.label_column)
 
-    teacher = teacher_path
+    teacher = None  # the trainer loads `teacher_model_name_or_path` (one name or several)
     if model_args.model_name_or_path is not None:
         model_kwargs.update(quantized_student_kwargs(model_args))  # QLoRA: {} unless load_in_4bit / load_in_8bit
         student = load_task_model(model_args.model_name_or_path, script_args.task, label_kwargs, **model_kwargs)

@@ -3,7 +3,7 @@
 `RationaleCollator` builds the two task views of distilling step-by-step (Hsieh et al., 2023): every
 `{input, label, rationale}` row becomes a label view (`"[label] " + input` -> label) and a rationale view
 (`"[rationale] " + input` -> rationale), interleaved `[label, rationale]` per example, with a `task` tensor telling
-them apart. `DistillationTrainer` splits the loss by that tensor (see `hf_distill.multitask`).
+them apart. `DistillationTrainer` splits the loss by that tensor (see `hf_distill.terms`).
 
 `TeacherCacheCollator` wraps another collator and adds an offline teacher cache's top-k entries to each batch,
 aligned by the cache's row-id column (see `hf_distill.teachers.cache`).

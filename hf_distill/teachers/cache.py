@@ -69,8 +69,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..heads import IGNORE_INDEX, aligned_labels, aligned_logits, divergence_kwargs, supervised_mask
-from ..losses.sparse import SPARSE_LOSSES, sparse_logit_divergence
+from ..heads import IGNORE_INDEX
 from .cache_compact import DEFAULT_VALUE_BITS, checksum, decode_row, encode_row
 from .loading import load_model, load_tokenizer, output_vocab_size
 
@@ -796,77 +795,3 @@ class TeacherCache:
             raise ValueError(f"{self.path} was not built with generate=True; train on the dataset it was built from.")
         data = self.dataset.select_columns(["row_id", "input_ids", "labels"])
         return data.rename_column("row_id", self.id_column) if self.id_column != "row_id" else data
-
-
-# ----------------------------------------------------------------------------------------------- training
-@dataclass
-class CachedTeacherOutputs:
-    """Teacher entries of a batch, indexed by label position: ids / logprobs `(B, T, k)`, tail and mask `(B, T)`."""
-
-    topk_ids: torch.Tensor
-    topk_logprobs: torch.Tensor
-    tail_logmass: torch.Tensor
-    mask: torch.Tensor
-
-
-def cached_teacher_outputs(inputs: dict[str, Any]) -> CachedTeacherOutputs:
-    """The teacher entries the `TeacherCacheCollator` put into a batch."""
-    missing = [key for key in CACHE_BATCH_KEYS if key not in inputs]
-    if missing:
-        raise ValueError(
-            f"The batch lacks {missing}: with `teacher_cache` the data collator must be a `TeacherCacheCollator` "
-            "(the trainer wraps its collator in one; do not replace `trainer.data_collator` afterwards)."
-        )
-    return CachedTeacherOutputs(*(inputs[key] for key in CACHE_BATCH_KEYS))
-
-
-def check_cache_config(args: Any) -> None:
-    """Settings that cannot work without a live teacher."""
-    if args.kd_loss not in SPARSE_LOSSES:
-        raise ValueError(
-            f"kd_loss={args.kd_loss!r} has no sparse form for a teacher cache; use one of {SPARSE_LOSSES}."
-        )
-    if args.lmbda > 0 or args.seq_kd:
-        raise ValueError(
-            "A teacher cache holds the teacher's distributions on the dataset's tokens only, so it cannot score "
-            "on-policy samples (`lmbda` > 0) or generate targets (`seq_kd`); use a live teacher, or build the cache "
-            "with `hf-distill cache-teacher --generate` for offline sequence-level KD."
-        )
-    if args.uses_features:
-        raise ValueError("Hints, attention and relation losses need the teacher's hidden states: not in a cache.")
-
-
-def cache_logit_terms(
-    trainer: Any, outputs: Any, cached: CachedTeacherOutputs, inputs: dict[str, Any]
-) -> tuple[dict, dict, torch.Tensor]:
-    """Sparse KD (`sum divergence`, weight `kd_weight * T^2`) and CE over supervised tokens, teacher from the cache.
-    Same contract as `DistillationMixin._logit_terms`."""
-    args = trainer.args
-    head = trainer._head
-    labels = inputs["labels"]
-    if inputs.get("shift_labels") is not None:
-        raise ValueError("Teacher caches do not support padding-free batches (`shift_labels`); pad the batches.")
-    mask = supervised_mask(labels, head)
-    s = aligned_logits(outputs.logits, head)[mask]  # (N, V_s)
-    y = aligned_labels(labels, head)[mask]
-    label_index = slice(1, None) if head.shifts_labels else slice(None)
-    ids = cached.topk_ids[:, label_index][mask].long()
-    logprobs = cached.topk_logprobs[:, label_index][mask]
-    tail = cached.tail_logmass[:, label_index][mask]
-    vocab = trainer._teacher_cache.vocab_size
-    s_kd = s
-    if s.shape[-1] != vocab:
-        real = len(trainer._cache_tokenizer) if trainer._cache_tokenizer is not None else None
-        if s.shape[-1] < vocab or real is None or real > vocab:
-            raise ValueError(
-                f"The student has {s.shape[-1]} logits but the teacher cache covers a vocabulary of {vocab}; build "
-                "the cache from a teacher with the student's vocabulary."
-            )
-        s_kd = s[:, :vocab]  # the student's extra rows are embedding padding
-    sums = {
-        "kd": sparse_logit_divergence(s_kd, ids, logprobs, tail, **divergence_kwargs(args)).sum(),
-        "ce": torch.nn.functional.cross_entropy(s.float(), y, reduction="sum"),
-    }
-    trainer._record_sum("top1_agreement", (s_kd.argmax(-1) == ids[:, 0]).sum(), y.numel())
-    weights = {"kd": args.kd_weight * args.temperature**2, "ce": args.ce_weight}
-    return sums, weights, y.new_tensor(y.numel())

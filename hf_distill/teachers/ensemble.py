@@ -1,6 +1,6 @@
 """Several teachers with one tokenizer (multi-teacher KD, Gou et al. 2021 survey; e.g. You et al. 2017).
 
-Recipe lines: `teacher_models_name_or_path: [a, b]` (or `teacher_model=[model_a, model_b]`), `teacher_weights: [0.7,
+Recipe lines: `teacher_model_name_or_path: [a, b]` (or `teacher_model=[model_a, model_b]`), `teacher_weights: [0.7,
 0.3]` (default: equal), `multi_teacher_mode: mixture | sum`.
 
 - `mixture`: the target is the weighted mixture in probability space, `p_mix = sum_i w_i softmax(t_i / T)` with the
@@ -18,8 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..heads import divergence_kwargs, hard_loss, select_positions
+from ..heads import divergence_kwargs, hard_loss, kd_scale, select_positions
 from ..losses import logit_divergence
+from ..terms import LossTerms, SupervisedView
+from .base import SourceContext, TeacherSource, teacher_forward
 
 
 logger = logging.getLogger(__name__)
@@ -51,36 +53,20 @@ def mixture_log_probs(teacher_logits: Sequence[torch.Tensor], weights: Sequence[
     return torch.logsumexp(torch.stack(parts), dim=0)
 
 
-def setup_teachers(trainer: Any, teachers: Sequence[Any], processing_classes: Any = None) -> None:
-    """Load, check and place every teacher with the trainer's `_setup_teacher`; sets `trainer.teachers` (all) and
-    `trainer.teacher` (the first, for code that expects one teacher)."""
-    teachers = list(teachers)
-    if not teachers:
+def check_teacher_list(args: Any, n_teachers: int) -> None:
+    """Settings that a list of `n_teachers` teachers must satisfy (raised before any teacher is loaded)."""
+    if n_teachers == 0:
         raise ValueError("`teacher_model` is an empty list; give at least one teacher.")
-    if not isinstance(processing_classes, list | tuple):
-        processing_classes = [processing_classes] * len(teachers)
-    if len(processing_classes) != len(teachers):
-        raise ValueError(f"{len(teachers)} teachers but {len(processing_classes)} teacher processing classes.")
-    weights = trainer.args.teacher_weights
-    if weights is not None and len(weights) != len(teachers):
+    weights = args.teacher_weights
+    if weights is not None and len(weights) != n_teachers:
         raise ValueError(
-            f"`teacher_weights` has {len(weights)} entries for {len(teachers)} teachers; give one weight per teacher."
+            f"`teacher_weights` has {len(weights)} entries for {n_teachers} teachers; give one weight per teacher."
         )
-    if len(teachers) > 1 and trainer.args.uses_features:
+    if n_teachers > 1 and args.uses_features:
         raise ValueError(
             "Hidden-state hints, attention and relation losses need one teacher; with several teachers set "
             "hint_layers=None, attention_weight=0 and relation_loss=None."
         )
-    prepared, sizes = [], []
-    for teacher, processing_class in zip(teachers, processing_classes):
-        trainer._setup_teacher(teacher, processing_class)
-        prepared.append(trainer.teacher)
-        sizes.append(trainer._vocab_size)
-    trainer.teachers, trainer.teacher = prepared, prepared[0]
-    trainer._vocab_size = next((s for s in sizes if s is not None), None)
-    if len(prepared) > 1:
-        trainer._fused = False
-        logger.info("%d teachers (%s): KD uses materialised logits.", len(prepared), trainer.args.multi_teacher_mode)
 
 
 def teacher_weights(args: Any, n: int) -> list[float]:
@@ -88,33 +74,46 @@ def teacher_weights(args: Any, n: int) -> list[float]:
     return list(args.teacher_weights) if args.teacher_weights is not None else [1.0 / n] * n
 
 
-def multi_teacher_logit_terms(
-    trainer: Any, outputs: Any, teacher_outputs: Sequence[Any], inputs: dict[str, Any]
-) -> tuple[dict, dict, torch.Tensor]:
-    """KD and CE sums over supervised tokens against several teachers (module docstring). Same contract as
-    `DistillationMixin._logit_terms`."""
-    args = trainer.args
-    if trainer._head.regression:
-        raise ValueError("Several teachers need a classification or LM head (their distributions are mixed).")
-    labels, shift_labels = inputs["labels"], inputs.get("shift_labels")
-    rows = [
-        select_positions(outputs.logits, t.logits, labels, trainer._head, trainer._vocab_size, shift_labels)
-        for t in teacher_outputs
-    ]
-    s, y = rows[0][0], rows[0][2]
-    t_logits = [r[1] for r in rows]
-    weights = teacher_weights(args, len(t_logits))
-    hyper = divergence_kwargs(args)
-    per_teacher = [logit_divergence(s, t, **hyper).sum() for t in t_logits]
-    for i, value in enumerate(per_teacher):
-        trainer._record_sum(f"kd_teacher{i}_loss", value.detach(), y.numel())
-    if args.multi_teacher_mode == "sum":
-        kd = sum(w * v for w, v in zip(weights, per_teacher))
-        target = t_logits[max(range(len(weights)), key=lambda i: weights[i])]
-    else:  # T * log p_mix are logits whose tempered softmax is p_mix
-        target = args.temperature * mixture_log_probs(t_logits, weights, temperature=args.temperature)
-        kd = logit_divergence(s, target, **hyper).sum()
-    trainer._record_sum("top1_agreement", (s.argmax(-1) == target.argmax(-1)).sum(), y.numel())
-    sums = {"kd": kd, "ce": hard_loss(s, y, trainer._head)}
-    weights_out = {"kd": args.kd_weight * args.temperature**2, "ce": args.ce_weight}
-    return sums, weights_out, y.new_tensor(y.numel())
+class EnsembleTeacher(TeacherSource):
+    """Several live teachers sharing the student's tokenizer; KD on materialised logits (module docstring)."""
+
+    name = "ensemble"
+
+    def __init__(self, context: SourceContext, teachers: Sequence[Any]):
+        super().__init__(context)
+        if context.head.regression:
+            raise ValueError("Several teachers need a classification or LM head (their distributions are mixed).")
+        self.models = list(teachers)
+        logger.info(
+            "%d teachers (%s): KD uses materialised logits.", len(self.models), context.args.multi_teacher_mode
+        )
+
+    def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> list[Any]:
+        return [teacher_forward(t, model_inputs, **(self.context.feature_kwargs or {})) for t in self.models]
+
+    def terms(self, student_outputs: Any, teacher_outputs: Sequence[Any], view: SupervisedView) -> LossTerms:
+        """KD and CE sums over the view's supervised items; `kd_teacher{i}` metrics per teacher."""
+        args, head = self.context.args, view.head
+        rows = [
+            select_positions(
+                student_outputs.logits, t.logits, view.labels, head, self.context.vocab_size, view.shift_labels
+            )
+            for t in teacher_outputs
+        ]
+        s, y = rows[0][0], rows[0][2]
+        t_logits = [r[1] for r in rows]
+        weights = teacher_weights(args, len(t_logits))
+        hyper = divergence_kwargs(args)
+        per_teacher = [logit_divergence(s, t, **hyper).sum() for t in t_logits]
+        terms = LossTerms(n_items=y.new_tensor(y.numel()))
+        for i, value in enumerate(per_teacher):
+            terms.metric(f"kd_teacher{i}_loss", value.detach(), y.numel())
+        if args.multi_teacher_mode == "sum":
+            kd = sum(w * v for w, v in zip(weights, per_teacher))
+            target = t_logits[max(range(len(weights)), key=lambda i: weights[i])]
+        else:  # T * log p_mix are logits whose tempered softmax is p_mix
+            target = args.temperature * mixture_log_probs(t_logits, weights, temperature=args.temperature)
+            kd = logit_divergence(s, target, **hyper).sum()
+        terms.metric("top1_agreement", (s.argmax(-1) == target.argmax(-1)).sum(), y.numel())
+        terms.add("kd", kd, kd_scale(args, head))
+        return terms.add("ce", hard_loss(s, y, head), args.ce_weight)

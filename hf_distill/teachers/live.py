@@ -64,7 +64,7 @@ class FusedLiveTeacher(LiveTeacher):
     def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> Any:
         if not self.context.feature_kwargs:  # the base model alone: no lm_head, no logits
             return teacher_forward(decoder_of(self.model), model_inputs)
-        return teacher_forward(self.model, model_inputs, **self.context.feature_kwargs, **FUSED_FORWARD_KWARGS)
+        return teacher_forward(self.model, model_inputs, **{**self.context.feature_kwargs, **FUSED_FORWARD_KWARGS})
 
     def terms(self, student_outputs: Any, teacher_outputs: Any, view: SupervisedView) -> LossTerms:
         args = self.context.args

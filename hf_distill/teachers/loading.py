@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..heads import LABEL_KINDS, check_label_spaces, detect_head, unwrap
+
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +372,88 @@ def prepare_teacher(teacher: nn.Module, trainer: Any) -> nn.Module:
     placement = "DDP" if accelerator.num_processes > 1 else "single-device training"
     check_teacher_fits(teacher, accelerator.device, placement)
     prepared = accelerator.prepare_model(teacher, evaluation_mode=True)
-    # prepare_model registers every model for `save_state`; the teacher is not part of the training state.
-    accelerator._models[:] = [m for m in accelerator._models if m is not prepared and m is not teacher]
+    unregister_model(accelerator, prepared, teacher)  # the teacher is not part of the training state
     return prepared
+
+
+def unregister_model(accelerator: Any, *modules: nn.Module) -> None:
+    """Remove `modules` from the models `accelerator.prepare_model` registered for `save_state` / `load_state`.
+
+    accelerate has no public API for this; it keeps the list in `accelerator._models` (checked against the pinned
+    accelerate version by tests/test_placement.py). Used for the teacher and the hint projectors, which are prepared
+    (moved, DDP-wrapped) but are not part of the student's training state."""
+    accelerator._models[:] = [m for m in accelerator._models if not any(m is module for module in modules)]
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module, tokenizer: Any = None) -> int | None:
+    """Check that `teacher` can teach `student` and return the vocabulary size to compare logits over.
+
+    The heads must be of one kind (a causal-LM teacher cannot score a classifier's classes), regression goes with
+    regression, and classifiers must share their label space; LM heads must share a vocabulary (padded embedding
+    matrices are sliced to the tokenizer's size, see `shared_vocab_size`).
+
+    Returns:
+        `int | None`: the shared vocabulary size when the LM heads are padded differently, else None.
+    """
+    s_head, t_head = detect_head(student), detect_head(teacher)
+    s_name, t_name = type(unwrap(student)).__name__, type(unwrap(teacher)).__name__
+    if s_head != t_head:
+        raise ValueError(
+            f"The teacher ({t_name}, a {t_head.describe()} head) and the student ({s_name}, a {s_head.describe()} "
+            f"head) predict different things, so their outputs cannot be compared. Give a teacher with the student's "
+            f"head, e.g. loaded with {s_head.auto_class.__name__} and fine-tuned on the student's task."
+        )
+    if s_head.kind in LABEL_KINDS:
+        check_label_spaces(unwrap(student).config, unwrap(teacher).config)
+    if s_head.regression:
+        logger.info(
+            "Regression head: the KD term is the squared error between student and teacher outputs; "
+            "`kd_loss` and `temperature` do not apply."
+        )
+    return shared_vocab_size(student, teacher, tokenizer) if s_head.has_vocab else None
+
+
+def load_teacher(
+    teacher: nn.Module | str,
+    auto_class: type,
+    student: nn.Module,
+    student_tokenizer: Any = None,
+    teacher_tokenizer: Any = None,
+    **init_kwargs: Any,
+) -> tuple[nn.Module, int | None]:
+    """One teacher, loaded when given by name or path, and checked against the student (not yet placed: see
+    `prepare_teacher`).
+
+    Checks: the tokenizers are the same (`check_same_tokenizer`; a teacher given by name has its own tokenizer loaded
+    for that, and a warning is logged when it cannot be), a teacher given as a model has a vocabulary that fits the
+    student's tokenizer (`check_tokenizer_of_model`), and the heads, label spaces and vocabularies match
+    (`check_teacher`).
+
+    Args:
+        teacher (`nn.Module` or `str`): the teacher, or a Hub id / local path / shorthand for `load_model`.
+        auto_class (`type`): the transformers Auto class of the student's head.
+        student (`nn.Module`): the unwrapped student.
+        student_tokenizer, teacher_tokenizer: the tokenizers (or processors), either may be None.
+        **init_kwargs: `from_pretrained` keyword arguments for a teacher given by name.
+
+    Returns:
+        `(teacher, vocab_size)`: the teacher model and the vocabulary size to compare logits over (None: all).
+    """
+    given_as_model = not isinstance(teacher, str)  # a name or path has had its own tokenizer loaded below
+    if isinstance(teacher, str):
+        if teacher_tokenizer is None:
+            try:
+                teacher_tokenizer = load_tokenizer(teacher, gguf_file=init_kwargs.get("gguf_file"))
+            except (OSError, ValueError) as err:
+                logger.warning(
+                    "Could not load the teacher tokenizer of %s (%s); vocabularies are compared by size only.",
+                    teacher,
+                    err,
+                )
+        teacher = load_model(teacher, auto_class, **init_kwargs)
+    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)
+    if teacher_tokenizer is not None and student_tokenizer is not None:
+        check_same_tokenizer(student_tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
+    elif given_as_model and student_tokenizer is not None and teacher is not student:
+        check_tokenizer_of_model(teacher, student_tokenizer)
+    return teacher, check_teacher(student, teacher, student_tokenizer)

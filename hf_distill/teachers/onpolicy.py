@@ -225,7 +225,16 @@ class PolicyBatchRewriter:
 
     @staticmethod
     def active(args: Any) -> bool:
+        """Whether the config asks for on-policy samples (`lmbda > 0`) or sequence-level KD (`seq_kd`)."""
         return args.lmbda > 0 or args.seq_kd
+
+    @classmethod
+    def for_student(cls, args: Any, tokenizer: Any, config: Any, is_encoder_decoder: bool) -> "PolicyBatchRewriter":
+        """The rewriter with the tokenizer's pad / eos ids, falling back to the student `config`'s (pad: 0)."""
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else config.pad_token_id if config.pad_token_id is not None else 0
+        eos = getattr(tokenizer, "eos_token_id", None)
+        return cls(args, pad, eos if eos is not None else config.eos_token_id, is_encoder_decoder)
 
     def _generate(self, model: nn.Module, accelerator: Any, batch: dict, do_sample: bool) -> dict:
         from trl.models import unwrap_model_for_generation
