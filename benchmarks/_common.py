@@ -70,6 +70,20 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process image (Linux `/proc/self/status` `VmHWM`).
+
+    Unlike `ru_maxrss`, which Linux carries over `execve` (a child started by `subprocess` reports at least its
+    parent's peak), `VmHWM` belongs to the process's own address space, so a fresh interpreter starts
+    from its own size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line (not Linux?): cannot read the peak RSS.")
+
+
 def peak_memory(step: Callable[[], object], device: str | torch.device = "cpu") -> dict[str, int]:
     """Runs `step()` once and returns `{"peak_bytes": ..., "baseline_slack_bytes": ...}`.
 
@@ -137,3 +151,68 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
+
+
+def mean_spread(values: list[float]) -> dict[str, float]:
+    """`{"mean", "spread", "min", "max", "n"}` of `values`; `spread` is half the range (max - min) / 2, so with 2 seeds
+    "mean +- spread" covers both runs exactly."""
+    if not values:
+        raise ValueError("mean_spread needs at least one value.")
+    low, high = min(values), max(values)
+    return {"mean": statistics.fmean(values), "spread": (high - low) / 2, "min": low, "max": high, "n": len(values)}
+
+
+def cached_run(path: str | Path, compute: Callable[[], dict]) -> dict:
+    """`compute()` once: its JSON result is written to `path` and read back on later runs (one file per finished run,
+    so an interrupted benchmark resumes at the first run without a file)."""
+    path = Path(path)
+    if path.exists():
+        print(f"  (cached) {path}", flush=True)
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    return result
+
+
+def plot_series(
+    path: str | Path,
+    series: dict[str, list[tuple[float, float, float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    hline: dict[str, float] | None = None,
+    logx: bool = False,
+) -> Path | None:
+    """Line plot with error bars: `series` maps a label to `(x, mean, spread)` points; `hline` adds dashed reference
+    lines (e.g. the teacher, chance). Writes a PNG at `path`; returns `None` (and prints why) without matplotlib
+    (`pip install hf-distill[bench]`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'hf-distill[bench]'): no plot written", flush=True)
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in series.items():
+        xs, ys, es = zip(*points) if points else ((), (), ())
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+    for label, y in (hline or {}).items():
+        ax.axhline(y, linestyle="--", linewidth=1, color="grey")
+        ax.annotate(label, (ax.get_xlim()[0], y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -11,6 +11,7 @@ from trl import SFTConfig
 
 from .features.projectors import PROJECTOR_KINDS
 from .losses import ATTENTION_LOSSES, HINT_LOSSES, LOGIT_LOSSES, RELATION_LOSSES
+from .losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES
 from .losses.features import HINT_NORMALIZATIONS
 from .losses.relations import POOLINGS
 from .quantization import QUANT_SCHEMES, check_scheme
@@ -30,6 +31,16 @@ class DistillationArguments:
         teacher.
     teacher_model_init_kwargs (`dict` or JSON `str`, *optional*):
         Keyword arguments for the teacher's `from_pretrained` (e.g. `{"dtype": "bfloat16", "gguf_file": "x.gguf"}`).
+    teacher_tokenizer_name_or_path (`str`, *optional*):
+        The teacher's tokenizer when it differs from the student's (cross-tokenizer distillation); defaults to the
+        teacher's own (`teacher_model_name_or_path`; `"gemma3"`, `"smollm2"` shorthands too).
+    cross_tokenizer_loss (`str`, *optional*):
+        Distil a teacher whose tokenizer differs from the student's: `uld` (Boizard et al. 2024, sorted-probability
+        Wasserstein distance) or `gold` (TRL GOLD's hybrid: KL on shared token strings, ULD on the rest). Tokens are
+        aligned by character offsets (docs/cross_tokenizer.md). None: the tokenizers must be the same.
+    cross_tokenizer_top_k (`int`, *optional*, defaults to `1024`):
+        Sorted entries kept per row by the ULD part (the rest is one tail bucket; error <= 2 * the smaller tail
+        mass). None keeps the whole vocabulary (exact, slow at 262144).
 
     > Parameters that control the logit loss
 
@@ -129,6 +140,20 @@ class DistillationArguments:
             "help": "JSON dict of keyword arguments for the teacher's from_pretrained, e.g. "
             '\'{"dtype": "bfloat16", "gguf_file": "model.gguf"}\'.'
         },
+    )
+    teacher_tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Teacher tokenizer (cross-tokenizer distillation); default: the teacher's own."},
+    )
+    cross_tokenizer_loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "Loss for a teacher with another tokenizer: uld | gold (docs/cross_tokenizer.md).",
+            "choices": [None, *CROSS_TOKENIZER_LOSSES],
+        },
+    )
+    cross_tokenizer_top_k: int | None = field(
+        default=1024, metadata={"help": "Sorted entries per row kept by ULD (None: all; exact but slow)."}
     )
     kd_loss: str = field(
         default="forward_kl",
@@ -389,6 +414,39 @@ class DistillationArguments:
                 ) from err
         self.validate_teacher_sources()
         self.validate_learning_schemes()
+        self.validate_cross_tokenizer()
+
+    def validate_cross_tokenizer(self) -> None:
+        """Checks of the cross-tokenizer fields."""
+        if self.cross_tokenizer_loss is None:
+            if self.teacher_tokenizer_name_or_path is not None:
+                raise ValueError(
+                    "`teacher_tokenizer_name_or_path` is only read for a teacher with another tokenizer: set "
+                    f"`cross_tokenizer_loss` to one of {list(CROSS_TOKENIZER_LOSSES)}, or unset it."
+                )
+            return
+        if self.cross_tokenizer_loss not in CROSS_TOKENIZER_LOSSES:
+            raise ValueError(
+                f"`cross_tokenizer_loss` must be one of {list(CROSS_TOKENIZER_LOSSES)} or None, got "
+                f"{self.cross_tokenizer_loss!r}."
+            )
+        if self.cross_tokenizer_top_k is not None and self.cross_tokenizer_top_k < 1:
+            raise ValueError(f"`cross_tokenizer_top_k` must be >= 1 or None, got {self.cross_tokenizer_top_k}.")
+        if self.teacher_cache is not None or isinstance(self.teacher_model_name_or_path, list):
+            raise ValueError(
+                "`cross_tokenizer_loss` runs one live teacher: unset `teacher_cache`, give one "
+                "`teacher_model_name_or_path` (a cross-tokenizer teacher cache and several cross-tokenizer teachers "
+                "are not supported yet)."
+            )
+        if self.lmbda > 0 or self.seq_kd:
+            raise ValueError(
+                "`cross_tokenizer_loss` does not support on-policy batches (`lmbda` > 0) or `seq_kd` yet."
+            )
+        if self.uses_features:
+            raise ValueError(
+                "`cross_tokenizer_loss` distils output distributions only: unset `hint_layers`, `attention_weight` "
+                "and `relation_loss` (the two models' positions do not correspond one to one)."
+            )
 
     def validate_teacher_sources(self) -> None:
         """Checks of the cache, on-policy, seq_kd and multi-teacher fields."""

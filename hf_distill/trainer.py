@@ -224,7 +224,8 @@ class DistillationMixin:
         student = self.accelerator.unwrap_model(self.model)
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
         teacher, vocab_size = load_teacher(teacher, self._teacher_auto_class(), student, self.processing_class,
-                                           processing_class, **init_kwargs)  # fmt: skip
+                                           processing_class, self.args.cross_tokenizer_loss,
+                                           self.args.teacher_tokenizer_name_or_path, **init_kwargs)  # fmt: skip
         return prepare_teacher(teacher, self), vocab_size
 
     def _fused_supported(self, context: SourceContext, teacher: nn.Module) -> bool:

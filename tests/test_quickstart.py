@@ -1,5 +1,6 @@
 """`hf-distill quickstart` end to end on a tiny local teacher (the real SmolLM2 run is `-m slow`)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -15,7 +16,7 @@ def run_quickstart(teacher_path, out, *extra):
     return json.loads((out / "results.json").read_text())
 
 
-def run_tiny_quickstart(tmp_path, steps: int):
+def run_tiny_quickstart(tmp_path, steps: int, *extra):
     """`run_quickstart` on the tiny teacher in `tmp_path / "teacher"`: 12 samples of 8 tokens, `steps` steps."""
     return run_quickstart(
         tmp_path / "teacher",
@@ -30,6 +31,7 @@ def run_tiny_quickstart(tmp_path, steps: int):
         "4",
         "--generation_batch_size",
         "6",
+        *extra,
     )
 
 
@@ -43,8 +45,20 @@ def test_quickstart_tiny(tmp_path):
     card = (tmp_path / "qs" / "student" / "README.md").read_text()
     assert "- hf-distill" in card and "- distillation" in card and "kd_student" in card
     assert "hf-distill quickstart --teacher " in card and "(fingerprint " in card  # the command; the teacher's hash
+    assert "None" not in card.split("hf-distill quickstart --teacher ")[1].split("\n")[0]  # unset flags stay unset
     assert recipe_from_card(card)["steps"] == 3 and recipe_from_card(card)["num_samples"] == 12
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "qs" / "student").config.num_hidden_layers == 2
+    # the CE-only baseline is saved too, with its own card carrying the same reproducing command
+    ce_card = (tmp_path / "qs" / "ce_only_student" / "README.md").read_text()
+    assert "CE-only student" in ce_card and "- `ce_weight`: 1.0" in ce_card and "- `kd_weight`: 0.0" in ce_card
+    assert recipe_from_card(ce_card) == recipe_from_card(card)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "qs" / "ce_only_student").config.num_hidden_layers == 2
+    assert report["students"] == {"kd_student": str(tmp_path / "qs" / "student"),
+                                  "ce_only_student": str(tmp_path / "qs" / "ce_only_student")}  # fmt: skip
+    # learning curve: the final point is the reported result
+    for name in ("kd_student", "ce_only_student"):
+        assert report["curves"][name][-1]["kl"] == report["results"][name]["kl"]
+        assert report["curves"][name][-1]["step"] == 3
     # the transfer set is cached: a second run reuses the files on disk instead of generating again
     cache = tmp_path / "qs" / "transfer_set"
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
@@ -85,3 +99,17 @@ def test_quickstart_config_is_the_shared_run_and_fields_override():
         False,
     )
     assert (args.kd_weight, args.save_strategy.value, args.gradient_checkpointing) == (0.9, "steps", False)
+
+
+def test_quickstart_learning_curve_every_n_steps(tmp_path):
+    make_llama(4, 64, seed=1).save_pretrained(tmp_path / "teacher")
+    make_tokenizer().save_pretrained(tmp_path / "teacher")
+    report = run_tiny_quickstart(tmp_path, 4, "--eval_every", "2")
+    for name in ("kd_student", "ce_only_student"):
+        curve = report["curves"][name]
+        assert [p["step"] for p in curve] == [2, 4]
+        assert all(p["kl"] > 0 and p["tokens"] == report["results"][name]["tokens"] for p in curve)
+    # the two students share the init and the first steps' batches, but not the loss: their curves differ
+    if importlib.util.find_spec("matplotlib") is not None:  # the bench extra
+        assert report["plot"] == str(tmp_path / "qs" / "kl_curve.png") and (tmp_path / "qs" / "kl_curve.png").exists()
+    assert report["curves"]["kd_student"][0]["kl"] != report["curves"]["ce_only_student"][0]["kl"]

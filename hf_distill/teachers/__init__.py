@@ -20,6 +20,7 @@ from torch import nn
 from .base import SourceContext, TeacherSource
 from .cache import TeacherCache
 from .cached import CacheTeacher
+from .cross_tokenizer import CrossTokenizerTeacher
 from .ema import EMATeacher
 from .ensemble import EnsembleTeacher
 from .live import FusedLiveTeacher, LiveTeacher
@@ -47,6 +48,7 @@ class SourceRequest:
 # (name, when it is picked, how it is built); the first match wins.
 SOURCES: list[tuple[str, Callable[[SourceRequest], bool], Callable[[SourceRequest], TeacherSource]]] = [
     ("cache", lambda r: r.cache is not None, lambda r: CacheTeacher(r.context, r.cache)),
+    ("cross-tokenizer", CrossTokenizerTeacher.applies, CrossTokenizerTeacher.from_request),
     ("ensemble", lambda r: len(r.teachers) > 1, lambda r: EnsembleTeacher(r.context, r.teachers)),
     ("live-fused", lambda r: len(r.teachers) == 1 and r.fused, lambda r: FusedLiveTeacher(r.context, r.teachers[0])),
     ("live", lambda r: len(r.teachers) == 1, lambda r: LiveTeacher(r.context, r.teachers[0])),
@@ -67,6 +69,7 @@ def select_teacher_source(request: SourceRequest) -> TeacherSource:
 __all__ = [
     "SOURCES",
     "CacheTeacher",
+    "CrossTokenizerTeacher",
     "EnsembleTeacher",
     "FusedLiveTeacher",
     "LiveTeacher",

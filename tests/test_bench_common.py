@@ -1,0 +1,55 @@
+"""benchmarks/_common.py helpers used by the seeded, resumable benchmarks: mean +- spread, one JSON per run, plots."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import cached_run, mean_spread, plot_series
+
+
+def test_mean_spread_is_half_the_range():
+    assert mean_spread([0.70, 0.74]) == pytest.approx({"mean": 0.72, "spread": 0.02, "min": 0.70, "max": 0.74, "n": 2})
+    assert mean_spread([0.5])["spread"] == 0.0
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_spread([])
+
+
+def test_cached_run_computes_once_and_reads_back(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"accuracy": 0.5, "curve": [{"step": 10, "accuracy": 0.4}]}
+
+    path = tmp_path / "runs" / "kd-seed0.json"
+    first = cached_run(path, compute)
+    second = cached_run(path, compute)  # a rerun skips the finished run
+    assert calls == [1] and first == second == json.loads(path.read_text())
+    assert not path.with_suffix(".tmp").exists()
+
+
+def test_cached_run_leaves_no_file_when_the_run_fails(tmp_path):
+    def broken():
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cached_run(tmp_path / "run.json", broken)
+    assert not (tmp_path / "run.json").exists()  # so the next invocation runs it again
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs the bench extra (matplotlib)")
+def test_plot_series_writes_a_png(tmp_path):
+    path = plot_series(
+        tmp_path / "plot.png",
+        {"kd": [(0, 0.3, 0.0), (20, 0.5, 0.02)], "ce": [(0, 0.3, 0.0), (20, 0.45, 0.01)]},
+        xlabel="step",
+        ylabel="accuracy",
+        title="t",
+        hline={"teacher": 0.8},
+    )
+    assert path == tmp_path / "plot.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

