@@ -37,7 +37,7 @@ from transformers import (
 )
 from transformers.models.auto import modeling_auto
 
-from .losses import IGNORE_INDEX, logit_divergence
+from .losses import IGNORE_INDEX, fused_logit_distillation_loss, logit_divergence
 from .taid import current_taid_t
 
 
@@ -349,6 +349,55 @@ class LMHead:
     bias: torch.Tensor | None
     logit_scale: float
     softcap: float | None
+
+
+def fused_head_loss(
+    student_hidden: torch.Tensor,
+    student_head: LMHead,
+    teacher_hidden: torch.Tensor,
+    teacher_head: LMHead,
+    args: Any,
+    vocab_size: int | None = None,
+    labels: torch.Tensor | None = None,
+    stats: dict[str, Any] | None = None,
+    loss_weights: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`losses.fused_logit_distillation_loss` between two lm_heads, summed over rows, with `args`' divergence; the
+    teacher side is detached (it never gets gradients).
+
+    Args:
+        student_hidden (`torch.Tensor`): `(N, H_s)` final hidden states of the student's supervised rows.
+        student_head (`LMHead`), teacher_head (`LMHead`): the two lm_heads (`lm_head_of`).
+        teacher_hidden (`torch.Tensor`): `(N, H_t)`.
+        args: the config (`kd_loss`, `temperature`, ..., `kd_chunk_size`).
+        vocab_size (`int`, *optional*): compare only the first `vocab_size` logits (padded heads).
+        labels (`torch.Tensor`, *optional*): `(N,)` targets; the CE sum is returned too when given.
+        stats (`dict`, *optional*): filled with `top1_agreement`.
+        loss_weights (`tuple`, *optional*): `(kd weight, ce weight)` the gradients are computed for.
+
+    Returns:
+        `(kd, ce)`: fp32 scalars summed over the N rows; `ce` is None without `labels`.
+    """
+    result = fused_logit_distillation_loss(
+        student_hidden,
+        student_head.weight,
+        teacher_hidden.detach(),
+        teacher_head.weight.detach(),
+        **divergence_kwargs(args),
+        chunk_size=getattr(args, "kd_chunk_size", None),
+        student_bias=student_head.bias,
+        teacher_bias=teacher_head.bias.detach() if teacher_head.bias is not None else None,
+        student_logit_scale=student_head.logit_scale,
+        teacher_logit_scale=teacher_head.logit_scale,
+        student_softcap=student_head.softcap,
+        teacher_softcap=teacher_head.softcap,
+        vocab_size=vocab_size,
+        labels=labels,
+        reduction="sum",
+        stats=stats if stats is not None else {},
+        **({"loss_weights": loss_weights} if loss_weights is not None else {}),
+    )
+    return result if labels is not None else (result, None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

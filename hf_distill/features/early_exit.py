@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..heads import LMHead, divergence_kwargs, hard_loss, lm_head_of, unwrap
-from ..losses import fused_logit_distillation_loss, logit_divergence
+from ..heads import LMHead, divergence_kwargs, fused_head_loss, hard_loss, lm_head_of, unwrap
+from ..losses import logit_divergence
 from ..terms import LossTerms, SupervisedView
 
 
@@ -147,25 +147,7 @@ def early_exit_terms(
         exit_hidden = norm(view.rows(hidden_states[layer]))  # (N, H)
         if fused:
             stats: dict[str, Any] = {}
-            result = fused_logit_distillation_loss(
-                exit_hidden,
-                head.weight,
-                final,
-                head.weight.detach(),
-                **divergence_kwargs(args),
-                chunk_size=getattr(args, "kd_chunk_size", None),
-                student_bias=head.bias,
-                teacher_bias=head.bias.detach() if head.bias is not None else None,
-                student_logit_scale=head.logit_scale,
-                teacher_logit_scale=head.logit_scale,
-                student_softcap=head.softcap,
-                teacher_softcap=head.softcap,
-                vocab_size=vocab_size,
-                labels=y if with_ce else None,
-                reduction="sum",
-                stats=stats,
-            )
-            kd, ce = result if with_ce else (result, None)
+            kd, ce = fused_head_loss(exit_hidden, head, final, head, args, vocab_size, y if with_ce else None, stats)
             agreement = stats.get("top1_agreement")
         else:
             logits = _logits(exit_hidden, head)

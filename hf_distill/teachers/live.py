@@ -11,8 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..heads import decoder_of, divergence_kwargs, lm_head_of, logit_terms
-from ..losses.fused import fused_logit_distillation_loss
+from ..heads import decoder_of, fused_head_loss, lm_head_of, logit_terms
 from ..terms import LossTerms, SupervisedView, kd_scale
 from .base import SourceContext, TeacherSource, teacher_forward
 
@@ -74,25 +73,8 @@ class FusedLiveTeacher(LiveTeacher):
         s_head, t_head = lm_head_of(self.context.student), lm_head_of(self.model)
         stats: dict[str, Any] = {}
         weights = {"kd": kd_scale(args), "ce": args.ce_weight}
-        kd, ce = fused_logit_distillation_loss(
-            view.rows(student_outputs.hidden_states[-1]),
-            s_head.weight,
-            view.rows(t_last),
-            t_head.weight,
-            **divergence_kwargs(args),
-            chunk_size=args.kd_chunk_size,
-            student_bias=s_head.bias,
-            teacher_bias=t_head.bias,
-            student_logit_scale=s_head.logit_scale,
-            teacher_logit_scale=t_head.logit_scale,
-            student_softcap=s_head.softcap,
-            teacher_softcap=t_head.softcap,
-            vocab_size=self.context.vocab_size,
-            labels=y,
-            reduction="sum",
-            stats=stats,
-            loss_weights=(weights["kd"], weights["ce"]),
-        )
+        kd, ce = fused_head_loss(view.rows(student_outputs.hidden_states[-1]), s_head, view.rows(t_last), t_head, args,
+                                 self.context.vocab_size, y, stats, (weights["kd"], weights["ce"]))  # fmt: skip
         terms = LossTerms({"kd": kd, "ce": ce}, weights, y.new_tensor(y.numel()))
         if "top1_agreement" in stats:
             terms.metric("top1_agreement", stats["top1_agreement"], y.numel())

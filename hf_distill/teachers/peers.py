@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..heads import divergence_kwargs, kd_scale, lm_head_of, logit_terms, unwrap
-from ..losses import fused_logit_distillation_loss, logit_divergence
+from ..heads import divergence_kwargs, fused_head_loss, kd_scale, lm_head_of, logit_terms, unwrap
+from ..losses import logit_divergence
 from ..terms import LossTerms, SupervisedView
 from .base import SourceContext, TeacherSource
 from .live import FUSED_FORWARD_KWARGS
@@ -186,25 +186,7 @@ def _dense_terms(outputs: tuple, view: SupervisedView, args: Any, vocab_size: in
 
 def _fused_pair(hidden_i, head_i, hidden_j, head_j, args, vocab_size, labels, stats):
     """Peer i's divergence to peer j's detached distribution (and its CE when `labels` is given), chunked."""
-    result = fused_logit_distillation_loss(
-        hidden_i,
-        head_i.weight,
-        hidden_j.detach(),
-        head_j.weight.detach(),
-        **divergence_kwargs(args),
-        chunk_size=args.kd_chunk_size,
-        student_bias=head_i.bias,
-        teacher_bias=head_j.bias.detach() if head_j.bias is not None else None,
-        student_logit_scale=head_i.logit_scale,
-        teacher_logit_scale=head_j.logit_scale,
-        student_softcap=head_i.softcap,
-        teacher_softcap=head_j.softcap,
-        vocab_size=vocab_size,
-        labels=labels,
-        reduction="sum",
-        stats=stats,
-    )
-    return result if labels is not None else (result, None)
+    return fused_head_loss(hidden_i, head_i, hidden_j, head_j, args, vocab_size, labels, stats)
 
 
 def _fused_terms(outputs: tuple, peers: list[nn.Module], view: SupervisedView, args: Any, vocab_size: int | None):
