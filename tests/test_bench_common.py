@@ -1,6 +1,5 @@
 """benchmarks/_common.py helpers used by the seeded, resumable benchmarks: mean +- spread, one JSON per run, plots."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -42,7 +41,6 @@ def test_cached_run_leaves_no_file_when_the_run_fails(tmp_path):
     assert not (tmp_path / "run.json").exists()  # so the next invocation runs it again
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs the bench extra (matplotlib)")
 def test_plot_series_writes_a_png(tmp_path):
     path = plot_series(
         tmp_path / "plot.png",
