@@ -133,7 +133,7 @@ class DistillationMixin:
         request = SourceRequest(context, self.teachers, self.teacher_cache, fused)
         self.teacher_source: TeacherSource = select_teacher_source(request)
         logger.info("Teacher source: %s.", self.teacher_source.name)
-        for callback in getattr(self.teacher_source, "callbacks", list)():  # e.g. the EMA teacher's update
+        for callback in self.teacher_source.callbacks():  # e.g. the EMA teacher's update
             self.add_callback(callback)
         self._early_exits = EarlyExits(args, student, self._vocab_size) if EarlyExits.active(args) else None
         if self.teacher_cache is not None:
@@ -289,8 +289,7 @@ class DistillationMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if hasattr(self.teacher_source, "load_checkpoint"):  # training state of the source (the EMA teacher)
-            self.teacher_source.load_checkpoint(resume_from_checkpoint)
+        self.teacher_source.load_checkpoint(resume_from_checkpoint)  # its training state (the EMA teacher)
         projectors = self._projectors()
         if projectors is not None:
             load_projectors(projectors, resume_from_checkpoint)
@@ -335,7 +334,7 @@ class DistillationMixin:
         def logit_terms(v: SupervisedView) -> LossTerms:
             terms = source.terms(outputs, teacher_outputs, v)
             # warns once if KD is exactly 0 (or has no tokens) on the first step; an EMA teacher starts as the student
-            if "kd" in terms.sums and not getattr(source, "starts_as_student", False):
+            if "kd" in terms.sums and not source.starts_as_student:
                 check_first_step_kd(self, terms.sums["kd"], terms.n_items)
             return terms
 

@@ -57,6 +57,7 @@ class TeacherSource:
     """
 
     name = "none"
+    starts_as_student = False  # its distribution equals the student's at step 0 (no zero-KD warning then)
 
     def __init__(self, context: SourceContext):
         self.context = context
@@ -76,6 +77,13 @@ class TeacherSource:
         """The teacher's outputs for one micro-batch (`model_inputs`: what the student was called with; `batch`: the
         whole collated batch), or None. Runs under `torch.no_grad` where it runs a model."""
         return None
+
+    def callbacks(self) -> list[Any]:
+        """`TrainerCallback`s the source's training state needs (e.g. the EMA teacher's update); none here."""
+        return []
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Restore the source's training state from a checkpoint folder on resume (nothing to restore here)."""
 
     def terms(self, student_outputs: Any, teacher_outputs: Any, view: SupervisedView) -> LossTerms:
         """The logit terms of one view: `ce` (weight `ce_weight`) and, with a teacher, `kd` (weight `kd_weight * T^2`),
