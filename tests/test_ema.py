@@ -148,3 +148,28 @@ def test_resume_without_ema_file_and_bad_decay_say_so(tmp_path):
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="teacher_ema_decay"):
             distill_config(tmp_path, teacher_ema_decay=bad)
+
+
+def test_ema_copy_runs_its_own_weights_when_the_student_forward_is_wrapped():
+    """A wrapper set on the student's instance closes over the student's bound forward; the EMA copy must not keep
+    it, or the 'teacher' computes the student's outputs and KD is silently 0 (seen under DistillationSFTTrainer)."""
+    import functools
+
+    from hf_distill.teachers.ema import ema_copy
+
+    student = make_llama(2, 32)
+    original = student.forward
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    student.forward = wrapped  # as trainers / accelerate install wrappers on the instance
+    ema = ema_copy(student)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.1)
+        ids = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(0))
+        assert not torch.allclose(ema(input_ids=ids).logits, student(input_ids=ids).logits)
+        reference = copy.deepcopy(ema)
+        assert torch.equal(ema(input_ids=ids).logits, type(reference).forward(reference, input_ids=ids).logits)

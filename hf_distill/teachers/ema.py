@@ -69,8 +69,15 @@ def ema_update_(ema: nn.Module, student: nn.Module, decay: float) -> None:
 
 
 def ema_copy(student: nn.Module) -> nn.Module:
-    """A frozen deep copy of the (unwrapped) student in eval mode: the EMA teacher's starting point."""
-    return copy.deepcopy(unwrap(student)).eval().requires_grad_(False)
+    """A frozen deep copy of the (unwrapped) student in eval mode: the EMA teacher's starting point.
+
+    Instance-level `forward` overrides are dropped from the copy, so it runs its class's forward on its own weights: a
+    wrapper installed on the student's instance (e.g. by a trainer or accelerate) closes over the student's bound
+    `forward`, which `deepcopy` keeps, so the copy would silently compute the student's outputs."""
+    model = copy.deepcopy(unwrap(student))
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
+    return model.eval().requires_grad_(False)
 
 
 class EMATeacher(TeacherSource):
