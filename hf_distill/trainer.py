@@ -129,8 +129,9 @@ class DistillationMixin:
         self._hints = self._setup_hints() if self.teacher is not None and args.uses_features else None
         context = SourceContext(args, self._head, student, _tokenizer_of(self.processing_class), self._vocab_size,
                                 self._hints.forward_kwargs() if self._hints is not None else None)  # fmt: skip
-        fused = len(self.teachers) == 1 and self._fused_supported(context, self.teacher)
-        request = SourceRequest(context, self.teachers, self.teacher_cache, fused)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # lm_heads sharded outside forward
+        fused = len(self.teachers) == 1 and self._fused_supported(context, self.teacher, sharded)
+        request = SourceRequest(context, self.teachers, self.teacher_cache, fused, sharded)
         self.teacher_source: TeacherSource = select_teacher_source(request)
         logger.info("Teacher source: %s.", self.teacher_source.name)
         for callback in self.teacher_source.callbacks():  # e.g. the EMA teacher's update
@@ -228,11 +229,11 @@ class DistillationMixin:
                                            self.args.teacher_tokenizer_name_or_path, **init_kwargs)  # fmt: skip
         return prepare_teacher(teacher, self), vocab_size
 
-    def _fused_supported(self, context: SourceContext, teacher: nn.Module) -> bool:
+    def _fused_supported(self, context: SourceContext, teacher: nn.Module, sharded: bool) -> bool:
         """Whether the chunked hidden-state loss reproduces both models' logits here; logs why not, once."""
         if not self.args.use_fused_kd_loss:
             return False
-        reason = fused_unsupported_reason(context, teacher, self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        reason = fused_unsupported_reason(context, teacher, sharded)
         if reason:
             logger.info(
                 "Using materialised logits for the KD loss: %s (set use_fused_kd_loss=False to silence).", reason

@@ -129,3 +129,11 @@ def test_no_teacher_source_gives_ce_only():
                                                   labels[:, 1:].reshape(-1), reduction="sum")  # fmt: skip
     assert set(terms.sums) == {"ce"} and int(terms.n_items) == 6
     assert float(terms.sums["ce"].detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
+
+
+def test_sharded_runs_never_pick_the_fused_loss_for_self_taught_sources():
+    student = make_llama(2, 32)
+    a = args(kd_loss="forward_kl", beta=0.5, skew_alpha=0.1, use_fused_kd_loss=True, teacher_ema_decay=0.9)
+    context = SourceContext(a, CAUSAL, student)
+    assert select_teacher_source(SourceRequest(context)).name == "ema-fused"
+    assert select_teacher_source(SourceRequest(context, sharded=True)).name == "ema"  # FSDP/ZeRO: materialised

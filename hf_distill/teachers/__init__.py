@@ -37,12 +37,15 @@ class SourceRequest:
         cache (`TeacherCache`, *optional*): the opened teacher cache (`teacher_cache`).
         fused (`bool`): whether the fused chunked loss reproduces both models' logits (`use_fused_kd_loss` and
             `live.fused_unsupported_reason` is None).
+        sharded (`bool`): FSDP / DeepSpeed shard the parameters (lm_heads outside forward): sources that decide the
+            fused loss themselves (EMA, peers) must not pick it then.
     """
 
     context: SourceContext
     teachers: list[nn.Module] = field(default_factory=list)
     cache: TeacherCache | None = None
     fused: bool = False
+    sharded: bool = False
 
 
 # (name, when it is picked, how it is built); the first match wins.
@@ -52,8 +55,12 @@ SOURCES: list[tuple[str, Callable[[SourceRequest], bool], Callable[[SourceReques
     ("ensemble", lambda r: len(r.teachers) > 1, lambda r: EnsembleTeacher(r.context, r.teachers)),
     ("live-fused", lambda r: len(r.teachers) == 1 and r.fused, lambda r: FusedLiveTeacher(r.context, r.teachers[0])),
     ("live", lambda r: len(r.teachers) == 1, lambda r: LiveTeacher(r.context, r.teachers[0])),
-    ("peers", lambda r: MutualLearning.active(r.context.student), lambda r: MutualLearning(r.context)),
-    ("ema", lambda r: EMATeacher.active(r.context.args, None), lambda r: EMATeacher(r.context)),
+    (
+        "peers",
+        lambda r: MutualLearning.active(r.context.student),
+        lambda r: MutualLearning(r.context, sharded=r.sharded),
+    ),
+    ("ema", lambda r: EMATeacher.active(r.context.args, None), lambda r: EMATeacher(r.context, sharded=r.sharded)),
     ("none", lambda r: True, lambda r: TeacherSource(r.context)),
 ]
 
