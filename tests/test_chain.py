@@ -1,15 +1,22 @@
 """`hf-distill chain`: stages where each student teaches the next, resumable by stage, one card per stage."""
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import make_llama, make_tokenizer
+from conftest import REPO, launcher_env, make_llama, make_tokenizer, run_processes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_distill.cli.chain import MARKER, SETTINGS_FILE, STOP_AFTER_ENV, ChainInterrupted, load_chain
+from hf_distill.cli.chain import MARKER, SETTINGS_FILE, last_complete_checkpoint, load_chain
 from hf_distill.cli.main import main
 
 
@@ -46,31 +53,82 @@ def write_chain(folder, out, **changes):
     return path
 
 
-def test_two_stage_chain_killed_between_stages_resumes_to_the_same_weights(chain_files, monkeypatch):
+def chain_command(config) -> list[str]:
+    return [sys.executable, "-m", "hf_distill.cli.main", "chain", "--config", str(config)]
+
+
+def kill_when(config, ready, log) -> None:
+    """Start `hf-distill chain --config config` in its own process group, SIGKILL the group as soon as `ready()` is
+    true (polled every 20 ms), and fail if the chain ends first."""
+    with open(log, "a") as out:
+        proc = subprocess.Popen(chain_command(config), env=launcher_env(), cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the chain ended before it was killed:\n{Path(log).read_text()}"
+
+
+def complete_checkpoints(folder) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in Path(folder).glob("checkpoint-*/trainer_state.json"))
+
+
+def test_chain_killed_between_stages_and_inside_stage_2_resumes_to_the_same_weights(chain_files):
+    """A real kill (SIGKILL of the process group) once stage 1 is finished, then one inside stage 2 after it saved a
+    checkpoint (plus a newer checkpoint folder cut short, as a kill while writing leaves it): the reruns skip stage 1,
+    resume stage 2 from its last complete checkpoint, and end with the weights of an uninterrupted chain."""
+    stages = [
+        {"name": "assistant", "student_num_layers": 3},
+        {"name": "student", "student_num_layers": 2, "max_steps": 8, "save_strategy": "steps", "save_steps": 2},
+    ]
     straight = chain_files / "straight"
-    main(["chain", "--config", str(write_chain(chain_files, straight))])
+    run_processes(chain_command(write_chain(chain_files, straight, stages=stages)))
     resumed = chain_files / "resumed"
-    config = write_chain(chain_files, resumed)
-    monkeypatch.setenv(STOP_AFTER_ENV, "1")
-    with pytest.raises(ChainInterrupted):
-        main(["chain", "--config", str(config)])
-    assert (resumed / "stage0_assistant" / MARKER).exists() and not (resumed / "stage1_student").exists()
-    written = (resumed / "stage0_assistant" / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.delenv(STOP_AFTER_ENV)
-    main(["chain", "--config", str(config)])
-    assert (resumed / "stage0_assistant" / "model.safetensors").stat().st_mtime_ns == written  # skipped, not redone
+    config, log = write_chain(chain_files, resumed, stages=stages), chain_files / "resumed.log"
+    first, second = resumed / "stage0_assistant", resumed / "stage1_student"
+
+    kill_when(config, lambda: (first / MARKER).exists(), log)
+    assert not (second / MARKER).exists()
+    written = (first / "model.safetensors").stat().st_mtime_ns
+    kill_when(config, lambda: bool(complete_checkpoints(second)), log)
+    assert not (second / MARKER).exists()
+    last = complete_checkpoints(second)[-1]
+    assert last < 8
+    partial = second / f"checkpoint-{last + 2}"  # what a kill while the Trainer writes a checkpoint leaves
+    partial.mkdir(exist_ok=True)
+    (partial / "trainer_state.json").unlink(missing_ok=True)
+    (partial / "model.safetensors").write_bytes(b"cut short")
+    out = run_processes(chain_command(config)).stdout
+    assert "stage 1/2 (assistant): finished earlier, skipped" in out
+    assert f"resuming from {second / f'checkpoint-{last}'}" in out and "is incomplete" in out
+    assert (first / "model.safetensors").stat().st_mtime_ns == written  # skipped, not redone
+
     for stage, layers in (("stage0_assistant", 3), ("stage1_student", 2)):
         a, b = load_file(straight / stage / "model.safetensors"), load_file(resumed / stage / "model.safetensors")
         assert set(a) == set(b)
         for key in a:
             assert torch.equal(a[key], b[key]), (stage, key)
         assert AutoModelForCausalLM.from_pretrained(resumed / stage).config.num_hidden_layers == layers
+    assert not torch.equal(a[key], load_file(first / "model.safetensors")[key])  # stage 2 trained
     cards = [(resumed / s / "README.md").read_text() for s in ("stage0_assistant", "stage1_student")]
     assert f"This model's teacher: `{chain_files / 'teacher'}`" in cards[0]
-    assert f"This model's teacher: `{resumed / 'stage0_assistant'}`" in cards[1]
+    assert f"This model's teacher: `{first}`" in cards[1]
     assert "Stage 2 of 2" in cards[1] and cards[1].count("## Teacher-assistant chain") == 1
-    recipe = yaml.safe_load((resumed / "stage1_student" / "recipe.yaml").read_text())
-    assert recipe["teacher_model_name_or_path"] == str(resumed / "stage0_assistant")
+    recipe = yaml.safe_load((second / "recipe.yaml").read_text())
+    assert recipe["teacher_model_name_or_path"] == str(first)
+
+
+def test_last_complete_checkpoint_skips_folders_cut_short(tmp_path):
+    assert last_complete_checkpoint(tmp_path / "absent") is None
+    for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-best").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # 10 > 2, 12 incomplete
 
 
 def test_changed_settings_and_bad_chains_are_refused(chain_files, capsys):
