@@ -178,6 +178,13 @@ class EarlyExits:
     """
 
     def __init__(self, args: Any, student: nn.Module, vocab_size: int | None = None):
+        from ..teachers.peers import MutualLearning
+
+        if MutualLearning.active(student):
+            raise ValueError(
+                "`early_exit_layers` with PeerStudents (mutual learning) is not supported: the exits would read one "
+                "peer's hidden states only. Remove `early_exit_layers`, or train a single student."
+            )
         model = unwrap(student)
         num_layers = getattr(model.config, "num_hidden_layers", None)
         if num_layers is None:
