@@ -16,7 +16,14 @@ from conftest import REPO, launcher_env, make_llama, make_tokenizer, run_process
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_distill.cli.chain import MARKER, SETTINGS_FILE, last_complete_checkpoint, load_chain
+from hf_distill.cli.chain import (
+    MARKER,
+    SETTINGS_FILE,
+    _chain_card_section,
+    last_complete_checkpoint,
+    load_chain,
+    stage_recipes,
+)
 from hf_distill.cli.main import main
 
 
@@ -131,6 +138,58 @@ def test_last_complete_checkpoint_skips_folders_cut_short(tmp_path):
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # 10 > 2, 12 incomplete
 
 
+def test_stage_students_by_num_layers_by_config_and_born_again_and_each_card_names_its_teacher(chain_files):
+    """The first teacher is a local folder (save_pretrained); the stages' students: layers of the teacher (from
+    `defaults`), a narrower config, and a re-initialised model of its teacher's size (born-again)."""
+    out = chain_files / "c"
+    stages = [
+        {"name": "assistant"},
+        {"name": "narrow", "student_config": {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32}},
+        {"name": "born_again", "student_config": {}},
+    ]
+    config = write_chain(chain_files, out, stages=stages)
+    chain = yaml.safe_load(config.read_text())
+    chain["defaults"]["student_num_layers"] = 3  # the assistant's student; the later stages name their own
+    config.write_text(yaml.safe_dump(chain))
+    main(["chain", "--config", str(config)])
+    folders = [out / "stage0_assistant", out / "stage1_narrow", out / "stage2_born_again"]
+    shapes = [AutoModelForCausalLM.from_pretrained(f).config for f in folders]
+    assert [(c.num_hidden_layers, c.hidden_size) for c in shapes] == [(3, 32), (2, 16), (2, 16)]
+    teacher = load_file(chain_files / "teacher" / "model.safetensors")
+    assistant = load_file(folders[0] / "model.safetensors")
+    assert not torch.equal(assistant["model.layers.0.self_attn.q_proj.weight"],
+                           teacher["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    narrow, born = (load_file(f / "model.safetensors") for f in folders[1:])
+    assert not torch.equal(narrow["model.embed_tokens.weight"], born["model.embed_tokens.weight"])  # re-initialised
+    recipes = [yaml.safe_load((f / "recipe.yaml").read_text()) for f in folders]
+    assert recipes[0]["student_num_layers"] == 3 and "student_num_layers" not in recipes[1]  # the stage's own wins
+    assert recipes[2]["student_config"] == {}
+    teachers = [str(chain_files / "teacher"), *map(str, folders[:2])]
+    for k, (folder, teacher_name) in enumerate(zip(folders, teachers)):
+        card = (folder / "README.md").read_text()
+        assert f"This model's teacher: `{teacher_name}`." in card and f"Stage {k + 1} of 3" in card
+        assert f"- **Teacher:** `{teacher_name}`" in card  # the trainer's own card line
+        assert json.loads((folder / MARKER).read_text())["teacher"] == teacher_name
+    assert f"{chain_files / 'teacher'} -> assistant -> narrow -> **born_again**" in card
+
+
+def test_cards_name_a_shorthand_or_hub_id_first_teacher():
+    """`stage_recipes` passes the first teacher on as written (any `from_pretrained` id, a local folder or a
+    shorthand; `hf-distill train` loads it) and each stage's card section names its own teacher."""
+    for first in ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "/models/teacher"):
+        chain = {"output_dir": "runs/c", "teacher_model_name_or_path": first, "defaults": {},
+                 "stages": [{"name": "assistant", "student_num_layers": 20}, {"name": "student",
+                                                                             "student_num_layers": 10}]}  # fmt: skip
+        recipes = stage_recipes(chain)
+        assert [r["teacher_model_name_or_path"] for r in recipes] == [
+            first,
+            os.path.join("runs/c", "stage0_assistant"),
+        ]
+        cards = [_chain_card_section(chain, i, r["teacher_model_name_or_path"]) for i, r in enumerate(recipes)]
+        assert f"{first} -> **assistant** -> student" in cards[0] and f"This model's teacher: `{first}`." in cards[0]
+        assert "This model's teacher: `runs/c/stage0_assistant`." in cards[1]
+
+
 def test_changed_settings_and_bad_chains_are_refused(chain_files, capsys):
     out = chain_files / "c"
     main(["chain", "--config", str(write_chain(chain_files, out, stages=[{"student_num_layers": 2}]))])
@@ -138,15 +197,41 @@ def test_changed_settings_and_bad_chains_are_refused(chain_files, capsys):
     with pytest.raises(SystemExit):
         main(["chain", "--config", str(write_chain(chain_files, out, stages=[{"student_num_layers": 3}]))])
     assert "other settings" in capsys.readouterr().err
+    # a typo in the last stage stops the chain before its first stage trains
+    typo = chain_files / "typo"
+    stages = [{"student_num_layers": 3}, {"student_num_layers": 2, "max_step": 3}]
+    with pytest.raises(SystemExit):
+        main(["chain", "--config", str(write_chain(chain_files, typo, stages=stages))])
+    assert "max_step" in capsys.readouterr().err and not typo.exists()
+
     bad = chain_files / "bad.yaml"
-    bad.write_text(
-        yaml.safe_dump({"output_dir": "x", "teacher_model_name_or_path": "t", "stages": [{"output_dir": 1}]})
-    )
-    with pytest.raises(ValueError, match="the chain decides"):
-        load_chain(str(bad))
-    bad.write_text(yaml.safe_dump({"output_dir": "x", "teacher_model_name_or_path": "t", "stage": []}))
-    with pytest.raises(ValueError, match="unknown chain keys"):
-        load_chain(str(bad))
+    base = {"output_dir": "x", "teacher_model_name_or_path": "t"}
+    cases = [
+        ({**base, "stages": [{"output_dir": 1}]}, "the chain decides"),
+        ({**base, "defaults": {"teacher_model_name_or_path": "u"}, "stages": [{}]}, "the chain decides"),
+        ({**base, "stage": []}, "unknown chain keys"),
+        ({"output_dir": "x", "stages": [{}]}, "set `teacher_model_name_or_path`.*a local folder"),
+        ({**base, "stages": []}, "non-empty list"),
+        ({**base, "stages": [{"name": "a"}]}, r"stage 0 \(a\): name its student with exactly one of"),
+        ({**base, "stages": [{"student_num_layers": 2, "student_config": {}}]}, "exactly one of"),
+        ({**base, "stages": [{"name": "../up", "student_num_layers": 2}]}, "plain name"),
+        ({**base, "stages": [{"student_num_layers": 10}, {"student_num_layers": 20}]}, "goes down in size"),
+        ({**base, "defaults": {"teacher_ema_decay": 0.9}, "stages": [{"student_num_layers": 2}]}, "teacher_ema_decay"),
+        ({**base, "stages": [{"student_num_layers": 2}, {"student_num_layers": 1, "teacher_cache": "c"}]},
+         "first stage only"),
+        ({**base, "teacher_model_name_or_path": {"a": 1}, "stages": [{"student_num_layers": 2}]}, "name or path"),
+    ]  # fmt: skip
+    for chain, message in cases:
+        bad.write_text(yaml.safe_dump(chain))
+        with pytest.raises(ValueError, match=message):
+            load_chain(str(bad))
+    for chain in (["a"], {**base, "defaults": ["a"], "stages": [{"student_num_layers": 2}]}):
+        bad.write_text(yaml.safe_dump(chain))
+        with pytest.raises(TypeError, match="mapping"):
+            load_chain(str(bad))
+    born_again = {**base, "stages": [{"student_config": {}}, {"student_config": {}}]}  # same size twice is fine
+    bad.write_text(yaml.safe_dump(born_again))
+    assert [s["name"] for s in load_chain(str(bad))["stages"]] == ["stage0", "stage1"]
 
 
 def test_chain_help():
