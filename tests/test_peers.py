@@ -178,4 +178,6 @@ def test_peers_of_other_vocabularies_or_head_kinds_are_refused(tmp_path):
     assert output_size(classifier) == 3
     with pytest.raises(ValueError, match="different head kinds"):
         PeerStudents([small, classifier])
+    with pytest.raises(ValueError, match="same model is given twice"):
+        PeerStudents([small, small])
     assert len(PeerStudents([small, make_llama(3, 48, seed=1)]).peers) == 2  # other sizes, one vocabulary: fine

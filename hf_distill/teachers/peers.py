@@ -73,6 +73,11 @@ class PeerStudents(nn.Module):
         super().__init__()
         if len(peers) < 2:
             raise ValueError(f"Mutual learning needs at least 2 peer students, got {len(peers)}.")
+        if len({id(unwrap(p)) for p in peers}) < len(peers):
+            raise ValueError(
+                "The same model is given twice as a peer; peers teach each other, so each must be its own model "
+                "(e.g. `copy.deepcopy(student)` or another initialisation)."
+            )
         if not all(hasattr(unwrap(p), "config") for p in peers):
             raise ValueError("Every peer must be a transformers model with a `config`.")
         kinds = [detect_head(p).kind for p in peers]
