@@ -76,15 +76,26 @@ def ema_update_(ema: nn.Module, student: nn.Module, decay: float) -> None:
             target.copy_(value)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 def ema_copy(student: nn.Module) -> nn.Module:
     """A frozen deep copy of the (unwrapped) student in eval mode: the EMA teacher's starting point.
 
     Instance-level `forward` overrides are dropped from the copy, so it runs its class's forward on its own weights: a
     wrapper installed on the student's instance (e.g. by a trainer or accelerate) closes over the student's bound
-    `forward`, which `deepcopy` keeps, so the copy would silently compute the student's outputs."""
+    `forward`, which `deepcopy` keeps, so the copy would silently compute the student's outputs.
+
+    A student with float16 / bfloat16 weights gets a float32 EMA: in half precision `decay * ema + (1 - decay) *
+    student` rounds back to `ema` for most weights once `1 - decay` is small (bfloat16 keeps 8 bits: with decay
+    0.999 a weight moves only when the student differs from it by more than about 40%), so the average would not
+    move. It costs twice the student's memory for the copy."""
     model = copy.deepcopy(unwrap(student))
     for module in model.modules():
         module.__dict__.pop("forward", None)
+    if any(p.dtype in HALF for p in model.parameters()):
+        logger.info("EMA teacher: float32 copy of a half-precision student (half-precision averages would not move).")
+        model = model.float()
     return model.eval().requires_grad_(False)
 
 
