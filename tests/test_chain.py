@@ -232,6 +232,7 @@ def test_changed_settings_and_bad_chains_are_refused(chain_files, capsys):
     cases = [
         ({**base, "stages": [{"output_dir": 1}]}, "the chain decides"),
         ({**base, "defaults": {"teacher_model_name_or_path": "u"}, "stages": [{}]}, "the chain decides"),
+        ({**base, "stages": [{"student_num_layers": 2, "resume_from_checkpoint": True}]}, "the chain decides"),
         ({**base, "stage": []}, "unknown chain keys"),
         ({"output_dir": "x", "stages": [{}]}, "set `teacher_model_name_or_path`.*a local folder"),
         ({**base, "stages": []}, "non-empty list"),

@@ -37,6 +37,7 @@ import yaml
 MARKER = "chain_stage.json"
 SETTINGS_FILE = "chain_settings.json"
 STUDENT_KEYS = ("student_num_layers", "student_config", "model_name_or_path")
+CHAIN_DECIDES = ("output_dir", "teacher_model_name_or_path", "resume_from_checkpoint")  # per stage, by the chain
 
 
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -79,7 +80,7 @@ def load_chain(path: str, output_dir: str | None = None) -> dict[str, Any]:
     defaults = chain.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise TypeError(f"{path}: `defaults` must be a mapping of `hf-distill train` keys, got {defaults!r}.")
-    for key in ("output_dir", "teacher_model_name_or_path"):
+    for key in CHAIN_DECIDES:
         if key in defaults:
             raise ValueError(f"{path}: `defaults` sets `{key}`, which the chain decides; remove it.")
     stages = chain.get("stages")
@@ -89,7 +90,7 @@ def load_chain(path: str, output_dir: str | None = None) -> dict[str, Any]:
     for i, stage in enumerate(stages):
         name = str(stage.get("name", f"stage{i}"))
         where = f"{path}: stage {i} ({name})"
-        for key in ("output_dir", "teacher_model_name_or_path"):
+        for key in CHAIN_DECIDES:
             if key in stage:
                 raise ValueError(f"{where} sets `{key}`, which the chain decides; remove it.")
         if not name or any(sep in name for sep in ("/", "\\", os.sep)) or name in (".", ".."):
