@@ -128,6 +128,30 @@ def test_chain_killed_between_stages_and_inside_stage_2_resumes_to_the_same_weig
     assert recipe["teacher_model_name_or_path"] == str(first)
 
 
+@pytest.mark.distributed
+def test_chain_on_two_processes_equals_one_process(chain_files):
+    """`torchrun --nproc_per_node 2 -m hf_distill.cli.main chain` (gloo, 2 x batch 2) == 1 process x batch 4, stage by
+    stage; every process waits for the main one to save a stage before loading it as the next stage's teacher (without
+    that barrier the second process failed to load stage 1's tokenizer), and each card section is written once."""
+    equal = {"train_sampling_strategy": "sequential", "optim": "sgd", "lr_scheduler_type": "constant"}
+    configs = {}
+    for name, batch in (("one", 4), ("two", 2)):
+        configs[name] = write_chain(chain_files, chain_files / name)
+        chain = yaml.safe_load(configs[name].read_text())
+        chain["defaults"].update(equal, per_device_train_batch_size=batch)
+        configs[name].write_text(yaml.safe_dump(chain))
+    run_processes(chain_command(configs["one"]))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    run_processes([*torchrun, *chain_command(configs["two"])[1:]])
+    teacher = load_file(chain_files / "teacher" / "model.safetensors")
+    for stage in ("stage0_assistant", "stage1_student"):
+        one, two = (load_file(chain_files / n / stage / "model.safetensors") for n in ("one", "two"))
+        for key in one:
+            torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0, msg=key)
+        assert (chain_files / "two" / stage / "README.md").read_text().count("## Teacher-assistant chain") == 1
+        assert not torch.equal(two["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])  # trained
+
+
 def test_last_complete_checkpoint_skips_folders_cut_short(tmp_path):
     assert last_complete_checkpoint(tmp_path / "absent") is None
     for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False)):

@@ -211,6 +211,15 @@ def run_stage(recipe: dict[str, Any], prog: str) -> None:
     trainer.create_model_card(dataset_name=script_args.dataset_name)
 
 
+def wait_for_everyone() -> None:
+    """A barrier over the processes of a multi-process chain (`torchrun` / `accelerate launch`); nothing otherwise.
+    Without it a process could start the next stage, and load its teacher, before the main process has saved it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def run(argv: list[str], prog: str = "hf-distill chain") -> None:
     from ..jobs import check_or_record_settings
 
@@ -235,4 +244,5 @@ def run(argv: list[str], prog: str = "hf-distill chain") -> None:
             marker = {"stage": i, "name": chain["stages"][i]["name"], "teacher": teacher, "finished": True}
             (folder / (MARKER + ".tmp")).write_text(json.dumps(marker, indent=2))
             os.replace(folder / (MARKER + ".tmp"), folder / MARKER)
+        wait_for_everyone()  # the next stage loads this one's folder on every process
     print(f"[chain] done: the final student is in {recipes[-1]['output_dir']}")
