@@ -23,6 +23,8 @@ first stage starts, so a typo in the last stage stops the chain at once. Resumab
 holds `chain_stage.json` is finished and skipped; an unfinished stage resumes from its last complete checkpoint (one
 with `trainer_state.json`, which the Trainer writes last; a folder cut short by a kill is skipped) when it saved any.
 The chain's settings are recorded in `output_dir/chain_settings.json`; a rerun with other settings stops with an error.
+Under `torchrun` / `accelerate launch` (`-m hf_distill.cli.main chain ...`) every process waits at the end of each
+stage until the main process has saved it.
 """
 
 import argparse
