@@ -219,6 +219,37 @@ def test_two_processes_equal_one_process(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("dense", [False, True], ids=["fused", "dense"])
+def test_ema_teacher_two_processes_equal_one_process(tmp_path, dense):
+    """EMA self-distillation (no teacher, `teacher_ema_decay`) under torchrun 2 x batch 2 (DDP over gloo): the EMA
+    teacher is bit-identical on both ranks and in the checkpoint, and the student and EMA equal 1 x batch 4's."""
+    script, flags = SCRIPTS / "ema_equivalence.py", ["--dense"] if dense else []
+    run_processes([sys.executable, str(script), str(tmp_path / "one"), "--batch_size", "4", *flags])
+    run_processes(TORCHRUN + [str(script), str(tmp_path / "two"), "--batch_size", "2", *flags])
+    one, two = (json.loads((tmp_path / n / "result.json").read_text()) for n in ("one", "two"))
+    assert (one["num_processes"], two["num_processes"], two["wrapper"]) == (1, 2, "DistributedDataParallel")
+    assert one["source"] == two["source"] == ("ema" if dense else "ema-fused")
+    ema0, ema1 = (load_file(tmp_path / "two" / f"ema_rank{r}.safetensors") for r in (0, 1))
+    saved = load_file(tmp_path / "two/run/checkpoint-3/ema_teacher.safetensors")
+    assert ema0.keys() == ema1.keys() == saved.keys()
+    for key in ema0:
+        assert torch.equal(ema0[key], ema1[key]) and torch.equal(ema0[key], saved[key]), key
+    assert [e["step"] for e in one["log_history"]] == [e["step"] for e in two["log_history"]] == [1, 2, 3]
+    for a, b in zip(one["log_history"], two["log_history"]):
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    assert one["log_history"][0]["kd_loss"] == 0 < one["log_history"][-1]["kd_loss"]  # the EMA starts as the student
+    student_one, student_two = (load_file(tmp_path / n / "final/model.safetensors") for n in ("one", "two"))
+    ema_one = load_file(tmp_path / "one/ema_rank0.safetensors")
+    start = make_llama(2, 32).state_dict()
+    for key in ema0:
+        torch.testing.assert_close(ema_one[key], ema0[key], atol=1e-5, rtol=0, msg=key)
+        torch.testing.assert_close(student_one[key], student_two[key], atol=1e-5, rtol=0, msg=key)
+    w = "model.layers.1.mlp.down_proj.weight"  # the EMA moved, and lags the student
+    assert not torch.equal(ema0[w], start[w]) and (ema0[w] - student_two[w]).abs().max() > 1e-4
+
+
+@pytest.mark.distributed
 def test_accelerate_launch_cli_with_cpu_2proc_config(tmp_path):
     """The documented `accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m hf_distill.cli.main
     train` command: 2 processes x batch 2 == `hf-distill train` on 1 process x batch 4."""

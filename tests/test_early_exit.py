@@ -96,6 +96,15 @@ def test_exits_add_no_parameters_and_need_hidden_states(tmp_path, tokenizer):
         exits.terms(out, SupervisedView.from_batch(batch, detect_head(model)))
     with pytest.raises(ValueError, match=r"outside \[1, 4\)"):
         EarlyExits(distill_config(tmp_path, early_exit_layers=[0]), model)
+    from transformers import LlamaForSequenceClassification
+
+    from hf_distill.teachers.peers import PeerStudents
+
+    classifier = make_llama(4, 32, cls=LlamaForSequenceClassification, num_labels=3)
+    with pytest.raises(ValueError, match="causal LM students.*sequence_classification"):
+        EarlyExits(distill_config(tmp_path, early_exit_layers=[1]), classifier)
+    with pytest.raises(ValueError, match="PeerStudents.*Remove `early_exit_layers`"):
+        EarlyExits(distill_config(tmp_path, early_exit_layers=[1]), PeerStudents([model, make_llama(4, 32, seed=1)]))
 
 
 @pytest.mark.parametrize("with_teacher", [False, True])

@@ -3,6 +3,8 @@ a live teacher's on the same weights (dense and fused), checkpoints restore the 
 exported."""
 
 import copy
+import math
+import os
 
 import pytest
 import torch
@@ -74,11 +76,12 @@ def test_terms_equal_a_live_teacher_on_the_same_weights(tmp_path, tokenizer, fus
     assert got.weights == ref.weights
 
 
-def ema_trainer(tmp_path, tok, **fields) -> DistillationTrainer:
-    """A trainer given no teacher and `teacher_ema_decay`: its source is the EMA of the student."""
+def ema_trainer(tmp_path, tok, model=None, **fields) -> DistillationTrainer:
+    """A trainer given no teacher and `teacher_ema_decay`: its source is the EMA of the student (default
+    `make_llama(2, 32)`)."""
     run = {"teacher_ema_decay": 0.8, "learning_rate": 1e-2, "lr_scheduler_type": "linear", "max_steps": 4, **fields}
     trainer = DistillationTrainer(
-        model=make_llama(2, 32),
+        model=model if model is not None else make_llama(2, 32),
         args=distill_config(tmp_path, **run),
         train_dataset=tokenized_texts(tok, TEXTS),
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
@@ -173,3 +176,61 @@ def test_ema_copy_runs_its_own_weights_when_the_student_forward_is_wrapped():
         assert not torch.allclose(ema(input_ids=ids).logits, student(input_ids=ids).logits)
         reference = copy.deepcopy(ema)
         assert torch.equal(ema(input_ids=ids).logits, type(reference).forward(reference, input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("save_strategy", ["steps", "epoch"])
+def test_ema_file_is_in_the_checkpoint_before_its_trainer_state(tmp_path, tokenizer, monkeypatch, save_strategy):
+    """A checkpoint holding `trainer_state.json` (written last by the Trainer) is complete, EMA included: a kill
+    between the two files can no longer leave a checkpoint that resumes without its EMA."""
+    from transformers import TrainerState
+
+    seen = {}
+    original = TrainerState.save_to_json
+
+    def save_to_json(self, json_path):
+        folder = os.path.dirname(json_path)
+        seen[os.path.basename(folder)] = os.path.exists(os.path.join(folder, EMA_FILENAME))
+        return original(self, json_path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", save_to_json)
+    trainer = ema_trainer(tmp_path, tokenizer, max_steps=2, num_train_epochs=1, save_strategy=save_strategy,
+                          save_steps=1, per_device_train_batch_size=2)  # fmt: skip
+    trainer.train()
+    expected = {"checkpoint-1": True, "checkpoint-2": True} if save_strategy == "steps" else {"checkpoint-2": True}
+    assert seen == expected
+    resumed = ema_trainer(tmp_path / "resumed", tokenizer, max_steps=2, per_device_train_batch_size=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    for name, value in trainer.ema.model.state_dict().items():
+        assert torch.equal(value, resumed.ema.model.state_dict()[name]), name
+
+
+def test_no_kd_weight_and_sharded_students_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="`kd_weight` > 0"):
+        _source(distill_config(tmp_path, teacher_ema_decay=0.9, kd_weight=0.0), make_llama(2, 32))
+    student, ema = make_llama(2, 32), make_llama(2, 32)
+    with torch.no_grad():  # what a ZeRO-3 / FSDP rank holds outside forward: a shard of each weight
+        student.model.layers[0].mlp.up_proj.weight.data = torch.empty(0)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight` is sharded.*DDP or ZeRO-1/2"):
+        ema_update_(ema, student, 0.9)
+
+
+def test_a_half_precision_student_gets_a_float32_ema_that_moves(tmp_path, tokenizer):
+    """In bfloat16, `0.999 * ema + 0.001 * student` rounds back to `ema` for most weights: the EMA is float32."""
+    student = make_llama(2, 32).to(torch.bfloat16)
+    source = _source(distill_config(tmp_path, teacher_ema_decay=0.999), student)
+    assert {p.dtype for p in source.model.parameters()} == {torch.float32}
+    start = {k: v.double().clone() for k, v in source.model.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01)
+    source.update()
+    moved = total = 0
+    for name, value in source.model.state_dict().items():
+        expected = 0.999 * start[name] + 0.001 * student.state_dict()[name].double()
+        assert torch.allclose(value.double(), expected, rtol=0, atol=1e-7), name
+        moved, total = moved + int((value.double() != start[name]).sum()), total + value.numel()
+    assert moved / total > 0.99
+    trainer = ema_trainer(tmp_path / "run", tokenizer, model=make_llama(2, 32).to(torch.bfloat16), max_steps=2)
+    trainer.train()
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+    assert next(trainer.ema.model.parameters()).dtype == torch.float32

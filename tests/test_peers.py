@@ -163,3 +163,21 @@ def test_two_processes_equal_one_process(tmp_path, fused):
         w2 = load_file(tmp_path / "two/final" / peer / "model.safetensors")
         for key in w1:
             torch.testing.assert_close(w1[key], w2[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_peers_of_other_vocabularies_or_head_kinds_are_refused(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from hf_distill.teachers.peers import output_size
+
+    small, large = make_llama(2, 32, vocab_size=64), make_llama(2, 32, vocab_size=72)
+    assert (output_size(small), output_size(large)) == (64, 72)
+    with pytest.raises(ValueError, match=r"different output sizes \[64, 72\].*one tokenizer"):
+        PeerStudents([small, large])
+    classifier = make_llama(2, 32, cls=LlamaForSequenceClassification, num_labels=3)
+    assert output_size(classifier) == 3
+    with pytest.raises(ValueError, match="different head kinds"):
+        PeerStudents([small, classifier])
+    with pytest.raises(ValueError, match="same model is given twice"):
+        PeerStudents([small, small])
+    assert len(PeerStudents([small, make_llama(3, 48, seed=1)]).peers) == 2  # other sizes, one vocabulary: fine

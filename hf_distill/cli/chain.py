@@ -15,9 +15,16 @@ stage, each stage's student the next stage's teacher (Mirzadeh et al. 2020; Furl
 
 Stage `i` trains into `output_dir/stage{i}_{name}` (its student, tokenizer, recipe.yaml and a model card naming its
 teacher and its place in the chain) with `teacher_model_name_or_path` set to the previous stage's folder.
-`teacher_model_init_kwargs` applies to the first stage's teacher only. Resumable by stage: a stage whose folder holds
-`chain_stage.json` is finished and skipped; an unfinished stage resumes from its last checkpoint when it saved any.
+The first teacher is anything `hf-distill train` loads: a Hub id, a local folder or a shorthand such as `smollm2`.
+Each stage names its student as `hf-distill train` does: `student_num_layers` (evenly spaced layers of its teacher),
+`student_config` (the teacher's config with overrides, randomly initialised) or `model_name_or_path`.
+`teacher_model_init_kwargs` applies to the first stage's teacher only. Every stage's recipe is parsed before the
+first stage starts, so a typo in the last stage stops the chain at once. Resumable by stage: a stage whose folder
+holds `chain_stage.json` is finished and skipped; an unfinished stage resumes from its last complete checkpoint (one
+with `trainer_state.json`, which the Trainer writes last; a folder cut short by a kill is skipped) when it saved any.
 The chain's settings are recorded in `output_dir/chain_settings.json`; a rerun with other settings stops with an error.
+Under `torchrun` / `accelerate launch` (`-m hf_distill.cli.main chain ...`) every process waits at the end of each
+stage until the main process has saved it.
 """
 
 import argparse
@@ -31,11 +38,8 @@ import yaml
 
 MARKER = "chain_stage.json"
 SETTINGS_FILE = "chain_settings.json"
-STOP_AFTER_ENV = "HF_DISTILL_CHAIN_STOP_AFTER"  # testing hook: stop (raise) after this many finished stages
-
-
-class ChainInterrupted(RuntimeError):
-    """Raised by the `HF_DISTILL_CHAIN_STOP_AFTER` hook (tests of resumption)."""
+STUDENT_KEYS = ("student_num_layers", "student_config", "model_name_or_path")
+CHAIN_DECIDES = ("output_dir", "teacher_model_name_or_path", "resume_from_checkpoint")  # per stage, by the chain
 
 
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -46,9 +50,16 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def load_chain(path: str, output_dir: str | None = None) -> dict[str, Any]:
-    """Read and check a chain YAML; returns `{"output_dir", "teacher_model_name_or_path", "defaults", "stages"}`."""
+    """Read and check a chain YAML; returns `{"output_dir", "teacher_model_name_or_path", "defaults", "stages"}`.
+
+    Each stage names its student with exactly one of `student_num_layers`, `student_config` and `model_name_or_path`
+    (its own, or else the defaults'; a stage's own student key replaces the defaults' one). Raises a ValueError naming
+    the key and the fix for anything else (missing keys, keys the chain decides, a stage asking for more layers
+    than its teacher has)."""
     with open(path, encoding="utf-8") as f:
         chain = yaml.safe_load(f) or {}
+    if not isinstance(chain, dict):
+        raise TypeError(f"{path}: a chain is a YAML mapping (output_dir, teacher_model_name_or_path, stages, ...).")
     unknown = sorted(set(chain) - {"output_dir", "teacher_model_name_or_path", "defaults", "stages"})
     if unknown:
         raise ValueError(
@@ -59,16 +70,62 @@ def load_chain(path: str, output_dir: str | None = None) -> dict[str, Any]:
         chain["output_dir"] = output_dir
     for key in ("output_dir", "teacher_model_name_or_path"):
         if not chain.get(key):
-            raise ValueError(f"{path}: set `{key}`.")
+            raise ValueError(
+                f"{path}: set `{key}` (output_dir: the chain's folder; teacher_model_name_or_path: the first "
+                "stage's teacher, a Hub id, a local folder or a shorthand such as smollm2)."
+            )
+    teacher = chain["teacher_model_name_or_path"]
+    if not isinstance(teacher, str) and not (isinstance(teacher, list) and all(isinstance(t, str) for t in teacher)):
+        raise ValueError(
+            f"{path}: `teacher_model_name_or_path` must be a model name or path (or a list), got {teacher!r}."
+        )
+    defaults = chain.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise TypeError(f"{path}: `defaults` must be a mapping of `hf-distill train` keys, got {defaults!r}.")
+    for key in CHAIN_DECIDES:
+        if key in defaults:
+            raise ValueError(f"{path}: `defaults` sets `{key}`, which the chain decides; remove it.")
     stages = chain.get("stages")
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
         raise ValueError(f"{path}: `stages` must be a non-empty list of mappings (each a stage's train keys).")
+    checked, previous_layers = [], None
     for i, stage in enumerate(stages):
-        for key in ("output_dir", "teacher_model_name_or_path"):
-            if key in stage or key in (chain.get("defaults") or {}):
-                raise ValueError(f"{path}: stage {i} sets `{key}`, which the chain decides; remove it.")
-    chain["defaults"] = dict(chain.get("defaults") or {})
-    chain["stages"] = [dict(s, name=str(s.get("name", f"stage{i}"))) for i, s in enumerate(stages)]
+        name = str(stage.get("name", f"stage{i}"))
+        where = f"{path}: stage {i} ({name})"
+        for key in CHAIN_DECIDES:
+            if key in stage:
+                raise ValueError(f"{where} sets `{key}`, which the chain decides; remove it.")
+        if not name or any(sep in name for sep in ("/", "\\", os.sep)) or name in (".", ".."):
+            raise ValueError(f"{where}: `name` names the stage's folder; use a plain name such as 'assistant'.")
+        if stage.get("teacher_ema_decay", defaults.get("teacher_ema_decay")) is not None:
+            raise ValueError(
+                f"{where} sets `teacher_ema_decay`, but every chain stage has a teacher (the previous stage's "
+                "student, or `teacher_model_name_or_path` for the first); remove it, or run the EMA self-distillation "
+                "as its own `hf-distill train`."
+            )
+        if "teacher_cache" in defaults or (i > 0 and "teacher_cache" in stage):
+            raise ValueError(
+                f"{where}: `teacher_cache` holds the first teacher's predictions; set it in the first stage only "
+                "(the later stages learn from the previous stage's student)."
+            )
+        own = [k for k in STUDENT_KEYS if stage.get(k) is not None]
+        student = own or [k for k in STUDENT_KEYS if defaults.get(k) is not None]
+        if len(student) != 1:
+            raise ValueError(
+                f"{where}: name its student with exactly one of {list(STUDENT_KEYS)} (in the stage or in "
+                f"`defaults`), got {student or 'none'}; e.g. `student_num_layers: 10` keeps 10 of its teacher's "
+                "layers, `student_config: {}` is a re-initialised model of the teacher's size (born-again)."
+            )
+        layers = (stage if own else defaults).get("student_num_layers")
+        if layers is not None and previous_layers is not None and layers > previous_layers:
+            raise ValueError(
+                f"{where}: `student_num_layers: {layers}` is more than its teacher (the previous stage's "
+                f"{previous_layers}-layer student) has; a chain goes down in size (e.g. 30 -> 20 -> 10)."
+            )
+        previous_layers = layers if student == ["student_num_layers"] else None
+        checked.append(dict(stage, name=name))
+    chain["defaults"] = dict(defaults)
+    chain["stages"] = checked
     return chain
 
 
@@ -81,9 +138,13 @@ def stage_recipes(chain: dict[str, Any]) -> list[dict[str, Any]]:
     """The `hf-distill train` recipe of each stage: defaults, the stage's keys, its teacher and output folder."""
     recipes, teacher = [], chain["teacher_model_name_or_path"]
     for i, (stage, folder) in enumerate(zip(chain["stages"], stage_dirs(chain))):
-        recipe = {**chain["defaults"], **{k: v for k, v in stage.items() if k != "name"}}
-        if i > 0:
-            recipe.pop("teacher_model_init_kwargs", None)  # the first teacher's loading options (e.g. a GGUF file)
+        defaults = chain["defaults"]
+        if any(stage.get(k) is not None for k in STUDENT_KEYS):  # the stage's own student replaces the defaults'
+            defaults = {k: v for k, v in defaults.items() if k not in STUDENT_KEYS}
+        recipe = {**defaults, **{k: v for k, v in stage.items() if k != "name"}}
+        if i > 0:  # options of the first teacher(s) only: loading (e.g. a GGUF file), weights of several teachers
+            recipe.pop("teacher_model_init_kwargs", None)
+            recipe.pop("teacher_weights", None)
         recipe.update(teacher_model_name_or_path=teacher, output_dir=folder)
         recipes.append(recipe)
         teacher = folder
@@ -91,7 +152,8 @@ def stage_recipes(chain: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _chain_card_section(chain: dict[str, Any], index: int, teacher: str) -> str:
-    names = [chain["teacher_model_name_or_path"], *[s["name"] for s in chain["stages"]]]
+    first = chain["teacher_model_name_or_path"]
+    names = [first if isinstance(first, str) else ", ".join(first), *[s["name"] for s in chain["stages"]]]
     path = " -> ".join(f"**{n}**" if k == index + 1 else n for k, n in enumerate(names))
     return (
         f"\n## Teacher-assistant chain\n\nStage {index + 1} of {len(chain['stages'])} of an `hf-distill chain` run: "
@@ -99,23 +161,65 @@ def _chain_card_section(chain: dict[str, Any], index: int, teacher: str) -> str:
     )
 
 
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` in `folder` that holds `trainer_state.json` (the Trainer writes it after the
+    weights, optimizer, scheduler and RNG states), or None. A newer folder without it, cut short by a kill while it
+    was written, is skipped with a message: its steps are trained again."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        (int(p.name.split("-")[-1]), p)
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and p.name.split("-")[-1].isdigit()
+    )
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        print(f"[chain] {path} is incomplete (no trainer_state.json: cut short by a kill?); not resuming from it")
+    return None
+
+
+def parse_stage(recipe: dict[str, Any], prog: str) -> tuple[Any, Any, Any]:
+    """`hf-distill train`'s parse of a stage's recipe: `(script_args, args, model_args)`; raises a ValueError naming
+    the stage's folder for unknown or bad keys."""
+    from .train import make_parser
+
+    try:
+        return make_parser(prog).parse_dict(recipe, allow_extra_keys=False)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"The chain stage writing to {recipe['output_dir']}: {err}") from err
+
+
 def run_stage(recipe: dict[str, Any], prog: str) -> None:
-    """One stage: `hf-distill train` with `recipe` (resuming from its last checkpoint if it has one)."""
+    """One stage: `hf-distill train` with `recipe` (resuming from its last complete checkpoint if it has one)."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from ..recipes import Recipe
-    from .train import build_trainer, make_parser
+    from .train import build_trainer
 
-    script_args, args, model_args = make_parser(prog).parse_dict(recipe, allow_extra_keys=False)
+    script_args, args, model_args = parse_stage(recipe, prog)
     set_seed(args.seed)  # the student's initialisation does not depend on what ran before in this process
+    last = last_complete_checkpoint(args.output_dir)
     Recipe(recipe, f"{prog} (stage of a chain)").save(args.output_dir)
     trainer = build_trainer(script_args, args, model_args)
     trainer.recipe = Recipe(recipe, f"{prog} (stage of a chain)")
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if last is not None:
+        print(f"[chain] resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(args.output_dir)
     trainer.create_model_card(dataset_name=script_args.dataset_name)
+
+
+def wait_for_everyone() -> None:
+    """A barrier over the processes of a multi-process chain (`torchrun` / `accelerate launch`); nothing otherwise.
+    Without it a process could start the next stage, and load its teacher, before the main process has saved it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def run(argv: list[str], prog: str = "hf-distill chain") -> None:
@@ -123,26 +227,24 @@ def run(argv: list[str], prog: str = "hf-distill chain") -> None:
 
     opts = make_parser(prog).parse_args(argv)
     chain = load_chain(opts.config, opts.output_dir)
+    recipes = stage_recipes(chain)
+    for recipe in recipes:  # every stage's keys, before the first stage trains
+        parse_stage(recipe, prog)
     os.makedirs(chain["output_dir"], exist_ok=True)
     check_or_record_settings(os.path.join(chain["output_dir"], SETTINGS_FILE), chain, "a teacher-assistant chain")
-    stop_after = os.environ.get(STOP_AFTER_ENV)
-    recipes = stage_recipes(chain)
     for i, recipe in enumerate(recipes):
         folder = Path(recipe["output_dir"])
         if (folder / MARKER).exists():
             print(f"[chain] stage {i + 1}/{len(recipes)} ({chain['stages'][i]['name']}): finished earlier, skipped")
-        else:
-            teacher = recipe["teacher_model_name_or_path"]
-            print(
-                f"[chain] stage {i + 1}/{len(recipes)} ({chain['stages'][i]['name']}): teacher {teacher} -> {folder}"
-            )
-            run_stage(recipe, prog)
-            if os.environ.get("RANK", "0") == "0":
-                with open(folder / "README.md", "a", encoding="utf-8") as f:
-                    f.write(_chain_card_section(chain, i, teacher))
-                marker = {"stage": i, "name": chain["stages"][i]["name"], "teacher": teacher, "finished": True}
-                (folder / (MARKER + ".tmp")).write_text(json.dumps(marker, indent=2))
-                os.replace(folder / (MARKER + ".tmp"), folder / MARKER)
-        if stop_after is not None and i + 1 == int(stop_after) and i + 1 < len(recipes):
-            raise ChainInterrupted(f"{STOP_AFTER_ENV}={stop_after}: stopped after stage {i + 1}.")
+            continue
+        teacher = recipe["teacher_model_name_or_path"]
+        print(f"[chain] stage {i + 1}/{len(recipes)} ({chain['stages'][i]['name']}): teacher {teacher} -> {folder}")
+        run_stage(recipe, prog)
+        if os.environ.get("RANK", "0") == "0":
+            with open(folder / "README.md", "a", encoding="utf-8") as f:
+                f.write(_chain_card_section(chain, i, teacher))
+            marker = {"stage": i, "name": chain["stages"][i]["name"], "teacher": teacher, "finished": True}
+            (folder / (MARKER + ".tmp")).write_text(json.dumps(marker, indent=2))
+            os.replace(folder / (MARKER + ".tmp"), folder / MARKER)
+        wait_for_everyone()  # the next stage loads this one's folder on every process
     print(f"[chain] done: the final student is in {recipes[-1]['output_dir']}")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..heads import LMHead, divergence_kwargs, fused_head_loss, hard_loss, lm_head_of, unwrap
+from ..heads import LMHead, detect_head, divergence_kwargs, fused_head_loss, hard_loss, lm_head_of, unwrap
 from ..losses import logit_divergence
 from ..terms import LossTerms, SupervisedView
 
@@ -178,15 +178,29 @@ class EarlyExits:
     """
 
     def __init__(self, args: Any, student: nn.Module, vocab_size: int | None = None):
+        from ..teachers.peers import MutualLearning
+
+        if MutualLearning.active(student):
+            raise ValueError(
+                "`early_exit_layers` with PeerStudents (mutual learning) is not supported: the exits would read one "
+                "peer's hidden states only. Remove `early_exit_layers`, or train a single student."
+            )
         model = unwrap(student)
         num_layers = getattr(model.config, "num_hidden_layers", None)
         if num_layers is None:
             raise ValueError(f"early_exit_layers needs `config.num_hidden_layers`; {type(model).__name__} has none.")
         if getattr(model.config, "is_encoder_decoder", False):
             raise ValueError("early_exit_layers supports decoder-only LMs; the student is an encoder-decoder.")
+        kind = detect_head(model).kind
+        if kind != "causal_lm":
+            raise ValueError(
+                f"early_exit_layers supports causal LM students (an lm_head over the vocabulary); this student is a "
+                f"{kind} model ({type(model).__name__}). Remove `early_exit_layers`."
+            )
         self.args, self.student, self.vocab_size = args, student, vocab_size
         self.layers = resolve_exit_layers(args.early_exit_layers, num_layers)
         self.norm = final_norm_of(student)
+        _head_of(student)  # raises now, not at the first step, when the student has no Linear lm_head
         self.fused = bool(getattr(args, "use_fused_kd_loss", True)) and lm_head_of(student) is not None
 
     @staticmethod

@@ -9,7 +9,8 @@ trainer is built, moved after every optimizer step by
 The update reads only the student's weights, which are identical on every process (DDP), so the EMA is too. It is a
 live model with the student's lm_head, so the dense and fused KD paths of `teachers.live` apply unchanged.
 
-`EMACallback` does the update (`on_step_end`) and writes `checkpoint-N/ema_teacher.safetensors` (`on_save`); a
+`EMACallback` does the update (`on_step_end`) and writes `checkpoint-N/ema_teacher.safetensors` before the
+Trainer writes that checkpoint's `trainer_state.json` (so a checkpoint the Trainer finished holds the EMA); a
 resumed run restores it bit-exactly with `EMATeacher.load_checkpoint(folder)`. The EMA is never exported: `save_model`
 writes the student only.
 """
@@ -61,11 +62,21 @@ def ema_update_(ema: nn.Module, student: nn.Module, decay: float) -> None:
         if id(target) in seen:  # tied weights: one tensor, updated once
             continue
         seen.add(id(target))
-        value = source[name].detach().to(device=target.device, dtype=target.dtype)
+        value = source[name].detach()
+        if value.shape != target.shape or type(value).__name__ == "DTensor":
+            raise ValueError(
+                f"The EMA teacher needs the student's full weights on every process, but `{name}` is sharded here "
+                f"({type(value).__name__} of shape {tuple(value.shape)}, the EMA's is {tuple(target.shape)}), as "
+                "FSDP and DeepSpeed ZeRO-3 shard them. Train with `teacher_ema_decay` under DDP or ZeRO-1/2."
+            )
+        value = value.to(device=target.device, dtype=target.dtype)
         if target.is_floating_point() and name in saved:
             target.mul_(decay).add_(value, alpha=1.0 - decay)
         else:
             target.copy_(value)
+
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 def ema_copy(student: nn.Module) -> nn.Module:
@@ -73,10 +84,18 @@ def ema_copy(student: nn.Module) -> nn.Module:
 
     Instance-level `forward` overrides are dropped from the copy, so it runs its class's forward on its own weights: a
     wrapper installed on the student's instance (e.g. by a trainer or accelerate) closes over the student's bound
-    `forward`, which `deepcopy` keeps, so the copy would silently compute the student's outputs."""
+    `forward`, which `deepcopy` keeps, so the copy would silently compute the student's outputs.
+
+    A student with float16 / bfloat16 weights gets a float32 EMA: in half precision `decay * ema + (1 - decay) *
+    student` rounds back to `ema` for most weights once `1 - decay` is small (bfloat16 keeps 8 bits: with decay
+    0.999 a weight moves only when the student differs from it by more than about 40%), so the average would not
+    move. It costs twice the student's memory for the copy."""
     model = copy.deepcopy(unwrap(student))
     for module in model.modules():
         module.__dict__.pop("forward", None)
+    if any(p.dtype in HALF for p in model.parameters()):
+        logger.info("EMA teacher: float32 copy of a half-precision student (half-precision averages would not move).")
+        model = model.float()
     return model.eval().requires_grad_(False)
 
 
@@ -102,6 +121,11 @@ class EMATeacher(TeacherSource):
         self.decay = context.args.teacher_ema_decay
         if self.decay is None or not 0.0 < self.decay < 1.0:
             raise ValueError(f"EMATeacher needs `teacher_ema_decay` in (0, 1), got {self.decay}.")
+        if not context.args.kd_weight:
+            raise ValueError(
+                "`teacher_ema_decay` is set but `kd_weight` is 0, so the EMA teacher would teach nothing; set "
+                "`kd_weight` > 0 (e.g. 0.5), or remove `teacher_ema_decay` to train on the labels alone."
+            )
         model = ema_copy(context.student)
         if fused is None:
             reason = fused_unsupported_reason(context, model, sharded)
@@ -191,16 +215,33 @@ def self_taught(args: Any, model: nn.Module, teacher: Any) -> bool:
 class EMACallback(TrainerCallback):
     """Moves the EMA teacher after every optimizer step and writes it into each checkpoint folder.
 
+    The EMA file is written as soon as the step's save is decided (`on_step_end` / `on_epoch_end`, after the
+    Trainer's own flow callback has set `control.should_save`), that is before the Trainer writes the checkpoint's
+    `trainer_state.json`, which it writes last: a checkpoint with `trainer_state.json` is complete, EMA included,
+    even when a kill cut the next one short. `on_save` writes it for saves decided later (`save_strategy="best"`).
+
     Args:
         source (`EMATeacher`): the source whose model is updated.
     """
 
     def __init__(self, source: EMATeacher):
         self.source = source
+        self._written_step: int | None = None
+
+    def _write(self, args, state) -> None:
+        if args.should_save:  # the folder Trainer._save_checkpoint writes (no hyper-parameter search)
+            self.source.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        self._written_step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
         self.source.update()
+        if control.should_save:
+            self._write(args, state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save and self._written_step != state.global_step:
+            self._write(args, state)
 
     def on_save(self, args, state, control, **kwargs):
-        if args.should_save:  # the folder Trainer._save_checkpoint just wrote (no hyper-parameter search)
-            self.source.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        if self._written_step != state.global_step:
+            self._write(args, state)

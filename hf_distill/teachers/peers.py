@@ -24,7 +24,16 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..heads import divergence_kwargs, fused_head_loss, kd_scale, lm_head_of, logit_terms, unwrap
+from ..heads import (
+    LABEL_KINDS,
+    detect_head,
+    divergence_kwargs,
+    fused_head_loss,
+    kd_scale,
+    lm_head_of,
+    logit_terms,
+    unwrap,
+)
 from ..losses import logit_divergence
 from ..terms import LossTerms, SupervisedView
 from .base import SourceContext, TeacherSource
@@ -64,9 +73,26 @@ class PeerStudents(nn.Module):
         super().__init__()
         if len(peers) < 2:
             raise ValueError(f"Mutual learning needs at least 2 peer students, got {len(peers)}.")
-        kinds = {type(unwrap(p).config).model_type if hasattr(unwrap(p), "config") else None for p in peers}
-        if None in kinds:
+        if len({id(unwrap(p)) for p in peers}) < len(peers):
+            raise ValueError(
+                "The same model is given twice as a peer; peers teach each other, so each must be its own model "
+                "(e.g. `copy.deepcopy(student)` or another initialisation)."
+            )
+        if not all(hasattr(unwrap(p), "config") for p in peers):
             raise ValueError("Every peer must be a transformers model with a `config`.")
+        kinds = [detect_head(p).kind for p in peers]
+        if len(set(kinds)) > 1:
+            raise ValueError(
+                f"The peers have different head kinds {kinds}; mutual learning compares their predictions, so every "
+                "peer must be the same kind of model (e.g. all AutoModelForCausalLM)."
+            )
+        sizes = [output_size(p) for p in peers]
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"The peers predict over different output sizes {sizes} (vocabulary or labels); mutual learning "
+                "compares their distributions token by token, so the peers must share one tokenizer and head size. "
+                "Give them one vocabulary (e.g. `peer.resize_token_embeddings(n)` for a padded embedding matrix)."
+            )
         self.peers = nn.ModuleList(peers)
         self.config = unwrap(peers[0]).config  # read by Trainer/TRL checks (use_cache, name_or_path, ...)
         self.main_input_name = getattr(unwrap(peers[0]), "main_input_name", "input_ids")
@@ -145,6 +171,19 @@ class PeerStudents(nn.Module):
         with open(os.path.join(save_directory, PEERS_FILE), "w", encoding="utf-8") as f:
             json.dump({"peers": [f"peer{i}" for i in range(len(self.peers))]}, f, indent=2)
         return folders
+
+
+def output_size(model: nn.Module) -> int | None:
+    """The size of a model's predictions: the rows of its output embeddings (lm_head), else `config.num_labels`
+    (classification heads), else `config.vocab_size`."""
+    model = unwrap(model)
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    if detect_head(model).kind in LABEL_KINDS:
+        return int(model.config.num_labels)
+    return getattr(model.config, "vocab_size", None)
 
 
 def save_peers(model: nn.Module, output_dir: str, processing_class: Any = None, is_main_process: bool = True) -> None:
