@@ -216,21 +216,25 @@ def test_config_fields_are_validated(tmp_path):
         make(cross_tokenizer_loss="uld", hint_layers="uniform")
 
 
-def test_teacher_tokenizer_is_found(tmp_path):
-    from hf_distill.teachers.cross_tokenizer import teacher_tokenizer_for
+def test_teacher_tokenizer_comes_through_the_source_request(tmp_path):
+    from hf_distill.teachers import SourceRequest, select_teacher_source
+    from hf_distill.teachers.loading import teacher_tokenizer_of
 
     student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
     source, _, t_tok = make_source(student)
     args = source.context.args
     args.teacher_tokenizer_name_or_path = args.teacher_model_name_or_path = None
-    assert teacher_tokenizer_for(args, source.model, t_tok) is t_tok
+    picked = select_teacher_source(SourceRequest(source.context, [source.model], teacher_tokenizer=t_tok))
+    assert picked.name == "cross-tokenizer" and picked.teacher_tokenizer is t_tok
+    with pytest.raises(ValueError, match="SourceRequest carries none.*teacher_tokenizer_name_or_path"):
+        select_teacher_source(SourceRequest(source.context, [source.model]))
+    assert teacher_tokenizer_of(source.model, t_tok) is t_tok
     t_tok.save_pretrained(tmp_path / "tok")
     args.teacher_tokenizer_name_or_path = str(tmp_path / "tok")
     built = CrossTokenizerTeacher.from_args(source.context, source.model)
     assert built.teacher_tokenizer.get_vocab() == t_tok.get_vocab()
-    args.teacher_tokenizer_name_or_path = None
     with pytest.raises(ValueError, match="teacher_tokenizer_name_or_path"):
-        teacher_tokenizer_for(args, source.model)
+        teacher_tokenizer_of(torch.nn.Linear(1, 1))
 
 
 def test_mismatch_error_names_cross_tokenizer_loss():
@@ -297,6 +301,7 @@ def test_trainer_runs_a_teacher_with_another_tokenizer(tmp_path):
     """A few DistillationTrainer steps with a teacher of another tokenizer: finite, decreasing loss."""
     trainer = _cross_trainer(tmp_path)
     assert trainer.teacher_source.name == "cross-tokenizer"
+    assert trainer.teacher_source.teacher_tokenizer.get_vocab() == bpe_teacher_tokenizer().get_vocab()
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     losses = [log["loss"] for log in logs]

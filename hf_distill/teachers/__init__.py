@@ -14,6 +14,7 @@ condition holds. A new source is one file here plus one line in `SOURCES`.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -39,6 +40,8 @@ class SourceRequest:
             `live.fused_unsupported_reason` is None).
         sharded (`bool`): FSDP / DeepSpeed shard the parameters (lm_heads outside forward): sources that decide the
             fused loss themselves (EMA, peers) must not pick it then.
+        teacher_tokenizer (*optional*): the teacher's own tokenizer when it differs from the student's
+            (`cross_tokenizer_loss`; `loading.teacher_tokenizer_of`), for the cross-tokenizer sources.
     """
 
     context: SourceContext
@@ -46,6 +49,7 @@ class SourceRequest:
     cache: TeacherCache | None = None
     fused: bool = False
     sharded: bool = False
+    teacher_tokenizer: Any = None
 
 
 # (name, when it is picked, how it is built); the first match wins.

