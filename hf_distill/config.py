@@ -432,11 +432,10 @@ class DistillationArguments:
             )
         if self.cross_tokenizer_top_k is not None and self.cross_tokenizer_top_k < 1:
             raise ValueError(f"`cross_tokenizer_top_k` must be >= 1 or None, got {self.cross_tokenizer_top_k}.")
-        if self.teacher_cache is not None or isinstance(self.teacher_model_name_or_path, list):
+        if isinstance(self.teacher_model_name_or_path, list):
             raise ValueError(
-                "`cross_tokenizer_loss` runs one live teacher: unset `teacher_cache`, give one "
-                "`teacher_model_name_or_path` (a cross-tokenizer teacher cache and several cross-tokenizer teachers "
-                "are not supported yet)."
+                "`cross_tokenizer_loss` runs one teacher: give one `teacher_model_name_or_path` (several "
+                "cross-tokenizer teachers are not supported yet), or a `teacher_cache` built with its tokenizer."
             )
         if self.lmbda > 0 or self.seq_kd:
             raise ValueError(

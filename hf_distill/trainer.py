@@ -35,7 +35,7 @@ from .quantization import fake_quantized_weights, prepare_qat_student
 from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_if_too_long, warn_mixed_precision_mismatch
 from .taid import TaidCallback
 from .teachers import SourceContext, SourceRequest, TeacherSource, select_teacher_source
-from .teachers.cache import CACHE_BATCH_KEYS, TeacherCache
+from .teachers.cache import CACHE_BATCH_KEYS, CROSS_CACHE_BATCH_KEYS, TeacherCache
 from .teachers.ema import self_taught
 from .teachers.ensemble import check_teacher_list
 from .teachers.live import FusedLiveTeacher, fused_unsupported_reason
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 # Batch keys that are not model inputs (targets, and masks produced by collators).
 NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task", TASK_COUNTS_KEY}
-NON_MODEL_KEYS.update(CACHE_BATCH_KEYS)  # teacher-cache entries added by TeacherCacheCollator
+NON_MODEL_KEYS.update(CACHE_BATCH_KEYS + CROSS_CACHE_BATCH_KEYS)  # teacher-cache entries added by TeacherCacheCollator
 
 
 class _SkipBatch(Exception):  # control flow, not an error

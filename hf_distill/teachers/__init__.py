@@ -2,6 +2,8 @@
 
 - `base.py`: the interface, `SourceContext`, and the no-teacher source (CE only).
 - `live.py`: one live teacher, dense logits or the fused chunked loss.
+- `cross_tokenizer.py`: a live teacher with another tokenizer (`cross_tokenizer_loss`); `cross_tokenizer_cache.py`:
+  the same from a cache built with the teacher's own tokenizer.
 - `cached.py`: an offline top-k cache (`cache.py`: its format, writer and reader; `cache_compact.py`: compact rows).
 - `ensemble.py`: several live teachers sharing the student's tokenizer.
 - `api.py`: black-box teachers behind OpenAI-compatible endpoints (text only: rationales, transfer sets, seq-KD).
@@ -22,6 +24,7 @@ from .base import SourceContext, TeacherSource
 from .cache import TeacherCache
 from .cached import CacheTeacher
 from .cross_tokenizer import CrossTokenizerTeacher
+from .cross_tokenizer_cache import CachedCrossTokenizerTeacher
 from .ema import EMATeacher
 from .ensemble import EnsembleTeacher
 from .live import FusedLiveTeacher, LiveTeacher
@@ -54,6 +57,7 @@ class SourceRequest:
 
 # (name, when it is picked, how it is built); the first match wins.
 SOURCES: list[tuple[str, Callable[[SourceRequest], bool], Callable[[SourceRequest], TeacherSource]]] = [
+    ("cross-tokenizer-cache", CachedCrossTokenizerTeacher.applies, CachedCrossTokenizerTeacher.from_request),
     ("cache", lambda r: r.cache is not None, lambda r: CacheTeacher(r.context, r.cache)),
     ("cross-tokenizer", CrossTokenizerTeacher.applies, CrossTokenizerTeacher.from_request),
     ("ensemble", lambda r: len(r.teachers) > 1, lambda r: EnsembleTeacher(r.context, r.teachers)),
@@ -80,6 +84,7 @@ def select_teacher_source(request: SourceRequest) -> TeacherSource:
 __all__ = [
     "SOURCES",
     "CacheTeacher",
+    "CachedCrossTokenizerTeacher",
     "CrossTokenizerTeacher",
     "EnsembleTeacher",
     "FusedLiveTeacher",

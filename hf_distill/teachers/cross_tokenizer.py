@@ -57,13 +57,14 @@ class CrossTokenizerTeacher(TeacherSource):
 
     Args:
         context (`SourceContext`): the run; `context.tokenizer` (the student's, a fast tokenizer) is required.
-        teacher (`nn.Module`): the teacher causal LM.
+        teacher (`nn.Module`, *optional*): the teacher causal LM (None for a subclass that reads the teacher's
+            distributions elsewhere: `cross_tokenizer_cache.CachedCrossTokenizerTeacher`).
         teacher_tokenizer: the teacher's fast tokenizer.
     """
 
     name = "cross-tokenizer"
 
-    def __init__(self, context: SourceContext, teacher: nn.Module, teacher_tokenizer: Any):
+    def __init__(self, context: SourceContext, teacher: nn.Module | None, teacher_tokenizer: Any):
         super().__init__(context)
         args = context.args
         if context.head.kind != "causal_lm":
@@ -81,7 +82,7 @@ class CrossTokenizerTeacher(TeacherSource):
                 )
         if context.feature_kwargs:
             raise ValueError("`cross_tokenizer_loss` does not combine with hidden-state / attention terms.")
-        self.models = [teacher]
+        self.models = [teacher] if teacher is not None else []
         self.teacher_tokenizer = teacher_tokenizer
         self.loss = args.cross_tokenizer_loss
         self.top_k = args.cross_tokenizer_top_k
@@ -135,7 +136,9 @@ class CrossTokenizerTeacher(TeacherSource):
             self._shared = (s, t, to_student)
         return tuple(x.to(device) for x in self._shared)
 
-    def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CrossTokenizerOutputs:
+    def student_texts(self, model_inputs: dict[str, Any]) -> tuple[list[str], list[list[Span | None]]]:
+        """Each row's text (its student ids, padding removed, decoded) and per student position `(T,)` the token's
+        character span in it (None for padding and special tokens)."""
         input_ids = model_inputs["input_ids"]
         mask = model_inputs.get("attention_mask")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -148,6 +151,10 @@ class CrossTokenizerTeacher(TeacherSource):
                 row_spans[j] = span
             texts.append(text)
             student_spans.append(row_spans)
+        return texts, student_spans
+
+    def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CrossTokenizerOutputs:
+        texts, student_spans = self.student_texts(model_inputs)
         templated = self.teacher_chat_texts(batch)
         if templated is not None:
             labels = batch["labels"].tolist()
@@ -182,26 +189,8 @@ class CrossTokenizerTeacher(TeacherSource):
     def teacher_tokenize(
         self, texts: list[str], add_special_tokens: bool = True
     ) -> tuple[torch.Tensor, list[list[Span | None]]]:
-        """The teacher's tokens of each text, its BOS first (so the first text token has a predictor), right-padded.
-        A text rendered by a chat template carries its own special tokens (`add_special_tokens=False`).
-
-        Returns:
-            `(ids (B, T_t), spans)`: spans per row (unpadded length), None for special tokens.
-        """
-        tok = self.teacher_tokenizer
-        enc = tok(texts, return_offsets_mapping=True, return_special_tokens_mask=True,
-                  add_special_tokens=add_special_tokens)  # fmt: skip
-        bos = tok.bos_token_id
-        rows, spans = [], []
-        for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
-            row_spans = [None if s or a == b else (a, b) for (a, b), s in zip(offsets, special)]
-            if bos is not None and (not ids or ids[0] != bos):
-                ids, row_spans = [bos, *ids], [None, *row_spans]
-            rows.append(ids)
-            spans.append(row_spans)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        width = max(1, max(len(r) for r in rows))
-        return torch.tensor([r + [pad] * (width - len(r)) for r in rows]), spans
+        """`teacher_tokenize` with this source's teacher tokenizer."""
+        return teacher_tokenize(self.teacher_tokenizer, texts, add_special_tokens)
 
     def groups(self, outputs: CrossTokenizerOutputs, labels: torch.Tensor) -> list[list[Group]]:
         """Per row, the aligned groups of supervised student tokens (`labels != -100`) with a predictor row on both
@@ -215,6 +204,31 @@ class CrossTokenizerTeacher(TeacherSource):
             groups = align_spans(student, outputs.teacher_spans[b], outputs.texts[b])
             out.append([g for g in groups if g.teacher[0] >= 1])
         return out
+
+    def teacher_stats(self, teacher_outputs: Any, rows: torch.Tensor, n_groups: int) -> dict[str, torch.Tensor]:
+        """The teacher's side of the groups (`losses.cross_tokenizer.teacher_row_stats`, chunk by chunk from its hidden
+        states): `rows` `(R,)` are flat `(B * T_t)` indices of predictor rows, the first `n_groups` the groups' first
+        rows; returns `target_logprobs (R,)` (of the token each row predicts) and, for those first rows, `top (G, K)`,
+        `tail (G,)`, `argmax (G,)` and with gold `shared (G, M)`."""
+        args = self.context.args
+        t_hidden = teacher_outputs.last_hidden_state.reshape(-1, teacher_outputs.last_hidden_state.shape[-1])
+        t_ids = teacher_outputs.input_ids.reshape(-1).to(t_hidden.device)
+        rows = rows.to(t_hidden.device)
+        head = lm_head_of(self.model)
+        shared_t = self.shared_ids(t_hidden.device)[1]
+        return teacher_row_stats(
+            t_hidden[rows],
+            None if head is None else head.weight,
+            t_ids[rows + 1],
+            torch.arange(n_groups, device=t_hidden.device),
+            top_k=self.top_k,
+            shared_ids=shared_t if self.loss == "gold" else None,
+            temperature=args.temperature,
+            bias=None if head is None else head.bias,
+            logit_scale=1.0 if head is None else head.logit_scale,
+            softcap=None if head is None else head.softcap,
+            chunk_size=self.chunk_size,
+        )
 
     def terms(self, student_outputs: Any, teacher_outputs: CrossTokenizerOutputs, view: SupervisedView) -> LossTerms:
         if view.shift_labels is not None:
@@ -255,40 +269,25 @@ class CrossTokenizerTeacher(TeacherSource):
         s_probs = (s_logprobs + s_log_c[:, None]).exp()  # (G, V_s), unnormalised when a group merges tokens
 
         # Teacher: reduced chunk by chunk from hidden states (no [rows, V_t] tensor beyond one chunk).
-        t_hidden = teacher_outputs.last_hidden_state.reshape(-1, teacher_outputs.last_hidden_state.shape[-1])
-        t_ids = teacher_outputs.input_ids.reshape(-1).to(t_hidden.device)
-        rows = torch.cat([t_base, t_later]).to(t_hidden.device)
-        head = lm_head_of(self.model)
-        shared_s, shared_t, t_to_s = self.shared_ids(t_hidden.device)
-        stats = teacher_row_stats(
-            t_hidden[rows],
-            None if head is None else head.weight,
-            t_ids[rows + 1],
-            torch.arange(n_groups, device=t_hidden.device),
-            top_k=self.top_k,
-            shared_ids=shared_t if self.loss == "gold" else None,
-            temperature=args.temperature,
-            bias=None if head is None else head.bias,
-            logit_scale=1.0 if head is None else head.logit_scale,
-            softcap=None if head is None else head.softcap,
-            chunk_size=self.chunk_size,
-        )
-        t_log_c = torch.zeros(n_groups, device=t_hidden.device)
+        stats = self.teacher_stats(teacher_outputs, torch.cat([t_base, t_later]), n_groups)
+        shared_s, _, t_to_s = self.shared_ids(device)
+        stats = {key: value.to(device) for key, value in stats.items()}
+        t_log_c = torch.zeros(n_groups, device=device)
         if t_later.numel():
-            t_log_c = t_log_c.index_add(0, t_later_group.to(t_hidden.device), stats["target_logprobs"][n_groups:])
-        t_scale = t_log_c.exp().to(device)[:, None]
-        t_top, t_tail = stats["top"].to(device) * t_scale, stats["tail"].to(device) * t_scale[:, 0]
+            t_log_c = t_log_c.index_add(0, t_later_group, stats["target_logprobs"][n_groups:])
+        t_scale = t_log_c.exp()[:, None]
+        t_top, t_tail = stats["top"] * t_scale, stats["tail"] * t_scale[:, 0]
 
         if self.loss == "gold":
             rest = torch.ones(s_probs.shape[-1], dtype=torch.bool, device=device)
-            rest[shared_s.to(device)] = False
-            kd = shared_kl(s_probs[:, shared_s.to(device)], stats["shared"].to(device) * t_scale)
+            rest[shared_s] = False
+            kd = shared_kl(s_probs[:, shared_s], stats["shared"] * t_scale)
             kd = kd + uld_from_sorted(*sorted_head(s_probs[:, rest], self.top_k), t_top, t_tail)
         else:
             kd = uld_from_sorted(*sorted_head(s_probs, self.top_k), t_top, t_tail)
         terms.add("kd", kd.sum(), kd_scale(args))
         # top-1 agreement, defined where the teacher's top token has a student twin (same token string)
-        twin = t_to_s.to(device)[stats["argmax"].to(device)]
+        twin = t_to_s[stats["argmax"]]
         defined = twin >= 0
         agree = (twin == s_logprobs.argmax(-1)) & defined
         return terms.metric("top1_agreement", agree.sum().float(), defined.sum())
@@ -329,3 +328,30 @@ def relocate_supervised(
             cursor = found + len(piece)
         j = run[-1] + 1
     return out
+
+
+def teacher_tokenize(
+    tok: Any, texts: list[str], add_special_tokens: bool = True
+) -> tuple[torch.Tensor, list[list[Span | None]]]:
+    """The teacher's tokens of each text, its BOS first (so the first text token has a predictor), right-padded.
+    A text rendered by a chat template carries its own special tokens (`add_special_tokens=False`).
+
+    Args:
+        tok: the teacher's fast tokenizer. texts (`list[str]`): B texts.
+
+    Returns:
+        `(ids (B, T_t), spans)`: spans per row (unpadded length), None for special tokens.
+    """
+    enc = tok(texts, return_offsets_mapping=True, return_special_tokens_mask=True,
+              add_special_tokens=add_special_tokens)  # fmt: skip
+    bos = tok.bos_token_id
+    rows, spans = [], []
+    for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
+        row_spans = [None if s or a == b else (a, b) for (a, b), s in zip(offsets, special)]
+        if bos is not None and (not ids or ids[0] != bos):
+            ids, row_spans = [bos, *ids], [None, *row_spans]
+        rows.append(ids)
+        spans.append(row_spans)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows]), spans
