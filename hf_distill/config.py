@@ -432,7 +432,8 @@ class DistillationArguments:
             )
         if self.cross_tokenizer_top_k is not None and self.cross_tokenizer_top_k < 1:
             raise ValueError(f"`cross_tokenizer_top_k` must be >= 1 or None, got {self.cross_tokenizer_top_k}.")
-        if isinstance(self.teacher_model_name_or_path, list):
+        several_teachers = isinstance(self.teacher_model_name_or_path, list)
+        if several_teachers:
             raise ValueError(
                 "`cross_tokenizer_loss` runs one teacher: give one `teacher_model_name_or_path` (several "
                 "cross-tokenizer teachers are not supported yet), or a `teacher_cache` built with its tokenizer."

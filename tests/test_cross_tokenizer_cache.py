@@ -82,7 +82,7 @@ def other_bpe_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def test_a_cache_of_another_teacher_tokenizer_is_refused(tmp_path):
-    student, live, cache, _ = build(tmp_path, "gold")
+    _, live, cache, _ = build(tmp_path, "gold")
     with pytest.raises(ValueError, match="another teacher tokenizer.*Rebuild the cache with this teacher tokenizer"):
         CachedCrossTokenizerTeacher(live.context, cache, other_bpe_tokenizer())
     # the recorded identity is checked, not the name: the cache's own copy matches
@@ -138,3 +138,24 @@ def test_trainer_from_a_cross_tokenizer_cache_takes_the_live_step(tmp_path):
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
     assert TeacherCache(tmp_path / "cache").k == len(t_tok)
+
+
+def test_cli_builds_a_cross_tokenizer_cache(tmp_path):
+    """`cache-teacher --tokenizer <student's>`: the teacher keeps its own tokenizer, and the cache records it."""
+    from hf_distill.cli.main import main
+
+    s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
+    make_llama(vocab_size=len(t_tok), seed=1).save_pretrained(tmp_path / "teacher")
+    t_tok.save_pretrained(tmp_path / "teacher")
+    s_tok.save_pretrained(tmp_path / "student_tokenizer")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": " " + a}) + "\n" for p, a in zip(PROMPTS, ANSWERS)))
+    out = tmp_path / "cache"
+    main(["cache-teacher", "--teacher", str(tmp_path / "teacher"), "--tokenizer", str(tmp_path / "student_tokenizer"),
+          "--dataset", str(data), "--output_dir", str(out), "--k", "16", "--batch_size", "2"])  # fmt: skip
+    cache = TeacherCache(out)
+    assert cache.cross_tokenizer and len(cache) == len(PROMPTS) and cache.k == 16
+    assert cache.info["teacher_tokenizer"]["vocab_size"] == len(t_tok.get_vocab())
+    assert cache.info["tokenizer"]["vocab_size"] == len(s_tok.get_vocab())
+    row = cache.lookup([0])[0]
+    assert row.ids.shape == (len(row.teacher["teacher_input_ids"]) - 1, 16)

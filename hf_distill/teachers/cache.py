@@ -456,10 +456,8 @@ def cache_teacher(
         tokenizer = load_tokenizer(tokenizer)
     if isinstance(teacher_tokenizer, str):
         teacher_tokenizer = load_tokenizer(teacher_tokenizer)
-    same = teacher_tokenizer is not None and tokenizer_identity(teacher_tokenizer)["vocab_sha256"] == tokenizer_identity(
-        tokenizer
-    )["vocab_sha256"]
-    if same:
+    vocab_hash = lambda tok: tokenizer_identity(tok)["vocab_sha256"]  # noqa: E731
+    if teacher_tokenizer is not None and vocab_hash(teacher_tokenizer) == vocab_hash(tokenizer):
         teacher_tokenizer = None  # the same token -> id map: an ordinary cache
     if teacher_tokenizer is not None and (generate or compact):
         raise ValueError(

@@ -186,10 +186,10 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
         if ours["vocab_sha256"] != recorded["vocab_sha256"]:
             raise ValueError(
                 f"The teacher cache {cache.path} was built with another teacher tokenizer "
-                f"({recorded['name_or_path']!r}, {recorded['vocab_size']} tokens) than the one given ({ours['name_or_path']!r}, {ours['vocab_size']} "
-                "tokens): its teacher token ids and offsets would not match. Rebuild the cache with this teacher "
-                "tokenizer (`hf-distill cache-teacher --teacher_tokenizer ...`), or unset "
-                "`teacher_tokenizer_name_or_path` to use the cache's own copy."
+                f"({recorded['name_or_path']!r}, {recorded['vocab_size']} tokens) than the one given "
+                f"({ours['name_or_path']!r}, {ours['vocab_size']} tokens): its teacher token ids and offsets would "
+                "not match. Rebuild the cache with this teacher tokenizer (`hf-distill cache-teacher "
+                "--teacher_tokenizer ...`), or unset `teacher_tokenizer_name_or_path` to use the cache's own copy."
             )
         super().__init__(context, None, teacher_tokenizer)
         self.cache = cache
@@ -247,8 +247,9 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
         out = {"target_logprobs": target, "argmax": ids[:, 0]}
         if self.loss == "gold":
             shared_t = self.shared_ids(device)[1]
-            column = torch.full((max(int(shared_t.max()) + 1, int(ids.max()) + 1),), -1, dtype=torch.long,
-                                device=device).index_copy(0, shared_t, torch.arange(shared_t.numel(), device=device))  # fmt: skip
+            size = max(int(shared_t.max()), int(ids.max())) + 1
+            column = torch.full((size,), -1, dtype=torch.long, device=device)
+            column[shared_t] = torch.arange(shared_t.numel(), device=device)
             where = column[ids]  # (G, k): the shared column of each cached entry, -1 for unshared
             shared = probs.new_zeros(n_groups, shared_t.numel())
             shared.scatter_add_(1, where.clamp(min=0), torch.where(where >= 0, probs, torch.zeros_like(probs)))
