@@ -104,6 +104,8 @@ def prepare(workdir: Path, opts: argparse.Namespace) -> None:
     teacher.save_pretrained(workdir / "teacher")
     student.save_pretrained(workdir / "student")
     tokenizer.save_pretrained(workdir / "tokenizer")
+    if opts.pair != "smollm2":  # a Gemma 3 folder without tokenizer files loads a 5-token stub as its tokenizer
+        tokenizer.save_pretrained(workdir / "teacher")
     torch.save(token_batches(tokenizer, opts.warmup + opts.iters, opts.batch, opts.seq, opts.data), workdir / "ids.pt")
     (workdir / "done").write_text(json.dumps(vars(opts), indent=2) + "\n")
     print(f"prepared {workdir} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
