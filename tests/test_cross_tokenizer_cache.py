@@ -40,7 +40,7 @@ def build(tmp_path, loss, k=None, **args):
     return student, live, cache, batch
 
 
-@pytest.mark.parametrize("loss,temperature", [("uld", 1.0), ("gold", 1.0), ("gold", 2.0)])
+@pytest.mark.parametrize("loss,temperature", [("uld", 1.0), ("gold", 1.0), ("gold", 2.0), ("alm", 1.0), ("alm", 2.0)])
 def test_cached_loss_equals_the_live_teachers(tmp_path, loss, temperature):
     """k = V_t: every entry cached, so the cached loss is the live one (same groups, same merged distributions)."""
     student, live, cache, batch = build(tmp_path, loss, temperature=temperature)

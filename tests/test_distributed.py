@@ -219,7 +219,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("loss", ["gold", "uld"])
+@pytest.mark.parametrize("loss", ["gold", "uld", "alm"])
 def test_cross_tokenizer_two_processes_equal_one_process(tmp_path, loss):
     """A teacher with another tokenizer (`cross_tokenizer_loss`): torchrun 2 x batch 2 == 1 x batch 4 (issue 18)."""
     script = str(SCRIPTS / "cross_tokenizer_equivalence.py")

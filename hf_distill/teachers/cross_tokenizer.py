@@ -1,4 +1,4 @@
-"""A live teacher with another tokenizer than the student's: ULD or GOLD on character-aligned spans.
+"""A live teacher with another tokenizer than the student's: ULD, GOLD or ALM on character-aligned spans.
 
 Per micro-batch (`CrossTokenizerTeacher`):
 
@@ -11,8 +11,9 @@ Per micro-batch (`CrossTokenizerTeacher`):
    group's distribution is merged as GOLD does: the distribution predicting its first token, times the probabilities
    of its later (actual) tokens. The teacher's rows are reduced chunk by chunk from hidden states
    (`losses.cross_tokenizer.teacher_row_stats`: sorted top-k, tail mass, shared-token probabilities), so at most
-   `[chunk, V_t]` teacher probabilities exist at once. `kd` is the sum over groups of `uld` or `gold`
-   (`losses.cross_tokenizer`), weight `kd_scale(args)`; `ce` is the student's cross-entropy summed over its
+   `[chunk, V_t]` teacher probabilities exist at once. `kd` is the sum over groups of `uld`, `gold` or `alm`
+   (`losses.cross_tokenizer`; `alm` matches the groups' likelihoods, i.e. the merged probability of their actual
+   text), weight `kd_scale(args)`; `ce` is the student's cross-entropy summed over its
    supervised tokens. Both are normalised by the supervised student tokens, like every other source.
 
 Supervised student tokens that no group covers (special tokens such as the EOS target, characters the teacher
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms
-from ..losses.cross_tokenizer import shared_kl, sorted_head, teacher_row_stats, uld_from_sorted
+from ..losses.cross_tokenizer import alm, shared_kl, sorted_head, teacher_row_stats, uld_from_sorted
 from ..terms import LossTerms, SupervisedView
 from .alignment import Group, Span, align_spans, shared_token_ids, token_char_spans
 from .base import SourceContext, TeacherSource
@@ -53,7 +54,8 @@ class CrossTokenizerOutputs:
 
 
 class CrossTokenizerTeacher(TeacherSource):
-    """One live causal-LM teacher whose tokenizer differs from the student's (`cross_tokenizer_loss`: uld | gold).
+    """One live causal-LM teacher whose tokenizer differs from the student's (`cross_tokenizer_loss`: uld | gold |
+    alm).
 
     Args:
         context (`SourceContext`): the run; `context.tokenizer` (the student's, a fast tokenizer) is required.
@@ -278,7 +280,10 @@ class CrossTokenizerTeacher(TeacherSource):
         t_scale = t_log_c.exp()[:, None]
         t_top, t_tail = stats["top"] * t_scale, stats["tail"] * t_scale[:, 0]
 
-        if self.loss == "gold":
+        if self.loss == "alm":  # the chunk's likelihood on each side: its first token's probability times the rest
+            s_loglik = s_logprobs.gather(-1, s_ids[s_base + 1, None]).squeeze(-1) + s_log_c
+            kd = alm(s_loglik, stats["target_logprobs"][:n_groups] + t_log_c)
+        elif self.loss == "gold":
             rest = torch.ones(s_probs.shape[-1], dtype=torch.bool, device=device)
             rest[shared_s] = False
             kd = shared_kl(s_probs[:, shared_s], stats["shared"] * t_scale)

@@ -166,7 +166,7 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
         if getattr(context.args, "cross_tokenizer_loss", None) is None:
             raise ValueError(
                 f"The teacher cache {cache.path} was built with the teacher's own tokenizer (a cross-tokenizer "
-                "cache): set `cross_tokenizer_loss` (uld | gold) to train from it."
+                "cache): set `cross_tokenizer_loss` (uld | gold | alm) to train from it."
             )
         if not cache.cross_tokenizer:
             raise ValueError(
