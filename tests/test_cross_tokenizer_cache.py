@@ -89,6 +89,9 @@ def test_a_cache_of_another_teacher_tokenizer_is_refused(tmp_path):
     _, live, cache, _ = build(tmp_path, "gold")
     with pytest.raises(ValueError, match="another teacher tokenizer.*Rebuild the cache with this teacher tokenizer"):
         CachedCrossTokenizerTeacher(live.context, cache, other_bpe_tokenizer())
+    with pytest.raises(ValueError, match="a different teacher_tokenizer.*use a new output folder"):  # no resume
+        cache_teacher(live.model, student_rows(live.context.tokenizer), live.context.tokenizer, cache.path,
+                      k=cache.k, dtype="float32", teacher_tokenizer=other_bpe_tokenizer())  # fmt: skip
     # the recorded identity is checked, not the name: the cache's own copy matches
     assert json.loads((cache.path / "cache_info.json").read_text())["teacher_tokenizer"]["vocab_sha256"]
     assert (cache.path / TEACHER_TOKENIZER_DIR / "tokenizer.json").exists()
