@@ -1,6 +1,7 @@
 """A cross-tokenizer teacher cache (`cache_teacher(..., teacher_tokenizer=)`): the same loss as the live teacher."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,7 +148,7 @@ def test_trainer_from_a_cross_tokenizer_cache_takes_the_live_step(tmp_path):
     assert TeacherCache(tmp_path / "cache").k == len(t_tok)
 
 
-def test_cli_builds_a_cross_tokenizer_cache(tmp_path):
+def test_cli_builds_a_cross_tokenizer_cache(tmp_path, capsys):
     """`cache-teacher --tokenizer <student's>`: the teacher keeps its own tokenizer, and the cache records it."""
     from hf_distill.cli.main import main
 
@@ -166,6 +167,16 @@ def test_cli_builds_a_cross_tokenizer_cache(tmp_path):
     assert cache.info["tokenizer"]["vocab_size"] == len(s_tok.get_vocab())
     row = cache.lookup([0])[0]
     assert row.ids.shape == (len(row.teacher["teacher_input_ids"]) - 1, 16)
+    # and `hf-distill train` from it, with no teacher model
+    make_llama(vocab_size=len(s_tok), seed=0).save_pretrained(tmp_path / "student")
+    s_tok.save_pretrained(tmp_path / "student")
+    main(["train", "--model_name_or_path", str(tmp_path / "student"), "--teacher_cache", str(out), "--dataset_name",
+          str(out / "train_dataset"), "--cross_tokenizer_loss", "gold", "--max_steps", "2",
+          "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1",
+          "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--use_cpu", "true"])  # fmt: skip
+    logged = [float(x) for x in re.findall(r"'kd_loss': '([0-9.e-]+)'", capsys.readouterr().out)]
+    assert len(logged) == 2 and min(logged) > 0  # the cached teacher's KD term reached the student
+    assert (tmp_path / "run" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
