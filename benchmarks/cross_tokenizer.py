@@ -1,12 +1,13 @@
 """Claim: a student can learn from a teacher of another family and tokenizer (Gemma 3 270M -> a SmolLM2 student).
 
 Student: a 10-layer student built from SmolLM2-135M-Instruct's layers (`init_student_from_teacher(num_layers=10)`).
-Four ways of training it, with the same steps, seed, data order and optimiser, each run through the teacher-source
+Five ways of training it, with the same steps, seed, data order and optimiser, each run through the teacher-source
 interface (`hf_distill.teachers`), so the loop is the same for all:
 
 - `ce`: hard-label cross-entropy only (no teacher);
 - `uld`: ULD from Gemma 3 270M (`cross_tokenizer_loss: uld`, vocab 262144 vs 49152);
 - `gold`: GOLD's hybrid from Gemma 3 270M (`cross_tokenizer_loss: gold`);
+- `alm`: approximate likelihood matching from Gemma 3 270M (`cross_tokenizer_loss: alm`);
 - `kd_smollm2`: same-tokenizer forward-KL KD from SmolLM2-135M-Instruct (`LiveTeacher`).
 
 Data: e-SNLI rows from ../shared/data as `Premise: ...\\nHypothesis: ...\\n` (prompt, not supervised) +
@@ -46,7 +47,7 @@ from _common import format_table, peak_memory, run_isolated, write_json
 
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "esnli"
-METHODS = ("ce", "uld", "gold", "kd_smollm2")
+METHODS = ("ce", "uld", "gold", "alm", "kd_smollm2")
 GEMMA_VOCAB = 262144
 MIB = 2**20
 
@@ -92,13 +93,13 @@ def config(method: str):
         kd_weight=kd,
         ce_weight=0.5,
         temperature=1.0,
-        cross_tokenizer_loss=method if method in ("uld", "gold") else None,
+        cross_tokenizer_loss=method if method in ("uld", "gold", "alm") else None,
         use_cpu=True,
     )
 
 
 def build_source(method: str, student, tok, models: dict):
-    """The teacher source of `method` for `student` (the same interface for all four)."""
+    """The teacher source of `method` for `student` (the same interface for all five)."""
     from hf_distill.heads import detect_head
     from hf_distill.teachers.base import SourceContext, TeacherSource
     from hf_distill.teachers.cross_tokenizer import CrossTokenizerTeacher

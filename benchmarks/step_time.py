@@ -30,6 +30,11 @@ With `--rounds R` the variants run R times in rotating order and each figure is 
 
     python benchmarks/step_time.py --out runs/bench [--iters 5] [--warmup 1] [--rounds 1] [--batch 4] [--seq 256]
     python benchmarks/step_time.py --quick --out runs/bench_quick   # smoke test: 2 layers, batch 2 x 64, 2 steps
+
+`--pair gemma3`: the teacher is Gemma 3 270M (`load_model("gemma3")`, vocab 262144, tied embeddings) and the student
+its pruned copy (`init_student_from_teacher(teacher, num_layers=--layers)`, default 6), same tokenizer:
+
+    python benchmarks/step_time.py --pair gemma3 --batch 2 --seq 64 --iters 2 --out runs/bench
 """
 
 import argparse
@@ -92,13 +97,15 @@ def prepare(workdir: Path, opts: argparse.Namespace) -> None:
 
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    teacher = load_model("smollm2").float().eval()
-    tokenizer = load_tokenizer("smollm2")
+    teacher = load_model(opts.pair).float().eval()
+    tokenizer = load_tokenizer(opts.pair)
     torch.manual_seed(0)
     student = init_student_from_teacher(teacher, num_layers=opts.layers)
     teacher.save_pretrained(workdir / "teacher")
     student.save_pretrained(workdir / "student")
     tokenizer.save_pretrained(workdir / "tokenizer")
+    if opts.pair != "smollm2":  # a Gemma 3 folder without tokenizer files loads a 5-token stub as its tokenizer
+        tokenizer.save_pretrained(workdir / "teacher")
     torch.save(token_batches(tokenizer, opts.warmup + opts.iters, opts.batch, opts.seq, opts.data), workdir / "ids.pt")
     (workdir / "done").write_text(json.dumps(vars(opts), indent=2) + "\n")
     print(f"prepared {workdir} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -210,7 +217,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--pair", choices=["smollm2", "gemma3"], default="smollm2", help="teacher (and its pruning)")
+    parser.add_argument("--layers", type=int, default=None, help="student layers (default 10; 6 with gemma3)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps per variant and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant (median over rounds)")
@@ -218,6 +226,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 layers, batch 2 x 64, 1 + 2 steps")
     parser.add_argument("--data", default=None, help="folder with esnli/train.jsonl (default: ../shared/data)")
     opts = parser.parse_args()
+    if opts.layers is None:
+        opts.layers = 6 if opts.pair == "gemma3" else 10
     if opts.quick:
         opts.layers, opts.batch, opts.seq, opts.iters, opts.warmup, opts.rounds = 2, 2, 64, 2, 1, 1
     if opts.data is None:  # ../shared/data beside the checkout (main) or beside its parent folder (worktrees)
@@ -227,6 +237,8 @@ def main() -> None:
         parser.error("--iters and --rounds must be >= 1 and --warmup >= 0.")
 
     settings = {k: getattr(opts, k) for k in ("batch", "seq", "layers", "iters", "warmup")}
+    if opts.pair != "smollm2":  # (absent for SmolLM2: earlier results keep their keys)
+        settings["pair"] = opts.pair
     settings["data_found"] = os.path.exists(os.path.join(opts.data, "esnli", "train.jsonl"))
     settings["torch_threads"] = torch.get_num_threads()  # the children inherit OMP_NUM_THREADS
     settings["code"] = code_fingerprint()  # a re-run after a code change measures again instead of resuming
@@ -278,7 +290,8 @@ def main() -> None:
             f"{variant:<20}{row['step_s']:>8.3f}{row['step_cpu_s']:>8.3f}{ratios}"
             f"{row['peak_rss_mib']:>14.0f}{row['rss_after_warmup_mib']:>15.0f}{loss}"
         )
-    print(f"wrote {write_json(opts.out, 'step_time', results)}")
+    name = "step_time" if opts.pair == "smollm2" else f"step_time_{opts.pair}"
+    print(f"wrote {write_json(opts.out, name, results)}")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ class DistillationArguments:
         teacher's own (`teacher_model_name_or_path`; `"gemma3"`, `"smollm2"` shorthands too).
     cross_tokenizer_loss (`str`, *optional*):
         Distil a teacher whose tokenizer differs from the student's: `uld` (Boizard et al. 2024, sorted-probability
-        Wasserstein distance) or `gold` (TRL GOLD's hybrid: KL on shared token strings, ULD on the rest). Tokens are
-        aligned by character offsets (docs/cross_tokenizer.md). None: the tokenizers must be the same.
+        Wasserstein distance), `gold` (TRL GOLD's hybrid: KL on shared token strings, ULD on the rest) or `alm`
+        (Minixhofer et al. 2025: binary KL between the likelihoods of the aligned chunks). Tokens are aligned by
+        character offsets (docs/cross_tokenizer.md). None: the tokenizers must be the same.
     cross_tokenizer_top_k (`int`, *optional*, defaults to `1024`):
         Sorted entries kept per row by the ULD part (the rest is one tail bucket; error <= 2 * the smaller tail
         mass). None keeps the whole vocabulary (exact, slow at 262144).
@@ -148,7 +149,7 @@ class DistillationArguments:
     cross_tokenizer_loss: str | None = field(
         default=None,
         metadata={
-            "help": "Loss for a teacher with another tokenizer: uld | gold (docs/cross_tokenizer.md).",
+            "help": "Loss for a teacher with another tokenizer: uld | gold | alm (docs/cross_tokenizer.md).",
             "choices": [None, *CROSS_TOKENIZER_LOSSES],
         },
     )
@@ -432,11 +433,11 @@ class DistillationArguments:
             )
         if self.cross_tokenizer_top_k is not None and self.cross_tokenizer_top_k < 1:
             raise ValueError(f"`cross_tokenizer_top_k` must be >= 1 or None, got {self.cross_tokenizer_top_k}.")
-        if self.teacher_cache is not None or isinstance(self.teacher_model_name_or_path, list):
+        several_teachers = isinstance(self.teacher_model_name_or_path, list)
+        if several_teachers:
             raise ValueError(
-                "`cross_tokenizer_loss` runs one live teacher: unset `teacher_cache`, give one "
-                "`teacher_model_name_or_path` (a cross-tokenizer teacher cache and several cross-tokenizer teachers "
-                "are not supported yet)."
+                "`cross_tokenizer_loss` runs one teacher: give one `teacher_model_name_or_path` (several "
+                "cross-tokenizer teachers are not supported yet), or a `teacher_cache` built with its tokenizer."
             )
         if self.lmbda > 0 or self.seq_kd:
             raise ValueError(

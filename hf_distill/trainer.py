@@ -35,11 +35,11 @@ from .quantization import fake_quantized_weights, prepare_qat_student
 from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_if_too_long, warn_mixed_precision_mismatch
 from .taid import TaidCallback
 from .teachers import SourceContext, SourceRequest, TeacherSource, select_teacher_source
-from .teachers.cache import CACHE_BATCH_KEYS, TeacherCache
+from .teachers.cache import CACHE_BATCH_KEYS, CROSS_CACHE_BATCH_KEYS, TeacherCache
 from .teachers.ema import self_taught
 from .teachers.ensemble import check_teacher_list
 from .teachers.live import FusedLiveTeacher, fused_unsupported_reason
-from .teachers.loading import load_teacher, prepare_teacher, unregister_model
+from .teachers.loading import load_teacher, prepare_teacher, teacher_tokenizer_of, unregister_model
 from .teachers.onpolicy import PolicyBatchRewriter
 from .teachers.peers import MutualLearning, save_peers
 from .terms import TASK_COUNTS_KEY, LossTerms, SupervisedView, add_window_task_counts, normalised_loss, terms_per_task
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 # Batch keys that are not model inputs (targets, and masks produced by collators).
 NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task", TASK_COUNTS_KEY}
-NON_MODEL_KEYS.update(CACHE_BATCH_KEYS)  # teacher-cache entries added by TeacherCacheCollator
+NON_MODEL_KEYS.update(CACHE_BATCH_KEYS + CROSS_CACHE_BATCH_KEYS)  # teacher-cache entries added by TeacherCacheCollator
 
 
 class _SkipBatch(Exception):  # control flow, not an error
@@ -124,6 +124,9 @@ class DistillationMixin:
         if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
             self.data_collator.check_model(self.model)
         self._vocab_size = None
+        teacher_tokenizer = self._cross_tokenizer_teacher_tokenizer(teacher_model, teacher_processing_class, args)
+        if teacher_tokenizer is not None:  # issue 18: loaded once, checked with the teacher, passed to the source
+            teacher_processing_class = teacher_tokenizer
         self.teachers = self._load_teachers(teacher_model, teacher_processing_class, args)
         self.teacher = self.teachers[0] if self.teachers else None
         self._hints = self._setup_hints() if self.teacher is not None and args.uses_features else None
@@ -131,7 +134,7 @@ class DistillationMixin:
                                 self._hints.forward_kwargs() if self._hints is not None else None)  # fmt: skip
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # lm_heads sharded outside forward
         fused = len(self.teachers) == 1 and self._fused_supported(context, self.teacher, sharded)
-        request = SourceRequest(context, self.teachers, self.teacher_cache, fused, sharded)
+        request = SourceRequest(context, self.teachers, self.teacher_cache, fused, sharded, teacher_tokenizer)
         self.teacher_source: TeacherSource = select_teacher_source(request)
         logger.info("Teacher source: %s.", self.teacher_source.name)
         for callback in self.teacher_source.callbacks():  # e.g. the EMA teacher's update
@@ -228,6 +231,19 @@ class DistillationMixin:
                                            processing_class, self.args.cross_tokenizer_loss,
                                            self.args.teacher_tokenizer_name_or_path, **init_kwargs)  # fmt: skip
         return prepare_teacher(teacher, self), vocab_size
+
+    def _cross_tokenizer_teacher_tokenizer(self, teacher_model: Any, processing_class: Any, args: Any) -> Any:
+        """The teacher's own tokenizer of a `cross_tokenizer_loss` run (`loading.teacher_tokenizer_of`), or None: no
+        cross-tokenizer loss, no live teacher to run, or a cache run without `teacher_tokenizer_name_or_path` (the
+        cache's source then reads the tokenizer saved in the cache)."""
+        if args.cross_tokenizer_loss is None:
+            return None
+        if self.teacher_cache is not None or teacher_model is None or not self._needs_teacher(args):
+            if args.teacher_tokenizer_name_or_path is None and processing_class is None:
+                return None
+            teacher_model = None
+        gguf_file = (args.teacher_model_init_kwargs or {}).get("gguf_file")
+        return teacher_tokenizer_of(teacher_model, processing_class, args.teacher_tokenizer_name_or_path, gguf_file)
 
     def _fused_supported(self, context: SourceContext, teacher: nn.Module, sharded: bool) -> bool:
         """Whether the chunked hidden-state loss reproduces both models' logits here; logs why not, once."""

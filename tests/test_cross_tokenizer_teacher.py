@@ -82,14 +82,21 @@ def dense_reference(source, student, batch, loss):
             tp = t_lp[b, g.teacher[0] - 1].exp()
             for i in g.teacher[1:]:
                 tp = tp * t_lp[b, i - 1, t_out.input_ids[b, i]].exp()
-            if loss == "uld":
+            if loss == "alm":  # the chunk's text likelihood: its tokens' probabilities, multiplied
+                s_ll = s_lp[b, g.student[0] - 1, batch["input_ids"][b, g.student[0]]] + sum(
+                    s_lp[b, j - 1, batch["input_ids"][b, j]] for j in g.student[1:]
+                )
+                t_ll = sum(t_lp[b, i - 1, t_out.input_ids[b, i]] for i in g.teacher)
+                ps, pt = s_ll.exp(), t_ll.exp()
+                total = total + pt * (t_ll - s_ll) + (1 - pt) * ((1 - pt).log() - (1 - ps).log())
+            elif loss == "uld":
                 total = total + uld(sp[None], tp[None])[0]
             else:
                 total = total + gold(sp[None], tp[None], torch.tensor(s_ids), torch.tensor(t_ids))[0]
     return total
 
 
-@pytest.mark.parametrize("loss", ["uld", "gold"])
+@pytest.mark.parametrize("loss", ["uld", "gold", "alm"])
 def test_terms_match_dense_float64_reference(loss):
     student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
     source, s_tok, _ = make_source(student, loss)
@@ -144,7 +151,7 @@ def test_top_k_approximation_is_a_lower_bound(loss):
             torch.testing.assert_close(approx.sums["kd"], exact.sums["kd"])
 
 
-@pytest.mark.parametrize("loss", ["uld", "gold"])
+@pytest.mark.parametrize("loss", ["uld", "gold", "alm"])
 def test_gradient_accumulation_2x2_equals_batch_of_4(loss):
     base = make_llama(vocab_size=len(make_tokenizer()), seed=0)
     source, s_tok, _ = make_source(base, loss)
@@ -167,7 +174,7 @@ def test_gradient_accumulation_2x2_equals_batch_of_4(loss):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["uld", "gold"])
+@pytest.mark.parametrize("loss", ["uld", "gold", "alm"])
 def test_training_on_kd_alone_lowers_it(loss):
     student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
     source, s_tok, _ = make_source(student, loss, kd_weight=1.0, ce_weight=0.0)
@@ -216,21 +223,25 @@ def test_config_fields_are_validated(tmp_path):
         make(cross_tokenizer_loss="uld", hint_layers="uniform")
 
 
-def test_teacher_tokenizer_is_found(tmp_path):
-    from hf_distill.teachers.cross_tokenizer import teacher_tokenizer_for
+def test_teacher_tokenizer_comes_through_the_source_request(tmp_path):
+    from hf_distill.teachers import SourceRequest, select_teacher_source
+    from hf_distill.teachers.loading import teacher_tokenizer_of
 
     student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
     source, _, t_tok = make_source(student)
     args = source.context.args
     args.teacher_tokenizer_name_or_path = args.teacher_model_name_or_path = None
-    assert teacher_tokenizer_for(args, source.model, t_tok) is t_tok
+    picked = select_teacher_source(SourceRequest(source.context, [source.model], teacher_tokenizer=t_tok))
+    assert picked.name == "cross-tokenizer" and picked.teacher_tokenizer is t_tok
+    with pytest.raises(ValueError, match="SourceRequest carries none.*teacher_tokenizer_name_or_path"):
+        select_teacher_source(SourceRequest(source.context, [source.model]))
+    assert teacher_tokenizer_of(source.model, t_tok) is t_tok
     t_tok.save_pretrained(tmp_path / "tok")
     args.teacher_tokenizer_name_or_path = str(tmp_path / "tok")
     built = CrossTokenizerTeacher.from_args(source.context, source.model)
     assert built.teacher_tokenizer.get_vocab() == t_tok.get_vocab()
-    args.teacher_tokenizer_name_or_path = None
     with pytest.raises(ValueError, match="teacher_tokenizer_name_or_path"):
-        teacher_tokenizer_for(args, source.model)
+        teacher_tokenizer_of(torch.nn.Linear(1, 1))
 
 
 def test_mismatch_error_names_cross_tokenizer_loss():
@@ -297,6 +308,7 @@ def test_trainer_runs_a_teacher_with_another_tokenizer(tmp_path):
     """A few DistillationTrainer steps with a teacher of another tokenizer: finite, decreasing loss."""
     trainer = _cross_trainer(tmp_path)
     assert trainer.teacher_source.name == "cross-tokenizer"
+    assert trainer.teacher_source.teacher_tokenizer.get_vocab() == bpe_teacher_tokenizer().get_vocab()
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     losses = [log["loss"] for log in logs]

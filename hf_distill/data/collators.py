@@ -328,7 +328,9 @@ class TeacherCacheCollator(DataCollatorMixin):
     Each row is cut to the cache's `max_length` (as when the cache was built), checked against the cache (same
     input_ids digest and number of supervised positions), collated by `collator`, and its entries are placed at their
     label positions in the padded batch (left or right padding). A row id the cache lacks, or a supervised token of
-    the batch without an entry, raises a ValueError naming the rows.
+    the batch without an entry, raises a ValueError naming the rows. A cross-tokenizer cache (built with the teacher's
+    own tokenizer) adds the teacher's side of each row instead, on the teacher's positions
+    (`teachers.cross_tokenizer_cache.cross_cache_batch`).
 
     Adds `teacher_topk_ids` `(B, T, k)` int32, `teacher_topk_logprobs` `(B, T, k)` fp32 (temperature 1),
     `teacher_tail_logmass` `(B, T)` fp32 and `teacher_cache_mask` `(B, T)` bool, indexed by label position (entry
@@ -400,6 +402,8 @@ class TeacherCacheCollator(DataCollatorMixin):
                     f"Row {entry.row_id!r}: its input_ids differ from those the teacher cache was built on (another "
                     "tokenisation or dataset). Rebuild the cache from the training dataset."
                 )
+            if self.cache.cross_tokenizer:  # entries on the teacher's own tokens (`teachers.cross_tokenizer_cache`)
+                continue
             positions = supervised_positions({k_: _as_list(v) for k_, v in feature.items()}, self.cache.supervision)
             if len(positions) != entry.ids.shape[0]:
                 raise ValueError(
@@ -411,6 +415,12 @@ class TeacherCacheCollator(DataCollatorMixin):
             topk_logprobs[b, cols] = torch.from_numpy(np.ascontiguousarray(entry.logprobs))
             tail[b, cols] = torch.from_numpy(np.ascontiguousarray(entry.tail))
             mask[b, cols] = True
+        if self.cache.cross_tokenizer:
+            from ..teachers.cross_tokenizer_cache import cross_cache_batch
+
+            device = input_ids.device
+            batch.update({key: value.to(device) for key, value in cross_cache_batch(self.cache, cached).items()})
+            return batch
         if "labels" in batch:
             supervised = batch["labels"].cpu() != IGNORE_INDEX
             supervised[:, 0] = False  # never predicted by a causal LM

@@ -7,8 +7,13 @@
 - `gold`: the hybrid of TRL's GOLD trainer. The token strings both vocabularies share (`shared_token_ids`) carry an
   exact forward KL between the teacher's and the student's sub-distributions on them (renormalised); the tokens left
   over on each side get ULD.
+- `alm`: Approximate Likelihood Matching (Minixhofer et al. 2025). On each chunk whose boundaries both tokenizations
+  share (an aligned group), the likelihood of the chunk's actual text under each model (the product of its tokens'
+  probabilities) is matched with a binarised divergence: the binary KL between Bernoulli(p_t) and Bernoulli(p_s),
+  with `p = likelihood ** (1 / tau)`. It needs no vocabulary correspondence at all (`alm` takes `(G,)` chunk
+  log-likelihoods, not probability rows).
 
-All functions take probability rows (`(G, V_s)` student, `(G, V_t)` teacher), which may be unnormalised (merged over
+`uld` and `gold` take probability rows (`(G, V_s)` student, `(G, V_t)` teacher), which may be unnormalised (merged over
 aligned spans, see `hf_distill.teachers.alignment`), and return one value per row, `(G,)`.
 
 Top-k truncation (`top_k`): the sorted vectors are kept to their `k` largest entries and the rest of each row's mass
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CROSS_TOKENIZER_LOSSES",
+    "alm",
     "gold",
     "shared_kl",
     "sorted_head",
@@ -137,7 +143,43 @@ def gold(
     return kl + uld_from_sorted(*sorted_head(s[:, s_rest], top_k), *sorted_head(t[:, t_rest], top_k))
 
 
-CROSS_TOKENIZER_LOSSES = {"uld": uld, "gold": gold}
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """`log(1 - exp(x))` for `x < 0`, stable on both sides of `log(1/2)`."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def alm(
+    student_loglik: torch.Tensor, teacher_loglik: torch.Tensor, tau: float = 1.0, eps: float = 1e-6
+) -> torch.Tensor:
+    """Approximate Likelihood Matching (Minixhofer et al. 2025): binary KL between the chunk likelihoods.
+
+    For each chunk, `p_t = exp(teacher_loglik / tau)` and `p_s = exp(student_loglik / tau)` are read as the
+    probabilities of two Bernoulli variables ("this chunk's text comes next"), and the loss is
+    `p_t log(p_t / p_s) + (1 - p_t) log((1 - p_t) / (1 - p_s))` (0 when the likelihoods agree; its gradient is that of
+    the binary cross-entropy the paper's code minimises). Log-likelihoods are clamped to `<= -eps` so `1 - p > 0`.
+
+    Args:
+        student_loglik (`torch.Tensor`): `(G,)` the student's log-likelihood of each chunk (sum of its tokens'
+            log-probabilities).
+        teacher_loglik (`torch.Tensor`): `(G,)` the teacher's (no gradient needed).
+        tau (`float`): binarisation temperature (> 0).
+        eps (`float`): margin below log-likelihood 0.
+
+    Returns:
+        `torch.Tensor`: `(G,)` per-chunk divergence, >= 0.
+    """
+    if student_loglik.shape != teacher_loglik.shape:
+        raise ValueError(f"alm needs one teacher chunk per student chunk, got {tuple(student_loglik.shape)} and "
+                         f"{tuple(teacher_loglik.shape)}.")  # fmt: skip
+    if tau <= 0:
+        raise ValueError(f"`tau` must be > 0, got {tau}.")
+    s = (_fp32(student_loglik) / tau).clamp(max=-eps)
+    t = (_fp32(teacher_loglik).to(s.dtype) / tau).clamp(max=-eps)
+    log1m_s, log1m_t = _log1mexp(s), _log1mexp(t)
+    return t.exp() * (t - s) + (-torch.expm1(t)) * (log1m_t - log1m_s)
+
+
+CROSS_TOKENIZER_LOSSES = {"uld": uld, "gold": gold, "alm": alm}
 
 
 @torch.no_grad()

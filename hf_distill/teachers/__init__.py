@@ -2,6 +2,8 @@
 
 - `base.py`: the interface, `SourceContext`, and the no-teacher source (CE only).
 - `live.py`: one live teacher, dense logits or the fused chunked loss.
+- `cross_tokenizer.py`: a live teacher with another tokenizer (`cross_tokenizer_loss`); `cross_tokenizer_cache.py`:
+  the same from a cache built with the teacher's own tokenizer.
 - `cached.py`: an offline top-k cache (`cache.py`: its format, writer and reader; `cache_compact.py`: compact rows).
 - `ensemble.py`: several live teachers sharing the student's tokenizer.
 - `api.py`: black-box teachers behind OpenAI-compatible endpoints (text only: rationales, transfer sets, seq-KD).
@@ -14,6 +16,7 @@ condition holds. A new source is one file here plus one line in `SOURCES`.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -21,6 +24,7 @@ from .base import SourceContext, TeacherSource
 from .cache import TeacherCache
 from .cached import CacheTeacher
 from .cross_tokenizer import CrossTokenizerTeacher
+from .cross_tokenizer_cache import CachedCrossTokenizerTeacher
 from .ema import EMATeacher
 from .ensemble import EnsembleTeacher
 from .live import FusedLiveTeacher, LiveTeacher
@@ -39,6 +43,8 @@ class SourceRequest:
             `live.fused_unsupported_reason` is None).
         sharded (`bool`): FSDP / DeepSpeed shard the parameters (lm_heads outside forward): sources that decide the
             fused loss themselves (EMA, peers) must not pick it then.
+        teacher_tokenizer (*optional*): the teacher's own tokenizer when it differs from the student's
+            (`cross_tokenizer_loss`; `loading.teacher_tokenizer_of`), for the cross-tokenizer sources.
     """
 
     context: SourceContext
@@ -46,10 +52,12 @@ class SourceRequest:
     cache: TeacherCache | None = None
     fused: bool = False
     sharded: bool = False
+    teacher_tokenizer: Any = None
 
 
 # (name, when it is picked, how it is built); the first match wins.
 SOURCES: list[tuple[str, Callable[[SourceRequest], bool], Callable[[SourceRequest], TeacherSource]]] = [
+    ("cross-tokenizer-cache", CachedCrossTokenizerTeacher.applies, CachedCrossTokenizerTeacher.from_request),
     ("cache", lambda r: r.cache is not None, lambda r: CacheTeacher(r.context, r.cache)),
     ("cross-tokenizer", CrossTokenizerTeacher.applies, CrossTokenizerTeacher.from_request),
     ("ensemble", lambda r: len(r.teachers) > 1, lambda r: EnsembleTeacher(r.context, r.teachers)),
@@ -76,6 +84,7 @@ def select_teacher_source(request: SourceRequest) -> TeacherSource:
 __all__ = [
     "SOURCES",
     "CacheTeacher",
+    "CachedCrossTokenizerTeacher",
     "CrossTokenizerTeacher",
     "EnsembleTeacher",
     "FusedLiveTeacher",

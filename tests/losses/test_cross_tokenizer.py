@@ -1,10 +1,11 @@
-"""Cross-tokenizer losses (ULD, GOLD hybrid) against float64 loop references, gradients, and the chunked teacher."""
+"""Cross-tokenizer losses (ULD, GOLD hybrid, ALM) against float64 references, gradients, and the chunked teacher."""
 
 import pytest
 import torch
 
 from hf_distill.losses.cross_tokenizer import (
     CROSS_TOKENIZER_LOSSES,
+    alm,
     gold,
     shared_kl,
     sorted_head,
@@ -122,5 +123,37 @@ def test_teacher_row_stats_matches_dense(shared, top_k):
     torch.testing.assert_close(out["tail"], tail)
 
 
+def ref_alm(s: float, t: float, tau: float) -> float:
+    """Binary KL between Bernoulli(exp(t / tau)) and Bernoulli(exp(s / tau)), in float64 by hand."""
+    import math
+
+    ps, pt = math.exp(s / tau), math.exp(t / tau)
+    return pt * math.log(pt / ps) + (1 - pt) * math.log((1 - pt) / (1 - ps))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 3.0])
+def test_alm_matches_reference(tau):
+    torch.manual_seed(0)
+    s = -torch.rand(12, dtype=torch.float64) * 6 - 1e-3  # chunk log-likelihoods, from near 0 to about -6
+    t = -torch.rand(12, dtype=torch.float64) * 6 - 1e-3
+    s[0], t[0] = -1e-4, -30.0  # a near-certain chunk and a near-impossible one
+    expected = torch.tensor([ref_alm(a, b, tau) for a, b in zip(s.tolist(), t.tolist())], dtype=torch.float64)
+    torch.testing.assert_close(alm(s, t, tau), expected, rtol=1e-9, atol=1e-12)
+    assert (alm(s, t, tau) >= 0).all()
+    torch.testing.assert_close(alm(t, t, tau), torch.zeros_like(t))
+    torch.testing.assert_close(alm(s.float(), t.float(), tau).double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_alm_gradcheck_and_direction():
+    torch.manual_seed(0)
+    s = (-torch.rand(6, dtype=torch.float64) * 4 - 0.05).requires_grad_()
+    t = -torch.rand(6, dtype=torch.float64) * 4 - 0.05
+    assert torch.autograd.gradcheck(lambda x: alm(x, t, 0.7), (s,))
+    alm(s, t).sum().backward()
+    assert ((s.grad > 0) == (s.detach() > t)).all()  # descent moves each chunk's likelihood towards the teacher's
+    with pytest.raises(ValueError, match="one teacher chunk per student chunk"):
+        alm(s, t[:3])
+
+
 def test_table():
-    assert set(CROSS_TOKENIZER_LOSSES) == {"uld", "gold"}
+    assert set(CROSS_TOKENIZER_LOSSES) == {"uld", "gold", "alm"}

