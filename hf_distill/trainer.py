@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, Trainer
 from trl import SFTTrainer
 
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
-from .data.collators import TeacherCacheCollator
+from .data.collators import CONVERSATION_KEY, ConversationCollator, TeacherCacheCollator
 from .features.early_exit import EarlyExits
 from .features.hints import HintDistiller
 from .features.projectors import ProjectorCallback, load_projectors
@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 # Batch keys that are not model inputs (targets, and masks produced by collators).
 NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task", TASK_COUNTS_KEY}
 NON_MODEL_KEYS.update(CACHE_BATCH_KEYS + CROSS_CACHE_BATCH_KEYS)  # teacher-cache entries added by TeacherCacheCollator
+NON_MODEL_KEYS.add(CONVERSATION_KEY)  # the rows' conversations, for a teacher with another tokenizer (issue 18)
 
 
 class _SkipBatch(Exception):  # control flow, not an error
@@ -142,6 +143,8 @@ class DistillationMixin:
         self._early_exits = EarlyExits(args, student, self._vocab_size) if EarlyExits.active(args) else None
         if self.teacher_cache is not None:
             self.data_collator = TeacherCacheCollator(self.teacher_cache, self.data_collator)
+        if args.cross_tokenizer_loss is not None:  # issue 18: `messages` in the batch, for the teacher's chat template
+            self.data_collator = ConversationCollator(self.data_collator)
         self._policy = None
         if PolicyBatchRewriter.active(args):  # on-policy samples / seq-KD: batch rewriters before the forward pass
             self._policy = PolicyBatchRewriter.for_student(args, context.tokenizer, student.config,
@@ -183,6 +186,7 @@ class DistillationMixin:
         consumes it) through `remove_unused_columns`; neither reaches the model."""
         super()._set_signature_columns_if_needed()
         extra = list(getattr(self.data_collator, "dataset_columns", ()))
+        extra += getattr(self.data_collator, "kept_columns", ())  # ConversationCollator: the rows' conversations
         if self.teacher_cache is not None and self.teacher_cache.id_column is not None:
             extra.append(self.teacher_cache.id_column)
         self._signature_columns += [c for c in dict.fromkeys(extra) if c not in self._signature_columns]

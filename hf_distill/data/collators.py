@@ -440,3 +440,84 @@ class TeacherCacheCollator(DataCollatorMixin):
             teacher_cache_mask=mask.to(device),
         )
         return batch
+
+
+# ----------------------------------------------------------------------------------------------- conversations
+CONVERSATION_KEY = "messages"
+CONVERSATION_COLUMNS = ("messages", "prompt", "completion")  # TRL's conversational formats
+
+
+def _is_conversation(value: Any) -> bool:
+    """A list of `{"role", "content"}` dicts (TRL's conversational format)."""
+    return isinstance(value, list | tuple) and all(isinstance(m, Mapping) and "role" in m for m in value)
+
+
+def row_conversation(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The conversation of a dataset row: its `messages`, or its conversational `prompt` followed by `completion`
+    (TRL's two conversational formats); None for a row that is not a conversation.
+
+    Args:
+        row (`Mapping`): one dataset row.
+
+    Returns:
+        `list[dict]` or None: `[{"role": ..., "content": ...}, ...]`.
+    """
+    messages = row.get("messages")
+    if messages is not None and _is_conversation(messages):
+        return [dict(m) for m in messages]
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if prompt is not None and completion is not None and _is_conversation(prompt) and _is_conversation(completion):
+        return [dict(m) for m in (*prompt, *completion)]
+    return None
+
+
+@dataclass
+class ConversationCollator(DataCollatorMixin):
+    """Wraps a collator and keeps each row's conversation in the batch as `batch["messages"]`: one list of
+    `{"role", "content"}` dicts per row, in row order (row b of `input_ids` is `messages[b]`).
+
+    Used by the trainers with `cross_tokenizer_loss`, so that a teacher with another tokenizer reads the conversation
+    rendered with its own chat template (`teachers.cross_tokenizer.CrossTokenizerTeacher.teacher_chat_texts`). The
+    conversation comes from a row's `messages` column, or its conversational `prompt` + `completion` columns
+    (`row_conversation`); those columns (the trainer keeps them through `remove_unused_columns`: `kept_columns`) are
+    removed before `collator` sees the rows, unless `collator` reads them itself (its `dataset_columns`). A batch
+    whose rows are not conversations gets no `messages`; a batch mixing both raises. `messages` is never a model
+    input (`trainer.NON_MODEL_KEYS`).
+
+    Args:
+        collator (`Callable`): the wrapped collator.
+    """
+
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    return_tensors: str = "pt"
+
+    @property
+    def dataset_columns(self) -> tuple[str, ...]:
+        """The raw columns the wrapped collator reads (e.g. `RationaleCollator`'s), passed through."""
+        return tuple(getattr(self.collator, "dataset_columns", ()) or ())
+
+    @property
+    def kept_columns(self) -> tuple[str, ...]:
+        """Raw columns the trainer keeps through `remove_unused_columns` for this collator."""
+        return tuple(dict.fromkeys((*getattr(self.collator, "kept_columns", ()), *CONVERSATION_COLUMNS)))
+
+    def torch_call(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        conversations = [row_conversation(f) for f in features]
+        own = set(self.dataset_columns)
+        drop = [c for c in CONVERSATION_COLUMNS if c not in own]
+        batch = self.collator([{k: v for k, v in f.items() if k not in drop} for f in features])
+        found = [c is not None for c in conversations]
+        if any(found) and not all(found):
+            raise ValueError(
+                f"Rows {[i for i, f in enumerate(found) if not f]} of the batch are not conversations, the others are "
+                "(`messages`, or conversational `prompt` + `completion`): give every row the same format."
+            )
+        if all(found):
+            rows = batch["input_ids"].shape[0] if "input_ids" in batch else len(features)
+            if rows != len(conversations):
+                raise ValueError(
+                    f"The collator made {rows} rows of {len(conversations)} conversations (packed or padding-free "
+                    "batches): the teacher could not read each row's conversation. Turn packing / padding_free off."
+                )
+            batch[CONVERSATION_KEY] = conversations
+        return batch

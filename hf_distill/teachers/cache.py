@@ -464,6 +464,16 @@ def cache_teacher(
             "A cross-tokenizer teacher cache (`teacher_tokenizer` differs from `tokenizer`) supports "
             "compression='none' and generate=False only; drop --compression compact / --generate."
         )
+    conversations = [c for c in ("messages", "prompt", "completion") if c in dataset.column_names]
+    conversations = [c for c in conversations if len(dataset) and isinstance(dataset[0][c], list)]
+    if teacher_tokenizer is not None and conversations and getattr(teacher_tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The dataset's rows are conversations ({conversations}) and the teacher's tokenizer has a chat template: "
+            "the live cross-tokenizer teacher reads them rendered with its own template, but a cross-tokenizer cache "
+            "holds the teacher on the decoded student text, so cached and live losses would differ. Distil these "
+            "rows from the live teacher, or remove the conversation columns (`dataset.remove_columns`) here and in "
+            "the training set, so that both read the decoded student text."
+        )
     if isinstance(teacher, str):
         teacher = load_model(teacher, **(teacher_init_kwargs or {}))
     if getattr(teacher.config, "is_encoder_decoder", False):

@@ -182,7 +182,7 @@ class CrossTokenizerTeacher(TeacherSource):
         (`messages`: one list of `{"role", "content"}` dicts per row, kept by the collator) and the teacher's
         tokenizer has a template; else None (the teacher reads the decoded student text)."""
         messages = batch.get("messages")
-        if messages is None or not getattr(self.teacher_tokenizer, "chat_template", None):
+        if not conversation_templated(messages, self.teacher_tokenizer):
             return None
         if len(messages) != batch["input_ids"].shape[0]:
             raise ValueError(f"`messages` has {len(messages)} conversations for {batch['input_ids'].shape[0]} rows.")
@@ -296,6 +296,12 @@ class CrossTokenizerTeacher(TeacherSource):
         defined = twin >= 0
         agree = (twin == s_logprobs.argmax(-1)) & defined
         return terms.metric("top1_agreement", agree.sum().float(), defined.sum())
+
+
+def conversation_templated(messages: Any, teacher_tokenizer: Any) -> bool:
+    """Whether the teacher reads conversations rendered with its own chat template: `messages` (a batch's
+    `messages`, or a dataset's conversations) are given and the teacher's tokenizer has a chat template."""
+    return messages is not None and bool(getattr(teacher_tokenizer, "chat_template", None))
 
 
 def relocate_supervised(

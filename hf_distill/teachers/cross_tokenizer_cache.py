@@ -31,7 +31,7 @@ from ..losses.cross_tokenizer import sorted_head
 from .alignment import Span, token_char_spans
 from .base import SourceContext
 from .cache import CROSS_CACHE_BATCH_KEYS, TEACHER_TOKENIZER_DIR, CachedRow, TeacherCache, tokenizer_identity
-from .cross_tokenizer import CrossTokenizerOutputs, CrossTokenizerTeacher, teacher_tokenize
+from .cross_tokenizer import CrossTokenizerOutputs, CrossTokenizerTeacher, conversation_templated, teacher_tokenize
 
 
 logger = logging.getLogger(__name__)
@@ -215,6 +215,14 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
             raise ValueError(
                 f"The batch lacks {missing}: with a cross-tokenizer `teacher_cache` the data collator must be a "
                 "`TeacherCacheCollator` (the trainer wraps its collator in one; do not replace it afterwards)."
+            )
+        if conversation_templated(batch.get("messages"), self.teacher_tokenizer):
+            raise ValueError(
+                "The batch carries the rows' conversations (`messages`) and the teacher's tokenizer has a chat "
+                "template: the live cross-tokenizer teacher reads them rendered with its own template, but a "
+                "cross-tokenizer cache holds the teacher on the decoded student text, so the loss would differ. "
+                "Train with the live teacher (no `teacher_cache`), or train on tokenized rows without the "
+                "conversation columns (e.g. the cache's `train_dataset`), as the cache was built."
             )
         texts, student_spans = self.student_texts(model_inputs)
         offsets = batch["teacher_offsets"].tolist()
