@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import WORDS, make_llama, make_tokenizer
+from conftest import SPECIAL, WORDS, make_llama, make_tokenizer
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
@@ -64,6 +64,25 @@ def run_terms(source, student, batch):
     return source.terms(out, teacher_out, SupervisedView.from_batch(batch, source.context.head)), teacher_out
 
 
+def group_divergence(s_lp, s_ids, t_lp, t_ids, g, loss, shared):
+    """One group's divergence in float64 from one row's log-probs: `s_lp (T, V_s)`, `t_lp (T_t, V_t)` (position i
+    predicts token i + 1), the row's ids, and `shared = (student_ids, teacher_ids)` of the shared token strings."""
+    sp = s_lp[g.student[0] - 1].exp()
+    for j in g.student[1:]:
+        sp = sp * s_lp[j - 1, s_ids[j]].exp()
+    tp = t_lp[g.teacher[0] - 1].exp()
+    for i in g.teacher[1:]:
+        tp = tp * t_lp[i - 1, t_ids[i]].exp()
+    if loss == "alm":  # the chunk's text likelihood: its tokens' probabilities, multiplied
+        s_ll = s_lp[g.student[0] - 1, s_ids[g.student[0]]] + sum(s_lp[j - 1, s_ids[j]] for j in g.student[1:])
+        t_ll = sum(t_lp[i - 1, t_ids[i]] for i in g.teacher)
+        ps, pt = s_ll.exp(), t_ll.exp()
+        return pt * (t_ll - s_ll) + (1 - pt) * ((1 - pt).log() - (1 - ps).log())
+    if loss == "uld":
+        return uld(sp[None], tp[None])[0]
+    return gold(sp[None], tp[None], torch.tensor(shared[0]), torch.tensor(shared[1]))[0]
+
+
 def dense_reference(source, student, batch, loss):
     """The KD sum computed densely in float64 with explicit loops over the groups."""
     model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
@@ -72,27 +91,12 @@ def dense_reference(source, student, batch, loss):
     t_mask = torch.tensor([[1 if (i == 0 or s is not None) else 0 for i, s in enumerate(row)]
                            for row in t_out.teacher_spans])  # fmt: skip
     t_lp = source.model(input_ids=t_out.input_ids, attention_mask=t_mask).logits.double().log_softmax(-1)
-    s_ids, t_ids = [x.tolist() for x in source.shared_ids(torch.device("cpu"))[:2]]
+    shared = [x.tolist() for x in source.shared_ids(torch.device("cpu"))[:2]]
     total = torch.zeros((), dtype=torch.float64)
     for b, groups in enumerate(source.groups(t_out, batch["labels"])):
         for g in groups:
-            sp = s_lp[b, g.student[0] - 1].exp()
-            for j in g.student[1:]:
-                sp = sp * s_lp[b, j - 1, batch["input_ids"][b, j]].exp()
-            tp = t_lp[b, g.teacher[0] - 1].exp()
-            for i in g.teacher[1:]:
-                tp = tp * t_lp[b, i - 1, t_out.input_ids[b, i]].exp()
-            if loss == "alm":  # the chunk's text likelihood: its tokens' probabilities, multiplied
-                s_ll = s_lp[b, g.student[0] - 1, batch["input_ids"][b, g.student[0]]] + sum(
-                    s_lp[b, j - 1, batch["input_ids"][b, j]] for j in g.student[1:]
-                )
-                t_ll = sum(t_lp[b, i - 1, t_out.input_ids[b, i]] for i in g.teacher)
-                ps, pt = s_ll.exp(), t_ll.exp()
-                total = total + pt * (t_ll - s_ll) + (1 - pt) * ((1 - pt).log() - (1 - ps).log())
-            elif loss == "uld":
-                total = total + uld(sp[None], tp[None])[0]
-            else:
-                total = total + gold(sp[None], tp[None], torch.tensor(s_ids), torch.tensor(t_ids))[0]
+            total = total + group_divergence(s_lp[b], batch["input_ids"][b], t_lp[b], t_out.input_ids[b], g, loss,
+                                             shared)  # fmt: skip
     return total
 
 
@@ -328,3 +332,199 @@ def test_trainer_gradient_accumulation_2x2_equals_batch_of_4(tmp_path, loss):
     assert max((full[k] - start[k]).abs().max().item() for k in start) > 1e-3
     for key in full:
         torch.testing.assert_close(full[key], accumulated[key], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- conversations
+TEACHER_TEMPLATE = "{{ bos_token }}{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+
+
+def conversations(rows: list[int] | None = None) -> list[list[dict]]:
+    return [[{"role": "user", "content": PROMPTS[r]}, {"role": "assistant", "content": ANSWERS[r]}]
+            for r in (rows if rows is not None else range(len(PROMPTS)))]  # fmt: skip
+
+
+def chat_batch(tok, rows: list[int] | None = None) -> dict:
+    """The conversations rendered with the student's chat template (conftest's), right-padded; labels on the
+    assistant turns only (`{% generation %}`), and the conversations themselves under `messages`."""
+    messages = conversations(rows)
+    ids, labels = [], []
+    for m in messages:
+        enc = tok.apply_chat_template(m, return_dict=True, return_assistant_tokens_mask=True)
+        ids.append(enc["input_ids"])
+        labels.append([t if keep else -100 for t, keep in zip(enc["input_ids"], enc["assistant_masks"])])
+    width, pad = max(map(len, ids)), tok.pad_token_id
+    return {
+        "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
+        "messages": messages,
+    }
+
+
+def chat_source(student, loss="uld", **args):
+    """`make_source` with a teacher tokenizer that has its own chat template (another than the student's)."""
+    source, s_tok, t_tok = make_source(student, loss, **args)
+    t_tok.chat_template = TEACHER_TEMPLATE
+    assert s_tok.chat_template and s_tok.chat_template != t_tok.chat_template
+    with torch.no_grad():
+        source.model.lm_head.weight.mul_(30.0)  # peaked, so the losses differ clearly between texts
+    return source, s_tok, t_tok
+
+
+def test_teacher_reads_conversations_with_its_own_chat_template():
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, s_tok, t_tok = chat_source(student)
+    batch = chat_batch(s_tok)
+    _, t_out = run_terms(source, student, batch)
+    for b, messages in enumerate(batch["messages"]):
+        own = t_tok.apply_chat_template(messages)["input_ids"]  # the teacher tokenizer's own rendering + tokens
+        assert t_out.input_ids[b, : len(own)].tolist() == own
+        assert (t_out.input_ids[b, len(own) :] == t_tok.pad_token_id).all()
+        assert t_out.texts[b] == t_tok.apply_chat_template(messages, tokenize=False)
+        assert "### assistant:" in t_out.texts[b] and "<|im_start|>" not in t_out.texts[b]
+
+
+def templated_reference(source, student, batch, loss):
+    """The KD sum in float64, by hand: each row's teacher runs alone on its own templated text; the student's
+    supervised words (the assistant's answer) are located in that text by the answer's position, and only they are
+    aligned (`align_spans`) with the teacher's tokens."""
+    from hf_distill.teachers.alignment import align_spans
+
+    s_tok, t_tok = source.context.tokenizer, source.teacher_tokenizer
+    s_lp = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    s_lp = s_lp.log_softmax(-1)
+    shared = [x.tolist() for x in source.shared_ids(torch.device("cpu"))[:2]]
+    total, n_groups = torch.zeros((), dtype=torch.float64), 0
+    specials = set(s_tok.convert_tokens_to_ids(SPECIAL))  # the EOS target `<|im_end|>` has no text: CE only
+    for b, messages in enumerate(batch["messages"]):
+        text = t_tok.apply_chat_template(messages, tokenize=False)
+        t_ids = t_tok.apply_chat_template(messages)["input_ids"]
+        enc = t_tok(text, add_special_tokens=False, return_offsets_mapping=True, return_special_tokens_mask=True)
+        assert enc["input_ids"] == t_ids
+        t_spans = [None if special else (a, e) for (a, e), special in zip(enc["offset_mapping"],
+                                                                          enc["special_tokens_mask"])]  # fmt: skip
+        answer = messages[-1]["content"]
+        start = text.index("### assistant:\n" + answer) + len("### assistant:\n")
+        row = batch["input_ids"][b].tolist()
+        words = [j for j, y in enumerate(batch["labels"][b].tolist()) if y != -100 and row[j] not in specials]
+        assert s_tok.convert_ids_to_tokens([row[j] for j in words]) == answer.split(" ")
+        # each word after the first covers the space before it, as in the student's decoding (words joined by " ")
+        s_spans, cursor = [None] * len(row), start
+        for k, (j, word) in enumerate(zip(words, answer.split(" "))):
+            s_spans[j] = (cursor, cursor + len(word) + (k > 0))
+            cursor = s_spans[j][1]
+        groups = [g for g in align_spans(s_spans, t_spans, text) if g.teacher[0] >= 1]
+        assert groups
+        for g in groups:  # the teacher side lies in the assistant's answer only
+            assert all(start <= t_spans[i][0] and t_spans[i][1] <= start + len(answer) for i in g.teacher)
+        t_lp = source.model(input_ids=torch.tensor([t_ids])).logits[0].double().log_softmax(-1)
+        for g in groups:
+            total = total + group_divergence(s_lp[b], row, t_lp, t_ids, g, loss, shared)
+        n_groups += len(groups)
+    return total, n_groups
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold", "alm"])
+def test_conversation_kd_equals_the_templated_float64_reference(loss):
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, s_tok, _ = chat_source(student, loss)
+    batch = chat_batch(s_tok)
+    terms, t_out = run_terms(source, student, batch)
+    expected, n_groups = templated_reference(source, student, batch, loss)
+    assert expected > 0 and n_groups == sum(map(len, source.groups(t_out, batch["labels"])))
+    torch.testing.assert_close(terms.sums["kd"].double(), expected, rtol=2e-4, atol=1e-5)
+    # without the conversations the teacher reads the decoded student text: another loss
+    decoded, decoded_out = run_terms(source, student, {k: v for k, v in batch.items() if k != "messages"})
+    assert "### assistant:" not in decoded_out.texts[0]
+    assert not torch.allclose(decoded.sums["kd"], terms.sums["kd"], rtol=1e-3)
+    torch.testing.assert_close(decoded.sums["ce"], terms.sums["ce"])  # the student's side is the same
+
+
+def test_a_teacher_tokenizer_without_chat_template_reads_the_decoded_student_text():
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, s_tok, t_tok = make_source(student, "gold")
+    assert not t_tok.chat_template
+    batch = chat_batch(s_tok)
+    terms, t_out = run_terms(source, student, batch)
+    plain, plain_out = run_terms(source, student, {k: v for k, v in batch.items() if k != "messages"})
+    texts, _ = source.student_texts(batch)
+    assert t_out.texts == plain_out.texts == texts
+    assert texts[0] == "user " + PROMPTS[0] + " assistant " + ANSWERS[0]  # the student's markup, specials dropped
+    assert torch.equal(t_out.input_ids, plain_out.input_ids)
+    torch.testing.assert_close(terms.sums["kd"], plain.sums["kd"])
+    with pytest.raises(ValueError, match="2 conversations for 4 rows"):
+        t_tok.chat_template = TEACHER_TEMPLATE
+        source.outputs(
+            {k: batch[k] for k in ("input_ids", "attention_mask")}, {**batch, "messages": batch["messages"][:2]}
+        )
+
+
+def conversation_dataset(kind: str):
+    from datasets import Dataset
+
+    if kind == "messages":
+        return Dataset.from_dict({"messages": conversations() * 2})
+    rows = conversations() * 2
+    return Dataset.from_dict({"prompt": [m[:1] for m in rows], "completion": [m[1:] for m in rows]})
+
+
+@pytest.mark.parametrize("kind", ["messages", "prompt_completion"])
+def test_sft_trainer_step_gives_the_teacher_each_rows_conversation(tmp_path, kind):
+    """DistillationSFTTrainer on a conversational dataset: the conversations survive TRL's preparation and the
+    collator, reach the source as `batch["messages"]` in row order, the teacher reads its own chat template, and the
+    student's forward never gets `messages`."""
+    from conftest import distill_sft_config
+
+    from hf_distill import DistillationSFTTrainer
+
+    s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
+    t_tok.chat_template = TEACHER_TEMPLATE
+    student, teacher = make_llama(vocab_size=len(s_tok), seed=0), make_llama(vocab_size=len(t_tok), seed=1)
+    fields = dict(cross_tokenizer_loss="gold", max_steps=2, per_device_train_batch_size=2, max_length=None)
+    if kind == "messages":
+        fields["assistant_only_loss"] = True
+    trainer = DistillationSFTTrainer(model=student, teacher_model=teacher, args=distill_sft_config(tmp_path, **fields),
+                                     train_dataset=conversation_dataset(kind), processing_class=s_tok,
+                                     teacher_processing_class=t_tok)  # fmt: skip
+    source, seen, forward_kwargs = trainer.teacher_source, [], []
+    original = source.outputs
+
+    def spy(model_inputs, batch):
+        out = original(model_inputs, batch)
+        seen.append((batch, out))
+        return out
+
+    source.outputs = spy
+    student.register_forward_pre_hook(lambda m, a, kw: forward_kwargs.append(set(kw)), with_kwargs=True)
+    trainer.train()
+    assert len(seen) == 2 and forward_kwargs and all("messages" not in kw for kw in forward_kwargs)
+    for batch, out in seen:
+        assert len(batch["messages"]) == batch["input_ids"].shape[0] == 2
+        for b, messages in enumerate(batch["messages"]):
+            assert messages in conversations()
+            ids = s_tok.apply_chat_template(messages)["input_ids"]  # row b of input_ids is this conversation
+            assert batch["input_ids"][b, : len(ids)].tolist() == ids
+            own = t_tok.apply_chat_template(messages)["input_ids"]
+            assert out.input_ids[b, : len(own)].tolist() == own
+        assert source.groups(out, batch["labels"])[0]
+    logs = [log for log in trainer.state.log_history if "kd_loss" in log]
+    assert logs and all(log["kd_loss"] > 0 for log in logs)
+
+
+def test_conversation_collator():
+    from transformers import DataCollatorWithPadding
+
+    from hf_distill.data.collators import ConversationCollator
+
+    tok = make_tokenizer()
+    collator = ConversationCollator(DataCollatorWithPadding(tok))
+    assert set(collator.kept_columns) == {"messages", "prompt", "completion"}
+    rows = [{"input_ids": tok(p).input_ids, "messages": m} for p, m in zip(PROMPTS[:2], conversations([0, 1]))]
+    batch = collator(rows)
+    assert batch["messages"] == conversations([0, 1]) and batch["input_ids"].shape[0] == 2
+    pc = [{"input_ids": r["input_ids"], "prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
+    assert collator(pc)["messages"] == conversations([0, 1])
+    plain = collator([{"input_ids": r["input_ids"], "prompt": "a string prompt"} for r in rows])
+    assert "messages" not in plain and "prompt" not in plain
+    with pytest.raises(ValueError, match=r"Rows \[1\] of the batch are not conversations"):
+        collator([rows[0], {"input_ids": rows[1]["input_ids"]}])
