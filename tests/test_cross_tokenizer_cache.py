@@ -207,3 +207,113 @@ def test_gemma3_cache_gives_the_live_uld():
     live_terms, _ = run_terms(CrossTokenizerTeacher(context, teacher, t_tok), student, batch)
     assert live_terms.sums["kd"] > 0
     torch.testing.assert_close(cached_terms.sums["kd"], live_terms.sums["kd"], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- conversations
+def chat_rows(tok) -> Dataset:
+    """The conversations in the student's tokens (its chat template), labels on the assistant turns, with their
+    `messages` beside them (as TRL's dataset preparation leaves them)."""
+    from test_cross_tokenizer_teacher import chat_batch, conversations
+
+    rows = []
+    for messages in conversations():
+        one = chat_batch(tok, [len(rows)])
+        rows.append({"input_ids": one["input_ids"][0].tolist(), "labels": one["labels"][0].tolist(),
+                     "messages": messages})  # fmt: skip
+    return Dataset.from_list(rows)
+
+
+def chat_build(tmp_path, loss, conversational=True, **args):
+    """A live source whose teacher tokenizer has its own chat template, a cache built from `chat_rows` (or from the
+    same rows without `messages`), and one batch collated as the trainer does (`ConversationCollator` outside)."""
+    from test_cross_tokenizer_teacher import chat_source
+
+    from hf_distill.data.collators import ConversationCollator
+
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    live, s_tok, t_tok = chat_source(student, loss, **args)
+    data = chat_rows(s_tok)
+    cached_rows = data if conversational else data.remove_columns("messages")
+    cache = cache_teacher(live.model, cached_rows, s_tok, tmp_path / "cache", k=len(t_tok), dtype="float32",
+                          batch_size=3, teacher_tokenizer=t_tok)  # fmt: skip
+    collator = ConversationCollator(TeacherCacheCollator(cache, DataCollatorForSeq2Seq(s_tok, padding=True)))
+    batch = collator([{"row_id": i, **data[i]} for i in range(len(data))])
+    return student, live, cache, batch
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold", "alm"])
+def test_a_cache_of_conversations_gives_the_live_templated_loss(tmp_path, loss):
+    """Conversational rows are cached on the teacher's own chat template, as the live teacher reads them."""
+    from hf_distill.teachers.cross_tokenizer import chat_template_id
+
+    student, live, cache, batch = chat_build(tmp_path, loss)
+    t_tok = live.teacher_tokenizer
+    assert cache.info["teacher_chat_template"] == chat_template_id(t_tok) is not None
+    assert batch["messages"] == list(chat_rows(live.context.tokenizer)["messages"])
+    cached = CachedCrossTokenizerTeacher(live.context, cache)
+    live_terms, live_out = run_terms(live, student, batch)
+    cached_terms, cached_out = run_terms(cached, student, batch)
+    for b, messages in enumerate(batch["messages"]):
+        own = t_tok.apply_chat_template(messages)["input_ids"]
+        assert cached_out.input_ids[b, : len(own)].tolist() == own == live_out.input_ids[b, : len(own)].tolist()
+    assert cached_out.texts == live_out.texts and "### assistant:" in live_out.texts[0]
+    assert live_terms.sums["kd"] > 0
+    torch.testing.assert_close(cached_terms.sums["kd"], live_terms.sums["kd"], rtol=1e-5, atol=1e-5)
+    for name in ("top1_agreement", "cross_tokenizer_aligned"):
+        assert [float(x) for x in cached_terms.metrics[name]] == [float(x) for x in live_terms.metrics[name]]
+
+
+def test_a_cache_and_batch_that_disagree_on_conversations_are_refused(tmp_path):
+    student, live, cache, batch = chat_build(tmp_path / "decoded", "gold", conversational=False)
+    assert cache.info["teacher_chat_template"] is None  # rows without conversations: the decoded student text
+    with pytest.raises(ValueError, match="built on the decoded student text.*Rebuild the cache from the conversat"):
+        run_terms(CachedCrossTokenizerTeacher(live.context, cache), student, batch)
+    student, live, cache, batch = chat_build(tmp_path / "chat", "gold")
+    without = {k: v for k, v in batch.items() if k != "messages"}
+    with pytest.raises(ValueError, match="batch carries no `messages`"):
+        run_terms(CachedCrossTokenizerTeacher(live.context, cache), student, without)
+    other = bpe_teacher_tokenizer()
+    other.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ValueError, match="another chat template"):
+        CachedCrossTokenizerTeacher(live.context, cache, other)
+    with pytest.raises(ValueError, match="a different teacher_chat_template.*use a new output folder"):  # no resume
+        cache_teacher(live.model, chat_rows(live.context.tokenizer).remove_columns("messages"),
+                      live.context.tokenizer, cache.path, k=cache.k, dtype="float32",
+                      teacher_tokenizer=live.teacher_tokenizer)  # fmt: skip
+
+
+def test_sft_trainer_from_a_conversation_cache_takes_the_live_step(tmp_path):
+    """DistillationSFTTrainer on a `messages` dataset: one SGD step from the cache (no teacher in memory) == the live
+    teacher's step, both reading the conversations with the teacher's chat template."""
+    from conftest import distill_sft_config, one_sgd_step, trained_weights
+    from test_cross_tokenizer_teacher import TEACHER_TEMPLATE, conversations
+
+    from hf_distill import DistillationSFTTrainer
+
+    s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
+    t_tok.chat_template = TEACHER_TEMPLATE
+    teacher = make_llama(vocab_size=len(t_tok), seed=1)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30.0)
+    cache_teacher(teacher, chat_rows(s_tok), s_tok, tmp_path / "cache", k=len(t_tok), dtype="float32",
+                  teacher_tokenizer=t_tok)  # fmt: skip
+    fields = {**one_sgd_step(4, 1), "cross_tokenizer_loss": "gold", "cross_tokenizer_top_k": None,
+              "assistant_only_loss": True, "max_length": None, "seed": 0, "data_seed": 0}  # fmt: skip
+
+    def trainer(name, **kw):
+        return DistillationSFTTrainer(
+            model=make_llama(vocab_size=len(s_tok), seed=0),
+            args=distill_sft_config(tmp_path / name, **fields, **kw.pop("args", {})),
+            train_dataset=Dataset.from_dict({"messages": conversations()}),
+            processing_class=s_tok,
+            **kw,
+        )
+
+    live = trainer("live", teacher_model=teacher, teacher_processing_class=t_tok)
+    cached = trainer("cached", args={"teacher_cache": str(tmp_path / "cache")})
+    assert (live.teacher_source.name, cached.teacher_source.name) == ("cross-tokenizer", "cross-tokenizer-cache")
+    a, b = trained_weights(live), trained_weights(cached)
+    start = make_llama(vocab_size=len(s_tok), seed=0).state_dict()
+    assert max((a[k] - start[k]).abs().max().item() for k in start) > 1e-3
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ from trl.trainer.utils import pad
 
 from ..heads import IGNORE_INDEX
 from ..teachers.cache import TeacherCache, input_digest, supervised_positions
+from ..teachers.cross_tokenizer import row_conversation
 
 
 logger = logging.getLogger(__name__)
@@ -445,30 +446,6 @@ class TeacherCacheCollator(DataCollatorMixin):
 # ----------------------------------------------------------------------------------------------- conversations
 CONVERSATION_KEY = "messages"
 CONVERSATION_COLUMNS = ("messages", "prompt", "completion")  # TRL's conversational formats
-
-
-def _is_conversation(value: Any) -> bool:
-    """A list of `{"role", "content"}` dicts (TRL's conversational format)."""
-    return isinstance(value, list | tuple) and all(isinstance(m, Mapping) and "role" in m for m in value)
-
-
-def row_conversation(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-    """The conversation of a dataset row: its `messages`, or its conversational `prompt` followed by `completion`
-    (TRL's two conversational formats); None for a row that is not a conversation.
-
-    Args:
-        row (`Mapping`): one dataset row.
-
-    Returns:
-        `list[dict]` or None: `[{"role": ..., "content": ...}, ...]`.
-    """
-    messages = row.get("messages")
-    if messages is not None and _is_conversation(messages):
-        return [dict(m) for m in messages]
-    prompt, completion = row.get("prompt"), row.get("completion")
-    if prompt is not None and completion is not None and _is_conversation(prompt) and _is_conversation(completion):
-        return [dict(m) for m in (*prompt, *completion)]
-    return None
 
 
 @dataclass

@@ -111,8 +111,10 @@ RESUME_KEYS = (
     "compression",
     "value_bits",
     "teacher_tokenizer",
+    "teacher_chat_template",
 )
-RESUME_DEFAULTS = {"compression": "none", "teacher_tokenizer": None}  # keys that caches written before them lack
+# keys that caches written before them lack
+RESUME_DEFAULTS = {"compression": "none", "teacher_tokenizer": None, "teacher_chat_template": None}
 # Cross-tokenizer caches (`teacher_tokenizer=`): per row the teacher's own tokens, their character offsets in the
 # row's decoded text, and the log-prob of each actual next token; added to the batch by `TeacherCacheCollator`.
 CROSS_CACHE_COLUMNS = ("teacher_input_ids", "teacher_offsets", "target_logprobs")
@@ -464,16 +466,12 @@ def cache_teacher(
             "A cross-tokenizer teacher cache (`teacher_tokenizer` differs from `tokenizer`) supports "
             "compression='none' and generate=False only; drop --compression compact / --generate."
         )
-    conversations = [c for c in ("messages", "prompt", "completion") if c in dataset.column_names]
-    conversations = [c for c in conversations if len(dataset) and isinstance(dataset[0][c], list)]
-    if teacher_tokenizer is not None and conversations and getattr(teacher_tokenizer, "chat_template", None):
-        raise ValueError(
-            f"The dataset's rows are conversations ({conversations}) and the teacher's tokenizer has a chat template: "
-            "the live cross-tokenizer teacher reads them rendered with its own template, but a cross-tokenizer cache "
-            "holds the teacher on the decoded student text, so cached and live losses would differ. Distil these "
-            "rows from the live teacher, or remove the conversation columns (`dataset.remove_columns`) here and in "
-            "the training set, so that both read the decoded student text."
-        )
+    chat_template = None  # a cross-tokenizer cache of conversations: the teacher reads them with its own template
+    if teacher_tokenizer is not None and len(dataset):
+        from .cross_tokenizer import chat_template_id, row_conversation
+
+        conversational = row_conversation(dataset[0]) is not None
+        chat_template = chat_template_id(teacher_tokenizer) if conversational else None
     if isinstance(teacher, str):
         teacher = load_model(teacher, **(teacher_init_kwargs or {}))
     if getattr(teacher.config, "is_encoder_decoder", False):
@@ -511,6 +509,7 @@ def cache_teacher(
         "temperature_note": "log-probs at T=1; hf_distill.losses.sparse renormalises top-k/T + tempered tail bucket",
         "tokenizer": tokenizer_identity(tokenizer),
         "teacher_tokenizer": tokenizer_identity(teacher_tokenizer) if teacher_tokenizer is not None else None,
+        "teacher_chat_template": chat_template,
         "teacher": teacher_identity(teacher, teacher_name),
         "supervision": rule,
         "max_length": max_length,
@@ -586,7 +585,14 @@ def cache_teacher(
             if teacher_tokenizer is not None:  # the teacher's own tokenization of each row's text
                 from .cross_tokenizer_cache import score_cross_rows
 
-                scored, extra = score_cross_rows(teacher, tokenizer, teacher_tokenizer, seqs, k, vocab_size)
+                conversations = None
+                if chat_template is not None:  # each row's conversation, rendered with the teacher's template
+                    conversations = [row_conversation(r) for r in rows]
+                    if any(c is None for c in conversations):
+                        bad = [row_ids[i] for i, c in zip(batch, conversations) if c is None]
+                        raise ValueError(f"Rows {bad[:10]} are not conversations, the first row is: one format only.")
+                scored, extra = score_cross_rows(teacher, tokenizer, teacher_tokenizer, seqs, k, vocab_size,
+                                                 conversations=conversations)  # fmt: skip
                 positions = [np.arange(1, len(more["teacher_input_ids"])) for more in extra]
             else:
                 scored = score_rows(teacher, seqs, positions, k, pad_id, vocab_size)

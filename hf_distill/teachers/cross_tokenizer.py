@@ -20,6 +20,9 @@ Supervised student tokens that no group covers (special tokens such as the EOS t
 tokenizes across a prompt/completion boundary) get the CE term only; `cross_tokenizer_aligned` logs the fraction.
 """
 
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,15 +158,26 @@ class CrossTokenizerTeacher(TeacherSource):
             student_spans.append(row_spans)
         return texts, student_spans
 
-    def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CrossTokenizerOutputs:
+    def teacher_texts(
+        self, model_inputs: dict[str, Any], batch: dict[str, Any]
+    ) -> tuple[list[str], list[list[Span | None]], bool]:
+        """The text the teacher reads for each row and the student's spans in it: the conversation rendered with the
+        teacher's chat template when the batch carries `messages` and the teacher has a template (supervised student
+        tokens relocated into it, `relocate_supervised`), else the decoded student text (`student_texts`).
+
+        Returns:
+            `(texts, student_spans, templated)`: B texts, per row `(T,)` spans, and whether the template was used.
+        """
         texts, student_spans = self.student_texts(model_inputs)
         templated = self.teacher_chat_texts(batch)
-        if templated is not None:
-            labels = batch["labels"].tolist()
-            rows = zip(student_spans, labels, texts, templated)
-            student_spans = [relocate_supervised(spans, y, text, t_text) for spans, y, text, t_text in rows]
-            texts = templated
-        t_ids, t_spans = self.teacher_tokenize(texts, add_special_tokens=templated is None)
+        if templated is None:
+            return texts, student_spans, False
+        rows = zip(student_spans, batch["labels"].tolist(), texts, templated)
+        return templated, [relocate_supervised(spans, y, text, t_text) for spans, y, text, t_text in rows], True
+
+    def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CrossTokenizerOutputs:
+        texts, student_spans, templated = self.teacher_texts(model_inputs, batch)
+        t_ids, t_spans = self.teacher_tokenize(texts, add_special_tokens=not templated)
         device = next(self.model.parameters()).device
         t_ids = t_ids.to(device)
         t_mask = torch.zeros_like(t_ids)
@@ -296,6 +310,40 @@ class CrossTokenizerTeacher(TeacherSource):
         defined = twin >= 0
         agree = (twin == s_logprobs.argmax(-1)) & defined
         return terms.metric("top1_agreement", agree.sum().float(), defined.sum())
+
+
+def _is_conversation(value: Any) -> bool:
+    """A list of `{"role", "content"}` dicts (TRL's conversational format)."""
+    return isinstance(value, list | tuple) and all(isinstance(m, Mapping) and "role" in m for m in value)
+
+
+def row_conversation(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The conversation of a dataset row: its `messages`, or its conversational `prompt` followed by `completion`
+    (TRL's two conversational formats); None for a row that is not a conversation.
+
+    Args:
+        row (`Mapping`): one dataset row.
+
+    Returns:
+        `list[dict]` or None: `[{"role": ..., "content": ...}, ...]`.
+    """
+    messages = row.get("messages")
+    if messages is not None and _is_conversation(messages):
+        return [dict(m) for m in messages]
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if prompt is not None and completion is not None and _is_conversation(prompt) and _is_conversation(completion):
+        return [dict(m) for m in (*prompt, *completion)]
+    return None
+
+
+def chat_template_id(tokenizer: Any) -> str | None:
+    """sha256 of a tokenizer's chat template (None without one): what a cross-tokenizer cache records of the
+    template its teacher read the conversations with."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def conversation_templated(messages: Any, teacher_tokenizer: Any) -> bool:

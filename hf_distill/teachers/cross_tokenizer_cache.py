@@ -31,7 +31,13 @@ from ..losses.cross_tokenizer import sorted_head
 from .alignment import Span, token_char_spans
 from .base import SourceContext
 from .cache import CROSS_CACHE_BATCH_KEYS, TEACHER_TOKENIZER_DIR, CachedRow, TeacherCache, tokenizer_identity
-from .cross_tokenizer import CrossTokenizerOutputs, CrossTokenizerTeacher, conversation_templated, teacher_tokenize
+from .cross_tokenizer import (
+    CrossTokenizerOutputs,
+    CrossTokenizerTeacher,
+    chat_template_id,
+    conversation_templated,
+    teacher_tokenize,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -46,8 +52,11 @@ def score_cross_rows(
     k: int,
     vocab_size: int,
     chunk_size: int = 64,
+    conversations: list[list[dict[str, Any]]] | None = None,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[dict[str, Any]]]:
-    """The teacher's top-k distributions on its own tokenization of each row's text.
+    """The teacher's top-k distributions on its own tokenization of each row's text: the decoded student ids, or,
+    with `conversations`, each row's conversation rendered with the teacher's chat template (as the live
+    `CrossTokenizerTeacher` reads a batch that carries `messages`).
 
     Args:
         teacher (`nn.Module`): a causal LM in eval mode.
@@ -55,14 +64,18 @@ def score_cross_rows(
         rows (`list[list[int]]`): B rows of student ids (unpadded).
         k (`int`): entries kept per position. vocab_size (`int`): V_t (logits beyond it are dropped).
         chunk_size (`int`): teacher rows per `[chunk, V_t]` log-softmax.
+        conversations (`list`, *optional*): B conversations (`[{"role", "content"}, ...]`), rows in order.
 
     Returns:
         `(scored, extra)`: per row `(ids (n, k) int32, logprobs (n, k) fp32, log tail (n,) fp32)` for the teacher
         positions j = 1 .. n (n = teacher length - 1), and `{"teacher_input_ids" (n + 1,), "teacher_offsets"
         (2 (n + 1),) (-1 for special tokens), "target_logprobs" (n,) fp32}`.
     """
-    texts = [token_char_spans(student_tokenizer, row)[0] for row in rows]
-    t_ids, t_spans = teacher_tokenize(teacher_tokenizer, texts)
+    if conversations is None:
+        texts = [token_char_spans(student_tokenizer, row)[0] for row in rows]
+    else:
+        texts = [teacher_tokenizer.apply_chat_template(m, tokenize=False) for m in conversations]
+    t_ids, t_spans = teacher_tokenize(teacher_tokenizer, texts, add_special_tokens=conversations is None)
     device = next(teacher.parameters()).device
     mask = torch.zeros_like(t_ids)
     for b, spans in enumerate(t_spans):
@@ -191,6 +204,13 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
                 "not match. Rebuild the cache with this teacher tokenizer (`hf-distill cache-teacher "
                 "--teacher_tokenizer ...`), or unset `teacher_tokenizer_name_or_path` to use the cache's own copy."
             )
+        template = cache.info.get("teacher_chat_template")
+        if template is not None and chat_template_id(teacher_tokenizer) != template:
+            raise ValueError(
+                f"The teacher cache {cache.path} was built from conversations rendered with another chat template "
+                "than the given teacher tokenizer's: the cached offsets would not match its text. Unset "
+                "`teacher_tokenizer_name_or_path` to use the cache's own copy, or rebuild the cache with this one."
+            )
         super().__init__(context, None, teacher_tokenizer)
         self.cache = cache
         if self.top_k is None or self.top_k > cache.k:  # both sides truncated alike: ULD's lower bound holds
@@ -216,15 +236,25 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
                 f"The batch lacks {missing}: with a cross-tokenizer `teacher_cache` the data collator must be a "
                 "`TeacherCacheCollator` (the trainer wraps its collator in one; do not replace it afterwards)."
             )
-        if conversation_templated(batch.get("messages"), self.teacher_tokenizer):
+        rendered = self.cache.info.get("teacher_chat_template") is not None
+        templated = conversation_templated(batch.get("messages"), self.teacher_tokenizer)
+        if templated and not rendered:
             raise ValueError(
-                "The batch carries the rows' conversations (`messages`) and the teacher's tokenizer has a chat "
-                "template: the live cross-tokenizer teacher reads them rendered with its own template, but a "
-                "cross-tokenizer cache holds the teacher on the decoded student text, so the loss would differ. "
-                "Train with the live teacher (no `teacher_cache`), or train on tokenized rows without the "
-                "conversation columns (e.g. the cache's `train_dataset`), as the cache was built."
+                f"The batch carries the rows' conversations (`messages`) and the teacher's tokenizer has a chat "
+                f"template, so the live teacher would read them rendered with its own template, but the teacher cache "
+                f"{self.cache.path} was built on the decoded student text (from rows without conversations). Rebuild "
+                "the cache from the conversational rows (a `messages` or conversational `prompt` + `completion` "
+                "column beside `input_ids`), or train on rows without the conversation columns, as the cache was "
+                "built."
             )
-        texts, student_spans = self.student_texts(model_inputs)
+        if rendered and not templated:
+            raise ValueError(
+                f"The teacher cache {self.cache.path} holds the teacher on each row's conversation rendered with its "
+                "chat template, but the batch carries no `messages`: the student's tokens cannot be placed in that "
+                "text. Train on the conversational dataset the cache was built from (its `messages` or "
+                "conversational `prompt` + `completion` columns), e.g. with DistillationSFTTrainer."
+            )
+        texts, student_spans, _ = self.teacher_texts(model_inputs, batch)
         offsets = batch["teacher_offsets"].tolist()
         t_spans: list[list[Span | None]] = [[None if a < 0 else (a, b) for a, b in row] for row in offsets]
         return CachedCrossTokenizerOutputs(
