@@ -528,3 +528,27 @@ def test_conversation_collator():
     assert "messages" not in plain and "prompt" not in plain
     with pytest.raises(ValueError, match=r"Rows \[1\] of the batch are not conversations"):
         collator([rows[0], {"input_ids": rows[1]["input_ids"]}])
+
+
+def test_an_answer_whose_text_is_in_the_prompt_is_placed_in_the_answer():
+    from hf_distill.teachers.cross_tokenizer import assistant_start, relocate_supervised
+
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, s_tok, t_tok = chat_source(student, "gold")
+    messages = [{"role": "user", "content": "is the dog big yes no"}, {"role": "assistant", "content": "yes"}]
+    enc = s_tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    ids = torch.tensor([enc["input_ids"]])
+    labels = torch.tensor([[t if keep else -100 for t, keep in zip(enc["input_ids"], enc["assistant_masks"])]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "messages": [messages]}
+    texts, spans, templated = source.teacher_texts(batch, batch)
+    text = texts[0]
+    answer = text.index("### assistant:\n") + len("### assistant:\n")
+    assert templated and assistant_start(t_tok, messages, text) == text.index("### assistant:")
+    assert text.count("yes") == 2 and text.index("yes") < answer
+    yes = ids[0].tolist().index(s_tok.convert_tokens_to_ids("yes"), 8)  # the answer's token, after the prompt
+    assert spans[0][yes] == (answer, answer + 3)
+    decoded, student_spans = source.student_texts(batch)
+    assert relocate_supervised(student_spans[0], labels[0].tolist(), decoded[0], text)[yes][0] < answer  # no floor
+    _, t_out = run_terms(source, student, batch)
+    groups = source.groups(t_out, labels)[0]
+    assert groups and all(t_out.teacher_spans[0][i][0] >= answer - 1 for g in groups for i in g.teacher)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jinja2.exceptions import TemplateError
 from torch import nn
 
 from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms
@@ -172,8 +173,9 @@ class CrossTokenizerTeacher(TeacherSource):
         templated = self.teacher_chat_texts(batch)
         if templated is None:
             return texts, student_spans, False
-        rows = zip(student_spans, batch["labels"].tolist(), texts, templated)
-        return templated, [relocate_supervised(spans, y, text, t_text) for spans, y, text, t_text in rows], True
+        floors = [assistant_start(self.teacher_tokenizer, m, t) for m, t in zip(batch["messages"], templated)]
+        rows = zip(student_spans, batch["labels"].tolist(), texts, templated, floors)
+        return templated, [relocate_supervised(*row) for row in rows], True
 
     def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CrossTokenizerOutputs:
         texts, student_spans, templated = self.teacher_texts(model_inputs, batch)
@@ -352,17 +354,37 @@ def conversation_templated(messages: Any, teacher_tokenizer: Any) -> bool:
     return messages is not None and bool(getattr(teacher_tokenizer, "chat_template", None))
 
 
+def assistant_start(tokenizer: Any, messages: list[dict[str, Any]], text: str) -> int:
+    """Where the first assistant turn begins in `text` (`messages` rendered with `tokenizer`'s chat template): the
+    length of the rendering of the messages before it, when that is a prefix of `text`; else 0.
+
+    Args:
+        tokenizer: the teacher's tokenizer. messages (`list[dict]`): one conversation. text (`str`): its rendering.
+    """
+    first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), 0)
+    if first == 0:
+        return 0
+    try:
+        prefix = tokenizer.apply_chat_template(messages[:first], tokenize=False)
+    except (TemplateError, ValueError):  # a template that refuses a conversation without an assistant turn
+        return 0
+    return len(prefix) if text.startswith(prefix) else 0
+
+
 def relocate_supervised(
-    spans: list[Span | None], labels: list[int], text: str, teacher_text: str
+    spans: list[Span | None], labels: list[int], text: str, teacher_text: str, floor: int = 0
 ) -> list[Span | None]:
     """Student spans moved from the student's decoded `text` into `teacher_text` (the same conversation rendered by
     the teacher's chat template), supervised tokens only.
 
     Each run of consecutive supervised tokens (`labels != -100`) is looked up in `teacher_text` after the previous
-    run; a run that is not found (the templates changed its text) keeps no spans, so it gets CE only.
+    run, at or after `floor` (where the first assistant turn starts: `assistant_start`) when it is found there, so
+    an answer whose text also occurs in the prompt is placed in the answer; a run that is not found (the templates
+    changed its text) keeps no spans, so it gets CE only.
 
     Args:
         spans (`list`): `(T,)` spans in `text`. labels (`list[int]`): `(T,)`. text, teacher_text (`str`).
+        floor (`int`): the character of `teacher_text` from which a run is looked up first.
 
     Returns:
         `list`: `(T,)` spans in `teacher_text`, None outside the supervised runs.
@@ -378,7 +400,9 @@ def relocate_supervised(
             run.append(run[-1] + 1)
         start, end = spans[run[0]][0], spans[run[-1]][1]
         piece = text[start:end].strip()
-        found = teacher_text.find(piece, cursor) if piece else -1
+        found = teacher_text.find(piece, max(cursor, floor)) if piece else -1
+        if piece and found < 0:
+            found = teacher_text.find(piece, cursor)
         if found >= 0:
             shift = found - (start + len(text[start:end]) - len(text[start:end].lstrip()))
             for k in run:
