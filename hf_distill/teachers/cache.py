@@ -422,8 +422,11 @@ def cache_teacher(
             differs from `tokenizer` (then the dataset's, i.e. the student's): a cross-tokenizer cache for
             `cross_tokenizer_loss`. Each row's ids are decoded with `tokenizer` and the teacher reads its own
             tokenization of that text, as the live `CrossTokenizerTeacher` does; every teacher position is cached
-            (`k >= V` makes the loss exact; see `teachers.cross_tokenizer_cache`). Needs compression="none" and
-            generate=False. A tokenizer with `tokenizer`'s token -> id map is an ordinary cache.
+            (`k >= V` makes the loss exact; see `teachers.cross_tokenizer_cache`). Rows that carry their
+            conversation (a `messages` or conversational `prompt` + `completion` column) are read rendered with the
+            teacher's chat template when it has one, as the live teacher reads a batch with `messages`
+            (`teacher_chat_template` in cache_info.json). Needs compression="none" and generate=False. A tokenizer
+            with `tokenizer`'s token -> id map is an ordinary cache.
 
     Returns:
         `TeacherCache`: the cache (all rows of `dataset` included).

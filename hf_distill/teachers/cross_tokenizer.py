@@ -5,7 +5,9 @@ Per micro-batch (`CrossTokenizerTeacher`):
 1. `outputs`: each row's student ids (padding removed) are decoded with the student's tokenizer (special tokens
    skipped) into a text and per-token character spans (`alignment.token_char_spans`). The teacher tokenizes that text
    itself (its BOS first, offsets kept) and its base model runs under no_grad: final hidden states `(B, T_t, H_t)`,
-   no `[B, T_t, V_t]` logits.
+   no `[B, T_t, V_t]` logits. A batch that carries the rows' conversations (`messages`, kept by
+   `data.collators.ConversationCollator`) is read rendered with the teacher's own chat template instead, the
+   supervised student tokens located in that text (`teacher_texts`, `relocate_supervised`).
 2. `terms`: the student's supervised target tokens and the teacher's tokens are grouped where both tokenizations end
    a token at the same character (`alignment.align_spans`); groups with prompt or padding tokens are dropped. Each
    group's distribution is merged as GOLD does: the distribution predicting its first token, times the probabilities

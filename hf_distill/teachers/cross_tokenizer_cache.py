@@ -7,7 +7,10 @@ text (`alignment.token_char_spans`, as the live source does), lets the teacher r
 j >= 1, the top-k token ids and log-probabilities of the distribution predicting token j, the log tail mass and the
 log-prob of the actual token j (`score_cross_rows`), plus the teacher's ids and offsets (layout in `teachers.cache`).
 `cache_info.json` records the student's tokenizer (`tokenizer`) and the teacher's (`teacher_tokenizer`), and the
-cache keeps a copy of the teacher's tokenizer in `teacher_tokenizer/`.
+cache keeps a copy of the teacher's tokenizer in `teacher_tokenizer/`. Conversational rows (a `messages` or
+conversational `prompt` + `completion` column) are read rendered with the teacher's chat template when it has one,
+as the live source reads a batch with `messages`; `teacher_chat_template` records that template's sha256, and
+training then needs the conversations in the batch again (checked both ways).
 
 At train time `TeacherCacheCollator` adds the teacher side of each row to the batch (`cross_cache_batch`) and
 `CachedCrossTokenizerTeacher` aligns and merges exactly as `CrossTokenizerTeacher`, with the teacher's row statistics
