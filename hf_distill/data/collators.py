@@ -461,6 +461,18 @@ class ConversationCollator(DataCollatorMixin):
     whose rows are not conversations gets no `messages`; a batch mixing both raises. `messages` is never a model
     input (`trainer.NON_MODEL_KEYS`).
 
+    Example:
+        >>> from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+        >>> collator = ConversationCollator(DataCollatorForLanguageModeling(pad_token_id=0))
+        >>> batch = collator([{"input_ids": [1, 2, 3], "messages": [{"role": "user", "content": "hi"}]},
+        ...                   {"input_ids": [4, 5], "prompt": [{"role": "user", "content": "yo"}],
+        ...                    "completion": [{"role": "assistant", "content": "ok"}]}])
+        >>> batch["input_ids"]
+        tensor([[1, 2, 3],
+                [4, 5, 0]])
+        >>> batch["messages"][1]
+        [{'role': 'user', 'content': 'yo'}, {'role': 'assistant', 'content': 'ok'}]
+
     Args:
         collator (`Callable`): the wrapped collator.
     """
