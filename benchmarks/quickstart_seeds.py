@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     total = [c for c in cpu.values() if c is not None]
     if total:
-        print(f"  CPU minutes of the runs made now: {sum(total) / 60:.1f}")
+        print(f"  CPU minutes of the quickstart runs (as recorded per seed): {sum(total) / 60:.1f}")
     series = {
         name.replace("_", " "): [(p["step"], p["mean"], p["spread"]) for p in summary["curves"][name]]
         for name in STUDENTS
