@@ -17,7 +17,7 @@ Reported per run: held-out bits per byte of the completions (student NLL in bits
 tokenizer), held-out top-1 agreement with SmolLM2 (same tokenizer, every supervised position) and with Gemma 3 (on
 aligned spans whose teacher top token has a student twin, the `cross_tokenizer` source's metric). Table: mean and
 spread (min..max) over the seeds, and the ratio of the mean bpb to CE-only's. Peak memory: one training step of the
-cross-tokenizer source at Gemma's vocabulary, in a fresh process (peak RSS increase over the step, `step_peak`), beside
+cross-tokenizer source at Gemma's vocabulary, in a fresh process (peak RSS increase over the step, `_common.peak_memory_reset`), beside
 the size the dense `[B, T_t, 262144]` teacher logits alone would take.
 
 Budget (defaults, sized for 2 CPU cores shared with other jobs): 20 steps x batch 4, rows cut to 48 tokens, 32
@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's hf_distill, not another install
-from _common import format_table, peak_memory, run_isolated, write_json
+from _common import format_table, peak_memory_reset, run_isolated, write_json
 
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "esnli"
@@ -200,25 +200,6 @@ def run(method: str, seed: int, opts, models: dict, train_rows, eval_batches, ge
             **evaluate(student, eval_batches, models, gemma_eval)}  # fmt: skip
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key))
-
-
-def step_peak(step) -> dict:
-    """Peak RSS added by `step()`. The process's high-water mark is reset first (`/proc/self/clear_refs`), so the
-    model loading before (GGUF de-quantization copies) cannot hide the step's own peak; `_common.peak_memory` (which
-    reports that slack) is the fallback where the reset is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return {**peak_memory(step), "how": "ru_maxrss"}
-    before = _status_kib("VmRSS")
-    step()
-    return {"peak_bytes": (_status_kib("VmHWM") - before) * 1024, "baseline_slack_bytes": 0, "how": "VmHWM reset"}
-
-
 def measure_memory(method: str, batch_size: int, max_len: int) -> dict:
     """Peak RSS increase of one training step (student forward + backward, teacher forward, terms), fresh process."""
     models = load_models(need_gemma=method in ("uld", "gold"))
@@ -241,7 +222,7 @@ def measure_memory(method: str, batch_size: int, max_len: int) -> dict:
         loss, _ = step_loss(source, student, batch)
         loss.backward()
 
-    mem = step_peak(step)
+    mem = peak_memory_reset(step)
     return {"method": method, "batch_size": batch_size, "student_tokens": int(batch["input_ids"].numel()),
             "teacher_tokens": teacher_tokens, **mem}  # fmt: skip
 
