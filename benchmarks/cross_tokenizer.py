@@ -17,8 +17,8 @@ Reported per run: held-out bits per byte of the completions (student NLL in bits
 tokenizer), held-out top-1 agreement with SmolLM2 (same tokenizer, every supervised position) and with Gemma 3 (on
 aligned spans whose teacher top token has a student twin, the `cross_tokenizer` source's metric). Table: mean and
 spread (min..max) over the seeds, and the ratio of the mean bpb to CE-only's. Peak memory: one training step of the
-cross-tokenizer source at Gemma's vocabulary, in a fresh process (peak RSS increase over the step, `_common.peak_memory_reset`), beside
-the size the dense `[B, T_t, 262144]` teacher logits alone would take.
+cross-tokenizer source at Gemma's vocabulary, in a fresh process (peak RSS increase over the step,
+`_common.peak_memory_reset`), beside the size the dense `[B, T_t, 262144]` teacher logits alone would take.
 
 Budget (defaults, sized for 2 CPU cores shared with other jobs): 20 steps x batch 4, rows cut to 48 tokens, 32
 held-out rows, 2 seeds, lr 3e-4 AdamW, fp32 CPU. Short: it shows whether the signal arrives, not converged quality.
