@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (conftest
 import torch
 from conftest import make_llama, make_tokenizer
 from datasets import Dataset
+from kd_equivalence import equivalence_args
 from test_cross_tokenizer_teacher import ANSWERS, PROMPTS, bpe_teacher_tokenizer
 from transformers import DataCollatorForLanguageModeling
 
-from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill import DistillationTrainer
 from hf_distill.cli.shutdown import end_distributed_run
 
 
@@ -43,27 +44,11 @@ def main() -> None:
     teacher = make_llama(vocab_size=len(t_tok), seed=1)
     with torch.no_grad():
         teacher.lm_head.weight.mul_(30.0)  # peaked, so ULD's part has a gradient
-    args = DistillationConfig(
-        output_dir=str(out / "run"),
-        use_cpu=True,
-        per_device_train_batch_size=cli.batch_size,
+    args = equivalence_args(
+        out,
+        cli.batch_size,
         max_steps=cli.max_steps,
-        train_sampling_strategy="sequential",
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        data_seed=0,
         cross_tokenizer_loss=cli.loss,
-        kd_weight=0.6,
-        ce_weight=0.4,
-        temperature=2.0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     trainer = DistillationTrainer(
         model=make_llama(vocab_size=len(s_tok), seed=0),

@@ -46,6 +46,34 @@ TEXTS = [
 ]
 
 
+def equivalence_args(out: Path, batch_size: int, max_steps: int = 3, **fields) -> DistillationConfig:
+    """The deterministic run every 1-vs-2-process script compares: `out/run`, CPU, sequential batches of
+    `batch_size` per process, SGD at a constant lr 0.5 with clipping at 1.0, a log every step, fixed seeds, no
+    reporting, saving or workers, KD 0.6 / CE 0.4 at T = 2; `fields` add or replace config fields."""
+    settings = dict(
+        output_dir=str(out / "run"),
+        use_cpu=True,
+        per_device_train_batch_size=batch_size,
+        max_steps=max_steps,
+        train_sampling_strategy="sequential",
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        kd_weight=0.6,
+        ce_weight=0.4,
+        temperature=2.0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    return DistillationConfig(**{**settings, **fields})
+
+
 def record_saves(path: Path) -> None:
     """Make every `save_pretrained` call of this process append its target folder to `path` (JSON list)."""
     original = PreTrainedModel.save_pretrained
@@ -77,28 +105,14 @@ def main() -> None:
 
     tok = make_tokenizer()
     data = Dataset.from_dict({"text": TEXTS}).map(lambda r: tok(r["text"]), remove_columns=["text"])
-    args = DistillationConfig(
-        output_dir=str(out / "run"),
-        use_cpu=not cli.gpu,
-        per_device_train_batch_size=cli.batch_size,
+    args = equivalence_args(
+        out,
+        cli.batch_size,
         max_steps=cli.max_steps,
-        train_sampling_strategy="sequential",
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=1.0,
-        logging_steps=1,
+        use_cpu=not cli.gpu,
         save_strategy="steps",
         save_steps=cli.save_steps,
-        report_to=[],
-        seed=0,
-        data_seed=0,
         kd_loss=cli.kd_loss,
-        kd_weight=0.6,
-        ce_weight=0.4,
-        temperature=2.0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         **({"fsdp": True, "fsdp_config": {"version": 2}} if cli.fsdp else {}),
     )
     trainer = DistillationTrainer(

@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (conftest
 
 from conftest import make_llama, make_tokenizer
 from datasets import Dataset
-from kd_equivalence import TEXTS
+from kd_equivalence import TEXTS, equivalence_args
 from transformers import DataCollatorForLanguageModeling
 
-from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill import DistillationTrainer
 from hf_distill.cli.shutdown import end_distributed_run
 from hf_distill.teachers.peers import MutualLearning, PeerStudents
 
@@ -35,27 +35,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer()
     data = Dataset.from_dict({"text": TEXTS}).map(lambda r: tok(r["text"]), remove_columns=["text"])
-    args = DistillationConfig(
-        output_dir=str(out / "run"),
-        use_cpu=True,
-        per_device_train_batch_size=cli.batch_size,
-        max_steps=3,
-        train_sampling_strategy="sequential",
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        data_seed=0,
-        kd_weight=0.6,
-        ce_weight=0.4,
-        temperature=2.0,
+    args = equivalence_args(
+        out,
+        cli.batch_size,
         use_fused_kd_loss=cli.fused,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     trainer = DistillationTrainer(
         model=PeerStudents([make_llama(2, 32, seed=0), make_llama(2, 32, seed=1)]),
