@@ -283,12 +283,10 @@ def test_gemma3_teacher_with_a_smollm2_student():
         terms.total().backward()
 
 
-def _cross_trainer(tmp_path, **overrides):
-    from conftest import distill_config
+def tiny_cross_pair():
+    """The trainer-level cross-tokenizer setting: (student tokenizer, teacher tokenizer, 16 tokenised texts, a
+    peaked teacher with the teacher tokenizer's vocabulary) — also used by tests/distributed/."""
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling
-
-    from hf_distill import DistillationTrainer
 
     s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
     texts = [f"{p} {a}" for p, a in zip(PROMPTS, ANSWERS)] * 4
@@ -296,6 +294,16 @@ def _cross_trainer(tmp_path, **overrides):
     teacher = make_llama(vocab_size=len(t_tok), seed=1)
     with torch.no_grad():
         teacher.lm_head.weight.mul_(30.0)  # peaked, so ULD's part has a gradient
+    return s_tok, t_tok, data, teacher
+
+
+def _cross_trainer(tmp_path, **overrides):
+    from conftest import distill_config
+    from transformers import DataCollatorForLanguageModeling
+
+    from hf_distill import DistillationTrainer
+
+    s_tok, t_tok, data, teacher = tiny_cross_pair()
     fields = dict(cross_tokenizer_loss="gold", max_steps=12, learning_rate=3e-3, seed=0, data_seed=0)
     return DistillationTrainer(
         model=make_llama(vocab_size=len(s_tok), seed=0),

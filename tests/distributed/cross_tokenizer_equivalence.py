@@ -17,11 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (conftest helpers)
 
-import torch
-from conftest import make_llama, make_tokenizer
-from datasets import Dataset
+from conftest import make_llama
 from kd_equivalence import equivalence_args
-from test_cross_tokenizer_teacher import ANSWERS, PROMPTS, bpe_teacher_tokenizer
+from test_cross_tokenizer_teacher import tiny_cross_pair
 from transformers import DataCollatorForLanguageModeling
 
 from hf_distill import DistillationTrainer
@@ -38,12 +36,7 @@ def main() -> None:
     out = Path(cli.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
-    texts = [f"{p} {a}" for p, a in zip(PROMPTS, ANSWERS)] * 4
-    data = Dataset.from_dict({"text": texts}).map(lambda r: s_tok(r["text"]), remove_columns=["text"])
-    teacher = make_llama(vocab_size=len(t_tok), seed=1)
-    with torch.no_grad():
-        teacher.lm_head.weight.mul_(30.0)  # peaked, so ULD's part has a gradient
+    s_tok, t_tok, data, teacher = tiny_cross_pair()
     args = equivalence_args(
         out,
         cli.batch_size,
