@@ -32,6 +32,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 
 logger = logging.getLogger(__name__)
 
@@ -357,3 +359,38 @@ class ResumableJob:
     def append_log(path: str | os.PathLike) -> AppendLog:
         """An `AppendLog` at `path` (use it as a context manager)."""
         return AppendLog(path)
+
+
+class CheckpointFileCallback(TrainerCallback):
+    """Base of the callbacks that add a file of their own to every `checkpoint-N` folder (the EMA teacher, the hint
+    projectors); a subclass implements `write(folder)`.
+
+    The file is written as soon as the step's save is decided (`on_step_end` / `on_epoch_end`, after the Trainer's
+    own flow callback has set `control.should_save`), that is before the Trainer writes the checkpoint's
+    `trainer_state.json`, which it writes last: a checkpoint with `trainer_state.json` is complete, this file
+    included, even when a kill cut the next one short. `on_save` writes it for saves decided later
+    (`save_strategy="best"`). Only the process that saves (`args.should_save`) writes.
+    """
+
+    _written_step: int | None = None
+
+    def write(self, folder: str) -> None:
+        """Write this callback's file into the checkpoint folder `folder` (created if missing)."""
+        raise NotImplementedError
+
+    def _write(self, args, state) -> None:
+        if args.should_save:  # the folder Trainer._save_checkpoint writes (no hyper-parameter search)
+            self.write(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        self._written_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._write(args, state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save and self._written_step != state.global_step:
+            self._write(args, state)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._written_step != state.global_step:
+            self._write(args, state)

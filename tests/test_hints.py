@@ -82,6 +82,26 @@ def test_projectors_resume_bit_equal_and_are_not_exported(tmp_path, tokenizer):
     assert set(reloaded.state_dict()) == set(make_llama(2, 32).state_dict())
 
 
+def test_projectors_are_in_the_checkpoint_before_its_trainer_state(tmp_path, tokenizer, monkeypatch):
+    """As for the EMA teacher (jobs.CheckpointFileCallback): a checkpoint holding `trainer_state.json`, which the
+    Trainer writes last, already holds the projectors, so a kill between the two cannot leave a checkpoint that looks
+    complete but cannot resume a hint run."""
+    import os
+
+    from transformers import TrainerState
+
+    seen, original = {}, TrainerState.save_to_json
+
+    def save_to_json(self, json_path):
+        folder = os.path.dirname(json_path)
+        seen[os.path.basename(folder)] = os.path.exists(os.path.join(folder, "hint_projectors.safetensors"))
+        return original(self, json_path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", save_to_json)
+    hint_trainer(tmp_path, tokenizer, max_steps=2, save_strategy="steps", save_steps=1).train()
+    assert seen == {"checkpoint-1": True, "checkpoint-2": True}
+
+
 def test_identity_projector_needs_equal_widths(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="widths"):
         hint_trainer(tmp_path, tokenizer, hint_projector="identity")

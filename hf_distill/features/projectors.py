@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import TrainerCallback
+
+from ..jobs import CheckpointFileCallback
 
 
 logger = logging.getLogger(__name__)
@@ -170,15 +171,16 @@ def load_projectors(module: HintProjectors, directory: str | os.PathLike) -> Hin
     return module
 
 
-class ProjectorCallback(TrainerCallback):
+class ProjectorCallback(CheckpointFileCallback):
     """The projectors' share of the training loop, through Trainer's public callback hooks.
 
     - `on_step_end`: zeroes their gradients after every optimizer step, as `Trainer` does for the student (it calls
       `model.zero_grad()`; the projectors live outside the student, so without this their `.grad` would keep summing
       over the whole run and a resumed run, starting from zero, would diverge).
-    - `on_save`: writes them into the checkpoint folder Trainer just saved (`checkpoint-<global_step>` under
-      `output_dir`), on the process that saves. Loading them on resume is `load_projectors`, called by the trainer's
-      `_load_from_checkpoint` (there is no callback hook that knows the checkpoint being resumed).
+    - writes them into each checkpoint folder (`checkpoint-<global_step>` under `output_dir`) before the Trainer's
+      `trainer_state.json`, on the process that saves (`jobs.CheckpointFileCallback`). Loading them on resume is
+      `load_projectors`, called by the trainer's `_load_from_checkpoint` (there is no callback hook that knows the
+      checkpoint being resumed).
 
     Args:
         projectors (`nn.Module`): the projectors (plain or DDP-wrapped).
@@ -187,10 +189,9 @@ class ProjectorCallback(TrainerCallback):
     def __init__(self, projectors: nn.Module) -> None:
         self.projectors = projectors
 
+    def write(self, folder: str) -> None:
+        save_projectors(getattr(self.projectors, "module", self.projectors), folder)
+
     def on_step_end(self, args, state, control, **kwargs):
         self.projectors.zero_grad(set_to_none=True)
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            save_projectors(getattr(self.projectors, "module", self.projectors), folder)
+        super().on_step_end(args, state, control, **kwargs)

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..heads import unwrap
+from ..jobs import CheckpointFileCallback
 from ..terms import LossTerms, SupervisedView
 from .base import SourceContext, TeacherSource
 from .live import FusedLiveTeacher, LiveTeacher, fused_unsupported_reason
@@ -212,13 +213,9 @@ def self_taught(args: Any, model: nn.Module, teacher: Any) -> bool:
     return ema or peers
 
 
-class EMACallback(TrainerCallback):
-    """Moves the EMA teacher after every optimizer step and writes it into each checkpoint folder.
-
-    The EMA file is written as soon as the step's save is decided (`on_step_end` / `on_epoch_end`, after the
-    Trainer's own flow callback has set `control.should_save`), that is before the Trainer writes the checkpoint's
-    `trainer_state.json`, which it writes last: a checkpoint with `trainer_state.json` is complete, EMA included,
-    even when a kill cut the next one short. `on_save` writes it for saves decided later (`save_strategy="best"`).
+class EMACallback(CheckpointFileCallback):
+    """Moves the EMA teacher after every optimizer step and writes it into each checkpoint folder, before the
+    checkpoint's `trainer_state.json` (`jobs.CheckpointFileCallback`).
 
     Args:
         source (`EMATeacher`): the source whose model is updated.
@@ -226,22 +223,10 @@ class EMACallback(TrainerCallback):
 
     def __init__(self, source: EMATeacher):
         self.source = source
-        self._written_step: int | None = None
 
-    def _write(self, args, state) -> None:
-        if args.should_save:  # the folder Trainer._save_checkpoint writes (no hyper-parameter search)
-            self.source.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-        self._written_step = state.global_step
+    def write(self, folder: str) -> None:
+        self.source.save_checkpoint(folder)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.source.update()
-        if control.should_save:
-            self._write(args, state)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_save and self._written_step != state.global_step:
-            self._write(args, state)
-
-    def on_save(self, args, state, control, **kwargs):
-        if self._written_step != state.global_step:
-            self._write(args, state)
+        self.source.update()  # first: the checkpoint written below holds this step's EMA
+        super().on_step_end(args, state, control, **kwargs)
