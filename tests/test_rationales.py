@@ -349,8 +349,14 @@ def test_generate_parse_and_filter(tmp_path, toy_teacher, caplog):
     assert load_from_disk(str(tmp_path / "dataset"))["rationale"] == out["rationale"]
     records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in records] == [r["cont"] for r in TOY_ROWS]  # real greedy generate, eos-stopped
-    unfiltered = generate_toy(model, tok, tmp_path, filter_mismatch=False)  # resumes: nothing to generate
+    assert "matches the gold label on 2 of 4 rows" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_distill.data.rationales"):
+        unfiltered = generate_toy(model, tok, tmp_path, filter_mismatch=False)  # resumes: nothing to generate
     assert unfiltered["teacher_label"] == ["yes", "no", "yes", ""]
+    # unfiltered rows are kept, but the teacher's agreement with the gold labels is still reported
+    assert "matches the gold label on 2 of 4 rows" in caplog.text
+    assert "kept 1 with no readable answer and 1 whose teacher answer differs" in caplog.text
 
 
 def test_resume_continues_where_it_stopped(tmp_path, toy_teacher):

@@ -383,15 +383,17 @@ def _finish(
     dataset = dataset.add_column("teacher_label", [r["teacher_label"] or "" for r in records])
     empty = [i for i, r in enumerate(records) if not r["rationale"]]
     unparsed = [i for i, r in enumerate(records) if r["rationale"] and r["teacher_label"] is None]
-    wrong = []
-    if filter_mismatch:
-        try:
-            golds = [template.gold_label(dataset[i]) for i in range(len(dataset))]
-        except KeyError as err:
+    try:
+        golds = [template.gold_label(dataset[i]) for i in range(len(dataset))]
+    except KeyError as err:
+        if filter_mismatch:
             raise ValueError(
                 f"filter_mismatch needs the gold label, but the rows have no {err} column; pass "
                 "filter_mismatch=False for unlabelled data."
             ) from err
+        golds = None
+    wrong = []
+    if golds is not None:
         wrong = [
             i
             for i, r in enumerate(records)
@@ -399,26 +401,36 @@ def _finish(
             and r["teacher_label"] is not None
             and not template.same_answer(r["teacher_label"], golds[i])
         ]
-        drop = set(empty) | set(unparsed) | set(wrong)
-        right = len(records) - len(drop)
-        logger.info(
+        right = len(records) - len(set(empty) | set(unparsed) | set(wrong))
+        logger.warning(
             "Teacher answer matches the gold label on %d of %d rows (%.1f%%).",
             right,
             len(records),
             100.0 * right / max(len(records), 1),
         )
+    if filter_mismatch:
+        drop = set(empty) | set(unparsed) | set(wrong)
+        kept = dataset.select([i for i in range(len(dataset)) if i not in drop])
+        logger.warning(
+            "Kept %d of %d rows: dropped %d with an empty rationale, %d with no readable answer and %d whose teacher "
+            "answer differs from the gold label.",
+            len(kept),
+            len(dataset),
+            len(empty),
+            len(unparsed),
+            len(wrong),
+        )
     else:
-        drop = set(empty)
-    kept = dataset.select([i for i in range(len(dataset)) if i not in drop])
-    logger.warning(
-        "Kept %d of %d rows: dropped %d with an empty rationale, %d with no readable answer and %d whose teacher "
-        "answer differs from the gold label.",
-        len(kept),
-        len(dataset),
-        len(empty),
-        len(unparsed) if filter_mismatch else 0,
-        len(wrong),
-    )
+        kept = dataset.select([i for i in range(len(dataset)) if i not in set(empty)])
+        logger.warning(
+            "Kept %d of %d rows: dropped %d with an empty rationale; kept %d with no readable answer and %d whose "
+            "teacher answer differs from the gold label (filter_mismatch=False).",
+            len(kept),
+            len(dataset),
+            len(empty),
+            len(unparsed),
+            len(wrong),
+        )
     kept.save_to_disk(os.path.join(output_dir, DATASET_DIR))
     return kept
 
