@@ -365,11 +365,11 @@ class CheckpointFileCallback(TrainerCallback):
     """Base of the callbacks that add a file of their own to every `checkpoint-N` folder (the EMA teacher, the hint
     projectors); a subclass implements `write(folder)`.
 
-    The file is written as soon as the step's save is decided (`on_step_end` / `on_epoch_end`, after the Trainer's
-    own flow callback has set `control.should_save`), that is before the Trainer writes the checkpoint's
-    `trainer_state.json`, which it writes last: a checkpoint with `trainer_state.json` is complete, this file
-    included, even when a kill cut the next one short. `on_save` writes it for saves decided later
-    (`save_strategy="best"`). Only the process that saves (`args.should_save`) writes.
+    `DistillationTrainer.save_model` calls `write_checkpoint` for every checkpoint, right after the model's weights
+    and before the Trainer writes the checkpoint's `trainer_state.json`, which it writes last, whatever the save
+    strategy (`steps`, `epoch`, `best`): a checkpoint with `trainer_state.json` is complete, this file included, even
+    when a kill cut the next one short. Under a plain `Trainer`, `on_save` writes it (after `trainer_state.json`).
+    Only the process that saves (`args.should_save`) writes.
     """
 
     _written_step: int | None = None
@@ -378,19 +378,14 @@ class CheckpointFileCallback(TrainerCallback):
         """Write this callback's file into the checkpoint folder `folder` (created if missing)."""
         raise NotImplementedError
 
-    def _write(self, args, state) -> None:
-        if args.should_save:  # the folder Trainer._save_checkpoint writes (no hyper-parameter search)
-            self.write(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+    def write_checkpoint(self, args, state, folder: str | None = None) -> None:
+        """Write this callback's file for the checkpoint of `state.global_step` (default folder
+        `output_dir/checkpoint-N`), once per step, on the process that saves."""
+        if self._written_step == state.global_step:
+            return
+        if args.should_save:
+            self.write(folder or os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         self._written_step = state.global_step
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save:
-            self._write(args, state)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_save and self._written_step != state.global_step:
-            self._write(args, state)
-
     def on_save(self, args, state, control, **kwargs):
-        if self._written_step != state.global_step:
-            self._write(args, state)
+        self.write_checkpoint(args, state)

@@ -30,6 +30,7 @@ from .features.early_exit import EarlyExits
 from .features.hints import HintDistiller
 from .features.projectors import ProjectorCallback, load_projectors
 from .heads import detect_head
+from .jobs import CheckpointFileCallback
 from .model_card import trainer_model_card
 from .quantization import fake_quantized_weights, prepare_qat_student
 from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_if_too_long, warn_mixed_precision_mismatch
@@ -298,7 +299,16 @@ class DistillationMixin:
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As `Trainer.save_model`; a QAT student (`student_quantization`) is saved with its weights rounded onto the
-        int grid, except in checkpoints (`checkpoint-N`), which keep the latent fp32 weights for resuming."""
+        int grid, except in checkpoints (`checkpoint-N`), which keep the latent fp32 weights for resuming. Into a
+        checkpoint it also writes the files of the `jobs.CheckpointFileCallback`s (EMA teacher, hint projectors),
+        before the Trainer writes that checkpoint's `trainer_state.json`."""
+        self._save_model(output_dir, _internal_call)
+        if _internal_call and output_dir is not None:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, CheckpointFileCallback):
+                    callback.write_checkpoint(self.args, self.state, output_dir)
+
+    def _save_model(self, output_dir: str | None, _internal_call: bool) -> None:
         if not _internal_call and MutualLearning.active(self.model):  # every peer to output_dir/peer{i}
             return save_peers(
                 self.model, output_dir or self.args.output_dir, self.processing_class, self.args.should_save

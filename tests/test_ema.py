@@ -76,7 +76,7 @@ def test_terms_equal_a_live_teacher_on_the_same_weights(tmp_path, tokenizer, fus
     assert got.weights == ref.weights
 
 
-def ema_trainer(tmp_path, tok, model=None, **fields) -> DistillationTrainer:
+def ema_trainer(tmp_path, tok, model=None, eval_dataset=None, **fields) -> DistillationTrainer:
     """A trainer given no teacher and `teacher_ema_decay`: its source is the EMA of the student (default
     `make_llama(2, 32)`)."""
     run = {"teacher_ema_decay": 0.8, "learning_rate": 1e-2, "lr_scheduler_type": "linear", "max_steps": 4, **fields}
@@ -84,6 +84,7 @@ def ema_trainer(tmp_path, tok, model=None, **fields) -> DistillationTrainer:
         model=model if model is not None else make_llama(2, 32),
         args=distill_config(tmp_path, **run),
         train_dataset=tokenized_texts(tok, TEXTS),
+        eval_dataset=eval_dataset,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok,
     )
@@ -178,7 +179,7 @@ def test_ema_copy_runs_its_own_weights_when_the_student_forward_is_wrapped():
         assert torch.equal(ema(input_ids=ids).logits, type(reference).forward(reference, input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("save_strategy", ["steps", "epoch"])
+@pytest.mark.parametrize("save_strategy", ["steps", "epoch", "best"])
 def test_ema_file_is_in_the_checkpoint_before_its_trainer_state(tmp_path, tokenizer, monkeypatch, save_strategy):
     """A checkpoint holding `trainer_state.json` (written last by the Trainer) is complete, EMA included: a kill
     between the two files can no longer leave a checkpoint that resumes without its EMA."""
@@ -193,11 +194,15 @@ def test_ema_file_is_in_the_checkpoint_before_its_trainer_state(tmp_path, tokeni
         return original(self, json_path)
 
     monkeypatch.setattr(TrainerState, "save_to_json", save_to_json)
+    best = {}  # save_strategy="best": a checkpoint is saved after an evaluation with a new best eval loss
+    if save_strategy == "best":
+        best = {"eval_strategy": "steps", "eval_steps": 1, "metric_for_best_model": "loss", "eval_dataset":
+                tokenized_texts(tokenizer, TEXTS[:2]), "learning_rate": 1e-3}  # fmt: skip
     trainer = ema_trainer(tmp_path, tokenizer, max_steps=2, num_train_epochs=1, save_strategy=save_strategy,
-                          save_steps=1, per_device_train_batch_size=2)  # fmt: skip
+                          save_steps=1, per_device_train_batch_size=2, **best)  # fmt: skip
     trainer.train()
-    expected = {"checkpoint-1": True, "checkpoint-2": True} if save_strategy == "steps" else {"checkpoint-2": True}
-    assert seen == expected
+    expected = {"checkpoint-1": True, "checkpoint-2": True} if save_strategy != "epoch" else {"checkpoint-2": True}
+    assert seen == expected  # (with "best": both evaluations improved on the last one)
     resumed = ema_trainer(tmp_path / "resumed", tokenizer, max_steps=2, per_device_train_batch_size=2)
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     for name, value in trainer.ema.model.state_dict().items():

@@ -194,4 +194,3 @@ class ProjectorCallback(CheckpointFileCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.projectors.zero_grad(set_to_none=True)
-        super().on_step_end(args, state, control, **kwargs)

