@@ -86,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_target_length", type=int, default=40, help="Rationale (and label) tokens kept.")
     parser.add_argument("--chat_template", action="store_true", help="Prompt in the chat template (longer inputs).")
     parser.add_argument("--smoke", action="store_true", help=f"Tiny pipeline check: {SMOKE}.")
+    parser.add_argument("--summary_only", action="store_true", help="Train nothing: summarise the finished runs.")
     args = parser.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():
@@ -241,7 +242,11 @@ def main(argv: list[str] | None = None) -> None:
                     out_dir = runs / f"{method}-{fraction:g}-seed{seed}"
                     return train_and_score(base, tokenizer, rows, dev_rows, eval_rows, method, seed, args, out_dir)
 
-                result = cached_run(runs / f"{method}-{fraction:g}-seed{seed}.json", run)
+                path = runs / f"{method}-{fraction:g}-seed{seed}.json"
+                if args.summary_only and not path.exists():
+                    print(f"{method:>20} @ {fraction:4.0%} seed {seed}: not run (--summary_only)", flush=True)
+                    continue
+                result = cached_run(path, run)
                 result["fraction"] = fraction
                 results.append(result)
                 picked = f"picked step {result['best_step']} of {result['steps_run']}"
@@ -252,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     for method in methods:
         for fraction in fractions:
             runs_here = [r for r in results if r["method"] == method and r["fraction"] == fraction]
+            if not runs_here:  # --summary_only: nothing run at this point
+                continue
             acc = mean_spread([r["accuracy"] for r in runs_here])
             summary.append({"method": method, "fraction": fraction, "train_rows": runs_here[0]["train_rows"],
                             "accuracy": acc, "best_steps": [r["best_step"] for r in runs_here],
