@@ -181,14 +181,31 @@ def mean_spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "spread": (high - low) / 2, "min": low, "max": high, "n": len(values)}
 
 
-def cached_run(path: str | Path, compute: Callable[[], dict]) -> dict:
+def cached_run(path: str | Path, compute: Callable[[], dict], settings: dict | None = None) -> dict:
     """`compute()` once: its JSON result is written to `path` and read back on later runs (one file per finished run,
-    so an interrupted benchmark resumes at the first run without a file)."""
+    so an interrupted benchmark resumes at the first run without a file).
+
+    With `settings` (the arguments the result depends on), they are stored with the result under `run_settings`, and a
+    file written with other settings is refused rather than mixed into a summary of this invocation's settings; a file
+    from before settings were recorded is read back with a note."""
     path = Path(path)
+    wanted = None if settings is None else json.loads(json.dumps(settings))
     if path.exists():
-        print(f"  (cached) {path}", flush=True)
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        stored = result.get("run_settings")
+        if wanted is not None and stored is not None and stored != wanted:
+            changed = sorted(k for k in {*stored, *wanted} if stored.get(k) != wanted.get(k))
+            detail = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now" for k in changed)
+            raise ValueError(
+                f"{path} was run with other settings ({detail}); pass another --out for these settings, or delete "
+                "the file to run it again."
+            )
+        note = " (written before its settings were recorded)" if wanted is not None and stored is None else ""
+        print(f"  (cached) {path}{note}", flush=True)
+        return result
     result = compute()
+    if wanted is not None:
+        result = {**result, "run_settings": wanted}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

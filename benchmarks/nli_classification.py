@@ -238,7 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         teacher.save_pretrained(teacher_dir)
         return {**stage, "curve": [start, *curve.points], "accuracy": curve.points[-1]["accuracy"]}
 
-    teacher_run = cached_run(runs / "teacher" / "teacher.json", train_teacher)
+    teacher_keys = ("batch_size", "max_length", "train_limit", "eval_limit", "teacher_max_steps", "teacher_eval_every",
+                    "teacher_warmup", "patience", "min_delta", "teacher_lr")  # fmt: skip
+    teacher_settings = {"seed": seeds[0], **{k: getattr(args, k) for k in teacher_keys}}
+    teacher_run = cached_run(runs / "teacher" / "teacher.json", train_teacher, teacher_settings)
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir, dtype=torch.float32).to(device)
     teacher.eval().requires_grad_(False)
     evaluator.reference = predict(teacher, val_data, collator, 2 * args.batch_size)
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     def new_student() -> nn.Module:
         return init_student_from_teacher(teacher, layers=layers).train().requires_grad_(True)
 
-    init_point = cached_run(runs / "student_init.json", lambda: {"step": 0, **evaluator(new_student())})
+    init_point = cached_run(runs / "student_init.json", lambda: {"step": 0, **evaluator(new_student())},
+                            {**teacher_settings, "layers": layers})  # fmt: skip
 
     # 2. students: CE only and KD, same init, same steps, per seed
     methods = {
@@ -267,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
                 return {**stage, "method": method, "seed": seed, "loss": loss, "curve": [init_point, *curve.points],
                         **curve.points[-1]}  # fmt: skip
 
-            results[(method, seed)] = cached_run(runs / f"{method}-seed{seed}.json", run)
+            settings = {**teacher_settings, "layers": layers, "student_steps": args.student_steps,
+                        "eval_every": args.eval_every, "lr": args.lr, **loss}  # fmt: skip
+            results[(method, seed)] = cached_run(runs / f"{method}-seed{seed}.json", run, settings)
 
     # 3. summary: final accuracy and the curves as mean +- spread over seeds
     summary, series = [], {}

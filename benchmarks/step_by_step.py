@@ -57,6 +57,11 @@ SMOKE = dict(
 )
 
 
+# the arguments a run's result depends on (recorded with it; a rerun with others is refused, see `cached_run`)
+RUN_SETTINGS = ("train_size", "dev_size", "eval_size", "max_steps", "eval_every", "patience", "batch_size",
+                "learning_rate", "max_length", "max_target_length", "chat_template")  # fmt: skip
+
+
 def default_data_dir() -> Path:
     """../shared/data beside the repository, or two levels up (a worktree under /work/wt/)."""
     candidates = [ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data"]
@@ -246,7 +251,12 @@ def main(argv: list[str] | None = None) -> None:
                 if args.summary_only and not path.exists():
                     print(f"{method:>20} @ {fraction:4.0%} seed {seed}: not run (--summary_only)", flush=True)
                     continue
-                result = cached_run(path, run)
+                settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+                if method != "label-only":
+                    settings.update(label_weight=args.label_weight, rationale_weight=args.rationale_weight)
+                if method == "step-by-step-teacher":
+                    settings["teacher_rationales"] = args.teacher_rationales
+                result = cached_run(path, run, settings)
                 result["fraction"] = fraction
                 results.append(result)
                 picked = f"picked step {result['best_step']} of {result['steps_run']}"

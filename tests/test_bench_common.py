@@ -32,6 +32,19 @@ def test_cached_run_computes_once_and_reads_back(tmp_path):
     assert not path.with_suffix(".tmp").exists()
 
 
+def test_cached_run_refuses_a_file_written_with_other_settings(tmp_path, capsys):
+    path = tmp_path / "kd-seed0.json"
+    first = cached_run(path, lambda: {"accuracy": 0.5}, settings={"steps": 80, "lr": 1e-4})
+    assert first["run_settings"] == {"steps": 80, "lr": 1e-4}
+    assert cached_run(path, lambda: {"accuracy": 0.9}, settings={"lr": 1e-4, "steps": 80}) == first
+    with pytest.raises(ValueError, match=r"other settings \(steps: 80 there, 240 now\).*another --out"):
+        cached_run(path, lambda: {"accuracy": 0.9}, settings={"steps": 240, "lr": 1e-4})
+    old = tmp_path / "old.json"  # written before settings were recorded: read back, with a note
+    old.write_text(json.dumps({"accuracy": 0.4}))
+    assert cached_run(old, lambda: {"accuracy": 0.9}, settings={"steps": 80}) == {"accuracy": 0.4}
+    assert "before its settings were recorded" in capsys.readouterr().out
+
+
 def test_cached_run_leaves_no_file_when_the_run_fails(tmp_path):
     def broken():
         raise RuntimeError("interrupted")
