@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import torch
+import yaml
 from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 
 from .quantization import QAT_METADATA_KEY, describe_quantization
@@ -58,6 +59,19 @@ def hub_id(name: Any) -> str | None:
     except ValueError:
         return None
     return name
+
+
+def card_base_model(folder: Any) -> str | None:
+    """The Hub `base_model` named in the model card (`README.md`) of local model folder `folder`, else None: a
+    student distilled from a local student (a chain's later stage) keeps the lineage of the Hub model it came from."""
+    path = os.path.join(folder, "README.md") if isinstance(folder, str) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        base = ModelCard.load(path).data.base_model
+    except (ValueError, yaml.YAMLError):  # a README whose metadata block is not a model card's
+        return None
+    return hub_id(base[0] if isinstance(base, list) and len(base) == 1 else base)
 
 
 def hub_commit(name: Any, revision: str | None = None, cache_dir: str | None = None) -> str | None:
@@ -136,11 +150,12 @@ def build_model_card(
         results (`dict`, *optional*): `{row name: {metric: value}}`, rendered as a table.
         dataset (`str`, *optional*): the training data; listed in the metadata when it is a Hub id.
         base_model (`str`, *optional*): the model the student was initialised from (metadata `base_model`, kept
-            only when it is a Hub id: the Hub rejects other values); default: the teacher's Hub id.
+            only when it is a Hub id: the Hub rejects other values); default: the teacher's Hub id, or for a local
+            teacher folder the `base_model` of its own card (`card_base_model`).
         teacher_revision (`str`, *optional*): e.g. `revision <commit>` or `fingerprint <hash>` (`teacher_fingerprint`).
         recipe (`hf_distill.recipes.Recipe`, *optional*): embedded as YAML with the command that reproduces it.
     """
-    base_model = hub_id(base_model) or hub_id(teacher)
+    base_model = hub_id(base_model) or hub_id(teacher) or card_base_model(base_model) or card_base_model(teacher)
     teacher_line = f"`{teacher}`" if teacher else "none (fine-tuned without a teacher)"
     teacher_line += f" ({teacher_revision})" if teacher_revision else ""
     data = ModelCardData(

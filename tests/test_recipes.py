@@ -18,7 +18,7 @@ from conftest import REPO, make_llama, make_tokenizer
 
 from hf_distill.cli.main import main
 from hf_distill.cli.recipe_args import parse_args_and_recipe, split_config
-from hf_distill.model_card import build_model_card, hub_id
+from hf_distill.model_card import build_model_card, card_base_model, hub_id
 from hf_distill.recipes import (
     RECIPE_FILE,
     SOURCE_FILE,
@@ -203,6 +203,21 @@ def test_card_recipe_round_trip_and_metadata():
     assert hub_id("../data/x.jsonl") is None and hub_id("ns/x") == "ns/x"
     with pytest.raises(ValueError, match="no hf-distill recipe"):
         recipe_from_card("# a card without a recipe")
+
+
+def test_a_student_of_a_local_student_keeps_the_hub_lineage(tmp_path):
+    """A chain's stage 2 is taught by stage 1's folder: its card's `base_model` is the Hub model stage 1 came from."""
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    build_model_card(model_name="s1", teacher="smollm2", student_description="d", losses={}).save(stage1 / "README.md")
+    card = build_model_card(model_name="s2", teacher=str(stage1), student_description="d", losses={})
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (tmp_path / "plain").mkdir()  # a local teacher without a card, or with a README that is not one: no base_model
+    (tmp_path / "plain" / "README.md").write_text("# notes\n")
+    assert build_model_card(model_name="s", teacher=str(tmp_path / "plain"), student_description="d",
+                            losses={}).data.base_model is None  # fmt: skip
+    (tmp_path / "plain" / "README.md").write_text("---\n: bad: [\n---\n# notes\n")  # broken metadata
+    assert card_base_model(str(tmp_path / "plain")) is None and card_base_model(str(tmp_path / "nowhere")) is None
 
 
 def test_student_trained_from_a_hub_recipe_carries_it_in_its_card(tmp_path):
