@@ -250,8 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     def new_student() -> nn.Module:
         return init_student_from_teacher(teacher, layers=layers).train().requires_grad_(True)
 
+    student_settings = {**teacher_settings, "layers": layers}  # what every student run depends on, and its own below
     init_point = cached_run(runs / "student_init.json", lambda: {"step": 0, **evaluator(new_student())},
-                            {**teacher_settings, "layers": layers})  # fmt: skip
+                            student_settings)  # fmt: skip
 
     # 2. students: CE only and KD, same init, same steps, per seed
     methods = {
@@ -271,8 +272,8 @@ def main(argv: list[str] | None = None) -> None:
                 return {**stage, "method": method, "seed": seed, "loss": loss, "curve": [init_point, *curve.points],
                         **curve.points[-1]}  # fmt: skip
 
-            settings = {**teacher_settings, "layers": layers, "student_steps": args.student_steps,
-                        "eval_every": args.eval_every, "lr": args.lr, **loss}  # fmt: skip
+            settings = {**student_settings, "student_steps": args.student_steps, "eval_every": args.eval_every,
+                        "lr": args.lr, **loss}  # fmt: skip
             results[(method, seed)] = cached_run(runs / f"{method}-seed{seed}.json", run, settings)
 
     # 3. summary: final accuracy and the curves as mean +- spread over seeds

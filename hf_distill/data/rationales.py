@@ -408,29 +408,18 @@ def _finish(
             len(records),
             100.0 * right / max(len(records), 1),
         )
-    if filter_mismatch:
-        drop = set(empty) | set(unparsed) | set(wrong)
-        kept = dataset.select([i for i in range(len(dataset)) if i not in drop])
-        logger.warning(
-            "Kept %d of %d rows: dropped %d with an empty rationale, %d with no readable answer and %d whose teacher "
-            "answer differs from the gold label.",
-            len(kept),
-            len(dataset),
-            len(empty),
-            len(unparsed),
-            len(wrong),
-        )
-    else:
-        kept = dataset.select([i for i in range(len(dataset)) if i not in set(empty)])
-        logger.warning(
-            "Kept %d of %d rows: dropped %d with an empty rationale; kept %d with no readable answer and %d whose "
-            "teacher answer differs from the gold label (filter_mismatch=False).",
-            len(kept),
-            len(dataset),
-            len(empty),
-            len(unparsed),
-            len(wrong),
-        )
+    drop = set(empty) | (set(unparsed) | set(wrong) if filter_mismatch else set())
+    kept = dataset.select([i for i in range(len(dataset)) if i not in drop])
+    others, why = (", %d", "") if filter_mismatch else ("; kept %d", " (filter_mismatch=False)")
+    logger.warning(
+        f"Kept %d of %d rows: dropped %d with an empty rationale{others} with no readable answer and %d whose teacher "
+        f"answer differs from the gold label{why}.",
+        len(kept),
+        len(dataset),
+        len(empty),
+        len(unparsed),
+        len(wrong),
+    )
     kept.save_to_disk(os.path.join(output_dir, DATASET_DIR))
     return kept
 
