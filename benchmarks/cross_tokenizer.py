@@ -128,7 +128,7 @@ def step_loss(source, student, batch):
 
 
 def load_models(need_gemma: bool = True) -> dict:
-    from hf_distill.teachers.loading import load_model, load_tokenizer
+    from hf_distill.models import load_model, load_tokenizer
 
     models = {"smollm2": load_model("smollm2").eval(), "tok": load_tokenizer("smollm2")}
     if need_gemma:

@@ -41,7 +41,7 @@ from hf_distill.cli.quickstart import _to_prompt_completion, _train_student  # n
 from hf_distill.cli.quickstart import make_parser as quickstart_parser  # noqa: E402
 from hf_distill.data.transfer_set import build_transfer_set  # noqa: E402
 from hf_distill.evaluation import teacher_student_metrics  # noqa: E402
-from hf_distill.teachers.loading import load_model, load_tokenizer  # noqa: E402
+from hf_distill.models import load_model, load_tokenizer  # noqa: E402
 
 
 LOSSES = ["forward_kl", "reverse_kl", "jsd", "taid", "ab_divergence", "akl"]

@@ -60,8 +60,8 @@ def gemma3_inputs(n: int, student_layers: int, data_dir: str, device: str, dtype
     """`make_inputs` from real models: Gemma 3 270M's and a pruned Gemma 3 student's final hidden states `(N, 640)` on
     `n` tokens of e-SNLI explanations, and their lm_head weights `(262144, 640)` (the student's a fresh leaf)."""
     from hf_distill.heads import decoder_of, lm_head_of
+    from hf_distill.models import load_model, load_tokenizer
     from hf_distill.student import init_student_from_teacher
-    from hf_distill.teachers.loading import load_model, load_tokenizer
 
     teacher = load_model("gemma3").float().eval()
     torch.manual_seed(0)

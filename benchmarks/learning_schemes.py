@@ -74,7 +74,7 @@ def setting(opts: argparse.Namespace) -> dict[str, Any]:
     """Teacher, tokenizer and the quickstart's transfer set (train / held-out prompt-completion rows)."""
     from hf_distill.cli.quickstart import _to_prompt_completion
     from hf_distill.data.transfer_set import build_transfer_set
-    from hf_distill.teachers.loading import load_model, load_tokenizer
+    from hf_distill.models import load_model, load_tokenizer
 
     teacher = load_model("smollm2").eval()
     tokenizer = load_tokenizer("smollm2")
@@ -197,7 +197,7 @@ def run_one(name: str, opts, env) -> dict[str, Any]:
         seconds = train(t)
         return {"rows": {"ce_only": held_out(t.model, env, t)}, "seconds": seconds}
     if name == "mutual":  # the trainer's `peers` source: the model is PeerStudents, no teacher
-        from hf_distill.teachers.peers import PeerStudents
+        from hf_distill.student import PeerStudents
 
         shifted = list(range(2, 30, 3))  # 2, 5, ..., 29: another 10 of the teacher's layers
         model = PeerStudents([student(teacher, 10), student(teacher, shifted)])

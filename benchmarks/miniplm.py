@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, write_json
 
 from hf_distill.data.miniplm import mean_token_nll, score, select
+from hf_distill.models import load_model, load_tokenizer
 from hf_distill.student import init_student_from_teacher
-from hf_distill.teachers.loading import load_model, load_tokenizer
 
 
 ROOT = Path(__file__).resolve().parents[1]

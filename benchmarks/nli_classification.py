@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForSequenceClassification
 
     from hf_distill.data.tasks import prepare_task_dataset, task_collator
+    from hf_distill.models import load_model, load_tokenizer
     from hf_distill.student import init_student_from_teacher
-    from hf_distill.teachers.loading import load_model, load_tokenizer
 
     torch.manual_seed(seeds[0])
     wall, cpu = time.perf_counter(), time.process_time()

@@ -165,8 +165,8 @@ def main() -> None:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     clock, cpu_clock = time.time(), time.process_time()
+    from hf_distill.models import load_model, load_tokenizer
     from hf_distill.quantization import post_training_quantize
-    from hf_distill.teachers.loading import load_model, load_tokenizer
 
     print("[1/4] teacher and data")
     root = Path(__file__).resolve().parents[1]

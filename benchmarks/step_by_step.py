@@ -49,7 +49,7 @@ from hf_distill.data.rationales import (  # noqa: E402
     explanations_as_rationales,
     to_rationale_rows,
 )
-from hf_distill.teachers.loading import load_model, load_tokenizer  # noqa: E402
+from hf_distill.models import load_model, load_tokenizer  # noqa: E402
 
 
 SMOKE = dict(

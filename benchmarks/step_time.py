@@ -92,8 +92,8 @@ def prepare(workdir: Path, opts: argparse.Namespace) -> None:
     """Writes the teacher, the student at init, the tokenizer and the batches to `workdir` (once; reused after)."""
     if (workdir / "done").exists():
         return
+    from hf_distill.models import load_model, load_tokenizer
     from hf_distill.student import init_student_from_teacher
-    from hf_distill.teachers.loading import load_model, load_tokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -51,10 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, sync, write_json
 
 from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill.cache import TeacherCache, cache_teacher, quantization_error, tokenize_for_cache
+from hf_distill.cache.compact import _fields, _golomb_order, id_bits
+from hf_distill.models import load_model, load_tokenizer
 from hf_distill.student import init_student_from_teacher
-from hf_distill.teachers.cache import TeacherCache, cache_teacher, tokenize_for_cache
-from hf_distill.teachers.cache_compact import _fields, _golomb_order, id_bits, quantization_error
-from hf_distill.teachers.loading import load_model, load_tokenizer
 
 
 ROOT = Path(__file__).resolve().parents[1]

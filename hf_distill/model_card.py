@@ -14,9 +14,9 @@ import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 
+from .models import parse_init_kwargs
 from .quantization import QAT_METADATA_KEY, describe_quantization
 from .recipes import recipe_from_config, snapshot_commit
-from .teachers.loading import parse_init_kwargs
 
 
 TAGS = ["hf-distill", "distillation"]

@@ -24,25 +24,26 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from trl import SFTTrainer
 
+from .cache import CACHE_BATCH_KEYS, CROSS_CACHE_BATCH_KEYS, TeacherCache, TeacherCacheCollator
+from .checkpoints import CheckpointFileCallback
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
-from .data.collators import CONVERSATION_KEY, ConversationCollator, TeacherCacheCollator
+from .data.collators import CONVERSATION_KEY, ConversationCollator
 from .features.early_exit import EarlyExits
 from .features.hints import HintDistiller
 from .features.projectors import ProjectorCallback, load_projectors
+from .generation.onpolicy import PolicyBatchRewriter
 from .heads import detect_head
-from .jobs import CheckpointFileCallback
 from .model_card import trainer_model_card
+from .models import load_teacher, prepare_teacher, teacher_tokenizer_of, unregister_model
 from .quantization import fake_quantized_weights, prepare_qat_student
 from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_if_too_long, warn_mixed_precision_mismatch
+from .student import save_peers
 from .taid import TaidCallback
 from .teachers import SourceContext, SourceRequest, TeacherSource, select_teacher_source
-from .teachers.cache import CACHE_BATCH_KEYS, CROSS_CACHE_BATCH_KEYS, TeacherCache
 from .teachers.ema import self_taught
 from .teachers.ensemble import check_teacher_list
 from .teachers.live import FusedLiveTeacher, fused_unsupported_reason
-from .teachers.loading import load_teacher, prepare_teacher, teacher_tokenizer_of, unregister_model
-from .teachers.onpolicy import PolicyBatchRewriter
-from .teachers.peers import MutualLearning, save_peers
+from .teachers.peers import MutualLearning
 from .terms import TASK_COUNTS_KEY, LossTerms, SupervisedView, add_window_task_counts, normalised_loss, terms_per_task
 
 
@@ -228,7 +229,7 @@ class DistillationMixin:
         return [teacher for teacher, _ in loaded]
 
     def _load_teacher(self, teacher: PreTrainedModel | str, processing_class: Any) -> tuple[nn.Module, int | None]:
-        """One teacher, loaded and checked (`teachers.loading.load_teacher`) and placed (`prepare_teacher`); returns
+        """One teacher, loaded and checked (`models.load_teacher`) and placed (`prepare_teacher`); returns
         it and the vocabulary size to compare logits over."""
         student = self.accelerator.unwrap_model(self.model)
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
@@ -300,7 +301,7 @@ class DistillationMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As `Trainer.save_model`; a QAT student (`student_quantization`) is saved with its weights rounded onto the
         int grid, except in checkpoints (`checkpoint-N`), which keep the latent fp32 weights for resuming. Into a
-        checkpoint it also writes the files of the `jobs.CheckpointFileCallback`s (EMA teacher, hint projectors),
+        checkpoint it also writes the files of the `checkpoints.CheckpointFileCallback`s (EMA teacher, hint projectors),
         before the Trainer writes that checkpoint's `trainer_state.json`."""
         self._save_model(output_dir, _internal_call)
         if _internal_call and output_dir is not None:

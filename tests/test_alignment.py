@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from hf_distill.teachers.alignment import align_spans, shared_token_ids, token_char_spans, token_strings
+from hf_distill.alignment import align_spans, shared_token_ids, token_char_spans, token_strings
 
 
 def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerFast
 
 from hf_distill.data.rationale_templates import ESNLI_TEMPLATE, SVAMP_TEMPLATE
 from hf_distill.data.rationales import generate_rationales
-from hf_distill.teachers.api import APITeacher, APITeacherError
+from hf_distill.generation.api import APITeacher, APITeacherError
 
 
 SECRET = "sk-test-0123456789-never-print-me"

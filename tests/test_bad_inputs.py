@@ -115,7 +115,7 @@ def test_teacher_object_with_its_own_tokenizer_folder_is_checked(tmp_path, token
 
 
 def test_teacher_object_without_tokenizer_warns_it_could_not_be_verified(tmp_path, tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="hf_distill.teachers.loading"):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.models.checks"):
         make_lm_trainer(tmp_path, tokenizer, TEXTS, teacher=make_llama(4, 64, seed=1))
     assert "could not be checked" in caplog.text and "teacher_processing_class=" in caplog.text
     other_eos = make_llama(4, 64, seed=1)
@@ -233,6 +233,6 @@ def test_teacher_object_loaded_from_the_tokenizers_folder_is_not_warned_about(tm
     make_llama(4, 64, seed=1).save_pretrained(tmp_path / "teacher")
     teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
     own = type(tokenizer).from_pretrained(tmp_path / "teacher")  # name_or_path = the teacher's folder
-    with caplog.at_level(logging.WARNING, logger="hf_distill.teachers.loading"):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.models.checks"):
         make_lm_trainer(tmp_path, own, TEXTS, teacher=teacher)
     assert "could not be checked" not in caplog.text

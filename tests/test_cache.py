@@ -10,11 +10,11 @@ from conftest import distill_config, distill_sft_config, make_llama, make_tokeni
 from datasets import Dataset, load_from_disk
 from transformers import DataCollatorForSeq2Seq
 
-import hf_distill.teachers.cache as cache_module
+import hf_distill.cache.writer as cache_module
 from hf_distill import DistillationSFTTrainer, DistillationTrainer
-from hf_distill.data.collators import TeacherCacheCollator
-from hf_distill.teachers.cache import (
+from hf_distill.cache import (
     TeacherCache,
+    TeacherCacheCollator,
     cache_teacher,
     input_digest,
     supervised_positions,
@@ -398,7 +398,7 @@ def test_truncated_shard_names_the_file_and_is_recomputed(tmp_path, tokenizer, c
             train_dataset=rows,
             processing_class=tokenizer,
         )
-    with caplog.at_level("WARNING", logger="hf_distill.teachers.cache"):
+    with caplog.at_level("WARNING", logger="hf_distill.cache.writer"):
         repaired = build(tmp_path, tokenizer, rows, rows_per_shard=2, dtype="float32")
     assert not shard.exists() and shard.with_name(shard.name + ".corrupt").exists()
     assert any("Set aside as" in r.getMessage() and shard.name in r.getMessage() for r in caplog.records)

@@ -12,11 +12,10 @@ from datasets import Dataset
 from test_cache import PAIRS, build, cache_teacher_argv, prompt_completion_rows, shard_files
 from transformers import DataCollatorForSeq2Seq
 
-import hf_distill.teachers.cache as cache_module
+import hf_distill.cache.writer as cache_module
 from hf_distill import DistillationTrainer
+from hf_distill.cache import TeacherCache, decode_row, encode_row, quantization_error
 from hf_distill.losses.sparse import teacher_bucket_log_probs
-from hf_distill.teachers.cache import TeacherCache
-from hf_distill.teachers.cache_compact import decode_row, encode_row, quantization_error
 
 
 def lm_like_topk(vocab: int, n: int, k: int, seed: int = 0):
@@ -165,7 +164,7 @@ def test_corrupt_compact_shard(tmp_path, tokenizer, caplog):
         ValueError, match=rf"Row 0 of the teacher cache shard {shard} is corrupt \(checksum mismatch\)"
     ):
         broken.lookup([0])
-    with caplog.at_level("WARNING", logger="hf_distill.teachers.cache"):
+    with caplog.at_level("WARNING", logger="hf_distill.cache.writer"):
         repaired = build(tmp_path, tokenizer, rows, compression="compact", rows_per_shard=3)
     assert shard.with_name(shard.name + ".corrupt").exists()
     assert any("checksum mismatch" in r.getMessage() for r in caplog.records)

@@ -11,9 +11,8 @@ from test_cross_tokenizer_teacher import ANSWERS, PROMPTS, bpe_teacher_tokenizer
 from tokenizers import ByteLevelBPETokenizer
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast
 
-from hf_distill.data.collators import TeacherCacheCollator
+from hf_distill.cache import TEACHER_TOKENIZER_DIR, TeacherCache, TeacherCacheCollator, cache_teacher
 from hf_distill.teachers import SourceRequest, select_teacher_source
-from hf_distill.teachers.cache import TEACHER_TOKENIZER_DIR, TeacherCache, cache_teacher
 from hf_distill.teachers.cross_tokenizer_cache import CachedCrossTokenizerTeacher
 
 
@@ -187,10 +186,10 @@ def test_gemma3_cache_gives_the_live_uld():
     from types import SimpleNamespace
 
     from hf_distill.heads import detect_head
+    from hf_distill.models import load_model, load_tokenizer
     from hf_distill.student import init_student_from_teacher
     from hf_distill.teachers.base import SourceContext
     from hf_distill.teachers.cross_tokenizer import CrossTokenizerTeacher
-    from hf_distill.teachers.loading import load_model, load_tokenizer
 
     s_tok, t_tok = load_tokenizer("smollm2"), load_tokenizer("gemma3")
     teacher = load_model("gemma3").eval()
@@ -244,7 +243,7 @@ def chat_build(tmp_path, loss, conversational=True, **args):
 @pytest.mark.parametrize("loss", ["uld", "gold", "alm"])
 def test_a_cache_of_conversations_gives_the_live_templated_loss(tmp_path, loss):
     """Conversational rows are cached on the teacher's own chat template, as the live teacher reads them."""
-    from hf_distill.teachers.cross_tokenizer import chat_template_id
+    from hf_distill.alignment import chat_template_id
 
     student, live, cache, batch = chat_build(tmp_path, loss)
     t_tok = live.teacher_tokenizer

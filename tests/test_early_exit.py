@@ -98,7 +98,7 @@ def test_exits_add_no_parameters_and_need_hidden_states(tmp_path, tokenizer):
         EarlyExits(distill_config(tmp_path, early_exit_layers=[0]), model)
     from transformers import LlamaForSequenceClassification
 
-    from hf_distill.teachers.peers import PeerStudents
+    from hf_distill.student import PeerStudents
 
     classifier = make_llama(4, 32, cls=LlamaForSequenceClassification, num_labels=3)
     with pytest.raises(ValueError, match="causal LM students.*sequence_classification"):

@@ -287,7 +287,7 @@ def test_smollm2_scores_real_text(tmp_path):
     if not (DATA / "esnli" / "train.jsonl").exists():
         pytest.skip(f"no task data at {DATA}")
     pytest.importorskip("gguf")
-    from hf_distill.teachers.loading import load_model, load_tokenizer
+    from hf_distill.models import load_model, load_tokenizer
 
     rows = [json.loads(line) for line in (DATA / "esnli" / "train.jsonl").read_text().splitlines()[:6]]
     texts = [f"{r['premise']} {r['explanation']}" for r in rows]

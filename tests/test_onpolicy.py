@@ -11,8 +11,8 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq
 
 from hf_distill import DistillationSFTTrainer, DistillationTrainer
-from hf_distill.teachers.cache import tokenize_for_cache
-from hf_distill.teachers.onpolicy import PolicyBatchRewriter, generate_completions, rebuild_batch, split_prompts
+from hf_distill.cache import tokenize_for_cache
+from hf_distill.generation.onpolicy import PolicyBatchRewriter, generate_completions, rebuild_batch, split_prompts
 
 
 PAIRS = [

@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLan
 
 from hf_distill import DistillationTrainer
 from hf_distill.heads import detect_head
+from hf_distill.student import PeerStudents, peer_folders
 from hf_distill.teachers.base import SourceContext
-from hf_distill.teachers.peers import MutualLearning, PeerStudents, peer_folders
+from hf_distill.teachers.peers import MutualLearning
 from hf_distill.terms import SupervisedView
 
 
@@ -168,7 +169,7 @@ def test_two_processes_equal_one_process(tmp_path, fused):
 def test_peers_of_other_vocabularies_or_head_kinds_are_refused(tmp_path):
     from transformers import LlamaForSequenceClassification
 
-    from hf_distill.teachers.peers import output_size
+    from hf_distill.student import output_size
 
     small, large = make_llama(2, 32, vocab_size=64), make_llama(2, 32, vocab_size=72)
     assert (output_size(small), output_size(large)) == (64, 72)

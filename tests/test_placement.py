@@ -16,8 +16,8 @@ from trl import ModelConfig
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.losses import logit_divergence
-from hf_distill.teachers import loading as teacher_module
-from hf_distill.teachers.loading import check_teacher_fits, prepare_teacher, quantized_student_kwargs
+from hf_distill.models import check_teacher_fits, prepare_teacher, quantized_student_kwargs
+from hf_distill.models import placement as teacher_module
 
 
 TEXTS = ["the cat sat on the mat", "a dog ran fast", "the big red dog is slow", "one plus two equals three"]
@@ -61,7 +61,7 @@ def test_unregister_model_on_the_pinned_accelerate(tmp_path):
     and still decides what `save_state` writes, so an accelerate upgrade that changes it fails here first."""
     from accelerate import Accelerator
 
-    from hf_distill.teachers.loading import unregister_model
+    from hf_distill.models import unregister_model
 
     accelerator = Accelerator(cpu=True)
     kept, dropped = accelerator.prepare_model(torch.nn.Linear(2, 2)), accelerator.prepare_model(torch.nn.Linear(3, 3))
@@ -188,7 +188,7 @@ def test_bf16_autocast_teacher_and_fp32_kd_loss(tmp_path, tokenizer):
 def test_load_teacher_checks_tokenizer_head_and_vocabulary(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from hf_distill.teachers.loading import load_teacher
+    from hf_distill.models import load_teacher
 
     path = tmp_path / "teacher"
     make_llama(2, 48, seed=3).save_pretrained(path)

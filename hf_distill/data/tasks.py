@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from ..heads import named_labels
-from ..teachers.loading import load_model
+from ..models import load_model
 
 
 logger = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import pad
 
+from ..generation.api import APITeacher
 from ..jobs import ResumableJob, atomic_path, fingerprint, write_json_atomic
-from ..teachers.api import APITeacher
 
 
 logger = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def build_transfer_set(
 
     Args:
         teacher (`PreTrainedModel` or `APITeacher`): a causal LM (decoder-only), used in eval mode under `no_grad`;
-            or a served teacher (`hf_distill.teachers.api.APITeacher`): sample `i` is one request seeded with
+            or a served teacher (`hf_distill.generation.api.APITeacher`): sample `i` is one request seeded with
             `seed + i` (`batch_size` unused; its `max_concurrency` requests run at once), the chat endpoint gets the
             prompt as a user turn (the completions endpoint the tokenizer's chat-formatted text, when given).
         tokenizer (`PreTrainedTokenizerBase`): the teacher's tokenizer; its chat template formats the prompts when it

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..jobs import CheckpointFileCallback
+from ..checkpoints import CheckpointFileCallback
 
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class ProjectorCallback(CheckpointFileCallback):
       `model.zero_grad()`; the projectors live outside the student, so without this their `.grad` would keep summing
       over the whole run and a resumed run, starting from zero, would diverge).
     - writes them into each checkpoint folder (`checkpoint-<global_step>` under `output_dir`) before the Trainer's
-      `trainer_state.json`, on the process that saves (`jobs.CheckpointFileCallback`). Loading them on resume is
+      `trainer_state.json`, on the process that saves (`checkpoints.CheckpointFileCallback`). Loading them on resume is
       `load_projectors`, called by the trainer's `_load_from_checkpoint` (there is no callback hook that knows the
       checkpoint being resumed).
 

@@ -14,7 +14,7 @@
   log-likelihoods, not probability rows).
 
 `uld` and `gold` take probability rows (`(G, V_s)` student, `(G, V_t)` teacher), which may be unnormalised (merged over
-aligned spans, see `hf_distill.teachers.alignment`), and return one value per row, `(G,)`.
+aligned spans, see `hf_distill.alignment`), and return one value per row, `(G,)`.
 
 Top-k truncation (`top_k`): the sorted vectors are kept to their `k` largest entries and the rest of each row's mass
 is one tail bucket, compared as `|tail_s - tail_t|`. That is a lower bound of the exact ULD; the error is at most

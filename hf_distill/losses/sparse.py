@@ -1,6 +1,6 @@
 r"""Divergences against a cached top-k teacher: the k stored tokens plus one tail bucket.
 
-A teacher cache (`teachers.cache`) stores, per supervised position, the teacher's k most likely token ids `I`, their
+A teacher cache (`hf_distill.cache`) stores, per supervised position, the teacher's k most likely token ids `I`, their
 log-probabilities at temperature 1, `l_i = log p_t(I_i)`, and the log of the remaining mass,
 `rho = log(1 - sum_i p_t(I_i)) = logsumexp_{v not in I} log p_t(v)` (computed exactly when the cache is written). The
 loss compares teacher and student on the k + 1 buckets `{I_1}, ..., {I_k}, tail = V \ I`:

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
+from ..cache import TeacherCache
 from .base import SourceContext, TeacherSource
-from .cache import TeacherCache
 from .cached import CacheTeacher
 from .cross_tokenizer import CrossTokenizerTeacher
 from .cross_tokenizer_cache import CachedCrossTokenizerTeacher

@@ -1,4 +1,4 @@
-"""An offline teacher: the top-k distributions of a teacher cache (`teachers.cache`), read from the batch that
+"""An offline teacher: the top-k distributions of a teacher cache (`hf_distill.cache`), read from the batch that
 `TeacherCacheCollator` built. No teacher model is in memory; KD is the sparse divergence of `losses.sparse` (the k
 cached tokens plus one tail bucket)."""
 
@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
+from ..cache import CACHE_BATCH_KEYS, TeacherCache
 from ..heads import divergence_kwargs, kd_scale
 from ..losses.sparse import SPARSE_LOSSES, sparse_logit_divergence
 from ..terms import LossTerms, SupervisedView
 from .base import SourceContext, TeacherSource
-from .cache import CACHE_BATCH_KEYS, TeacherCache
 
 
 @dataclass

@@ -22,20 +22,26 @@ Supervised student tokens that no group covers (special tokens such as the EOS t
 tokenizes across a prompt/completion boundary) get the CE term only; `cross_tokenizer_aligned` logs the fraction.
 """
 
-import hashlib
-import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jinja2.exceptions import TemplateError
 from torch import nn
 
+from ..alignment import (
+    Group,
+    Span,
+    align_spans,
+    assistant_start,
+    conversation_templated,
+    relocate_supervised,
+    shared_token_ids,
+    teacher_tokenize,
+    token_char_spans,
+)
 from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms
 from ..losses.cross_tokenizer import alm, shared_kl, sorted_head, teacher_row_stats, uld_from_sorted
 from ..terms import LossTerms, SupervisedView
-from .alignment import Group, Span, align_spans, shared_token_ids, token_char_spans
 from .base import SourceContext, TeacherSource
 
 
@@ -120,7 +126,7 @@ class CrossTokenizerTeacher(TeacherSource):
         """The source for a run with `cross_tokenizer_loss` set, outside the trainer: the teacher's tokenizer is
         `teacher_tokenizer` when given, else `loading.teacher_tokenizer_of` (`teacher_tokenizer_name_or_path`, else
         `teacher_model_name_or_path`, else the name the teacher was loaded from)."""
-        from .loading import teacher_tokenizer_of
+        from ..models import teacher_tokenizer_of
 
         args = context.args
         name = getattr(args, "teacher_model_name_or_path", None)
@@ -314,129 +320,3 @@ class CrossTokenizerTeacher(TeacherSource):
         defined = twin >= 0
         agree = (twin == s_logprobs.argmax(-1)) & defined
         return terms.metric("top1_agreement", agree.sum().float(), defined.sum())
-
-
-def _is_conversation(value: Any) -> bool:
-    """A list of `{"role", "content"}` dicts (TRL's conversational format)."""
-    return isinstance(value, list | tuple) and all(isinstance(m, Mapping) and "role" in m for m in value)
-
-
-def row_conversation(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-    """The conversation of a dataset row: its `messages`, or its conversational `prompt` followed by `completion`
-    (TRL's two conversational formats); None for a row that is not a conversation.
-
-    Args:
-        row (`Mapping`): one dataset row.
-
-    Returns:
-        `list[dict]` or None: `[{"role": ..., "content": ...}, ...]`.
-    """
-    messages = row.get("messages")
-    if messages is not None and _is_conversation(messages):
-        return [dict(m) for m in messages]
-    prompt, completion = row.get("prompt"), row.get("completion")
-    if prompt is not None and completion is not None and _is_conversation(prompt) and _is_conversation(completion):
-        return [dict(m) for m in (*prompt, *completion)]
-    return None
-
-
-def chat_template_id(tokenizer: Any) -> str | None:
-    """sha256 of a tokenizer's chat template (None without one): what a cross-tokenizer cache records of the
-    template its teacher read the conversations with."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return None
-    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def conversation_templated(messages: Any, teacher_tokenizer: Any) -> bool:
-    """Whether the teacher reads conversations rendered with its own chat template: `messages` (a batch's
-    `messages`, or a dataset's conversations) are given and the teacher's tokenizer has a chat template."""
-    return messages is not None and bool(getattr(teacher_tokenizer, "chat_template", None))
-
-
-def assistant_start(tokenizer: Any, messages: list[dict[str, Any]], text: str) -> int:
-    """Where the first assistant turn begins in `text` (`messages` rendered with `tokenizer`'s chat template): the
-    length of the rendering of the messages before it, when that is a prefix of `text`; else 0.
-
-    Args:
-        tokenizer: the teacher's tokenizer. messages (`list[dict]`): one conversation. text (`str`): its rendering.
-    """
-    first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), 0)
-    if first == 0:
-        return 0
-    try:
-        prefix = tokenizer.apply_chat_template(messages[:first], tokenize=False)
-    except (TemplateError, ValueError):  # a template that refuses a conversation without an assistant turn
-        return 0
-    return len(prefix) if text.startswith(prefix) else 0
-
-
-def relocate_supervised(
-    spans: list[Span | None], labels: list[int], text: str, teacher_text: str, floor: int = 0
-) -> list[Span | None]:
-    """Student spans moved from the student's decoded `text` into `teacher_text` (the same conversation rendered by
-    the teacher's chat template), supervised tokens only.
-
-    Each run of consecutive supervised tokens (`labels != -100`) is looked up in `teacher_text` after the previous
-    run, at or after `floor` (where the first assistant turn starts: `assistant_start`) when it is found there, so
-    an answer whose text also occurs in the prompt is placed in the answer; a run that is not found (the templates
-    changed its text) keeps no spans, so it gets CE only.
-
-    Args:
-        spans (`list`): `(T,)` spans in `text`. labels (`list[int]`): `(T,)`. text, teacher_text (`str`).
-        floor (`int`): the character of `teacher_text` from which a run is looked up first.
-
-    Returns:
-        `list`: `(T,)` spans in `teacher_text`, None outside the supervised runs.
-    """
-    out: list[Span | None] = [None] * len(spans)
-    cursor, j = 0, 0
-    while j < len(spans):
-        if labels[j] == IGNORE_INDEX or spans[j] is None:
-            j += 1
-            continue
-        run = [j]
-        while run[-1] + 1 < len(spans) and labels[run[-1] + 1] != IGNORE_INDEX and spans[run[-1] + 1] is not None:
-            run.append(run[-1] + 1)
-        start, end = spans[run[0]][0], spans[run[-1]][1]
-        piece = text[start:end].strip()
-        found = teacher_text.find(piece, max(cursor, floor)) if piece else -1
-        if piece and found < 0:
-            found = teacher_text.find(piece, cursor)
-        if found >= 0:
-            shift = found - (start + len(text[start:end]) - len(text[start:end].lstrip()))
-            for k in run:
-                a, b = spans[k]
-                out[k] = (max(found, a + shift), max(found, b + shift))
-            cursor = found + len(piece)
-        j = run[-1] + 1
-    return out
-
-
-def teacher_tokenize(
-    tok: Any, texts: list[str], add_special_tokens: bool = True
-) -> tuple[torch.Tensor, list[list[Span | None]]]:
-    """The teacher's tokens of each text, its BOS first (so the first text token has a predictor), right-padded.
-    A text rendered by a chat template carries its own special tokens (`add_special_tokens=False`).
-
-    Args:
-        tok: the teacher's fast tokenizer. texts (`list[str]`): B texts.
-
-    Returns:
-        `(ids (B, T_t), spans)`: spans per row (unpadded length), None for special tokens.
-    """
-    enc = tok(texts, return_offsets_mapping=True, return_special_tokens_mask=True,
-              add_special_tokens=add_special_tokens)  # fmt: skip
-    bos = tok.bos_token_id
-    rows, spans = [], []
-    for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
-        row_spans = [None if s or a == b else (a, b) for (a, b), s in zip(offsets, special)]
-        if bos is not None and (not ids or ids[0] != bos):
-            ids, row_spans = [bos, *ids], [None, *row_spans]
-        rows.append(ids)
-        spans.append(row_spans)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [pad] * (width - len(r)) for r in rows]), spans

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
+from ..checkpoints import CheckpointFileCallback
 from ..heads import unwrap
-from ..jobs import CheckpointFileCallback
 from ..terms import LossTerms, SupervisedView
 from .base import SourceContext, TeacherSource
 from .live import FusedLiveTeacher, LiveTeacher, fused_unsupported_reason
@@ -215,7 +215,7 @@ def self_taught(args: Any, model: nn.Module, teacher: Any) -> bool:
 
 class EMACallback(CheckpointFileCallback):
     """Moves the EMA teacher after every optimizer step and writes it into each checkpoint folder, before the
-    checkpoint's `trainer_state.json` (`jobs.CheckpointFileCallback`).
+    checkpoint's `trainer_state.json` (`checkpoints.CheckpointFileCallback`).
 
     Args:
         source (`EMATeacher`): the source whose model is updated.

@@ -15,191 +15,22 @@ peer as an ordinary model to `folder/peer0`, `folder/peer1`, ... (each loadable 
 The `MutualLearning` source computes the terms, dense or with the chunked hidden-state loss (`losses.fused`).
 """
 
-import json
-import os
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
-from transformers.utils import ModelOutput
 
 from ..heads import (
-    LABEL_KINDS,
-    detect_head,
     divergence_kwargs,
     fused_head_loss,
     kd_scale,
     lm_head_of,
     logit_terms,
-    unwrap,
 )
 from ..losses import logit_divergence
+from ..student import unwrap_peers
 from ..terms import LossTerms, SupervisedView
 from .base import SourceContext, TeacherSource
 from .live import FUSED_FORWARD_KWARGS
-
-
-PEERS_FILE = "peers.json"
-
-
-@dataclass
-class PeerOutputs(ModelOutput):
-    """What `PeerStudents.forward` returns.
-
-    Attributes:
-        logits (`torch.Tensor`): peer 0's logits (what evaluation code that reads `logits` sees).
-        peer_outputs (`tuple`): each peer's own model output, in peer order.
-    """
-
-    logits: torch.Tensor | None = None
-    peer_outputs: tuple | None = None
-
-
-class PeerStudents(nn.Module):
-    """K >= 2 peer students of one head kind and vocabulary, trained as one model.
-
-    Args:
-        peers (`list[nn.Module]`): the students (they may differ in size or architecture, and must share the
-            tokenizer and the head kind).
-
-    Example:
-        >>> model = PeerStudents([student_a, student_b])
-        >>> trainer = DistillationTrainer(model=model, args=DistillationConfig("out", kd_weight=1.0), ...)
-        >>> trainer.train(); trainer.save_model("out")   # out/peer0, out/peer1 (the trainer picks the `peers` source)
-    """
-
-    def __init__(self, peers: list[nn.Module]):
-        super().__init__()
-        if len(peers) < 2:
-            raise ValueError(f"Mutual learning needs at least 2 peer students, got {len(peers)}.")
-        if len({id(unwrap(p)) for p in peers}) < len(peers):
-            raise ValueError(
-                "The same model is given twice as a peer; peers teach each other, so each must be its own model "
-                "(e.g. `copy.deepcopy(student)` or another initialisation)."
-            )
-        if not all(hasattr(unwrap(p), "config") for p in peers):
-            raise ValueError("Every peer must be a transformers model with a `config`.")
-        kinds = [detect_head(p).kind for p in peers]
-        if len(set(kinds)) > 1:
-            raise ValueError(
-                f"The peers have different head kinds {kinds}; mutual learning compares their predictions, so every "
-                "peer must be the same kind of model (e.g. all AutoModelForCausalLM)."
-            )
-        sizes = [output_size(p) for p in peers]
-        if len(set(sizes)) > 1:
-            raise ValueError(
-                f"The peers predict over different output sizes {sizes} (vocabulary or labels); mutual learning "
-                "compares their distributions token by token, so the peers must share one tokenizer and head size. "
-                "Give them one vocabulary (e.g. `peer.resize_token_embeddings(n)` for a padded embedding matrix)."
-            )
-        self.peers = nn.ModuleList(peers)
-        self.config = unwrap(peers[0]).config  # read by Trainer/TRL checks (use_cache, name_or_path, ...)
-        self.main_input_name = getattr(unwrap(peers[0]), "main_input_name", "input_ids")
-        self.generation_config = getattr(unwrap(peers[0]), "generation_config", None)  # TRL sets its pad token
-
-    def get_base_model(self) -> nn.Module:
-        """Peer 0, which stands for every peer where one model's head or config is asked for (`heads.unwrap`)."""
-        return self.peers[0]
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        decoder_input_ids: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> PeerOutputs:
-        """Every peer on the same inputs (`(B, T)` ids and masks); keyword arguments go to each peer unchanged."""
-        named = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "token_type_ids": token_type_ids,
-            "decoder_input_ids": decoder_input_ids,
-            "decoder_attention_mask": decoder_attention_mask,
-            "inputs_embeds": inputs_embeds,
-            "labels": labels,
-        }
-        inputs = {k: v for k, v in named.items() if v is not None}
-        outputs = tuple(peer(**inputs, **kwargs) for peer in self.peers)
-        return PeerOutputs(logits=outputs[0].logits, peer_outputs=outputs)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """As `nn.Module.state_dict`, with tied weights (shared storage) as separate copies, so that safetensors can
-        write a checkpoint of peers with tied embeddings; loading fills both names with the same values."""
-        state = super().state_dict(*args, **kwargs)
-        seen: set[tuple[int, int, tuple]] = set()
-        for key, value in state.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-            if ident in seen:
-                state[key] = value.clone()
-            seen.add(ident)
-        return state
-
-    def add_model_tags(self, tags: list[str] | str) -> None:
-        """Model-card tags on every peer."""
-        for peer in self.peers:
-            if hasattr(peer, "add_model_tags"):
-                peer.add_model_tags(tags)
-
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Gradient checkpointing in every peer."""
-        for peer in self.peers:
-            peer.gradient_checkpointing_enable(**kwargs)
-
-    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Peer 0's decoder inputs for seq2seq peers (all peers share the tokenizer)."""
-        return unwrap(self.peers[0]).prepare_decoder_input_ids_from_labels(labels=labels)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
-        """Write peer `i` to `save_directory/peer{i}` with its own `save_pretrained` (`kwargs` passed on) and list
-        the folders in `save_directory/peers.json`; returns the folders."""
-        os.makedirs(save_directory, exist_ok=True)
-        kwargs.pop("state_dict", None)  # Trainer passes the wrapper's; each peer saves its own
-        folders = []
-        for i, peer in enumerate(self.peers):
-            folder = os.path.join(save_directory, f"peer{i}")
-            unwrap(peer).save_pretrained(folder, **kwargs)
-            folders.append(folder)
-        with open(os.path.join(save_directory, PEERS_FILE), "w", encoding="utf-8") as f:
-            json.dump({"peers": [f"peer{i}" for i in range(len(self.peers))]}, f, indent=2)
-        return folders
-
-
-def output_size(model: nn.Module) -> int | None:
-    """The size of a model's predictions: the rows of its output embeddings (lm_head), else `config.num_labels`
-    (classification heads), else `config.vocab_size`."""
-    model = unwrap(model)
-    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return int(weight.shape[0])
-    if detect_head(model).kind in LABEL_KINDS:
-        return int(model.config.num_labels)
-    return getattr(model.config, "vocab_size", None)
-
-
-def save_peers(model: nn.Module, output_dir: str, processing_class: Any = None, is_main_process: bool = True) -> None:
-    """The export of a mutual-learning run (`DistillationMixin.save_model`): every peer to `output_dir/peer{i}`, with
-    the tokenizer (or processor) beside each, so each folder loads with `from_pretrained`."""
-    if not is_main_process:
-        return
-    for folder in unwrap_peers(model).save_pretrained(output_dir):
-        if processing_class is not None:
-            processing_class.save_pretrained(folder)
-
-
-def peer_folders(directory: str | os.PathLike) -> list[str]:
-    """The peer folders `PeerStudents.save_pretrained` wrote in `directory`, in peer order."""
-    with open(os.path.join(directory, PEERS_FILE), encoding="utf-8") as f:
-        return [os.path.join(directory, name) for name in json.load(f)["peers"]]
 
 
 def _dense_terms(outputs: tuple, view: SupervisedView, args: Any, vocab_size: int | None) -> LossTerms:
@@ -258,18 +89,6 @@ def fused_peers_reason(model: nn.Module, head_kind: str, sharded: bool = False) 
     if any(lm_head_of(peer) is None for peer in unwrap_peers(model).peers):
         return "a peer's logits are not a plain lm_head of its last hidden state"
     return None
-
-
-def unwrap_peers(model: nn.Module) -> PeerStudents:
-    """The `PeerStudents` under DDP / compile wrappers; raises a ValueError for any other model."""
-    while not isinstance(model, PeerStudents):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            raise ValueError(
-                f"Mutual learning needs the trainer's model to be `PeerStudents([...])`, got {type(model).__name__}."
-            )
-        model = inner
-    return model
 
 
 class MutualLearning(TeacherSource):

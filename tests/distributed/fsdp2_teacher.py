@@ -24,7 +24,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from hf_distill.cli.shutdown import end_distributed_run
-from hf_distill.teachers.loading import prepare_teacher
+from hf_distill.models import prepare_teacher
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from accelerate import PartialState
 
 from hf_distill.cli.shutdown import end_distributed_run
 from hf_distill.data.miniplm import score
-from hf_distill.teachers.loading import load_model
+from hf_distill.models import load_model
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ from transformers import DataCollatorForLanguageModeling
 
 from hf_distill import DistillationTrainer
 from hf_distill.cli.shutdown import end_distributed_run
-from hf_distill.teachers.peers import MutualLearning, PeerStudents
+from hf_distill.student import PeerStudents
+from hf_distill.teachers.peers import MutualLearning
 
 
 def main() -> None:

