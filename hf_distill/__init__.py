@@ -3,9 +3,8 @@
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
 from .data.collators import RationaleCollator
 from .trainer import DistillationMixin, DistillationSFTTrainer, DistillationTrainer
+from .version import __version__
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DistillationArguments",
@@ -15,4 +14,5 @@ __all__ = [
     "DistillationSFTTrainer",
     "DistillationTrainer",
     "RationaleCollator",
+    "__version__",
 ]

@@ -193,6 +193,23 @@ def shared_token_ids(student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[li
     return student_ids, teacher_ids
 
 
+def shared_special_ids(student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Pairs of (student id, teacher id) of special / added tokens spelled the same (`</s>`, `<|im_end|>`), which
+    `token_strings` leaves out; TRL's GOLD matches them too (its map compares the vocabularies' raw strings).
+
+    Returns:
+        `(student_ids, teacher_ids)`: lists in the same order (ascending teacher id).
+    """
+
+    def specials(tok: Any) -> dict[str, int]:
+        ids = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+        return {tok.convert_ids_to_tokens(i): i for i in sorted(ids) if i < len(tok)}
+
+    theirs, ours = specials(teacher_tokenizer), specials(student_tokenizer)
+    pairs = sorted((t_id, ours[text]) for text, t_id in theirs.items() if text in ours)
+    return [s for _, s in pairs], [t for t, _ in pairs]
+
+
 def _is_conversation(value: Any) -> bool:
     """A list of `{"role", "content"}` dicts (TRL's conversational format)."""
     return isinstance(value, list | tuple) and all(isinstance(m, Mapping) and "role" in m for m in value)

@@ -10,11 +10,13 @@ from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .features.projectors import PROJECTOR_KINDS
-from .losses import ATTENTION_LOSSES, HINT_LOSSES, LOGIT_LOSSES, RELATION_LOSSES
-from .losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES
+from .losses import ATTENTION_LOSSES, DIVERGENCE_DEFAULTS, HINT_LOSSES, LOGIT_LOSSES, RELATION_LOSSES
+from .losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES, GOLD_BETAS
 from .losses.features import HINT_NORMALIZATIONS
 from .losses.relations import POOLINGS
+from .losses.sparse import SPARSE_LOSSES
 from .quantization import QUANT_SCHEMES, check_scheme
+from .taid import TAID_DEFAULTS
 
 
 @dataclass
@@ -36,7 +38,8 @@ class DistillationArguments:
         teacher's own (`teacher_model_name_or_path`; `"gemma3"`, `"smollm2"` shorthands too).
     cross_tokenizer_loss (`str`, *optional*):
         Distil a teacher whose tokenizer differs from the student's: `uld` (Boizard et al. 2024, sorted-probability
-        Wasserstein distance), `gold` (TRL GOLD's hybrid: KL on shared token strings, ULD on the rest) or `alm`
+        Wasserstein distance), `gold` (TRL GOLD's hybrid: the `kd_loss` divergence -- forward_kl, reverse_kl or jsd --
+        on the shared token strings, ULD on the rest) or `alm`
         (Minixhofer et al. 2025: binary KL between the likelihoods of the aligned chunks). Tokens are aligned by
         character offsets (docs/cross_tokenizer.md). None: the tokenizers must be the same.
     cross_tokenizer_top_k (`int`, *optional*, defaults to `1024`):
@@ -161,25 +164,42 @@ class DistillationArguments:
         metadata={"help": "Divergence between teacher and student distributions.", "choices": list(LOGIT_LOSSES)},
     )
     temperature: float = field(
-        default=1.0, metadata={"help": "KD softmax temperature (> 0); the KD term is scaled by temperature**2."}
+        default=DIVERGENCE_DEFAULTS["temperature"],
+        metadata={"help": "KD softmax temperature (> 0); the KD term is scaled by temperature**2."},
     )
     beta: float = field(
-        default=0.5, metadata={"help": "Generalized JSD interpolation in [0, 1]: 0 forward KL, 1 reverse KL."}
+        default=DIVERGENCE_DEFAULTS["beta"],
+        metadata={"help": "Generalized JSD interpolation in [0, 1]: 0 forward KL, 1 reverse KL."},
     )
-    skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL mixing weight in [0, 1) (DistiLLM)."})
-    taid_t_start: float = field(default=0.4, metadata={"help": "TAID: initial interpolation t in [0, 1)."})
-    taid_t_end: float = field(default=1.0, metadata={"help": "TAID: final (largest) t in (taid_t_start, 1]."})
+    skew_alpha: float = field(
+        default=DIVERGENCE_DEFAULTS["skew_alpha"], metadata={"help": "Skew KL mixing weight in [0, 1) (DistiLLM)."}
+    )
+    taid_t_start: float = field(
+        default=TAID_DEFAULTS["t_start"], metadata={"help": "TAID: initial interpolation t in [0, 1)."}
+    )
+    taid_t_end: float = field(
+        default=TAID_DEFAULTS["t_end"], metadata={"help": "TAID: final (largest) t in (taid_t_start, 1]."}
+    )
     taid_alpha: float = field(
-        default=5e-4, metadata={"help": "TAID: step size of the adaptive t update, in [0, 1] (0: linear schedule)."}
+        default=TAID_DEFAULTS["alpha"],
+        metadata={"help": "TAID: step size of the adaptive t update, in [0, 1] (0: linear schedule)."},
     )
-    taid_beta: float = field(default=0.99, metadata={"help": "TAID: momentum of the relative loss change, in [0, 1)."})
+    taid_beta: float = field(
+        default=TAID_DEFAULTS["beta"], metadata={"help": "TAID: momentum of the relative loss change, in [0, 1)."}
+    )
     taid_adaptive: bool = field(
-        default=True, metadata={"help": "TAID: adaptive t update (False: linear schedule from t_start to t_end)."}
+        default=TAID_DEFAULTS["adaptive"],
+        metadata={"help": "TAID: adaptive t update (False: linear schedule from t_start to t_end)."},
     )
-    ab_alpha: float = field(default=0.8, metadata={"help": "ABKD alpha >= 0 ((1, 0) = forward KL)."})
-    ab_beta: float = field(default=0.3, metadata={"help": "ABKD beta >= 0 ((0, 1) = reverse KL)."})
+    ab_alpha: float = field(
+        default=DIVERGENCE_DEFAULTS["ab_alpha"], metadata={"help": "ABKD alpha >= 0 ((1, 0) = forward KL)."}
+    )
+    ab_beta: float = field(
+        default=DIVERGENCE_DEFAULTS["ab_beta"], metadata={"help": "ABKD beta >= 0 ((0, 1) = reverse KL)."}
+    )
     akl_mu: float = field(
-        default=0.5, metadata={"help": "AKL head threshold in (0, 1]: teacher cumulative mass of the head."}
+        default=DIVERGENCE_DEFAULTS["akl_mu"],
+        metadata={"help": "AKL head threshold in (0, 1]: teacher cumulative mass of the head."},
     )
     kd_weight: float = field(default=0.5, metadata={"help": "Weight of the KD term (>= 0)."})
     ce_weight: float = field(default=0.5, metadata={"help": "Weight of the hard-label cross-entropy term (>= 0)."})
@@ -247,7 +267,8 @@ class DistillationArguments:
         default=128, metadata={"help": "Completion length limit of on-policy samples and seq_kd generations."}
     )
     generation_temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature (> 0) of on-policy samples (not the KD temperature)."}
+        default=DIVERGENCE_DEFAULTS["temperature"],
+        metadata={"help": "Sampling temperature (> 0) of on-policy samples (not the KD temperature)."},
     )
     seq_kd: bool = field(
         default=False, metadata={"help": "Sequence-level KD: replace completions by the teacher's generations."}
@@ -431,6 +452,11 @@ class DistillationArguments:
                 f"`cross_tokenizer_loss` must be one of {list(CROSS_TOKENIZER_LOSSES)} or None, got "
                 f"{self.cross_tokenizer_loss!r}."
             )
+        if self.cross_tokenizer_loss == "gold" and self.kd_loss not in (*GOLD_BETAS, "jsd"):
+            raise ValueError(
+                "`cross_tokenizer_loss: gold` takes the `kd_loss` divergence on the shared tokens, as TRL's GOLD "
+                f"does: forward_kl, reverse_kl or jsd (with `beta`); got kd_loss={self.kd_loss!r}."
+            )
         if self.cross_tokenizer_top_k is not None and self.cross_tokenizer_top_k < 1:
             raise ValueError(f"`cross_tokenizer_top_k` must be >= 1 or None, got {self.cross_tokenizer_top_k}.")
         several_teachers = isinstance(self.teacher_model_name_or_path, list)
@@ -477,8 +503,6 @@ class DistillationArguments:
         if self.teacher_cache is not None:
             if self.teacher_model_name_or_path is not None:
                 raise ValueError("`teacher_cache` replaces the live teacher: unset `teacher_model_name_or_path`.")
-            from .teachers.cached import check_cache_config
-
             check_cache_config(self)
 
     def validate_learning_schemes(self) -> None:
@@ -494,6 +518,23 @@ class DistillationArguments:
             from .features.early_exit import parse_exit_layers
 
             self.early_exit_layers = parse_exit_layers(self.early_exit_layers)
+
+
+def check_cache_config(args: Any) -> None:
+    """Settings that cannot work without a live teacher, checked for `teacher_cache` runs (also by the cache
+    sources, on the config they are given)."""
+    if args.kd_loss not in SPARSE_LOSSES:
+        raise ValueError(
+            f"kd_loss={args.kd_loss!r} has no sparse form for a teacher cache; use one of {SPARSE_LOSSES}."
+        )
+    if args.lmbda > 0 or args.seq_kd:
+        raise ValueError(
+            "A teacher cache holds the teacher's distributions on the dataset's tokens only, so it cannot score "
+            "on-policy samples (`lmbda` > 0) or generate targets (`seq_kd`); use a live teacher, or build the cache "
+            "with `hf-distill cache-teacher --generate` for offline sequence-level KD."
+        )
+    if args.uses_features:
+        raise ValueError("Hints, attention and relation losses need the teacher's hidden states: not in a cache.")
 
 
 def _default_bf16() -> bool:

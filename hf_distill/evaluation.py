@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import detect_head, select_positions
+from .heads import detect_head
 from .losses import logit_divergence
+from .terms import SupervisedView
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def teacher_student_metrics(
         labels = batch["labels"].to(device)
         s_logits = student(**inputs).logits
         t_logits = teacher(**inputs).logits
-        s, t, y = select_positions(s_logits, t_logits, labels, head, vocab_size)
+        s, t, y = SupervisedView(labels, head).pair(s_logits, t_logits, vocab_size)
         kl += logit_divergence(s, t, loss_type="forward_kl").sum().item()
         agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
         ce += F.cross_entropy(s.float(), y, reduction="sum").item()

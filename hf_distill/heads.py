@@ -23,10 +23,10 @@ per-class sigmoid divergence is not implemented, and such models raise a ValueEr
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -36,9 +36,6 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 from transformers.models.auto import modeling_auto
-
-from .losses import IGNORE_INDEX, fused_logit_distillation_loss, logit_divergence
-from .taid import current_taid_t
 
 
 logger = logging.getLogger(__name__)
@@ -142,160 +139,6 @@ def detect_head(model: nn.Module) -> Head:
     return Head(kind, regression)
 
 
-# ------------------------------------------------------------------------------------------------ positions
-def supervised_mask(labels: torch.Tensor, head: Head, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool mask of supervised positions (label != -100).
-
-    Args:
-        labels (`torch.Tensor`): `(B, T)` for token heads, `(B,)` (or `(B, C)` regression targets) for sequence heads.
-        shift_labels (`torch.Tensor`, *optional*): already-shifted labels `(B, T)` from padding-free collators.
-
-    Returns:
-        `torch.Tensor`: `(B, T-1)` for causal LMs (`labels[:, 1:]`), else the shape of `labels`.
-    """
-    return aligned_labels(labels, head, shift_labels) != IGNORE_INDEX
-
-
-def aligned_labels(labels: torch.Tensor, head: Head, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Labels aligned with logit positions: `(B, T-1)` for causal LMs (`labels[:, 1:]`), else `labels` unchanged."""
-    if shift_labels is not None:
-        return shift_labels
-    return labels[:, 1:] if head.shifts_labels else labels
-
-
-def aligned_logits(logits: torch.Tensor, head: Head, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits aligned with `aligned_labels`: `(B, T-1, V)` for causal LMs (last position dropped); `(B,)` for a
-    single-output regression head (`(B, 1)` squeezed); else unchanged."""
-    if head.shifts_labels and shift_labels is None:
-        return logits[:, :-1]
-    if head.regression and logits.shape[-1] == 1:
-        return logits.squeeze(-1)
-    return logits
-
-
-def _check_labels(labels: torch.Tensor, head: Head) -> None:
-    if head.kind == "sequence_classification" and not head.regression and labels.ndim != 1:
-        raise ValueError(
-            f"Sequence-classification labels must be class ids of shape (B,), got shape {tuple(labels.shape)}; "
-            "multi-label targets (B, C) are not supported."
-        )
-    if head.kind == "token_classification" and labels.ndim != 2:
-        raise ValueError(f"Token-classification labels must have shape (B, T), got {tuple(labels.shape)}.")
-
-
-def select_positions(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    head: Head,
-    vocab_size: int | None = None,
-    shift_labels: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of supervised positions.
-
-    Args:
-        student_logits (`torch.Tensor`): `(B, T, V_s)` for token heads, `(B, C)` for sequence classification.
-        teacher_logits (`torch.Tensor`): same layout as the student's (`V_t` may be padded beyond `V_s`).
-        labels (`torch.Tensor`): `(B, T)` or `(B,)`, -100 where nothing is supervised (prompt, padding, ...).
-        vocab_size (`int`, *optional*): slice both vocabularies to this many entries (padded embedding matrices).
-
-    Returns:
-        `(student (N, V), teacher (N, V), labels (N,))` with N the number of supervised positions; for regression
-        heads `(student (N,), teacher (N,), targets (N,))`, one row per label value.
-    """
-    _check_labels(labels, head)
-    mask = supervised_mask(labels, head, shift_labels)
-    s = aligned_logits(student_logits, head, shift_labels)[mask]
-    t = aligned_logits(teacher_logits, head, shift_labels)[mask]
-    if vocab_size is not None and head.has_vocab:
-        s, t = s[..., :vocab_size], t[..., :vocab_size]
-    y = aligned_labels(labels, head, shift_labels)[mask]
-    return s, t, y if head.regression else y.long()
-
-
-# ------------------------------------------------------------------------------------------------ loss terms
-class LogitTerms(NamedTuple):
-    """Summed logit loss terms of one micro-batch.
-
-    `sums[name]` is a scalar summed over the `n_items` supervised positions and `weights[name]` its factor in the
-    loss; `agreement` is `(number of positions where the top-1 classes agree, n_items)`, or None without a teacher
-    or for regression heads.
-    """
-
-    sums: dict[str, torch.Tensor]
-    weights: dict[str, float]
-    n_items: torch.Tensor
-    agreement: tuple[torch.Tensor, torch.Tensor] | None
-
-
-def hard_loss(student: torch.Tensor, labels: torch.Tensor, head: Head) -> torch.Tensor:
-    """Summed hard-label loss of selected rows: CE for `(N, V)` logits and `(N,)` class ids, squared error for
-    regression `(N,)` outputs and targets. fp32."""
-    if head.regression:
-        return (student.float() - labels.float()).pow(2).sum()
-    return F.cross_entropy(student.float(), labels, reduction="sum")
-
-
-def divergence_kwargs(args: Any) -> dict[str, Any]:
-    """`loss_type` / `temperature` / `beta` / `skew_alpha` / `taid_t` / `ab_alpha` / `ab_beta` / `akl_mu` from a
-    `DistillationConfig`-like `args`, as the logit divergence functions (dense, sparse, fused) take them. TAID's `t` is
-    training state, not a field: the trainer's `TaidCallback` keeps it current (`hf_distill.taid.current_taid_t`)."""
-    return {
-        "loss_type": args.kd_loss,
-        "temperature": args.temperature,
-        "beta": args.beta,
-        "skew_alpha": args.skew_alpha,
-        "taid_t": current_taid_t(args),
-        "ab_alpha": getattr(args, "ab_alpha", 0.8),
-        "ab_beta": getattr(args, "ab_beta", 0.3),
-        "akl_mu": getattr(args, "akl_mu", 0.5),
-    }
-
-
-def kd_scale(args: Any, head: Head | None = None) -> float:
-    """The weight of a summed KD divergence: `kd_weight * T^2` (Hinton et al. 2015: gradients of tempered softmaxes
-    shrink by 1 / T^2), or `kd_weight` for regression heads, whose KD term is a squared error. The one place this
-    factor is written."""
-    if head is not None and head.regression:
-        return args.kd_weight
-    return args.kd_weight * args.temperature**2
-
-
-def logit_terms(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    labels: torch.Tensor,
-    head: Head,
-    args: Any,
-    vocab_size: int | None = None,
-    shift_labels: torch.Tensor | None = None,
-) -> LogitTerms:
-    """KD and hard-label terms for any head: `loss = (ce_weight * sums["ce"] + kd_weight * T^2 * sums["kd"]) / N`.
-
-    Args:
-        student_logits (`torch.Tensor`): the student's `logits` (see `select_positions` for the layouts).
-        teacher_logits (`torch.Tensor`, *optional*): the teacher's, or None for a CE-only run.
-        labels (`torch.Tensor`): `(B, T)` or `(B,)`, -100 where not supervised.
-        args: an object with `kd_loss`, `temperature`, `beta`, `skew_alpha`, `kd_weight`, `ce_weight`
-            (a `DistillationArguments`).
-        vocab_size (`int`, *optional*): shared real vocabulary size of padded LM heads.
-    """
-    reference = teacher_logits if teacher_logits is not None else student_logits
-    s, t, y = select_positions(student_logits, reference, labels, head, vocab_size, shift_labels)
-    sums = {"ce": hard_loss(s, y, head)}
-    weights = {"ce": args.ce_weight}
-    n_items = torch.as_tensor(y.numel(), device=s.device)
-    agreement = None
-    if teacher_logits is not None:
-        weights["kd"] = kd_scale(args, head)
-        if head.regression:
-            sums["kd"] = (s.float() - t.float()).pow(2).sum()
-        else:
-            sums["kd"] = logit_divergence(s, t, **divergence_kwargs(args)).sum()
-            agreement = ((s.argmax(-1) == t.argmax(-1)).sum(), n_items)
-    return LogitTerms(sums, weights, n_items, agreement)
-
-
 # ------------------------------------------------------------------------------------------------ teacher checks
 def named_labels(config: Any) -> dict[int, str] | None:
     """`id2label` with int keys, or None when it holds transformers' placeholder names `LABEL_i`."""
@@ -351,66 +194,14 @@ class LMHead:
     softcap: float | None
 
 
-def fused_head_loss(
-    student_hidden: torch.Tensor,
-    student_head: LMHead,
-    teacher_hidden: torch.Tensor,
-    teacher_head: LMHead,
-    args: Any,
-    vocab_size: int | None = None,
-    labels: torch.Tensor | None = None,
-    stats: dict[str, Any] | None = None,
-    loss_weights: tuple[float, float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`losses.fused_logit_distillation_loss` between two lm_heads, summed over rows, with `args`' divergence; the
-    teacher side is detached (it never gets gradients).
-
-    Args:
-        student_hidden (`torch.Tensor`): `(N, H_s)` final hidden states of the student's supervised rows.
-        student_head (`LMHead`), teacher_head (`LMHead`): the two lm_heads (`lm_head_of`).
-        teacher_hidden (`torch.Tensor`): `(N, H_t)`.
-        args: the config (`kd_loss`, `temperature`, ..., `kd_chunk_size`).
-        vocab_size (`int`, *optional*): compare only the first `vocab_size` logits (padded heads).
-        labels (`torch.Tensor`, *optional*): `(N,)` targets; the CE sum is returned too when given.
-        stats (`dict`, *optional*): filled with `top1_agreement`.
-        loss_weights (`tuple`, *optional*): `(kd weight, ce weight)` the gradients are computed for.
-
-    Returns:
-        `(kd, ce)`: fp32 scalars summed over the N rows; `ce` is None without `labels`.
-    """
-    result = fused_logit_distillation_loss(
-        student_hidden,
-        student_head.weight,
-        teacher_hidden.detach(),
-        teacher_head.weight.detach(),
-        **divergence_kwargs(args),
-        chunk_size=getattr(args, "kd_chunk_size", None),
-        student_bias=student_head.bias,
-        teacher_bias=teacher_head.bias.detach() if teacher_head.bias is not None else None,
-        student_logit_scale=student_head.logit_scale,
-        teacher_logit_scale=teacher_head.logit_scale,
-        student_softcap=student_head.softcap,
-        teacher_softcap=teacher_head.softcap,
-        vocab_size=vocab_size,
-        labels=labels,
-        reduction="sum",
-        stats=stats if stats is not None else {},
-        **({"loss_weights": loss_weights} if loss_weights is not None else {}),
-    )
-    return result if labels is not None else (result, None)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under PEFT / DDP / compile wrappers (LoRA layers stay injected)."""
+    """The transformers model under DDP / FSDP / DeepSpeed / `torch.compile` wrappers (accelerate's
+    `extract_model_from_parallel`) and PEFT's `PeftModel` (its LoRA layers stay injected)."""
     while True:
-        if hasattr(model, "get_base_model"):  # PeftModel
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
+        model = extract_model_from_parallel(model, keep_torch_compile=False)
+        if not hasattr(model, "get_base_model"):  # PeftModel, and PeerStudents (peer 0 stands for all)
             return model
+        model = model.get_base_model()
 
 
 def lm_head_of(model: nn.Module) -> LMHead | None:

@@ -121,7 +121,7 @@ def library_versions() -> str:
     import transformers
     import trl
 
-    from . import __version__
+    from .version import __version__
 
     versions = f"transformers {transformers.__version__}, trl {trl.__version__}, torch {torch.__version__}"
     return f"hf-distill {__version__} ({versions})"
@@ -237,7 +237,7 @@ def trainer_model_card(
         logged = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
         if logged:
             results = {"student (last evaluation)": {k: v for k, v in logged[-1].items() if k.startswith("eval_")}}
-    quantization = getattr(config, QAT_METADATA_KEY, None) if getattr(args, "student_quantization", None) else None
+    quantization = getattr(config, QAT_METADATA_KEY, None) if args.student_quantization else None
     return build_model_card(
         model_name=model_name or os.path.basename(os.path.normpath(args.output_dir)),
         teacher=teacher_name,

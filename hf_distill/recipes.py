@@ -187,7 +187,7 @@ class Recipe:
 
     def provenance(self) -> dict[str, Any]:
         """`{"source", "pinned", "repo_id", "repo_type", "filename", "revision", "commit", "command", ...}`."""
-        from . import __version__
+        from .version import __version__
 
         resolved, hub = self.resolved, self.resolved.hub if self.resolved else None
         return {

@@ -6,12 +6,11 @@ import os
 from typing import Any
 
 import torch
+import transformers.utils.logging  # noqa: F401  (adds `warning_once` to every logger: one message, logged once)
 from torch import nn
 
 
 logger = logging.getLogger(__name__)
-
-_warned: set[str] = set()  # messages already logged by `warn_once` in this process
 
 ZERO_KD_CAUSES = (
     "Likely causes: (1) the teacher has the student's weights (the student is a full copy of the teacher, or both "
@@ -20,14 +19,6 @@ ZERO_KD_CAUSES = (
     "from the base model); (3) a teacher PeftModel whose adapter is disabled, zero-initialised or never loaded, so "
     "it equals a student built from the same base; (4) teacher_model_name_or_path names the student's own checkpoint."
 )
-
-
-def warn_once(message: str, *args: Any) -> None:
-    """`logger.warning(message, *args)` the first time this formatted message comes up in this process."""
-    text = message % args if args else message
-    if text not in _warned:
-        _warned.add(text)
-        logger.warning(text)
 
 
 def kd_signal_problem(
@@ -87,7 +78,7 @@ def check_first_step_kd(
     trainer.kd_signal_checked = True
     problem = kd_signal_problem(kd_sum, n_tokens, trainer.model, trainer.teacher, student_logits, teacher_logits)
     if problem is not None:
-        warn_once(problem)
+        logger.warning_once(problem)
     return problem
 
 
@@ -157,7 +148,7 @@ def warn_mixed_precision_mismatch(args: Any) -> str | None:
     """Log `mixed_precision_mismatch(args)` once, from the main process only; returns the message."""
     problem = mixed_precision_mismatch(args)
     if problem is not None and getattr(args, "process_index", 0) == 0:
-        warn_once(problem)
+        logger.warning_once(problem)
     return problem
 
 
@@ -173,6 +164,6 @@ def warn_if_too_long(length: int, models: dict[str, nn.Module | None]) -> str | 
                 f"({limit}): positions beyond it are outside what the model was trained for. Set `max_length` "
                 f"(<= {limit}) to truncate rows."
             )
-            warn_once(message)
+            logger.warning_once(message)
             return message
     return None

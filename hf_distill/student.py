@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
@@ -424,12 +425,12 @@ def peer_folders(directory: str | os.PathLike) -> list[str]:
 
 
 def unwrap_peers(model: nn.Module) -> PeerStudents:
-    """The `PeerStudents` under DDP / compile wrappers; raises a ValueError for any other model."""
-    while not isinstance(model, PeerStudents):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            raise ValueError(
-                f"Mutual learning needs the trainer's model to be `PeerStudents([...])`, got {type(model).__name__}."
-            )
-        model = inner
-    return model
+    """The `PeerStudents` under DDP / FSDP / DeepSpeed / compile wrappers (accelerate's `extract_model_from_parallel`);
+    raises a ValueError for any other model."""
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
+    is_peers = isinstance(inner, PeerStudents)
+    if not is_peers:
+        raise ValueError(
+            f"Mutual learning needs the trainer's model to be `PeerStudents([...])`, got {type(model).__name__}."
+        )
+    return inner

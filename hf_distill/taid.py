@@ -15,7 +15,8 @@ forward call with the loss of that micro-batch, and feeds its cross-entropy form
 KL divergence, which is what the loss term holds.)
 
 `TaidCallback` holds the state: it is logged as `taid_t`, saved in `trainer_state.json` of each checkpoint (an
-`ExportableState`) and restored exactly from it on resume.
+`ExportableState`) and restored exactly from it on resume. The trainer hands its current t to the loss with each batch
+(`terms.LossState`, `DistillationMixin.loss_state`); it never travels through the config.
 """
 
 import math
@@ -26,16 +27,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 
-# Name of the (non-field) attribute of the training arguments through which the current t reaches
-# `hf_distill.heads.divergence_kwargs`, which the dense, fused and cached-teacher paths all read.
-TAID_T_ATTRIBUTE = "_hf_distill_taid_t"
-
-
-def current_taid_t(args: Any) -> float | None:
-    """The TAID t in force for `args` (a `DistillationArguments`): the callback's current value, else `taid_t_start`
-    (None for an object without TAID fields)."""
-    t = getattr(args, TAID_T_ATTRIBUTE, None)
-    return t if t is not None else getattr(args, "taid_t_start", None)
+# TAID's schedule defaults, written once (the config's `taid_*` fields read them).
+TAID_DEFAULTS = {"t_start": 0.4, "t_end": 1.0, "alpha": 5e-4, "beta": 0.99, "adaptive": True}
 
 
 class TaidCallback(TrainerCallback, ExportableState):
@@ -50,7 +43,12 @@ class TaidCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(
-        self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99, adaptive: bool = True
+        self,
+        t_start: float = TAID_DEFAULTS["t_start"],
+        t_end: float = TAID_DEFAULTS["t_end"],
+        alpha: float = TAID_DEFAULTS["alpha"],
+        beta: float = TAID_DEFAULTS["beta"],
+        adaptive: bool = TAID_DEFAULTS["adaptive"],
     ):
         self.t_start, self.t_end, self.alpha, self.beta, self.adaptive = t_start, t_end, alpha, beta, adaptive
         self.t = float(t_start)
@@ -85,25 +83,18 @@ class TaidCallback(TrainerCallback, ExportableState):
         pair = kd_sum_and_count.detach().to(torch.float64)
         self._window = pair if self._window is None else self._window + pair
 
-    def publish(self, args: Any) -> "TaidCallback":
-        """Hands the current t to the loss (through `args`, which `divergence_kwargs` reads); returns self."""
-        setattr(args, TAID_T_ATTRIBUTE, self.t)
-        return self
-
     def on_train_begin(self, args, state, control, **kwargs):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, dict) and "attributes" in saved and state.global_step > 0:  # resuming a checkpoint
             for name, value in saved["attributes"].items():
                 setattr(self, name, value)
         self._window = None
-        self.publish(args)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._window is not None and self._window[1] > 0:
             kd_sum, count = self._window.tolist()
             self.update(kd_sum / count, state.global_step - 1, state.max_steps)
         self._window = None
-        self.publish(args)
 
     def state(self) -> dict:
         return {

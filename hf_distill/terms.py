@@ -8,6 +8,13 @@ weight, so one micro-batch's loss is
 and a teacher source, a feature term or a scheme only has to produce sums and weights. Batches with a `task` tensor
 (distilling step-by-step) are normalised per task instead: each task's terms become a token mean of their own, and
 `label_weight * L_label + rationale_weight * L_rationale` is taken (see `normalised_loss`).
+
+`SupervisedView` is the one vocabulary for supervised positions, for every head (`heads.py` table): which positions
+count (`mask`), their rows of any `(B, T, ...)` tensor (`rows`), their targets (`targets`), student/teacher logit
+pairs (`pair`). Every teacher source and feature term reads it; nothing derives the positions a second time.
+The logit terms every source builds on (`logit_terms`, `fused_head_loss`, `hard_loss`) and the two factors written
+once (`kd_scale`, `divergence_kwargs`) live here too. `LossState` is the training state the loss reads (TAID's t),
+handed by the trainer with each batch's view.
 """
 
 from collections.abc import Callable, Iterator
@@ -15,13 +22,78 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from .heads import IGNORE_INDEX, Head, aligned_labels, aligned_logits, kd_scale, supervised_mask
+from .heads import Head, LMHead
+from .losses import IGNORE_INDEX, fused_logit_distillation_loss, logit_divergence
 
 
 TASK_NAMES = ("label", "rationale")  # task id -> name, as RationaleCollator numbers them
 TASK_COUNTS_KEY = "task_num_items"  # per-task supervised items of the accumulation window, shape (num tasks,)
-__all__ = ["TASK_COUNTS_KEY", "TASK_NAMES", "LossTerms", "SupervisedView", "kd_scale", "normalised_loss"]
+__all__ = [
+    "TASK_COUNTS_KEY",
+    "TASK_NAMES",
+    "LossState",
+    "LossTerms",
+    "SupervisedView",
+    "divergence_kwargs",
+    "fused_head_loss",
+    "hard_loss",
+    "kd_scale",
+    "logit_terms",
+    "normalised_loss",
+]
+
+
+@dataclass(frozen=True)
+class LossState:
+    """Training state the loss reads, handed by the trainer with each batch's view (never a config attribute).
+
+    Attributes:
+        taid_t (`float`, *optional*): TAID's current interpolation t (`hf_distill.taid.TaidCallback`); None before
+            the callback runs (then `taid_t_start`).
+    """
+
+    taid_t: float | None = None
+
+
+def divergence_kwargs(args: Any, state: LossState | None = None) -> dict[str, Any]:
+    """The keyword arguments of the logit divergences (dense, sparse, fused) for `args.kd_loss`: `loss_type`,
+    `temperature`, `beta`, `skew_alpha`, and the fields of the chosen divergence only (`taid_t` from `state`, else
+    `taid_t_start`; `ab_alpha` / `ab_beta`; `akl_mu`).
+
+    Args:
+        args: a `DistillationArguments` (or any object with those fields).
+        state (`LossState`, *optional*): the trainer's loss state for this batch.
+    """
+    kwargs = {"loss_type": args.kd_loss, "temperature": args.temperature, "beta": args.beta,
+              "skew_alpha": args.skew_alpha}  # fmt: skip
+    if args.kd_loss == "taid":
+        kwargs["taid_t"] = state.taid_t if state is not None and state.taid_t is not None else args.taid_t_start
+    elif args.kd_loss == "ab_divergence":
+        kwargs.update(ab_alpha=args.ab_alpha, ab_beta=args.ab_beta)
+    elif args.kd_loss == "akl":
+        kwargs["akl_mu"] = args.akl_mu
+    return kwargs
+
+
+def kd_scale(args: Any, head: Head | None = None) -> float:
+    """The weight of a summed KD divergence: `kd_weight * T^2` (Hinton et al. 2015: gradients of tempered softmaxes
+    shrink by 1 / T^2), or `kd_weight` for regression heads, whose KD term is a squared error. The one place this
+    factor is written."""
+    if head is not None and head.regression:
+        return args.kd_weight
+    return args.kd_weight * args.temperature**2
+
+
+def _check_labels(labels: torch.Tensor, head: Head) -> None:
+    if head.kind == "sequence_classification" and not head.regression and labels.ndim != 1:
+        raise ValueError(
+            f"Sequence-classification labels must be class ids of shape (B,), got shape {tuple(labels.shape)}; "
+            "multi-label targets (B, C) are not supported."
+        )
+    if head.kind == "token_classification" and labels.ndim != 2:
+        raise ValueError(f"Token-classification labels must have shape (B, T), got {tuple(labels.shape)}.")
 
 
 @dataclass
@@ -36,6 +108,7 @@ class SupervisedView:
         window_task_counts (`torch.Tensor`, *optional*): `(len(TASK_NAMES),)` supervised items per task in the whole
             accumulation window on all processes (`add_window_task_counts`).
         batch (`dict`): the whole batch (a teacher source may read its own keys, e.g. cache entries).
+        state (`LossState`): the trainer's loss state for this batch (TAID's t).
     """
 
     labels: torch.Tensor
@@ -44,9 +117,13 @@ class SupervisedView:
     task: torch.Tensor | None = None
     window_task_counts: torch.Tensor | None = None
     batch: dict[str, Any] = field(default_factory=dict)
+    state: LossState = field(default_factory=LossState)
+
+    def __post_init__(self) -> None:
+        _check_labels(self.labels, self.head)
 
     @classmethod
-    def from_batch(cls, batch: dict[str, Any], head: Head) -> "SupervisedView":
+    def from_batch(cls, batch: dict[str, Any], head: Head, state: LossState | None = None) -> "SupervisedView":
         """The view of a collated batch (`labels`, optional `shift_labels` / `task` / `TASK_COUNTS_KEY`)."""
         task = batch.get("task")
         if task is not None and (task.dim() != 1 or task.shape[0] != batch["labels"].shape[0]):
@@ -57,12 +134,38 @@ class SupervisedView:
             unknown = sorted(set(task.tolist()) - set(range(len(TASK_NAMES))))
             if unknown:
                 raise ValueError(f"`task` ids must be in {dict(enumerate(TASK_NAMES))}, got {unknown}.")
-        return cls(batch["labels"], head, batch.get("shift_labels"), task, batch.get(TASK_COUNTS_KEY), batch)
+        return cls(batch["labels"], head, batch.get("shift_labels"), task, batch.get(TASK_COUNTS_KEY), batch,
+                   state or LossState())  # fmt: skip
+
+    def aligned_labels(self) -> torch.Tensor:
+        """Labels aligned with logit positions: `(B, T-1)` for causal LMs (`labels[:, 1:]`, or `shift_labels` of
+        padding-free batches), else the labels unchanged."""
+        if self.shift_labels is not None:
+            return self.shift_labels
+        return self.labels[:, 1:] if self.head.shifts_labels else self.labels
+
+    def aligned(self, logits: torch.Tensor) -> torch.Tensor:
+        """`(B, T, ...)` logits or hidden states aligned with `aligned_labels`: `(B, T-1, ...)` for causal LMs (last
+        position dropped); `(B,)` for a single-output regression head (`(B, 1)` squeezed); else unchanged."""
+        if self.head.shifts_labels and self.shift_labels is None:
+            return logits[:, :-1]
+        if self.head.regression and logits.shape[-1] == 1:
+            return logits.squeeze(-1)
+        return logits
 
     @property
     def mask(self) -> torch.Tensor:
-        """`(B, T')` bool: supervised positions of the aligned logits (`T' = T - 1` for shifted causal heads)."""
-        return supervised_mask(self.labels, self.head, self.shift_labels)
+        """`(B, T')` bool: supervised positions of the aligned logits (`T' = T - 1` for shifted causal heads; the
+        shape of the labels for sequence heads)."""
+        return self.aligned_labels() != IGNORE_INDEX
+
+    def hidden_mask(self) -> torch.Tensor:
+        """`(B, T)` bool over the model's own positions: those whose output is supervised (for a causal LM the
+        hidden state at t predicts label t + 1, so the last position never is). Sequence heads: the labels' mask."""
+        mask = self.mask
+        if self.head.shifts_labels and self.shift_labels is None:
+            mask = F.pad(mask, (0, 1), value=False)
+        return mask
 
     @property
     def n_items(self) -> torch.Tensor:
@@ -71,12 +174,30 @@ class SupervisedView:
 
     def rows(self, logits: torch.Tensor) -> torch.Tensor:
         """`(B, T, V)` (or `(B, C)`) logits or hidden states -> `(N, V)` rows of the supervised positions."""
-        return aligned_logits(logits, self.head, self.shift_labels)[self.mask]
+        return self.aligned(logits)[self.mask]
 
     def targets(self) -> torch.Tensor:
         """`(N,)` labels of the supervised positions (int64; float for regression heads)."""
-        y = aligned_labels(self.labels, self.head, self.shift_labels)[self.mask]
+        y = self.aligned_labels()[self.mask]
         return y if self.head.regression else y.long()
+
+    def pair(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The supervised rows of a student and a teacher output, and their targets.
+
+        Args:
+            student_logits (`torch.Tensor`): `(B, T, V_s)` for token heads, `(B, C)` for sequence classification.
+            teacher_logits (`torch.Tensor`): same layout as the student's (`V_t` may be padded beyond `V_s`).
+            vocab_size (`int`, *optional*): slice both vocabularies to this many entries (padded embedding matrices).
+
+        Returns:
+            `(student (N, V), teacher (N, V), targets (N,))`; for regression heads `(N,)` outputs and targets.
+        """
+        s, t = self.rows(student_logits), self.rows(teacher_logits)
+        if vocab_size is not None and self.head.has_vocab:
+            s, t = s[..., :vocab_size], t[..., :vocab_size]
+        return s, t, self.targets()
 
     def task_counts(self) -> torch.Tensor:
         """`(len(TASK_NAMES),)` int64: supervised items of each task in this micro-batch."""
@@ -89,7 +210,7 @@ class SupervisedView:
             other_rows = (self.task != task_id).view(-1, *([1] * (self.labels.dim() - 1)))
             shift = self.shift_labels.masked_fill(other_rows, IGNORE_INDEX) if self.shift_labels is not None else None
             yield name, SupervisedView(self.labels.masked_fill(other_rows, IGNORE_INDEX), self.head, shift, None, None,
-                                       self.batch)  # fmt: skip
+                                       self.batch, self.state)  # fmt: skip
 
 
 @dataclass
@@ -130,6 +251,97 @@ class LossTerms:
     def total(self) -> torch.Tensor:
         """`sum_name weights[name] * sums[name]` (a scalar)."""
         return sum(self.weights[k] * v for k, v in self.sums.items())
+
+
+def hard_loss(student: torch.Tensor, labels: torch.Tensor, head: Head) -> torch.Tensor:
+    """Summed hard-label loss of selected rows: CE for `(N, V)` logits and `(N,)` class ids, squared error for
+    regression `(N,)` outputs and targets. fp32."""
+    if head.regression:
+        return (student.float() - labels.float()).pow(2).sum()
+    return F.cross_entropy(student.float(), labels, reduction="sum")
+
+
+def logit_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    view: SupervisedView,
+    args: Any,
+    vocab_size: int | None = None,
+) -> LossTerms:
+    """KD and hard-label terms for any head: `loss = (ce_weight * sums["ce"] + kd_weight * T^2 * sums["kd"]) / N`.
+
+    Args:
+        student_logits (`torch.Tensor`): the student's `logits` (layouts in `SupervisedView.pair`).
+        teacher_logits (`torch.Tensor`, *optional*): the teacher's, or None for a CE-only run.
+        view (`SupervisedView`): the batch's supervised positions (and the loss state).
+        args: the config (`kd_loss`, `temperature`, ..., `kd_weight`, `ce_weight`).
+        vocab_size (`int`, *optional*): shared real vocabulary size of padded LM heads.
+
+    Returns:
+        `LossTerms`: `ce` and, with a teacher, `kd`, summed over the view's N items; `top1_agreement` (teacher vs
+        student argmax) as a metric for classification and LM heads.
+    """
+    reference = teacher_logits if teacher_logits is not None else student_logits
+    s, t, y = view.pair(student_logits, reference, vocab_size)
+    n_items = torch.as_tensor(y.numel(), device=s.device)
+    terms = LossTerms(n_items=n_items).add("ce", hard_loss(s, y, view.head), args.ce_weight)
+    if teacher_logits is None:
+        return terms
+    if view.head.regression:
+        return terms.add("kd", (s.float() - t.float()).pow(2).sum(), kd_scale(args, view.head))
+    terms.add("kd", logit_divergence(s, t, **divergence_kwargs(args, view.state)).sum(), kd_scale(args, view.head))
+    return terms.metric("top1_agreement", (s.argmax(-1) == t.argmax(-1)).sum(), n_items)
+
+
+def fused_head_loss(
+    student_hidden: torch.Tensor,
+    student_head: LMHead,
+    teacher_hidden: torch.Tensor,
+    teacher_head: LMHead,
+    args: Any,
+    vocab_size: int | None = None,
+    labels: torch.Tensor | None = None,
+    stats: dict[str, Any] | None = None,
+    loss_weights: tuple[float, float] | None = None,
+    state: LossState | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`losses.fused_logit_distillation_loss` between two lm_heads, summed over rows, with `args`' divergence; the
+    teacher side is detached (it never gets gradients).
+
+    Args:
+        student_hidden (`torch.Tensor`): `(N, H_s)` final hidden states of the student's supervised rows.
+        student_head (`LMHead`), teacher_head (`LMHead`): the two lm_heads (`heads.lm_head_of`).
+        teacher_hidden (`torch.Tensor`): `(N, H_t)`.
+        args: the config (`kd_loss`, `temperature`, ..., `kd_chunk_size`).
+        vocab_size (`int`, *optional*): compare only the first `vocab_size` logits (padded heads).
+        labels (`torch.Tensor`, *optional*): `(N,)` targets; the CE sum is returned too when given.
+        stats (`dict`, *optional*): filled with `top1_agreement`.
+        loss_weights (`tuple`, *optional*): `(kd weight, ce weight)` the gradients are computed for.
+        state (`LossState`, *optional*): the loss state (TAID's t).
+
+    Returns:
+        `(kd, ce)`: fp32 scalars summed over the N rows; `ce` is None without `labels`.
+    """
+    result = fused_logit_distillation_loss(
+        student_hidden,
+        student_head.weight,
+        teacher_hidden.detach(),
+        teacher_head.weight.detach(),
+        **divergence_kwargs(args, state),
+        chunk_size=args.kd_chunk_size,
+        student_bias=student_head.bias,
+        teacher_bias=teacher_head.bias.detach() if teacher_head.bias is not None else None,
+        student_logit_scale=student_head.logit_scale,
+        teacher_logit_scale=teacher_head.logit_scale,
+        student_softcap=student_head.softcap,
+        teacher_softcap=teacher_head.softcap,
+        vocab_size=vocab_size,
+        labels=labels,
+        reduction="sum",
+        stats=stats if stats is not None else {},
+        **({"loss_weights": loss_weights} if loss_weights is not None else {}),
+    )
+    return result if labels is not None else (result, None)
 
 
 def terms_per_task(compute: Callable[[SupervisedView], LossTerms], view: SupervisedView) -> LossTerms:

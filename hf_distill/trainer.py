@@ -24,39 +24,39 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from trl import SFTTrainer
 
-from .cache import CACHE_BATCH_KEYS, CROSS_CACHE_BATCH_KEYS, TeacherCache, TeacherCacheCollator
 from .checkpoints import CheckpointFileCallback
 from .config import DistillationArguments, DistillationConfig, DistillationSFTConfig
-from .data.collators import CONVERSATION_KEY, ConversationCollator
 from .features.early_exit import EarlyExits
-from .features.hints import HintDistiller
+from .features.hints import HintDistiller, feature_forward_kwargs
 from .features.projectors import ProjectorCallback, load_projectors
 from .generation.onpolicy import PolicyBatchRewriter
 from .heads import detect_head
 from .model_card import trainer_model_card
-from .models import load_teacher, prepare_teacher, teacher_tokenizer_of, unregister_model
+from .models import prepare_teacher, unregister_model
 from .quantization import fake_quantized_weights, prepare_qat_student
 from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_if_too_long, warn_mixed_precision_mismatch
-from .student import save_peers
 from .taid import TaidCallback
-from .teachers import SourceContext, SourceRequest, TeacherSource, select_teacher_source
-from .teachers.ema import self_taught
-from .teachers.ensemble import check_teacher_list
-from .teachers.live import FusedLiveTeacher, fused_unsupported_reason
-from .teachers.peers import MutualLearning
-from .terms import TASK_COUNTS_KEY, LossTerms, SupervisedView, add_window_task_counts, normalised_loss, terms_per_task
+from .teachers import SourceContext, SourceRequest, TeacherSource, select_source
+from .terms import (
+    TASK_COUNTS_KEY,
+    LossState,
+    LossTerms,
+    SupervisedView,
+    add_window_task_counts,
+    normalised_loss,
+    terms_per_task,
+)
 
 
 logger = logging.getLogger(__name__)
 
-# Batch keys that are not model inputs (targets, and masks produced by collators).
-NON_MODEL_KEYS = {"labels", "shift_labels", "completion_mask", "assistant_masks", "task", TASK_COUNTS_KEY}
-NON_MODEL_KEYS.update(CACHE_BATCH_KEYS + CROSS_CACHE_BATCH_KEYS)  # teacher-cache entries added by TeacherCacheCollator
-NON_MODEL_KEYS.add(CONVERSATION_KEY)  # the rows' conversations, for a teacher with another tokenizer (issue 18)
+# Batch keys that are not model inputs (targets, and masks produced by collators); each teacher source adds its own
+# (`TeacherSource.batch_keys`).
+NON_MODEL_KEYS = frozenset({"labels", "shift_labels", "completion_mask", "assistant_masks", "task", TASK_COUNTS_KEY})
 
 
 class _SkipBatch(Exception):  # control flow, not an error
-    """Raised inside `_loss_terms` when `nonfinite_teacher="skip"` drops a micro-batch."""
+    """Raised inside `_terms` when `nonfinite_teacher="skip"` drops a micro-batch."""
 
     def __init__(self, outputs: Any) -> None:
         self.outputs = outputs
@@ -69,15 +69,14 @@ def _tokenizer_of(processing_class: Any) -> Any:
 class DistillationMixin:
     """Teacher handling, loss assembly and metrics shared by both distillation trainers.
 
-    Attributes set up in `__init__`: `teacher_source` (the one `TeacherSource` every batch goes through), `teachers`
-    (its live teacher models), `teacher` (the first, or None) and `teacher_cache` (an opened `TeacherCache`, or None).
+    Attributes set up in `__init__`: `teacher_source` (the one `TeacherSource` every batch goes through, built by
+    itself: `hf_distill.teachers`), `teachers` (its live teacher models) and `teacher` (the first, or None).
     """
 
     _tag_names: ClassVar[list[str]] = ["hf-distill", "distillation"]
     _config_class: type = DistillationConfig
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulation window's token count itself
     recipe: Any = None  # the CLI's `hf_distill.recipes.Recipe`: embedded in the model card
-    teacher_cache: TeacherCache | None = None
     kd_signal_checked = False  # set by `sanity.check_first_step_kd` after the first training step
 
     def __init__(
@@ -95,23 +94,10 @@ class DistillationMixin:
                 f"{type(self).__name__} needs `args` of type {self._config_class.__name__} (it carries the "
                 f"distillation fields), got {type(args).__name__}."
             )
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if isinstance(teacher_model, list | tuple) and len(teacher_model) == 1:
-            teacher_model = teacher_model[0]
-        n_teachers = len(teacher_model) if isinstance(teacher_model, list | tuple) else int(teacher_model is not None)
-        if args.teacher_weights is not None and n_teachers < 2:
-            raise ValueError(
-                f"`teacher_weights` ({args.teacher_weights}) weighs several teachers, but {n_teachers} teacher is "
-                "given, so it would have no effect. Remove it, or give several teachers (a list as `teacher_model=` "
-                "or `teacher_model_name_or_path`)."
-            )
-        self.teacher_cache = self._open_teacher_cache(args, teacher_model, kwargs)
-        taught_by_itself = self_taught(args, model, teacher_model)  # EMA teacher or peers (issue 20)
-        if teacher_model is None and self._needs_teacher(args) and not taught_by_itself:
-            raise ValueError(
-                "No teacher given: pass `teacher_model=` (a model or a Hub id/path) or set "
-                "`teacher_model_name_or_path` in the config. To fine-tune without a teacher set `kd_weight=0`."
-            )
+        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        request = SourceRequest(args, teacher, teacher_processing_class, model)
+        source_class = select_source(request)  # which teacher the run asks for; its preconditions, before any work
+        kwargs["train_dataset"] = source_class.prepare_dataset(request, kwargs.get("train_dataset"))
         self._check_dataset(kwargs.get("train_dataset"), args, kwargs.get("data_collator"))
         super().__init__(model=model, args=args, **kwargs)
         # Make Trainer count the supervised tokens of each accumulation window (`num_items_in_batch`).
@@ -126,45 +112,34 @@ class DistillationMixin:
             prepare_qat_student(student, args.student_quantization, args.student_quantization_group_size)
         if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
             self.data_collator.check_model(self.model)
-        self._vocab_size = None
-        teacher_tokenizer = self._cross_tokenizer_teacher_tokenizer(teacher_model, teacher_processing_class, args)
-        if teacher_tokenizer is not None:  # issue 18: loaded once, checked with the teacher, passed to the source
-            teacher_processing_class = teacher_tokenizer
-        self.teachers = self._load_teachers(teacher_model, teacher_processing_class, args)
-        self.teacher = self.teachers[0] if self.teachers else None
-        self._hints = self._setup_hints() if self.teacher is not None and args.uses_features else None
-        context = SourceContext(args, self._head, student, _tokenizer_of(self.processing_class), self._vocab_size,
-                                self._hints.forward_kwargs() if self._hints is not None else None)  # fmt: skip
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # lm_heads sharded outside forward
-        fused = len(self.teachers) == 1 and self._fused_supported(context, self.teacher, sharded)
-        request = SourceRequest(context, self.teachers, self.teacher_cache, fused, sharded, teacher_tokenizer)
-        self.teacher_source: TeacherSource = select_teacher_source(request)
+        context = SourceContext(args, self._head, student, _tokenizer_of(self.processing_class), None,
+                                feature_forward_kwargs(args), self._place_teacher,
+                                self.is_fsdp_enabled or self.is_deepspeed_enabled)  # fmt: skip
+        self.teacher_source: TeacherSource = source_class.from_request(request, context)
         logger.info("Teacher source: %s.", self.teacher_source.name)
+        # the teachers given to the run (a self-taught source's EMA copy of the student is not one of them)
+        self.teachers = [] if self.teacher_source.starts_as_student else list(self.teacher_source.models)
+        self.teacher = self.teachers[0] if self.teachers else None
+        self.data_collator = self.teacher_source.wrap_collator(self.data_collator)
         for callback in self.teacher_source.callbacks():  # e.g. the EMA teacher's update
             self.add_callback(callback)
-        self._early_exits = EarlyExits(args, student, self._vocab_size) if EarlyExits.active(args) else None
-        if self.teacher_cache is not None:
-            self.data_collator = TeacherCacheCollator(self.teacher_cache, self.data_collator)
-        if args.cross_tokenizer_loss is not None:  # issue 18: `messages` in the batch, for the teacher's chat template
-            self.data_collator = ConversationCollator(self.data_collator)
+        self._hints = self._setup_hints() if self.teacher is not None and args.uses_features else None
+        vocab_size = self.teacher_source.vocab_size
+        self._early_exits = EarlyExits(args, student, vocab_size) if EarlyExits.active(args) else None
         self._policy = None
         if PolicyBatchRewriter.active(args):  # on-policy samples / seq-KD: batch rewriters before the forward pass
             self._policy = PolicyBatchRewriter.for_student(args, context.tokenizer, student.config,
                                                            self._head.kind == "seq2seq")  # fmt: skip
         if args.kd_loss == "taid":  # TAID's t is training state: moved, logged and checkpointed by this callback
-            self.add_callback(TaidCallback.from_args(args).publish(args))
+            self.add_callback(TaidCallback.from_args(args))
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
     # ----------------------------------------------------------------------------------------------- set-up
-    @staticmethod
-    def _needs_teacher(args: DistillationArguments) -> bool:
-        return (args.kd_weight > 0 and args.teacher_cache is None) or args.uses_features or args.seq_kd
-
-    @property
-    def _fused(self) -> bool:
-        """Whether KD runs through the chunked hidden-state loss (the `live-fused` source)."""
-        return isinstance(getattr(self, "teacher_source", None), FusedLiveTeacher)
+    def _place_teacher(self, teacher: nn.Module) -> nn.Module:
+        """A loaded teacher frozen and placed beside the student for inference (`models.prepare_teacher`: DDP,
+        FSDP, DeepSpeed ZeRO), handed to the teacher source in its `SourceContext`."""
+        return prepare_teacher(teacher, self)
 
     def _check_dataset(self, dataset: Any, args: DistillationArguments, collator: Any = None) -> None:
         columns = getattr(dataset, "column_names", None)
@@ -184,83 +159,13 @@ class DistillationMixin:
         return [("input_ids",)]
 
     def _set_signature_columns_if_needed(self) -> None:
-        """Keep the raw columns a collator reads (RationaleCollator) and the cache's id column (TeacherCacheCollator
-        consumes it) through `remove_unused_columns`; neither reaches the model."""
+        """Keep the raw columns the collator reads or carries (`dataset_columns`: RationaleCollator; `kept_columns`:
+        the teacher source's wrappers, e.g. the cache's id column or the rows' conversations) through
+        `remove_unused_columns`; none of them reaches the model."""
         super()._set_signature_columns_if_needed()
         extra = list(getattr(self.data_collator, "dataset_columns", ()))
-        extra += getattr(self.data_collator, "kept_columns", ())  # ConversationCollator: the rows' conversations
-        if self.teacher_cache is not None and self.teacher_cache.id_column is not None:
-            extra.append(self.teacher_cache.id_column)
+        extra += getattr(self.data_collator, "kept_columns", ())
         self._signature_columns += [c for c in dict.fromkeys(extra) if c not in self._signature_columns]
-
-    def _teacher_auto_class(self) -> type:
-        return self._head.auto_class
-
-    @staticmethod
-    def _open_teacher_cache(args: Any, teacher: Any, kwargs: dict[str, Any]) -> TeacherCache | None:
-        """The cache of `args.teacher_cache`, opened before `Trainer.__init__` (which prepares the datasets): the
-        training dataset gets the cache's id column (row index) when it lacks it and the cache was built that way."""
-        if args.teacher_cache is None:
-            return None
-        if teacher is not None:
-            raise ValueError("Pass either `teacher_model` or `teacher_cache` (a cache replaces the live teacher).")
-        cache = TeacherCache(args.teacher_cache)
-        kwargs["train_dataset"] = cache.attach_row_ids(kwargs.get("train_dataset"))
-        return cache
-
-    def _load_teachers(self, teacher_model: Any, processing_class: Any, args: Any) -> list[nn.Module]:
-        """Load, check and place every live teacher (none when the run does not need one); sets `_vocab_size`."""
-        if teacher_model is None:
-            return []
-        if not self._needs_teacher(args):
-            logger.info("kd_weight is 0 and no hint/relation term is on: the teacher is not loaded or run.")
-            return []
-        if not isinstance(teacher_model, list | tuple):
-            teacher, self._vocab_size = self._load_teacher(teacher_model, processing_class)
-            return [teacher]
-        check_teacher_list(args, len(teacher_model))
-        classes = (
-            processing_class if isinstance(processing_class, list | tuple) else [processing_class] * len(teacher_model)
-        )
-        if len(classes) != len(teacher_model):
-            raise ValueError(f"{len(teacher_model)} teachers but {len(classes)} teacher processing classes.")
-        loaded = [self._load_teacher(t, c) for t, c in zip(teacher_model, classes)]
-        self._vocab_size = next((size for _, size in loaded if size is not None), None)
-        return [teacher for teacher, _ in loaded]
-
-    def _load_teacher(self, teacher: PreTrainedModel | str, processing_class: Any) -> tuple[nn.Module, int | None]:
-        """One teacher, loaded and checked (`models.load_teacher`) and placed (`prepare_teacher`); returns
-        it and the vocabulary size to compare logits over."""
-        student = self.accelerator.unwrap_model(self.model)
-        init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
-        teacher, vocab_size = load_teacher(teacher, self._teacher_auto_class(), student, self.processing_class,
-                                           processing_class, self.args.cross_tokenizer_loss,
-                                           self.args.teacher_tokenizer_name_or_path, **init_kwargs)  # fmt: skip
-        return prepare_teacher(teacher, self), vocab_size
-
-    def _cross_tokenizer_teacher_tokenizer(self, teacher_model: Any, processing_class: Any, args: Any) -> Any:
-        """The teacher's own tokenizer of a `cross_tokenizer_loss` run (`loading.teacher_tokenizer_of`), or None: no
-        cross-tokenizer loss, no live teacher to run, or a cache run without `teacher_tokenizer_name_or_path` (the
-        cache's source then reads the tokenizer saved in the cache)."""
-        if args.cross_tokenizer_loss is None:
-            return None
-        if self.teacher_cache is not None or teacher_model is None or not self._needs_teacher(args):
-            if args.teacher_tokenizer_name_or_path is None and processing_class is None:
-                return None
-            teacher_model = None
-        gguf_file = (args.teacher_model_init_kwargs or {}).get("gguf_file")
-        return teacher_tokenizer_of(teacher_model, processing_class, args.teacher_tokenizer_name_or_path, gguf_file)
-
-    def _fused_supported(self, context: SourceContext, teacher: nn.Module, sharded: bool) -> bool:
-        """Whether the chunked hidden-state loss reproduces both models' logits here; logs why not, once."""
-        if not self.args.use_fused_kd_loss:
-            return False
-        reason = fused_unsupported_reason(context, teacher, sharded)
-        if reason:
-            logger.info(
-                "Using materialised logits for the KD loss: %s (set use_fused_kd_loss=False to silence).", reason
-            )
-        return reason is None
 
     def _setup_hints(self) -> HintDistiller:
         """Layer map and projectors; the projectors train with the student (own optimizer group, synced across
@@ -301,8 +206,8 @@ class DistillationMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As `Trainer.save_model`; a QAT student (`student_quantization`) is saved with its weights rounded onto the
         int grid, except in checkpoints (`checkpoint-N`), which keep the latent fp32 weights for resuming. Into a
-        checkpoint it also writes the files of the `checkpoints.CheckpointFileCallback`s (EMA teacher, hint projectors),
-        before the Trainer writes that checkpoint's `trainer_state.json`."""
+        checkpoint it also writes the files of the `checkpoints.CheckpointFileCallback`s (EMA teacher, hint
+        projectors), before the Trainer writes that checkpoint's `trainer_state.json`."""
         self._save_model(output_dir, _internal_call)
         if _internal_call and output_dir is not None:
             for callback in self.callback_handler.callbacks:
@@ -310,10 +215,10 @@ class DistillationMixin:
                     callback.write_checkpoint(self.args, self.state, output_dir)
 
     def _save_model(self, output_dir: str | None, _internal_call: bool) -> None:
-        if not _internal_call and MutualLearning.active(self.model):  # every peer to output_dir/peer{i}
-            return save_peers(
-                self.model, output_dir or self.args.output_dir, self.processing_class, self.args.should_save
-            )
+        if not _internal_call and self.teacher_source.save_model(  # the source's own export (e.g. one folder a peer)
+            self.model, output_dir or self.args.output_dir, self.processing_class, self.args.should_save
+        ):
+            return None
         if self.args.student_quantization is None or (_internal_call and output_dir is not None):
             return super().save_model(output_dir, _internal_call)
         with fake_quantized_weights(self.accelerator.unwrap_model(self.model)):
@@ -328,7 +233,8 @@ class DistillationMixin:
 
     # ----------------------------------------------------------------------------------------------- loss
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        model_inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        not_inputs = NON_MODEL_KEYS.union(self.teacher_source.batch_keys)
+        model_inputs = {k: v for k, v in inputs.items() if k not in not_inputs}
         if self._head.kind == "seq2seq" and "decoder_input_ids" not in model_inputs:
             unwrapped = self.accelerator.unwrap_model(self.model)
             model_inputs["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(
@@ -354,7 +260,7 @@ class DistillationMixin:
                 f"The batch has no `labels` (keys: {sorted(inputs)}). Use a collator that adds them, e.g. "
                 "`DataCollatorForLanguageModeling(tokenizer, mlm=False)`, or DistillationSFTTrainer for raw text."
             )
-        view = SupervisedView.from_batch(inputs, self._head)
+        view = SupervisedView.from_batch(inputs, self._head, self.loss_state())
         model_inputs = self._model_inputs(inputs)
         self._check_length(inputs)
         source = self.teacher_source
@@ -373,22 +279,10 @@ class DistillationMixin:
         terms = logit_terms(view) if view.task is None else terms_per_task(logit_terms, view)
         terms.n_items = view.n_items
         if self._hints is not None:  # hidden-state hints, attention transfer and relation terms
-            hint_sums, hint_weights = self._hints.terms(outputs, teacher_outputs, inputs, self._head, view.n_items)
-            terms.sums.update(hint_sums)
-            terms.weights.update(hint_weights)
+            terms.update(self._hints.terms(outputs, teacher_outputs, view))
         if self._early_exits is not None:  # deep-to-shallow self-distillation (features/early_exit.py)
             terms.update(self._early_exits.terms(outputs, view))
         return terms, view, outputs
-
-    def _loss_terms(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[dict, dict, torch.Tensor, Any]:
-        """Summed loss terms of one micro-batch (see `_terms`).
-
-        Returns:
-            `(sums, weights, n_tokens, student_outputs)`: `sums[name]` is a scalar summed over the supervised tokens,
-            `weights[name]` its factor in the loss, `n_tokens` the number of supervised tokens.
-        """
-        terms, _, outputs = self._terms(model, inputs)
-        return terms.sums, terms.weights, terms.n_items, outputs
 
     def _check_length(self, inputs: dict[str, Any]) -> None:
         """Warn once when a batch is longer than a model's `max_position_embeddings` (`max_length` not set)."""
@@ -461,6 +355,12 @@ class DistillationMixin:
         kd = sum(sums[k] for k in kd_keys).detach().double()
         pair = torch.stack([kd, torch.as_tensor(n_tokens, dtype=torch.float64, device=kd.device)])
         taid.observe(self.accelerator.gather(pair.to(self.accelerator.device).unsqueeze(0)).sum(0))
+
+    def loss_state(self) -> LossState:
+        """The training state the loss reads this step, handed to the teacher source with each batch's view: TAID's
+        current t (None before its callback ran, or without `kd_loss: taid`)."""
+        taid = self._taid_callback()
+        return LossState(taid_t=taid.t if taid is not None else None)
 
     def _taid_callback(self) -> TaidCallback | None:
         """The TAID callback (looked up each time: resuming with `restore_callback_states_from_checkpoint` replaces

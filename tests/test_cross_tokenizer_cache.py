@@ -12,7 +12,7 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast
 
 from hf_distill.cache import TEACHER_TOKENIZER_DIR, TeacherCache, TeacherCacheCollator, cache_teacher
-from hf_distill.teachers import SourceRequest, select_teacher_source
+from hf_distill.teachers import SourceRequest
 from hf_distill.teachers.cross_tokenizer_cache import CachedCrossTokenizerTeacher
 
 
@@ -45,8 +45,9 @@ def test_cached_loss_equals_the_live_teachers(tmp_path, loss, temperature):
     """k = V_t: every entry cached, so the cached loss is the live one (same groups, same merged distributions)."""
     student, live, cache, batch = build(tmp_path, loss, temperature=temperature)
     assert cache.cross_tokenizer and cache.info["teacher_tokenizer"]["vocab_size"] == len(live.teacher_tokenizer)
-    request = SourceRequest(live.context, [], cache)  # no teacher tokenizer given: the cache's own copy is used
-    cached = select_teacher_source(request)
+    live.context.args.teacher_tokenizer_name_or_path = None  # no teacher tokenizer given: the cache's own copy
+    request = SourceRequest(live.context.args, resources={"cache": cache})
+    cached = CachedCrossTokenizerTeacher.from_request(request, live.context)
     assert isinstance(cached, CachedCrossTokenizerTeacher) and not cached.models
     live_terms, live_out = run_terms(live, student, batch)
     cached_terms, cached_out = run_terms(cached, student, batch)

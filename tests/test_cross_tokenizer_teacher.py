@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SPECIAL, WORDS, make_llama, make_tokenizer
+from conftest import SPECIAL, WORDS, distill_config, make_llama, make_tokenizer, one_sgd_step, trained_weights
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
@@ -229,16 +229,18 @@ def test_config_fields_are_validated(tmp_path):
 
 def test_teacher_tokenizer_comes_through_the_source_request(tmp_path):
     from hf_distill.models import teacher_tokenizer_of
-    from hf_distill.teachers import SourceRequest, select_teacher_source
+    from hf_distill.teachers import SourceRequest, build_source
 
     student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
-    source, _, t_tok = make_source(student)
+    source, s_tok, t_tok = make_source(student)
     args = source.context.args
     args.teacher_tokenizer_name_or_path = args.teacher_model_name_or_path = None
-    picked = select_teacher_source(SourceRequest(source.context, [source.model], teacher_tokenizer=t_tok))
+    config = distill_config(tmp_path, cross_tokenizer_loss="uld")
+    context = SourceContext(config, source.context.head, student, s_tok)
+    picked = build_source(SourceRequest(config, source.model, t_tok, student), context)
     assert picked.name == "cross-tokenizer" and picked.teacher_tokenizer is t_tok
-    with pytest.raises(ValueError, match="SourceRequest carries none.*teacher_tokenizer_name_or_path"):
-        select_teacher_source(SourceRequest(source.context, [source.model]))
+    with pytest.raises(ValueError, match="needs the teacher's tokenizer.*teacher_tokenizer_name_or_path"):
+        build_source(SourceRequest(config, source.model, None, student), context)
     assert teacher_tokenizer_of(source.model, t_tok) is t_tok
     t_tok.save_pretrained(tmp_path / "tok")
     args.teacher_tokenizer_name_or_path = str(tmp_path / "tok")
@@ -560,3 +562,53 @@ def test_an_answer_whose_text_is_in_the_prompt_is_placed_in_the_answer():
     _, t_out = run_terms(source, student, batch)
     groups = source.groups(t_out, labels)[0]
     assert groups and all(t_out.teacher_spans[0][i][0] >= answer - 1 for g in groups for i in g.teacher)
+
+
+@pytest.mark.parametrize("kd_loss", ["forward_kl", "reverse_kl", "jsd"])
+def test_gold_with_a_permuted_vocabulary_takes_the_same_step_as_same_tokenizer_kd(tmp_path, kd_loss):
+    """A teacher tokenizer with the student's token strings under other ids: every token is shared, so TRL's GOLD
+    weights the matched part 1 and the ULD part 0, and `gold` is that `kd_loss` on the whole distributions. One SGD
+    step (lr 0.1) equals the step of same-tokenizer KD from the same teacher (its rows moved to the student's ids)."""
+    import copy
+    import random
+
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq
+
+    from hf_distill import DistillationTrainer
+
+    s_tok = make_tokenizer()
+    words = list(WORDS)
+    random.Random(0).shuffle(words)
+    t_tok = make_tokenizer(words=words)  # the same strings, other ids
+    teacher = make_llama(vocab_size=len(s_tok), seed=1)  # on the student's ids
+    perm = torch.tensor([s_tok.convert_tokens_to_ids(t_tok.convert_ids_to_tokens(i)) for i in range(len(t_tok))])
+    permuted = copy.deepcopy(teacher)  # the same teacher on the teacher tokenizer's ids
+    with torch.no_grad():
+        permuted.model.embed_tokens.weight.copy_(teacher.model.embed_tokens.weight[perm])
+        permuted.lm_head.weight.copy_(teacher.lm_head.weight[perm])
+    rows = []
+    for prompt, answer in zip(PROMPTS, ANSWERS):
+        p = [s_tok.bos_token_id] + s_tok(prompt, add_special_tokens=False)["input_ids"]
+        a = s_tok(answer, add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
+    data = Dataset.from_list(rows)
+    step = {**one_sgd_step(len(rows), 1), "learning_rate": 0.1, "kd_loss": kd_loss, "beta": 0.3}
+    weights = {}
+    for name, extra in (("kd", {}), ("gold", {"cross_tokenizer_loss": "gold", "cross_tokenizer_top_k": None})):
+        trainer = DistillationTrainer(
+            model=make_llama(vocab_size=len(s_tok), seed=0),
+            teacher_model=teacher if name == "kd" else permuted,
+            teacher_processing_class=None if name == "kd" else t_tok,
+            args=distill_config(tmp_path / name, **step, **extra),
+            train_dataset=data,
+            data_collator=DataCollatorForSeq2Seq(s_tok, padding=True),
+            processing_class=s_tok,
+        )
+        assert trainer.teacher_source.name == ("live-fused" if name == "kd" else "cross-tokenizer")
+        weights[name] = trained_weights(trainer)
+    moved = max((weights["kd"][k] - make_llama(vocab_size=len(s_tok), seed=0).state_dict()[k]).abs().max()
+                for k in weights["kd"])  # fmt: skip
+    assert moved > 1e-3
+    for key, value in weights["kd"].items():
+        torch.testing.assert_close(weights["gold"][key], value, rtol=0, atol=1e-6, msg=key)

@@ -11,8 +11,7 @@ from test_cache import build, prompt_completion_rows, teacher_model, trainer_arg
 from transformers import DataCollatorForSeq2Seq
 
 from hf_distill import DistillationTrainer
-from hf_distill.heads import divergence_kwargs
-from hf_distill.taid import TAID_T_ATTRIBUTE
+from hf_distill.terms import divergence_kwargs
 
 
 FIELDS = {
@@ -43,13 +42,14 @@ def test_fused_materialised_and_cache_agree(tmp_path, tokenizer, kd_loss):
             "cache": {"teacher_cache": str(tmp_path / "cache")},
         }.items()
     }
-    assert trainers["fused"]._fused and not trainers["materialised"]._fused
+    assert trainers["fused"].teacher_source.name == "live-fused"
+    assert trainers["materialised"].teacher_source.name == "live"
     features = [{**rows[i], "row_id": i} for i in (0, 2, 3)]
     losses, grads = {}, {}
     for name, trainer in trainers.items():
         if kd_loss == "taid":  # as after some steps: the trainer's current t, not taid_t_start, reaches the loss
-            setattr(trainer.args, TAID_T_ATTRIBUTE, 0.55)
-            assert divergence_kwargs(trainer.args)["taid_t"] == 0.55
+            trainer._taid_callback().t = 0.55
+            assert divergence_kwargs(trainer.args, trainer.loss_state())["taid_t"] == 0.55
         batch = trainer.data_collator(features) if name == "cache" else collator([dict(rows[i]) for i in (0, 2, 3)])
         losses[name] = trainer.compute_loss(trainer.model, batch)
         losses[name].backward()
@@ -60,6 +60,6 @@ def test_fused_materialised_and_cache_agree(tmp_path, tokenizer, kd_loss):
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
     if kd_loss == "taid":  # t = 0.55 is not t = 0.2: the loss really reads the current t
         trainer = trainers["fused"]
-        setattr(trainer.args, TAID_T_ATTRIBUTE, 0.2)
+        trainer._taid_callback().t = 0.2
         other = trainer.compute_loss(trainer.model, collator([dict(rows[i]) for i in (0, 2, 3)]))
         assert abs(other.item() - losses["fused"].item()) > 1e-4

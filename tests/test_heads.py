@@ -21,7 +21,8 @@ from transformers import (
 )
 
 from hf_distill import DistillationConfig, DistillationTrainer
-from hf_distill.heads import Head, detect_head, logit_terms, select_positions
+from hf_distill.heads import Head, detect_head
+from hf_distill.terms import SupervisedView, logit_terms
 
 
 KD_W, CE_W, T = 0.7, 0.3, 2.0
@@ -194,7 +195,7 @@ def test_detects_head_and_teacher_auto_class(case, tmp_path):
     trainer = DistillationTrainer(model=make_student(), teacher_model=make_teacher(), args=config(tmp_path))
     assert trainer._head.kind == kind
     if auto is not None:
-        assert trainer._teacher_auto_class() is auto
+        assert trainer._head.auto_class is auto
 
 
 def test_detect_head_other_classes():
@@ -279,7 +280,7 @@ def test_ignored_positions_do_not_count(head, shape, label_shape):
     labels[torch.rand(label_shape, generator=gen) < 0.4] = -100
     labels.view(-1)[1] = 3
     args = config_like()
-    base = logit_terms(s, t, labels, head, args)
+    base = logit_terms(s, t, SupervisedView(labels, head), args)
     # logit positions that predict a label: causal LMs at t predict label t+1, the last position predicts nothing
     used = torch.zeros(label_shape, dtype=torch.bool)
     if head.kind == "causal_lm":
@@ -288,11 +289,11 @@ def test_ignored_positions_do_not_count(head, shape, label_shape):
         used = labels != -100
     noise = 5 * torch.randn(shape, generator=gen)
     ignored = (~used).unsqueeze(-1)
-    other = logit_terms(s + noise * ignored, t - noise * ignored, labels, head, args)
+    other = logit_terms(s + noise * ignored, t - noise * ignored, SupervisedView(labels, head), args)
     for name in base.sums:
         assert torch.equal(base.sums[name], other.sums[name]), name
     assert base.n_items == used.sum()
-    changed = logit_terms(s + noise * used.unsqueeze(-1), t, labels, head, args)
+    changed = logit_terms(s + noise * used.unsqueeze(-1), t, SupervisedView(labels, head), args)
     assert not torch.allclose(changed.sums["kd"], base.sums["kd"])
 
 
@@ -319,7 +320,7 @@ def test_padding_tokens_do_not_change_the_loss(case, tmp_path):
 
 def test_multi_label_targets_rejected(tmp_path):
     with pytest.raises(ValueError, match="multi-label"):
-        select_positions(torch.randn(4, 3), torch.randn(4, 3), torch.ones(4, 3), Head("sequence_classification"))
+        SupervisedView(torch.ones(4, 3), Head("sequence_classification")).pair(torch.randn(4, 3), torch.randn(4, 3))
     model = bert(BertForSequenceClassification, num_labels=3, problem_type="multi_label_classification")
     with pytest.raises(ValueError, match="multi-label classifier"):
         DistillationTrainer(model=model, args=config(tmp_path, kd_weight=0.0, ce_weight=1.0))

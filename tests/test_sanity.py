@@ -11,7 +11,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling
 
-from hf_distill import DistillationConfig, DistillationTrainer, sanity
+from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.sanity import check_first_step_kd, kd_signal_problem, mixed_precision_mismatch
 
 
@@ -19,8 +19,8 @@ TEXTS = ["the cat sat on the mat", "a dog ran fast", "the big red dog is slow", 
 
 
 @pytest.fixture(autouse=True)
-def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(sanity, "_warned", set())
+def fresh_warnings():
+    logging.Logger.warning_once.cache_clear()  # transformers' once-per-process warnings (sanity uses them)
 
 
 def sanity_warnings(caplog) -> list[str]:

@@ -11,7 +11,7 @@ import torch
 from conftest import make_llama, make_lm_trainer, one_sgd_step, run_processes, trained_weights
 from transformers import TrainerCallback
 
-from hf_distill.taid import TaidCallback, current_taid_t
+from hf_distill.taid import TaidCallback
 
 
 TEXTS = ["the cat sat on the mat and the dog sat too", "a dog", "the big red dog is slow", "one plus two"]
@@ -46,13 +46,13 @@ def test_update_follows_the_paper_rule():
 
 def test_t_is_logged_and_reaches_the_loss(tmp_path, tokenizer):
     trainer = make_lm_trainer(tmp_path, tokenizer, TEXTS, max_steps=4, **TAID)
-    assert current_taid_t(trainer.args) == 0.3  # before training: taid_t_start
+    assert trainer.loss_state().taid_t == 0.3  # before training: taid_t_start
     trainer.train()
     logged = [e["taid_t"] for e in trainer.state.log_history if "kd_loss" in e]
     kd = [e["kd_loss"] for e in trainer.state.log_history if "kd_loss" in e]
     assert len(logged) == 4 and logged[0] == 0.3 and logged[-1] > logged[1] > 0.3
     assert logged == pytest.approx(reference_schedule(kd, 0.3, 1.0, 0.5, 0.99, 4), abs=1e-12)
-    assert current_taid_t(trainer.args) == logged[-1]  # what divergence_kwargs hands to the loss
+    assert trainer.loss_state().taid_t == logged[-1]  # what the trainer hands to the loss
 
 
 def _run(tmp_path, tok, name, batch_size, accumulation, fused):
@@ -94,7 +94,7 @@ def test_resume_restores_t_exactly(tmp_path, tokenizer, restore_callbacks):
         def on_step_begin(self, args, state, control, **kwargs):
             cb = resumed._taid_callback()
             if not seen:
-                seen.update(t=cb.t, momentum=cb.momentum, prev_loss=cb.prev_loss, arg=current_taid_t(args))
+                seen.update(t=cb.t, momentum=cb.momentum, prev_loss=cb.prev_loss, arg=resumed.loss_state().taid_t)
 
     resumed.add_callback(Probe())
     resumed.train(resume_from_checkpoint=str(tmp_path / "a/out/checkpoint-2"))

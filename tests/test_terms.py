@@ -4,10 +4,10 @@ import types
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import distill_config, make_llama
 
-from hf_distill.heads import Head, kd_scale
-from hf_distill.teachers import SOURCES, SourceContext, SourceRequest, TeacherSource, select_teacher_source
+from hf_distill.heads import Head
+from hf_distill.teachers import SOURCES, SourceContext, SourceRequest, TeacherSource, build_source
 from hf_distill.teachers.ensemble import EnsembleTeacher
 from hf_distill.teachers.live import FusedLiveTeacher, LiveTeacher
 from hf_distill.terms import (
@@ -15,6 +15,7 @@ from hf_distill.terms import (
     LossTerms,
     SupervisedView,
     add_window_task_counts,
+    kd_scale,
     normalised_loss,
     terms_per_task,
 )
@@ -104,15 +105,23 @@ def test_window_task_counts_add_up_over_the_window():
     assert all(b[TASK_COUNTS_KEY].tolist() == [3, 7] for b in batches)
 
 
-def test_select_teacher_source_first_match_wins():
-    student = make_llama(2, 32)
-    context = SourceContext(args(kd_loss="forward_kl", multi_teacher_mode="mixture"), CAUSAL, student)
-    teacher = make_llama(2, 32, seed=1)
-    assert type(select_teacher_source(SourceRequest(context))) is TeacherSource
-    assert type(select_teacher_source(SourceRequest(context, [teacher]))) is LiveTeacher
-    assert type(select_teacher_source(SourceRequest(context, [teacher], fused=True))) is FusedLiveTeacher
-    assert type(select_teacher_source(SourceRequest(context, [teacher, teacher]))) is EnsembleTeacher
-    assert [name for name, _, _ in SOURCES][-1] == "none"  # the catch-all stays last
+def test_select_source_by_what_the_config_asks_for(tmp_path):
+    student, teacher = make_llama(2, 32), make_llama(2, 32, seed=1)
+
+    def built(teacher_model=None, **fields):
+        config = distill_config(tmp_path, **fields)
+        return build_source(
+            SourceRequest(config, teacher_model, student=student), SourceContext(config, CAUSAL, student)
+        )
+
+    assert type(built(kd_weight=0.0, ce_weight=1.0)) is TeacherSource
+    assert type(built(teacher, use_fused_kd_loss=False)) is LiveTeacher
+    assert type(built(teacher)) is FusedLiveTeacher
+    assert type(built([teacher, make_llama(2, 32, seed=2)])) is EnsembleTeacher
+    assert type(built(teacher, kd_weight=0.0, ce_weight=1.0)) is TeacherSource  # no term needs it: not loaded
+    assert "none" not in SOURCES  # the none source is the fallback, not a registry entry
+    with pytest.raises(ValueError, match="Pass either `teacher_model` or `teacher_ema_decay`.*drop one of them"):
+        built(teacher, teacher_ema_decay=0.9)
 
 
 def test_no_teacher_source_gives_ce_only():
@@ -131,9 +140,9 @@ def test_no_teacher_source_gives_ce_only():
     assert float(terms.sums["ce"].detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
 
 
-def test_sharded_runs_never_pick_the_fused_loss_for_self_taught_sources():
+def test_sharded_runs_never_pick_the_fused_loss_for_self_taught_sources(tmp_path):
     student = make_llama(2, 32)
-    a = args(kd_loss="forward_kl", beta=0.5, skew_alpha=0.1, use_fused_kd_loss=True, teacher_ema_decay=0.9)
-    context = SourceContext(a, CAUSAL, student)
-    assert select_teacher_source(SourceRequest(context)).name == "ema-fused"
-    assert select_teacher_source(SourceRequest(context, sharded=True)).name == "ema"  # FSDP/ZeRO: materialised
+    a = distill_config(tmp_path, teacher_ema_decay=0.9)
+    request = SourceRequest(a, student=student)
+    assert build_source(request, SourceContext(a, CAUSAL, student)).name == "ema-fused"
+    assert build_source(request, SourceContext(a, CAUSAL, student, sharded=True)).name == "ema"  # FSDP/ZeRO

@@ -52,6 +52,17 @@ class TeacherCacheCollator(DataCollatorMixin):
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
     return_tensors: str = "pt"
 
+    @property
+    def dataset_columns(self) -> tuple[str, ...]:
+        """The raw columns the wrapped collator reads (e.g. `RationaleCollator`'s), passed through."""
+        return tuple(getattr(self.collator, "dataset_columns", ()) or ())
+
+    @property
+    def kept_columns(self) -> tuple[str, ...]:
+        """Raw columns the trainer keeps through `remove_unused_columns`: the cache's id column (never a model
+        input: it is consumed here) and the wrapped collator's own."""
+        return tuple(dict.fromkeys((self.cache.id_column, *getattr(self.collator, "kept_columns", ()))))
+
     def _strip(self, feature: dict[str, Any]) -> dict[str, Any]:
         """The row without its id, per-token columns cut to the cache's max_length."""
         id_column, max_length = self.cache.id_column, self.cache.max_length

@@ -1,24 +1,13 @@
-"""A cross-tokenizer teacher from a cache built with the teacher's own tokenizer (`cross_tokenizer_loss` +
-`teacher_cache`).
+"""Cross-tokenizer teacher caches: rows scored on the teacher's own tokenization (`cross_tokenizer_loss`).
 
 `cache_teacher(..., tokenizer=<student's>, teacher_tokenizer=<teacher's>)` decodes each row's student ids into its
-text (`alignment.token_char_spans`, as the live source does), lets the teacher read its own tokenization of that text
-(`cross_tokenizer.teacher_tokenize`: its BOS first, character offsets kept) and stores, for every teacher position
-j >= 1, the top-k token ids and log-probabilities of the distribution predicting token j, the log tail mass and the
-log-prob of the actual token j (`score_cross_rows`), plus the teacher's ids and offsets (layout in `cache.format`).
-`cache_info.json` records the student's tokenizer (`tokenizer`) and the teacher's (`teacher_tokenizer`), and the
-cache keeps a copy of the teacher's tokenizer in `teacher_tokenizer/`. Conversational rows (a `messages` or
-conversational `prompt` + `completion` column) are read rendered with the teacher's chat template when it has one,
-as the live source reads a batch with `messages`; `teacher_chat_template` records that template's sha256, and
-training then needs the conversations in the batch again (checked both ways).
-
-At train time `TeacherCacheCollator` adds the teacher side of each row to the batch (`cross_cache_batch`) and
-`CachedCrossTokenizerTeacher` aligns and merges exactly as `CrossTokenizerTeacher`, with the teacher's row statistics
-taken from the cache instead of a forward pass. With `k >= V_t` (every entry cached) the loss equals the live
-teacher's (tested); with a smaller `k` the mass beyond the cached entries is one tail bucket: in ULD it joins the
-sorted tail (and both sides' sorted vectors are cut to `min(cross_tokenizer_top_k, k)` entries, so it stays the
-lower bound of `losses.cross_tokenizer`), in gold's shared part it is missing (those shared tokens count as 0), and a
-KD temperature != 1 renormalises the cached entries with the tempered tail bucket (as `losses.sparse`).
+text (`alignment.token_char_spans`), lets the teacher read its own tokenization of that text (`alignment.
+teacher_tokenize`: its BOS first, character offsets kept) or, for conversational rows, the conversation rendered with
+its chat template, and stores for every teacher position j >= 1 the top-k ids and log-probs of the distribution
+predicting token j, the log tail mass and the log-prob of the actual token j (`score_cross_rows`), plus the teacher's
+ids and offsets (layout in `cache.format`). At train time `TeacherCacheCollator` adds that side of each row to the
+batch (`cross_cache_batch`), which `teachers.cross_tokenizer_cache.CachedCrossTokenizerTeacher` aligns and merges as
+the live cross-tokenizer source does.
 """
 
 import logging

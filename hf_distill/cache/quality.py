@@ -61,8 +61,6 @@ def quantization_error(
         `dict`: `kl_mean`, `kl_max` (nats per position), `max_abs_logprob_error` (over entries with p >= 1e-3 of the
         position's top-k mass), `positions`, `rows`, `bytes_per_entry` (payload bytes of the measured rows / entries).
     """
-    from .cache import TeacherCache
-
     cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
     if reference is not None:
         reference = reference if isinstance(reference, TeacherCache) else TeacherCache(reference)
@@ -75,7 +73,7 @@ def quantization_error(
             "A compact cache no longer holds the fp16 values; pass `reference=` an uncompressed cache of the same "
             "rows (or measure an uncompressed cache, which is round-tripped in memory)."
         )
-    ids_all = list(row_ids) if row_ids is not None else list(cache._index)
+    ids_all = list(row_ids) if row_ids is not None else cache.row_ids()
     kls, max_err, payload_bytes, entries = [], 0.0, 0, 0
     for start in range(0, len(ids_all), batch_rows):
         chunk = ids_all[start : start + batch_rows]
@@ -101,7 +99,7 @@ def quantization_error(
         import pyarrow.compute as pc
 
         for start in range(0, len(ids_all), batch_rows):
-            table = cache._arrow[[cache._index[r] for r in ids_all[start : start + batch_rows]]]
+            table = cache.table(ids_all[start : start + batch_rows])
             payload_bytes += pc.sum(pc.binary_length(table.column("payload"))).as_py() or 0
     kl = torch.cat(kls) if kls else torch.zeros(0, dtype=torch.float64)
     return {

@@ -106,6 +106,14 @@ class TeacherCache:
     def __contains__(self, row_id: Any) -> bool:
         return row_id in self._index
 
+    def row_ids(self) -> list[Any]:
+        """Every cached row id, in shard order."""
+        return list(self._index)
+
+    def table(self, row_ids: Sequence[Any]) -> pa.Table:
+        """The stored Arrow rows of `row_ids` (every column of the format, undecoded), in that order."""
+        return self._arrow[[self._index[rid] for rid in row_ids]]
+
     def missing(self, row_ids: Sequence[Any]) -> list[Any]:
         """The ids among `row_ids` that the cache lacks."""
         return [rid for rid in row_ids if rid not in self._index]
@@ -153,7 +161,7 @@ class TeacherCache:
                 "that dataset with the same output_dir (rows already cached are skipped)."
             )
         positions = [self._index[rid] for rid in row_ids]
-        table = self._arrow[positions]
+        table = self.table(row_ids)
         if self.compact:
             return self._decode(table, row_ids, positions)
         k = self.k

@@ -11,7 +11,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..config import DistillationSFTConfig
 from ..data.loading import load_any_dataset
-from ..data.tasks import TASKS, build_task_trainer, load_task_model, task_label_kwargs
+from ..data.tasks import TASKS, load_task_model, task_label_kwargs, task_trainer_inputs
 from ..models import load_tokenizer, parse_init_kwargs, quantized_student_kwargs
 from .recipe_args import parse_args_and_recipe
 
@@ -130,7 +130,7 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig, model_args: ModelConfig):
     """Load tokenizer, student, teacher and datasets named by the parsed configs and return the trainer."""
-    from ..trainer import DistillationSFTTrainer
+    from ..trainer import DistillationSFTTrainer, DistillationTrainer
 
     if script_args.dataset_name is None:
         raise ValueError("Set `dataset_name` (a Hub id, a local data file or a save_to_disk folder).")
@@ -189,7 +189,8 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
     if script_args.task != "causal_lm":
         if model_args.use_peft:
             raise ValueError("`use_peft` is supported for task causal_lm only.")
-        return build_task_trainer(script_args, args, student, teacher, tokenizer, train, evaluation)
+        inputs = task_trainer_inputs(script_args, args, student, tokenizer, train, evaluation)
+        return DistillationTrainer(model=student, teacher_model=teacher, args=args, **inputs)
     return DistillationSFTTrainer(
         model=student,
         teacher_model=teacher,

@@ -20,7 +20,8 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
 from ..alignment import row_conversation
-from ..heads import IGNORE_INDEX
+from ..heads import unwrap
+from ..losses import IGNORE_INDEX
 
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class RationaleCollator(DataCollatorMixin):
             kind = "an encoder-decoder (seq2seq) model" if model_is_seq2seq else "a causal LM"
             raise ValueError(
                 f"RationaleCollator(seq2seq={bool(self.seq2seq)}) builds {built} batches, but "
-                f"{type(_unwrap(model)).__name__} is {kind}. Create the collator with `model=` (or "
+                f"{type(unwrap(model)).__name__} is {kind}. Create the collator with `model=` (or "
                 f"`seq2seq={model_is_seq2seq}`)."
             )
 
@@ -292,13 +293,8 @@ class RationaleCollator(DataCollatorMixin):
         }
 
 
-def _unwrap(model: Any) -> Any:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else getattr(model, "module", model)
-
-
 def _is_seq2seq(model: Any) -> bool:
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap(model), "config", None)
     if config is None:
         raise ValueError(f"Cannot tell whether {type(model).__name__} is seq2seq or causal: it has no `config`.")
     return bool(getattr(config, "is_encoder_decoder", False))

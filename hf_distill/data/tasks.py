@@ -227,18 +227,16 @@ def task_collator(task: str, tokenizer: PreTrainedTokenizerBase, model: PreTrain
     raise ValueError("`causal_lm` uses DistillationSFTTrainer's own collator.")
 
 
-def build_task_trainer(
+def task_trainer_inputs(
     script_args: Any,
     args: Any,
     student: PreTrainedModel,
-    teacher: PreTrainedModel | str | None,
     tokenizer: PreTrainedTokenizerBase,
     train: Dataset,
     evaluation: Dataset | None = None,
-) -> Any:
-    """A `DistillationTrainer` for a non-causal task named by `script_args.task` (see `cli/train.py`)."""
-    from ..trainer import DistillationTrainer
-
+) -> dict[str, Any]:
+    """The `DistillationTrainer` arguments of a non-causal task named by `script_args.task` (see `cli/train.py`): the
+    datasets tokenised for the task (`train_dataset`, `eval_dataset`), its collator and the tokenizer."""
     task = script_args.task
     if student.config.pad_token_id is None:  # classifiers pool the last non-pad token (Llama) or pad batches
         student.config.pad_token_id = tokenizer.pad_token_id
@@ -247,16 +245,13 @@ def build_task_trainer(
         "text_pair_column": script_args.text_pair_column,
         "label_column": script_args.label_column,
         "label2id": getattr(student.config, "label2id", None) if task in LABEL_TASKS else None,
-        "max_length": getattr(args, "max_length", None),
+        "max_length": getattr(args, "max_length", None),  # DistillationSFTConfig has one, DistillationConfig not
     }
     train = prepare_task_dataset(train, task, tokenizer, **prepare)
     evaluation = prepare_task_dataset(evaluation, task, tokenizer, **prepare) if evaluation is not None else None
-    return DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        data_collator=task_collator(task, tokenizer, student),
-        processing_class=tokenizer,
-    )
+    return {
+        "train_dataset": train,
+        "eval_dataset": evaluation,
+        "data_collator": task_collator(task, tokenizer, student),
+        "processing_class": tokenizer,
+    }

@@ -20,11 +20,13 @@ import json
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from ..heads import LMHead, detect_head, divergence_kwargs, fused_head_loss, hard_loss, lm_head_of, unwrap
+from ..heads import LMHead, detect_head, lm_head_of, unwrap
 from ..losses import logit_divergence
-from ..terms import LossTerms, SupervisedView
+from ..student import PeerStudents
+from ..terms import LossTerms, SupervisedView, divergence_kwargs, fused_head_loss, hard_loss
 
 
 UNIFORM = "uniform"
@@ -147,12 +149,13 @@ def early_exit_terms(
         exit_hidden = norm(view.rows(hidden_states[layer]))  # (N, H)
         if fused:
             stats: dict[str, Any] = {}
-            kd, ce = fused_head_loss(exit_hidden, head, final, head, args, vocab_size, y if with_ce else None, stats)
+            kd, ce = fused_head_loss(exit_hidden, head, final, head, args, vocab_size, y if with_ce else None, stats,
+                                     state=view.state)  # fmt: skip
             agreement = stats.get("top1_agreement")
         else:
             logits = _logits(exit_hidden, head)
             logits = logits[..., :vocab_size] if vocab_size is not None else logits
-            kd = logit_divergence(logits, target_logits, **divergence_kwargs(args)).sum()
+            kd = logit_divergence(logits, target_logits, **divergence_kwargs(args, view.state)).sum()
             ce = hard_loss(logits, y, view.head) if with_ce else None
             agreement = (logits.argmax(-1) == target_logits.argmax(-1)).sum()
         out.add(f"exit{layer}_kd", kd, kd_w)
@@ -178,9 +181,8 @@ class EarlyExits:
     """
 
     def __init__(self, args: Any, student: nn.Module, vocab_size: int | None = None):
-        from ..teachers.peers import MutualLearning
-
-        if MutualLearning.active(student):
+        peers = isinstance(extract_model_from_parallel(student, keep_torch_compile=False), PeerStudents)
+        if peers:
             raise ValueError(
                 "`early_exit_layers` with PeerStudents (mutual learning) is not supported: the exits would read one "
                 "peer's hidden states only. Remove `early_exit_layers`, or train a single student."
@@ -201,12 +203,12 @@ class EarlyExits:
         self.layers = resolve_exit_layers(args.early_exit_layers, num_layers)
         self.norm = final_norm_of(student)
         _head_of(student)  # raises now, not at the first step, when the student has no Linear lm_head
-        self.fused = bool(getattr(args, "use_fused_kd_loss", True)) and lm_head_of(student) is not None
+        self.fused = bool(args.use_fused_kd_loss) and lm_head_of(student) is not None
 
     @staticmethod
     def active(args: Any) -> bool:
         """Whether the config switches early exits on."""
-        return getattr(args, "early_exit_layers", None) is not None and getattr(args, "early_exit_weight", 0) > 0
+        return args.early_exit_layers is not None and args.early_exit_weight > 0
 
     def forward_kwargs(self) -> dict[str, Any]:
         """What the student's forward must return: every layer's hidden states."""

@@ -13,11 +13,11 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..heads import Head, supervised_mask, unwrap
+from ..heads import unwrap
 from ..losses import attention_loss, hint_loss, parse_layer_map, relation_loss
+from ..terms import LossTerms, SupervisedView
 from .projectors import HintProjectors
 
 
@@ -47,6 +47,17 @@ def use_eager_attention(model: nn.Module, name: str) -> None:
             model.config._attn_implementation,
         )
         model.set_attn_implementation("eager")
+
+
+def feature_forward_kwargs(args: Any) -> dict[str, bool] | None:
+    """The forward arguments the feature terms need from the student and the teacher (hidden states; attention maps
+    when `attention_weight > 0`), or None when no hint, attention or relation term is on."""
+    if not args.uses_features:
+        return None
+    kwargs = {"output_hidden_states": True}
+    if args.attention_weight > 0:
+        kwargs["output_attentions"] = True
+    return kwargs
 
 
 class HintDistiller(nn.Module):
@@ -85,25 +96,19 @@ class HintDistiller(nn.Module):
         )
 
     def forward_kwargs(self) -> dict[str, bool]:
-        kwargs = {"output_hidden_states": True}
-        if self.use_attention:
-            kwargs["output_attentions"] = True
-        return kwargs
+        """What both models' forward must return for these terms (`feature_forward_kwargs`)."""
+        return feature_forward_kwargs(self.args) or {}
 
-    def terms(
-        self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any], head: Head, n_tokens: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Summed hint / attention / relation terms and their weights (see the module docstring)."""
+    def terms(self, outputs: Any, teacher_outputs: Any, view: SupervisedView) -> LossTerms:
+        """Summed hint / attention / relation terms with their weights (see the module docstring), on the
+        supervised positions of `view` (its `batch` gives the attention mask)."""
         args = self.args
-        labels = inputs["labels"]
-        attn = inputs.get("attention_mask")
-        if labels.dim() == 1:  # sequence classification: one label per example, every real token carries the hint
-            attn = attn.bool() if attn is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+        attn = view.batch.get("attention_mask")
+        if view.labels.dim() == 1:  # sequence classification: one label per example, every real token carries the hint
+            attn = attn.bool() if attn is not None else torch.ones_like(view.batch["input_ids"], dtype=torch.bool)
             sup = attn
         else:
-            sup = supervised_mask(labels, head, inputs.get("shift_labels"))
-            if head.shifts_labels and inputs.get("shift_labels") is None:
-                sup = F.pad(sup, (0, 1), value=False)  # hidden position t predicts label t + 1
+            sup = view.hidden_mask()  # hidden position t predicts label t + 1 (causal LMs)
             attn = attn.bool() if attn is not None else torch.ones_like(sup)
         s_states, t_states = outputs.hidden_states, teacher_outputs.hidden_states
         pairs = list(self.layer_map.items())
@@ -141,5 +146,5 @@ class HintDistiller(nn.Module):
                 loss_type=args.relation_loss,
                 pooling=args.relation_pooling,
             )
-            sums["relation"], weights["relation"] = value * n_tokens, args.relation_weight
-        return sums, weights
+            sums["relation"], weights["relation"] = value * view.n_items, args.relation_weight
+        return LossTerms(sums, weights, view.n_items)

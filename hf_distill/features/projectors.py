@@ -11,11 +11,9 @@ import os
 from collections.abc import Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoints import CheckpointFileCallback
+from ..checkpoints import CheckpointFileCallback, load_checkpoint_tensors, save_checkpoint_tensors
 
 
 logger = logging.getLogger(__name__)
@@ -125,11 +123,7 @@ def save_projectors(module: HintProjectors, directory: str | os.PathLike) -> str
     Returns:
         `str`: the file written.
     """
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, PROJECTORS_FILENAME)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
-    save_file(tensors, path, metadata=module.metadata())
-    return path
+    return save_checkpoint_tensors(directory, PROJECTORS_FILENAME, module.state_dict(), module.metadata())
 
 
 def load_projectors(module: HintProjectors, directory: str | os.PathLike) -> HintProjectors:
@@ -142,32 +136,25 @@ def load_projectors(module: HintProjectors, directory: str | os.PathLike) -> Hin
     Returns:
         `HintProjectors`: `module`, for chaining.
     """
-    path = os.path.join(directory, PROJECTORS_FILENAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"No {PROJECTORS_FILENAME} in {directory}; the checkpoint was saved without hint projectors (or by an "
-            "older run), so it cannot resume a run with hints."
-        )
-    with safe_open(path, framework="pt") as f:
-        saved = f.metadata() or {}
+    fix = "resume with the same hint_layers and hint_projector."
+    state, saved = load_checkpoint_tensors(
+        directory,
+        PROJECTORS_FILENAME,
+        module.state_dict(),
+        what="the configured projectors",
+        missing="the checkpoint was saved without hint projectors (or by an older run), so it cannot resume a run "
+        "with hints.",
+        fix=fix,
+    )
     expected = module.metadata()
     if saved and saved != expected:
         raise ValueError(
-            f"{path} holds projectors for kind={saved.get('kind')!r}, widths={saved.get('widths')} but this run "
-            f"configures kind={expected['kind']!r}, widths={expected['widths']}; resume with the same hint_layers and "
-            "hint_projector."
-        )
-    state = load_file(path)
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{path} does not match the configured projectors: missing {missing}, unexpected {unexpected}, "
-            f"shape mismatch {wrong}; resume with the same hint_layers and hint_projector."
+            f"{os.path.join(directory, PROJECTORS_FILENAME)} holds projectors for kind={saved.get('kind')!r}, "
+            f"widths={saved.get('widths')} but this run configures kind={expected['kind']!r}, "
+            f"widths={expected['widths']}; {fix}"
         )
     module.load_state_dict(state)
-    logger.info("Loaded %d hint projector tensors from %s", len(state), path)
+    logger.info("Loaded %d hint projector tensors from %s", len(state), directory)
     return module
 
 

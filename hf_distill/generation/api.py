@@ -44,20 +44,22 @@ class APITeacherError(RuntimeError):
 
 
 @dataclass
-class APITeacherArguments:
-    """Command-line flags of an API teacher (shared by `rationales generate`, `quickstart` and `cache-teacher`)."""
+class TeacherAPIArguments:
+    """Where a served teacher answers (OpenAI-compatible endpoints: vLLM, SGLang, TGI, hosted APIs): the fields shared
+    by the text API teacher (`APITeacherArguments`: rationales, transfer sets, seq-KD targets) and the served logit
+    teacher of `train` / `cache-teacher` (`DistillationArguments`)."""
 
-    teacher_api_base: str | None = field(
+    teacher_api_base: list[str] | None = field(
         default=None,
         metadata={
-            "help": "OpenAI-compatible base URL of a served teacher (e.g. http://127.0.0.1:8000/v1); its key is "
-            "read from $HF_DISTILL_API_KEY or $OPENAI_API_KEY (never logged)."
+            "help": "OpenAI-compatible base URL of a served teacher (e.g. http://127.0.0.1:8000/v1); its key is read "
+            "from $HF_DISTILL_API_KEY or $OPENAI_API_KEY (never logged). Several URLs (served logit teacher only): "
+            "replicas of one model, or one teacher each when the data has a `teacher_id` column."
         },
     )
-    teacher_api_model: str | None = field(default=None, metadata={"help": "Model name the server serves."})
-    teacher_api_endpoint: str = field(
-        default="chat",
-        metadata={"help": "`chat` (/v1/chat/completions) or `completions` (/v1/completions).", "choices": ENDPOINTS},
+    teacher_api_model: list[str] | None = field(
+        default=None,
+        metadata={"help": "Model name the server serves (one for every URL, or one per URL; see /v1/models)."},
     )
     teacher_api_key_env: str | None = field(
         default=None, metadata={"help": "Name of the environment variable holding the API key (default: see above)."}
@@ -67,9 +69,32 @@ class APITeacherArguments:
     teacher_api_max_retries: int = field(
         default=5, metadata={"help": "API teacher: retries on 429 / 5xx / connection errors / timeouts."}
     )
+
+
+@dataclass
+class APITeacherArguments(TeacherAPIArguments):
+    """Command-line flags of a text API teacher (shared by `rationales generate`, `quickstart` and `cache-teacher`)."""
+
+    teacher_api_endpoint: str = field(
+        default="chat",
+        metadata={"help": "`chat` (/v1/chat/completions) or `completions` (/v1/completions).", "choices": ENDPOINTS},
+    )
     num_generations: int = field(
         default=1, metadata={"help": "API teacher: samples per prompt (rationales keep one whose answer matches)."}
     )
+
+
+def single(value: Any, name: str) -> Any:
+    """The one value of a field that may hold a list (`teacher_api_base`, `teacher_api_model`): a list of one gives its
+    element; several raise a ValueError naming the field."""
+    if isinstance(value, list | tuple):
+        if len(value) > 1:
+            raise ValueError(
+                f"`{name}` has {len(value)} values, but a text API teacher uses one server; give one (several URLs "
+                "are for the served logit teacher of `train` / `cache-teacher`)."
+            )
+        return value[0] if value else None
+    return value
 
 
 def add_api_arguments(parser: Any) -> None:
@@ -140,8 +165,8 @@ class APITeacher:
         if not getattr(args, "teacher_api_base", None):
             return None
         return cls(
-            base_url=args.teacher_api_base,
-            model=args.teacher_api_model or model,
+            base_url=single(args.teacher_api_base, "teacher_api_base"),
+            model=single(args.teacher_api_model, "teacher_api_model") or model,
             endpoint=args.teacher_api_endpoint,
             api_key_env=args.teacher_api_key_env,
             max_concurrency=args.max_concurrency,

@@ -17,13 +17,14 @@ Return contract per family (N: supervised rows, V: vocabulary, B/T: batch/positi
 from .attention import ATTENTION_LOSSES, attention_loss
 from .features import HINT_LOSSES, hint_loss, parse_layer_map, uniform_layer_map
 from .fused import IGNORE_INDEX, fused_logit_distillation_loss
-from .logits import LOGIT_LOSSES, logit_distillation_loss, logit_divergence
+from .logits import DIVERGENCE_DEFAULTS, LOGIT_LOSSES, logit_distillation_loss, logit_divergence
 from .relations import RELATION_LOSSES, pool, relation_loss
 from .sparse import SPARSE_LOSSES, sparse_logit_divergence
 
 
 __all__ = [
     "ATTENTION_LOSSES",
+    "DIVERGENCE_DEFAULTS",
     "HINT_LOSSES",
     "IGNORE_INDEX",
     "LOGIT_LOSSES",

@@ -4,9 +4,11 @@
   sorted in descending order, the shorter one is zero-padded to the longer vocabulary, and the L1 distance between the
   sorted vectors is taken (the Wasserstein-1 distance of the two distributions under a cost that ignores which token
   carries which mass).
-- `gold`: the hybrid of TRL's GOLD trainer. The token strings both vocabularies share (`shared_token_ids`) carry an
-  exact forward KL between the teacher's and the student's sub-distributions on them (renormalised); the tokens left
-  over on each side get ULD.
+- `gold`: the hybrid loss of TRL's GOLD trainer, as TRL 1.16 defines it (`uld_use_hybrid_loss` with its adaptive
+  weights). The token strings both vocabularies share (`shared_token_ids`) carry the `kd_loss` divergence (forward KL,
+  reverse KL or the generalized JSD with `beta`) between the two sides' probabilities of those tokens, taken as they
+  are (not renormalised); the tokens left over on each side get ULD; the two parts are weighted `M / V_t` and
+  `1 - M / V_t` (M shared tokens, V_t the teacher's vocabulary). Tested against TRL's own function.
 - `alm`: Approximate Likelihood Matching (Minixhofer et al. 2025). On each chunk whose boundaries both tokenizations
   share (an aligned group), the likelihood of the chunk's actual text under each model (the product of its tokens'
   probabilities) is matched with a binarised divergence: the binary KL between Bernoulli(p_t) and Bernoulli(p_s),
@@ -31,9 +33,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "CROSS_TOKENIZER_LOSSES",
+    "GOLD_BETAS",
     "alm",
     "gold",
-    "shared_kl",
+    "gold_from_parts",
+    "gold_matched",
     "sorted_head",
     "teacher_row_stats",
     "uld",
@@ -99,21 +103,60 @@ def uld(student_probs: torch.Tensor, teacher_probs: torch.Tensor, top_k: int | N
     return uld_from_sorted(*sorted_head(_fp32(student_probs), top_k), *sorted_head(_fp32(teacher_probs), top_k))
 
 
-def shared_kl(student_shared: torch.Tensor, teacher_shared: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Forward KL(teacher || student) between the renormalised sub-distributions on the shared tokens.
+GOLD_BETAS = {"forward_kl": 0.0, "reverse_kl": 1.0}  # kd_loss -> beta of the generalized JSD (jsd: its own beta)
+GOLD_PROB_FLOOR = 1e-8  # TRL's GOLD takes logs of probabilities clamped to this floor
+
+
+def gold_matched(student_shared: torch.Tensor, teacher_shared: torch.Tensor, beta: float) -> torch.Tensor:
+    """The matched part of TRL's GOLD: the generalized JSD (GKD convention, `beta` 0 = forward KL, 1 = reverse KL) on
+    the shared tokens' probabilities as they are, not renormalised; logs of probabilities floored at 1e-8.
+
+    Element-wise as TRL 1.16's `GOLDTrainer.generalized_jsd_loss(..., logits_are_probs=True)`: with `ls, lt` the
+    floored logs and `m = log((1 - beta) e^ls + beta e^lt)`, `beta * e^lt (lt - m) + (1 - beta) * e^ls (ls - m)`
+    (`beta = 0`: `e^lt (lt - ls)`; `beta = 1`: `e^ls (ls - lt)`), summed over the M tokens.
 
     Args:
         student_shared (`torch.Tensor`): `(G, M)` student probabilities of the M shared tokens (column m of both
             tensors is the same token string).
         teacher_shared (`torch.Tensor`): `(G, M)` teacher probabilities of the same tokens.
-        eps (`float`): floor of the masses and probabilities inside the logs.
+        beta (`float`): in [0, 1].
 
     Returns:
-        `torch.Tensor`: `(G,)`; 0 where the teacher puts no mass on the shared tokens.
+        `torch.Tensor`: `(G,)`.
     """
-    s = student_shared / student_shared.sum(-1, keepdim=True).clamp(min=eps)
-    t = teacher_shared / teacher_shared.sum(-1, keepdim=True).clamp(min=eps)
-    return torch.where(t > 0, t * (t.clamp(min=eps).log() - s.clamp(min=eps).log()), torch.zeros_like(t)).sum(-1)
+    log_s = _fp32(student_shared).clamp(min=GOLD_PROB_FLOOR).log()
+    log_t = _fp32(teacher_shared).to(log_s.dtype).clamp(min=GOLD_PROB_FLOOR).log()
+    if beta == 0:
+        return (log_t.exp() * (log_t - log_s)).sum(-1)
+    if beta == 1:
+        return (log_s.exp() * (log_s - log_t)).sum(-1)
+    beta_t = torch.tensor(beta, dtype=log_s.dtype, device=log_s.device)
+    log_m = torch.logsumexp(torch.stack([log_s + torch.log1p(-beta_t), log_t + torch.log(beta_t)]), dim=0)
+    return (beta * log_t.exp() * (log_t - log_m) + (1 - beta) * log_s.exp() * (log_s - log_m)).sum(-1)
+
+
+def gold_from_parts(
+    student_shared: torch.Tensor,
+    teacher_shared: torch.Tensor,
+    student_rest: tuple[torch.Tensor, torch.Tensor],
+    teacher_rest: tuple[torch.Tensor, torch.Tensor],
+    matched_weight: float,
+    beta: float,
+) -> torch.Tensor:
+    """TRL's GOLD hybrid from its parts: `w * gold_matched + (1 - w) * ULD(unshared entries)`.
+
+    Args:
+        student_shared, teacher_shared (`torch.Tensor`): `(G, M)` probabilities of the shared tokens.
+        student_rest, teacher_rest (`tuple`): `(top (G, K), tail (G,))` of each side's unshared entries sorted in
+            descending order (`sorted_head`).
+        matched_weight (`float`): `w`, TRL's adaptive weight: shared tokens / the teacher's vocabulary size.
+        beta (`float`): the matched part's generalized-JSD interpolation (`GOLD_BETAS`).
+
+    Returns:
+        `torch.Tensor`: `(G,)`.
+    """
+    matched = gold_matched(student_shared, teacher_shared, beta)
+    return matched_weight * matched + (1.0 - matched_weight) * uld_from_sorted(*student_rest, *teacher_rest)
 
 
 def gold(
@@ -122,25 +165,30 @@ def gold(
     student_shared_ids: torch.Tensor,
     teacher_shared_ids: torch.Tensor,
     top_k: int | None = None,
+    beta: float = 0.0,
 ) -> torch.Tensor:
-    """GOLD's hybrid loss: exact KL on the shared vocabulary, ULD on the tokens each side does not share.
+    """GOLD's hybrid loss as TRL 1.16 defines it (`uld_use_hybrid_loss`, adaptive weights): the generalized JSD on the
+    shared tokens' unnormalised probabilities (`gold_matched`), ULD on the tokens each side does not share, weighted
+    `M / V_t` and `1 - M / V_t` (M shared tokens, V_t the teacher's vocabulary).
 
     Args:
         student_probs (`torch.Tensor`): `(G, V_s)`. teacher_probs (`torch.Tensor`): `(G, V_t)`.
         student_shared_ids (`torch.Tensor`): `(M,)` int64 student ids of the shared token strings.
         teacher_shared_ids (`torch.Tensor`): `(M,)` int64 teacher ids of the same strings, in the same order.
-        top_k (`int`, *optional*): truncation of the ULD part (see `uld`).
+        top_k (`int`, *optional*): truncation of the ULD part (see `uld`); None is exact, as TRL.
+        beta (`float`): 0 = forward KL (`kd_loss: forward_kl`), 1 = reverse KL, else JSD (`GOLD_BETAS`).
 
     Returns:
-        `torch.Tensor`: `(G,)` = `shared_kl + uld(unshared student entries, unshared teacher entries)`.
+        `torch.Tensor`: `(G,)`.
     """
     if student_shared_ids.shape != teacher_shared_ids.shape:
         raise ValueError("student_shared_ids and teacher_shared_ids must pair the same token strings (same length).")
     s, t = _fp32(student_probs), _fp32(teacher_probs)
     s_rest = torch.ones(s.shape[-1], dtype=torch.bool, device=s.device).index_fill(0, student_shared_ids, False)
     t_rest = torch.ones(t.shape[-1], dtype=torch.bool, device=t.device).index_fill(0, teacher_shared_ids, False)
-    kl = shared_kl(s[:, student_shared_ids], t[:, teacher_shared_ids])
-    return kl + uld_from_sorted(*sorted_head(s[:, s_rest], top_k), *sorted_head(t[:, t_rest], top_k))
+    weight = student_shared_ids.numel() / t.shape[-1]
+    return gold_from_parts(s[:, student_shared_ids], t[:, teacher_shared_ids], sorted_head(s[:, s_rest], top_k),
+                           sorted_head(t[:, t_rest], top_k), weight, beta)  # fmt: skip
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

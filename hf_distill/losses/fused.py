@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .logits import LOGIT_LOSSES
+from .logits import DIVERGENCE_DEFAULTS, LOGIT_LOSSES
 
 
 IGNORE_INDEX = -100
@@ -400,13 +400,13 @@ def fused_logit_distillation_loss(
     teacher_weight: torch.Tensor,
     *,
     loss_type: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
+    temperature: float = DIVERGENCE_DEFAULTS["temperature"],
+    beta: float = DIVERGENCE_DEFAULTS["beta"],
+    skew_alpha: float = DIVERGENCE_DEFAULTS["skew_alpha"],
     taid_t: float | None = None,
-    ab_alpha: float = 0.8,
-    ab_beta: float = 0.3,
-    akl_mu: float = 0.5,
+    ab_alpha: float = DIVERGENCE_DEFAULTS["ab_alpha"],
+    ab_beta: float = DIVERGENCE_DEFAULTS["ab_beta"],
+    akl_mu: float = DIVERGENCE_DEFAULTS["akl_mu"],
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     student_bias: torch.Tensor | None = None,

@@ -33,6 +33,20 @@ import torch
 import torch.nn.functional as F
 
 
+# Every divergence hyper-parameter's default, written once: the functions here, the sparse and fused forms, and the
+# config's fields (`DistillationArguments`) read them from this table.
+DIVERGENCE_DEFAULTS: dict[str, float | None] = {
+    "temperature": 1.0,
+    "beta": 0.5,  # jsd: 0 = forward KL, 1 = reverse KL
+    "skew_alpha": 0.1,  # skew KL (DistiLLM)
+    "taid_t": None,  # TAID's t is training state (hf_distill.taid); a direct call passes it
+    "ab_alpha": 0.8,  # ABKD
+    "ab_beta": 0.3,
+    "akl_mu": 0.5,  # AKL's head threshold
+}
+_D = DIVERGENCE_DEFAULTS
+
+
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """fp32 (or float64 when given float64, for gradcheck) log-softmax at `temperature`."""
     logits = logits if logits.dtype == torch.float64 else logits.float()
@@ -53,7 +67,7 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch
 
 
 def forward_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0, **_: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = _D["temperature"], **_: float
 ) -> torch.Tensor:
     """KL(teacher || student) per position.
 
@@ -69,7 +83,7 @@ def forward_kl(
 
 
 def reverse_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0, **_: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = _D["temperature"], **_: float
 ) -> torch.Tensor:
     """KL(student || teacher) per position. Shapes as `forward_kl`."""
     return _kl(_log_softmax(student_logits, temperature), _log_softmax(teacher_logits, temperature))
@@ -79,8 +93,8 @@ def generalized_jsd(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
+    temperature: float = _D["temperature"],
+    beta: float = _D["beta"],
     **_: float,
 ) -> torch.Tensor:
     """Generalized Jensen-Shannon divergence per position (GKD; TRL's beta convention).
@@ -102,8 +116,8 @@ def skew_forward_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    skew_alpha: float = 0.1,
+    temperature: float = _D["temperature"],
+    skew_alpha: float = _D["skew_alpha"],
     **_: float,
 ) -> torch.Tensor:
     """Skew KL of DistiLLM: KL(p_t || a * p_t + (1 - a) * p_s), a = `skew_alpha`. Shapes as `forward_kl`."""
@@ -118,8 +132,8 @@ def skew_reverse_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    skew_alpha: float = 0.1,
+    temperature: float = _D["temperature"],
+    skew_alpha: float = _D["skew_alpha"],
     **_: float,
 ) -> torch.Tensor:
     """Skew reverse KL of DistiLLM: KL(p_s || a * p_s + (1 - a) * p_t). Shapes as `forward_kl`."""
@@ -128,7 +142,7 @@ def skew_reverse_kl(
 
 
 def tvd(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0, **_: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = _D["temperature"], **_: float
 ) -> torch.Tensor:
     """Total variation distance 0.5 * sum_v |p_t - p_s| per position. Shapes as `forward_kl`."""
     p_s = _log_softmax(student_logits, temperature).exp()
@@ -140,7 +154,7 @@ def taid(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float = _D["temperature"],
     taid_t: float | None = None,
     **_: float,
 ) -> torch.Tensor:
@@ -169,9 +183,9 @@ def ab_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    ab_alpha: float = 0.8,
-    ab_beta: float = 0.3,
+    temperature: float = _D["temperature"],
+    ab_alpha: float = _D["ab_alpha"],
+    ab_beta: float = _D["ab_beta"],
     **_: float,
 ) -> torch.Tensor:
     """Alpha-beta divergence D_AB(p_t || p_s) of ABKD (Wang et al., ICML 2025) per position.
@@ -206,8 +220,8 @@ def akl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    akl_mu: float = 0.5,
+    temperature: float = _D["temperature"],
+    akl_mu: float = _D["akl_mu"],
     **_: float,
 ) -> torch.Tensor:
     """Adaptive KL (AKL, Wu et al., COLING 2025): forward and reverse KL mixed per position by the head/tail gap.
@@ -220,6 +234,8 @@ def akl(
     """
     log_s = _log_softmax(student_logits, temperature)
     log_t = _log_softmax(teacher_logits, temperature)
+    if akl_mu >= 1.0:  # every token is head: forward KL exactly
+        return _kl(log_t, log_s)
     with torch.no_grad():
         w_head = akl_head_weight(log_s, log_t, akl_mu)
     return w_head * _kl(log_t, log_s) + (1.0 - w_head) * _kl(log_s, log_t)
@@ -232,11 +248,14 @@ def akl_head_weight(log_s: torch.Tensor, log_t: torch.Tensor, mu: float) -> torc
     """
     p_t, idx = log_t.exp().sort(dim=-1, descending=True)
     gap = (p_t - log_s.exp().gather(-1, idx)).abs()
-    tail = p_t.cumsum(-1) > mu
+    # mu >= 1 puts every token in the head (forward KL exactly): `cumsum > 1` would still hold for the smallest
+    # tokens whenever the fp32 cumulative sum rounds above 1.
+    tail = p_t.cumsum(-1) > mu if mu < 1.0 else torch.zeros_like(p_t, dtype=torch.bool)
     tail[..., 0] = False  # the teacher's top token is always head
     g_head = torch.where(tail, 0.0, gap).sum(-1)
     total = gap.sum(-1)
-    return torch.where(total > 0, g_head / total.clamp(min=torch.finfo(total.dtype).tiny), 0.5)
+    weight = torch.where(total > 0, g_head / total.clamp(min=torch.finfo(total.dtype).tiny), 0.5)
+    return weight if mu < 1.0 else torch.ones_like(weight)  # all head: forward KL (also where p_s == p_t)
 
 
 LOGIT_LOSSES = {
@@ -257,13 +276,13 @@ def logit_divergence(
     teacher_logits: torch.Tensor,
     *,
     loss_type: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
+    temperature: float = _D["temperature"],
+    beta: float = _D["beta"],
+    skew_alpha: float = _D["skew_alpha"],
     taid_t: float | None = None,
-    ab_alpha: float = 0.8,
-    ab_beta: float = 0.3,
-    akl_mu: float = 0.5,
+    ab_alpha: float = _D["ab_alpha"],
+    ab_beta: float = _D["ab_beta"],
+    akl_mu: float = _D["akl_mu"],
 ) -> torch.Tensor:
     """Per-position divergence chosen by name (see the module docstring).
 
@@ -302,9 +321,9 @@ def logit_distillation_loss(
     teacher_logits: torch.Tensor,
     *,
     loss_type: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
+    temperature: float = _D["temperature"],
+    beta: float = _D["beta"],
+    skew_alpha: float = _D["skew_alpha"],
     mask: torch.Tensor | None = None,
     **hyper: float,
 ) -> torch.Tensor:

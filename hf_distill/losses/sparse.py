@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from .logits import LOGIT_LOSSES
+from .logits import DIVERGENCE_DEFAULTS, LOGIT_LOSSES
 
 
 # Divergences available in sparse (top-k + tail) form: all of them, as they act on the bucket distributions.
@@ -52,7 +52,11 @@ def _float(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_bucket_log_probs(
-    topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, vocab_size: int, *, temperature: float = 1.0
+    topk_logprobs: torch.Tensor,
+    tail_logmass: torch.Tensor,
+    vocab_size: int,
+    *,
+    temperature: float = DIVERGENCE_DEFAULTS["temperature"],
 ) -> torch.Tensor:
     """Teacher log-probabilities of the k top tokens and the tail bucket at `temperature` (module docstring).
 
@@ -77,7 +81,7 @@ def teacher_bucket_log_probs(
 
 
 def student_bucket_log_probs(
-    student_logits: torch.Tensor, topk_ids: torch.Tensor, *, temperature: float = 1.0
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, *, temperature: float = DIVERGENCE_DEFAULTS["temperature"]
 ) -> torch.Tensor:
     """Student log-probabilities of the teacher's top-k tokens and of the tail bucket (all other tokens).
 
@@ -108,9 +112,9 @@ def sparse_logit_divergence(
     tail_logmass: torch.Tensor,
     *,
     loss_type: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
+    temperature: float = DIVERGENCE_DEFAULTS["temperature"],
+    beta: float = DIVERGENCE_DEFAULTS["beta"],
+    skew_alpha: float = DIVERGENCE_DEFAULTS["skew_alpha"],
     **hyper: float,
 ) -> torch.Tensor:
     """Per-position divergence between the student and a cached top-k teacher (formula in the module docstring).
@@ -157,9 +161,9 @@ def sparse_distillation_loss(
     tail_logmass: torch.Tensor,
     *,
     loss_type: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
+    temperature: float = DIVERGENCE_DEFAULTS["temperature"],
+    beta: float = DIVERGENCE_DEFAULTS["beta"],
+    skew_alpha: float = DIVERGENCE_DEFAULTS["skew_alpha"],
     **hyper: float,
 ) -> torch.Tensor:
     """Mean of `sparse_logit_divergence` over the N positions (0 when N == 0). Shapes as there; returns a scalar."""

@@ -1,27 +1,25 @@
-"""Where the teacher's distribution comes from, behind one interface (`base.TeacherSource`).
+"""Where the teacher's distribution comes from: one interface (`base.TeacherSource`), one file per source, each
+registered under the kind of teacher the config asks for.
 
-- `base.py`: the interface, `SourceContext`, and the no-teacher source (CE only).
-- `live.py`: one live teacher, dense logits or the fused chunked loss.
-- `cross_tokenizer.py`: a live teacher with another tokenizer (`cross_tokenizer_loss`); `cross_tokenizer_cache.py`:
-  the same from a cache built with the teacher's own tokenizer.
-- `cached.py`: an offline top-k cache (`cache.py`: its format, writer and reader; `cache_compact.py`: compact rows).
-- `ensemble.py`: several live teachers sharing the student's tokenizer.
-- `api.py`: black-box teachers behind OpenAI-compatible endpoints (text only: rationales, transfer sets, seq-KD).
-- `onpolicy.py`: on-policy samples and sequence-level KD, batch rewriters that run before the forward pass.
-- `loading.py`: loading (Hub id, path, GGUF, shorthands), placement (DDP/FSDP/ZeRO) and compatibility checks.
+| kind                    | asked for by                                        | file                       |
+| ----------------------- | --------------------------------------------------- | -------------------------- |
+| `none`                  | nothing below (hard-label CE only)                  | `base.py`                  |
+| `live`                  | one teacher with the student's tokenizer            | `live.py` (dense or fused) |
+| `ensemble`              | several teachers (`teacher_weights`, ...)           | `ensemble.py`              |
+| `cross-tokenizer`       | one teacher + `cross_tokenizer_loss`                | `cross_tokenizer.py`       |
+| `cache`                 | `teacher_cache`                                     | `cached.py`                |
+| `cross-tokenizer-cache` | `teacher_cache` + `cross_tokenizer_loss`            | `cross_tokenizer_cache.py` |
+| `ema`                   | `teacher_ema_decay`                                 | `ema.py`                   |
+| `peers`                 | the trainer's model is `PeerStudents([...])`        | `peers.py`                 |
 
-`select_teacher_source` picks the source once, when the trainer is built: the first entry of `SOURCES` whose
-condition holds. A new source is one file here plus one line in `SOURCES`.
+`select_source` returns the one registered class whose `requested` holds (two at once is an error naming both);
+the trainer then calls its `prepare_dataset` before `Trainer.__init__` and `from_request` after it (`base.py`). A new
+source is one file here plus one `register_source` line below (and its config fields).
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
-from ..cache import TeacherCache
-from .base import SourceContext, TeacherSource
+from .base import SourceContext, SourceRequest, TeacherSource
 from .cached import CacheTeacher
 from .cross_tokenizer import CrossTokenizerTeacher
 from .cross_tokenizer_cache import CachedCrossTokenizerTeacher
@@ -31,54 +29,55 @@ from .live import FusedLiveTeacher, LiveTeacher
 from .peers import MutualLearning
 
 
-@dataclass
-class SourceRequest:
-    """What the trainer knows when it picks the source.
+SOURCES: dict[str, type[TeacherSource]] = {}  # kind -> source class, in the order their names appear in errors
 
-    Attributes:
-        context (`SourceContext`): passed on to the source.
-        teachers (`list[nn.Module]`): the loaded, checked and placed live teachers (empty for none or a cache).
-        cache (`TeacherCache`, *optional*): the opened teacher cache (`teacher_cache`).
-        fused (`bool`): whether the fused chunked loss reproduces both models' logits (`use_fused_kd_loss` and
-            `live.fused_unsupported_reason` is None).
-        sharded (`bool`): FSDP / DeepSpeed shard the parameters (lm_heads outside forward): sources that decide the
-            fused loss themselves (EMA, peers) must not pick it then.
-        teacher_tokenizer (*optional*): the teacher's own tokenizer when it differs from the student's
-            (`cross_tokenizer_loss`; `loading.teacher_tokenizer_of`), for the cross-tokenizer sources.
+
+def register_source(source: type[TeacherSource]) -> type[TeacherSource]:
+    """Register a source class under its `kind` (usable as a class decorator); returns it."""
+    if source.kind in SOURCES and SOURCES[source.kind] is not source:
+        raise ValueError(f"A teacher source of kind {source.kind!r} is registered already ({SOURCES[source.kind]}).")
+    SOURCES[source.kind] = source
+    return source
+
+
+for _source in (LiveTeacher, EnsembleTeacher, CrossTokenizerTeacher, CacheTeacher, CachedCrossTokenizerTeacher,
+                EMATeacher, MutualLearning):  # fmt: skip
+    register_source(_source)
+
+
+def select_source(request: SourceRequest) -> type[TeacherSource]:
+    """The source class the request asks for, its preconditions checked (`TeacherSource.check`): the one registered
+    class whose `requested` holds, else the `none` source (`TeacherSource`).
+
+    Raises:
+        `ValueError`: two sources are asked for at once (e.g. a teacher and a `teacher_cache`), or a precondition
+        fails (e.g. KD with no teacher at all).
     """
-
-    context: SourceContext
-    teachers: list[nn.Module] = field(default_factory=list)
-    cache: TeacherCache | None = None
-    fused: bool = False
-    sharded: bool = False
-    teacher_tokenizer: Any = None
-
-
-# (name, when it is picked, how it is built); the first match wins.
-SOURCES: list[tuple[str, Callable[[SourceRequest], bool], Callable[[SourceRequest], TeacherSource]]] = [
-    ("cross-tokenizer-cache", CachedCrossTokenizerTeacher.applies, CachedCrossTokenizerTeacher.from_request),
-    ("cache", lambda r: r.cache is not None, lambda r: CacheTeacher(r.context, r.cache)),
-    ("cross-tokenizer", CrossTokenizerTeacher.applies, CrossTokenizerTeacher.from_request),
-    ("ensemble", lambda r: len(r.teachers) > 1, lambda r: EnsembleTeacher(r.context, r.teachers)),
-    ("live-fused", lambda r: len(r.teachers) == 1 and r.fused, lambda r: FusedLiveTeacher(r.context, r.teachers[0])),
-    ("live", lambda r: len(r.teachers) == 1, lambda r: LiveTeacher(r.context, r.teachers[0])),
-    (
-        "peers",
-        lambda r: MutualLearning.active(r.context.student),
-        lambda r: MutualLearning(r.context, sharded=r.sharded),
-    ),
-    ("ema", lambda r: EMATeacher.active(r.context.args, None), lambda r: EMATeacher(r.context, sharded=r.sharded)),
-    ("none", lambda r: True, lambda r: TeacherSource(r.context)),
-]
+    args = request.args
+    if args.teacher_weights is not None and len(request.teachers) < 2:
+        raise ValueError(
+            f"`teacher_weights` ({args.teacher_weights}) weighs several teachers, but {len(request.teachers)} teacher "
+            "is given, so it would have no effect. Remove it, or give several teachers (a list as `teacher_model=` "
+            "or `teacher_model_name_or_path`)."
+        )
+    asked = [source for source in SOURCES.values() if source.requested(request)]
+    if len(asked) > 1:
+        first, second = asked[0].describe(request), asked[1].describe(request)
+        raise ValueError(
+            f"Pass either {first} or {second}: each is a teacher of its own ({asked[0].kind}, {asked[1].kind}), and "
+            "a run distils from one; drop one of them."
+        )
+    source = asked[0] if asked else TeacherSource
+    source.check(request)
+    return source
 
 
-def select_teacher_source(request: SourceRequest) -> TeacherSource:
-    """The source of the first `SOURCES` entry whose condition holds for `request`."""
-    for _, applies, build in SOURCES:
-        if applies(request):
-            return build(request)
-    raise AssertionError("SOURCES ends with a catch-all entry")  # pragma: no cover
+def build_source(request: SourceRequest, context: SourceContext, dataset: Any = None) -> TeacherSource:
+    """`select_source`, `prepare_dataset` (its result is discarded; the trainer keeps it) and `from_request` in one
+    call, for a source used outside the trainer (tests, scripts)."""
+    source = select_source(request)
+    source.prepare_dataset(request, dataset)
+    return source.from_request(request, context)
 
 
 __all__ = [
@@ -86,11 +85,15 @@ __all__ = [
     "CacheTeacher",
     "CachedCrossTokenizerTeacher",
     "CrossTokenizerTeacher",
+    "EMATeacher",
     "EnsembleTeacher",
     "FusedLiveTeacher",
     "LiveTeacher",
+    "MutualLearning",
     "SourceContext",
     "SourceRequest",
     "TeacherSource",
-    "select_teacher_source",
+    "build_source",
+    "register_source",
+    "select_source",
 ]

@@ -1,17 +1,21 @@
 """An offline teacher: the top-k distributions of a teacher cache (`hf_distill.cache`), read from the batch that
 `TeacherCacheCollator` built. No teacher model is in memory; KD is the sparse divergence of `losses.sparse` (the k
-cached tokens plus one tail bucket)."""
+cached tokens plus one tail bucket).
+
+Asked for by `teacher_cache`. Before the trainer prepares its datasets the cache is opened and the training set gets
+the cache's id column (`TeacherCache.attach_row_ids`, which also refuses a set with rows the cache lacks); the
+trainer's collator is wrapped in a `TeacherCacheCollator`."""
 
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..cache import CACHE_BATCH_KEYS, TeacherCache
-from ..heads import divergence_kwargs, kd_scale
-from ..losses.sparse import SPARSE_LOSSES, sparse_logit_divergence
-from ..terms import LossTerms, SupervisedView
-from .base import SourceContext, TeacherSource
+from ..cache import CACHE_BATCH_KEYS, TeacherCache, TeacherCacheCollator
+from ..config import check_cache_config
+from ..losses.sparse import sparse_logit_divergence
+from ..terms import LossTerms, SupervisedView, divergence_kwargs, kd_scale
+from .base import SourceContext, SourceRequest, TeacherSource
 
 
 @dataclass
@@ -35,34 +39,61 @@ def cached_teacher_outputs(inputs: dict[str, Any]) -> CachedTeacherOutputs:
     return CachedTeacherOutputs(*(inputs[key] for key in CACHE_BATCH_KEYS))
 
 
-def check_cache_config(args: Any) -> None:
-    """Settings that cannot work without a live teacher."""
-    if args.kd_loss not in SPARSE_LOSSES:
-        raise ValueError(
-            f"kd_loss={args.kd_loss!r} has no sparse form for a teacher cache; use one of {SPARSE_LOSSES}."
-        )
-    if args.lmbda > 0 or args.seq_kd:
-        raise ValueError(
-            "A teacher cache holds the teacher's distributions on the dataset's tokens only, so it cannot score "
-            "on-policy samples (`lmbda` > 0) or generate targets (`seq_kd`); use a live teacher, or build the cache "
-            "with `hf-distill cache-teacher --generate` for offline sequence-level KD."
-        )
-    if args.uses_features:
-        raise ValueError("Hints, attention and relation losses need the teacher's hidden states: not in a cache.")
+def open_cache(request: SourceRequest) -> TeacherCache:
+    """The cache of `args.teacher_cache`, opened once per request (kept in `request.resources`)."""
+    if "cache" not in request.resources:
+        request.resources["cache"] = TeacherCache(request.args.teacher_cache)
+    return request.resources["cache"]
+
+
+def prepare_cached_dataset(request: SourceRequest, dataset: Any) -> Any:
+    """The training dataset with the cache's id column (added as the row index when the cache was built that way),
+    checked to be fully cached, before the trainer prepares it."""
+    return open_cache(request).attach_row_ids(dataset)
 
 
 class CacheTeacher(TeacherSource):
     """The teacher's top-k distributions from a `TeacherCache`, on causal-LM students."""
 
+    kind = "cache"
     name = "cache"
+    batch_keys = CACHE_BATCH_KEYS
 
     def __init__(self, context: SourceContext, cache: TeacherCache):
         super().__init__(context)
         if context.head.kind != "causal_lm":
             raise ValueError(f"Teacher caches hold causal-LM distributions; the student is a {context.head.kind}.")
+        if cache.cross_tokenizer:
+            raise ValueError(
+                f"The teacher cache {cache.path} was built with the teacher's own tokenizer (a cross-tokenizer "
+                "cache): set `cross_tokenizer_loss` (uld | gold | alm) to train from it."
+            )
         if context.tokenizer is not None:
             cache.check_tokenizer(context.tokenizer)
         self.cache = cache
+
+    @classmethod
+    def requested(cls, request: SourceRequest) -> bool:
+        return request.args.teacher_cache is not None and request.args.cross_tokenizer_loss is None
+
+    @classmethod
+    def describe(cls, request: SourceRequest) -> str:
+        return "`teacher_cache`"
+
+    @classmethod
+    def check(cls, request: SourceRequest) -> None:
+        check_cache_config(request.args)
+
+    @classmethod
+    def prepare_dataset(cls, request: SourceRequest, dataset: Any) -> Any:
+        return prepare_cached_dataset(request, dataset)
+
+    @classmethod
+    def from_request(cls, request: SourceRequest, context: SourceContext) -> "CacheTeacher":
+        return cls(context, open_cache(request))
+
+    def wrap_collator(self, collator: Any) -> TeacherCacheCollator:
+        return TeacherCacheCollator(self.cache, collator)
 
     def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CachedTeacherOutputs:
         return cached_teacher_outputs(batch)
@@ -91,7 +122,7 @@ class CacheTeacher(TeacherSource):
                 )
             s_kd = s[:, :vocab]  # the student's extra rows are embedding padding
         terms = LossTerms(n_items=y.new_tensor(y.numel()))
-        terms.add("kd", sparse_logit_divergence(s_kd, ids, logprobs, tail, **divergence_kwargs(args)).sum(),
-                  kd_scale(args, head))  # fmt: skip
+        kd = sparse_logit_divergence(s_kd, ids, logprobs, tail, **divergence_kwargs(args, view.state))
+        terms.add("kd", kd.sum(), kd_scale(args, head))
         terms.add("ce", torch.nn.functional.cross_entropy(s.float(), y, reduction="sum"), args.ce_weight)
         return terms.metric("top1_agreement", (s_kd.argmax(-1) == ids[:, 0]).sum(), y.numel())

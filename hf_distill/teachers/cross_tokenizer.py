@@ -22,6 +22,7 @@ Supervised student tokens that no group covers (special tokens such as the EOS t
 tokenizes across a prompt/completion boundary) get the CE term only; `cross_tokenizer_aligned` logs the fraction.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,14 +36,22 @@ from ..alignment import (
     assistant_start,
     conversation_templated,
     relocate_supervised,
+    shared_special_ids,
     shared_token_ids,
     teacher_tokenize,
     token_char_spans,
 )
-from ..heads import IGNORE_INDEX, decoder_of, kd_scale, lm_head_of, logit_terms
-from ..losses.cross_tokenizer import alm, shared_kl, sorted_head, teacher_row_stats, uld_from_sorted
-from ..terms import LossTerms, SupervisedView
-from .base import SourceContext, TeacherSource
+from ..data.collators import CONVERSATION_KEY, ConversationCollator
+from ..heads import decoder_of, lm_head_of
+from ..losses import IGNORE_INDEX
+from ..losses.cross_tokenizer import GOLD_BETAS, alm, gold_from_parts, sorted_head, teacher_row_stats, uld_from_sorted
+from ..models import teacher_tokenizer_of
+from ..terms import LossTerms, SupervisedView, kd_scale, logit_terms
+from .base import SourceContext, SourceRequest, TeacherSource
+from .live import load_live_teachers
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,7 +85,9 @@ class CrossTokenizerTeacher(TeacherSource):
         teacher_tokenizer: the teacher's fast tokenizer.
     """
 
+    kind = "cross-tokenizer"
     name = "cross-tokenizer"
+    batch_keys = (CONVERSATION_KEY,)
 
     def __init__(self, context: SourceContext, teacher: nn.Module | None, teacher_tokenizer: Any):
         super().__init__(context)
@@ -103,42 +114,55 @@ class CrossTokenizerTeacher(TeacherSource):
         self.chunk_size = args.kd_chunk_size or 64
         self._shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    @staticmethod
-    def applies(request: Any) -> bool:
-        """The registry condition (`teachers.SOURCES`): `cross_tokenizer_loss` is set and one live teacher runs."""
-        return getattr(request.context.args, "cross_tokenizer_loss", None) is not None and len(request.teachers) == 1
+    @classmethod
+    def requested(cls, request: SourceRequest) -> bool:
+        args = request.args
+        return args.cross_tokenizer_loss is not None and args.teacher_cache is None and len(request.teachers) == 1
 
     @classmethod
-    def from_request(cls, request: Any) -> "CrossTokenizerTeacher":
-        """The source built from a `teachers.SourceRequest`: its one teacher and `request.teacher_tokenizer` (which
-        the trainer resolves with `loading.teacher_tokenizer_of`)."""
-        if request.teacher_tokenizer is None:
-            raise ValueError(
-                "`cross_tokenizer_loss` needs the teacher's tokenizer, and the SourceRequest carries none: pass "
-                "`teacher_processing_class=` to the trainer or set `teacher_tokenizer_name_or_path`."
-            )
-        return cls(request.context, request.teachers[0], request.teacher_tokenizer)
+    def describe(cls, request: SourceRequest) -> str:
+        return "`teacher_model` (with `cross_tokenizer_loss`)"
+
+    @classmethod
+    def from_request(cls, request: SourceRequest, context: SourceContext) -> TeacherSource:
+        """The teacher loaded with its own tokenizer (`models.teacher_tokenizer_of`: `teacher_processing_class`,
+        else `teacher_tokenizer_name_or_path`, else the teacher's own), checked to be a causal LM like the student,
+        and placed; the `none` source when no term needs it."""
+        if not request.needs_teacher:
+            logger.info("kd_weight is 0 and no hint/relation term is on: the teacher is not loaded or run.")
+            return TeacherSource(context)
+        args = context.args
+        gguf_file = (args.teacher_model_init_kwargs or {}).get("gguf_file")
+        tokenizer = teacher_tokenizer_of(request.teacher, request.teacher_processing_class,
+                                         args.teacher_tokenizer_name_or_path, gguf_file)  # fmt: skip
+        (teacher,), _ = load_live_teachers(context, [request.teacher], [tokenizer])
+        return cls(context, teacher, tokenizer)
+
+    def wrap_collator(self, collator: Any) -> ConversationCollator:
+        """Rows' conversations kept in the batch (`messages`), for the teacher's own chat template."""
+        return ConversationCollator(collator)
 
     @classmethod
     def from_args(
         cls, context: SourceContext, teacher: nn.Module, teacher_tokenizer: Any = None
     ) -> "CrossTokenizerTeacher":
         """The source for a run with `cross_tokenizer_loss` set, outside the trainer: the teacher's tokenizer is
-        `teacher_tokenizer` when given, else `loading.teacher_tokenizer_of` (`teacher_tokenizer_name_or_path`, else
+        `teacher_tokenizer` when given, else `models.teacher_tokenizer_of` (`teacher_tokenizer_name_or_path`, else
         `teacher_model_name_or_path`, else the name the teacher was loaded from)."""
-        from ..models import teacher_tokenizer_of
-
         args = context.args
-        name = getattr(args, "teacher_model_name_or_path", None)
+        name = args.teacher_model_name_or_path
         tokenizer = teacher_tokenizer_of(name if isinstance(name, str) else teacher, teacher_tokenizer,
-                                         getattr(args, "teacher_tokenizer_name_or_path", None))  # fmt: skip
+                                         args.teacher_tokenizer_name_or_path)  # fmt: skip
         return cls(context, teacher, tokenizer)
 
     def shared_ids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(student_ids (M,), teacher_ids (M,), teacher_to_student (V_t,))` of the shared token strings, computed
-        once (`alignment.shared_token_ids`); `teacher_to_student` is -1 for teacher ids without a student twin."""
+        once (`alignment.shared_token_ids`, and the special tokens spelled the same: `shared_special_ids`);
+        `teacher_to_student` is -1 for teacher ids without a student twin."""
         if self._shared is None:
             s_ids, t_ids = shared_token_ids(self.context.tokenizer, self.teacher_tokenizer)
+            special_s, special_t = shared_special_ids(self.context.tokenizer, self.teacher_tokenizer)
+            s_ids, t_ids = s_ids + special_s, t_ids + special_t
             if not s_ids:
                 raise ValueError(
                     "The student's and teacher's vocabularies share no token string, so `cross_tokenizer_loss: gold` "
@@ -256,12 +280,17 @@ class CrossTokenizerTeacher(TeacherSource):
             chunk_size=self.chunk_size,
         )
 
+    def teacher_vocab_size(self, teacher_outputs: Any) -> int:
+        """V_t, the size of the teacher's distributions (its lm_head rows): the denominator of gold's matched
+        weight."""
+        head = lm_head_of(self.model)
+        return int(head.weight.shape[0]) if head is not None else int(teacher_outputs.last_hidden_state.shape[-1])
+
     def terms(self, student_outputs: Any, teacher_outputs: CrossTokenizerOutputs, view: SupervisedView) -> LossTerms:
         if view.shift_labels is not None:
             raise ValueError("`cross_tokenizer_loss` does not support padding-free batches (`shift_labels`) yet.")
         args, logits = self.context.args, student_outputs.logits
-        out = logit_terms(logits, None, view.labels, view.head, args, None, None)
-        terms = LossTerms(out.sums, out.weights, out.n_items)
+        terms = logit_terms(logits, None, view, args)
         groups = self.groups(teacher_outputs, view.labels)
         s_base, s_later, s_later_group, t_base, t_later, t_later_group = [], [], [], [], [], []
         T, T_t = logits.shape[1], teacher_outputs.input_ids.shape[1]
@@ -276,7 +305,7 @@ class CrossTokenizerTeacher(TeacherSource):
                 t_later_group += [index] * (len(g.teacher) - 1)
         n_groups = len(s_base)
         terms.metric("cross_tokenizer_aligned", logits.new_tensor(sum(len(g.student) for r in groups for g in r)),
-                     out.n_items)  # fmt: skip
+                     terms.n_items)  # fmt: skip
         if n_groups == 0:
             return terms.add("kd", logits.sum() * 0.0, kd_scale(args))  # keeps the graph (DDP) with no group
         device = logits.device
@@ -307,11 +336,13 @@ class CrossTokenizerTeacher(TeacherSource):
         if self.loss == "alm":  # the chunk's likelihood on each side: its first token's probability times the rest
             s_loglik = s_logprobs.gather(-1, s_ids[s_base + 1, None]).squeeze(-1) + s_log_c
             kd = alm(s_loglik, stats["target_logprobs"][:n_groups] + t_log_c)
-        elif self.loss == "gold":
+        elif self.loss == "gold":  # TRL's hybrid: kd_loss's divergence on the shared tokens, ULD on the rest
             rest = torch.ones(s_probs.shape[-1], dtype=torch.bool, device=device)
             rest[shared_s] = False
-            kd = shared_kl(s_probs[:, shared_s], stats["shared"] * t_scale)
-            kd = kd + uld_from_sorted(*sorted_head(s_probs[:, rest], self.top_k), t_top, t_tail)
+            beta = GOLD_BETAS.get(args.kd_loss, args.beta)
+            weight = shared_s.numel() / self.teacher_vocab_size(teacher_outputs)
+            kd = gold_from_parts(s_probs[:, shared_s], stats["shared"] * t_scale,
+                                 sorted_head(s_probs[:, rest], self.top_k), (t_top, t_tail), weight, beta)  # fmt: skip
         else:
             kd = uld_from_sorted(*sorted_head(s_probs, self.top_k), t_top, t_tail)
         terms.add("kd", kd.sum(), kd_scale(args))

@@ -26,11 +26,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from ..alignment import Span, chat_template_id, conversation_templated
-from ..cache import CROSS_CACHE_BATCH_KEYS, TEACHER_TOKENIZER_DIR, TeacherCache, tokenizer_identity
+from ..cache import (
+    CACHE_BATCH_KEYS,
+    CROSS_CACHE_BATCH_KEYS,
+    TEACHER_TOKENIZER_DIR,
+    TeacherCache,
+    TeacherCacheCollator,
+    tokenizer_identity,
+)
+from ..config import check_cache_config
+from ..data.collators import CONVERSATION_KEY, ConversationCollator
 from ..losses.cross_tokenizer import sorted_head
-from .base import SourceContext
+from ..models import teacher_tokenizer_of
+from .base import SourceContext, SourceRequest
+from .cached import open_cache, prepare_cached_dataset
 from .cross_tokenizer import CrossTokenizerOutputs, CrossTokenizerTeacher
 
 
@@ -59,10 +71,12 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
             the cache's own copy (`teacher_tokenizer/`).
     """
 
+    kind = "cross-tokenizer-cache"
     name = "cross-tokenizer-cache"
+    batch_keys = (*CACHE_BATCH_KEYS, *CROSS_CACHE_BATCH_KEYS, CONVERSATION_KEY)
 
     def __init__(self, context: SourceContext, cache: TeacherCache, teacher_tokenizer: Any = None):
-        if getattr(context.args, "cross_tokenizer_loss", None) is None:
+        if context.args.cross_tokenizer_loss is None:
             raise ValueError(
                 f"The teacher cache {cache.path} was built with the teacher's own tokenizer (a cross-tokenizer "
                 "cache): set `cross_tokenizer_loss` (uld | gold | alm) to train from it."
@@ -78,8 +92,6 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
             cache.check_tokenizer(context.tokenizer)
         recorded = cache.info["teacher_tokenizer"]
         if teacher_tokenizer is None:
-            from transformers import AutoTokenizer
-
             teacher_tokenizer = AutoTokenizer.from_pretrained(cache.path / TEACHER_TOKENIZER_DIR)
         ours = tokenizer_identity(teacher_tokenizer)
         if ours["vocab_sha256"] != recorded["vocab_sha256"]:
@@ -103,17 +115,36 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
             logger.info("Cross-tokenizer cache of k=%d: ULD compares the top %d sorted entries.", cache.k, cache.k)
             self.top_k = cache.k
 
-    @staticmethod
-    def applies(request: Any) -> bool:
-        """The registry condition: a cache is opened and it, or the config, is cross-tokenizer (the source then
-        raises on a mismatch between the two)."""
-        cross = getattr(request.context.args, "cross_tokenizer_loss", None) is not None
-        return request.cache is not None and (cross or request.cache.cross_tokenizer)
+    @classmethod
+    def requested(cls, request: SourceRequest) -> bool:
+        return request.args.teacher_cache is not None and request.args.cross_tokenizer_loss is not None
 
     @classmethod
-    def from_request(cls, request: Any) -> "CachedCrossTokenizerTeacher":
-        """The source built from a `teachers.SourceRequest` (its cache and optional `teacher_tokenizer`)."""
-        return cls(request.context, request.cache, request.teacher_tokenizer)
+    def describe(cls, request: SourceRequest) -> str:
+        return "`teacher_cache` (with `cross_tokenizer_loss`)"
+
+    @classmethod
+    def check(cls, request: SourceRequest) -> None:
+        check_cache_config(request.args)
+
+    @classmethod
+    def prepare_dataset(cls, request: SourceRequest, dataset: Any) -> Any:
+        return prepare_cached_dataset(request, dataset)
+
+    @classmethod
+    def from_request(cls, request: SourceRequest, context: SourceContext) -> "CachedCrossTokenizerTeacher":
+        """The source on the opened cache; the teacher's tokenizer is the one given (`teacher_processing_class`,
+        `teacher_tokenizer_name_or_path`), checked against the cache's record, else the cache's own copy."""
+        args = context.args
+        tokenizer = None
+        if request.teacher_processing_class is not None or args.teacher_tokenizer_name_or_path is not None:
+            tokenizer = teacher_tokenizer_of(None, request.teacher_processing_class,
+                                             args.teacher_tokenizer_name_or_path)  # fmt: skip
+        return cls(context, open_cache(request), tokenizer)
+
+    def wrap_collator(self, collator: Any) -> ConversationCollator:
+        """The cache's entries into each batch (`TeacherCacheCollator`), and the rows' conversations."""
+        return ConversationCollator(TeacherCacheCollator(self.cache, collator))
 
     def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CachedCrossTokenizerOutputs:
         missing = [key for key in (*CROSS_CACHE_BATCH_KEYS, "teacher_topk_ids") if key not in batch]
@@ -148,6 +179,10 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
             topk_ids=batch["teacher_topk_ids"], tail_logmass=batch["teacher_tail_logmass"],
             target_logprobs=batch["teacher_target_logprobs"], mask=batch["teacher_cache_mask"],
         )  # fmt: skip
+
+    def teacher_vocab_size(self, teacher_outputs: Any) -> int:
+        """V_t as the cache recorded it (the teacher's lm_head rows)."""
+        return self.cache.vocab_size
 
     def teacher_stats(
         self, teacher_outputs: CachedCrossTokenizerOutputs, rows: torch.Tensor, n_groups: int

@@ -18,19 +18,18 @@ writes the student only.
 import copy
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
-from ..checkpoints import CheckpointFileCallback
+from ..checkpoints import CheckpointFileCallback, load_checkpoint_tensors, save_checkpoint_tensors
 from ..heads import unwrap
 from ..terms import LossTerms, SupervisedView
-from .base import SourceContext, TeacherSource
-from .live import FusedLiveTeacher, LiveTeacher, fused_unsupported_reason
+from .base import SourceContext, SourceRequest, TeacherSource, refuse_features
+from .live import FusedLiveTeacher, LiveTeacher, use_fused_loss
 
 
 logger = logging.getLogger(__name__)
@@ -114,10 +113,11 @@ class EMATeacher(TeacherSource):
         models (`list[nn.Module]`): `[the EMA model]`.
     """
 
+    kind = "ema"
     name = "ema"
     starts_as_student = True  # KD is exactly 0 on the first step by construction (no "dead KD" warning)
 
-    def __init__(self, context: SourceContext, fused: bool | None = None, sharded: bool = False):
+    def __init__(self, context: SourceContext, fused: bool | None = None, sharded: bool | None = None):
         super().__init__(context)
         self.decay = context.args.teacher_ema_decay
         if self.decay is None or not 0.0 < self.decay < 1.0:
@@ -129,19 +129,31 @@ class EMATeacher(TeacherSource):
             )
         model = ema_copy(context.student)
         if fused is None:
-            reason = fused_unsupported_reason(context, model, sharded)
-            fused = bool(context.args.use_fused_kd_loss) and reason is None
-            if context.args.use_fused_kd_loss and reason:
-                logger.info("EMA teacher: materialised logits for the KD loss: %s.", reason)
+            if sharded is not None:
+                context = replace(context, sharded=sharded)
+            fused = use_fused_loss(context, model, "EMA teacher: ")
         self.inner = (FusedLiveTeacher if fused else LiveTeacher)(context, model)
         self.fused = fused
         self.name = "ema-fused" if fused else "ema"
         self.models = [model]
 
     @classmethod
-    def active(cls, args: Any, teacher: Any) -> bool:
-        """Picked when no teacher is given and `teacher_ema_decay` is set."""
-        return teacher is None and getattr(args, "teacher_ema_decay", None) is not None
+    def requested(cls, request: SourceRequest) -> bool:
+        """Asked for by `teacher_ema_decay` (no other teacher)."""
+        return request.args.teacher_ema_decay is not None
+
+    @classmethod
+    def describe(cls, request: SourceRequest) -> str:
+        return "`teacher_ema_decay` (the teacher is an EMA of the student)"
+
+    @classmethod
+    def check(cls, request: SourceRequest) -> None:
+        refuse_features(request, "an EMA teacher (a copy of the student, run for its logits only)")
+        if request.args.seq_kd:
+            raise ValueError(
+                "`seq_kd` replaces completions by a teacher's generations, and `teacher_ema_decay` gives no teacher "
+                "to generate them: give a teacher, or use `lmbda` for on-policy samples of the student."
+            )
 
     # ------------------------------------------------------------------------------------------- the source
     def student_forward_kwargs(self) -> dict[str, Any]:
@@ -162,55 +174,26 @@ class EMATeacher(TeacherSource):
         """The callbacks the trainer adds: the EMA update after each optimizer step and its checkpoint file."""
         return [EMACallback(self)]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA's tensors (CPU, contiguous, tied weights as separate copies)."""
-        return {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
-
     def save_checkpoint(self, folder: str | os.PathLike) -> str:
         """Write `folder/ema_teacher.safetensors` (bit-exact) and return its path."""
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, EMA_FILENAME)
-        save_file(self.state_dict(), path, metadata={"decay": repr(self.decay)})
-        return path
+        return save_checkpoint_tensors(folder, EMA_FILENAME, self.model.state_dict(), {"decay": repr(self.decay)})
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Restore the EMA from `folder/ema_teacher.safetensors` (raises when absent or of another model/decay)."""
-        path = os.path.join(folder, EMA_FILENAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"No {EMA_FILENAME} in {folder}: the checkpoint was saved without an EMA teacher, so a run with "
-                "`teacher_ema_decay` cannot resume from it (its teacher would restart from the current student)."
-            )
-        with safe_open(path, framework="pt") as f:
-            saved_decay = (f.metadata() or {}).get("decay")
-        if saved_decay is not None and saved_decay != repr(self.decay):
-            logger.warning(
-                "%s was written with teacher_ema_decay=%s; resuming with %s.", path, saved_decay, self.decay
-            )
-        state = load_file(path)
-        own = self.model.state_dict()
-        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-            raise ValueError(f"{path} does not hold an EMA of this student (tensor names or shapes differ).")
-        self.model.load_state_dict(state)
-
-
-def self_taught(args: Any, model: nn.Module, teacher: Any) -> bool:
-    """Whether the run is its own teacher, so that no teacher model is needed: an EMA of the student
-    (`teacher_ema_decay`) or peers teaching each other (`PeerStudents`). Raises a ValueError when a teacher is given
-    as well, which would be ambiguous."""
-    from .peers import MutualLearning
-
-    ema, peers = getattr(args, "teacher_ema_decay", None) is not None, MutualLearning.active(model)
-    if (ema or peers) and (teacher is not None or getattr(args, "teacher_cache", None) is not None):
-        what = (
-            "`teacher_ema_decay` (the teacher is an EMA of the student)"
-            if ema
-            else "PeerStudents (peers teach each other)"
+        """Restore the EMA from `folder/ema_teacher.safetensors` (raises when absent or of another model)."""
+        state, metadata = load_checkpoint_tensors(
+            folder,
+            EMA_FILENAME,
+            self.model.state_dict(),
+            what="an EMA of this student",
+            missing="the checkpoint was saved without an EMA teacher, so a run with `teacher_ema_decay` cannot resume "
+            "from it (its teacher would restart from the current student).",
+            fix="resume with the student the checkpoint was saved with.",
         )
-        raise ValueError(f"{what} and a teacher (`teacher_model` / `teacher_cache`) are both given; drop one of them.")
-    if ema and peers:
-        raise ValueError("`teacher_ema_decay` and PeerStudents are both set; choose one self-distillation scheme.")
-    return ema or peers
+        saved_decay = metadata.get("decay")
+        if saved_decay is not None and saved_decay != repr(self.decay):
+            logger.warning("%s was written with teacher_ema_decay=%s; resuming with %s.", EMA_FILENAME, saved_decay,
+                           self.decay)  # fmt: skip
+        self.model.load_state_dict(state)
 
 
 class EMACallback(CheckpointFileCallback):

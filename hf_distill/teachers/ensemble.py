@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..heads import divergence_kwargs, hard_loss, kd_scale, select_positions
 from ..losses import logit_divergence
-from ..terms import LossTerms, SupervisedView
-from .base import SourceContext, TeacherSource, teacher_forward
+from ..terms import LossTerms, SupervisedView, divergence_kwargs, hard_loss, kd_scale
+from .base import SourceContext, SourceRequest, TeacherSource, teacher_forward
+from .live import load_live_teachers
 
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,39 @@ def teacher_weights(args: Any, n: int) -> list[float]:
 class EnsembleTeacher(TeacherSource):
     """Several live teachers sharing the student's tokenizer; KD on materialised logits (module docstring)."""
 
+    kind = "ensemble"
     name = "ensemble"
+
+    @classmethod
+    def requested(cls, request: SourceRequest) -> bool:
+        return len(request.teachers) > 1
+
+    @classmethod
+    def describe(cls, request: SourceRequest) -> str:
+        return "several teachers (`teacher_model=[...]`)"
+
+    @classmethod
+    def check(cls, request: SourceRequest) -> None:
+        check_teacher_list(request.args, len(request.teachers))
+        if request.args.cross_tokenizer_loss is not None:
+            raise ValueError(
+                "`cross_tokenizer_loss` runs one teacher: give one teacher (several cross-tokenizer teachers are not "
+                "supported yet), or a `teacher_cache` built with its tokenizer."
+            )
+
+    @classmethod
+    def from_request(cls, request: SourceRequest, context: SourceContext) -> TeacherSource:
+        """Every teacher loaded, checked and placed (one processing class per teacher, or one for all); the `none`
+        source when no term needs a teacher."""
+        if not request.needs_teacher:
+            logger.info("kd_weight is 0 and no hint/relation term is on: the teachers are not loaded or run.")
+            return TeacherSource(context)
+        teachers, classes = request.teachers, request.teacher_processing_class
+        classes = list(classes) if isinstance(classes, list | tuple) else [classes] * len(teachers)
+        if len(classes) != len(teachers):
+            raise ValueError(f"{len(teachers)} teachers but {len(classes)} teacher processing classes.")
+        models, vocab_size = load_live_teachers(context, teachers, classes)
+        return cls(context.with_vocab_size(vocab_size), models)
 
     def __init__(self, context: SourceContext, teachers: Sequence[Any]):
         super().__init__(context)
@@ -94,16 +126,11 @@ class EnsembleTeacher(TeacherSource):
     def terms(self, student_outputs: Any, teacher_outputs: Sequence[Any], view: SupervisedView) -> LossTerms:
         """KD and CE sums over the view's supervised items; `kd_teacher{i}` metrics per teacher."""
         args, head = self.context.args, view.head
-        rows = [
-            select_positions(
-                student_outputs.logits, t.logits, view.labels, head, self.context.vocab_size, view.shift_labels
-            )
-            for t in teacher_outputs
-        ]
+        rows = [view.pair(student_outputs.logits, t.logits, self.context.vocab_size) for t in teacher_outputs]
         s, y = rows[0][0], rows[0][2]
         t_logits = [r[1] for r in rows]
         weights = teacher_weights(args, len(t_logits))
-        hyper = divergence_kwargs(args)
+        hyper = divergence_kwargs(args, view.state)
         per_teacher = [logit_divergence(s, t, **hyper).sum() for t in t_logits]
         terms = LossTerms(n_items=y.new_tensor(y.numel()))
         for i, value in enumerate(per_teacher):

@@ -19,17 +19,11 @@ from typing import Any
 
 from torch import nn
 
-from ..heads import (
-    divergence_kwargs,
-    fused_head_loss,
-    kd_scale,
-    lm_head_of,
-    logit_terms,
-)
+from ..heads import lm_head_of
 from ..losses import logit_divergence
-from ..student import unwrap_peers
-from ..terms import LossTerms, SupervisedView
-from .base import SourceContext, TeacherSource
+from ..student import save_peers, unwrap_peers
+from ..terms import LossTerms, SupervisedView, divergence_kwargs, fused_head_loss, kd_scale, logit_terms
+from .base import SourceContext, SourceRequest, TeacherSource, refuse_features
 from .live import FUSED_FORWARD_KWARGS
 
 
@@ -41,12 +35,12 @@ def _dense_terms(outputs: tuple, view: SupervisedView, args: Any, vocab_size: in
         rows.append(logits[..., :vocab_size] if vocab_size is not None and view.head.has_vocab else logits)
     terms = LossTerms(n_items=view.n_items)
     for i, out in enumerate(outputs):
-        ce = logit_terms(out.logits, None, view.labels, view.head, args, vocab_size, view.shift_labels)
+        ce = logit_terms(out.logits, None, view, args, vocab_size)
         terms.add(f"peer{i}_ce", ce.sums["ce"], args.ce_weight)
         if view.head.regression:
             kd = sum((rows[i].float() - rows[j].detach().float()).pow(2).sum() for j in range(n_peers) if j != i)
         else:
-            kd = sum(logit_divergence(rows[i], rows[j].detach(), **divergence_kwargs(args)).sum()
+            kd = sum(logit_divergence(rows[i], rows[j].detach(), **divergence_kwargs(args, view.state)).sum()
                      for j in range(n_peers) if j != i)  # fmt: skip
         terms.add(f"peer{i}_kd", kd / (n_peers - 1), kd_scale(args, view.head))
     if not view.head.regression:
@@ -54,9 +48,9 @@ def _dense_terms(outputs: tuple, view: SupervisedView, args: Any, vocab_size: in
     return terms
 
 
-def _fused_pair(hidden_i, head_i, hidden_j, head_j, args, vocab_size, labels, stats):
+def _fused_pair(hidden_i, head_i, hidden_j, head_j, args, vocab_size, labels, stats, state):
     """Peer i's divergence to peer j's detached distribution (and its CE when `labels` is given), chunked."""
-    return fused_head_loss(hidden_i, head_i, hidden_j, head_j, args, vocab_size, labels, stats)
+    return fused_head_loss(hidden_i, head_i, hidden_j, head_j, args, vocab_size, labels, stats, state=state)
 
 
 def _fused_terms(outputs: tuple, peers: list[nn.Module], view: SupervisedView, args: Any, vocab_size: int | None):
@@ -70,7 +64,9 @@ def _fused_terms(outputs: tuple, peers: list[nn.Module], view: SupervisedView, a
         for j in (j for j in range(n_peers) if j != i):
             stats: dict[str, Any] = {}
             labels = y if ce is None else None  # peer i's CE once, from its first pair
-            kd, ce_ij = _fused_pair(hidden[i], heads[i], hidden[j], heads[j], args, vocab_size, labels, stats)
+            kd, ce_ij = _fused_pair(
+                hidden[i], heads[i], hidden[j], heads[j], args, vocab_size, labels, stats, view.state
+            )
             ce = ce_ij if ce is None else ce
             kd_total = kd_total + kd
             if (i, j) == (0, 1) and "top1_agreement" in stats:
@@ -101,11 +97,13 @@ class MutualLearning(TeacherSource):
         sharded (`bool`): FSDP / DeepSpeed.
     """
 
+    kind = "peers"
     name = "peers"
 
-    def __init__(self, context: SourceContext, fused: bool | None = None, sharded: bool = False):
+    def __init__(self, context: SourceContext, fused: bool | None = None, sharded: bool | None = None):
         super().__init__(context)
         self.wrapper = unwrap_peers(context.student)
+        sharded = context.sharded if sharded is None else sharded
         if fused is None:
             fused = (
                 bool(context.args.use_fused_kd_loss)
@@ -114,13 +112,31 @@ class MutualLearning(TeacherSource):
         self.fused = fused
         self.name = "peers-fused" if fused else "peers"
 
-    @classmethod
-    def active(cls, student: nn.Module) -> bool:
-        """Picked when the trainer's model is a `PeerStudents`."""
+    @staticmethod
+    def active(student: nn.Module | None) -> bool:
+        """Whether `student` is a `PeerStudents` (under any wrapper)."""
         try:
             unwrap_peers(student)
         except ValueError:
             return False
+        return True
+
+    @classmethod
+    def requested(cls, request: SourceRequest) -> bool:
+        """Asked for by the trainer's model being `PeerStudents([...])`."""
+        return request.student is not None and cls.active(request.student)
+
+    @classmethod
+    def describe(cls, request: SourceRequest) -> str:
+        return "PeerStudents (peers teach each other)"
+
+    @classmethod
+    def check(cls, request: SourceRequest) -> None:
+        refuse_features(request, "mutual learning (the peers are the students)")
+
+    def save_model(self, model: nn.Module, output_dir: str, processing_class: Any, should_save: bool) -> bool:
+        """Every peer to `output_dir/peer{i}` with the tokenizer beside it (`student.save_peers`)."""
+        save_peers(model, output_dir, processing_class, should_save)
         return True
 
     def student_forward_kwargs(self) -> dict[str, Any]:

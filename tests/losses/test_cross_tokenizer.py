@@ -1,13 +1,19 @@
-"""Cross-tokenizer losses (ULD, GOLD hybrid, ALM) against float64 references, gradients, and the chunked teacher."""
+"""Cross-tokenizer losses (ULD, GOLD hybrid, ALM) against float64 references, TRL's own GOLD loss, gradients, and the
+chunked teacher."""
+
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
 
 from hf_distill.losses.cross_tokenizer import (
     CROSS_TOKENIZER_LOSSES,
     alm,
     gold,
-    shared_kl,
+    gold_matched,
     sorted_head,
     teacher_row_stats,
     uld,
@@ -22,14 +28,25 @@ def ref_uld(s: list[float], t: list[float]) -> float:
     return sum(abs(a - b) for a, b in zip(s, t))
 
 
-def ref_gold(s: list[float], t: list[float], s_ids: list[int], t_ids: list[int]) -> float:
-    """Loop reference: KL(t || s) of the renormalised shared entries + ULD of the rest."""
-    ss, ts = [s[i] for i in s_ids], [t[i] for i in t_ids]
-    zs, zt = sum(ss), sum(ts)
-    kl = sum((b / zt) * (torch.tensor(b / zt).log() - torch.tensor(a / zs).log()).item() for a, b in zip(ss, ts))
+def ref_gold(s: list[float], t: list[float], s_ids: list[int], t_ids: list[int], beta: float = 0.0) -> float:
+    """Loop reference of TRL 1.16's GOLD hybrid (adaptive weights): the generalized JSD of the shared entries as they
+    are (logs floored at 1e-8; beta 0 = forward KL, 1 = reverse KL), weighted M / V_t, plus ULD of the rest, weighted
+    1 - M / V_t."""
+    ls = [math.log(max(s[i], 1e-8)) for i in s_ids]
+    lt = [math.log(max(t[i], 1e-8)) for i in t_ids]
+    matched = 0.0
+    for a, b in zip(ls, lt):
+        if beta == 0:
+            matched += math.exp(b) * (b - a)
+        elif beta == 1:
+            matched += math.exp(a) * (a - b)
+        else:
+            m = math.log((1 - beta) * math.exp(a) + beta * math.exp(b))
+            matched += beta * math.exp(b) * (b - m) + (1 - beta) * math.exp(a) * (a - m)
     s_rest = [p for i, p in enumerate(s) if i not in set(s_ids)]
     t_rest = [p for i, p in enumerate(t) if i not in set(t_ids)]
-    return kl + ref_uld(s_rest, t_rest)
+    weight = len(s_ids) / len(t)
+    return weight * matched + (1 - weight) * ref_uld(s_rest, t_rest)
 
 
 def rows(g: int, v: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -64,11 +81,12 @@ def test_uld_top_k_bound():
     torch.testing.assert_close(uld(s, t, top_k=80), exact)
 
 
-def test_gold_matches_reference():
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gold_matches_reference(beta):
     s, t = rows(4, 10, 5), rows(4, 13, 6, scale=0.9)
     s_ids, t_ids = torch.tensor([0, 3, 4, 9]), torch.tensor([12, 1, 5, 2])
-    got = gold(s, t, s_ids, t_ids)
-    expected = [ref_gold(a.tolist(), b.tolist(), s_ids.tolist(), t_ids.tolist()) for a, b in zip(s, t)]
+    got = gold(s, t, s_ids, t_ids, beta=beta)
+    expected = [ref_gold(a.tolist(), b.tolist(), s_ids.tolist(), t_ids.tolist(), beta) for a, b in zip(s, t)]
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     # all tokens shared (same vocabulary, identity map): gold is the forward KL
     p, q = rows(3, 6, 7), rows(3, 6, 8)
@@ -77,8 +95,35 @@ def test_gold_matches_reference():
     torch.testing.assert_close(gold(p, q, ids, ids).double(), kl, rtol=1e-5, atol=1e-6)
 
 
-def test_shared_kl_zero_when_teacher_has_no_shared_mass():
-    assert shared_kl(torch.rand(2, 3), torch.zeros(2, 3)).abs().max() == 0
+def _word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=words[0])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_gold_equals_trls_gold_loss_on_the_same_tensors(beta):
+    """TRL 1.16's `ULDLoss` with `uld_use_hybrid_loss` and adaptive weights, on the same aligned probability rows."""
+    from trl.experimental.gold.gold_trainer import ULDLoss
+
+    student_tok = _word_tokenizer(["<unk>", "a", "b", "c", "d", "e", "f", "g", "h"])
+    teacher_tok = _word_tokenizer(["<unk>", "x", "c", "y", "a", "z", "g", "b", "w", "v", "q", "r"])
+    config = SimpleNamespace(uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=1.0,
+                             uld_teacher_temperature=1.0, uld_skip_student_eos=False, uld_skip_teacher_eos=False,
+                             use_extended_uld=True, uld_token_merge_strategy="bayesian", uld_use_hybrid_loss=True,
+                             uld_hybrid_matched_weight=None, uld_hybrid_unmatched_weight=None, beta=beta)  # fmt: skip
+    trl_loss = ULDLoss(config, student_tokenizer=student_tok, teacher_tokenizer=teacher_tok)
+    t_ids = torch.tensor(sorted(trl_loss._teacher_matched_ids))
+    s_ids = trl_loss.mapping_tensor[t_ids]
+    s, t = rows(6, len(student_tok), 11).float(), rows(6, len(teacher_tok), 12).float()
+    t[0, t_ids[0]] = 0.0  # a zero probability: both floor its log at 1e-8
+    expected = trl_loss._compute_hybrid_uld_loss(s, t)  # TRL: the mean over the rows
+    torch.testing.assert_close(gold(s, t, s_ids, t_ids, beta=beta).mean(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gold_matched_is_zero_for_equal_rows():
+    p = rows(2, 5, 3)
+    for beta in (0.0, 0.5, 1.0):
+        assert gold_matched(p, p, beta).abs().max() < 1e-12
 
 
 def test_gradcheck():

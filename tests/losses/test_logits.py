@@ -6,7 +6,7 @@ import pytest
 import torch
 from paper_divergences import NEW_HYPER, STOP_GRADIENT, new_reference
 
-from hf_distill.losses import LOGIT_LOSSES, logit_distillation_loss
+from hf_distill.losses import LOGIT_LOSSES, logit_distillation_loss, logit_divergence, sparse_logit_divergence
 
 
 def _probs(logits, temperature):
@@ -115,3 +115,21 @@ def test_errors(logits):
         logit_distillation_loss(s, t[..., :7])
     with pytest.raises(ValueError, match="mask shape"):
         logit_distillation_loss(s, t, mask=torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_akl_at_mu_one_is_forward_kl_exactly(temperature):
+    """At akl_mu = 1 every token is head (the docs' definition), so AKL is forward KL: no token may fall into the tail
+    through the rounding of the fp32 cumulative sum (peaked rows over a large vocabulary make it exceed 1)."""
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(64, 4096, generator=gen) * 4, torch.randn(64, 4096, generator=gen) * 4
+    akl = logit_divergence(s, t, loss_type="akl", temperature=temperature, akl_mu=1.0)
+    fkl = logit_divergence(s, t, loss_type="forward_kl", temperature=temperature)
+    assert torch.equal(akl, fkl)
+    sparse_ids = t.topk(8, -1).indices
+    logp = t.log_softmax(-1)
+    tail = logp.scatter(-1, sparse_ids, float("-inf")).logsumexp(-1)
+    args = (s, sparse_ids, logp.gather(-1, sparse_ids), tail)
+    torch.testing.assert_close(
+        sparse_logit_divergence(*args, loss_type="akl", akl_mu=1.0), sparse_logit_divergence(*args), rtol=0, atol=0
+    )
