@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .features.projectors import PROJECTOR_KINDS
+from .generation.api import TeacherAPIArguments
 from .losses import ATTENTION_LOSSES, DIVERGENCE_DEFAULTS, HINT_LOSSES, LOGIT_LOSSES, RELATION_LOSSES
 from .losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES, GOLD_BETAS
 from .losses.features import HINT_NORMALIZATIONS
@@ -20,7 +21,7 @@ from .taid import TAID_DEFAULTS
 
 
 @dataclass
-class DistillationArguments:
+class DistillationArguments(TeacherAPIArguments):
     r"""
     Fields shared by [`DistillationConfig`] and [`DistillationSFTConfig`].
 
@@ -90,6 +91,22 @@ class DistillationArguments:
     relation_loss (`str`, *optional*): similarity_preserving | rkd_distance | rkd_angle | gram | fsp.
     relation_weight (`float`, defaults to `1.0`): weight of the relation term.
     relation_pooling (`str`, defaults to `"mean"`): mean (over supervised tokens) | first | last.
+
+    > Parameters that control a served teacher (a server returns its top-k log-probs; docs/served_teachers.md)
+
+    teacher_api_base (`list[str]`, *optional*):
+        Base URL of a vLLM server serving the teacher (`http://127.0.0.1:8000/v1`), or several: replicas of one model
+        (each micro-batch's rows are split across them), or one teacher each when the dataset has a `teacher_id`
+        column (row -> the index of its server). The teacher never enters the training process.
+    teacher_api_model (`list[str]`, *optional*): the served model name, one for all servers or one each (default:
+        the one model each server serves).
+    teacher_api_top_k (`int`, defaults to `20`): log-probs per position (`prompt_logprobs`); the rest of the mass is
+        one tail bucket, as in a teacher cache. At most the server's `--max-logprobs`.
+    teacher_api_prefetch (`bool`, defaults to `True`): send each batch's request when it is collated, so the server
+        answers while the previous micro-batch trains.
+    teacher_api_key_env, teacher_api_timeout, teacher_api_max_retries, max_concurrency: the key's environment
+        variable, seconds per request, retries on 429 / 5xx / connection errors / timeouts (a restarting server is
+        waited for), requests in flight at most.
 
     > Parameters that control other teacher sources (offline cache, on-policy samples, sequence-level KD, several
     teachers)
@@ -253,6 +270,15 @@ class DistillationArguments:
             "help": "Pooling for pooled relation losses: mean over supervised tokens, first or last token.",
             "choices": list(POOLINGS),
         },
+    )
+
+    teacher_api_top_k: int = field(
+        default=20,
+        metadata={"help": "Served teacher: top-k log-probs per position (prompt_logprobs); the rest: a tail bucket."},
+    )
+    teacher_api_prefetch: bool = field(
+        default=True,
+        metadata={"help": "Served teacher: send each batch's request when it is collated (answers overlap training)."},
     )
 
     teacher_cache: str | None = field(
@@ -500,6 +526,12 @@ class DistillationArguments:
                     f"`teacher_weights` has {len(self.teacher_weights)} entries for {n} teachers in "
                     "`teacher_model_name_or_path`; give one weight per teacher."
                 )
+        if isinstance(self.teacher_api_base, str):  # one URL from YAML / Python: a list of one
+            self.teacher_api_base = [self.teacher_api_base]
+        if isinstance(self.teacher_api_model, str):
+            self.teacher_api_model = [self.teacher_api_model]
+        if self.teacher_api_base:
+            check_served_config(self)
         if self.teacher_cache is not None:
             if self.teacher_model_name_or_path is not None:
                 raise ValueError("`teacher_cache` replaces the live teacher: unset `teacher_model_name_or_path`.")
@@ -523,18 +555,52 @@ class DistillationArguments:
 def check_cache_config(args: Any) -> None:
     """Settings that cannot work without a live teacher, checked for `teacher_cache` runs (also by the cache
     sources, on the config they are given)."""
-    if args.kd_loss not in SPARSE_LOSSES:
-        raise ValueError(
-            f"kd_loss={args.kd_loss!r} has no sparse form for a teacher cache; use one of {SPARSE_LOSSES}."
-        )
+    check_sparse_teacher(args, "a teacher cache")
     if args.lmbda > 0 or args.seq_kd:
         raise ValueError(
             "A teacher cache holds the teacher's distributions on the dataset's tokens only, so it cannot score "
             "on-policy samples (`lmbda` > 0) or generate targets (`seq_kd`); use a live teacher, or build the cache "
             "with `hf-distill cache-teacher --generate` for offline sequence-level KD."
         )
+
+
+def check_sparse_teacher(args: Any, what: str) -> None:
+    """Settings that a teacher given as top-k log-probs (`what`: a cache, a served teacher) cannot serve: a `kd_loss`
+    without a sparse form, and hidden-state terms."""
+    if args.kd_loss not in SPARSE_LOSSES:
+        raise ValueError(f"kd_loss={args.kd_loss!r} has no sparse form for {what}; use one of {SPARSE_LOSSES}.")
     if args.uses_features:
-        raise ValueError("Hints, attention and relation losses need the teacher's hidden states: not in a cache.")
+        raise ValueError(f"Hints, attention and relation losses need the teacher's hidden states: not in {what}.")
+
+
+def check_served_config(args: Any) -> None:
+    """The served teacher's fields (`teacher_api_*`), checked for `teacher_api_base` runs."""
+    check_sparse_teacher(args, "a served teacher")
+    urls = args.teacher_api_base
+    if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
+        raise ValueError(f"`teacher_api_base` must be http(s) URLs such as http://127.0.0.1:8000/v1, got {urls}.")
+    models = args.teacher_api_model or []
+    if len(models) not in (0, 1, len(urls)):
+        raise ValueError(
+            f"`teacher_api_model` names {len(models)} models for {len(urls)} servers (`teacher_api_base`): give one "
+            "name for all, or one per server."
+        )
+    if args.teacher_api_top_k < 1:
+        raise ValueError(f"`teacher_api_top_k` must be >= 1 (log-probs per position), got {args.teacher_api_top_k}.")
+    if args.seq_kd:
+        raise ValueError(
+            "`seq_kd` with a served teacher is not supported yet: write its generations first (`hf-distill "
+            "cache-teacher --generate`, or the API teacher's completions) and train on them."
+        )
+    if args.teacher_model_name_or_path is not None or args.teacher_cache is not None:
+        raise ValueError(
+            "`teacher_api_base` (a served teacher) replaces `teacher_model_name_or_path` / `teacher_cache`: set one."
+        )
+    if args.cross_tokenizer_loss is not None:
+        raise ValueError(
+            "`cross_tokenizer_loss` with a served teacher is not supported: its top-k ids must be the student's token "
+            "ids. Load the teacher in process (or cache it with `--teacher_tokenizer`) for cross-tokenizer KD."
+        )
 
 
 def _default_bf16() -> bool:

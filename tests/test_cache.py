@@ -10,7 +10,7 @@ from conftest import distill_config, distill_sft_config, make_llama, make_tokeni
 from datasets import Dataset, load_from_disk
 from transformers import DataCollatorForSeq2Seq
 
-import hf_distill.cache.writer as cache_module
+import hf_distill.cache.scoring as cache_module
 from hf_distill import DistillationSFTTrainer, DistillationTrainer
 from hf_distill.cache import (
     TeacherCache,

@@ -12,7 +12,7 @@ from datasets import Dataset
 from test_cache import PAIRS, build, cache_teacher_argv, prompt_completion_rows, shard_files
 from transformers import DataCollatorForSeq2Seq
 
-import hf_distill.cache.writer as cache_module
+import hf_distill.cache.scoring as cache_module
 from hf_distill import DistillationTrainer
 from hf_distill.cache import TeacherCache, decode_row, encode_row, quantization_error
 from hf_distill.losses.sparse import teacher_bucket_log_probs

@@ -27,7 +27,8 @@ from .format import (
 )
 from .quality import quantization_error
 from .reader import TeacherCache
-from .writer import cache_teacher, score_rows, set_aside_corrupt_shards, tokenize_for_cache
+from .scoring import score_rows
+from .writer import cache_teacher, set_aside_corrupt_shards, tokenize_for_cache
 
 
 __all__ = [

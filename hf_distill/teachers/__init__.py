@@ -9,6 +9,7 @@ registered under the kind of teacher the config asks for.
 | `cross-tokenizer`       | one teacher + `cross_tokenizer_loss`                | `cross_tokenizer.py`       |
 | `cache`                 | `teacher_cache`                                     | `cached.py`                |
 | `cross-tokenizer-cache` | `teacher_cache` + `cross_tokenizer_loss`            | `cross_tokenizer_cache.py` |
+| `served`                | `teacher_api_base` (vLLM top-k log-probs over HTTP) | `served.py`                |
 | `ema`                   | `teacher_ema_decay`                                 | `ema.py`                   |
 | `peers`                 | the trainer's model is `PeerStudents([...])`        | `peers.py`                 |
 
@@ -27,6 +28,7 @@ from .ema import EMATeacher
 from .ensemble import EnsembleTeacher
 from .live import FusedLiveTeacher, LiveTeacher
 from .peers import MutualLearning
+from .served import ServedTeacher
 
 
 SOURCES: dict[str, type[TeacherSource]] = {}  # kind -> source class, in the order their names appear in errors
@@ -43,6 +45,7 @@ def register_source(source: type[TeacherSource]) -> type[TeacherSource]:
 for _source in (LiveTeacher, EnsembleTeacher, CrossTokenizerTeacher, CacheTeacher, CachedCrossTokenizerTeacher,
                 EMATeacher, MutualLearning):  # fmt: skip
     register_source(_source)
+register_source(ServedTeacher)
 
 
 def select_source(request: SourceRequest) -> type[TeacherSource]:
@@ -90,6 +93,7 @@ __all__ = [
     "FusedLiveTeacher",
     "LiveTeacher",
     "MutualLearning",
+    "ServedTeacher",
     "SourceContext",
     "SourceRequest",
     "TeacherSource",

@@ -99,30 +99,55 @@ class CacheTeacher(TeacherSource):
         return cached_teacher_outputs(batch)
 
     def terms(self, student_outputs: Any, teacher_outputs: CachedTeacherOutputs, view: SupervisedView) -> LossTerms:
-        """Sparse KD (weight `kd_weight * T^2`) and CE over the view's supervised tokens."""
-        args, head = self.context.args, view.head
-        if view.shift_labels is not None:
-            raise ValueError("Teacher caches do not support padding-free batches (`shift_labels`); pad the batches.")
-        mask = view.mask
-        s = view.rows(student_outputs.logits)  # (N, V_s)
-        y = view.targets()
-        label_index = slice(1, None) if head.shifts_labels else slice(None)
-        ids = teacher_outputs.topk_ids[:, label_index][mask].long()
-        logprobs = teacher_outputs.topk_logprobs[:, label_index][mask]
-        tail = teacher_outputs.tail_logmass[:, label_index][mask]
-        vocab = self.cache.vocab_size
-        s_kd = s
-        if s.shape[-1] != vocab:
-            tokenizer = self.context.tokenizer
-            real = len(tokenizer) if tokenizer is not None else None
-            if s.shape[-1] < vocab or real is None or real > vocab:
-                raise ValueError(
-                    f"The student has {s.shape[-1]} logits but the teacher cache covers a vocabulary of {vocab}; "
-                    "build the cache from a teacher with the student's vocabulary."
-                )
-            s_kd = s[:, :vocab]  # the student's extra rows are embedding padding
-        terms = LossTerms(n_items=y.new_tensor(y.numel()))
-        kd = sparse_logit_divergence(s_kd, ids, logprobs, tail, **divergence_kwargs(args, view.state))
-        terms.add("kd", kd.sum(), kd_scale(args, head))
-        terms.add("ce", torch.nn.functional.cross_entropy(s.float(), y, reduction="sum"), args.ce_weight)
-        return terms.metric("top1_agreement", (s_kd.argmax(-1) == ids[:, 0]).sum(), y.numel())
+        """Sparse KD (weight `kd_weight * T^2`) and CE over the view's supervised tokens (`sparse_terms`)."""
+        return sparse_terms(student_outputs, teacher_outputs, view, self.context, self.cache.vocab_size, "the cache")
+
+
+def sparse_terms(
+    student_outputs: Any,
+    teacher_outputs: CachedTeacherOutputs,
+    view: SupervisedView,
+    context: SourceContext,
+    vocab_size: int,
+    what: str = "the teacher's top-k entries",
+) -> LossTerms:
+    """KD from top-k teacher entries (the sparse divergence of `losses.sparse`: the k tokens plus one tail bucket) and
+    the student's CE, summed over the view's supervised tokens; shared by the cache and the served teacher.
+
+    Args:
+        student_outputs: the student's outputs (`logits` `(B, T, V_s)`).
+        teacher_outputs (`CachedTeacherOutputs`): `(B, T, k)` ids / log-probs and `(B, T)` tail, indexed by label
+            position (entry `[b, j]` is the distribution of token j given tokens < j).
+        view (`SupervisedView`): the supervised positions (causal LM).
+        context (`SourceContext`): the run (config, the student's tokenizer).
+        vocab_size (`int`): the vocabulary the entries cover; a student with more logits (embedding padding beyond
+            its tokenizer) is sliced to it.
+        what (`str`): the entries' origin, for the error messages.
+
+    Returns:
+        `LossTerms`: `kd` (weight `kd_weight * T^2`), `ce` (weight `ce_weight`), metric `top1_agreement`.
+    """
+    args, head = context.args, view.head
+    if view.shift_labels is not None:
+        raise ValueError(f"KD from {what} does not support padding-free batches (`shift_labels`); pad the batches.")
+    mask = view.mask
+    s = view.rows(student_outputs.logits)  # (N, V_s)
+    y = view.targets()
+    label_index = slice(1, None) if head.shifts_labels else slice(None)
+    ids = teacher_outputs.topk_ids[:, label_index][mask].long()
+    logprobs = teacher_outputs.topk_logprobs[:, label_index][mask]
+    tail = teacher_outputs.tail_logmass[:, label_index][mask]
+    s_kd = s
+    if s.shape[-1] != vocab_size:
+        real = len(context.tokenizer) if context.tokenizer is not None else None
+        if s.shape[-1] < vocab_size or real is None or real > vocab_size:
+            raise ValueError(
+                f"The student has {s.shape[-1]} logits but {what} cover a vocabulary of {vocab_size}; "
+                "distil from a teacher with the student's vocabulary."
+            )
+        s_kd = s[:, :vocab_size]  # the student's extra rows are embedding padding
+    terms = LossTerms(n_items=y.new_tensor(y.numel()))
+    kd = sparse_logit_divergence(s_kd, ids, logprobs, tail, **divergence_kwargs(args, view.state))
+    terms.add("kd", kd.sum(), kd_scale(args, head))
+    terms.add("ce", torch.nn.functional.cross_entropy(s.float(), y, reduction="sum"), args.ce_weight)
+    return terms.metric("top1_agreement", (s_kd.argmax(-1) == ids[:, 0]).sum(), y.numel())

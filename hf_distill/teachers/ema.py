@@ -174,9 +174,13 @@ class EMATeacher(TeacherSource):
         """The callbacks the trainer adds: the EMA update after each optimizer step and its checkpoint file."""
         return [EMACallback(self)]
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA's tensors (CPU, contiguous, tied weights as separate copies)."""
+        return {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
+
     def save_checkpoint(self, folder: str | os.PathLike) -> str:
         """Write `folder/ema_teacher.safetensors` (bit-exact) and return its path."""
-        return save_checkpoint_tensors(folder, EMA_FILENAME, self.model.state_dict(), {"decay": repr(self.decay)})
+        return save_checkpoint_tensors(folder, EMA_FILENAME, self.state_dict(), {"decay": repr(self.decay)})
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Restore the EMA from `folder/ema_teacher.safetensors` (raises when absent or of another model)."""
