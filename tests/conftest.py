@@ -28,6 +28,7 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+from vllm_server import serve_tiny_llama
 
 from hf_distill import DistillationConfig, DistillationSFTConfig, DistillationTrainer
 from hf_distill.cli.shutdown import ABANDONED, TIMEOUT_ENV
@@ -203,6 +204,22 @@ def student() -> LlamaForCausalLM:
 @pytest.fixture
 def tiny_t5() -> T5ForConditionalGeneration:
     return make_t5()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """A real vLLM server of a tiny Llama (tests/vllm_server.py), once per session, always stopped: yields
+    `ServedModel(url, model, folder, tokenizer, server)`. Without LoRA (vLLM 0.32 on CPU crashes on prompt log-probs
+    of several requests at once when `--enable-lora` is on); `vllm_lora_server` has runtime LoRA."""
+    words = WORDS + [f"w{i}" for i in range(64 - len(SPECIAL) - len(WORDS))]  # 64 tokens, the model's vocabulary
+    yield from serve_tiny_llama(tmp_path_factory.mktemp("vllm") / "tiny-llama", make_tokenizer(words), lora=False)
+
+
+@pytest.fixture(scope="session")
+def vllm_lora_server(tmp_path_factory):
+    """As `vllm_server`, with `--enable-lora --max-lora-rank 8` and runtime adapter loading."""
+    words = WORDS + [f"w{i}" for i in range(64 - len(SPECIAL) - len(WORDS))]
+    yield from serve_tiny_llama(tmp_path_factory.mktemp("vllm-lora") / "tiny-llama", make_tokenizer(words), lora=True)
 
 
 def descendants(root: int) -> dict[int, str]:
