@@ -153,6 +153,7 @@ class ServedLogprobs:
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="served-teacher")
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "prompts": 0, "positions": 0}
+        self.requests_per_server = [0] * len(urls)
 
     @property
     def urls(self) -> list[str]:
@@ -160,16 +161,18 @@ class ServedLogprobs:
 
     def identity(self) -> dict[str, Any]:
         """What names the teacher (its served model names, not the URLs, which change between runs)."""
-        return {"served": [client._model_name(None) for client in self.clients]}
+        return {"served": [client.model_name() for client in self.clients]}
 
     def check_tokenizer(self, tokenizer: Any) -> None:
-        """Raise a ValueError unless every server tokenizes `PROBE_TEXT` (and the tokenizer's EOS) exactly as
-        `tokenizer` does, naming the server. Also reads each server's `max_model_len`."""
-        text = PROBE_TEXT + (tokenizer.eos_token or "")
+        """Raise a ValueError unless every server tokenizes a probe text (`PROBE_TEXT`, ~512 tokens spread over the
+        student's vocabulary, its EOS) exactly as `tokenizer` does, naming the server. Also reads each server's
+        `max_model_len`."""
+        sample = list(range(0, len(tokenizer), max(1, len(tokenizer) // 512)))  # ~512 ids across the vocabulary
+        text = PROBE_TEXT + " " + tokenizer.decode(sample, skip_special_tokens=True) + (tokenizer.eos_token or "")
         ours = tokenizer(text, add_special_tokens=False)["input_ids"]
         for i, client in enumerate(self.clients):
             served = client.models()
-            name = client._model_name(None)
+            name = client.model_name()
             if name not in served:
                 raise ValueError(f"The server {client.base_url} does not serve `{name}` (it serves {list(served)}).")
             self.max_model_len[i] = served[name]
@@ -230,6 +233,7 @@ class ServedLogprobs:
         rows = self.clients[server].prompt_logprobs(prompts, self.k)
         with self._lock:
             self.stats["requests"] += 1
+            self.requests_per_server[server] += 1
             self.stats["prompts"] += len(prompts)
             self.stats["positions"] += sum(len(p) - 1 for p in prompts)
         return rows

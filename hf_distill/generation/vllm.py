@@ -201,6 +201,10 @@ class VLLMClient:
                 time.sleep(delay)
         raise VLLMClientError(f"{method} {url} failed {self.max_retries + 1} times; last failure: {failure}")
 
+    def model_name(self) -> str:
+        """The served model name requests use by default (asked of the server when it was not given)."""
+        return self._model_name(None)
+
     def _model_name(self, model: str | None) -> str:
         if model is not None:
             return model

@@ -116,7 +116,7 @@ class ServedTeacher(TeacherSource):
         if context.tokenizer is None:
             raise ValueError("A served teacher needs the student's tokenizer (`processing_class=`) to check servers.")
         self.pool, self.prefetch = pool, prefetch
-        self.refetched = 0  # batches whose rows changed after their request was sent (on-policy samples)
+        self.refetched = 0  # batches requested when they train although prefetching is on (rows rewritten since)
 
     @classmethod
     def requested(cls, request: SourceRequest) -> bool:
@@ -186,7 +186,7 @@ class ServedTeacher(TeacherSource):
         prompts, positions = row_prompts(batch)
         pending = batch.get(PENDING_KEY)
         if pending is None or pending.prompts != prompts:  # not prefetched, or rows rewritten since (on-policy)
-            self.refetched += pending is not None
+            self.refetched += self.prefetch  # a request sent when the batch trains although prefetching is on
             pending = self.submit(batch)
         replies = pending.result().rows
         input_ids = batch["input_ids"]
