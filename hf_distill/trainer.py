@@ -284,6 +284,12 @@ class DistillationMixin:
             terms.update(self._early_exits.terms(outputs, view))
         return terms, view, outputs
 
+    def _loss_terms(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[dict, dict, torch.Tensor, Any]:
+        """`_terms` as plain values: `(sums, weights, n_tokens, student_outputs)`, each sum a scalar over the
+        supervised tokens and `weights[name]` its factor in the loss."""
+        terms, _, outputs = self._terms(model, inputs)
+        return terms.sums, terms.weights, terms.n_items, outputs
+
     def _check_length(self, inputs: dict[str, Any]) -> None:
         """Warn once when a batch is longer than a model's `max_position_embeddings` (`max_length` not set)."""
         positions = inputs.get("position_ids")

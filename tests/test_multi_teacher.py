@@ -111,7 +111,7 @@ def test_teachers_from_config_paths(tmp_path, tokenizer):
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
     )
-    assert len(t.teachers) == 2 and not t._fused
+    assert len(t.teachers) == 2 and t.teacher_source.name != "live-fused"
     t.train()
 
 

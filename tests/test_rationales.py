@@ -104,7 +104,7 @@ def test_loss_is_weighted_sum_of_view_losses(tmp_path, tokenizer, seq2seq, kd):
     if with_teacher:
         kw.update(kd_weight=0.6, ce_weight=0.3, temperature=2.0, use_fused_kd_loss=kd == "fused")
     trainer = make_trainer(tmp_path, tokenizer, student, teacher, **kw)
-    assert trainer._fused == (kd == "fused" and not seq2seq)  # the chunked hidden-state loss is causal-LM only
+    assert (trainer.teacher_source.name == "live-fused") == (kd == "fused" and not seq2seq)  # causal LM only
     trainer.model.eval()  # no dropout (T5), so the reference sees the same function
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["task"].tolist() == [0, 1] * 4

@@ -260,3 +260,91 @@ def test_live_source_and_served_source_agree_on_the_agreement_metric(tmp_path, v
         live = LiveTeacher(trainer.teacher_source.context, teacher)
         dense = live.terms(out, live.outputs({k: batch[k] for k in ("input_ids", "attention_mask")}, batch), view)
     assert [float(x) for x in served] == [float(x) for x in dense.metrics["top1_agreement"]]
+
+
+class ModelServer:
+    """A vLLM-shaped server on 127.0.0.1 answering from an in-process model (`/v1/models`, `/tokenize`,
+    `/v1/completions` with `prompt_logprobs`): two of them are two different teachers, cheaply. (vLLM 0.32 on CPU
+    cannot serve prompt log-probs with LoRA adapters on: its engine crashes, so one server cannot be both.)"""
+
+    def __init__(self, model, tokenizer, name: str):
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self._send({"data": [{"id": name, "max_model_len": 128}]})
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/tokenize":
+                    ids = tokenizer(request["prompt"], add_special_tokens=request["add_special_tokens"])["input_ids"]
+                    return self._send({"tokens": ids})
+                outer.asked.append(len(request["prompt"]))
+                return self._send({"choices": [outer.choice(i, p, request["prompt_logprobs"])
+                                               for i, p in enumerate(request["prompt"])]})  # fmt: skip
+
+            def _send(self, reply):
+                body = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.model, self.asked = model.eval(), []
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def choice(self, index: int, prompt: list[int], k: int) -> dict:
+        with torch.no_grad():
+            logprobs = self.model(input_ids=torch.tensor([prompt])).logits[0].log_softmax(-1)
+        positions = [None]
+        for t in range(1, len(prompt)):
+            values, ids = logprobs[t - 1].topk(k)
+            entry = {
+                str(i): {"logprob": v, "rank": r + 1} for r, (v, i) in enumerate(zip(values.tolist(), ids.tolist()))
+            }
+            actual = prompt[t]
+            if str(actual) not in entry:
+                rank = int((logprobs[t - 1] > logprobs[t - 1, actual]).sum()) + 1
+                entry = {str(actual): {"logprob": float(logprobs[t - 1, actual]), "rank": rank}, **entry}
+            positions.append(entry)
+        return {"index": index, "prompt_logprobs": positions, "prompt_token_ids": prompt}
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_rows_go_to_the_teacher_their_teacher_id_names(tmp_path):
+    """Two teachers (two servers of different models): with a `teacher_id` column each row is scored by its own."""
+    tok = make_tokenizer()
+    teachers = [make_llama(vocab_size=len(tok), seed=1), make_llama(vocab_size=len(tok), seed=2)]
+    servers = [ModelServer(t, tok, f"teacher-{i}") for i, t in enumerate(teachers)]
+    try:
+        data = rows(tok).add_column("teacher_id", [0, 1, 1, 0, 1])
+        fields = {"teacher_api_base": [s.url for s in servers], "teacher_api_top_k": 5}
+        trainer = DistillationTrainer(model=make_llama(vocab_size=len(tok)), args=distill_config(tmp_path, **fields),
+                                      train_dataset=data, data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+                                      processing_class=tok)  # fmt: skip
+        assert trainer.teacher_source.pool.routed
+        batch = trainer.data_collator([dict(data[i]) for i in range(len(data))])
+        assert batch["teacher_id"].tolist() == [0, 1, 1, 0, 1]
+        model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        out = trainer.teacher_source.outputs(model_inputs, batch)
+        assert [s.asked for s in servers] == [[2], [3]]  # one request each, with its own rows
+        with torch.no_grad():
+            references = [t(**model_inputs).logits.log_softmax(-1) for t in teachers]
+        for b, teacher_id in enumerate(batch["teacher_id"].tolist()):
+            at = out.mask[b, 1:]
+            expected = references[teacher_id][b, :-1][at].topk(5, -1)
+            torch.testing.assert_close(out.topk_logprobs[b, 1:][at], expected.values, rtol=0, atol=1e-5)
+            assert torch.equal(out.topk_ids[b, 1:][at], expected.indices)
+        trainer.train()  # and trains through the routed teachers
+    finally:
+        for server in servers:
+            server.close()

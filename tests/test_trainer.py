@@ -54,7 +54,7 @@ def test_loss_equals_weighted_sum(tmp_path, tokenizer, fused, kd_loss):
     trainer = make_trainer(
         tmp_path, tokenizer, kd_weight=0.7, ce_weight=0.2, temperature=2.0, use_fused_kd_loss=fused, kd_loss=kd_loss
     )
-    assert trainer._fused is fused
+    assert (trainer.teacher_source.name == "live-fused") is fused
     batch = next(iter(trainer.get_train_dataloader()))
     loss = trainer.compute_loss(trainer.model, batch)
     expected = manual_loss(trainer.model, trainer.teacher, batch, 0.7, 0.2, 2.0, kd_loss)
@@ -95,7 +95,7 @@ def _final_weights(tmp_path, tok, name, batch_size, accumulation, fused=True):
         temperature=2.0,
         use_fused_kd_loss=fused,
     )
-    assert trainer._fused is fused
+    assert (trainer.teacher_source.name == "live-fused") is fused
     return trained_weights(trainer)
 
 
@@ -114,7 +114,7 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, tokenizer, fused):
 def test_padded_vocab_is_sliced(tmp_path, tokenizer):
     # teacher embedding padded to 96 rows, student to 64; the tokenizer has 55 real tokens
     trainer = make_trainer(tmp_path, tokenizer, teacher=make_llama(4, 64, vocab_size=96, seed=1))
-    assert trainer._vocab_size == len(tokenizer)
+    assert trainer.teacher_source.vocab_size == len(tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     loss = trainer.compute_loss(trainer.model, batch)
     with torch.no_grad():

@@ -119,9 +119,10 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         return
     if api_args.teacher_api_base and (args.teacher is not None or args.tokenizer is None or args.teacher_tokenizer):
         raise ValueError(
-            "A served teacher's top-k log-probs (--teacher_api_base) are cached on the dataset's tokens: give "
-            "--tokenizer (the student's; the server's tokenizer is checked against it), and no --teacher or "
-            "--teacher_tokenizer (a cross-tokenizer cache needs the teacher loaded in process)."
+            "A served teacher's top-k log-probs (--teacher_api_base, a vLLM server) are cached on the dataset's "
+            "tokens: give --tokenizer (the student's; the server's tokenizer is checked against it), and no --teacher "
+            "or --teacher_tokenizer (a cross-tokenizer cache needs the teacher loaded in process). Add --generate to "
+            "write the served teacher's text completions as training rows instead (sequence-level KD)."
         )
     if not api_args.teacher_api_base and args.teacher is None:
         raise ValueError("Name the teacher: --teacher (a model) or --teacher_api_base (a served teacher).")

@@ -156,6 +156,11 @@ class ServedLogprobs:
         self.requests_per_server = [0] * len(urls)
 
     @property
+    def bytes_received(self) -> int:
+        """Reply bytes read from every server so far."""
+        return sum(client.bytes_received for client in self.clients)
+
+    @property
     def urls(self) -> list[str]:
         return [client.base_url for client in self.clients]
 

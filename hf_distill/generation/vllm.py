@@ -153,6 +153,8 @@ class VLLMClient:
         )
         self._random = random.Random()
         self._lock = threading.Lock()  # guards the lazily resolved default model name
+        self._count_lock = threading.Lock()
+        self.bytes_received = 0  # reply bodies read so far (what the wire carried to us)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -187,6 +189,8 @@ class VLLMClient:
                 failure = f"{type(err).__name__}: {err}"
             else:
                 status = reply.status_code
+                with self._count_lock:
+                    self.bytes_received += len(reply.content)
                 if status < 400:
                     return reply.text if text else _decode_json(reply, method, url)
                 body = reply.text[:1000]

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from ..cache import CACHE_BATCH_KEYS, TeacherCache, TeacherCacheCollator
-from ..config import check_cache_config
 from ..losses.sparse import sparse_logit_divergence
 from ..terms import LossTerms, SupervisedView, divergence_kwargs, kd_scale
+from ..validation import check_cache_config
 from .base import SourceContext, SourceRequest, TeacherSource
 
 

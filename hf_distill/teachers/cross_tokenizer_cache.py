@@ -37,10 +37,10 @@ from ..cache import (
     TeacherCacheCollator,
     tokenizer_identity,
 )
-from ..config import check_cache_config
 from ..data.collators import CONVERSATION_KEY, ConversationCollator
 from ..losses.cross_tokenizer import sorted_head
 from ..models import teacher_tokenizer_of
+from ..validation import check_cache_config
 from .base import SourceContext, SourceRequest
 from .cached import open_cache, prepare_cached_dataset
 from .cross_tokenizer import CrossTokenizerOutputs, CrossTokenizerTeacher

@@ -25,9 +25,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.data.data_collator import DataCollatorMixin
 
-from ..config import check_served_config
 from ..generation.served import Pending, ServedLogprobs
 from ..terms import LossTerms, SupervisedView
+from ..validation import check_served_config
 from .base import SourceContext, SourceRequest, TeacherSource
 from .cached import CachedTeacherOutputs, sparse_terms
 
