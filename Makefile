@@ -85,7 +85,7 @@ constraints-vllm:
 	  $(VLLM_PY) -m pip freeze --disable-pip-version-check | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > $(VLLM_CONSTRAINTS)
 	$(MAKE) setup-vllm
 
-bench: setup $(GEMMA3)
+bench: setup setup-vllm $(GEMMA3)
 	for b in benchmarks/*.py; do case $$b in */_*) continue;; esac; $(PY) $$b --out runs/bench || exit 1; done
 
 lint: setup

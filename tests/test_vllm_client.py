@@ -101,13 +101,19 @@ def test_greedy_completions_equal_hf_generate(vllm_server):
     assert got == hf_greedy(model, prompts, 12)
 
 
+def peft_adapter(folder, seed: int, out):
+    """A PEFT LoRA (r=8, every projection, random non-zero A and B) on the saved model, saved to `out`."""
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(seed)
+    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+    peft.save_pretrained(out)
+    return peft
+
+
 @pytest.mark.vllm
 def test_runtime_lora_completions_equal_peft_generate(vllm_lora_server, tmp_path):
-    base = AutoModelForCausalLM.from_pretrained(vllm_lora_server.folder, dtype=torch.float32).eval()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    torch.manual_seed(0)
-    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
-    peft.save_pretrained(tmp_path / "adapter")
+    peft = peft_adapter(vllm_lora_server.folder, 0, tmp_path / "adapter")
     prompts = random_prompts([5, 5], seed=3)
     client = VLLMClient(vllm_lora_server.url, model=vllm_lora_server.model, vocab_size=V)
     client.load_lora_adapter("student", str(tmp_path / "adapter"))
@@ -118,6 +124,11 @@ def test_runtime_lora_completions_equal_peft_generate(vllm_lora_server, tmp_path
         plain = hf_greedy(peft, prompts, 16)
     assert got == ref != plain  # the adapter is applied, and as PEFT applies it
     assert client.complete(prompts, max_tokens=16) == plain  # the base model is intact
+    with pytest.raises(VLLMRequestError, match="already been loaded"):
+        client.load_lora_adapter("student", str(tmp_path / "adapter"))
+    peft_b = peft_adapter(vllm_lora_server.folder, 1, tmp_path / "adapter_b")  # the next training step's weights
+    client.load_lora_adapter("student", str(tmp_path / "adapter_b"), load_inplace=True)
+    assert client.complete(prompts, max_tokens=16, model="student") == hf_greedy(peft_b, prompts, 16) != ref
     client.unload_lora_adapter("student")
     assert set(client.models()) == {vllm_lora_server.model}
     with pytest.raises(VLLMRequestError) as err:

