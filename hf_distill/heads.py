@@ -193,6 +193,13 @@ class LMHead:
     logit_scale: float
     softcap: float | None
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`(N, H)` final hidden states -> `(N, V)` logits, as the model computes them."""
+        logits = torch.nn.functional.linear(hidden, self.weight, self.bias) * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under DDP / FSDP / DeepSpeed / `torch.compile` wrappers (accelerate's

@@ -406,3 +406,32 @@ def test_truncated_shard_names_the_file_and_is_recomputed(tmp_path, tokenizer, c
     for entry in repaired.lookup(list(range(6))):
         assert (entry.ids == reference[entry.row_id].ids).all()
         assert abs(entry.logprobs - reference[entry.row_id].logprobs).max() < 1e-6
+
+
+@pytest.mark.parametrize("kd_loss", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_chunked_sparse_loss_equals_the_full_logits(tmp_path, tokenizer, kd_loss):
+    """From the student's hidden states a few rows at a time (no (N, V) logits): the loss and the gradients of the
+    full-logit sparse loss (`use_fused_kd_loss=False`)."""
+    rows = prompt_completion_rows(tokenizer)
+    cache = build(tmp_path, tokenizer, rows, k=8)
+    losses, grads = {}, {}
+    for name, fields in {"chunked": {"kd_chunk_size": 2}, "full": {"use_fused_kd_loss": False}}.items():
+        torch.manual_seed(0)
+        trainer = DistillationTrainer(
+            model=make_llama(2, 32),
+            args=trainer_args(
+                tmp_path / name, teacher_cache=str(cache.path), kd_loss=kd_loss, temperature=2.0, **fields
+            ),
+            train_dataset=rows,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+            processing_class=tokenizer,
+        )
+        batch = trainer.data_collator([{**rows[i], "row_id": i} for i in range(4)])
+        if name == "chunked":
+            assert "logits_to_keep" in trainer.teacher_source.student_forward_kwargs()
+        losses[name] = trainer.compute_loss(trainer.model, batch)
+        losses[name].backward()
+        grads[name] = [p.grad.clone() for p in trainer.model.parameters()]
+    torch.testing.assert_close(losses["chunked"], losses["full"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads["chunked"], grads["full"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

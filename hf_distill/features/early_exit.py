@@ -98,14 +98,6 @@ def _head_of(model: nn.Module) -> LMHead:
     return LMHead(embeddings.weight, embeddings.bias, 1.0, None)
 
 
-def _logits(hidden: torch.Tensor, head: LMHead) -> torch.Tensor:
-    """`(N, H)` -> `(N, V)`: `softcap((hidden @ W.T + b) * scale)`, as the model computes its logits."""
-    logits = nn.functional.linear(hidden, head.weight, head.bias) * head.logit_scale
-    if head.softcap is not None:
-        logits = torch.tanh(logits / head.softcap) * head.softcap
-    return logits
-
-
 def early_exit_terms(
     hidden_states: tuple[torch.Tensor, ...],
     layers: list[int],
@@ -143,7 +135,7 @@ def early_exit_terms(
     target_logits = None
     if not fused:
         with torch.no_grad():
-            target_logits = _logits(final, head)
+            target_logits = head.logits(final)
             target_logits = target_logits[..., :vocab_size] if vocab_size is not None else target_logits
     for layer in layers:
         exit_hidden = norm(view.rows(hidden_states[layer]))  # (N, H)
@@ -153,7 +145,7 @@ def early_exit_terms(
                                      state=view.state)  # fmt: skip
             agreement = stats.get("top1_agreement")
         else:
-            logits = _logits(exit_hidden, head)
+            logits = head.logits(exit_hidden)
             logits = logits[..., :vocab_size] if vocab_size is not None else logits
             kd = logit_divergence(logits, target_logits, **divergence_kwargs(args, view.state)).sum()
             ce = hard_loss(logits, y, view.head) if with_ce else None

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..cache import CACHE_BATCH_KEYS, TeacherCache, TeacherCacheCollator
+from ..heads import lm_head_of
 from ..losses.sparse import sparse_logit_divergence
 from ..terms import LossTerms, SupervisedView, divergence_kwargs, kd_scale
 from ..validation import check_cache_config
 from .base import SourceContext, SourceRequest, TeacherSource
+from .live import FUSED_FORWARD_KWARGS
 
 
 @dataclass
@@ -95,12 +98,32 @@ class CacheTeacher(TeacherSource):
     def wrap_collator(self, collator: Any) -> TeacherCacheCollator:
         return TeacherCacheCollator(self.cache, collator)
 
+    def student_forward_kwargs(self) -> dict[str, Any]:
+        """The student's final hidden states instead of its `(B, T, V)` logits where the sparse loss runs chunk by
+        chunk (`sparse_chunked`)."""
+        kwargs = super().student_forward_kwargs()
+        return {**kwargs, **FUSED_FORWARD_KWARGS} if sparse_chunked(self.context) else kwargs
+
     def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> CachedTeacherOutputs:
         return cached_teacher_outputs(batch)
 
     def terms(self, student_outputs: Any, teacher_outputs: CachedTeacherOutputs, view: SupervisedView) -> LossTerms:
         """Sparse KD (weight `kd_weight * T^2`) and CE over the view's supervised tokens (`sparse_terms`)."""
         return sparse_terms(student_outputs, teacher_outputs, view, self.context, self.cache.vocab_size, "the cache")
+
+
+CHUNK_BYTES = 32 * 2**20  # fp32 logits per chunk of the chunked sparse loss
+
+
+def sparse_chunked(context: SourceContext) -> bool:
+    """Whether the sparse loss can run chunk by chunk from the student's final hidden states (`use_fused_kd_loss`,
+    a causal LM whose logits are a plain lm_head of the last hidden state, parameters not sharded)."""
+    return (
+        bool(context.args.use_fused_kd_loss)
+        and context.head.kind == "causal_lm"
+        and not context.sharded
+        and lm_head_of(context.student) is not None
+    )
 
 
 def sparse_terms(
@@ -114,8 +137,13 @@ def sparse_terms(
     """KD from top-k teacher entries (the sparse divergence of `losses.sparse`: the k tokens plus one tail bucket) and
     the student's CE, summed over the view's supervised tokens; shared by the cache and the served teacher.
 
+    When the student returned its final hidden states and `sparse_chunked(context)` holds, the student's logits are
+    made a chunk of rows at a time from the hidden states and the lm_head (recomputed in the backward pass, as
+    `torch.utils.checkpoint` does), so no `(N, V)` logits exist beyond one chunk; the values and gradients are those
+    of the full logits.
+
     Args:
-        student_outputs: the student's outputs (`logits` `(B, T, V_s)`).
+        student_outputs: the student's outputs: `logits` `(B, T, V_s)`, or `hidden_states` (the chunked path).
         teacher_outputs (`CachedTeacherOutputs`): `(B, T, k)` ids / log-probs and `(B, T)` tail, indexed by label
             position (entry `[b, j]` is the distribution of token j given tokens < j).
         view (`SupervisedView`): the supervised positions (causal LM).
@@ -131,23 +159,62 @@ def sparse_terms(
     if view.shift_labels is not None:
         raise ValueError(f"KD from {what} does not support padding-free batches (`shift_labels`); pad the batches.")
     mask = view.mask
-    s = view.rows(student_outputs.logits)  # (N, V_s)
     y = view.targets()
     label_index = slice(1, None) if head.shifts_labels else slice(None)
     ids = teacher_outputs.topk_ids[:, label_index][mask].long()
     logprobs = teacher_outputs.topk_logprobs[:, label_index][mask]
     tail = teacher_outputs.tail_logmass[:, label_index][mask]
-    s_kd = s
-    if s.shape[-1] != vocab_size:
-        real = len(context.tokenizer) if context.tokenizer is not None else None
-        if s.shape[-1] < vocab_size or real is None or real > vocab_size:
-            raise ValueError(
-                f"The student has {s.shape[-1]} logits but {what} cover a vocabulary of {vocab_size}; "
-                "distil from a teacher with the student's vocabulary."
-            )
-        s_kd = s[:, :vocab_size]  # the student's extra rows are embedding padding
+    hyper = divergence_kwargs(args, view.state)
+    chunked = getattr(student_outputs, "logits", None) is None or student_outputs.logits.shape[1] == 1
+    if chunked and sparse_chunked(context) and student_outputs.hidden_states is not None:
+        lm_head = lm_head_of(context.student)
+        hidden = view.rows(student_outputs.hidden_states[-1])  # (N, H)
+        width = _check_width(lm_head.weight.shape[0], vocab_size, context, what)
+        rows = args.kd_chunk_size or max(1, CHUNK_BYTES // (4 * lm_head.weight.shape[0]))
+        kd, ce, agree = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32), 0
+        for start in range(0, hidden.shape[0], rows):
+            part = slice(start, start + rows)
+            block = (hidden[part], lm_head, ids[part], logprobs[part], tail[part], y[part], width, hyper)
+            kd_part, ce_part, agree_part = checkpoint(_sparse_block, *block, use_reentrant=False)
+            kd, ce, agree = kd + kd_part, ce + ce_part, agree + agree_part
+    else:
+        s = view.rows(student_outputs.logits)  # (N, V_s)
+        width = _check_width(s.shape[-1], vocab_size, context, what)
+        kd, ce, agree = _sparse_block(None, s, ids, logprobs, tail, y, width, hyper)
     terms = LossTerms(n_items=y.new_tensor(y.numel()))
-    kd = sparse_logit_divergence(s_kd, ids, logprobs, tail, **divergence_kwargs(args, view.state))
-    terms.add("kd", kd.sum(), kd_scale(args, head))
-    terms.add("ce", torch.nn.functional.cross_entropy(s.float(), y, reduction="sum"), args.ce_weight)
-    return terms.metric("top1_agreement", (s_kd.argmax(-1) == ids[:, 0]).sum(), y.numel())
+    terms.add("kd", kd, kd_scale(args, head))
+    terms.add("ce", ce, args.ce_weight)
+    return terms.metric("top1_agreement", agree, y.numel())
+
+
+def _check_width(student_width: int, vocab_size: int, context: SourceContext, what: str) -> int:
+    """The number of student logits the entries are compared over (the student's extra rows are embedding
+    padding), or a ValueError when the vocabularies cannot match."""
+    if student_width == vocab_size:
+        return vocab_size
+    real = len(context.tokenizer) if context.tokenizer is not None else None
+    if student_width < vocab_size or real is None or real > vocab_size:
+        raise ValueError(
+            f"The student has {student_width} logits but {what} cover a vocabulary of {vocab_size}; "
+            "distil from a teacher with the student's vocabulary."
+        )
+    return vocab_size
+
+
+def _sparse_block(
+    hidden: torch.Tensor | None,
+    head: Any,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail: torch.Tensor,
+    y: torch.Tensor,
+    width: int,
+    hyper: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed sparse KD, summed CE and the top-1 agreement count of a block of rows: from `hidden` `(n, H)` through
+    the lm_head `head`, or (`hidden` None) from logits `head` `(n, V_s)`."""
+    s = head if hidden is None else head.logits(hidden)
+    s_kd = s[:, :width] if s.shape[-1] != width else s
+    kd = sparse_logit_divergence(s_kd, ids, logprobs, tail, **hyper).sum()
+    ce = torch.nn.functional.cross_entropy(s.float(), y, reduction="sum")
+    return kd, ce, (s_kd.argmax(-1) == ids[:, 0]).sum().detach()

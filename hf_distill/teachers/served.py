@@ -29,7 +29,8 @@ from ..generation.served import Pending, ServedLogprobs
 from ..terms import LossTerms, SupervisedView
 from ..validation import check_served_config
 from .base import SourceContext, SourceRequest, TeacherSource
-from .cached import CachedTeacherOutputs, sparse_terms
+from .cached import CachedTeacherOutputs, sparse_chunked, sparse_terms
+from .live import FUSED_FORWARD_KWARGS
 
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,12 @@ class ServedTeacher(TeacherSource):
     def callbacks(self) -> list[TrainerCallback]:
         return [ServedTeacherCallback(self)]
 
+    def student_forward_kwargs(self) -> dict[str, Any]:
+        """The student's final hidden states instead of its `(B, T, V)` logits where the sparse loss runs chunk by
+        chunk (`cached.sparse_chunked`)."""
+        kwargs = super().student_forward_kwargs()
+        return {**kwargs, **FUSED_FORWARD_KWARGS} if sparse_chunked(self.context) else kwargs
+
     # ------------------------------------------------------------------------------------------- per batch
     def submit(self, batch: dict[str, Any]) -> Pending:
         """Send the requests of a collated batch (its rows without padding; `teacher_id` routes them)."""
@@ -210,7 +217,7 @@ class ServedTeacher(TeacherSource):
 
     def terms(self, student_outputs: Any, teacher_outputs: CachedTeacherOutputs, view: SupervisedView) -> LossTerms:
         """Sparse KD and CE over the view's supervised tokens (`cached.sparse_terms`)."""
-        vocab = min(student_outputs.logits.shape[-1], len(self.context.tokenizer))
+        vocab = len(self.context.tokenizer)
         return sparse_terms(student_outputs, teacher_outputs, view, self.context, vocab, "the served replies")
 
 
