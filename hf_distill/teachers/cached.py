@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..cache import CACHE_BATCH_KEYS, TeacherCache, TeacherCacheCollator
 from ..heads import lm_head_of
+from ..losses.fused_sparse import fused_sparse_distillation_loss
 from ..losses.sparse import sparse_logit_divergence
 from ..terms import LossTerms, SupervisedView, divergence_kwargs, kd_scale
 from ..validation import check_cache_config
@@ -112,9 +112,6 @@ class CacheTeacher(TeacherSource):
         return sparse_terms(student_outputs, teacher_outputs, view, self.context, self.cache.vocab_size, "the cache")
 
 
-CHUNK_BYTES = 32 * 2**20  # fp32 logits per chunk of the chunked sparse loss
-
-
 def sparse_chunked(context: SourceContext) -> bool:
     """Whether the sparse loss can run chunk by chunk from the student's final hidden states (`use_fused_kd_loss`,
     a causal LM whose logits are a plain lm_head of the last hidden state, parameters not sharded)."""
@@ -137,10 +134,9 @@ def sparse_terms(
     """KD from top-k teacher entries (the sparse divergence of `losses.sparse`: the k tokens plus one tail bucket) and
     the student's CE, summed over the view's supervised tokens; shared by the cache and the served teacher.
 
-    When the student returned its final hidden states and `sparse_chunked(context)` holds, the student's logits are
-    made a chunk of rows at a time from the hidden states and the lm_head (recomputed in the backward pass, as
-    `torch.utils.checkpoint` does), so no `(N, V)` logits exist beyond one chunk; the values and gradients are those
-    of the full logits.
+    When the student returned its final hidden states and `sparse_chunked(context)` holds, the loss is taken chunk by
+    chunk from the hidden states and the lm_head (`losses.fused_sparse`), so no `(N, V)` logits exist beyond one
+    chunk; the values and gradients are those of the full logits.
 
     Args:
         student_outputs: the student's outputs: `logits` `(B, T, V_s)`, or `hidden_states` (the chunked path).
@@ -165,25 +161,28 @@ def sparse_terms(
     logprobs = teacher_outputs.topk_logprobs[:, label_index][mask]
     tail = teacher_outputs.tail_logmass[:, label_index][mask]
     hyper = divergence_kwargs(args, view.state)
+    weights = {"kd": kd_scale(args, head), "ce": args.ce_weight}
     chunked = getattr(student_outputs, "logits", None) is None or student_outputs.logits.shape[1] == 1
     if chunked and sparse_chunked(context) and student_outputs.hidden_states is not None:
         lm_head = lm_head_of(context.student)
-        hidden = view.rows(student_outputs.hidden_states[-1])  # (N, H)
         width = _check_width(lm_head.weight.shape[0], vocab_size, context, what)
-        rows = args.kd_chunk_size or max(1, CHUNK_BYTES // (4 * lm_head.weight.shape[0]))
-        kd, ce, agree = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32), 0
-        for start in range(0, hidden.shape[0], rows):
-            part = slice(start, start + rows)
-            block = (hidden[part], lm_head, ids[part], logprobs[part], tail[part], y[part], width, hyper)
-            kd_part, ce_part, agree_part = checkpoint(_sparse_block, *block, use_reentrant=False)
-            kd, ce, agree = kd + kd_part, ce + ce_part, agree + agree_part
+        stats: dict[str, Any] = {}
+        kd, ce = fused_sparse_distillation_loss(
+            view.rows(student_outputs.hidden_states[-1]), lm_head.weight, ids, logprobs, tail, y,
+            loss_weights=(weights["kd"], weights["ce"]), chunk_size=args.kd_chunk_size, student_bias=lm_head.bias,
+            logit_scale=lm_head.logit_scale, softcap=lm_head.softcap, vocab_size=width, stats=stats, **hyper,
+        )  # fmt: skip
+        agree = stats.get("top1_agreement", 0)
     else:
         s = view.rows(student_outputs.logits)  # (N, V_s)
         width = _check_width(s.shape[-1], vocab_size, context, what)
-        kd, ce, agree = _sparse_block(None, s, ids, logprobs, tail, y, width, hyper)
+        s_kd = s[:, :width] if s.shape[-1] != width else s
+        kd = sparse_logit_divergence(s_kd, ids, logprobs, tail, **hyper).sum()
+        ce = torch.nn.functional.cross_entropy(s.float(), y, reduction="sum")
+        agree = (s_kd.argmax(-1) == ids[:, 0]).sum()
     terms = LossTerms(n_items=y.new_tensor(y.numel()))
-    terms.add("kd", kd, kd_scale(args, head))
-    terms.add("ce", ce, args.ce_weight)
+    terms.add("kd", kd, weights["kd"])
+    terms.add("ce", ce, weights["ce"])
     return terms.metric("top1_agreement", agree, y.numel())
 
 
@@ -199,22 +198,3 @@ def _check_width(student_width: int, vocab_size: int, context: SourceContext, wh
             "distil from a teacher with the student's vocabulary."
         )
     return vocab_size
-
-
-def _sparse_block(
-    hidden: torch.Tensor | None,
-    head: Any,
-    ids: torch.Tensor,
-    logprobs: torch.Tensor,
-    tail: torch.Tensor,
-    y: torch.Tensor,
-    width: int,
-    hyper: dict[str, Any],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed sparse KD, summed CE and the top-1 agreement count of a block of rows: from `hidden` `(n, H)` through
-    the lm_head `head`, or (`hidden` None) from logits `head` `(n, V_s)`."""
-    s = head if hidden is None else head.logits(hidden)
-    s_kd = s[:, :width] if s.shape[-1] != width else s
-    kd = sparse_logit_divergence(s_kd, ids, logprobs, tail, **hyper).sum()
-    ce = torch.nn.functional.cross_entropy(s.float(), y, reduction="sum")
-    return kd, ce, (s_kd.argmax(-1) == ids[:, 0]).sum().detach()

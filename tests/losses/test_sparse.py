@@ -168,3 +168,49 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="vocabulary has only 11"):
         teacher_bucket_log_probs(torch.zeros(N, 12), tail, V)
     assert set(SPARSE_LOSSES) == set(LOGIT_LOSSES)
+
+
+@pytest.mark.parametrize("loss_type", sorted(SPARSE_LOSSES))
+@pytest.mark.parametrize("head", ["plain", "bias_softcap_padded"])
+def test_fused_sparse_equals_the_full_logits(loss_type, head):
+    """`fused_sparse_distillation_loss` (chunks of 3 rows from hidden states) == the sparse divergence and CE on the
+    full logits, values and gradients, float64; with a bias, logit scale, softcap and a padded head too."""
+    from hf_distill.losses.fused_sparse import fused_sparse_distillation_loss
+
+    gen = torch.Generator().manual_seed(3)
+    n, hdim, vocab, k, width = 7, 5, 13, 4, 13 if head == "plain" else 11
+    hidden = torch.randn(n, hdim, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, hdim, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(vocab, generator=gen, dtype=torch.float64, requires_grad=True) if head != "plain" else None
+    scale, softcap = (1.0, None) if head == "plain" else (0.7, 3.0)
+    teacher = torch.randn(n, width, generator=gen, dtype=torch.float64).log_softmax(-1)
+    top, ids = teacher.topk(k, -1)
+    tail = teacher.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[2] = -100
+    hyper = {"temperature": 2.0, "beta": 0.3, "skew_alpha": 0.2, "taid_t": 0.6, "ab_alpha": 0.7, "ab_beta": 0.4,
+             "akl_mu": 0.5}  # fmt: skip
+    hyper = {key: value for key, value in hyper.items() if key in ("temperature", "beta", "skew_alpha")
+             or loss_type.startswith(key.split("_")[0])}  # fmt: skip
+
+    def full():
+        logits = (torch.nn.functional.linear(hidden, weight, bias)) * scale
+        logits = logits if softcap is None else torch.tanh(logits / softcap) * softcap
+        kd = sparse_logit_divergence(logits[:, :width], ids, top, tail, loss_type=loss_type, **hyper).sum()
+        ce = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+        return kd, ce
+
+    stats = {}
+    kd, ce = fused_sparse_distillation_loss(hidden, weight, ids, top, tail, labels, loss_type=loss_type,
+                                            loss_weights=(0.8, 0.3), chunk_size=3, student_bias=bias,
+                                            logit_scale=scale, softcap=softcap, vocab_size=width, stats=stats,
+                                            **hyper)  # fmt: skip
+    params = [hidden, weight] + ([bias] if bias is not None else [])
+    got = torch.autograd.grad(0.8 * kd + 0.3 * ce, params)
+    ref_kd, ref_ce = full()
+    expected = torch.autograd.grad(0.8 * ref_kd + 0.3 * ref_ce, params)
+    torch.testing.assert_close(kd, ref_kd.detach())
+    torch.testing.assert_close(ce, ref_ce.detach())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert 0 <= int(stats["top1_agreement"]) <= n
