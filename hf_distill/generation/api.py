@@ -367,7 +367,7 @@ class APITeacher:
                 f"{first_error} {len(done)} of {len(prompts) * n} responses are saved in {store}; run the same "
                 "command again to request only the missing ones."
             )
-        logger.warning(
+        logger.info(
             "API teacher %s: %d requests in %.1f s (%s responses/s, %d in flight at most), %d prompt + %d completion "
             "tokens; %d responses reused from %s.",
             self.model,
