@@ -532,3 +532,26 @@ def test_quickstart_samples_the_transfer_set_from_the_api_teacher(server, tiny_f
     stores = list((out / "transfer_set").rglob("api_responses.jsonl"))
     assert len(stores) == 1 and len(_lines(stores[0])) == 8  # every sample came from the server
     assert json.loads((out / "results.json").read_text())["results"]["kd_student"]["tokens"] > 0
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
+def test_cache_teacher_logs_requests_at_debug_and_its_summary_at_info(tmp_path, debug):
+    """`cache-teacher` with a served teacher: the HTTP client's per-request lines only with `--debug` (as DEBUG),
+    the usage summary at INFO, no torchao noise."""
+    stub = _Stub([])
+    data = tmp_path / "prompts.jsonl"
+    Dataset.from_dict({"prompt": ["a", "b", "c"]}).to_json(str(data))
+    cmd = [sys.executable, "-m", "hf_distill.cli.main", "cache-teacher", "--teacher", "m", "--dataset", str(data)]
+    cmd += ["--output_dir", str(tmp_path / "out"), "--teacher_api_base", stub.base, "--generate"]
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_LOG"} | {"PYTHONPATH": str(REPO)}
+    try:
+        done = subprocess.run(
+            cmd + ["--debug"] * debug, check=False, env=env, cwd=REPO, capture_output=True, text=True
+        )
+    finally:
+        stub.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    requests = [line for line in done.stderr.splitlines() if "HTTP Request: POST" in line]
+    assert len(requests) == (3 if debug else 0) and all(" DEBUG " in line for line in requests)
+    assert " INFO hf_distill.generation.api: API teacher m: 3 requests" in done.stderr
+    assert "Failed to load" not in done.stderr and "register_constant" not in done.stderr

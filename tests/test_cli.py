@@ -1,6 +1,7 @@
 """`hf-distill` CLI: help per subcommand, YAML recipes with flag overrides, end-to-end tiny training."""
 
 import dataclasses
+import inspect
 import json
 import re
 import subprocess
@@ -13,6 +14,7 @@ from conftest import make_llama, make_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import hf_distill
 from hf_distill.cli.main import COMMANDS, main
 from hf_distill.cli.train import make_parser
 from hf_distill.config import DistillationArguments
@@ -109,12 +111,8 @@ def test_train_from_yaml_with_overrides(tiny_files):
     reloaded = AutoModelForCausalLM.from_pretrained(tiny_files / "out")
     assert reloaded.config.num_hidden_layers == 2
     assert set(load_file(tiny_files / "out" / "model.safetensors")) == set(reloaded.state_dict())
-    state = (
-        json.loads((tiny_files / "out" / "trainer_state.json").read_text())
-        if (tiny_files / "out" / "trainer_state.json").exists()
-        else None
-    )
-    assert state is None or state["global_step"] == 2
+    state = json.loads((tiny_files / "out" / "trainer_state.json").read_text())  # written by `train` after training
+    assert state["global_step"] == 2  # the flag's 2 steps, not the YAML's 50
 
 
 def test_train_chat_recipe_style(tiny_files):
@@ -187,3 +185,246 @@ def test_student_config_unknown_key(tiny_files):
     )
     with pytest.raises(ValueError, match="student_config sets 'hidden_sise'"):
         main([*argv, "--debug"])  # --debug: the exception itself, with its traceback
+
+
+SUBCOMMANDS = [
+    ["train"],
+    ["quickstart"],
+    ["rationales", "generate"],
+    ["rationales", "train"],
+    ["rationales", "evaluate"],
+    ["miniplm", "score"],
+    ["miniplm", "select"],
+    ["cache-teacher"],
+    ["chain"],
+    ["export"],
+]
+
+
+def help_sections(text: str) -> dict[str, str]:
+    """`--help` output split at its argument-group titles (`title:` lines): title -> the lines below it."""
+    sections, title = {}, ""
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            title = line[:-1]
+            sections[title] = ""
+        elif title:
+            sections[title] += line + "\n"
+    return sections
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_help_lists_config_and_debug(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    common = help_sections(out)["hf-distill options"]
+    assert "--config PATH" in common and "--debug" in common and "traceback" in common
+    assert out.startswith(f"usage: hf-distill {' '.join(command)} [-h] [--config PATH] [--debug]")
+
+
+def test_subcommand_list_covers_every_command():
+    assert {command[0] for command in SUBCOMMANDS} == set(COMMANDS)
+
+
+def test_help_groups_fields_by_dataclass(capsys):
+    """As TRL's parser does with `_argument_group_name`: one titled group per dataclass that declares fields."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    sections = help_sections(capsys.readouterr().out)
+    assert "--dataset_name" in sections["dataset"] and "--kd_loss" not in sections["dataset"]
+    assert "--kd_loss" in sections["DistillationArguments"] and "--task" in sections["train: data and student"]
+    assert "--learning_rate" in sections["SFTConfig"] and "--model_name_or_path" in sections["ModelConfig"]
+    assert "--teacher_api_base" not in sections["dataset"]
+    with pytest.raises(SystemExit):
+        main(["cache-teacher", "--help"])
+    sections = help_sections(capsys.readouterr().out)
+    api = sections["API teacher (OpenAI-compatible endpoint)"]
+    assert "--teacher_api_base" in api and "--num_generations" in api  # both API dataclasses, one group
+    assert "This command reads dataset_name" in sections["dataset"]
+
+
+def test_version(capsys):
+    from hf_distill.version import __version__
+
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"hf-distill {__version__}"
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_distill.cli.main", "--version"], capture_output=True, text=True, check=True
+    )
+    assert __version__ in done.stdout
+
+
+def all_parsers() -> dict[str, object]:
+    from hf_distill.cli import cache_teacher, chain, export, miniplm, quickstart, rationales, train
+
+    return {
+        "train": train.make_parser(),
+        "quickstart": quickstart.make_parser(),
+        "rationales generate": rationales.make_parser(command="generate"),
+        "rationales train": rationales.make_parser(command="train"),
+        "rationales evaluate": rationales.make_parser(command="evaluate"),
+        "miniplm score": miniplm.make_parser(command="score"),
+        "miniplm select": miniplm.make_parser(command="select"),
+        "cache-teacher": cache_teacher.make_parser(),
+        "chain": chain.make_parser(),
+        "export": export.make_parser(),
+    }
+
+
+@pytest.mark.parametrize("name", [" ".join(c) for c in SUBCOMMANDS])
+def test_abbreviated_flags_are_refused_everywhere(name):
+    parser = all_parsers()[name]
+    assert parser.allow_abbrev is False
+    flag = max((o for a in parser._actions for o in a.option_strings if o.startswith("--")), key=len)
+    for action in parser._actions:  # this test only asks how a flag is read, not for the required ones
+        action.required = False
+    _, rest = parser.parse_known_args([flag[:-1], "1"])
+    assert flag[:-1] in rest  # not taken for `flag`
+
+
+def test_abbreviated_flag_is_an_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--kd_los"):
+        make_parser().parse_args_and_config(["--kd_los", "tvd"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--kd_los", "tvd", "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 1 and "--kd_los" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--kd_los", "tvd"],
+        ["--temperature", "-1"],
+        ["--dataset_name", "data.jsonl"],  # no student named
+        ["--dataset_name", "missing.jsonl", "--model_name_or_path", "student"],
+        ["--prompt_column", "y", "--dataset_name", "data.jsonl"],
+    ],
+    ids=["no-args", "abbreviation", "bad-value", "no-student", "missing-data", "rejected-field"],
+)
+def test_failed_train_writes_nothing(argv, tmp_path, monkeypatch, tiny_files):
+    """No output folder (not even `trainer_output/recipe.yaml`) before the arguments parse and the run starts."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "data.jsonl").write_text((tiny_files / "data.jsonl").read_text())
+    (work / "student").symlink_to(tiny_files / "student")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *argv])
+    assert exit_info.value.code == 1
+    assert sorted(p.name for p in work.iterdir()) == ["data.jsonl", "student"]
+
+
+def test_dataset_fields_are_declared_once_and_refused_where_unused():
+    from hf_distill.cli.arguments import DatasetArguments
+    from hf_distill.cli.cache_teacher import make_parser as cache_parser
+
+    declared = {name: [] for name in DatasetArguments.__dataclass_fields__}
+    for parser in all_parsers().values():
+        for dtype in parser.dataclass_types:
+            for klass in dtype.__mro__:
+                for name in inspect.get_annotations(klass):
+                    if name in declared and klass is not DatasetArguments:
+                        declared[name].append(klass.__name__)
+    assert not any(declared.values()), declared  # no command re-declares a dataset field
+    parser = cache_parser()
+    base = ["--teacher", "t", "--output_dir", "o"]
+    args, _ = parser.parse_args_and_config([*base, "--dataset", "d.jsonl", "--split", "validation"])
+    assert (args.dataset_name, args.dataset_train_split, args.dataset) == ("d.jsonl", "validation", "d.jsonl")
+    with pytest.raises(ValueError, match="`label_column`: not read by this command"):
+        parser.parse_args_and_config([*base, "--dataset", "d.jsonl", "--label_column", "y"])
+    with pytest.raises(ValueError, match="Name the dataset"):
+        parser.parse_args_and_config(base)
+
+
+def test_training_arguments_debug_field_comes_from_the_yaml(tmp_path):
+    """`--debug` on the command line is hf-distill's; `TrainingArguments.debug` is still a recipe key."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"debug": "underflow_overflow", "output_dir": str(tmp_path)}))
+    _, args, _ = make_parser().parse_args_and_config(["--config", str(recipe)])
+    assert [str(option.value) for option in args.debug] == ["underflow_overflow"]
+    _, args, _ = make_parser().parse_args_and_config(["--output_dir", str(tmp_path), "--debug"])
+    assert args.debug == []
+
+
+def test_constants_written_for_a_light_help_match_the_library():
+    from hf_distill.cli.export import QUANTS
+    from hf_distill.cli.train import TASK_NAMES
+    from hf_distill.data.tasks import TASKS
+    from hf_distill.export import GGUF_QUANTS
+
+    assert list(TASK_NAMES) == list(TASKS) and QUANTS == GGUF_QUANTS
+
+
+def test_final_evaluation_runs_once(tiny_files, monkeypatch, capsys):
+    """`eval_strategy: steps`: the Trainer evaluates at step 2 and at the last step (3); `train` adds none."""
+    from transformers import Trainer
+
+    calls = []
+    evaluate = Trainer.evaluate
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", counted)
+    out = tiny_files / "evaluated"
+    argv = ["--dataset_test_split", "train", "--eval_strategy", "steps", "--eval_steps", "2"]
+    pair = ["--model_name_or_path", str(tiny_files / "student"), "--teacher_model_name_or_path"]
+    pair += [str(tiny_files / "teacher"), "--dataset_name", str(tiny_files / "data.jsonl")]
+    main(train_argv(out, *pair, *argv, *TWO_STEPS[2:], "--max_steps", "3"))
+    assert calls == [2, 3]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_loss" in e] == [2, 3]
+    printed = capsys.readouterr().out
+    assert f"'eval_loss': {state['log_history'][-2]['eval_loss']}" in printed  # the last evaluation, reported
+
+
+HEAVY = ("hf_distill.trainer", "transformers.trainer", "datasets", "peft", "torchao")
+PROBE = """
+import atexit, json, sys
+atexit.register(lambda: print(json.dumps(sorted(m for m in {heavy} if m in sys.modules)), file=sys.stderr))
+sys.argv = ["hf-distill", *{argv}]
+from hf_distill.cli.main import main
+main()
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]], ids=" ".join)
+def test_help_imports_no_trainer_stack(argv):
+    """What `hf-distill --help` / `hf-distill train --help` import (a test of imports, not of wall time)."""
+    heavy = HEAVY + (("torch", "transformers") if argv == ["--help"] else ())
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=heavy, argv=argv)], capture_output=True, text=True, check=True
+    )
+    assert "--debug" in done.stdout or "hf-distill" in done.stdout
+    assert json.loads(done.stderr.strip().splitlines()[-1]) == []
+    assert "Failed to load" not in done.stderr and "register_constant" not in done.stderr
+
+
+def test_package_imports_lazily():
+    code = (
+        "import sys, hf_distill; assert hf_distill.__version__; assert 'torch' not in sys.modules; "
+        "from hf_distill import DistillationTrainer, RationaleCollator; import hf_distill.trainer as t; "
+        "assert DistillationTrainer is t.DistillationTrainer and 'DistillationConfig' in dir(hf_distill)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        hf_distill.Nope  # noqa: B018
+
+
+def test_train_stderr_has_no_known_noise(tiny_files):
+    """A `hf-distill train` process imports torchao (through transformers' quantizers) and builds TRL's config: none
+    of the messages `hf_distill.cli.logs` silences reach its stderr."""
+    pytest.importorskip("torchao")
+    pair = ["--model_name_or_path", str(tiny_files / "student"), "--teacher_model_name_or_path"]
+    pair += [str(tiny_files / "teacher"), "--dataset_name", str(tiny_files / "data.jsonl")]
+    probe = "import sys; from hf_distill.cli.main import main; main(); print('torchao' in sys.modules)"
+    argv = train_argv(tiny_files / "quiet", *pair, *TWO_STEPS)
+    done = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "True"  # the noisy package was imported ...
+    for noise in ("Failed to load", "register_constant", "Detected no triton", "gradient_checkpointing"):
+        assert noise not in done.stderr  # ... and kept quiet

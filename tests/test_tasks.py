@@ -168,8 +168,9 @@ def test_cli_sequence_classification(tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(out)
     assert type(reloaded) is BertForSequenceClassification
     assert reloaded.config.id2label == names and reloaded.config.num_hidden_layers == 2
-    state = json.loads((out / "trainer_state.json").read_text()) if (out / "trainer_state.json").exists() else None
-    assert state is None or state["global_step"] == 2
+    state = json.loads((out / "trainer_state.json").read_text())  # written by `train` after training
+    assert state["global_step"] == 2
+    assert [e["step"] for e in state["log_history"] if "eval_loss" in e] == [2]  # the last step, evaluated once
 
 
 def test_cli_rejects_a_teacher_with_other_labels(tmp_path, monkeypatch):

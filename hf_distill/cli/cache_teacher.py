@@ -20,20 +20,29 @@ serves `--generate` alone: its completions of the `--prompt_column` prompts are 
 `<output_dir>/train_dataset` (prompt + completion rows for CE training on the teacher's sequences), no top-k cache.
 """
 
-import logging
 from dataclasses import dataclass, field
 
-from trl import TrlParser
-
 from ..generation.api import APITeacher, APITeacherArguments
+from .arguments import CliParser, DatasetArguments
 from .recipe_args import parse_args_and_recipe
 
 
-@dataclass
-class CacheTeacherArguments:
+@dataclass(kw_only=True)
+class CacheTeacherArguments(DatasetArguments):
     """Run the teacher once over a dataset and store its top-k distribution at every supervised token."""
 
-    dataset: str = field(metadata={"help": "Hub id, .json/.jsonl/.csv/.parquet file or save_to_disk folder."})
+    _argument_group_name = "cache-teacher"
+    dataset_fields = (
+        "dataset_name",
+        "dataset_config",
+        "dataset_train_split",
+        "text_column",
+        "prompt_column",
+        "completion_column",
+        "id_column",
+    )
+    dataset_required = True
+
     output_dir: str = field(metadata={"help": "Cache folder (cache_info.json + shards/*.arrow); resumable."})
     teacher: str | None = field(
         default=None,
@@ -53,8 +62,6 @@ class CacheTeacherArguments:
             " (docs/cross_tokenizer.md)."
         },
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
-    split: str = field(default="train", metadata={"help": "Dataset split."})
     k: int = field(default=64, metadata={"help": "Top-k tokens stored per supervised position (1 <= k <= vocab)."})
     batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward pass, per process."})
     max_length: int | None = field(default=None, metadata={"help": "Cut rows to this many tokens."})
@@ -72,11 +79,7 @@ class CacheTeacherArguments:
     )
     value_bits: int = field(default=6, metadata={"help": "Bits per quantized log-prob with --compression compact."})
     model_dtype: str = field(default="float32", metadata={"help": "Teacher weights dtype: float32, bfloat16, auto."})
-    id_column: str = field(default="row_id", metadata={"help": "Unique row id column (default: the row index)."})
     rows_per_shard: int = field(default=1024, metadata={"help": "Rows per shard file (work lost at most on a kill)."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of a text dataset."})
-    completion_column: str = field(default="completion", metadata={"help": "Completion column of a text dataset."})
-    text_column: str = field(default="text", metadata={"help": "Text column of a plain-text dataset."})
     generate: bool = field(
         default=False, metadata={"help": "Sequence-level KD: replace completions by teacher generations first."}
     )
@@ -86,9 +89,19 @@ class CacheTeacherArguments:
     use_cpu: bool = field(default=False, metadata={"help": "Run on CPU even with a GPU."})
 
 
-def make_parser(prog: str | None = None) -> TrlParser:
-    """Parser for `hf-distill cache-teacher`; accepts `--config recipe.yaml` with flags overriding keys."""
-    return TrlParser((CacheTeacherArguments, APITeacherArguments), prog=prog)
+ROW_ID = "row_id"  # the id column a cache gets when `id_column` is not set (row indices)
+
+
+def make_parser(prog: str | None = None) -> CliParser:
+    """Parser of `hf-distill cache-teacher`; accepts `--config recipe.yaml` with flags overriding keys.
+
+    Args:
+        prog (`str`, *optional*): the command as typed, shown in `--help`.
+
+    Returns:
+        `CliParser`: `parse_args_and_config(argv)` gives `(CacheTeacherArguments, APITeacherArguments)`.
+    """
+    return CliParser((CacheTeacherArguments, APITeacherArguments), prog=prog, description=__doc__)
 
 
 def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
@@ -98,7 +111,7 @@ def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
     from ..data.loading import load_any_dataset
     from ..generation.api import generate_completions_dataset
 
-    dataset = load_any_dataset(args.dataset, args.dataset_config, args.split)
+    dataset = load_any_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
     rows = generate_completions_dataset(
         teacher,
         dataset,
@@ -111,8 +124,16 @@ def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
 
 
 def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
+    """`hf-distill cache-teacher`: parse, then write the cache (or, with a served teacher, its completions).
+
+    Args:
+        argv (`list[str]`): the arguments after `cache-teacher`.
+        prog (`str`): the command as typed.
+    """
+    from .logs import show_info
+
     (args, api_args), recipe = parse_args_and_recipe(make_parser(prog), argv, prog)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    show_info()  # progress lines; the HTTP client's per-request lines stay at DEBUG
     if api_args.teacher_api_base and args.generate:  # the API teacher's text completions (sequence-level KD)
         _run_api(args, APITeacher.from_args(api_args, model=args.teacher))
         recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
@@ -156,7 +177,7 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
             max_concurrency=api_args.max_concurrency,
             api_key_env=api_args.teacher_api_key_env,
         )
-    dataset = load_any_dataset(args.dataset, args.dataset_config, args.split)
+    dataset = load_any_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
     train_path = os.path.join(args.output_dir, "train_dataset")
     tokenised_here = "input_ids" not in dataset.column_names
     if tokenised_here:
@@ -169,8 +190,9 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
                 text_column=args.text_column,
                 max_length=args.max_length,
             )
-    if tokenised_here and args.id_column not in dataset.column_names:  # saved with the rows it identifies
-        dataset = dataset.add_column(args.id_column, list(range(len(dataset))))
+    id_column = args.id_column or ROW_ID
+    if tokenised_here and id_column not in dataset.column_names:  # saved with the rows it identifies
+        dataset = dataset.add_column(id_column, list(range(len(dataset))))
     cache = cache_teacher(
         teacher,
         dataset,
@@ -180,7 +202,7 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         batch_size=args.batch_size,
         max_length=args.max_length,
         dtype=args.dtype,
-        id_column=args.id_column,
+        id_column=id_column,
         rows_per_shard=args.rows_per_shard,
         generate=args.generate,
         max_new_tokens=args.max_new_tokens,

@@ -27,13 +27,16 @@ Under `torchrun` / `accelerate launch` (`-m hf_distill.cli.main chain ...`) ever
 stage until the main process has saved it.
 """
 
-import argparse
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .arguments import CliParser
+from .recipe_args import split_config
 
 
 MARKER = "chain_stage.json"
@@ -42,11 +45,29 @@ STUDENT_KEYS = ("student_num_layers", "student_config", "model_name_or_path")
 CHAIN_DECIDES = ("output_dir", "teacher_model_name_or_path", "resume_from_checkpoint")  # per stage, by the chain
 
 
-def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="The chain's YAML file (see above).")
-    p.add_argument("--output_dir", default=None, help="Overrides the YAML's output_dir.")
-    return p
+CONFIG_HELP = "The chain's YAML file (required): output_dir, teacher_model_name_or_path, defaults, stages (see above)."
+
+
+@dataclass
+class ChainArguments:
+    """What the command line may change in a chain YAML."""
+
+    _argument_group_name = "chain"
+
+    output_dir: str | None = field(default=None, metadata={"help": "Overrides the YAML's output_dir."})
+
+
+def make_parser(prog: str | None = None) -> CliParser:
+    """Parser of `hf-distill chain`: `--config` is the chain's own YAML (stages of `hf-distill train` keys), not a file
+    of `ChainArguments` fields.
+
+    Args:
+        prog (`str`, *optional*): the command as typed, shown in `--help`.
+
+    Returns:
+        `CliParser`: `parse_args_into_dataclasses(argv)` (without `--config`) gives `(ChainArguments,)`.
+    """
+    return CliParser((ChainArguments,), prog=prog, description=__doc__, config_help=CONFIG_HELP)
 
 
 def load_chain(path: str, output_dir: str | None = None) -> dict[str, Any]:
@@ -203,9 +224,9 @@ def run_stage(recipe: dict[str, Any], prog: str) -> None:
     script_args, args, model_args = parse_stage(recipe, prog)
     set_seed(args.seed)  # the student's initialisation does not depend on what ran before in this process
     last = last_complete_checkpoint(args.output_dir)
-    Recipe(recipe, f"{prog} (stage of a chain)").save(args.output_dir)
     trainer = build_trainer(script_args, args, model_args)
     trainer.recipe = Recipe(recipe, f"{prog} (stage of a chain)")
+    trainer.recipe.save(args.output_dir)
     if last is not None:
         print(f"[chain] resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
@@ -223,10 +244,19 @@ def wait_for_everyone() -> None:
 
 
 def run(argv: list[str], prog: str = "hf-distill chain") -> None:
+    """`hf-distill chain --config chain.yaml`: check every stage's keys, then train the stages not finished yet.
+
+    Args:
+        argv (`list[str]`): the arguments after `chain`.
+        prog (`str`): the command as typed.
+    """
     from ..jobs import check_or_record_settings
 
-    opts = make_parser(prog).parse_args(argv)
-    chain = load_chain(opts.config, opts.output_dir)
+    source, rest = split_config(list(argv))
+    (opts,) = make_parser(prog).parse_args_into_dataclasses(rest)
+    if source is None:
+        raise ValueError("Name the chain's YAML file: `--config chain.yaml` (see `hf-distill chain --help`).")
+    chain = load_chain(source, opts.output_dir)
     recipes = stage_recipes(chain)
     for recipe in recipes:  # every stage's keys, before the first stage trains
         parse_stage(recipe, prog)

@@ -7,24 +7,51 @@ Llama-family models only (SmolLM2, Llama 2/3, TinyLlama, ...); others get an err
 student trained with `student_quantization=int4w` (group size 32) exports to q4_0 without further rounding.
 """
 
-import argparse
+from dataclasses import dataclass, field
+
+from .arguments import CliParser
+from .recipe_args import parse_args_and_recipe
 
 
-def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from ..export import GGUF_QUANTS
+QUANTS = ("f16", "q8_0", "q4_0")  # `hf_distill.export.GGUF_QUANTS`, written here so that `--help` imports no torch
 
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Folder of the saved model (save_pretrained) and its tokenizer.")
-    p.add_argument("--format", default="gguf", choices=["gguf"], help="Output format.")
-    p.add_argument("--quant", default="f16", choices=list(GGUF_QUANTS), help="Weight type of the 2-D tensors.")
-    p.add_argument("--output", required=True, help="Path of the file to write, e.g. model.gguf.")
-    p.add_argument("--tokenizer", default=None, help="Tokenizer folder when it is not --model.")
-    p.add_argument("--name", default=None, help="general.name stored in the file (default: the folder name).")
-    return p
+
+@dataclass(kw_only=True)
+class ExportArguments:
+    """Which saved model to write, how, and where."""
+
+    _argument_group_name = "export"
+
+    model: str = field(metadata={"help": "Folder of the saved model (save_pretrained) and its tokenizer."})
+    format: str = field(default="gguf", metadata={"help": "Output format.", "choices": ["gguf"]})
+    quant: str = field(default="f16", metadata={"help": "Weight type of the 2-D tensors.", "choices": list(QUANTS)})
+    output: str = field(metadata={"help": "Path of the file to write, e.g. model.gguf."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder when it is not --model."})
+    name: str | None = field(
+        default=None, metadata={"help": "general.name stored in the file (default: the folder name)."}
+    )
+
+
+def make_parser(prog: str | None = None) -> CliParser:
+    """Parser of `hf-distill export`.
+
+    Args:
+        prog (`str`, *optional*): the command as typed, shown in `--help`.
+
+    Returns:
+        `CliParser`: `parse_args_and_config(argv)` gives `(ExportArguments,)`.
+    """
+    return CliParser((ExportArguments,), prog=prog, description=__doc__)
 
 
 def run(argv: list[str], prog: str = "hf-distill export") -> None:
-    opts = make_parser(prog).parse_args(argv)
+    """`hf-distill export`: write the GGUF file and print what it holds.
+
+    Args:
+        argv (`list[str]`): the arguments after `export`.
+        prog (`str`): the command as typed.
+    """
+    (opts,), _ = parse_args_and_recipe(make_parser(prog), argv, prog)
     from ..export import export_gguf
 
     result = export_gguf(opts.model, opts.output, quant=opts.quant, tokenizer_dir=opts.tokenizer, name=opts.name)

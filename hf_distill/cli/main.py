@@ -1,8 +1,11 @@
 """`hf-distill` entry point: dispatches to one module per subcommand (imported lazily, so `--help` is fast)."""
 
-import importlib
+import importlib.abc
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 
 # subcommand -> (module, one-line help). A nested command ("miniplm score") is handled by its module.
@@ -15,12 +18,19 @@ COMMANDS = {
     "chain": ("hf_distill.cli.chain", "Teacher-assistant chains / born-again generations: one train run per stage."),
     "export": ("hf_distill.cli.export", "Write a saved Llama-family student as a GGUF file (f16, q8_0, q4_0)."),
 }
+HELP_FLAGS = ("-h", "--help")
+VERSION_FLAGS = ("-V", "--version")
 
 
 def usage() -> str:
-    lines = ["usage: hf-distill <command> [options]", "", "commands:"]
+    """The top-level `hf-distill --help` text: the commands and the options every command takes."""
+    lines = ["usage: hf-distill [--version] <command> [--config PATH] [options] [--debug]", "", "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `hf-distill <command> --help` for a command's options; `--debug` shows tracebacks of errors."]
+    lines += [
+        "",
+        "Run `hf-distill <command> --help` for a command's options. Every command takes `--config PATH` (a YAML file",
+        "of its options; flags override its keys) and `--debug` (tracebacks of errors).",
+    ]
     return "\n".join(lines)
 
 
@@ -29,20 +39,63 @@ DEBUG_ENV = "HF_DISTILL_DEBUG"
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError)  # OSError: unloadable path / Hub id
 
 
+class _NoPeftForHelp(importlib.abc.MetaPathFinder):
+    """While a command only prints its `--help`: when `transformers.trainer_utils` is imported (by
+    `TrainingArguments`, which the parsers of `train` and `rationales train` need), transformers' optional `peft`
+    import there is switched off. That import loads peft, which loads transformers' models and torchao: seconds of
+    the help's wall time, for a process that exits after printing."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> None:
+        """Switch off `is_peft_available` just before `transformers.trainer_utils` runs; finds nothing itself."""
+        utils = sys.modules.get("transformers.utils")
+        if name == "transformers.trainer_utils" and utils is not None and hasattr(utils, "is_peft_available"):
+            utils.is_peft_available = lambda: False
+
+
+@contextmanager
+def _help_imports(argv: list[str], from_command_line: bool) -> Iterator[None]:
+    """`_NoPeftForHelp` on the import path while `argv` asks for help, only for the console script (whose process
+    ends after printing): an in-process caller of `main(argv)` keeps an unchanged transformers."""
+    if not (from_command_line and set(HELP_FLAGS) & set(argv)) or "transformers.trainer_utils" in sys.modules:
+        yield
+        return
+    finder = _NoPeftForHelp()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run `hf-distill <command> [options]`.
+
+    Args:
+        argv (`list[str]`, *optional*): the arguments after `hf-distill`; default `sys.argv[1:]`.
+    """
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or argv[0] in HELP_FLAGS:
         print(usage())
+        return
+    if argv[0] in VERSION_FLAGS:
+        from ..version import __version__
+
+        print(f"hf-distill {__version__}")
         return
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"hf-distill: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[name][0])
+    from .logs import configure_logging
+
+    configure_logging(debug)  # before the command imports torchao & co: their known noise is filtered
     try:
-        module.run(rest, prog=f"hf-distill {name}")
+        with _help_imports(rest, from_command_line):
+            module = importlib.import_module(COMMANDS[name][0])
+            module.run(rest, prog=f"hf-distill {name}")
     except USER_ERRORS as err:
         if debug:
             raise
@@ -52,9 +105,10 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(1)
-    from .shutdown import end_distributed_run  # after the command: torch is imported by then
+    if "torch" in sys.modules:  # a command that ran a model (not one that only printed its usage)
+        from .shutdown import end_distributed_run
 
-    end_distributed_run()  # multi-process runs: barrier, bounded destroy of the process group, exit 0
+        end_distributed_run()  # multi-process runs: barrier, bounded destroy of the process group, exit 0
 
 
 if __name__ == "__main__":

@@ -14,46 +14,73 @@ the teacher's full distribution is the target, the held-out metric is that same 
 gave 0.856; `benchmarks/quickstart_seeds.py`).
 """
 
-import argparse
 import json
 import os
 import time
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..config import DistillationSFTConfig
-from ..evaluation import teacher_student_metrics
-from ..model_card import build_model_card, teacher_fingerprint
-from ..models import load_model, load_tokenizer
-from ..recipes import Recipe, command_line
+from ..generation.api import APITeacherArguments
+from .arguments import CliParser
+from .recipe_args import parse_args_and_recipe
 
 
-def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="smollm2", help="Teacher Hub id / path, or 'smollm2' (the wheel's GGUF).")
-    p.add_argument("--output_dir", default="runs/quickstart", help="Where the transfer set, students and report go.")
-    p.add_argument("--num_layers", type=int, default=10, help="Student depth (evenly spaced teacher layers).")
-    p.add_argument("--num_samples", type=int, default=288, help="Transfer-set size (train + held-out).")
-    p.add_argument("--held_out_fraction", type=float, default=0.1, help="Fraction of samples held out for evaluation.")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="Teacher completion length when sampling.")
-    p.add_argument("--generation_batch_size", type=int, default=32, help="Prompts per generate call.")
-    p.add_argument("--steps", type=int, default=160, help="Optimizer steps for each student.")
-    p.add_argument("--batch_size", type=int, default=8, help="Sequences per step.")
-    p.add_argument("--max_length", type=int, default=128, help="Truncate training sequences to this many tokens.")
-    p.add_argument("--learning_rate", type=float, default=3e-4, help="Peak learning rate (cosine schedule).")
-    p.add_argument("--kd_loss", default="forward_kl", help="Divergence of the KD student.")
-    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature.")
-    p.add_argument("--kd_weight", type=float, default=1.0, help="KD student: weight of the KD term.")
-    p.add_argument("--ce_weight", type=float, default=0.0, help="KD student: weight of the hard-label CE term.")
-    p.add_argument("--seed", type=int, default=0, help="Seed for sampling and training.")
-    p.add_argument(
-        "--eval_every", type=int, default=40, help="Held-out KL of both students every N steps (0: only at the end)."
+if TYPE_CHECKING:
+    from ..config import DistillationSFTConfig
+
+
+@dataclass
+class QuickstartArguments:
+    """The quickstart's teacher, transfer set and the two students' training run."""
+
+    _argument_group_name = "quickstart"
+
+    teacher: str = field(
+        default="smollm2", metadata={"help": "Teacher Hub id / path, or 'smollm2' (the wheel's GGUF)."}
     )
-    from ..generation.api import add_api_arguments
+    output_dir: str = field(
+        default="runs/quickstart", metadata={"help": "Where the transfer set, students and report go."}
+    )
+    num_layers: int = field(default=10, metadata={"help": "Student depth (evenly spaced teacher layers)."})
+    num_samples: int = field(default=288, metadata={"help": "Transfer-set size (train + held-out)."})
+    held_out_fraction: float = field(default=0.1, metadata={"help": "Fraction of samples held out for evaluation."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Teacher completion length when sampling."})
+    generation_batch_size: int = field(default=32, metadata={"help": "Prompts per generate call."})
+    steps: int = field(default=160, metadata={"help": "Optimizer steps for each student."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per step."})
+    max_length: int = field(default=128, metadata={"help": "Truncate training sequences to this many tokens."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
+    kd_loss: str = field(default="forward_kl", metadata={"help": "Divergence of the KD student."})
+    temperature: float = field(default=1.0, metadata={"help": "KD temperature."})
+    kd_weight: float = field(default=1.0, metadata={"help": "KD student: weight of the KD term."})
+    ce_weight: float = field(default=0.0, metadata={"help": "KD student: weight of the hard-label CE term."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling and training."})
+    eval_every: int = field(
+        default=40, metadata={"help": "Held-out KL of both students every N steps (0: only at the end)."}
+    )
 
-    add_api_arguments(p)  # --teacher_api_base: sample the transfer set from the served teacher (KD stays local)
-    return p
+
+def make_parser(prog: str | None = None) -> CliParser:
+    """Parser of `hf-distill quickstart`: its own options and the API teacher's (`--teacher_api_base`: sample the
+    transfer set from a served teacher; KD stays local).
+
+    Args:
+        prog (`str`, *optional*): the command as typed, shown in `--help`.
+
+    Returns:
+        `CliParser`: `parse_args_and_config(argv)` gives `(QuickstartArguments, APITeacherArguments)`.
+    """
+    return CliParser((QuickstartArguments, APITeacherArguments), prog=prog, description=__doc__)
+
+
+def settings_flags(settings: dict[str, Any]) -> list[str]:
+    """The command-line flags that set every value of `settings` (unset, i.e. `None`, values are left out; a list
+    is one flag with several values)."""
+    flags = []
+    for key, value in settings.items():
+        if value is not None:
+            flags += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return flags
 
 
 def _to_prompt_completion(row: dict) -> dict:
@@ -61,10 +88,12 @@ def _to_prompt_completion(row: dict) -> dict:
     return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
 
 
-def quickstart_config(output_dir: str, opts: Any, use_gpu: bool, **fields: Any) -> DistillationSFTConfig:
+def quickstart_config(output_dir: str, opts: Any, use_gpu: bool, **fields: Any) -> "DistillationSFTConfig":
     """The quickstart's training run: `opts.steps` steps of `opts.batch_size` rows of at most `opts.max_length`
     tokens, cosine schedule from `opts.learning_rate` with 5% warm-up, seed `opts.seed`, fp32 on CPU (bf16 on a
     GPU), no checkpoints or reporting; `fields` add or replace config fields (weights, losses, ...)."""
+    from ..config import DistillationSFTConfig
+
     return DistillationSFTConfig(
         **{
             "output_dir": output_dir,
@@ -93,6 +122,8 @@ def _curve_callback(teacher, every: int, eval_batches):
     before the last (the last step is evaluated after training)."""
     from transformers import TrainerCallback
 
+    from ..evaluation import teacher_student_metrics
+
     class HeldOutCurve(TrainerCallback):
         def __init__(self):
             self.curve = []
@@ -106,6 +137,8 @@ def _curve_callback(teacher, every: int, eval_batches):
 
 
 def _train_student(name, teacher, tokenizer, data, opts, kd_weight, ce_weight, use_gpu):
+    import torch
+
     from ..student import init_student_from_teacher
     from ..trainer import DistillationSFTTrainer
 
@@ -159,6 +192,8 @@ def _plot_curves(curves: dict[str, list[dict]], path: str, title: str) -> str | 
 
 
 def _generate(model, tokenizer, messages, max_new_tokens=48) -> str:
+    import torch
+
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     ids = {k: v.to(next(model.parameters()).device) for k, v in ids.items()}
     with torch.no_grad():
@@ -169,9 +204,22 @@ def _generate(model, tokenizer, messages, max_new_tokens=48) -> str:
 
 
 def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
-    from ..data.transfer_set import build_transfer_set
+    """`hf-distill quickstart`: teacher, transfer set, KD and CE-only students, report (see the module docstring).
 
-    opts = make_parser(prog).parse_args(argv)
+    Args:
+        argv (`list[str]`): the arguments after `quickstart`.
+        prog (`str`): the command as typed.
+    """
+    (opts, api_args), _ = parse_args_and_recipe(make_parser(prog), argv, prog)
+    import torch
+
+    from ..data.transfer_set import build_transfer_set
+    from ..evaluation import teacher_student_metrics
+    from ..generation.api import APITeacher
+    from ..model_card import build_model_card, teacher_fingerprint
+    from ..models import load_model, load_tokenizer
+    from ..recipes import Recipe, command_line
+
     use_gpu = torch.cuda.is_available()
     device = "cuda" if use_gpu else "cpu"
     clock = time.time()
@@ -188,10 +236,8 @@ def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
 
     print(f"[2/4] Transfer set: {opts.num_samples} teacher samples (cached under {opts.output_dir}/transfer_set) ...")
     started = time.time()
-    from ..generation.api import APITeacher
-
     data = build_transfer_set(
-        APITeacher.from_args(opts, model=opts.teacher) or teacher,
+        APITeacher.from_args(api_args, model=opts.teacher) or teacher,
         tokenizer,
         num_samples=opts.num_samples,
         max_new_tokens=opts.max_new_tokens,
@@ -242,8 +288,8 @@ def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
     for key, text in generations.items():
         print(f"  {key:>16}: {text[:300]!r}")
 
-    flags = [a for k, v in vars(opts).items() if v is not None for a in (f"--{k}", str(v))]  # unset: default None
-    recipe = Recipe(vars(opts), command_line(prog, flags))
+    settings = {**asdict(opts), **asdict(api_args)}
+    recipe = Recipe(settings, command_line(prog, settings_flags(settings)))  # every setting, unset ones left out
     table_rows = {
         k: {m: v for m, v in r.items() if m in ("kl", "top1_agreement", "perplexity")} for k, r in results.items()
     }
@@ -287,7 +333,7 @@ def run(argv: list[str], prog: str = "hf-distill quickstart") -> None:
     )
 
     report = {
-        "settings": vars(opts),
+        "settings": settings,
         "results": results,
         "kl_ratio_kd_over_ce": ratio,
         "curves": curves,

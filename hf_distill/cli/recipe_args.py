@@ -44,7 +44,8 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str
     finally:
         for action, default, required in saved:
             action.default, action.required = default, required
-    return vars(namespace)
+    fields = {action.dest for action in parser._actions} - {"help", *getattr(parser, "OWN_DESTS", ())}
+    return {name: value for name, value in vars(namespace).items() if name in fields}
 
 
 def remote_code_keys(config: dict[str, Any]) -> list[str]:
@@ -83,6 +84,8 @@ def parse_args_and_recipe(parser: Any, argv: list[str], prog: str) -> tuple[tupl
     if resolved is not None:
         with open(resolved.path, encoding="utf-8") as f:
             config = yaml.safe_load(f) or {}
+    if isinstance(config, dict) and hasattr(parser, "canonical_keys"):  # `dataset:` is recorded as `dataset_name:`
+        config = parser.canonical_keys(config)
     remote = [key for key in remote_code_keys(config if isinstance(config, dict) else {}) if key not in overrides]
     if resolved is not None and resolved.hub is not None and remote:
         raise ValueError(

@@ -6,30 +6,34 @@
 import json
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig
 
 from ..config import DistillationSFTConfig
-from ..data.loading import load_any_dataset
-from ..data.tasks import TASKS, load_task_model, task_label_kwargs, task_trainer_inputs
-from ..models import load_tokenizer, parse_init_kwargs, quantized_student_kwargs
+from .arguments import CliParser, DatasetArguments
 from .recipe_args import parse_args_and_recipe
 
 
+# the keys of `hf_distill.data.tasks.TASKS`, written here so that `--help` does not import the model classes (a test
+# checks that both agree)
+TASK_NAMES = ("causal_lm", "seq2seq", "sequence_classification", "token_classification", "masked_lm")
+
+
 @dataclass
-class TrainScriptArguments:
+class TrainScriptArguments(DatasetArguments):
     """What to train on, and how to build the student."""
 
-    dataset_name: str = field(
-        default=None,
-        metadata={"help": "Hub dataset id, local .json/.jsonl/.csv/.parquet file or save_to_disk folder."},
+    _argument_group_name = "train: data and student"
+    dataset_fields = (
+        "dataset_name",
+        "dataset_config",
+        "dataset_train_split",
+        "dataset_test_split",
+        "eval_dataset_name",
+        "text_column",
+        "text_pair_column",
+        "label_column",
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
-    dataset_test_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
-    eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Separate evaluation dataset (same formats as dataset_name)."}
-    )
+
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer (defaults to the student's, else the teacher's)."}
     )
@@ -55,18 +59,9 @@ class TrainScriptArguments:
         default="causal_lm",
         metadata={
             "help": "What the student predicts: causal_lm (SFT data: text, prompt/completion or messages), seq2seq, "
-            "sequence_classification, token_classification or masked_lm (tokenized from the columns below).",
-            "choices": list(TASKS),
-        },
-    )
-    text_column: str = field(default="text", metadata={"help": "Input text column (non-causal tasks)."})
-    text_pair_column: str | None = field(
-        default=None, metadata={"help": "Second input text column, e.g. the hypothesis of an NLI pair."}
-    )
-    label_column: str = field(
-        default="label",
-        metadata={
-            "help": "Class names/ids (classification), tag lists (token classification) or target text (seq2seq)."
+            "sequence_classification, token_classification or masked_lm (tokenized from the dataset's "
+            "text/label columns).",
+            "choices": list(TASK_NAMES),
         },
     )
     student_num_layers: int | None = field(
@@ -123,17 +118,46 @@ def student_from_config(teacher, overrides: dict | str):
     return type(teacher)(config)
 
 
-def make_parser(prog: str | None = None) -> TrlParser:
-    parser = TrlParser((TrainScriptArguments, DistillationSFTConfig, ModelConfig), prog=prog)
-    return parser
+def make_parser(prog: str | None = None) -> CliParser:
+    """Parser of `hf-distill train`: the script's, the training config's and the student model's fields.
+
+    Args:
+        prog (`str`, *optional*): the command as typed (`"hf-distill train"`), shown in `--help`.
+
+    Returns:
+        `CliParser`: `parse_args_and_config(argv)` gives `(TrainScriptArguments, DistillationSFTConfig, ModelConfig)`.
+    """
+    return CliParser((TrainScriptArguments, DistillationSFTConfig, ModelConfig), prog=prog, description=__doc__)
+
+
+def check_arguments(script_args: TrainScriptArguments, args: DistillationSFTConfig, model_args: ModelConfig) -> None:
+    """What `build_trainer` needs named, checked before anything is loaded: the dataset and the student.
+
+    Raises:
+        `ValueError`: naming the missing field.
+    """
+    if script_args.dataset_name is None:
+        raise ValueError("Set `dataset_name` (a Hub id, a local data file or a save_to_disk folder).")
+    teacher = args.teacher_model_name_or_path
+    derived = teacher is not None and (script_args.student_num_layers, script_args.student_config) != (None, None)
+    if model_args.model_name_or_path is None and not derived:
+        raise ValueError(
+            "Name the student: `model_name_or_path`, or `student_num_layers` / `student_config` with a teacher."
+        )
 
 
 def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig, model_args: ModelConfig):
     """Load tokenizer, student, teacher and datasets named by the parsed configs and return the trainer."""
+    from transformers import AutoTokenizer
+    from trl import get_peft_config
+
+    from ..data.loading import load_any_dataset
+    from ..data.tasks import load_task_model, task_label_kwargs, task_trainer_inputs
+    from ..models import load_tokenizer, parse_init_kwargs, quantized_student_kwargs
     from ..trainer import DistillationSFTTrainer, DistillationTrainer
 
-    if script_args.dataset_name is None:
-        raise ValueError("Set `dataset_name` (a Hub id, a local data file or a save_to_disk folder).")
+    check_arguments(script_args, args, model_args)
+
     teacher_path = args.teacher_model_name_or_path
     teacher_kwargs = parse_init_kwargs(args.teacher_model_init_kwargs)
     model_kwargs = {"dtype": model_args.dtype} if model_args.dtype not in (None, "auto") else {}
@@ -174,18 +198,14 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
     if model_args.model_name_or_path is not None:
         model_kwargs.update(quantized_student_kwargs(model_args))  # QLoRA: {} unless load_in_4bit / load_in_8bit
         student = load_task_model(model_args.model_name_or_path, script_args.task, label_kwargs, **model_kwargs)
-    elif script_args.student_num_layers is not None and teacher_path is not None:
+    elif script_args.student_num_layers is not None:  # with a teacher (check_arguments)
         from ..student import init_student_from_teacher
 
         teacher = load_task_model(teacher_path, script_args.task, label_kwargs, **teacher_kwargs)
         student = init_student_from_teacher(teacher, num_layers=script_args.student_num_layers)
-    elif script_args.student_config is not None and teacher_path is not None:
+    else:  # student_config, with a teacher (check_arguments)
         teacher = load_task_model(teacher_path, script_args.task, label_kwargs, **teacher_kwargs)
         student = student_from_config(teacher, script_args.student_config)
-    else:
-        raise ValueError(
-            "Name the student: `model_name_or_path`, or `student_num_layers` / `student_config` with a teacher."
-        )
     if script_args.task != "causal_lm":
         if model_args.use_peft:
             raise ValueError("`use_peft` is supported for task causal_lm only.")
@@ -202,14 +222,44 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
     )
 
 
+def final_evaluation(trainer) -> dict[str, float] | None:
+    """The metrics of the evaluation at the end of training, run once.
+
+    With `eval_strategy` `steps` or `epoch` the Trainer itself evaluates at the last step (transformers'
+    `DefaultFlowCallback`); those logged metrics are returned. Only when no evaluation is logged at the last step is
+    `trainer.evaluate()` called.
+
+    Args:
+        trainer ([`~transformers.Trainer`]): a trainer after `train()`.
+
+    Returns:
+        `dict[str, float]` or `None`: `eval_*` metrics (and `epoch`); `None` without `eval_strategy` or eval dataset.
+    """
+    if trainer.args.eval_strategy == "no" or trainer.eval_dataset is None:
+        return None
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") == step and any(key.startswith("eval_") for key in entry):
+            return {k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"}
+    return trainer.evaluate()
+
+
 def run(argv: list[str], prog: str = "hf-distill train") -> None:
+    """`hf-distill train`: parse, build the trainer, then (and only then) write the recipe and train.
+
+    Args:
+        argv (`list[str]`): the arguments after `train`.
+        prog (`str`): the command as typed.
+    """
     (script_args, args, model_args), recipe = parse_args_and_recipe(make_parser(prog), argv, prog)
+    trainer = build_trainer(script_args, args, model_args)  # checks the arguments before it loads anything
     recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
-    trainer = build_trainer(script_args, args, model_args)
     trainer.recipe = recipe  # embedded in the model card
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json: global step and log history of the run, next to the model
     trainer.create_model_card(dataset_name=script_args.dataset_name)
-    if args.eval_strategy != "no" and trainer.eval_dataset is not None:
-        print(trainer.evaluate())
+    metrics = final_evaluation(trainer)
+    if metrics is not None:
+        print(metrics)
     print(f"Saved the student to {args.output_dir}")

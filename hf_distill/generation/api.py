@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -49,6 +49,8 @@ class TeacherAPIArguments:
     by the text API teacher (`APITeacherArguments`: rationales, transfer sets, seq-KD targets) and the served logit
     teacher of `train` / `cache-teacher` (`DistillationArguments`)."""
 
+    _argument_group_name = "API teacher (OpenAI-compatible endpoint)"  # the `--help` group of these flags
+
     teacher_api_base: list[str] | None = field(
         default=None,
         metadata={
@@ -75,6 +77,8 @@ class TeacherAPIArguments:
 class APITeacherArguments(TeacherAPIArguments):
     """Command-line flags of a text API teacher (shared by `rationales generate`, `quickstart` and `cache-teacher`)."""
 
+    _argument_group_name = TeacherAPIArguments._argument_group_name  # one `--help` group with the fields above
+
     teacher_api_endpoint: str = field(
         default="chat",
         metadata={"help": "`chat` (/v1/chat/completions) or `completions` (/v1/completions).", "choices": ENDPOINTS},
@@ -95,18 +99,6 @@ def single(value: Any, name: str) -> Any:
             )
         return value[0] if value else None
     return value
-
-
-def add_api_arguments(parser: Any) -> None:
-    """Add the `APITeacherArguments` flags to an `argparse` parser."""
-    group = parser.add_argument_group("API teacher (OpenAI-compatible endpoint)")
-    for f in fields(APITeacherArguments):
-        kwargs = {"default": f.default, "help": f.metadata["help"]}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if f.default is not None and not isinstance(f.default, str):
-            kwargs["type"] = type(f.default)
-        group.add_argument(f"--{f.name}", **kwargs)
 
 
 def _key_env(name: str | None) -> str | None:
@@ -375,7 +367,7 @@ class APITeacher:
                 f"{first_error} {len(done)} of {len(prompts) * n} responses are saved in {store}; run the same "
                 "command again to request only the missing ones."
             )
-        logger.warning(
+        logger.info(
             "API teacher %s: %d requests in %.1f s (%s responses/s, %d in flight at most), %d prompt + %d completion "
             "tokens; %d responses reused from %s.",
             self.model,
@@ -481,6 +473,5 @@ __all__ = [
     "APITeacher",
     "APITeacherArguments",
     "APITeacherError",
-    "add_api_arguments",
     "generate_completions_dataset",
 ]
