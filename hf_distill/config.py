@@ -1,7 +1,7 @@
 """Configs: one dataclass of distillation fields (`DistillationArguments`) mixed into `TrainingArguments` and
 `trl.SFTConfig`, so both trainers read the same fields defined once."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from .losses import ATTENTION_LOSSES, DIVERGENCE_DEFAULTS, HINT_LOSSES, LOGIT_LO
 from .losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES
 from .losses.features import HINT_NORMALIZATIONS
 from .losses.relations import POOLINGS
-from .quantization import QUANT_SCHEMES
+from .quantization import QUANT_SCHEMES, STUDENT_GROUP_SIZE
 from .taid import TAID_DEFAULTS
 from .validation import validate_distillation
 
@@ -349,7 +349,8 @@ class DistillationArguments(TeacherAPIArguments):
         },
     )
     student_quantization_group_size: int = field(
-        default=32, metadata={"help": "Weights per quantization group of `student_quantization` (32 = GGUF block)."}
+        default=STUDENT_GROUP_SIZE,
+        metadata={"help": "Weights per quantization group of `student_quantization` (32 = GGUF block)."},
     )
 
     # Self-distillation and early exits (hf_distill.teachers.ema, hf_distill.features.early_exit)
@@ -376,7 +377,10 @@ class DistillationArguments(TeacherAPIArguments):
     def validate_distillation(self) -> None:
         """Check every distillation field (`hf_distill.validation.validate_distillation`); each error names the
         field, its value and what is allowed."""
-        validate_distillation(self)
+        validate_distillation(self, _ANNOTATIONS)
+
+
+_ANNOTATIONS = {f.name: f.type for f in fields(DistillationArguments)}  # the fields `check_numbers` reads
 
 
 def _default_bf16() -> bool:

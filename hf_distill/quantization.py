@@ -46,6 +46,9 @@ def _require_torchao():
         ) from err
 
 
+STUDENT_GROUP_SIZE = 32  # weights per quantization group: GGUF's q4_0 / q8_0 block
+
+
 def check_scheme(scheme: str, group_size: int) -> None:
     """Raise a `ValueError` naming the problem if `scheme` / `group_size` is not a supported QAT setting."""
     if scheme not in QUANT_SCHEMES:
@@ -54,7 +57,7 @@ def check_scheme(scheme: str, group_size: int) -> None:
         raise ValueError(f"`student_quantization_group_size` must be a positive int, got {group_size!r}.")
 
 
-def torchao_base_config(scheme: str, group_size: int = 32) -> Any:
+def torchao_base_config(scheme: str, group_size: int = STUDENT_GROUP_SIZE) -> Any:
     """The torchao post-training config whose numerics QAT simulates (`QATConfig(base, step=...)`).
 
     Args:
@@ -88,7 +91,7 @@ def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") or any(hasattr(m, "lora_A") for m in model.modules())
 
 
-def prepare_qat_student(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
+def prepare_qat_student(model: nn.Module, scheme: str, group_size: int = STUDENT_GROUP_SIZE) -> nn.Module:
     """Prepare `model` in place for quantization-aware training (torchao `QATConfig(base, step="prepare")`).
 
     Every `nn.Linear` but the output head becomes a `FakeQuantizedLinear`: same parameters (so optimizers, state

@@ -3,6 +3,9 @@ is refused here, each error naming the field, its value and what is allowed (`Di
 runs `validate_distillation`; the teacher sources re-check the fields they depend on with the same functions)."""
 
 import json
+import math
+import types
+import typing
 from typing import Any
 
 from .features.projectors import PROJECTOR_KINDS
@@ -11,7 +14,7 @@ from .losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES, GOLD_BETAS
 from .losses.features import HINT_NORMALIZATIONS
 from .losses.relations import POOLINGS
 from .losses.sparse import SPARSE_LOSSES
-from .quantization import check_scheme
+from .quantization import STUDENT_GROUP_SIZE, check_scheme
 
 
 def validate_divergence_fields(args: Any) -> None:
@@ -27,17 +30,94 @@ def validate_divergence_fields(args: Any) -> None:
     if not 0.0 <= args.taid_beta < 1.0:
         raise ValueError(f"`taid_beta` must be in [0, 1) (TAID's momentum), got {args.taid_beta}.")
     for name in ("ab_alpha", "ab_beta"):
-        if not getattr(args, name) >= 0:
+        if not 0 <= getattr(args, name) <= AB_MAX:
             raise ValueError(
-                f"`{name}` must be >= 0 (ABKD; (ab_alpha, ab_beta) = (1, 0) is forward KL, (0, 1) reverse KL), "
-                f"got {getattr(args, name)}."
+                f"`{name}` must be in [0, {AB_MAX}] (ABKD; (ab_alpha, ab_beta) = (1, 0) is forward KL, (0, 1) reverse "
+                f"KL; larger exponents make p ** (alpha + beta) underflow to 0 and the KD term vanish), got "
+                f"{getattr(args, name)}."
             )
     if not 0.0 < args.akl_mu <= 1.0:
         raise ValueError(f"`akl_mu` must be in (0, 1] (AKL's head threshold), got {args.akl_mu}.")
 
 
-def validate_distillation(args: Any) -> None:
-    """Check every distillation field; each error names the field, its value and what is allowed."""
+AB_MAX = 5.0  # ABKD: larger exponents make p ** (alpha + beta) underflow in fp32 and the KD term vanish
+TRAINING_NUMBERS = ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio", "adam_epsilon")
+
+
+def _number_kinds(annotation: Any) -> tuple[set[type], bool, bool]:
+    """`(number types, None allowed, list of numbers)` of a field's type annotation (empty set: not a number)."""
+    args = (
+        typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) else ()
+    )
+    members = (
+        set(args)
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+        else {annotation}
+    )
+    optional = type(None) in members
+    for member in members:
+        if (
+            typing.get_origin(member) is list
+            and typing.get_args(member)
+            and typing.get_args(member)[0] in (int, float)
+        ):
+            return {typing.get_args(member)[0]}, optional, True
+    return {m for m in members if m in (int, float)}, optional, False
+
+
+def check_numbers(args: Any, annotations: dict[str, Any]) -> None:
+    """Every numeric field holds a finite number of its type: NaN and inf pass `<` / `>` range checks (a NaN weight
+    silently drops its term, an inf one turns the student into NaN), and a YAML list or string in a number field would
+    fail deep inside with no field named. Also the numbers of the training arguments the loss depends on.
+
+    Args:
+        args: the config. annotations (`dict`): field name -> its type annotation (`DistillationArguments`' fields).
+    """
+    for name, annotation in annotations.items():
+        kinds, optional, is_list = _number_kinds(annotation)
+        if not kinds:
+            continue
+        value = getattr(args, name)
+        if value is None and optional:
+            continue
+        values = value if is_list and isinstance(value, list | tuple) else [value]
+        expected = "numbers" if is_list else ("an integer" if kinds == {int} else "a number")
+        for item in values:
+            if (
+                isinstance(item, bool)
+                or not isinstance(item, int | float)
+                or (kinds == {int} and isinstance(item, float))
+            ):
+                raise ValueError(f"`{name}` must be {expected}, got {value!r} ({type(value).__name__}).")
+            if not math.isfinite(item):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    for name in TRAINING_NUMBERS:
+        value = getattr(args, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+
+
+def validate_distillation(args: Any, annotations: dict[str, Any] | None = None) -> None:
+    """Check every distillation field; each error names the field, its value and what is allowed.
+
+    Args:
+        args: the config (`DistillationArguments`).
+        annotations (`dict`, *optional*): the distillation fields' type annotations, for `check_numbers`.
+    """
+    if annotations:
+        check_numbers(args, annotations)
+    if getattr(args, "max_steps", -1) == 0 or (
+        getattr(args, "max_steps", -1) < 0 and getattr(args, "num_train_epochs", 1) <= 0
+    ):
+        raise ValueError(
+            f"Nothing would be trained: max_steps={args.max_steps} and num_train_epochs={args.num_train_epochs}. "
+            "Set `max_steps` > 0, or `num_train_epochs` > 0 with max_steps unset (-1)."
+        )
+    if args.student_quantization is None and args.student_quantization_group_size != STUDENT_GROUP_SIZE:
+        raise ValueError(
+            f"`student_quantization_group_size` ({args.student_quantization_group_size}) only applies to a "
+            "quantized student: set `student_quantization` (int8da_int4w, int4w, int8w), or drop the group size."
+        )
     if args.student_quantization is not None:
         check_scheme(args.student_quantization, args.student_quantization_group_size)
     if args.kd_loss not in LOGIT_LOSSES:

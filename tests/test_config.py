@@ -61,8 +61,9 @@ def test_choices_come_from_the_loss_table():
         ({"taid_t_end": 1.2}, r"`taid_t_end` must be in"),
         ({"taid_alpha": -1e-3}, r"`taid_alpha` must be in \[0, 1\]"),
         ({"taid_beta": 1.0}, r"`taid_beta` must be in \[0, 1\)"),
-        ({"ab_alpha": -0.5}, r"`ab_alpha` must be >= 0 \(ABKD"),
-        ({"ab_beta": float("nan")}, r"`ab_beta` must be >= 0"),
+        ({"ab_alpha": -0.5}, r"`ab_alpha` must be in \[0, 5.0\] \(ABKD"),
+        ({"ab_beta": 80.0}, r"`ab_beta` must be in \[0, 5.0\] \(ABKD"),
+        ({"ab_beta": float("nan")}, r"`ab_beta` must be a finite number, got nan"),
         ({"akl_mu": 0.0}, r"`akl_mu` must be in \(0, 1\]"),
     ],
 )
