@@ -2,6 +2,7 @@
 settings of the training config that disagree with the accelerate config the run was launched with."""
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -120,6 +121,40 @@ def nonfinite_teacher_problem(teacher_outputs: Any, teacher: nn.Module | None = 
                     f"dtype {tensor.dtype}; teacher weights in {dtype}) are NaN or inf. Likely cause: {hint}."
                 )
     return None
+
+
+def nonfinite_loss_problem(sums: dict[str, torch.Tensor], weights: dict[str, float], model: nn.Module) -> str | None:
+    """Why a micro-batch's loss is NaN / inf, naming the non-finite terms and the likely cause; None when finite.
+
+    Args:
+        sums (`dict[str, Tensor]`): each loss term's scalar sum over the supervised items (`LossTerms.sums`).
+        weights (`dict[str, float]`): each term's weight (`LossTerms.weights`); a term of weight 0 still counts, since
+            `0 * inf` is NaN.
+        model (`nn.Module`): the student, checked for non-finite weights (a previous step already corrupted them).
+
+    Returns:
+        `str` or `None`.
+    """
+    values = {name: float(value.detach().float()) for name, value in sums.items()}
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if not bad:
+        return None
+    named = ", ".join(f"{name}={value} (weight {weights.get(name)})" for name, value in bad.items())
+    corrupted = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if corrupted:
+        cause = (
+            f"{len(corrupted)} student parameters already hold NaN/inf (e.g. `{corrupted[0]}`): a previous step "
+            "diverged; lower the learning rate or set `max_grad_norm`, and resume from the last finite checkpoint"
+        )
+    elif next(model.parameters()).dtype == torch.float16:
+        cause = "the student's float16 logits overflow; train in bfloat16 or float32"
+    else:
+        cause = (
+            "the student's outputs overflow for this batch, or a loss setting is extreme (temperature, divergence "
+            "exponents); the finite terms were "
+            + (", ".join(f"{k}={v:.4g}" for k, v in values.items() if k not in bad) or "none")
+        )
+    return f"Non-finite loss terms: {named}. Likely cause: {cause}."
 
 
 def mixed_precision_mismatch(args: Any, launcher_precision: str | None = None) -> str | None:

@@ -34,7 +34,13 @@ from .heads import detect_head
 from .model_card import trainer_model_card
 from .models import prepare_teacher, unregister_model
 from .quantization import fake_quantized_weights, prepare_qat_student
-from .sanity import check_first_step_kd, nonfinite_teacher_problem, warn_if_too_long, warn_mixed_precision_mismatch
+from .sanity import (
+    check_first_step_kd,
+    nonfinite_loss_problem,
+    nonfinite_teacher_problem,
+    warn_if_too_long,
+    warn_mixed_precision_mismatch,
+)
 from .taid import TaidCallback
 from .teachers import SourceContext, SourceRequest, TeacherSource, select_source
 from .terms import (
@@ -185,7 +191,21 @@ class DistillationMixin:
         return self.accelerator.unwrap_model(projectors) if projectors is not None else None
 
     def _clip_grad_norm(self, model):
-        """One gradient norm (and clip) over the student and the hint projectors, which train together."""
+        """One gradient norm (and clip) over the student and the hint projectors, which train together; a NaN/inf norm
+        stops the run before the optimizer step (clipping by an inf norm would write NaN or zeros into the weights),
+        except under fp16's loss scaler, which skips such steps itself."""
+        norm = self._clip_grad_norm_all(model)
+        scaled = self.args.fp16 or self.is_deepspeed_enabled
+        if norm is not None and not scaled and not bool(torch.isfinite(torch.as_tensor(norm)).all()):
+            raise FloatingPointError(
+                f"The gradient norm is {float(norm)} at optimizer step {self.state.global_step + 1} although the "
+                "loss was finite: the backward pass overflowed (student outputs or weights too large for fp32, "
+                "e.g. a diverged run or a huge learning rate). Stopped before the optimizer step: nothing of this "
+                "step was applied and saved checkpoints are untouched."
+            )
+        return norm
+
+    def _clip_grad_norm_all(self, model):
         projectors = self._projectors()
         params = [p for p in projectors.parameters() if p.grad is not None] if projectors is not None else []
         if not params:
@@ -322,6 +342,17 @@ class DistillationMixin:
             f"untouched): {problem} To drop such micro-batches instead, set `nonfinite_teacher=skip`."
         )
 
+    def _check_finite_loss(self, model: nn.Module, terms: LossTerms) -> None:
+        """Stop before the backward pass when a loss term is NaN/inf (NaN and inf pass every range check; a NaN loss
+        would turn the student's weights into NaN and the run would save them): nothing of the step is applied."""
+        problem = nonfinite_loss_problem(terms.sums, terms.weights, self.accelerator.unwrap_model(model))
+        if problem is not None:
+            where = f"optimizer step {self.state.global_step + 1}" if model.training else "evaluation"
+            raise FloatingPointError(
+                f"{problem} Stopped at {where} before the backward pass: nothing of this step was applied and saved "
+                "checkpoints are untouched."
+            )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`sum_name weight * sum / num_items` over the terms of the teacher source and the feature terms (module
         docstring), normalised by `terms.normalised_loss`; every term is logged as `<name>_loss`."""
@@ -331,6 +362,7 @@ class DistillationMixin:
             outputs = skip.outputs
             loss = 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
             return (loss, outputs) if return_outputs else loss
+        self._check_finite_loss(model, terms)
         self._observe_taid(model, terms.sums, terms.n_items)
         loss, metrics = normalised_loss(terms, view, self.args, num_items_in_batch, self.accelerator.num_processes)
         for name, (value, count) in metrics.items():

@@ -88,6 +88,51 @@ def test_nonfinite_teacher_skip_drops_batches_with_a_count(tmp_path, tokenizer, 
         assert torch.isfinite(value).all() and torch.equal(before[key], value), key  # no gradient from them
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "materialised"])
+def test_nonfinite_loss_stops_before_the_backward(tmp_path, tokenizer, fused):
+    """A student whose outputs overflow (one inf weight in the output layer: logits inf/NaN, the KL NaN) with a finite
+    teacher: the step stops naming the non-finite terms, before any weight moves."""
+    student = make_llama(2, 32)
+    with torch.no_grad():
+        student.lm_head.weight[3, 0] = float("inf")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = make_lm_trainer(
+        tmp_path, tokenizer, TEXTS, student=student, teacher=make_llama(4, 64, seed=1), use_fused_kd_loss=fused
+    )
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss terms: .*kd=nan.* before the backward pass"):
+        trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_nonfinite_gradient_norm_stops_before_the_optimizer_step(tmp_path, tokenizer):
+    """Logits of 1e29 keep the loss finite, but the gradient norm is inf: clipping by it would zero or NaN the
+    update. The run stops before the optimizer step."""
+    student = make_llama(2, 32)
+    with torch.no_grad():
+        student.lm_head.weight.mul_(1e30)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = make_lm_trainer(tmp_path, tokenizer, TEXTS, student=student, teacher=make_llama(4, 64, seed=1))
+    with pytest.raises(FloatingPointError, match=r"The gradient norm is (inf|nan) at optimizer step 1 although"):
+        trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_nonfinite_loss_names_corrupted_student_weights():
+    from hf_distill.sanity import nonfinite_loss_problem
+
+    student = make_llama(2, 32)
+    sums = {"kd": torch.tensor(float("nan")), "ce": torch.tensor(2.5)}
+    problem = nonfinite_loss_problem(sums, {"kd": 1.0, "ce": 0.5}, student)
+    assert "kd=nan (weight 1.0)" in problem and "ce=2.5" in problem and "already hold NaN" not in problem
+    with torch.no_grad():
+        student.model.norm.weight[0] = float("nan")
+    assert "1 student parameters already hold NaN/inf (e.g. `model.norm.weight`)" in nonfinite_loss_problem(
+        sums, {"kd": 1.0, "ce": 0.5}, student
+    )
+    assert nonfinite_loss_problem({"kd": torch.tensor(0.3)}, {"kd": 1.0}, student) is None
+
+
 def test_kl_keeps_nan_inputs_nan():
     from hf_distill.losses import logit_divergence
 
@@ -236,3 +281,27 @@ def test_teacher_object_loaded_from_the_tokenizers_folder_is_not_warned_about(tm
     with caplog.at_level(logging.WARNING, logger="hf_distill.models.checks"):
         make_lm_trainer(tmp_path, own, TEXTS, teacher=teacher)
     assert "could not be checked" not in caplog.text
+
+
+# ------------------------------------------------------------------------------- numbers that are not numbers
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("ab_alpha", float("inf"), r"`ab_alpha` must be a finite number, got inf"),
+        ("temperature", float("inf"), r"`temperature` must be a finite number, got inf"),
+        ("ce_weight", float("inf"), r"`ce_weight` must be a finite number, got inf"),
+        ("kd_weight", float("nan"), r"`kd_weight` must be a finite number, got nan"),
+        ("ab_alpha", 1e6, r"`ab_alpha` must be in \[0, 5.0\]"),
+        ("temperature", [1, 2], r"`temperature` must be a number, got \[1, 2\] \(list\)"),
+        ("learning_rate", float("nan"), r"`learning_rate` must be a finite number, got nan"),
+        ("student_quantization_group_size", 7, r"`student_quantization_group_size` \(7\) only applies to a quantized"),
+        ("max_steps", 0, r"Nothing would be trained: max_steps=0"),
+    ],
+)
+def test_numeric_settings_are_checked(tmp_path, field, value, message):
+    """Values that pass `<`/`>` range checks (NaN, inf), values of the wrong type (a YAML list), extremes that make
+    the loss vanish and settings that would be ignored are refused, naming the field."""
+    from hf_distill import DistillationConfig
+
+    with pytest.raises(ValueError, match=message):
+        DistillationConfig(output_dir=str(tmp_path), report_to="none", **{field: value})
