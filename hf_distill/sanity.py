@@ -123,6 +123,40 @@ def nonfinite_teacher_problem(teacher_outputs: Any, teacher: nn.Module | None = 
     return None
 
 
+def check_rows_left(split: str, before: int | None, after: int | None, args: Any) -> None:
+    """Refuse a dataset left with no rows, and warn with the count when preparation dropped some: TRL drops rows
+    whose supervised tokens were all cut by `max_length` (a prompt as long as `max_length` leaves no completion).
+
+    Args:
+        split (`str`): "train" or "eval". before / after (`int` or `None`): rows given and rows left after the
+            trainer prepared the dataset (None: unsized, e.g. an iterable dataset, not checked).
+        args: the training config (its `max_length`, when it has one, is named in the message).
+
+    Raises:
+        ValueError: no rows left, naming how many were given and why they went.
+    """
+    if before is None or after is None:
+        return
+    max_length = getattr(args, "max_length", None)
+    if before == 0:
+        raise ValueError(f"The {split} dataset has no rows. Point to a dataset with data (or check its split/filter).")
+    if after == 0:
+        raise ValueError(
+            f"Nothing to train on in the {split} dataset: all {before} rows were dropped while preparing it, because "
+            f"no supervised (completion / assistant) token is left within max_length={max_length}: the prompts fill "
+            "it. Raise `max_length` or shorten the prompts."
+        )
+    if after < before and split == "train":
+        logger.warning(
+            "%d of %d %s rows were dropped while preparing the dataset: their supervised tokens were cut by "
+            "max_length=%s. Raise `max_length` to keep them.",
+            before - after,
+            before,
+            split,
+            max_length,
+        )
+
+
 def nonfinite_loss_problem(sums: dict[str, torch.Tensor], weights: dict[str, float], model: nn.Module) -> str | None:
     """Why a micro-batch's loss is NaN / inf, naming the non-finite terms and the likely cause; None when finite.
 

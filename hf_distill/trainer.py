@@ -36,6 +36,7 @@ from .models import prepare_teacher, unregister_model
 from .quantization import fake_quantized_weights, prepare_qat_student
 from .sanity import (
     check_first_step_kd,
+    check_rows_left,
     nonfinite_loss_problem,
     nonfinite_teacher_problem,
     warn_if_too_long,
@@ -66,6 +67,13 @@ class _SkipBatch(Exception):  # control flow, not an error
 
     def __init__(self, outputs: Any) -> None:
         self.outputs = outputs
+
+
+def _rows(dataset: Any) -> int | None:
+    """Rows of a sized dataset (None for an iterable dataset, a dict of datasets or none)."""
+    return (
+        len(dataset) if dataset is not None and not isinstance(dataset, dict) and hasattr(dataset, "__len__") else None
+    )
 
 
 def _tokenizer_of(processing_class: Any) -> Any:
@@ -105,7 +113,10 @@ class DistillationMixin:
         source_class = select_source(request)  # which teacher the run asks for; its preconditions, before any work
         kwargs["train_dataset"] = source_class.prepare_dataset(request, kwargs.get("train_dataset"))
         self._check_dataset(kwargs.get("train_dataset"), args, kwargs.get("data_collator"))
+        rows_in = {split: _rows(kwargs.get(f"{split}_dataset")) for split in ("train", "eval")}
         super().__init__(model=model, args=args, **kwargs)
+        for split, before in rows_in.items():
+            check_rows_left(split, before, _rows(getattr(self, f"{split}_dataset")), args)
         # Make Trainer count the supervised tokens of each accumulation window (`num_items_in_batch`).
         self.model_accepts_loss_kwargs = True
         warn_mixed_precision_mismatch(self.args)

@@ -7,7 +7,15 @@ import random
 
 import pytest
 import torch
-from conftest import WORDS, make_llama, make_lm_trainer, make_t5, make_tokenizer, tokenized_texts
+from conftest import (
+    WORDS,
+    distill_sft_config,
+    make_llama,
+    make_lm_trainer,
+    make_t5,
+    make_tokenizer,
+    tokenized_texts,
+)
 from safetensors.torch import load_file
 from test_cli import train_argv
 from test_trainer import TEXTS
@@ -305,3 +313,40 @@ def test_numeric_settings_are_checked(tmp_path, field, value, message):
 
     with pytest.raises(ValueError, match=message):
         DistillationConfig(output_dir=str(tmp_path), report_to="none", **{field: value})
+
+
+# ------------------------------------------------------------------------------------------------ empty data
+def test_rows_all_cut_by_max_length_are_refused_with_counts(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    from hf_distill import DistillationSFTTrainer
+
+    rows = {"prompt": [" ".join(WORDS[:12])] * 3, "completion": ["cat"] * 3}
+    args = distill_sft_config(tmp_path, max_length=8, max_steps=1)
+    with pytest.raises(ValueError, match=r"all 3 rows were dropped .* max_length=8: the prompts fill it"):
+        DistillationSFTTrainer(
+            model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1), args=args,
+            train_dataset=Dataset.from_dict(rows), processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def test_some_rows_cut_by_max_length_are_counted(tmp_path, tokenizer, caplog):
+    from datasets import Dataset
+
+    from hf_distill import DistillationSFTTrainer
+
+    rows = {"prompt": [" ".join(WORDS[:12]), "the"], "completion": ["cat", "cat"]}
+    args = distill_sft_config(tmp_path, max_length=8, max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="hf_distill.sanity"):
+        DistillationSFTTrainer(
+            model=make_llama(2, 32), teacher_model=make_llama(4, 64, seed=1), args=args,
+            train_dataset=Dataset.from_dict(rows), processing_class=tokenizer,
+        )  # fmt: skip
+    assert "1 of 2 train rows were dropped" in caplog.text
+
+
+def test_empty_dataset_is_refused(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match=r"The train dataset has no rows"):
+        make_lm_trainer(tmp_path, tokenizer, Dataset.from_dict({"input_ids": []}))
