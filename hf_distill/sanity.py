@@ -123,6 +123,30 @@ def nonfinite_teacher_problem(teacher_outputs: Any, teacher: nn.Module | None = 
     return None
 
 
+def low_precision_weights_problem(model: nn.Module) -> str | None:
+    """A message when the student's trainable weights are bfloat16/float16 themselves (e.g. loaded with
+    `dtype=bfloat16`): with no float32 master copy, updates smaller than the weight's rounding step are lost (bf16
+    keeps 8 bits of mantissa, so an update below ~1/256 of a weight vanishes), and the run quietly trains less. None
+    when they are float32 (`bf16=True` mixed precision keeps them so, as in transformers).
+
+    Args:
+        model (`nn.Module`): the student (its parameters with `requires_grad`; a PEFT model's adapters).
+    """
+    low = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            low.setdefault(parameter.dtype, []).append(name)
+    if not low:
+        return None
+    dtype, names = next(iter(low.items()))
+    return (
+        f"{sum(len(v) for v in low.values())} trainable student weights are {str(dtype).removeprefix('torch.')} "
+        f"(e.g. `{names[0]}`), with no float32 master copy: updates smaller than a weight's rounding step are lost. "
+        "Load the student in float32 (`dtype: float32`) and set `bf16: true`: mixed precision computes in bfloat16 "
+        "and keeps float32 weights."
+    )
+
+
 def check_rows_left(split: str, before: int | None, after: int | None, args: Any) -> None:
     """Refuse a dataset left with no rows, and warn with the count when preparation dropped some: TRL drops rows
     whose supervised tokens were all cut by `max_length` (a prompt as long as `max_length` leaves no completion).

@@ -37,6 +37,7 @@ from .quantization import fake_quantized_weights, prepare_qat_student
 from .sanity import (
     check_first_step_kd,
     check_rows_left,
+    low_precision_weights_problem,
     nonfinite_loss_problem,
     nonfinite_teacher_problem,
     warn_if_too_long,
@@ -127,6 +128,8 @@ class DistillationMixin:
         student = self.accelerator.unwrap_model(self.model)
         if args.student_quantization is not None:  # torchao QAT: fake-quantized Linear layers (quantization.py)
             prepare_qat_student(student, args.student_quantization, args.student_quantization_group_size)
+        if (problem := low_precision_weights_problem(student)) is not None:
+            logger.warning_once(problem)
         if hasattr(self.data_collator, "check_model"):  # e.g. RationaleCollator: seq2seq vs causal views
             self.data_collator.check_model(self.model)
         context = SourceContext(args, self._head, student, _tokenizer_of(self.processing_class), None,

@@ -350,3 +350,16 @@ def test_empty_dataset_is_refused(tmp_path, tokenizer):
 
     with pytest.raises(ValueError, match=r"The train dataset has no rows"):
         make_lm_trainer(tmp_path, tokenizer, Dataset.from_dict({"input_ids": []}))
+
+
+# ------------------------------------------------------------------------------------------------ bf16 weights
+def test_bf16_student_weights_are_warned_once(tmp_path, tokenizer, caplog):
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="hf_distill.trainer"):
+        make_lm_trainer(tmp_path, tokenizer, TEXTS, student=make_llama(2, 32).to(torch.bfloat16))
+    assert caplog.text.count("trainable student weights are bfloat16") == 1 and "set `bf16: true`" in caplog.text
+    caplog.clear()
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="hf_distill.trainer"):
+        make_lm_trainer(tmp_path, tokenizer, TEXTS, bf16=True)  # fp32 weights, bf16 compute: no warning
+    assert "trainable student weights" not in caplog.text
