@@ -1,7 +1,7 @@
 """Configs: one dataclass of distillation fields (`DistillationArguments`) mixed into `TrainingArguments` and
 `trl.SFTConfig`, so both trainers read the same fields defined once."""
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -377,10 +377,11 @@ class DistillationArguments(TeacherAPIArguments):
     def validate_distillation(self) -> None:
         """Check every distillation field (`hf_distill.validation.validate_distillation`); each error names the
         field, its value and what is allowed."""
-        validate_distillation(self, _ANNOTATIONS)
+        validate_distillation(self, _ANNOTATIONS, _DEFAULTS)
 
 
 _ANNOTATIONS = {f.name: f.type for f in fields(DistillationArguments)}  # the fields `check_numbers` reads
+_DEFAULTS = {f.name: f.default for f in fields(DistillationArguments) if f.default is not MISSING}
 
 
 def _default_bf16() -> bool:

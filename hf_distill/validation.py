@@ -3,6 +3,7 @@ is refused here, each error naming the field, its value and what is allowed (`Di
 runs `validate_distillation`; the teacher sources re-check the fields they depend on with the same functions)."""
 
 import json
+import logging
 import math
 import types
 import typing
@@ -15,6 +16,9 @@ from .losses.features import HINT_NORMALIZATIONS
 from .losses.relations import POOLINGS
 from .losses.sparse import SPARSE_LOSSES
 from .quantization import STUDENT_GROUP_SIZE, check_scheme
+
+
+logger = logging.getLogger(__name__)
 
 
 def validate_divergence_fields(args: Any) -> None:
@@ -97,15 +101,65 @@ def check_numbers(args: Any, annotations: dict[str, Any]) -> None:
             raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
 
 
-def validate_distillation(args: Any, annotations: dict[str, Any] | None = None) -> None:
-    """Check every distillation field; each error names the field, its value and what is allowed.
+# field -> (what makes it apply, does it apply to this config?): a field set away from its default that does not
+# apply is warned about once (`ignored_settings`); a new field that only works with another belongs here.
+APPLIES_ONLY_WITH: dict[str, tuple[str, Any]] = {
+    "beta": ("kd_loss: jsd", lambda a: a.kd_loss == "jsd"),
+    "skew_alpha": ("kd_loss: skew_forward_kl or skew_reverse_kl", lambda a: a.kd_loss.startswith("skew_")),
+    **dict.fromkeys(
+        ("taid_t_start", "taid_t_end", "taid_alpha", "taid_beta", "taid_adaptive"),
+        ("kd_loss: taid", lambda a: a.kd_loss == "taid"),
+    ),
+    **dict.fromkeys(("ab_alpha", "ab_beta"), ("kd_loss: ab_divergence", lambda a: a.kd_loss == "ab_divergence")),
+    "akl_mu": ("kd_loss: akl", lambda a: a.kd_loss == "akl"),
+    **dict.fromkeys(
+        ("hint_loss", "hint_weight", "hint_projector", "hint_normalize"),
+        ("hint_layers", lambda a: bool(a.hint_layers)),
+    ),
+    "attention_loss": ("attention_weight > 0", lambda a: a.attention_weight > 0),
+    **dict.fromkeys(("relation_weight", "relation_pooling"), ("relation_loss", lambda a: a.relation_loss is not None)),
+    "cross_tokenizer_top_k": ("cross_tokenizer_loss", lambda a: a.cross_tokenizer_loss is not None),
+    **dict.fromkeys(
+        ("max_new_tokens", "generation_temperature"), ("lmbda > 0 or seq_kd", lambda a: a.lmbda > 0 or a.seq_kd)
+    ),
+    "seq_kd_do_sample": ("seq_kd", lambda a: a.seq_kd),
+    "early_exit_weight": ("early_exit_layers", lambda a: bool(a.early_exit_layers)),
+    **dict.fromkeys(
+        ("teacher_api_top_k", "teacher_api_prefetch", "teacher_api_timeout", "teacher_api_max_retries"),
+        ("teacher_api_base", lambda a: a.teacher_api_base is not None),
+    ),
+}
+
+
+def ignored_settings(args: Any, defaults: dict[str, Any]) -> list[str]:
+    """The fields set away from their default that this config does not use (`APPLIES_ONLY_WITH`), each as a
+    sentence naming what would make it apply.
+
+    Args:
+        args: the config. defaults (`dict`): field name -> its default value.
+    """
+    found = []
+    for name, (needs, applies) in APPLIES_ONLY_WITH.items():
+        if name in defaults and getattr(args, name, defaults[name]) != defaults[name] and not applies(args):
+            found.append(f"`{name}` ({getattr(args, name)!r}) has no effect without {needs}")
+    return found
+
+
+def validate_distillation(
+    args: Any, annotations: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
+) -> None:
+    """Check every distillation field; each error names the field, its value and what is allowed. Fields that are
+    set but have no effect in this config are warned about once.
 
     Args:
         args: the config (`DistillationArguments`).
         annotations (`dict`, *optional*): the distillation fields' type annotations, for `check_numbers`.
+        defaults (`dict`, *optional*): the distillation fields' defaults, for `ignored_settings`.
     """
     if annotations:
         check_numbers(args, annotations)
+    for problem in ignored_settings(args, defaults or {}):
+        logger.warning_once(f"{problem}: it is ignored. Drop it, or set what it needs.")
     if getattr(args, "max_steps", -1) == 0 or (
         getattr(args, "max_steps", -1) < 0 and getattr(args, "num_train_epochs", 1) <= 0
     ):

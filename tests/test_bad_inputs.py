@@ -363,3 +363,19 @@ def test_bf16_student_weights_are_warned_once(tmp_path, tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_distill.trainer"):
         make_lm_trainer(tmp_path, tokenizer, TEXTS, bf16=True)  # fp32 weights, bf16 compute: no warning
     assert "trainable student weights" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------- ignored settings
+def test_settings_without_effect_are_warned_once(tmp_path, caplog):
+    from hf_distill import DistillationConfig
+    from hf_distill.validation import ignored_settings
+
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="hf_distill.validation"):
+        args = DistillationConfig(output_dir=str(tmp_path), report_to="none", beta=0.2, hint_weight=3.0)
+    assert "`beta` (0.2) has no effect without kd_loss: jsd: it is ignored" in caplog.text
+    assert "`hint_weight` (3.0) has no effect without hint_layers" in caplog.text
+    defaults = {"beta": 0.5, "hint_weight": 1.0}
+    assert len(ignored_settings(args, defaults)) == 2
+    args.kd_loss, args.hint_layers = "jsd", {"1": 2}
+    assert ignored_settings(args, defaults) == []
