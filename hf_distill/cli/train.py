@@ -4,15 +4,18 @@
 """
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 from trl import ModelConfig
 
 from ..config import DistillationSFTConfig
+from ..data.mixture import DatasetMixtureArguments, MixtureDataset
 from .arguments import CliParser, DatasetArguments
 from .recipe_args import parse_args_and_recipe
 
 
+logger = logging.getLogger(__name__)
 # the keys of `hf_distill.data.tasks.TASKS`, written here so that `--help` does not import the model classes (a test
 # checks that both agree)
 TASK_NAMES = ("causal_lm", "seq2seq", "sequence_classification", "token_classification", "masked_lm")
@@ -71,6 +74,29 @@ class TrainScriptArguments(DatasetArguments):
             "model_name_or_path is not given)."
         },
     )
+    datasets: list[MixtureDataset] = field(
+        default_factory=list,
+        metadata={
+            "help": "Several datasets trained together, instead of `dataset_name`: a YAML list of {path, name, "
+            "data_dir, data_files, split, columns, fraction, rename_columns} (TRL's mixture format; `fraction`: "
+            "each dataset's share of the rows). See hf_distill/data/mixture.py."
+        },
+    )
+    test_split_size: float | None = field(
+        default=None,
+        metadata={"help": "With `datasets`: hold out this share (or number) of the mixture's rows for evaluation."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.mixture = DatasetMixtureArguments(datasets=self.datasets, test_split_size=self.test_split_size)
+        self.datasets = self.mixture.datasets
+        if self.datasets and self.dataset_name is not None:
+            raise ValueError("Pass either `dataset_name` or `datasets` (a mixture), not both: drop one of them.")
+        if self.test_split_size is not None and not self.datasets:
+            raise ValueError(
+                "`test_split_size` splits a `datasets` mixture; with `dataset_name` use `dataset_test_split`."
+            )
 
 
 def prepare_columns(dataset, script_args: TrainScriptArguments):
@@ -136,8 +162,10 @@ def check_arguments(script_args: TrainScriptArguments, args: DistillationSFTConf
     Raises:
         `ValueError`: naming the missing field.
     """
-    if script_args.dataset_name is None:
-        raise ValueError("Set `dataset_name` (a Hub id, a local data file or a save_to_disk folder).")
+    if script_args.dataset_name is None and not script_args.datasets:
+        raise ValueError(
+            "Set `dataset_name` (a Hub id, a local data file or a save_to_disk folder), or `datasets` (a mixture)."
+        )
     teacher = args.teacher_model_name_or_path
     derived = teacher is not None and (script_args.student_num_layers, script_args.student_config) != (None, None)
     if model_args.model_name_or_path is None and not derived:
@@ -152,6 +180,7 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
     from trl import get_peft_config
 
     from ..data.loading import load_any_dataset
+    from ..data.mixture import load_mixture
     from ..data.tasks import load_task_model, task_label_kwargs, task_trainer_inputs
     from ..models import load_tokenizer, parse_init_kwargs, quantized_student_kwargs
     from ..trainer import DistillationSFTTrainer, DistillationTrainer
@@ -182,11 +211,17 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    train = load_any_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     evaluation = None
+    if script_args.datasets:
+        mixture = load_mixture(script_args.mixture, seed=args.seed)
+        train, evaluation = mixture["train"], mixture.get("test")
+        logger.info("Dataset mixture: %s rows (%s).", {k: len(v) for k, v in mixture.items()},
+                    ", ".join(f"{e.path}: {e.fraction}" for e in script_args.datasets))  # fmt: skip
+    else:
+        train = load_any_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     if script_args.eval_dataset_name:
         evaluation = load_any_dataset(script_args.eval_dataset_name, split="train")
-    elif script_args.dataset_test_split:
+    elif script_args.dataset_test_split and not script_args.datasets:
         evaluation = load_any_dataset(
             script_args.dataset_name, script_args.dataset_config, script_args.dataset_test_split
         )
@@ -258,7 +293,8 @@ def run(argv: list[str], prog: str = "hf-distill train") -> None:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: global step and log history of the run, next to the model
-    trainer.create_model_card(dataset_name=script_args.dataset_name)
+    datasets = [entry.path for entry in script_args.datasets] or script_args.dataset_name
+    trainer.create_model_card(dataset_name=datasets)
     metrics = final_evaluation(trainer)
     if metrics is not None:
         print(metrics)
