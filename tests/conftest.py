@@ -207,19 +207,32 @@ def tiny_t5() -> T5ForConditionalGeneration:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory):
-    """A real vLLM server of a tiny Llama (tests/vllm_server.py), once per session, always stopped: yields
-    `ServedModel(url, model, folder, tokenizer, server)`. Without LoRA (vLLM 0.32 on CPU crashes on prompt log-probs
-    of several requests at once when `--enable-lora` is on); `vllm_lora_server` has runtime LoRA."""
+def _vllm_session(tmp_path_factory):
     words = WORDS + [f"w{i}" for i in range(64 - len(SPECIAL) - len(WORDS))]  # 64 tokens, the model's vocabulary
     yield from serve_tiny_llama(tmp_path_factory.mktemp("vllm") / "tiny-llama", make_tokenizer(words), lora=False)
 
 
 @pytest.fixture(scope="session")
-def vllm_lora_server(tmp_path_factory):
-    """As `vllm_server`, with `--enable-lora --max-lora-rank 8` and runtime adapter loading."""
+def _vllm_lora_session(tmp_path_factory):
     words = WORDS + [f"w{i}" for i in range(64 - len(SPECIAL) - len(WORDS))]
     yield from serve_tiny_llama(tmp_path_factory.mktemp("vllm-lora") / "tiny-llama", make_tokenizer(words), lora=True)
+
+
+@pytest.fixture
+def vllm_server(_vllm_session):
+    """A real vLLM server of a tiny Llama (tests/vllm_server.py), started once per session, always stopped: yields
+    `ServedModel(url, model, folder, tokenizer, server)`. Without LoRA (vLLM 0.32 on CPU crashes on prompt log-probs
+    of several requests at once when `--enable-lora` is on); `vllm_lora_server` has runtime LoRA. A test that stopped
+    the server (or left it dead) does not fail the tests after it: each test gets it started again."""
+    _vllm_session.server.start()
+    return _vllm_session
+
+
+@pytest.fixture
+def vllm_lora_server(_vllm_lora_session):
+    """As `vllm_server`, with `--enable-lora --max-lora-rank 8` and runtime adapter loading."""
+    _vllm_lora_session.server.start()
+    return _vllm_lora_session
 
 
 def descendants(root: int) -> dict[int, str]:

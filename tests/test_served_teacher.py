@@ -169,16 +169,15 @@ def test_on_policy_samples_are_scored_by_the_server(tmp_path, vllm_server):
 
 
 class _KillAt(TrainerCallback):
-    """Stops the server after optimizer step `step` and restarts it in a thread: the next steps wait and retry."""
+    """Stops the server after optimizer step `step` and launches it again without waiting: the next steps wait and
+    retry while it starts. Launched from the training (main) thread, which outlives the server."""
 
     def __init__(self, server, step):
-        self.server, self.step, self.thread = server, step, None
+        self.server, self.step = server, step
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            self.server.stop()
-            self.thread = threading.Thread(target=self.server.restart)
-            self.thread.start()
+            self.server.relaunch()
 
 
 def test_a_killed_and_restarted_server_is_waited_for_with_no_lost_or_repeated_step(tmp_path, vllm_server):
@@ -194,11 +193,8 @@ def test_a_killed_and_restarted_server_is_waited_for_with_no_lost_or_repeated_st
     killed = trainer_for(tmp_path / "b", vllm_server, data, **fields)
     killer = _KillAt(vllm_server.server, 2)
     killed.add_callback(killer)
-    try:
-        killed.train()
-    finally:
-        if killer.thread is not None:
-            killer.thread.join()
+    killed.train()
+    vllm_server.server.wait_ready()  # raises with the server's log if the relaunched server died
     assert vllm_server.server.running()
     assert killed.state.global_step == 4
     assert [e["step"] for e in killed.state.log_history if "loss" in e] == [1, 2, 3, 4]

@@ -36,7 +36,8 @@ HOST = "127.0.0.1"  # the only address a test server ever listens on or is asked
 
 # Run first in the server's process, then exec the server: SIGTERM it when the process that started it dies, even by
 # SIGKILL (where neither `stop()` nor `atexit` runs); Linux's PR_SET_PDEATHSIG survives exec. Without it (another OS)
-# the server simply starts.
+# the server simply starts. PR_SET_PDEATHSIG fires when the *thread* that forked the server ends, so `launch()` must
+# be called from a thread that lives as long as the server (the main thread in the tests), never a short-lived one.
 DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys\n"
     "try:\n    ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)\nexcept (OSError, AttributeError):\n    pass\n"
@@ -114,6 +115,7 @@ class VLLMServer:
             os.close(fd)
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
+        self._launched_at = 0.0
         self.start_seconds: float | None = None  # wall time of the last successful start
         atexit.register(self.stop)
 
@@ -148,17 +150,32 @@ class VLLMServer:
     def start(self, timeout: float = 300.0) -> "VLLMServer":
         """Start the server and wait until `/health` and `/v1/models` answer; on failure stop it and raise with the
         log's tail. Raises `RuntimeError` naming `make setup-vllm` when `.venv-vllm` is missing."""
+        if self.running():
+            return self
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "VLLMServer":
+        """Start the server's process and return at once (`wait_ready` waits for it). Call it from a long-lived
+        thread: the server is stopped when the thread that launched it ends (see `DIE_WITH_PARENT`)."""
         if not VLLM_PYTHON.exists():
             raise RuntimeError(f"vLLM's venv {VLLM_VENV} is missing: {SETUP_HINT}.")
         if self.running():
             return self
-        t0 = time.monotonic()
+        self._launched_at = time.monotonic()
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== {' '.join(self.command())}\n".encode())
             log.flush()
             guarded = [str(VLLM_PYTHON), "-c", DIE_WITH_PARENT, str(os.getpid()), *self.command()]
             self.proc = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
                                          stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> "VLLMServer":
+        """Wait until the launched server answers `/health` and `/v1/models`; on exit or timeout stop it and raise
+        `RuntimeError` with the log's tail."""
+        if self.proc is None:
+            raise RuntimeError("wait_ready() before launch(): the server was never started")
+        t0 = time.monotonic()
         while not self._ready():
             if self.proc.poll() is not None:
                 code = self.proc.returncode
@@ -168,7 +185,7 @@ class VLLMServer:
                 self.stop()
                 raise RuntimeError(f"vLLM server not ready on {self.url} after {timeout:.0f} s:\n{self.log_tail()}")
             time.sleep(0.5)
-        self.start_seconds = time.monotonic() - t0
+        self.start_seconds = time.monotonic() - self._launched_at
         return self
 
     def _ready(self) -> bool:
@@ -201,14 +218,18 @@ class VLLMServer:
         self.proc = None
 
     def restart(self, timeout: float = 300.0) -> "VLLMServer":
-        """Stop, then start again on the same port (so the same `url`)."""
+        """Stop, then start again on the same port (so the same `url`), waiting until it answers."""
+        return self.relaunch().wait_ready(timeout)
+
+    def relaunch(self) -> "VLLMServer":
+        """Stop, wait for the port to be free, launch again on it and return at once (see `launch`)."""
         self.stop()
         for _ in range(100):  # the old socket may linger a moment
             with socket.socket() as s, contextlib.suppress(OSError):
                 s.bind((HOST, self.port))
                 break
             time.sleep(0.1)
-        return self.start(timeout)
+        return self.launch()
 
     def __enter__(self):  # -> VLLMServer
         return self.start()
