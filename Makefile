@@ -51,7 +51,7 @@ quickstart: setup
 
 # pytest exits 5 when it collects no test: a non-zero exit, so make (and CI) fail.
 test: setup setup-vllm
-	$(PY) -m pytest -m "not slow and not gpu" tests
+	$(PY) -m pytest -m "not slow and not gpu" --durations=20 tests
 
 test-slow: setup $(GEMMA3)
 	$(PY) -m pytest -m "slow and not gpu" tests
