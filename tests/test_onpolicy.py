@@ -190,7 +190,7 @@ def test_seq2seq_on_policy(tmp_path, tokenizer):
 def test_bad_inputs(tmp_path, tokenizer):
     for kw, message in [
         ({"lmbda": 1.5}, r"`lmbda` must be in \[0, 1\]"),
-        ({"generation_temperature": 0.0}, "`generation_temperature` must be > 0"),
+        ({"generation_temperature": -1.0}, r"`generation_temperature` must be >= 0 \(0 = greedy\)"),
         ({"max_new_tokens": 0}, "`max_new_tokens` must be >= 1"),
     ]:
         with pytest.raises(ValueError, match=message):
