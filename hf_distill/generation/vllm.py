@@ -2,7 +2,8 @@
 `python -m vllm.entrypoints.openai.api_server`).
 
 It serves two uses: a *served teacher* (the teacher's top-k log-probs of every prompt position, `prompt_logprobs`)
-and *on-policy sampling* of a LoRA student (`complete` with adapters loaded at run time, `load_lora_adapter`).
+and *on-policy sampling* of a student (`complete`; a LoRA student's adapters loaded at run time, `load_lora_adapter`,
+a full-parameter student's weights reloaded in place, `reload_weights`: `generation/vllm_sampler.py`).
 Prompts are always token ids, so the server never re-tokenizes; `tokenize` checks its tokenizer against ours.
 
 What vLLM 0.32 returns for `prompt_logprobs: k` (read in its source and checked against the server):
