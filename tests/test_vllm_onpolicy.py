@@ -4,11 +4,12 @@ the `generate` path's on the same weights, `log_completions`, the sync interval,
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import distill_config, make_llama
+from conftest import distill_config, make_llama, run_processes
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_vllm_client import ScriptedServer
@@ -182,6 +183,31 @@ def test_sync_interval_and_overlap_lag(vllm_lora_server, tmp_path):
         assert {r["step"] for r in logged} == {1, 2, 3, 4}, name
         assert all(r["policy_step"] == expected(r["step"]) for r in logged), (name, logged)
         assert len(t._policy.sampler.sync_seconds) == (2 if name == "every2" else 4)
+
+
+SCRIPT = Path(__file__).resolve().parent / "distributed" / "vllm_onpolicy.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
+@pytest.mark.distributed
+def test_two_processes_sample_from_the_adapter_the_main_process_pushed(vllm_lora_server, tmp_path):
+    """Only the main process writes and loads each adapter; both processes sample their own rows from it (the
+    barrier): every row of either process equals PEFT greedy of the previous checkpoint, and 2 processes x batch 2
+    give the losses of 1 process x batch 4."""
+    served = vllm_lora_server
+    args = [served.url, str(served.folder)]
+    run_processes([sys.executable, str(SCRIPT), str(tmp_path / "one"), *args, "--batch_size", "4"])
+    run_processes([*TORCHRUN, str(SCRIPT), str(tmp_path / "two"), *args, "--batch_size", "2"])
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
+    assert one["served"] == two["served"] == [served.model]  # the last adapter was unloaded
+    eos = served.tokenizer.eos_token_id
+    logged = check_against_checkpoints(tmp_path / "two" / "run", tmp_path / "two" / "initial", served.folder, eos)
+    key = lambda r: (r["step"], r["prompt_ids"], r["completion_ids"])  # noqa: E731
+    assert sorted(map(key, logged)) == sorted(map(key, read_completions(str(tmp_path / "one" / "run"))))
+    assert len(logged) == 8 and {r["step"] for r in logged} == {1, 2}
 
 
 # ---------------------------------------------------------------------------------------------- full parameters
