@@ -262,3 +262,21 @@ def test_rewriter_for_student_takes_the_tokenizers_ids_then_the_configs():
     assert (rewriter.pad_token_id, rewriter.eos_token_id) == (1, 2)
     rewriter = PolicyBatchRewriter.for_student(args, None, config, True)
     assert (rewriter.pad_token_id, rewriter.eos_token_id, rewriter.is_encoder_decoder) == (0, 3, True)
+
+
+def test_log_completions_on_the_generate_path(tmp_path, tokenizer):
+    """Every on-policy row in output_dir/completions.jsonl: the step that trains on it (1-based), the weights' step,
+    prompt and completion ids and text; greedy (`generation_temperature: 0`) rows are the student's greedy output."""
+    from hf_distill.generation.completion_log import read_completions
+
+    t = trainer(tmp_path, tokenizer, lmbda=1.0, generation_temperature=0.0, log_completions=True, max_steps=2,
+                learning_rate=0.0)  # fmt: skip
+    t.train()
+    logged = read_completions(t.args.output_dir)
+    assert [r["step"] for r in logged] == [1] * 4 + [2] * 4 and all(r["policy_step"] == r["step"] - 1 for r in logged)
+    for r in logged:
+        assert r["prompt"] == tokenizer.decode(r["prompt_ids"], skip_special_tokens=False)
+        assert r["completion"] == tokenizer.decode(r["completion_ids"], skip_special_tokens=False)
+        ref = generate_completions(t.model, [r["prompt_ids"]], pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
+                                   max_new_tokens=6, do_sample=False)  # fmt: skip
+        assert r["completion_ids"] == ref[0]  # lr 0: the weights never move
