@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import format_table, peak_rss_bytes, run_isolated, write_json  # noqa: E402
+from _common import cached_run, format_table, peak_rss_bytes, run_isolated, write_json  # noqa: E402
 
 
 MIB = 2**20
@@ -332,31 +332,48 @@ def main() -> None:
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": os.getloadavg(),
                "cpus": os.cpu_count(), "settings": vars(opts), "train": {}}  # fmt: skip
     kw = dict(workdir=str(work), new=opts.new)
-    results["sampling_hf"] = run_isolated(__file__, "sampling_hf", iters=opts.iters, **kw)
+    parts = work / "parts"  # one file per finished part: a rerun with the same settings resumes after the last one
+    settings = {k: getattr(opts, k) for k in ("steps", "batch", "new", "lr", "perturb", "iters")}
+
+    def part(name: str, function: str, **kwargs) -> dict:
+        run = lambda: run_isolated(__file__, function, **kwargs, **kw)  # noqa: E731
+        result = cached_run(parts / f"{name}.json", run, settings)
+        print(name, json.dumps(result), file=sys.stderr, flush=True)
+        return result
+
+    results["sampling_hf"] = part("sampling_hf", "sampling_hf", iters=opts.iters)
     for variant in [v for v in variants if not v.startswith("ours_vllm")]:
-        results["train"][variant] = run_isolated(__file__, "train", variant=variant, steps=opts.steps, lr=opts.lr,
-                                                 **kw)  # fmt: skip
-        print(variant, json.dumps(results["train"][variant]), file=sys.stderr, flush=True)
-    server = VLLMServer(work / "smollm2", served_model_name="smollm2", lora=False, max_logprobs=20,
-                        extra_args=["--enable-lora", "--max-lora-rank", "16", "--max-model-len", "1024"],
-                        log_path=work / "server.log")  # fmt: skip
-    server.start(timeout=900)
-    results["server_start_s"] = server.start_seconds
-    try:
-        cpu0, _ = process_tree_cpu_and_rss(server.proc.pid)
-        time.sleep(10)
-        results["server_idle_cpu_s_per_s"] = (process_tree_cpu_and_rss(server.proc.pid)[0] - cpu0) / 10
-        results["sampling_vllm"] = run_isolated(__file__, "sampling_vllm", url=server.url, iters=opts.iters, **kw)
-        for variant in [v for v in variants if v.startswith("ours_vllm")]:
+        results["train"][variant] = part(variant, "train", variant=variant, steps=opts.steps, lr=opts.lr)
+    todo = [v for v in variants if v.startswith("ours_vllm") and not (parts / f"{v}.json").exists()]
+    if not todo and (parts / "sampling_vllm.json").exists():  # every server part is done: no server needed
+        results["sampling_vllm"] = part("sampling_vllm", "sampling_vllm")
+        results["train"] |= {v: part(v, "train") for v in variants if v.startswith("ours_vllm")}
+    else:
+        server = VLLMServer(work / "smollm2", served_model_name="smollm2", lora=False, max_logprobs=20,
+                            extra_args=["--enable-lora", "--max-lora-rank", "16", "--max-model-len", "1024"],
+                            log_path=work / "server.log")  # fmt: skip
+        server.start(timeout=900)
+        try:
             cpu0, _ = process_tree_cpu_and_rss(server.proc.pid)
-            r = run_isolated(__file__, "train", variant=variant, steps=opts.steps, lr=opts.lr, url=server.url, **kw)
-            cpu1, rss = process_tree_cpu_and_rss(server.proc.pid)
-            results["train"][variant] = r | {"server_cpu_s": cpu1 - cpu0, "server_rss_mib": rss}
-            print(variant, json.dumps(results["train"][variant]), file=sys.stderr, flush=True)
-    finally:
-        server.stop()
+            time.sleep(10)
+            idle = (process_tree_cpu_and_rss(server.proc.pid)[0] - cpu0) / 10
+            results["server"] = {"start_s": server.start_seconds, "idle_cpu_s_per_s": idle}
+            results["sampling_vllm"] = part("sampling_vllm", "sampling_vllm", url=server.url, iters=opts.iters)
+            for variant in [v for v in variants if v.startswith("ours_vllm")]:
+
+                def measured(variant: str = variant) -> dict:
+                    cpu0, _ = process_tree_cpu_and_rss(server.proc.pid)
+                    r = run_isolated(__file__, "train", variant=variant, steps=opts.steps, lr=opts.lr,
+                                     url=server.url, **kw)  # fmt: skip
+                    cpu1, rss = process_tree_cpu_and_rss(server.proc.pid)
+                    return r | {"server_cpu_s": cpu1 - cpu0, "server_rss_mib": rss}
+
+                results["train"][variant] = cached_run(parts / f"{variant}.json", measured, settings)
+                print(variant, json.dumps(results["train"][variant]), file=sys.stderr, flush=True)
+        finally:
+            server.stop()
     if "ours_vllm" in variants:
-        results["replay"] = run_isolated(__file__, "replay", **kw)
+        results["replay"] = part("replay", "replay")
         results["adapter_mib"] = (work / "initial_adapter" / "adapter_model.safetensors").stat().st_size / MIB
     if {"ours_hf", "ours_vllm"} <= set(variants):  # the two paths' samples, step by step (same greedy trajectory)
         hf_rows = {(r["step"], tuple(r["prompt_ids"])): r["completion_ids"] for r in _read_log(work / "run_ours_hf")}
