@@ -23,11 +23,17 @@ Parts, each trainer run in a fresh process (its peak RSS is its own):
    student loaded from `checkpoint-{s-1}` (the initial adapter for s = 1): the fraction of tokens that agree
    position by position, and the same against the weights one step older (how different the steps are).
 
+4. `--full_sync` (a separate invocation): a full-parameter SmolLM2 student pushed three times into a server started
+   with `VLLM_SERVER_DEV_MODE=1` (in-place `reload_weights` from the sync folder + prefix-cache reset), its weights
+   changed between pushes: seconds per sync, and greedy vLLM samples (16 tokens) against HF `generate` on the same
+   weights.
+
 The vLLM server (vLLM 0.32 CPU from `.venv-vllm`, `--enforce-eager`, fp32, runtime LoRA) runs only during the vLLM
 parts and is always stopped; the HF parts run with no server up. On a machine shared with other jobs the wall times
 move with the load (recorded at start and end); the CPU seconds move less.
 
-    python benchmarks/onpolicy_vllm.py --out runs/bench [--steps 6] [--batch 8] [--new 64]
+    python benchmarks/onpolicy_vllm.py --out runs/bench [--steps 5] [--batch 8] [--new 64] [--iters 2]
+    python benchmarks/onpolicy_vllm.py --out runs/bench --steps 5 --iters 2 --full_sync   # then the line above again
 """
 
 import argparse
@@ -299,6 +305,67 @@ def replay(workdir: str, new: int) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------- 4. full parameters
+
+
+def full_sync(workdir: str, url: str, new: int) -> dict:
+    """A full-parameter SmolLM2 student pushed into a dev-mode server (`reload_weights` + prefix-cache reset) three
+    times, its weights changed between pushes: seconds per sync, greedy vLLM samples vs HF `generate` after each."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_distill.generation.onpolicy import generate_completions
+    from hf_distill.generation.vllm import VLLMClient
+    from hf_distill.generation.vllm_sampler import VLLMStudentSampler
+
+    work = Path(workdir)
+    model = AutoModelForCausalLM.from_pretrained(work / "smollm2", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(work / "smollm2")
+    prompts = prompt_ids(work, tokenizer)
+    client = VLLMClient(url, vocab_size=model.config.vocab_size)
+    sampler = VLLMStudentSampler(client, str(work / "full-sync"), max_new_tokens=new, temperature=0.0,
+                                 eos_token_ids=[tokenizer.eos_token_id])  # fmt: skip
+    accelerator, torch_rng = Accelerator(cpu=True), torch.Generator().manual_seed(0)
+    out = {"sync_s": [], "sample_s": [], "agree": [], "tokens": [], "changed_vs_previous": []}
+    previous = None
+    for step in range(3):
+        if step:  # new weights: every parameter moved by 2% of its own spread
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=torch_rng) * 0.02 * p.std())
+        t0 = time.perf_counter()
+        sampler.sync(model, accelerator, step)
+        out["sync_s"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        got = sampler.sample(prompts)
+        out["sample_s"].append(time.perf_counter() - t0)
+        ref = generate_completions(model, prompts, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, max_new_tokens=new,
+                                   do_sample=False)  # fmt: skip
+        out["agree"].append(sum(a == b for g, r in zip(got, ref) for a, b in zip(g, r)))
+        out["tokens"].append(sum(max(len(g), len(r)) for g, r in zip(got, ref)))
+        if previous is not None:
+            out["changed_vs_previous"].append(sum(g != p for g, p in zip(got, previous)))
+        previous = got
+    out["weights_mib"] = (work / "full-sync" / "step-2" / "model.safetensors").stat().st_size / MIB
+    sampler.close()
+    return out
+
+
+def run_full_sync(work: Path, opts: argparse.Namespace) -> dict:
+    """`full_sync` against a dev-mode server of SmolLM2 (no LoRA), started and stopped here."""
+    from vllm_server import VLLMServer
+
+    server = VLLMServer(work / "smollm2", served_model_name="smollm2", lora=False, max_logprobs=20,
+                        extra_args=["--max-model-len", "1024"], env={"VLLM_SERVER_DEV_MODE": "1"},
+                        log_path=work / "server-dev.log")  # fmt: skip
+    server.start(timeout=900)
+    try:
+        return run_isolated(__file__, "full_sync", workdir=str(work), url=server.url, new=16)
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -323,6 +390,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--full_sync", action="store_true", help="only the full-parameter sync part (a dev-mode server)")
     opts = p.parse_args()
     from vllm_server import VLLMServer
 
@@ -341,6 +409,12 @@ def main() -> None:
         print(name, json.dumps(result), file=sys.stderr, flush=True)
         return result
 
+    if opts.full_sync:
+        result = cached_run(parts / "full_sync.json", lambda: run_full_sync(work, opts), settings)
+        print("full_sync", json.dumps(result))
+        return
+    if (parts / "full_sync.json").exists():
+        results["full_sync"] = json.loads((parts / "full_sync.json").read_text())
     results["sampling_hf"] = part("sampling_hf", "sampling_hf", iters=opts.iters)
     for variant in [v for v in variants if not v.startswith("ours_vllm")]:
         results["train"][variant] = part(variant, "train", variant=variant, steps=opts.steps, lr=opts.lr)

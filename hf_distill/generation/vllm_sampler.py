@@ -108,7 +108,7 @@ class VLLMStudentSampler:
         self._run_id: str | None = None
         self._main = False  # whether this process talks to the server about weights (the main process)
         self._folder: Path | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-sampler")
+        self._pool: ThreadPoolExecutor | None = None  # the background request of `submit` (read-ahead)
 
     @classmethod
     def from_args(cls, args: Any, tokenizer: Any, config: Any) -> "VLLMStudentSampler":
@@ -267,15 +267,19 @@ class VLLMStudentSampler:
     def submit(self, prompts: list[list[int]]) -> "Future[list[list[int]]]":
         """`sample(prompts)` in the sampler's background thread (one request at a time); the future's result is
         the completions, or raises the request's error."""
+        if self._pool is None:
+            self._pool: ThreadPoolExecutor | None = None  # the background request of `submit` (read-ahead)
         return self._pool.submit(self.sample, prompts)
 
     def close(self) -> None:
-        """Stop the background thread and unload the last adapter from the server (the main process's job; errors
-        are logged, the server may be gone)."""
-        self._pool.shutdown(wait=True)
+        """Wait for the background request, unload the last adapter from the server (the main process's job; errors
+        are logged, the server may be gone) and forget what is served: a later `sync` pushes the weights again."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._main and self.kind == "lora" and self.model_name is not None:
             try:
                 self.client.unload_lora_adapter(self.model_name)
             except VLLMClientError as err:
                 logger.warning("Could not unload %s from %s: %s", self.model_name, self.url, err)
-        self.client.close()
+        self.model_name, self.synced_step = None, None
