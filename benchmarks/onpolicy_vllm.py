@@ -11,18 +11,19 @@ generalized JSD (beta 0.5, temperature 1) on the completion tokens, lmbda 1, Ada
 Parts, each trainer run in a fresh process (its peak RSS is its own):
 
 1. `sampling`: tokens/s of `--batch` x `--new` sampled tokens (T = 1, EOS ignored, so every row is `--new` long) with
-   HF `generate` on the PEFT student and with vLLM (the adapter loaded at run time), one request for the batch and
-   one per half batch (the accumulation-window vs micro-batch question), and vLLM on the base model.
+   HF `generate` on the PEFT student (no server up, and again after the server parts) and with vLLM (the adapter
+   loaded at run time), one request for the batch and one per half batch (the accumulation-window vs micro-batch
+   question), and vLLM on the base model; then the three interleaved round by round, under the same load.
 2. `train`: `--steps` optimizer steps of `trl_hf` (TRL's DistillationTrainer, HF generation), `ours_hf` (ours,
    `generate` path), `ours_vllm` (ours, vLLM; a checkpoint every step) and `ours_vllm_overlap`
-   (`vllm_overlap_generation`), ours with `log_completions`: per step the wall and the trainer's CPU seconds (from the
-   end of the previous step's callbacks, checkpoint saving excluded, to the end of the step, so the generation that
-   ours runs in `get_batch_samples` counts), peak RSS, the loss of every step; for vLLM the sync and sampling seconds
-   and the server's CPU seconds and RSS.
+   (`vllm_overlap_generation`; its dataset is the prompts repeated `--steps` times in order, so the read-ahead, which
+   never crosses an epoch, has a next window), ours with `log_completions`: per step the wall and the trainer's CPU
+   seconds (from the end of the previous step's callbacks, checkpoint saving excluded, to the end of the step, so
+   the generation that ours runs in `get_batch_samples` counts), peak RSS, the loss of every step; for vLLM the sync
+   and sampling seconds and the server's CPU seconds and RSS.
 3. `replay` (correctness): each completion `ours_vllm` logged at step s, against HF greedy `generate` of the PEFT
    student loaded from `checkpoint-{s-1}` (the initial adapter for s = 1): the fraction of tokens that agree
    position by position, and the same against the weights one step older (how different the steps are).
-
 4. `--full_sync` (a separate invocation): a full-parameter SmolLM2 student pushed three times into a server started
    with `VLLM_SERVER_DEV_MODE=1` (in-place `reload_weights` from the sync folder + prefix-cache reset), its weights
    changed between pushes: seconds per sync, and greedy vLLM samples (16 tokens) against HF `generate` on the same
@@ -30,7 +31,9 @@ Parts, each trainer run in a fresh process (its peak RSS is its own):
 
 The vLLM server (vLLM 0.32 CPU from `.venv-vllm`, `--enforce-eager`, fp32, runtime LoRA) runs only during the vLLM
 parts and is always stopped; the HF parts run with no server up. On a machine shared with other jobs the wall times
-move with the load (recorded at start and end); the CPU seconds move less.
+move with the load (recorded at start and end); the CPU seconds move less. With more runnable processes than cores,
+run it with `OMP_NUM_THREADS=1` (recorded): two spinning OpenMP threads per process made a SmolLM2 forward 7x slower
+than one thread on this 2-core machine under a load of ~9.
 
     python benchmarks/onpolicy_vllm.py --out runs/bench [--steps 5] [--batch 8] [--new 64] [--iters 2]
     python benchmarks/onpolicy_vllm.py --out runs/bench --steps 5 --iters 2 --full_sync   # then the line above again
@@ -166,6 +169,42 @@ def sampling_vllm(workdir: str, url: str, new: int, iters: int) -> dict:
     return out
 
 
+def sampling_interleaved(workdir: str, url: str, new: int, rounds: int) -> dict:
+    """HF `generate` (PEFT student), vLLM with the adapter and vLLM on the base model, one after the other in each of
+    `rounds` rounds (the server idle while HF runs), so the three see the same load on a shared machine."""
+    from hf_distill.generation.onpolicy import generate_completions
+    from hf_distill.generation.vllm import VLLMClient
+
+    work = Path(workdir)
+    student, tokenizer = student_and_tokenizer(work)
+    prompts = prompt_ids(work, tokenizer)
+    client = VLLMClient(url, model="smollm2")
+    client.load_lora_adapter("bench-student-2", str((work / "initial_adapter").resolve()))
+    cases = {
+        "hf_generate_peft": lambda: generate_completions(
+            student,
+            prompts,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None,
+            max_new_tokens=new,
+            do_sample=True,
+            temperature=1.0,
+        ),
+        "vllm_lora": lambda: client.complete(prompts, new, 1.0, model="bench-student-2", ignore_eos=True),
+        "vllm_base": lambda: client.complete(prompts, new, 1.0, ignore_eos=True),
+    }
+    seconds = {name: [] for name in cases}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, run in cases.items():
+            t0 = time.perf_counter()
+            tokens = sum(len(c) for c in run())
+            if r:
+                seconds[name].append(time.perf_counter() - t0)
+    client.unload_lora_adapter("bench-student-2")
+    return {name: {"tokens": tokens, "seconds": s, "tokens_per_s": tokens / statistics.median(s)}
+            for name, s in seconds.items()}  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- 2. training steps
 
 
@@ -197,10 +236,12 @@ def train(variant: str, workdir: str, steps: int, new: int, lr: float, url: str 
         answers = [tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                    for p in prompts]  # fmt: skip
         rows = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(ids, answers)]
-        vllm = variant.startswith("ours_vllm")
+        vllm, overlap = variant.startswith("ours_vllm"), variant == "ours_vllm_overlap"
+        if overlap:  # read-ahead never crosses an epoch: one epoch of `steps` windows, each the same prompts in order
+            rows, common["train_sampling_strategy"] = rows * steps, "sequential"
         fields = dict(lmbda=1.0, kd_loss="jsd", beta=0.5, temperature=1.0, kd_weight=1.0, ce_weight=0.0,
                       generation_temperature=0.0, max_new_tokens=new, use_vllm=vllm,
-                      vllm_server_base_url=url or None, vllm_overlap_generation=variant == "ours_vllm_overlap",
+                      vllm_server_base_url=url or None, vllm_overlap_generation=overlap,
                       log_completions=True, save_strategy="steps" if variant == "ours_vllm" else "no",
                       save_steps=1)  # fmt: skip
         args = DistillationConfig(**common, **fields)
@@ -402,9 +443,13 @@ def main() -> None:
     kw = dict(workdir=str(work), new=opts.new)
     parts = work / "parts"  # one file per finished part: a rerun with the same settings resumes after the last one
     settings = {k: getattr(opts, k) for k in ("steps", "batch", "new", "lr", "perturb", "iters")}
+    settings["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")  # the runs inherit it (and the server)
 
     def part(name: str, function: str, **kwargs) -> dict:
-        run = lambda: run_isolated(__file__, function, **kwargs, **kw)  # noqa: E731
+        def run() -> dict:
+            before = os.getloadavg()
+            return run_isolated(__file__, function, **kwargs, **kw) | {"load_average": [before, os.getloadavg()]}
+
         result = cached_run(parts / f"{name}.json", run, settings)
         print(name, json.dumps(result), file=sys.stderr, flush=True)
         return result
@@ -419,8 +464,10 @@ def main() -> None:
     for variant in [v for v in variants if not v.startswith("ours_vllm")]:
         results["train"][variant] = part(variant, "train", variant=variant, steps=opts.steps, lr=opts.lr)
     todo = [v for v in variants if v.startswith("ours_vllm") and not (parts / f"{v}.json").exists()]
-    if not todo and (parts / "sampling_vllm.json").exists():  # every server part is done: no server needed
+    todo += [p for p in ("sampling_vllm", "sampling_interleaved") if not (parts / f"{p}.json").exists()]
+    if not todo:  # every server part is done: no server needed
         results["sampling_vllm"] = part("sampling_vllm", "sampling_vllm")
+        results["sampling_interleaved"] = part("sampling_interleaved", "sampling_interleaved")
         results["train"] |= {v: part(v, "train") for v in variants if v.startswith("ours_vllm")}
     else:
         server = VLLMServer(work / "smollm2", served_model_name="smollm2", lora=False, max_logprobs=20,
@@ -433,19 +480,25 @@ def main() -> None:
             idle = (process_tree_cpu_and_rss(server.proc.pid)[0] - cpu0) / 10
             results["server"] = {"start_s": server.start_seconds, "idle_cpu_s_per_s": idle}
             results["sampling_vllm"] = part("sampling_vllm", "sampling_vllm", url=server.url, iters=opts.iters)
+            results["sampling_interleaved"] = part("sampling_interleaved", "sampling_interleaved", url=server.url,
+                                                   rounds=opts.iters)  # fmt: skip
             for variant in [v for v in variants if v.startswith("ours_vllm")]:
 
                 def measured(variant: str = variant) -> dict:
                     cpu0, _ = process_tree_cpu_and_rss(server.proc.pid)
+                    load = os.getloadavg()
                     r = run_isolated(__file__, "train", variant=variant, steps=opts.steps, lr=opts.lr,
                                      url=server.url, **kw)  # fmt: skip
                     cpu1, rss = process_tree_cpu_and_rss(server.proc.pid)
-                    return r | {"server_cpu_s": cpu1 - cpu0, "server_rss_mib": rss}
+                    return r | {"server_cpu_s": cpu1 - cpu0, "server_rss_mib": rss,
+                                "load_average": [load, os.getloadavg()]}  # fmt: skip
 
                 results["train"][variant] = cached_run(parts / f"{variant}.json", measured, settings)
                 print(variant, json.dumps(results["train"][variant]), file=sys.stderr, flush=True)
         finally:
             server.stop()
+    # HF sampling again, after the server parts: the load on a shared machine moves, this brackets the vLLM numbers
+    results["sampling_hf_again"] = part("sampling_hf_again", "sampling_hf", iters=opts.iters)
     if "ours_vllm" in variants:
         results["replay"] = part("replay", "replay")
         results["adapter_mib"] = (work / "initial_adapter" / "adapter_model.safetensors").stat().st_size / MIB
@@ -461,8 +514,13 @@ def main() -> None:
     results["load_average_at_end"] = os.getloadavg()
     write_json(opts.out, "onpolicy_vllm", results)
     hf, v = results["sampling_hf"], results["sampling_vllm"]
-    rows = [{"sampler": "HF generate (PEFT)", "tokens/s": hf["tokens_per_s"]}]
+    rows = [
+        {"sampler": "HF generate (PEFT)", "tokens/s": hf["tokens_per_s"]},
+        {"sampler": "HF generate (PEFT), again", "tokens/s": results["sampling_hf_again"]["tokens_per_s"]},
+    ]
     rows += [{"sampler": k, "tokens/s": v[k]["tokens_per_s"]} for k in v if isinstance(v[k], dict)]
+    rows += [{"sampler": f"interleaved: {k}", "tokens/s": r["tokens_per_s"]}
+             for k, r in results["sampling_interleaved"].items()]  # fmt: skip
     print(format_table(rows, ["sampler", "tokens/s"]))
     rows = []
     for name, r in results["train"].items():

@@ -280,3 +280,6 @@ def test_log_completions_on_the_generate_path(tmp_path, tokenizer):
         ref = generate_completions(t.model, [r["prompt_ids"]], pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
                                    max_new_tokens=6, do_sample=False)  # fmt: skip
         assert r["completion_ids"] == ref[0]  # lr 0: the weights never move
+    again = trainer(tmp_path, tokenizer, lmbda=1.0, generation_temperature=0.0, log_completions=True, max_steps=1)
+    again.train()  # a new run from step 1 into the same output_dir starts a new file
+    assert [r["step"] for r in read_completions(again.args.output_dir)] == [1] * 4

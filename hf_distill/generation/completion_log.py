@@ -1,6 +1,7 @@
 """`log_completions: true`: every on-policy completion in `output_dir/completions.jsonl`, and a few printed.
 
-One JSON object per row, appended as the rows are trained on:
+One JSON object per row, appended as the rows are trained on (a run that starts at step 1 starts a new file; a
+resumed run appends):
 
 - `step`: the optimizer step that trains on the row (1-based, as `checkpoint-{step}`);
 - `policy_step`: the optimizer step of the weights that sampled it (`step - 1` with `generate` and with vLLM synced
@@ -38,6 +39,7 @@ class CompletionLog:
         self.tokenizer = tokenizer
         self.logging_steps = max(1, int(logging_steps)) if logging_steps >= 1 else 1
         self.num_to_print = num_to_print
+        self._started = False  # whether this run has written (or cleared) the file yet
 
     def rows(self, step: int, policy_step: int, prompts: list[list[int]], completions: list[list[int]]) -> list[dict]:
         """The JSON rows of one micro-batch's B prompts and their B completions."""
@@ -50,14 +52,20 @@ class CompletionLog:
             out.append(row)
         return out
 
-    def write(self, rows: list[dict], accelerator: Any = None) -> None:
-        """Append `rows` (gathered from every process first: call it on all of them) and print a sample at logging
-        steps."""
+    def write(self, rows: list[dict], accelerator: Any = None, step: int | None = None) -> None:
+        """Append `rows` (gathered from every process first: call it on all of them, once per accumulation window)
+        and print a sample at logging steps. The first call of a run that starts at `step` 1 empties the file (an
+        earlier run's rows never mix in); a resumed run appends."""
         if accelerator is not None and accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
             rows = gather_object(rows)
-        if not rows or (accelerator is not None and not accelerator.is_main_process):
+        if accelerator is not None and not accelerator.is_main_process:
+            return
+        if not self._started and step == 1 and os.path.exists(self.path):
+            os.remove(self.path)
+        self._started = True
+        if not rows:
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:

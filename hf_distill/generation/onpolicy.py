@@ -362,7 +362,7 @@ class PolicyBatchRewriter:
                     if self.log is not None:
                         rows += self.log.rows(step + 1, step, *_parts(item.batch, batch))
                 out.append(batch)
-            self._write_log(rows, accelerator)
+            self._write_log(rows, accelerator, step + 1)
             return out
         completions = {id(item): item.future.result() for item in items if item.future is not None}  # read ahead
         ahead = []
@@ -392,7 +392,7 @@ class PolicyBatchRewriter:
             if self.log is not None:
                 rows += self.log.rows(step + 1, item.policy_step, item.prompts, completions[id(item)])
             out.append(batch)
-        self._write_log(rows, accelerator)
+        self._write_log(rows, accelerator, step + 1)
         return out
 
     def _window_size(self) -> int:
@@ -412,9 +412,9 @@ class PolicyBatchRewriter:
             start += len(item.prompts)
         return out
 
-    def _write_log(self, rows: list[dict], accelerator: Any) -> None:
+    def _write_log(self, rows: list[dict], accelerator: Any, step: int) -> None:
         if self.log is not None:
-            self.log.write(rows, accelerator)
+            self.log.write(rows, accelerator, step)
 
     def callbacks(self) -> list[TrainerCallback]:
         """Callbacks the trainer adds: `close` when training ends."""
