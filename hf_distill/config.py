@@ -117,7 +117,7 @@ class DistillationArguments(TeacherAPIArguments):
         Probability that a micro-batch's completions are replaced by student samples (GKD's on-policy fraction).
     max_new_tokens (`int`, defaults to `128`): completion length limit for on-policy samples and `seq_kd`.
     generation_temperature (`float`, defaults to `1.0`):
-        Sampling temperature of on-policy samples (the KD softmax has its own `temperature`).
+        Sampling temperature of on-policy samples (the KD softmax has its own `temperature`); 0 = greedy.
     seq_kd (`bool`, defaults to `False`): replace completions by teacher generations (sequence-level KD).
     seq_kd_do_sample (`bool`, defaults to `False`): sample the `seq_kd` targets at `generation_temperature`
         instead of greedy decoding.
@@ -127,6 +127,34 @@ class DistillationArguments(TeacherAPIArguments):
     nonfinite_teacher (`str`, defaults to `"error"`): what a teacher output with NaN/inf does (e.g. an fp16 teacher
         that overflowed): `error` stops the run before the optimizer step, naming the step and the cause (the last
         saved checkpoint is untouched); `skip` drops such micro-batches from the gradient with a counted warning.
+
+    > Parameters that control on-policy sampling through vLLM (TRL's names; docs/onpolicy.md)
+
+    use_vllm (`bool`, defaults to `False`):
+        Draw the on-policy samples (`lmbda`) from a vLLM server that follows the student, instead of `generate` in the
+        training step. A LoRA student's adapter is loaded into the server at run time; a full-parameter student's
+        weights are reloaded from disk (the server needs `VLLM_SERVER_DEV_MODE=1`).
+    vllm_mode (`str`, defaults to `"server"`):
+        `server`: a vLLM server started beside the run (its own venv). `colocate` (vLLM inside the training process,
+        as TRL) is not supported: vLLM pins its own transformers, so it cannot share the training venv.
+    vllm_server_base_url (`str`, *optional*):
+        The server's URL, e.g. `http://127.0.0.1:8000` (required with `use_vllm`).
+    vllm_server_timeout (`float`, defaults to `240.0`):
+        Seconds per request; failed requests (server down, 5xx, timeouts, refused adapter loads) are retried
+        `vllm_max_retries` times, then the run stops with an error naming the server.
+    vllm_max_retries (`int`, defaults to `5`): retries per request.
+    vllm_sync_steps (`int`, defaults to `1`):
+        Push the student's weights to the server every this many optimizer steps: samples of step s come from the
+        weights of step `s - 1` at most `vllm_sync_steps - 1` steps old.
+    vllm_sync_dir (`str`, *optional*):
+        Folder, readable by the server, where the weights are written at each sync (default: `output_dir/vllm-sync`).
+    vllm_overlap_generation (`bool`, defaults to `False`):
+        Sample the next accumulation window while the current one trains: faster where the server has its own
+        device, at the cost of one more step of policy lag (samples of step s come from the weights of step s - 2).
+    log_completions (`bool`, defaults to `False`):
+        Write every on-policy completion to `output_dir/completions.jsonl` (step, policy step, prompt and completion
+        ids and text) and print a few at each logging step, as TRL's `log_completions`.
+    num_completions_to_print (`int`, *optional*, defaults to `4`): rows of the printed table (None: all).
 
     > Parameters that control rationale distillation (distilling step-by-step)
 
@@ -293,10 +321,52 @@ class DistillationArguments(TeacherAPIArguments):
     )
     generation_temperature: float = field(
         default=DIVERGENCE_DEFAULTS["temperature"],
-        metadata={"help": "Sampling temperature (> 0) of on-policy samples (not the KD temperature)."},
+        metadata={"help": "Sampling temperature (>= 0; 0 = greedy) of on-policy samples (not the KD temperature)."},
     )
     seq_kd: bool = field(
         default=False, metadata={"help": "Sequence-level KD: replace completions by the teacher's generations."}
+    )
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw on-policy samples (lmbda) from a vLLM server that follows the student (docs/onpolicy.md)."
+        },
+    )
+    vllm_mode: str = field(
+        default="server",
+        metadata={
+            "help": "server: a vLLM server beside the run. colocate (vLLM in the training process) is not supported.",
+            "choices": ["server", "colocate"],
+        },
+    )
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "URL of the vLLM server, e.g. http://127.0.0.1:8000 (with use_vllm)."}
+    )
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Seconds per request to the vLLM server (then retried)."}
+    )
+    vllm_max_retries: int = field(
+        default=5, metadata={"help": "Retries of a failed vLLM request (down, 5xx, timeout, refused adapter load)."}
+    )
+    vllm_sync_steps: int = field(
+        default=1, metadata={"help": "Push the student's weights to the vLLM server every N optimizer steps."}
+    )
+    vllm_sync_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder the vLLM server can read, where weights are written (default output_dir/vllm-sync)."
+        },
+    )
+    vllm_overlap_generation: bool = field(
+        default=False,
+        metadata={"help": "Sample the next window while the current one trains (one more step of policy lag)."},
+    )
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "Write every on-policy completion to output_dir/completions.jsonl and print a few."},
+    )
+    num_completions_to_print: int | None = field(
+        default=4, metadata={"help": "Completions printed at each logging step with log_completions (None: all)."}
     )
     seq_kd_do_sample: bool = field(
         default=False, metadata={"help": "Sample seq_kd targets at generation_temperature instead of greedy."}

@@ -30,6 +30,7 @@ from .features.early_exit import EarlyExits
 from .features.hints import HintDistiller, feature_forward_kwargs
 from .features.projectors import ProjectorCallback, load_projectors
 from .generation.onpolicy import PolicyBatchRewriter
+from .generation.vllm_sampler import VLLMStudentSampler
 from .heads import detect_head
 from .model_card import trainer_model_card
 from .models import prepare_teacher, unregister_model
@@ -148,8 +149,11 @@ class DistillationMixin:
         self._early_exits = EarlyExits(args, student, vocab_size) if EarlyExits.active(args) else None
         self._policy = None
         if PolicyBatchRewriter.active(args):  # on-policy samples / seq-KD: batch rewriters before the forward pass
+            sampler = VLLMStudentSampler.from_args(args, context.tokenizer, student.config) if args.use_vllm else None
             self._policy = PolicyBatchRewriter.for_student(args, context.tokenizer, student.config,
-                                                           self._head.kind == "seq2seq")  # fmt: skip
+                                                           self._head.kind == "seq2seq", sampler)  # fmt: skip
+            for callback in self._policy.callbacks():  # releases the vLLM sampler when training ends
+                self.add_callback(callback)
         if args.kd_loss == "taid":  # TAID's t is training state: moved, logged and checkpointed by this callback
             self.add_callback(TaidCallback.from_args(args))
         if hasattr(self.model, "add_model_tags"):
@@ -387,13 +391,13 @@ class DistillationMixin:
         """Rewrite the window's micro-batches (on-policy samples, seq_kd) before their supervised tokens are counted,
         so the loss is normalised by the tokens actually trained on; then count each task's tokens in the window
         (step-by-step batches)."""
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self._policy is not None and batch_samples:
+        if self._policy is None:
+            batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        else:  # the window read and rewritten (generate or vLLM) before its tokens are counted
             student = getattr(self, "model_wrapped", None) or self.model
-            batch_samples = [
-                self._policy(batch, student=student, teacher=self.teacher, accelerator=self.accelerator)
-                for batch in batch_samples
-            ]
+            batch_samples = self._policy.next_window(epoch_iterator, num_batches, student=student,
+                                                     teacher=self.teacher, accelerator=self.accelerator,
+                                                     step=self.state.global_step)  # fmt: skip
             num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
         add_window_task_counts(batch_samples, self._head, self.args, self.accelerator)  # per-task GA normalisation
         return batch_samples, num_items_in_batch

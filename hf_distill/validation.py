@@ -2,6 +2,7 @@
 is refused here, each error naming the field, its value and what is allowed (`DistillationArguments.__post_init__`
 runs `validate_distillation`; the teacher sources re-check the fields they depend on with the same functions)."""
 
+import importlib.util
 import json
 import logging
 import math
@@ -231,6 +232,7 @@ def validate_distillation(
                 f"{args.teacher_model_init_kwargs!r} ({err})."
             ) from err
     validate_teacher_sources(args)
+    validate_vllm_sampling(args)
     validate_learning_schemes(args)
     validate_cross_tokenizer(args)
 
@@ -277,8 +279,8 @@ def validate_teacher_sources(args: Any) -> None:
         raise ValueError(f"`lmbda` must be in [0, 1] (probability of on-policy batches), got {args.lmbda}.")
     if args.max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1, got {args.max_new_tokens}.")
-    if not args.generation_temperature > 0:
-        raise ValueError(f"`generation_temperature` must be > 0, got {args.generation_temperature}.")
+    if not args.generation_temperature >= 0:
+        raise ValueError(f"`generation_temperature` must be >= 0 (0 = greedy), got {args.generation_temperature}.")
     if args.multi_teacher_mode not in ("mixture", "sum"):
         raise ValueError(f"`multi_teacher_mode` must be 'mixture' or 'sum', got {args.multi_teacher_mode!r}.")
     name = args.teacher_model_name_or_path
@@ -306,6 +308,49 @@ def validate_teacher_sources(args: Any) -> None:
         if args.teacher_model_name_or_path is not None:
             raise ValueError("`teacher_cache` replaces the live teacher: unset `teacher_model_name_or_path`.")
         check_cache_config(args)
+
+
+def validate_vllm_sampling(args: Any) -> None:
+    """Checks of the on-policy vLLM fields (`use_vllm`, `vllm_*`) and of `log_completions`."""
+    if args.vllm_mode not in ("server", "colocate"):
+        raise ValueError(f"`vllm_mode` must be 'server' or 'colocate', got {args.vllm_mode!r}.")
+    if args.vllm_sync_steps < 1:
+        raise ValueError(
+            f"`vllm_sync_steps` must be >= 1 (optimizer steps between syncs), got {args.vllm_sync_steps}."
+        )
+    if not args.vllm_server_timeout > 0 or args.vllm_max_retries < 0:
+        raise ValueError(
+            f"`vllm_server_timeout` must be > 0 and `vllm_max_retries` >= 0, got {args.vllm_server_timeout} and "
+            f"{args.vllm_max_retries}."
+        )
+    if args.num_completions_to_print is not None and args.num_completions_to_print < 0:
+        raise ValueError(f"`num_completions_to_print` must be >= 0 or None, got {args.num_completions_to_print}.")
+    if args.log_completions and not args.lmbda > 0:
+        raise ValueError("`log_completions` writes the on-policy samples: set `lmbda` > 0 (or unset it).")
+    if not args.use_vllm:
+        return
+    if not args.lmbda > 0:
+        raise ValueError(
+            f"`use_vllm` draws the on-policy samples from vLLM, but `lmbda` is {args.lmbda}, so none are drawn: set "
+            "`lmbda` > 0 (the fraction of on-policy micro-batches), or unset `use_vllm`."
+        )
+    if args.vllm_mode == "colocate":
+        where = (
+            "vLLM is importable here, but colocated sampling is not implemented yet"
+            if importlib.util.find_spec("vllm") is not None
+            else "it needs vLLM installed in the training venv, and vLLM 0.32 pins transformers < 5.20, so it lives "
+            "in its own venv (`make setup-vllm`)"
+        )
+        raise ValueError(
+            f"`vllm_mode: colocate` runs vLLM inside the training process: {where}. Start a vLLM server instead "
+            "(docs/onpolicy.md) and set `vllm_mode: server` with `vllm_server_base_url`."
+        )
+    url = args.vllm_server_base_url
+    if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        raise ValueError(
+            f"`use_vllm` with `vllm_mode: server` needs `vllm_server_base_url`, the URL of the vLLM server (e.g. "
+            f"http://127.0.0.1:8000), got {url!r}."
+        )
 
 
 def validate_learning_schemes(args: Any) -> None:

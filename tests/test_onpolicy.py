@@ -190,7 +190,7 @@ def test_seq2seq_on_policy(tmp_path, tokenizer):
 def test_bad_inputs(tmp_path, tokenizer):
     for kw, message in [
         ({"lmbda": 1.5}, r"`lmbda` must be in \[0, 1\]"),
-        ({"generation_temperature": 0.0}, "`generation_temperature` must be > 0"),
+        ({"generation_temperature": -1.0}, r"`generation_temperature` must be >= 0 \(0 = greedy\)"),
         ({"max_new_tokens": 0}, "`max_new_tokens` must be >= 1"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -262,3 +262,24 @@ def test_rewriter_for_student_takes_the_tokenizers_ids_then_the_configs():
     assert (rewriter.pad_token_id, rewriter.eos_token_id) == (1, 2)
     rewriter = PolicyBatchRewriter.for_student(args, None, config, True)
     assert (rewriter.pad_token_id, rewriter.eos_token_id, rewriter.is_encoder_decoder) == (0, 3, True)
+
+
+def test_log_completions_on_the_generate_path(tmp_path, tokenizer):
+    """Every on-policy row in output_dir/completions.jsonl: the step that trains on it (1-based), the weights' step,
+    prompt and completion ids and text; greedy (`generation_temperature: 0`) rows are the student's greedy output."""
+    from hf_distill.generation.completion_log import read_completions
+
+    t = trainer(tmp_path, tokenizer, lmbda=1.0, generation_temperature=0.0, log_completions=True, max_steps=2,
+                learning_rate=0.0)  # fmt: skip
+    t.train()
+    logged = read_completions(t.args.output_dir)
+    assert [r["step"] for r in logged] == [1] * 4 + [2] * 4 and all(r["policy_step"] == r["step"] - 1 for r in logged)
+    for r in logged:
+        assert r["prompt"] == tokenizer.decode(r["prompt_ids"], skip_special_tokens=False)
+        assert r["completion"] == tokenizer.decode(r["completion_ids"], skip_special_tokens=False)
+        ref = generate_completions(t.model, [r["prompt_ids"]], pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
+                                   max_new_tokens=6, do_sample=False)  # fmt: skip
+        assert r["completion_ids"] == ref[0]  # lr 0: the weights never move
+    again = trainer(tmp_path, tokenizer, lmbda=1.0, generation_temperature=0.0, log_completions=True, max_steps=1)
+    again.train()  # a new run from step 1 into the same output_dir starts a new file
+    assert [r["step"] for r in read_completions(again.args.output_dir)] == [1] * 4

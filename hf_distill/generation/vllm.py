@@ -2,7 +2,8 @@
 `python -m vllm.entrypoints.openai.api_server`).
 
 It serves two uses: a *served teacher* (the teacher's top-k log-probs of every prompt position, `prompt_logprobs`)
-and *on-policy sampling* of a LoRA student (`complete` with adapters loaded at run time, `load_lora_adapter`).
+and *on-policy sampling* of a student (`complete`; a LoRA student's adapters loaded at run time, `load_lora_adapter`,
+a full-parameter student's weights reloaded in place, `reload_weights`: `generation/vllm_sampler.py`).
 Prompts are always token ids, so the server never re-tokenizes; `tokenize` checks its tokenizer against ours.
 
 What vLLM 0.32 returns for `prompt_logprobs: k` (read in its source and checked against the server):
@@ -310,6 +311,7 @@ class VLLMClient:
         top_p: float = 1.0,
         top_k: int = -1,
         ignore_eos: bool = False,
+        sampling: dict[str, Any] | None = None,
     ) -> list[list[int]]:
         """Generate from token-id prompts (`/v1/completions`); `temperature = 0` is greedy.
 
@@ -323,6 +325,8 @@ class VLLMClient:
             n (`int`, defaults to `1`): sequences per prompt.
             top_p (`float`, defaults to `1.0`), top_k (`int`, defaults to `-1`, all): sampling filters.
             ignore_eos (`bool`, defaults to `False`): keep generating past EOS.
+            sampling (`dict`, *optional*): more sampling fields sent as they are (e.g. `{"repetition_penalty": 1.0}`,
+                so the served model's `generation_config.json` defaults do not apply).
 
         Returns:
             `list[list[int]]`: B * n sequences of new token ids, prompt-major (rows `b * n .. b * n + n - 1` belong
@@ -342,6 +346,7 @@ class VLLMClient:
             "ignore_eos": ignore_eos,
             "return_token_ids": True,
         }
+        payload.update(sampling or {})
         if seed is not None:
             payload["seed"] = seed
         if stop_token_ids:
@@ -378,6 +383,18 @@ class VLLMClient:
         """Unload the adapter `name` (`POST /v1/unload_lora_adapter`); an unknown name is a `VLLMRequestError`
         (404)."""
         self._request("POST", "/v1/unload_lora_adapter", {"lora_name": name}, text=True)
+
+    def reload_weights(self, path: str) -> None:
+        """Reload the served model's weights in place from a `save_pretrained` folder (safetensors of the same
+        architecture): `POST /collective_rpc` with `reload_weights(weights_path=path)` on every worker, then `POST
+        /reset_prefix_cache`, so no cached prefix computed with the old weights is reused. Both are development
+        routes: the server must run with `VLLM_SERVER_DEV_MODE=1` (else they are a 404 `VLLMRequestError`).
+
+        Args:
+            path (`str`): the weights folder, as the server sees it.
+        """
+        self._request("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}})
+        self._request("POST", "/reset_prefix_cache", text=True)
 
 
 # ---------------------------------------------------------------------- reply parsing
