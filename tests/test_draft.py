@@ -173,10 +173,36 @@ def test_cli_end_to_end(tiny_files, capsys):
     main(
         ["draft", "evaluate", "--target", str(tiny_files / "target"), "--draft", str(tiny_files / "target"),
          "--dataset", str(tiny_files / "prompts.jsonl"), "--prompt_template", "{question}", "--max_new_tokens", "6",
-         "--output", str(out), "--per_prompt", "true"]
+         "--output", str(out), "--per_prompt", "true", "--update_card", "true"]
     )  # fmt: skip
     report = json.loads(out.read_text())
     assert report["acceptance_rate"] == 1.0 and len(report["per_prompt"]) == 4
+    card = (tiny_files / "target" / "README.md").read_text()  # the draft's card names its target and the results
+    assert "speculative-decoding" in card and f"model for **`{tiny_files / 'target'}`**" in card
+    assert "| acceptance rate (accepted / proposed draft tokens) | 1.000 |" in card
+
+
+def test_draft_card_keeps_the_trainer_card(tmp_path):
+    from hf_distill.model_card import add_draft_results, build_model_card
+
+    build_model_card(
+        model_name="d", teacher="smollm2", student_description="4 layers", losses={"kd_loss": "tvd"}
+    ).save(tmp_path / "README.md")
+    report = {
+        "acceptance_rate": 0.5,
+        "mean_accepted_tokens": 2.0,
+        "speedup": 1.25,
+        "target_tokens_per_s": 4.0,
+        "assisted_tokens_per_s": 5.0,
+        "identical": True,
+        "num_prompts": 3,
+        "settings": {"max_new_tokens": 8},
+    }
+    add_draft_results(str(tmp_path), report, "smollm2")
+    add_draft_results(str(tmp_path), {**report, "speedup": 1.5}, "smollm2")  # replaced, not appended
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("## Speculative decoding") == 1 and "| speed-up over the target alone | 1.50x |" in card
+    assert "## Losses" in card and "- `kd_loss`: tvd" in card and "- draft-model" in card
 
 
 def test_cli_errors(tiny_files, capsys):

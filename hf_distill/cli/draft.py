@@ -13,6 +13,7 @@ proposed draft tokens), `mean_accepted_tokens` (tokens per target forward pass),
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 from trl import TrlParser
@@ -62,6 +63,13 @@ class DraftEvaluateArguments:
     dtype: str = field(default="float32", metadata={"help": "Weights dtype of both models (float32 on CPU)."})
     output: str | None = field(default=None, metadata={"help": "Write the JSON report here."})
     per_prompt: bool = field(default=False, metadata={"help": "Keep per-prompt counts and timings in the JSON."})
+    update_card: bool = field(
+        default=False,
+        metadata={
+            "help": "Write the target and the measured acceptance / speed-up into the draft folder's model card "
+            "(README.md, section `## Speculative decoding`)."
+        },
+    )
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -108,7 +116,14 @@ def evaluate(args: DraftEvaluateArguments) -> dict:
     if not args.per_prompt:
         report.pop("per_prompt")
         report.pop("target_outputs")
-    report = {"target": args.target, "draft": args.draft, "dataset": args.dataset, **report}
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report = {"target": args.target, "draft": args.draft, "dataset": args.dataset, "date": date, **report}
+    if args.update_card:
+        if not os.path.isdir(args.draft):
+            raise ValueError(f"--update_card writes into a local draft folder; {args.draft!r} is not one.")
+        from ..model_card import add_draft_results
+
+        report["card"] = add_draft_results(args.draft, report, args.target)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:
