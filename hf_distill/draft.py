@@ -44,6 +44,7 @@ class AcceptanceCounts:
             at EOS, where transformers counts the accepted EOS as the target's own token.
         target_forwards (`int`): target forward passes (rounds).
         new_tokens (`int`): tokens the target appended over all rounds.
+        rejections (`int`): rounds in which the target rejected a proposed token (accepted < proposed).
     """
 
     proposed: int = 0
@@ -51,6 +52,7 @@ class AcceptanceCounts:
     reported_matches: int = 0
     target_forwards: int = 0
     new_tokens: int = 0
+    rejections: int = 0
 
     def add(self, other: "AcceptanceCounts") -> None:
         """Add `other`'s counts to these."""
@@ -61,6 +63,14 @@ class AcceptanceCounts:
     def acceptance_rate(self) -> float:
         """Accepted / proposed draft tokens (0.0 when nothing was proposed)."""
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def token_acceptance_rate(self) -> float:
+        """Accepted / (accepted + rejected) draft tokens: the probability that the target accepts a draft token it
+        gets to check (tokens after a rejection in the same round are never checked). It does not depend on the
+        number of draft tokens per round, unlike `acceptance_rate`; with one token per round the two are equal."""
+        checked = self.accepted + self.rejections
+        return self.accepted / checked if checked else 0.0
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -96,6 +106,7 @@ class _CountingGenerator:
                 reported_matches=int(num_matches),
                 target_forwards=1,
                 new_tokens=len(kept),
+                rejections=int(accepted < len(candidates)),
             )
         )
         self._pending = None
@@ -187,14 +198,24 @@ class DraftReport:
 
     Attributes:
         acceptance_rate (`float`): accepted / proposed draft tokens over all prompts.
+        token_acceptance_rate (`float`): accepted / checked draft tokens (`AcceptanceCounts.token_acceptance_rate`).
         mean_accepted_tokens (`float`): tokens per target forward pass in the assisted runs (accepted + 1).
         target_tokens_per_s (`float`): generated tokens / seconds, target alone.
         assisted_tokens_per_s (`float`): the same with the draft.
         speedup (`float`): target-alone time / assisted time over the same prompts and tokens.
         identical (`bool`): every assisted output equals the target's own greedy output.
+        num_prompts, new_tokens, proposed_tokens, accepted_tokens, reported_matches, target_forwards, rejections
+            (`int`): the counts behind the rates (`AcceptanceCounts`), summed over prompts.
+        target_seconds, assisted_seconds (`float`): generation wall time summed over prompts (warm-up excluded).
+        mismatched_prompts (`list[int]`): prompts whose assisted output differs from the target's own.
+        universal_assisted_generation (`bool`): the draft has another vocabulary (decoded and re-encoded text).
+        settings (`dict`): decoding settings, device and torch threads.
+        per_prompt (`list[dict]`): the counts and timings of each prompt.
+        target_outputs (`list[list[int]]`): the target's own greedy output ids of each prompt.
     """
 
     acceptance_rate: float
+    token_acceptance_rate: float
     mean_accepted_tokens: float
     target_tokens_per_s: float
     assisted_tokens_per_s: float
@@ -206,6 +227,7 @@ class DraftReport:
     accepted_tokens: int
     reported_matches: int
     target_forwards: int
+    rejections: int
     target_seconds: float
     assisted_seconds: float
     mismatched_prompts: list[int] = field(default_factory=list)
@@ -315,6 +337,7 @@ def evaluate_draft(
                         "new_tokens": len(alone),
                         "proposed": counts.proposed,
                         "accepted": counts.accepted,
+                        "rejections": counts.rejections,
                         "target_forwards": counts.target_forwards,
                         "identical": same,
                         "target_seconds": t_alone,
@@ -327,6 +350,7 @@ def evaluate_draft(
         draft.train(draft_was_training)
     return DraftReport(
         acceptance_rate=total.acceptance_rate,
+        token_acceptance_rate=total.token_acceptance_rate,
         mean_accepted_tokens=total.mean_accepted_tokens,
         target_tokens_per_s=new_tokens / target_seconds if target_seconds else 0.0,
         assisted_tokens_per_s=new_tokens / assisted_seconds if assisted_seconds else 0.0,
@@ -338,6 +362,7 @@ def evaluate_draft(
         accepted_tokens=total.accepted,
         reported_matches=total.reported_matches,
         target_forwards=total.target_forwards,
+        rejections=total.rejections,
         target_seconds=target_seconds,
         assisted_seconds=assisted_seconds,
         mismatched_prompts=mismatched,

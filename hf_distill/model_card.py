@@ -267,6 +267,7 @@ def draft_card_section(report: dict[str, Any], target: str) -> str:
     settings = report.get("settings", {})
     rows = [
         ("acceptance rate (accepted / proposed draft tokens)", f"{report['acceptance_rate']:.3f}"),
+        ("acceptance per checked draft token", f"{report['token_acceptance_rate']:.3f}"),
         ("tokens per target forward pass", f"{report['mean_accepted_tokens']:.2f}"),
         ("speed-up over the target alone", f"{report['speedup']:.2f}x"),
         (

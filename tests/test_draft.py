@@ -49,7 +49,7 @@ def reference_counts(target, draft, ids: list[int], k: int, max_new_tokens: int)
     out = target.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
     truth = out[0, len(ids) :].tolist()
     limit = len(ids) + max_new_tokens
-    pos, proposed, accepted, forwards = 0, 0, 0, 0
+    pos, proposed, accepted, forwards, rejections = 0, 0, 0, 0, 0
     while pos < len(truth):
         prefix = ids + truth[:pos]
         budget = min(k, limit - len(prefix) - 1)
@@ -63,14 +63,22 @@ def reference_counts(target, draft, ids: list[int], k: int, max_new_tokens: int)
         while n < len(guess) and pos + n < len(truth) and guess[n] == truth[pos + n]:
             n += 1
         proposed, accepted, forwards = proposed + len(guess), accepted + n, forwards + 1
+        rejections += n < len(guess)
         pos = min(pos + n + 1, len(truth))  # n accepted + the target's own token (none after EOS / the limit)
-    return {"proposed": proposed, "accepted": accepted, "forwards": forwards, "new_tokens": len(truth)}
+    return {
+        "proposed": proposed,
+        "accepted": accepted,
+        "rejections": rejections,
+        "forwards": forwards,
+        "new_tokens": len(truth),
+    }
 
 
 def test_identical_draft_is_always_accepted(target, tok):
     report = evaluate_draft(target, copy.deepcopy(target), tok, PROMPTS, max_new_tokens=15, num_assistant_tokens=4)
     assert report.identical and report.mismatched_prompts == []
-    assert report.acceptance_rate == 1.0 and report.accepted_tokens == report.proposed_tokens > 0
+    assert report.acceptance_rate == report.token_acceptance_rate == 1.0 and report.rejections == 0
+    assert report.accepted_tokens == report.proposed_tokens > 0
     assert report.mean_accepted_tokens == 5.0  # 4 accepted + 1 of the target's own per forward: 3 forwards of 5
     assert report.new_tokens == sum(len(o) for o in report.target_outputs) == 4 * 15
     assert not report.universal_assisted_generation
@@ -83,14 +91,12 @@ def test_random_draft_counts_match_a_step_by_step_reference(target, tok):
     assert report.identical  # greedy: the draft never changes the output
     expected = [reference_counts(target, draft, encode_prompt(tok, p), k, n) for p in PROMPTS]
     for got, want in zip(report.per_prompt, expected, strict=True):
-        assert (got["proposed"], got["accepted"], got["target_forwards"], got["new_tokens"]) == (
-            want["proposed"],
-            want["accepted"],
-            want["forwards"],
-            want["new_tokens"],
-        )
+        keys = ("proposed", "accepted", "rejections", "target_forwards", "new_tokens")
+        assert [got[k] for k in keys] == [want["forwards" if k == "target_forwards" else k] for k in keys]
     assert 0.0 <= report.acceptance_rate < 1.0
     assert report.acceptance_rate == pytest.approx(report.accepted_tokens / report.proposed_tokens)
+    checked = report.accepted_tokens + report.rejections
+    assert report.acceptance_rate <= report.token_acceptance_rate == pytest.approx(report.accepted_tokens / checked)
     assert report.mean_accepted_tokens == pytest.approx(report.new_tokens / report.target_forwards)
     assert report.reported_matches == report.accepted_tokens  # no round ended at EOS here
 

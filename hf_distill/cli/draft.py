@@ -144,7 +144,8 @@ def run(argv: list[str], prog: str = "hf-distill draft") -> None:
     report = evaluate(args)
     accepted, proposed = report["accepted_tokens"], report["proposed_tokens"]
     print(
-        f"acceptance {report['acceptance_rate']:.3f} ({accepted}/{proposed} draft tokens), "
+        f"acceptance {report['acceptance_rate']:.3f} ({accepted}/{proposed} draft tokens; "
+        f"{report['token_acceptance_rate']:.3f} of the checked ones), "
         f"{report['mean_accepted_tokens']:.2f} tokens per target forward; "
         f"target {report['target_tokens_per_s']:.1f} tok/s, assisted {report['assisted_tokens_per_s']:.1f} tok/s, "
         f"speed-up {report['speedup']:.2f}x; identical outputs: {report['identical']}"
