@@ -343,16 +343,15 @@ def gemma_part(args) -> dict:
     for seed in args.seeds[:1]:
         run_dir = out / "runs" / f"{args.gemma_loss}_seed{seed}"
         overrides = {
-            "teacher_model_name_or_path": "gemma3", "teacher_tokenizer_name_or_path": "gemma3",
-            "model_name_or_path": "smollm2", "student_num_layers": "null", "cross_tokenizer_loss": args.gemma_loss,
-            "use_fused_kd_loss": "false", "dataset_name": str(data), "rename_columns": "{}", "seq_kd": "false",
-            "lmbda": 0.0, "chat_format": "false", "max_steps": args.gemma_steps, "save_steps": args.gemma_steps,
-            "save_only_model": "true", "seed": seed, "output_dir": str(run_dir), "learning_rate": args.learning_rate,
-            "per_device_train_batch_size": 2, "max_length": 128, "logging_steps": 5,
+            "cross_tokenizer_loss": args.gemma_loss, "dataset_name": str(data), "max_steps": args.gemma_steps,
+            "save_steps": args.gemma_steps, "save_only_model": "true", "seed": seed, "output_dir": str(run_dir),
+            "logging_steps": 5, "learning_rate": args.gemma_learning_rate,
         }  # fmt: skip
         name = f"after_{args.gemma_loss}_seed{seed}"
         if not (out / "evals" / f"{name}.json").exists():
-            results[f"train_{name}"] = train(run_dir, "smollm2-4l_for_smollm2_svamp_tvd.yaml", overrides, args.threads)
+            results[f"train_{name}"] = train(
+                run_dir, "smollm2-30l_for_gemma3_esnli_gold.yaml", overrides, args.threads
+            )
         results[name] = cached(out / "evals" / f"{name}.json", lambda run_dir=run_dir: measure(load_draft(run_dir)))
         print(f"gemma {name}: {json.dumps(results[name])[:300]}", flush=True)
     return results
@@ -418,6 +417,7 @@ def main() -> None:
     p.add_argument("--k-sweep", type=int, nargs="*", default=[1, 2, 3, 5])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on shared cores).")
     p.add_argument("--gemma-steps", type=int, default=40)
+    p.add_argument("--gemma-learning-rate", type=float, default=1e-4)
     p.add_argument("--gemma-train-prompts", type=int, default=80)
     p.add_argument("--gemma-loss", default="gold", choices=["uld", "gold", "alm"])
     args = p.parse_args()
