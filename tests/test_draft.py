@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import WORDS, make_llama, make_tokenizer
+from conftest import REPO, WORDS, make_llama, make_tokenizer
 
 from hf_distill.cli.main import main
 from hf_distill.draft import count_acceptance, encode_prompt, evaluate_draft, prompts_from_dataset, same_vocabulary
@@ -234,3 +234,15 @@ def test_help():
     for flag in ("--target", "--draft", "--dataset", "--prompt_column", "--max_new_tokens", "--limit",
                  "--num_assistant_tokens", "--output"):  # fmt: skip
         assert flag in out
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes" / "draft").glob("*.yaml")), ids=lambda p: p.name)
+def test_draft_recipes_parse(recipe):
+    from hf_distill.cli.train import make_parser
+
+    script_args, args, _ = make_parser().parse_args_and_config(["--config", str(recipe), "--output_dir", "/tmp/x"])
+    assert recipe.read_text().startswith("#") and script_args.dataset_name and args.output_dir == "/tmp/x"
+    if recipe.stem.endswith("_tvd"):  # the default divergence of a draft (docs/draft_models.md)
+        assert args.kd_loss == "tvd" and args.kd_weight == 1.0 and args.ce_weight == 0.0 and args.lmbda > 0
+    if recipe.stem.endswith("_ce"):
+        assert args.kd_weight == 0.0 and args.seq_kd
