@@ -221,17 +221,40 @@ def evaluate_run(name: str, run_dir: Path, ctx: dict, args, keep: bool) -> dict:
     return result
 
 
+class Target(dict):
+    """The evaluation context; `ctx["target"]` is loaded on first use from a plain fp32 copy of the target (written
+    once), and `release()` frees it while a training subprocess runs (the machine's memory is shared)."""
+
+    def __missing__(self, key: str):
+        if key != "target":
+            raise KeyError(key)
+        from transformers import AutoModelForCausalLM
+
+        self["target"] = AutoModelForCausalLM.from_pretrained(self["folder"], dtype=torch.float32).eval()
+        return self["target"]
+
+    def release(self) -> None:
+        self.pop("target", None)
+        import gc
+
+        gc.collect()
+
+
 def smollm2_part(args) -> dict:
     from hf_distill.draft import evaluate_draft
     from hf_distill.models import load_model, load_tokenizer
     from hf_distill.student import init_student_from_teacher
 
     out = Path(args.out)
-    target, tok = load_model("smollm2").eval(), load_tokenizer("smollm2")
+    folder = out / "target"  # SmolLM2-135M-Instruct de-quantized once: fast loads here and in the training runs
+    tok = load_tokenizer("smollm2")
+    if not (folder / "config.json").exists():
+        load_model("smollm2").save_pretrained(folder)
+        tok.save_pretrained(folder)
     train_prompts, eval_prompts = prompts("train", args.train_prompts), prompts("validation", args.eval_prompts)
     assert not set(train_prompts) & set(eval_prompts)
-    data = training_data(out / "data", target, tok, train_prompts, args.data_max_new_tokens)
-    ctx = {"target": target, "tok": tok, "eval_prompts": eval_prompts, "out": out, "reference": None}
+    ctx = Target(folder=folder, tok=tok, eval_prompts=eval_prompts, out=out, reference=None)
+    data = training_data(out / "data", ctx["target"], tok, train_prompts, args.data_max_new_tokens)
 
     results: dict = {}
     for seed in args.seeds:
@@ -240,6 +263,7 @@ def smollm2_part(args) -> dict:
             if name not in results:
 
                 def untrained(layers=layers) -> dict:
+                    target = ctx["target"]
                     report = evaluate_draft(
                         target, init_student_from_teacher(target, num_layers=layers).eval(), tok, eval_prompts,
                         max_new_tokens=args.max_new_tokens, num_assistant_tokens=args.k,
@@ -260,13 +284,15 @@ def smollm2_part(args) -> dict:
                 name = f"{layers}l_{method}_seed{seed}"
                 run_dir = out / "runs" / name
                 overrides = {
-                    "dataset_name": str(data), "rename_columns": "{}", "seq_kd": "false", "student_num_layers": layers,
+                    "teacher_model_name_or_path": str(folder), "dataset_name": str(data), "rename_columns": "{}",
+                    "seq_kd": "false", "student_num_layers": layers,
                     "max_steps": args.steps, "save_steps": max(1, args.steps // args.checkpoints),
                     "save_only_model": "true", "logging_steps": 5, "seed": seed, "output_dir": str(run_dir),
                     "learning_rate": args.learning_rate, "max_new_tokens": args.data_max_new_tokens, **extra,
                 }  # fmt: skip
                 if not (out / "evals" / f"{name}.json").exists():
                     print(f"{name}: training ({args.steps} steps)", flush=True)
+                    ctx.release()
                     trained = train(run_dir, recipe, overrides, args.threads)
                     print(
                         f"{name}: trained in {trained['wall_s']:.0f} s wall, {trained['cpu_s']:.0f} CPU s", flush=True
