@@ -79,27 +79,24 @@ class AcceptanceCounts:
         return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
 
 
-class _CountingGenerator:
-    """Wraps one candidate generator of transformers' assisted decoding; every other attribute is the wrapped one's."""
+def _observe(generator: Any, counts: AcceptanceCounts) -> Any:
+    """Record into `counts` what one candidate generator of transformers' assisted decoding proposes each round and
+    what the target keeps. Its two methods are wrapped on the instance, so it stays what it is (`isinstance` checks
+    in transformers' loop still hold) and behaves as before."""
+    get_candidates, update_candidate_strategy = generator.get_candidates, generator.update_candidate_strategy
+    pending: list = []
 
-    def __init__(self, inner: Any, counts: AcceptanceCounts):
-        self._inner, self._counts, self._pending = inner, counts, None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def get_candidates(self, input_ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        candidate_ids, candidate_logits = self._inner.get_candidates(input_ids, **kwargs)
-        self._pending = (input_ids.shape[1], candidate_ids[0, input_ids.shape[1] :].detach().cpu())
+    def observed_get_candidates(input_ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        candidate_ids, candidate_logits = get_candidates(input_ids, **kwargs)
+        pending[:] = [input_ids.shape[1], candidate_ids[0, input_ids.shape[1] :].detach().cpu()]
         return candidate_ids, candidate_logits
 
-    def update_candidate_strategy(self, input_ids: torch.Tensor, scores: torch.Tensor, num_matches: Any) -> None:
-        start, candidates = self._pending if self._pending is not None else (input_ids.shape[1], torch.empty(0))
-        kept = input_ids[0, start:].detach().cpu()
+    def observed_update_candidate_strategy(input_ids: torch.Tensor, scores: torch.Tensor, num_matches: Any) -> Any:
+        start, candidates = pending if pending else (input_ids.shape[1], torch.empty(0, dtype=torch.long))
+        kept = input_ids[0, start:].detach().cpu()  # the tokens the target appended this round
         n = min(len(candidates), len(kept))
-        agree = (candidates[:n] == kept[:n]).long()
-        accepted = int(agree.cumprod(0).sum()) if n else 0
-        self._counts.add(
+        accepted = int((candidates[:n] == kept[:n]).long().cumprod(0).sum()) if n else 0
+        counts.add(
             AcceptanceCounts(
                 proposed=len(candidates),
                 accepted=accepted,
@@ -109,8 +106,12 @@ class _CountingGenerator:
                 rejections=int(accepted < len(candidates)),
             )
         )
-        self._pending = None
-        return self._inner.update_candidate_strategy(input_ids, scores, num_matches)
+        pending.clear()
+        return update_candidate_strategy(input_ids, scores, num_matches)
+
+    generator.get_candidates = observed_get_candidates
+    generator.update_candidate_strategy = observed_update_candidate_strategy
+    return generator
 
 
 @contextlib.contextmanager
@@ -120,8 +121,9 @@ def count_acceptance(target: PreTrainedModel) -> Iterator[AcceptanceCounts]:
 
     The target's `_get_candidate_generator` (where transformers' `_assisted_decoding` builds its
     `AssistedCandidateGenerator`, or `AssistedCandidateGeneratorDifferentTokenizers` for universal assisted generation)
-    is wrapped on this instance only, so the generator it returns is observed: what it proposed each round and what the
-    target kept. Decoding itself is transformers' unchanged.
+    is wrapped on this instance only, and the generator it returns has its `get_candidates` and
+    `update_candidate_strategy` observed: what it proposed each round and what the target kept. Decoding itself is
+    transformers' unchanged.
 
     Args:
         target (`PreTrainedModel`): the model whose `generate` is called with `assistant_model=`.
@@ -137,8 +139,8 @@ def count_acceptance(target: PreTrainedModel) -> Iterator[AcceptanceCounts]:
     counts = AcceptanceCounts()
     original = target._get_candidate_generator  # bound method of the class (or an outer wrapper)
 
-    def counting_candidate_generator(*args: Any, **kwargs: Any) -> _CountingGenerator:
-        return _CountingGenerator(original(*args, **kwargs), counts)
+    def counting_candidate_generator(*args: Any, **kwargs: Any) -> Any:
+        return _observe(original(*args, **kwargs), counts)
 
     target._get_candidate_generator = counting_candidate_generator
     try:

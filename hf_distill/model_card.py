@@ -288,8 +288,9 @@ def draft_card_section(report: dict[str, Any], target: str) -> str:
             DRAFT_SECTION,
             "",
             (
-                f"A draft (assistant) model for **`{target}`**: `{target}`.generate(..., assistant_model=this_model) "
-                "gives the target's own output, faster when the target accepts the draft's tokens."
+                f"A draft (assistant) model for speculative decoding with **`{target}`** as the target: "
+                "`target.generate(**inputs, assistant_model=draft)` gives the target's own greedy output, faster the "
+                "more of the draft's tokens the target accepts."
             ),
             "",
             "| measured | value |",

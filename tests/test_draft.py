@@ -1,6 +1,7 @@
 """Draft models for speculative decoding (`hf_distill.draft`, `hf-distill draft evaluate`): acceptance counted from
 transformers' assisted decoding, checked against a step-by-step reference on tiny random models built from configs."""
 
+import contextlib
 import copy
 import json
 import subprocess
@@ -126,6 +127,16 @@ def test_count_acceptance_restores_the_model(target, tok):
     evaluate_draft(target, draft, tok, PROMPTS[:1], max_new_tokens=4, num_assistant_tokens=2)
     assert draft.generation_config.to_dict() == settings  # the draft's own settings are put back
 
+    def heuristic_tokens_after(observed: bool) -> int:  # transformers' own bookkeeping still runs when counted
+        helper = copy.deepcopy(target)
+        helper.generation_config.num_assistant_tokens_schedule = "heuristic"
+        helper.generation_config.num_assistant_tokens = 2
+        with count_acceptance(target) if observed else contextlib.nullcontext():
+            target.generate(ids, assistant_model=helper, do_sample=False, max_new_tokens=9, pad_token_id=0)
+        return helper.generation_config.num_assistant_tokens
+
+    assert heuristic_tokens_after(True) == heuristic_tokens_after(False) > 2
+
 
 def test_another_tokenizer_goes_through_universal_assisted_generation(target, tok):
     other = make_tokenizer([*reversed(WORDS), "green", "tree"])  # other ids, and a vocabulary of another size
@@ -184,7 +195,7 @@ def test_cli_end_to_end(tiny_files, capsys):
     report = json.loads(out.read_text())
     assert report["acceptance_rate"] == 1.0 and len(report["per_prompt"]) == 4
     card = (tiny_files / "target" / "README.md").read_text()  # the draft's card names its target and the results
-    assert "speculative-decoding" in card and f"model for **`{tiny_files / 'target'}`**" in card
+    assert "speculative-decoding" in card and f"with **`{tiny_files / 'target'}`** as the target" in card
     assert "| acceptance rate (accepted / proposed draft tokens) | 1.000 |" in card
 
 
@@ -196,6 +207,7 @@ def test_draft_card_keeps_the_trainer_card(tmp_path):
     ).save(tmp_path / "README.md")
     report = {
         "acceptance_rate": 0.5,
+        "token_acceptance_rate": 0.6,
         "mean_accepted_tokens": 2.0,
         "speedup": 1.25,
         "target_tokens_per_s": 4.0,
