@@ -34,6 +34,7 @@ weights are deleted after their evaluation (the final weights of seed 0 are kept
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -152,11 +153,24 @@ def training_data(out: Path, model, tok, train_prompts: list[str], max_new_token
     return path
 
 
-def train(run_dir: Path, recipe: str, overrides: dict, threads: int) -> dict:
-    """`hf-distill train --config recipes/draft/<recipe> --<key> <value> ...` in a subprocess; returns wall / CPU s."""
+def available_gib() -> float:
+    """MemAvailable of /proc/meminfo in GiB (inf where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+    except (OSError, StopIteration):
+        return float("inf")
+
+
+def train(run_dir: Path, recipe: str, overrides: dict, threads: int, min_free_gib: float = 0.0) -> dict:
+    """`hf-distill train --config recipes/draft/<recipe> --<key> <value> ...` in a subprocess; returns wall / CPU s.
+    Waits first until `min_free_gib` of memory is available (the machine is shared)."""
     marker = run_dir / "TRAINED.json"
     if marker.exists():
         return json.loads(marker.read_text())
+    while available_gib() < min_free_gib:
+        print(f"  waiting for {min_free_gib} GiB of free memory ({available_gib():.1f} now)", flush=True)
+        time.sleep(120)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     flags = [x for k, v in overrides.items() for x in (f"--{k}", json.dumps(v) if isinstance(v, dict) else str(v))]
@@ -235,8 +249,6 @@ class Target(dict):
 
     def release(self) -> None:
         self.pop("target", None)
-        import gc
-
         gc.collect()
 
 
@@ -351,15 +363,21 @@ def gemma_part(args) -> dict:
     from hf_distill.models import load_model, load_tokenizer
 
     out = Path(args.out) / "gemma"
-    target, tok = load_model("gemma3").eval(), load_tokenizer("gemma3")
-    draft_tok = load_tokenizer("smollm2")
+    holder: dict = {}
+
+    def target():
+        if "model" not in holder:
+            holder["model"] = load_model("gemma3").eval()
+        return holder["model"]
+
+    tok, draft_tok = load_tokenizer("gemma3"), load_tokenizer("smollm2")
     train_prompts = prompts("train", args.gemma_train_prompts)
     eval_prompts = prompts("validation", args.eval_prompts)
-    data = training_data(out / "data", target, tok, train_prompts, args.data_max_new_tokens)
+    data = training_data(out / "data", target(), tok, train_prompts, args.data_max_new_tokens)
 
     def measure(draft) -> dict:
         report = evaluate_draft(
-            target, draft, tok, eval_prompts, draft_tokenizer=draft_tok, max_new_tokens=args.max_new_tokens,
+            target(), draft, tok, eval_prompts, draft_tokenizer=draft_tok, max_new_tokens=args.max_new_tokens,
             num_assistant_tokens=args.k,
         )  # fmt: skip
         return summary(report)
@@ -375,8 +393,10 @@ def gemma_part(args) -> dict:
         }  # fmt: skip
         name = f"after_{args.gemma_loss}_seed{seed}"
         if not (out / "evals" / f"{name}.json").exists():
+            holder.clear()  # the target's memory back while the training subprocess runs
+            gc.collect()
             results[f"train_{name}"] = train(
-                run_dir, "smollm2-30l_for_gemma3_esnli_gold.yaml", overrides, args.threads
+                run_dir, "smollm2-30l_for_gemma3_esnli_gold.yaml", overrides, args.threads, args.gemma_min_free_gib
             )
         results[name] = cached(out / "evals" / f"{name}.json", lambda run_dir=run_dir: measure(load_draft(run_dir)))
         print(f"gemma {name}: {json.dumps(results[name])[:300]}", flush=True)
@@ -444,6 +464,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on shared cores).")
     p.add_argument("--gemma-steps", type=int, default=40)
     p.add_argument("--gemma-learning-rate", type=float, default=1e-4)
+    p.add_argument("--gemma-min-free-gib", type=float, default=7.0, help="Wait for this much free memory to train.")
     p.add_argument("--gemma-train-prompts", type=int, default=80)
     p.add_argument("--gemma-loss", default="gold", choices=["uld", "gold", "alm"])
     args = p.parse_args()
