@@ -250,3 +250,89 @@ def trainer_model_card(
         recipe=recipe,
         extra=describe_quantization(quantization),
     )
+
+
+DRAFT_TAGS = ["speculative-decoding", "draft-model"]
+DRAFT_SECTION = "## Speculative decoding"
+
+
+def draft_card_section(report: dict[str, Any], target: str) -> str:
+    """The model-card section of a draft model: its target and what `hf-distill draft evaluate` measured.
+
+    Args:
+        report (`dict`): the JSON of `hf-distill draft evaluate --output` (`hf_distill.draft.DraftReport.to_dict()`,
+            optionally with `dataset`, `date` and `machine` entries).
+        target (`str`): the target model the draft was measured with.
+    """
+    settings = report.get("settings", {})
+    rows = [
+        ("acceptance rate (accepted / proposed draft tokens)", f"{report['acceptance_rate']:.3f}"),
+        ("acceptance per checked draft token", f"{report['token_acceptance_rate']:.3f}"),
+        ("tokens per target forward pass", f"{report['mean_accepted_tokens']:.2f}"),
+        ("speed-up over the target alone", f"{report['speedup']:.2f}x"),
+        (
+            "tokens/s, target alone / with this draft",
+            f"{report['target_tokens_per_s']:.1f} / {report['assisted_tokens_per_s']:.1f}",
+        ),
+        ("outputs identical to the target's own (greedy)", str(report["identical"])),
+    ]
+    where = ", ".join(
+        f"{k} {v}" for k, v in (("prompts", report.get("num_prompts")), ("from", report.get("dataset"))) if v
+    )
+    how = ", ".join(
+        f"{k} {settings[k]}" for k in ("max_new_tokens", "num_assistant_tokens", "device") if k in settings
+    )
+    measured = " ".join(str(report[k]) for k in ("date", "machine") if report.get(k))
+    return "\n".join(
+        [
+            DRAFT_SECTION,
+            "",
+            (
+                f"A draft (assistant) model for speculative decoding with **`{target}`** as the target: "
+                "`target.generate(**inputs, assistant_model=draft)` gives the target's own greedy output, faster the "
+                "more of the draft's tokens the target accepts."
+            ),
+            "",
+            "| measured | value |",
+            "|---|---:|",
+            *(f"| {name} | {value} |" for name, value in rows),
+            "",
+            f"Greedy decoding, batch 1 ({how}); {where}." + (f" Measured {measured}." if measured else ""),
+            "",
+        ]
+    )
+
+
+def add_draft_results(folder: str, report: dict[str, Any], target: str) -> str:
+    """Write a draft's target and measured acceptance / speed-up into the model card (`README.md`) of its folder.
+
+    The card the trainer wrote is kept; its `## Speculative decoding` section is replaced (or added) and the tags
+    `speculative-decoding` and `draft-model` added. A folder without a card gets a minimal one.
+
+    Args:
+        folder (`str`): the draft's local model folder.
+        report (`dict`): `hf-distill draft evaluate`'s JSON report.
+        target (`str`): the target model.
+
+    Returns:
+        `str`: the path of the card.
+    """
+    path = os.path.join(folder, "README.md")
+    if os.path.isfile(path):
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard(
+            f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n\n# {os.path.basename(folder)}\n"
+        )
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *TAGS, *DRAFT_TAGS]))
+    text = card.text
+    section = draft_card_section(report, target)
+    if DRAFT_SECTION in text:
+        start = text.index(DRAFT_SECTION)
+        nxt = text.find("\n## ", start + len(DRAFT_SECTION))
+        text = text[:start] + section + (text[nxt + 1 :] if nxt != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    card.text = text
+    card.save(path)
+    return path

@@ -17,6 +17,7 @@ COMMANDS = {
     "cache-teacher": ("hf_distill.cli.cache_teacher", "Store the teacher's top-k log-probs for offline KD."),
     "chain": ("hf_distill.cli.chain", "Teacher-assistant chains / born-again generations: one train run per stage."),
     "export": ("hf_distill.cli.export", "Write a saved Llama-family student as a GGUF file (f16, q8_0, q4_0)."),
+    "draft": ("hf_distill.cli.draft", "Speculative-decoding drafts: `draft evaluate` (acceptance, speed-up)."),
 }
 HELP_FLAGS = ("-h", "--help")
 VERSION_FLAGS = ("-V", "--version")
