@@ -344,8 +344,10 @@ class DistillationMixin:
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self._policy is not None and batch_samples:
             student = getattr(self, "model_wrapped", None) or self.model
-            batch_samples = [
-                self._policy(batch, student=student, teacher=self.teacher, accelerator=self.accelerator)
+            batch_samples = [  # the source completes a rewritten batch with its own keys (context: teacher rows)
+                self.teacher_source.rewritten(
+                    batch, self._policy(batch, student=student, teacher=self.teacher, accelerator=self.accelerator)
+                )
                 for batch in batch_samples
             ]
             num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
