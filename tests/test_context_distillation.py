@@ -288,3 +288,34 @@ def test_config_checks(tmp_path, fields, match):
 def test_context_without_a_teacher_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="need a teacher to read them"):
         trainer(tmp_path, teacher_model_name_or_path=None, teacher_system_prompt=SYSTEM)
+
+
+# ----------------------------------------------------------------------------------------------- cross-tokenizer
+def test_cross_tokenizer_teacher_reads_the_context_in_its_own_template():
+    from test_cross_tokenizer_teacher import chat_batch, chat_source, make_batch, make_source, run_terms
+
+    from hf_distill.data.collators import CHAT_KWARGS_KEY, CONTEXT_KEY
+
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    fields = {"teacher_system_prompt": SYSTEM, "teacher_context_column": "context",
+              "teacher_context_template": "{context}\n\n{prompt}"}  # fmt: skip
+    contexts = ["red dog", "", "the cat is big", "one two three"]
+    s_tok = make_tokenizer()
+    for make, batch in ((chat_source, chat_batch(s_tok)), (make_source, make_batch(s_tok))):
+        none_terms, _ = run_terms(make(student, "uld")[0], student, batch)  # no context at all
+        source = make(student, "uld", **fields)[0]
+        batch[CONTEXT_KEY] = contexts
+        terms, t_out = run_terms(source, student, batch)
+        for b, text in enumerate(t_out.texts):
+            assert text.count(SYSTEM) == 1 and contexts[b] in text
+        aligned = terms.metrics["cross_tokenizer_aligned"][0]
+        assert aligned == none_terms.metrics["cross_tokenizer_aligned"][0] and aligned > 0  # the same answers
+        assert not torch.equal(terms.sums["kd"], none_terms.sums["kd"])
+    source, _, t_tok = chat_source(student, "uld")
+    t_tok.chat_template = (
+        "{% if tools %}### tools: {{ tools[0]['function']['name'] }}\n{% endif %}" + t_tok.chat_template
+    )
+    batch = chat_batch(s_tok)
+    batch[CHAT_KWARGS_KEY] = [{"tools": TOOLS}] * len(batch["messages"])
+    _, t_out = run_terms(source, student, batch)
+    assert all(text.startswith("### tools: plus\n") for text in t_out.texts)  # TRL's `tools` reach its template

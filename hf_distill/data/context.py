@@ -78,7 +78,7 @@ def check_context_template(template: str) -> None:
             )
 
 
-def _tools(row: Mapping[str, Any]) -> dict[str, Any]:
+def chat_template_kwargs(row: Mapping[str, Any]) -> dict[str, Any]:
     """The chat-template keyword arguments TRL passes for a row: `tools` (a list, or a JSON string) and the row's
     `chat_template_kwargs`."""
     tools = row.get("tools")
@@ -166,8 +166,14 @@ class TeacherContext:
         teacher = self.teacher_messages(messages, self.row_context(row, index))
         first = next((i for i, m in enumerate(teacher) if m.get("role") == "assistant"), len(teacher))
         text = self.tokenizer.apply_chat_template(teacher[:first], add_generation_prompt=True, tokenize=False,
-                                                  **_tools(row))  # fmt: skip
+                                                  **chat_template_kwargs(row))  # fmt: skip
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def plain_text(self, prompt: str, context: str | None) -> str:
+        """The teacher's prompt text of a plain row from the student's prompt text (the cross-tokenizer path): the
+        system prompt and a blank line, then `fill(prompt, context)`."""
+        text = self.fill(prompt, context)
+        return text if self.system_prompt is None else self.system_prompt + "\n\n" + text
 
     def plain_prompt_ids(self, row: Mapping[str, Any], prompt_ids: list[int], index: int = 0) -> list[int]:
         """The teacher's prompt tokens of a plain row from the student's `prompt_ids` (kept as they are)."""
@@ -196,7 +202,7 @@ def tool_result_mask(
     tool_turns = [k for k, m in enumerate(messages) if m.get("role") == "tool"]
     if not tool_turns:
         return [False] * len(ids)
-    kwargs = _tools(row)
+    kwargs = chat_template_kwargs(row)
     render = lambda ms: tokenizer.apply_chat_template(ms, tokenize=False, **kwargs) if ms else ""  # noqa: E731
     text = render(messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
