@@ -33,6 +33,7 @@ Output: OUT/context_distillation.json (all stages, config, CPU minutes, load ave
 
 import argparse
 import copy
+import json
 import os
 import re
 import sys
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--k", type=int, default=3, help="Demonstrations (one per label, cycling).")
     parser.add_argument("--eval_size", type=int, default=300, help="Validation rows scored (fewshot).")
-    parser.add_argument("--system_eval_size", type=int, default=100, help="Validation rows scored (system).")
+    parser.add_argument("--system_eval_size", type=int, default=60, help="Validation rows scored (system).")
     parser.add_argument("--train_prompts", type=int, default=320, help="Unlabeled training prompts.")
     parser.add_argument("--steps", type=int, default=40, help="Optimizer steps per student run.")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -285,15 +286,12 @@ def part_system(base, tokenizer, train_rows, val_rows, args, runs: Path) -> dict
 
     def rate(model, rows, system: str | None) -> dict:
         texts = [chat_text(tokenizer, question(r, OPEN_QUESTION), system) for r in rows]
-        answers = generate(model, tokenizer, texts, 48, args.eval_batch_size)
+        answers = generate(model, tokenizer, texts, 32, args.eval_batch_size)
         follows = [follows_format(a) for a in answers]
-        right = [first_label(a.lower().split("label:")[-1]) == r["label"] for a, r in zip(answers, rows)]
-        both = sum(f and g for f, g in zip(follows, right)) / max(1, sum(follows))
-        return {
-            "follows_format": sum(follows) / len(rows),
-            "label_accuracy_when_following": both,
-            "answers": answers[:6],
-        }
+        labelled = sum(first_label(a) is not None for a in answers) / len(rows)
+        words = sum(len(a.split()) for a in answers) / len(rows)
+        return {"follows_format": sum(follows) / len(rows), "mentions_a_label": labelled, "mean_words": words,
+                "answers": answers}  # fmt: skip
 
     result = {"system_prompt": BEHAVIOUR, "settings": settings}
     result["before"] = cached_run(runs / "system-before.json", lambda: rate(base, held_out, None), settings)
@@ -303,7 +301,7 @@ def part_system(base, tokenizer, train_rows, val_rows, args, runs: Path) -> dict
 
     def answers() -> dict:
         texts = [chat_text(tokenizer, question(r, OPEN_QUESTION), BEHAVIOUR) for r in prompts]
-        return {"answers": generate(base, tokenizer, texts, 48, args.eval_batch_size)}
+        return {"answers": generate(base, tokenizer, texts, 32, args.eval_batch_size)}
 
     completions = cached_run(runs / "system-answers.json", answers, settings)["answers"]
     result["teacher_answers_follow_format"] = sum(map(follows_format, completions)) / len(completions)
@@ -321,7 +319,17 @@ def part_system(base, tokenizer, train_rows, val_rows, args, runs: Path) -> dict
 
         result["students"].append(cached_run(runs / f"system-after-seed{seed}.json", run, settings))
         print(f"[system] after, seed {seed}: {result['students'][-1]['follows_format']:.2f}", flush=True)
+    teacher = result["teacher"]["answers"]
+    for entry in (result["before"], *result["students"]):  # the prompt's effect in the weights: the teacher's reply
+        entry["same_start_as_teacher"] = sum(same_start(a, t) for a, t in zip(entry["answers"], teacher)) / len(
+            teacher
+        )
     return result
+
+
+def same_start(a: str, b: str, words: int = 8) -> bool:
+    """Whether two replies begin with the same `words` words."""
+    return a.split()[:words] == b.split()[:words]
 
 
 def plot(path: Path, fewshot: dict) -> str | None:
@@ -378,6 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     if "system" in parts:
         results["system"] = part_system(base, tokenizer, train_rows, val_rows, args, runs)
     png = plot(Path(args.out) / "context_distillation.png", results["fewshot"]) if "fewshot" in results else None
+    previous = Path(args.out) / "context_distillation.json"  # parts run by other invocations are kept
+    if previous.exists():
+        results = {**json.loads(previous.read_text()).get("results", {}), **results}
     payload = {"config": vars(args), "results": results, "plot": png, "torch_threads": torch.get_num_threads(),
                "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
                "this_invocation_minutes": (time.perf_counter() - wall) / 60,

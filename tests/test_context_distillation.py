@@ -319,3 +319,21 @@ def test_cross_tokenizer_teacher_reads_the_context_in_its_own_template():
     batch[CHAT_KWARGS_KEY] = [{"tools": TOOLS}] * len(batch["messages"])
     _, t_out = run_terms(source, student, batch)
     assert all(text.startswith("### tools: plus\n") for text in t_out.texts)  # TRL's `tools` reach its template
+
+
+@pytest.mark.parametrize("views", [("label",), ("label", "rationale")])
+def test_rationale_as_privileged_context_with_task_views(tmp_path, views):
+    """The step-by-step setting: the teacher reads the rationale, the student the input; one or two task views."""
+    from hf_distill import RationaleCollator
+
+    tok = make_tokenizer(chat_template=False)
+    data = Dataset.from_list([{"input": p, "label": c, "rationale": x or "no"} for p, c, x in PAIRS])
+    config = distill_config(tmp_path, teacher_model_name_or_path="self", teacher_context_column="rationale",
+                            teacher_context_template="{context} so {prompt}", max_steps=1, label_weight=0.5,
+                            rationale_weight=0.0 if len(views) == 1 else 0.5)  # fmt: skip
+    collator = RationaleCollator(tok, views=views, use_chat_template=False)
+    t = DistillationTrainer(model=make_llama(), args=config, train_dataset=data, data_collator=collator,
+                            processing_class=tok)  # fmt: skip
+    batch = first_batch(t)
+    assert batch["teacher_input_ids"].shape[0] == len(views) * 4
+    assert first_logged(t, "label_kd_loss") > 0.0

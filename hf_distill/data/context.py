@@ -226,10 +226,11 @@ class ContextCollator(DataCollatorMixin):
     """Wraps the trainer's collator; adds the teacher's own rows (`teacher_input_ids`, `teacher_attention_mask`,
     `teacher_labels`: `(B, T_t)`; `teacher_prompt_ids`: B lists) built by `context` (module docstring).
 
-    Each row of the wrapped collator's batch is cut where its supervised tokens start (the first label != -100); the
-    teacher's row is the teacher's prompt followed by the student's tokens from there on, with their labels, so the
-    i-th supervised token of a student row is the i-th of its teacher row. Tool-result tokens of chat rows get
-    label -100 on both sides. Packed / padding-free batches are refused (a row must be one example).
+    Each row of the wrapped collator's batch (or each of an example's consecutive rows, when the collator makes
+    several per example, as `RationaleCollator`'s two views) is cut where its supervised tokens start (the first
+    label != -100); the teacher's row is the teacher's prompt followed by the student's tokens from there on, with
+    their labels, so the i-th supervised token of a student row is the i-th of its teacher row. Tool-result tokens of
+    chat rows get label -100 on both sides. Packed / padding-free batches are refused (a row must be one example).
 
     Args:
         collator (`Callable`): the wrapped collator.
@@ -257,15 +258,18 @@ class ContextCollator(DataCollatorMixin):
         keep = set(self.dataset_columns) | set(getattr(self.collator, "kept_columns", ()))
         drop = {c for c in self.kept_columns if c not in keep}
         batch = self.collator([{k: v for k, v in f.items() if k not in drop} for f in features])
-        if "input_ids" not in batch or batch["input_ids"].shape[0] != len(features) or "position_ids" in batch:
+        rows = batch["input_ids"].shape[0] if "input_ids" in batch else 0
+        if not rows or rows % len(features) or "position_ids" in batch:
             raise ValueError(
-                "Context distillation needs one batch row per example (the teacher's prompt differs per row); turn "
-                "packing / padding_free off."
+                f"Context distillation needs whole examples as batch rows (the teacher's prompt differs per row), got "
+                f"{rows} rows for {len(features)} examples: turn packing / padding_free off."
             )
+        per = rows // len(features)  # views per example (RationaleCollator: [label, rationale] per example)
         ids, labels = batch["input_ids"], batch["labels"]
         mask = batch.get("attention_mask", torch.ones_like(ids))
         prompts = []
-        for b, row in enumerate(features):
+        for b in range(rows):
+            row = features[b // per]
             start, cut, end = row_bounds(ids[b], labels[b], mask[b])
             messages = row_conversation(row)
             if messages is not None:

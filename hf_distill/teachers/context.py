@@ -28,6 +28,7 @@ from torch import nn
 
 from ..data.context import TEACHER_KEYS, ContextCollator, TeacherContext, rebuild_teacher_rows
 from ..heads import unwrap
+from ..losses import IGNORE_INDEX
 from ..terms import LossTerms, SupervisedView
 from .base import (
     SELF_TEACHER,
@@ -256,6 +257,8 @@ class ContextTeacher(TeacherSource):
             return self.inner.outputs(self.teacher_inputs(model_inputs, batch), batch)
 
     def terms(self, student_outputs: Any, teacher_outputs: Any, view: SupervisedView) -> LossTerms:
-        if self.reader is not None:
-            view = view.with_teacher_labels(view.batch["teacher_labels"])
+        if self.reader is not None:  # rows the view leaves out (another task's, step-by-step) left out on both sides
+            left_out = (view.aligned_labels() == IGNORE_INDEX).all(-1, keepdim=True)
+            teacher_labels = view.batch["teacher_labels"].masked_fill(left_out.to(view.labels.device), IGNORE_INDEX)
+            view = view.with_teacher_labels(teacher_labels)
         return self.inner.terms(student_outputs, teacher_outputs, view)
