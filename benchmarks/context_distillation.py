@@ -359,6 +359,47 @@ def plot(path: Path, fewshot: dict) -> str | None:
     return str(path)
 
 
+def tables(results: dict) -> str:
+    """Markdown tables of the finished parts."""
+    out = []
+    if "bar" in results:
+        out += [
+            "| setting (SmolLM2-135M, first step, 4 rows) | KD sum / supervised tokens | source |",
+            "|---|---:|---|",
+        ]
+        out += [f"| {name} | {v['kd_first_step']!r} | {v['source']} |" for name, v in results["bar"].items()]
+        out.append("")
+    if "fewshot" in results and results["fewshot"].get("students"):
+        f = results["fewshot"]
+        out += ["| model (no demonstrations unless said) | accuracy (300 rows) | per seed | predicted e / n / c |",
+                "|---|---:|---|---|"]  # fmt: skip
+        counts = lambda r: " / ".join(str(r["predicted"][label]) for label in LABELS)  # noqa: E731
+        out.append(f"| zero-shot (before) | {f['zero_shot']['accuracy']:.3f} | | {counts(f['zero_shot'])} |")
+        teacher = f["few_shot_teacher"]
+        out.append(f"| few-shot teacher (k={f['settings']['k']}) | {teacher['accuracy']:.3f} | | {counts(teacher)} |")
+        for method, name in (("context", "context distillation (KD)"), ("seq-kd", "seq-KD (CE on teacher answers)")):
+            runs = [r for r in f["students"] if r["method"] == method]
+            if runs:
+                acc = mean_spread([r["accuracy"] for r in runs])
+                seeds = ", ".join(f"{r['accuracy']:.3f}" for r in runs)
+                out.append(f"| {name} | {acc['mean']:.3f} ± {acc['spread']:.3f} | {seeds} | "
+                           f"{'; '.join(counts(r) for r in runs)} |")  # fmt: skip
+        tokens = f["prompt_tokens"]
+        out.append(f"\nPrompt tokens per query: {tokens['few_shot']:.1f} few-shot vs {tokens['zero_shot']:.1f} "
+                   f"zero-shot: {tokens['saved_per_query']:.1f} saved.\n")  # fmt: skip
+    if "system" in results and results["system"].get("students"):
+        sy = results["system"]
+        header = "| model | system prompt | follows the format | mentions a label | same start as teacher | words |"
+        out += [header, "|---|---|---:|---:|---:|---:|"]
+        rows = [("before", "no", sy["before"]), ("teacher", "yes", sy["teacher"])]
+        rows += [(f"after (seed {r['seed']})", "no", r) for r in sy["students"]]
+        for name, prompt, r in rows:
+            same = r.get("same_start_as_teacher", 1.0 if name == "teacher" else float("nan"))
+            out.append(f"| {name} | {prompt} | {r['follows_format']:.3f} | {r['mentions_a_label']:.3f} | {same:.3f} | "
+                       f"{r['mean_words']:.1f} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from hf_distill.data.loading import load_any_dataset
@@ -393,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
                "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
                "this_invocation_minutes": (time.perf_counter() - wall) / 60,
                "this_invocation_cpu_minutes": (time.process_time() - cpu) / 60}  # fmt: skip
+    payload["tables"] = tables(results)
+    print(payload["tables"])
     print(f"Wrote {write_json(args.out, 'context_distillation', payload)}")
 
 
