@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import distill_config, distill_sft_config, make_llama, make_tokenizer
+from conftest import distill_config, distill_sft_config, make_llama, make_tokenizer, one_sgd_step, trained_weights
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq
@@ -134,6 +134,17 @@ def test_rows_of_different_prompt_lengths_add_up_to_the_batch(tmp_path):
     alone = sum(kd([dict(x)]) for x in data)
     torch.testing.assert_close(whole, alone, rtol=1e-5, atol=1e-6)
     assert source.name == "self-fused+context"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradient_accumulation_2x2_equals_batch_of_4(tmp_path, fused):
+    fields = {"teacher_context_column": "context", "teacher_system_prompt": SYSTEM, "use_fused_kd_loss": fused}
+    full = trained_weights(trainer(tmp_path / "full", **{**one_sgd_step(4, 1), **fields}))
+    accumulated = trained_weights(trainer(tmp_path / "ga", **{**one_sgd_step(2, 2), **fields}))
+    start = make_llama().state_dict()
+    assert max((full[k] - start[k]).abs().max().item() for k in start) > 1e-3
+    for key in full:
+        torch.testing.assert_close(full[key], accumulated[key], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- on-policy
