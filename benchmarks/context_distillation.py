@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--eval_batch_size", type=int, default=16)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--summary_only", action="store_true", help="Tables and JSON from the finished stages only.")
     args = parser.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():
@@ -364,14 +365,15 @@ def tables(results: dict) -> str:
     out = []
     if "bar" in results:
         out += [
-            "| setting (SmolLM2-135M, first step, 4 rows) | KD sum / supervised tokens | source |",
+            "| setting (SmolLM2-135M, first step, 4 rows) | KD per supervised token | source |",
             "|---|---:|---|",
         ]
         out += [f"| {name} | {v['kd_first_step']!r} | {v['source']} |" for name, v in results["bar"].items()]
         out.append("")
-    if "fewshot" in results and results["fewshot"].get("students"):
+    if "fewshot" in results:
         f = results["fewshot"]
-        out += ["| model (no demonstrations unless said) | accuracy (300 rows) | per seed | predicted e / n / c |",
+        rows = f["zero_shot"]["total"]
+        out += [f"| model (no demonstrations unless said) | accuracy ({rows} rows) | per seed | predicted e / n / c |",
                 "|---|---:|---|---|"]  # fmt: skip
         counts = lambda r: " / ".join(str(r["predicted"][label]) for label in LABELS)  # noqa: E731
         out.append(f"| zero-shot (before) | {f['zero_shot']['accuracy']:.3f} | | {counts(f['zero_shot'])} |")
@@ -387,7 +389,7 @@ def tables(results: dict) -> str:
         tokens = f["prompt_tokens"]
         out.append(f"\nPrompt tokens per query: {tokens['few_shot']:.1f} few-shot vs {tokens['zero_shot']:.1f} "
                    f"zero-shot: {tokens['saved_per_query']:.1f} saved.\n")  # fmt: skip
-    if "system" in results and results["system"].get("students"):
+    if "system" in results:
         sy = results["system"]
         header = "| model | system prompt | follows the format | mentions a label | same start as teacher | words |"
         out += [header, "|---|---|---:|---:|---:|---:|"]
@@ -400,8 +402,46 @@ def tables(results: dict) -> str:
     return "\n".join(out)
 
 
+def read_finished(runs: Path, args) -> dict:
+    """The parts' results from the finished stage files alone (`--summary_only`: no model is loaded, nothing run)."""
+    load = lambda name: json.loads((runs / name).read_text()) if (runs / name).exists() else None  # noqa: E731
+    results = {}
+    if load("bar.json"):
+        results["bar"] = {k: v for k, v in load("bar.json").items() if k != "run_settings"}
+    zero, teacher = load("fewshot-zero_shot.json"), load("fewshot-teacher.json")
+    if zero and teacher:
+        students = [load(f.name) for f in sorted(runs.glob("fewshot-*-seed*.json"))]
+        results["fewshot"] = {"settings": {"k": args.k, "eval_size": args.eval_size, **teacher["run_settings"]},
+                              "zero_shot": zero, "few_shot_teacher": teacher, "students": students,
+                              "prompt_tokens": {"zero_shot": zero["mean_prompt_tokens"],
+                                                "few_shot": teacher["mean_prompt_tokens"],
+                                                "saved_per_query": teacher["mean_prompt_tokens"]
+                                                - zero["mean_prompt_tokens"]}}  # fmt: skip
+        if load("fewshot-answers.json"):
+            results["fewshot"]["teacher_answers"] = {label: load("fewshot-answers.json")["answers"].count(label)
+                                                     for label in LABELS}  # fmt: skip
+    before, teacher = load("system-before.json"), load("system-teacher.json")
+    if before and teacher:
+        students = [load(f.name) for f in sorted(runs.glob("system-after-seed*.json"))]
+        results["system"] = {"system_prompt": BEHAVIOUR, "before": before, "teacher": teacher, "students": students}
+        for entry in (before, *students):
+            same = sum(same_start(a, t) for a, t in zip(entry["answers"], teacher["answers"]))
+            entry["same_start_as_teacher"] = same / len(teacher["answers"])
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.summary_only:
+        runs = Path(args.out) / "context_distillation_runs"
+        results = read_finished(runs, args)
+        students = results.get("fewshot", {}).get("students")
+        png = plot(Path(args.out) / "context_distillation.png", results["fewshot"]) if students else None
+        payload = {"config": vars(args), "results": results, "tables": tables(results), "plot": png,
+                   "load_average": os.getloadavg()}  # fmt: skip
+        print(payload["tables"])
+        print(f"Wrote {write_json(args.out, 'context_distillation', payload)}")
+        return
     from hf_distill.data.loading import load_any_dataset
     from hf_distill.models import load_model, load_tokenizer
 
