@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_batch_size", type=int, default=16)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--summary_only", action="store_true", help="Tables and JSON from the finished stages only.")
+    parser.add_argument("--methods", default="context,seq-kd", help="fewshot: which student runs.")
     args = parser.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():
@@ -258,6 +259,8 @@ def part_fewshot(base, tokenizer, train_rows, val_rows, args, runs: Path) -> dic
     result["students"] = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for method, fields in methods.items():
+            if method not in args.methods.split(","):
+                continue
 
             def run(method=method, fields=fields, seed=seed) -> dict:
                 print(f"[fewshot] training {method}, seed {seed}", flush=True)
