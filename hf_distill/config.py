@@ -173,6 +173,21 @@ class DistillationArguments(TeacherAPIArguments):
         weights. None (default): full precision.
     student_quantization_group_size (`int`, defaults to `32`):
         Weights per quantization group (32 matches GGUF's q4_0 / q8_0 blocks).
+
+    > Parameters that control context distillation (`hf_distill.teachers.context`, docs/context_distillation.md)
+
+    teacher_model_name_or_path: `self`
+        The teacher is the student as training starts, frozen (a copy; for a PEFT student, the student with its
+        adapters disabled). With `teacher_ema_decay` it moves (an EMA of the student).
+    teacher_system_prompt (`str`, *optional*):
+        Text only the teacher reads: a system message for chat data, a prefix (followed by a blank line) for plain
+        text. A path to an existing file is read (long prompts); an empty prompt or file is an error.
+    teacher_context_column (`str`, *optional*):
+        A dataset column only the teacher reads (demonstrations, a document, the answer, a rationale), put into the
+        teacher's prompt by `teacher_context_template`. A missing column or a row without a value is an error.
+    teacher_context_template (`str`, defaults to `"{context}\n\n{prompt}"`):
+        How the context enters the teacher's prompt: `{prompt}` is the student's prompt (chat: the last user message
+        before the first assistant turn), `{context}` the row's context; each exactly once.
     """
 
     teacher_model_name_or_path: list[str] | None = field(  # str or list[str]; argparse reads one or more values
@@ -430,6 +445,27 @@ class DistillationArguments(TeacherAPIArguments):
             "help": "Self-distillation with a mean teacher: with no teacher given, the teacher is an exponential "
             "moving average of the student, `ema = decay * ema + (1 - decay) * student` after every optimizer step "
             "(decay in (0, 1), e.g. 0.999). Saved in checkpoints, never exported. None: off."
+        },
+    )
+    teacher_system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Context distillation: a text only the teacher reads (system message for chat data, prefix for "
+            "plain text), or a path to a file holding it."
+        },
+    )
+    teacher_context_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Context distillation: a dataset column only the teacher reads (demonstrations, a document, the "
+            "answer, a rationale), put into its prompt by teacher_context_template."
+        },
+    )
+    teacher_context_template: str = field(
+        default="{context}\n\n{prompt}",
+        metadata={
+            "help": "Where the context goes in the teacher's prompt: {context} and {prompt} (the student's prompt; "
+            "chat: the last user message before the first assistant turn), each exactly once."
         },
     )
     early_exit_layers: str | None = field(

@@ -18,7 +18,7 @@ handed by the trainer with each batch's view.
 """
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -109,6 +109,10 @@ class SupervisedView:
             accumulation window on all processes (`add_window_task_counts`).
         batch (`dict`): the whole batch (a teacher source may read its own keys, e.g. cache entries).
         state (`LossState`): the trainer's loss state for this batch (TAID's t).
+        teacher_labels (`torch.Tensor`, *optional*): `(B, T_t)` labels of the teacher's own rows when the teacher reads
+            other tokens than the student (context distillation: another prompt, the same completion); its supervised
+            positions are the student's, row by row in the same order (`with_teacher_labels`). None: the teacher's
+            positions are the student's.
     """
 
     labels: torch.Tensor
@@ -118,9 +122,47 @@ class SupervisedView:
     window_task_counts: torch.Tensor | None = None
     batch: dict[str, Any] = field(default_factory=dict)
     state: LossState = field(default_factory=LossState)
+    teacher_labels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_labels(self.labels, self.head)
+
+    def with_teacher_labels(self, teacher_labels: torch.Tensor) -> "SupervisedView":
+        """A copy whose teacher side reads the teacher's own rows: `teacher_rows` takes the positions where
+        `teacher_labels` `(B, T_t)` supervises. Checked here: causal token heads, no padding-free batch, and each
+        row supervising the same tokens in the same order on both sides.
+
+        Raises:
+            `ValueError`: the two sides do not supervise the same tokens.
+        """
+        if not self.head.shifts_labels or self.shift_labels is not None:
+            raise ValueError("The teacher's own rows (context distillation) need a causal LM and padded batches.")
+        student = self.aligned_labels()
+        teacher = teacher_labels[:, 1:].to(student.device)
+        s_mask, t_mask = student != IGNORE_INDEX, teacher != IGNORE_INDEX
+        if teacher.shape[0] != student.shape[0] or not torch.equal(s_mask.sum(-1), t_mask.sum(-1)):
+            raise ValueError(
+                f"The teacher's rows supervise {t_mask.sum(-1).tolist()} tokens per row, the student's "
+                f"{s_mask.sum(-1).tolist()}: they must supervise the same completion tokens."
+            )
+        if not torch.equal(student[s_mask], teacher[t_mask]):
+            raise ValueError("The teacher's rows supervise other tokens than the student's (same count, other ids).")
+        return replace(self, teacher_labels=teacher_labels)
+
+    @property
+    def teacher_mask(self) -> torch.Tensor:
+        """`(B, T_t')` bool: the supervised positions of the teacher's aligned outputs (`mask` when the teacher reads
+        the student's tokens)."""
+        if self.teacher_labels is None:
+            return self.mask
+        return self.teacher_labels[:, 1:] != IGNORE_INDEX
+
+    def teacher_rows(self, outputs: torch.Tensor) -> torch.Tensor:
+        """`(B, T_t, V)` teacher logits or hidden states -> `(N, V)` rows of its supervised positions, in the order
+        of `rows` (the same as `rows` when the teacher reads the student's tokens)."""
+        if self.teacher_labels is None:
+            return self.rows(outputs)
+        return outputs[:, :-1][self.teacher_mask.to(outputs.device)]
 
     @classmethod
     def from_batch(cls, batch: dict[str, Any], head: Head, state: LossState | None = None) -> "SupervisedView":
@@ -194,7 +236,7 @@ class SupervisedView:
         Returns:
             `(student (N, V), teacher (N, V), targets (N,))`; for regression heads `(N,)` outputs and targets.
         """
-        s, t = self.rows(student_logits), self.rows(teacher_logits)
+        s, t = self.rows(student_logits), self.teacher_rows(teacher_logits)
         if vocab_size is not None and self.head.has_vocab:
             s, t = s[..., :vocab_size], t[..., :vocab_size]
         return s, t, self.targets()
@@ -209,8 +251,10 @@ class SupervisedView:
         for task_id, name in enumerate(TASK_NAMES):
             other_rows = (self.task != task_id).view(-1, *([1] * (self.labels.dim() - 1)))
             shift = self.shift_labels.masked_fill(other_rows, IGNORE_INDEX) if self.shift_labels is not None else None
+            teacher = self.teacher_labels
+            teacher = None if teacher is None else teacher.masked_fill(other_rows, IGNORE_INDEX)
             yield name, SupervisedView(self.labels.masked_fill(other_rows, IGNORE_INDEX), self.head, shift, None, None,
-                                       self.batch, self.state)  # fmt: skip
+                                       self.batch, self.state, teacher)  # fmt: skip
 
 
 @dataclass

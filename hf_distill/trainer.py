@@ -397,7 +397,8 @@ class DistillationMixin:
             student = getattr(self, "model_wrapped", None) or self.model
             batch_samples = self._policy.next_window(epoch_iterator, num_batches, student=student,
                                                      teacher=self.teacher, accelerator=self.accelerator,
-                                                     step=self.state.global_step)  # fmt: skip
+                                                     step=self.state.global_step,
+                                                     complete=self.teacher_source.rewritten)  # fmt: skip
             num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
         add_window_task_counts(batch_samples, self._head, self.args, self.accelerator)  # per-task GA normalisation
         return batch_samples, num_items_in_batch

@@ -235,6 +235,46 @@ def validate_distillation(
     validate_vllm_sampling(args)
     validate_learning_schemes(args)
     validate_cross_tokenizer(args)
+    validate_context(args)
+
+
+def validate_context(args: Any) -> None:
+    """Checks of the context-distillation fields (`teacher_model_name_or_path: self`, `teacher_system_prompt`,
+    `teacher_context_column`, `teacher_context_template`)."""
+    from .data.context import DEFAULT_CONTEXT_TEMPLATE, check_context_template, read_system_prompt
+
+    names = args.teacher_model_name_or_path
+    is_self = names == "self"
+    if isinstance(names, list) and "self" in names:
+        raise ValueError("`teacher_model_name_or_path: self` is one teacher (the student itself); not in a list.")
+    check_context_template(args.teacher_context_template)
+    if args.teacher_context_template != DEFAULT_CONTEXT_TEMPLATE and args.teacher_context_column is None:
+        raise ValueError("`teacher_context_template` is set but `teacher_context_column` is not, so it is never read.")
+    if args.teacher_context_column is not None and not str(args.teacher_context_column).strip():
+        raise ValueError("`teacher_context_column` must name a dataset column, got an empty name.")
+    read_system_prompt(args.teacher_system_prompt)  # an empty prompt or file raises here
+    context = args.teacher_system_prompt is not None or args.teacher_context_column is not None
+    if not (context or is_self):
+        return
+    what = "`teacher_model_name_or_path: self`" if is_self else "`teacher_system_prompt` / `teacher_context_column`"
+    if args.kd_weight == 0:
+        raise ValueError(f"{what} only acts through the KD term, but `kd_weight` is 0: set `kd_weight` > 0.")
+    if args.teacher_cache is not None or args.teacher_api_base:
+        raise ValueError(
+            f"{what} needs a teacher run in process (it reads its own prompt); a `teacher_cache` / served teacher "
+            "scored the student's tokens only."
+        )
+    if is_self and args.cross_tokenizer_loss is not None:
+        raise ValueError(
+            "`teacher_model_name_or_path: self` shares the student's tokenizer: unset `cross_tokenizer_loss`."
+        )
+    if isinstance(names, list) and context:
+        raise ValueError(f"{what} takes one teacher, got several in `teacher_model_name_or_path`.")
+    if context and (args.seq_kd or args.uses_features):
+        raise ValueError(
+            f"{what} does not support `seq_kd` (its generations would not read the context) or hidden-state terms "
+            "(`hint_layers`, `attention_weight`, `relation_loss`: the two sides' positions differ)."
+        )
 
 
 def validate_cross_tokenizer(args: Any) -> None:

@@ -528,7 +528,7 @@ def test_conversation_collator():
 
     tok = make_tokenizer()
     collator = ConversationCollator(DataCollatorWithPadding(tok))
-    assert set(collator.kept_columns) == {"messages", "prompt", "completion"}
+    assert set(collator.kept_columns) == {"messages", "prompt", "completion", "tools", "chat_template_kwargs"}
     rows = [{"input_ids": tok(p).input_ids, "messages": m} for p, m in zip(PROMPTS[:2], conversations([0, 1]))]
     batch = collator(rows)
     assert batch["messages"] == conversations([0, 1]) and batch["input_ids"].shape[0] == 2

@@ -195,6 +195,10 @@ def build_trainer(script_args: TrainScriptArguments, args: DistillationSFTConfig
 
     if isinstance(teacher_path, list):
         teacher_path = teacher_path[0]  # several teachers share one tokenizer
+    if teacher_path == "self":  # context distillation: the student as it starts is the teacher, no model to load
+        if model_args.model_name_or_path is None:
+            raise ValueError("`teacher_model_name_or_path: self` is the student itself: set `model_name_or_path`.")
+        teacher_path = None
     tok_path = script_args.tokenizer_name_or_path or model_args.model_name_or_path or teacher_path
     if tok_path is None and args.teacher_cache:
         from ..cache import TeacherCache

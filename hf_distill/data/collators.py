@@ -22,6 +22,7 @@ from trl.trainer.utils import pad
 from ..alignment import row_conversation
 from ..heads import unwrap
 from ..losses import IGNORE_INDEX
+from .context import chat_template_kwargs
 
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,9 @@ def _rows(dataset: Any, start: int, size: int) -> list[Mapping[str, Any]]:
 # ----------------------------------------------------------------------------------------------- conversations
 CONVERSATION_KEY = "messages"
 CONVERSATION_COLUMNS = ("messages", "prompt", "completion")  # TRL's conversational formats
+CHAT_KWARGS_COLUMNS = ("tools", "chat_template_kwargs")  # TRL's per-row chat-template arguments
+CHAT_KWARGS_KEY = "teacher_chat_kwargs"  # per row: `tools` and `chat_template_kwargs` for the teacher's template
+CONTEXT_KEY = "teacher_context"  # per row: the `teacher_context_column` value (cross-tokenizer context distillation)
 
 
 @dataclass
@@ -337,11 +341,17 @@ class ConversationCollator(DataCollatorMixin):
         >>> batch["messages"][1]
         [{'role': 'user', 'content': 'yo'}, {'role': 'assistant', 'content': 'ok'}]
 
+    Rows' chat-template arguments (TRL's `tools` and `chat_template_kwargs` columns) are kept too, as
+    `batch["teacher_chat_kwargs"]` (one dict per row), and with `context_column` each row's context as
+    `batch["teacher_context"]` (a missing column or value raises).
+
     Args:
         collator (`Callable`): the wrapped collator.
+        context_column (`str`, *optional*): a column only the teacher reads (`teacher_context_column`).
     """
 
     collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    context_column: str | None = None
     return_tensors: str = "pt"
 
     @property
@@ -352,12 +362,23 @@ class ConversationCollator(DataCollatorMixin):
     @property
     def kept_columns(self) -> tuple[str, ...]:
         """Raw columns the trainer keeps through `remove_unused_columns` for this collator."""
-        return tuple(dict.fromkeys((*getattr(self.collator, "kept_columns", ()), *CONVERSATION_COLUMNS)))
+        extra = (*CHAT_KWARGS_COLUMNS, *((self.context_column,) if self.context_column else ()))
+        return tuple(dict.fromkeys((*getattr(self.collator, "kept_columns", ()), *CONVERSATION_COLUMNS, *extra)))
 
     def torch_call(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         conversations = [row_conversation(f) for f in features]
         own = set(self.dataset_columns)
-        drop = [c for c in CONVERSATION_COLUMNS if c not in own]
+        contexts = None
+        if self.context_column is not None:
+            missing = [i for i, f in enumerate(features) if not isinstance(f.get(self.context_column), str)]
+            if missing:
+                raise ValueError(
+                    f"Rows {missing} of the batch have no text in the context column {self.context_column!r} "
+                    "(`teacher_context_column`); give every row one (an empty string is allowed)."
+                )
+            contexts = [f[self.context_column] for f in features]
+        kwargs = [chat_template_kwargs(f) for f in features]
+        drop = [c for c in (*CONVERSATION_COLUMNS, *CHAT_KWARGS_COLUMNS, self.context_column) if c and c not in own]
         batch = self.collator([{k: v for k, v in f.items() if k not in drop} for f in features])
         found = [c is not None for c in conversations]
         if any(found) and not all(found):
@@ -373,4 +394,7 @@ class ConversationCollator(DataCollatorMixin):
                     "batches): the teacher could not read each row's conversation. Turn packing / padding_free off."
                 )
             batch[CONVERSATION_KEY] = conversations
+            batch[CHAT_KWARGS_KEY] = kwargs
+        if contexts is not None:
+            batch[CONTEXT_KEY] = contexts
         return batch

@@ -20,7 +20,7 @@ so under DeepSpeed ZeRO-3 all processes generate together.
 
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -327,6 +327,7 @@ class PolicyBatchRewriter:
         teacher: nn.Module | None,
         accelerator: Any,
         step: int,
+        complete: Callable[[dict, dict], dict] | None = None,
     ) -> list[dict]:
         """The accumulation window that optimizer step `step + 1` trains on: up to `num_batches` micro-batches read
         from `epoch_iterator` (or read ahead at the previous call), each rewritten as `__call__` does.
@@ -342,6 +343,8 @@ class PolicyBatchRewriter:
             student (`nn.Module`), teacher (`nn.Module`, *optional*): as the trainer holds them.
             accelerator (`accelerate.Accelerator`): the run's accelerator.
             step (`int`): optimizer steps done so far (`state.global_step`).
+            complete (`Callable`, *optional*): `complete(batch, new_batch)` for each rewritten micro-batch, with the
+                batch as read: adds the teacher source's own keys to the new one (`TeacherSource.rewritten`).
 
         Returns:
             `list[dict]`: the micro-batches to train on; rewritten ones hold `input_ids`, `attention_mask` and
@@ -358,6 +361,7 @@ class PolicyBatchRewriter:
                 batch = item.batch
                 if item.on_policy:
                     batch = self._generate(student, accelerator, item.batch, do_sample=True)
+                    batch = complete(item.batch, batch) if complete is not None else batch
                     self.num_student_batches += 1
                     if self.log is not None:
                         rows += self.log.rows(step + 1, step, *_parts(item.batch, batch))
@@ -388,6 +392,7 @@ class PolicyBatchRewriter:
                 continue
             batch = rebuild_batch(item.prompts, completions[id(item)], pad_token_id=self.pad_token_id,
                                   device=item.batch["input_ids"].device)  # fmt: skip
+            batch = complete(item.batch, batch) if complete is not None else batch
             self.num_student_batches += 1
             if self.log is not None:
                 rows += self.log.rows(step + 1, item.policy_step, item.prompts, completions[id(item)])

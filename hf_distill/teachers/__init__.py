@@ -11,6 +11,7 @@ registered under the kind of teacher the config asks for.
 | `cross-tokenizer-cache` | `teacher_cache` + `cross_tokenizer_loss`            | `cross_tokenizer_cache.py` |
 | `served`                | `teacher_api_base` (vLLM top-k log-probs over HTTP) | `served.py`                |
 | `ema`                   | `teacher_ema_decay`                                 | `ema.py`                   |
+| `context`               | `self`, `teacher_system_prompt`, `teacher_context_column` | `context.py`         |
 | `peers`                 | the trainer's model is `PeerStudents([...])`        | `peers.py`                 |
 
 `select_source` returns the one registered class whose `requested` holds (two at once is an error naming both);
@@ -22,6 +23,7 @@ from typing import Any
 
 from .base import SourceContext, SourceRequest, TeacherSource
 from .cached import CacheTeacher
+from .context import ContextTeacher
 from .cross_tokenizer import CrossTokenizerTeacher
 from .cross_tokenizer_cache import CachedCrossTokenizerTeacher
 from .ema import EMATeacher
@@ -46,6 +48,7 @@ for _source in (LiveTeacher, EnsembleTeacher, CrossTokenizerTeacher, CacheTeache
                 EMATeacher, MutualLearning):  # fmt: skip
     register_source(_source)
 register_source(ServedTeacher)
+register_source(ContextTeacher)
 
 
 def select_source(request: SourceRequest) -> type[TeacherSource]:
@@ -87,6 +90,7 @@ __all__ = [
     "SOURCES",
     "CacheTeacher",
     "CachedCrossTokenizerTeacher",
+    "ContextTeacher",
     "CrossTokenizerTeacher",
     "EMATeacher",
     "EnsembleTeacher",

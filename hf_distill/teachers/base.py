@@ -173,6 +173,12 @@ class TeacherSource:
         """The trainer's data collator, wrapped as this source needs its batches (unchanged here)."""
         return collator
 
+    def rewritten(self, batch: dict[str, Any], new_batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch to train on after the on-policy / seq-KD rewriter made `new_batch` from `batch` (new
+        completions, same prompts): completed with the source's own batch keys where it has some (the context
+        source's teacher rows); `new_batch` itself here."""
+        return new_batch
+
     def callbacks(self) -> list[Any]:
         """`TrainerCallback`s the source's training state needs (e.g. the EMA teacher's update); none here."""
         return []
@@ -205,6 +211,25 @@ def teacher_forward(model: nn.Module, model_inputs: dict[str, Any], **kwargs: An
     """`model(**model_inputs, **kwargs)` under `torch.no_grad` (a teacher never builds a graph)."""
     with torch.no_grad():
         return model(**model_inputs, **kwargs)
+
+
+SELF_TEACHER = "self"  # `teacher_model_name_or_path: self`: the student as it starts (teachers/context.py)
+
+
+def reads_context(args: Any) -> bool:
+    """Whether the config gives the teacher text the student does not read (`teacher_system_prompt`,
+    `teacher_context_column`)."""
+    return getattr(args, "teacher_system_prompt", None) is not None or (
+        getattr(args, "teacher_context_column", None) is not None
+    )
+
+
+def context_requested(request: "SourceRequest") -> bool:
+    """Whether the request asks for the context source (`teachers.context.ContextTeacher`): the teacher is `"self"`,
+    or a same-tokenizer teacher reads a system prompt or a context column. A teacher with another tokenizer
+    (`cross_tokenizer_loss`) reads them in its own source."""
+    is_self = isinstance(request.teacher, str) and request.teacher == SELF_TEACHER
+    return (is_self or reads_context(request.args)) and request.args.cross_tokenizer_loss is None
 
 
 def refuse_features(request: SourceRequest, what: str) -> None:

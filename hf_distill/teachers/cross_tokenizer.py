@@ -41,13 +41,14 @@ from ..alignment import (
     teacher_tokenize,
     token_char_spans,
 )
-from ..data.collators import CONVERSATION_KEY, ConversationCollator
+from ..data.collators import CHAT_KWARGS_KEY, CONTEXT_KEY, CONVERSATION_KEY, ConversationCollator
+from ..data.context import TeacherContext
 from ..heads import decoder_of, lm_head_of
 from ..losses import IGNORE_INDEX
 from ..losses.cross_tokenizer import GOLD_BETAS, alm, gold_from_parts, sorted_head, teacher_row_stats, uld_from_sorted
 from ..models import teacher_tokenizer_of
 from ..terms import LossTerms, SupervisedView, kd_scale, logit_terms
-from .base import SourceContext, SourceRequest, TeacherSource
+from .base import SourceContext, SourceRequest, TeacherSource, reads_context
 from .live import load_live_teachers
 
 
@@ -87,7 +88,7 @@ class CrossTokenizerTeacher(TeacherSource):
 
     kind = "cross-tokenizer"
     name = "cross-tokenizer"
-    batch_keys = (CONVERSATION_KEY,)
+    batch_keys = (CONVERSATION_KEY, CHAT_KWARGS_KEY, CONTEXT_KEY)
 
     def __init__(self, context: SourceContext, teacher: nn.Module | None, teacher_tokenizer: Any):
         super().__init__(context)
@@ -113,6 +114,8 @@ class CrossTokenizerTeacher(TeacherSource):
         self.top_k = args.cross_tokenizer_top_k
         self.chunk_size = args.kd_chunk_size or 64
         self._shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # context distillation: what only the teacher reads (system prompt, context column), in its own template
+        self.reader = TeacherContext.from_args(args, teacher_tokenizer) if reads_context(args) else None
 
     @classmethod
     def requested(cls, request: SourceRequest) -> bool:
@@ -139,8 +142,9 @@ class CrossTokenizerTeacher(TeacherSource):
         return cls(context, teacher, tokenizer)
 
     def wrap_collator(self, collator: Any) -> ConversationCollator:
-        """Rows' conversations kept in the batch (`messages`), for the teacher's own chat template."""
-        return ConversationCollator(collator)
+        """Rows' conversations kept in the batch (`messages`, with their `tools` / `chat_template_kwargs`), for the
+        teacher's own chat template; and each row's context (`teacher_context_column`)."""
+        return ConversationCollator(collator, self.reader.column if self.reader is not None else None)
 
     @classmethod
     def from_args(
@@ -204,8 +208,11 @@ class CrossTokenizerTeacher(TeacherSource):
         texts, student_spans = self.student_texts(model_inputs)
         templated = self.teacher_chat_texts(batch)
         if templated is None:
-            return texts, student_spans, False
-        floors = [assistant_start(self.teacher_tokenizer, m, t) for m, t in zip(batch["messages"], templated)]
+            if self.reader is None:
+                return texts, student_spans, False
+            return (*self.plain_context_texts(texts, student_spans, batch), False)
+        messages = self.teacher_conversations(batch)
+        floors = [assistant_start(self.teacher_tokenizer, m, t) for m, t in zip(messages, templated)]
         rows = zip(student_spans, batch["labels"].tolist(), texts, templated, floors)
         return templated, [relocate_supervised(*row) for row in rows], True
 
@@ -234,7 +241,37 @@ class CrossTokenizerTeacher(TeacherSource):
             return None
         if len(messages) != batch["input_ids"].shape[0]:
             raise ValueError(f"`messages` has {len(messages)} conversations for {batch['input_ids'].shape[0]} rows.")
-        return [self.teacher_tokenizer.apply_chat_template(m, tokenize=False) for m in messages]
+        kwargs = batch.get(CHAT_KWARGS_KEY) or [{}] * len(messages)
+        messages = self.teacher_conversations(batch)
+        return [self.teacher_tokenizer.apply_chat_template(m, tokenize=False, **k) for m, k in zip(messages, kwargs)]
+
+    def teacher_conversations(self, batch: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        """The batch's conversations as the teacher reads them: with the system prompt and each row's context
+        (`data.context.TeacherContext.teacher_messages`) when the teacher reads a context."""
+        if self.reader is None:
+            return batch["messages"]
+        contexts = batch.get(CONTEXT_KEY) or [None] * len(batch["messages"])
+        return [self.reader.teacher_messages(m, c) for m, c in zip(batch["messages"], contexts)]
+
+    def plain_context_texts(
+        self, texts: list[str], student_spans: list[list[Span | None]], batch: dict[str, Any]
+    ) -> tuple[list[str], list[list[Span | None]]]:
+        """Plain rows with a context: each text's prompt (before its first supervised token) replaced by the
+        teacher's (`TeacherContext.plain_text`); the supervised spans moved with the completion, the prompt's
+        dropped (they are never aligned)."""
+        contexts = batch.get(CONTEXT_KEY) or [None] * len(texts)
+        out_texts, out_spans = [], []
+        for text, spans, labels, context in zip(texts, student_spans, batch["labels"].tolist(), contexts):
+            first = next((j for j, s in enumerate(spans) if s is not None and labels[j] != IGNORE_INDEX), None)
+            cut = spans[first][0] if first is not None else len(text)
+            prompt = self.reader.plain_text(text[:cut], context)
+            shift = len(prompt) - cut
+            moved = [
+                None if s is None or j < (first or 0) else (s[0] + shift, s[1] + shift) for j, s in enumerate(spans)
+            ]
+            out_texts.append(prompt + text[cut:])
+            out_spans.append(moved)
+        return out_texts, out_spans
 
     def teacher_tokenize(
         self, texts: list[str], add_special_tokens: bool = True

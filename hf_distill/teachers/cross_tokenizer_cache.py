@@ -37,7 +37,7 @@ from ..cache import (
     TeacherCacheCollator,
     tokenizer_identity,
 )
-from ..data.collators import CONVERSATION_KEY, ConversationCollator
+from ..data.collators import CHAT_KWARGS_KEY, CONVERSATION_KEY, ConversationCollator
 from ..losses.cross_tokenizer import sorted_head
 from ..models import teacher_tokenizer_of
 from ..validation import check_cache_config
@@ -73,7 +73,7 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
 
     kind = "cross-tokenizer-cache"
     name = "cross-tokenizer-cache"
-    batch_keys = (*CACHE_BATCH_KEYS, *CROSS_CACHE_BATCH_KEYS, CONVERSATION_KEY)
+    batch_keys = (*CACHE_BATCH_KEYS, *CROSS_CACHE_BATCH_KEYS, CONVERSATION_KEY, CHAT_KWARGS_KEY)
 
     def __init__(self, context: SourceContext, cache: TeacherCache, teacher_tokenizer: Any = None):
         if context.args.cross_tokenizer_loss is None:

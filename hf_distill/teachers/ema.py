@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from ..checkpoints import CheckpointFileCallback, load_checkpoint_tensors, save_checkpoint_tensors
 from ..heads import unwrap
 from ..terms import LossTerms, SupervisedView
-from .base import SourceContext, SourceRequest, TeacherSource, refuse_features
+from .base import SourceContext, SourceRequest, TeacherSource, context_requested, refuse_features
 from .live import FusedLiveTeacher, LiveTeacher, use_fused_loss
 
 
@@ -139,8 +139,9 @@ class EMATeacher(TeacherSource):
 
     @classmethod
     def requested(cls, request: SourceRequest) -> bool:
-        """Asked for by `teacher_ema_decay` (no other teacher)."""
-        return request.args.teacher_ema_decay is not None
+        """Asked for by `teacher_ema_decay` (no other teacher; with a system prompt / context column or `self`, the
+        context source runs the EMA: `context.ContextTeacher`)."""
+        return request.args.teacher_ema_decay is not None and not context_requested(request)
 
     @classmethod
     def describe(cls, request: SourceRequest) -> str:

@@ -20,7 +20,7 @@ from torch import nn
 from ..heads import decoder_of, lm_head_of
 from ..models import load_teacher
 from ..terms import LossTerms, SupervisedView, fused_head_loss, kd_scale, logit_terms
-from .base import SourceContext, SourceRequest, TeacherSource, teacher_forward
+from .base import SourceContext, SourceRequest, TeacherSource, context_requested, teacher_forward
 
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class LiveTeacher(TeacherSource):
 
     @classmethod
     def requested(cls, request: SourceRequest) -> bool:
-        return len(request.teachers) == 1 and request.args.cross_tokenizer_loss is None
+        single = len(request.teachers) == 1 and request.args.cross_tokenizer_loss is None
+        return single and not context_requested(request)  # with a context: `context.ContextTeacher` runs it
 
     @classmethod
     def describe(cls, request: SourceRequest) -> str:
@@ -125,9 +126,9 @@ class FusedLiveTeacher(LiveTeacher):
         s_head, t_head = lm_head_of(self.context.student), lm_head_of(self.model)
         stats: dict[str, Any] = {}
         weights = {"kd": kd_scale(args), "ce": args.ce_weight}
-        kd, ce = fused_head_loss(view.rows(student_outputs.hidden_states[-1]), s_head, view.rows(t_last), t_head, args,
-                                 self.context.vocab_size, y, stats, (weights["kd"], weights["ce"]),
-                                 view.state)  # fmt: skip
+        s_rows, t_rows = view.rows(student_outputs.hidden_states[-1]), view.teacher_rows(t_last)
+        kd, ce = fused_head_loss(s_rows, s_head, t_rows, t_head, args, self.context.vocab_size, y, stats,
+                                 (weights["kd"], weights["ce"]), view.state)  # fmt: skip
         terms = LossTerms({"kd": kd, "ce": ce}, weights, y.new_tensor(y.numel()))
         if "top1_agreement" in stats:
             terms.metric("top1_agreement", stats["top1_agreement"], y.numel())
