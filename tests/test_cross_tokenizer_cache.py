@@ -93,6 +93,8 @@ def test_a_cache_of_another_teacher_tokenizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="a different teacher_tokenizer.*use a new output folder"):  # no resume
         cache_teacher(live.model, student_rows(live.context.tokenizer), live.context.tokenizer, cache.path,
                       k=4, dtype="float32", teacher_tokenizer=other_bpe_tokenizer())  # fmt: skip
+    kept = PreTrainedTokenizerFast.from_pretrained(cache.path / TEACHER_TOKENIZER_DIR)  # the refused run wrote nothing
+    assert kept.get_vocab() == live.teacher_tokenizer.get_vocab()
     # the recorded identity is checked, not the name: the cache's own copy matches
     assert json.loads((cache.path / "cache_info.json").read_text())["teacher_tokenizer"]["vocab_sha256"]
     assert (cache.path / TEACHER_TOKENIZER_DIR / "tokenizer.json").exists()
