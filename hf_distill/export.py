@@ -6,10 +6,12 @@ byte-level BPE tokenizer (tokens, token types, merges, special ids) and the chat
 
 - Q and K projection rows are permuted as llama.cpp expects for its rotary layout; transformers' GGUF loader undoes
   the permutation, so a round trip gives the source model back.
-- `f16`: 2-D weights in float16, norms in float32. `q8_0` / `q4_0`: 2-D weights whose rows are a multiple of 32 in
-  GGUF blocks of 32 (one fp16 scale per block), anything else as in `f16`. In a `q4_0` file the output matrix (and the
-  token embeddings when they are tied to it) is stored as q8_0: llama.cpp keeps that tensor at higher precision too
-  (q6_K, which the `gguf` Python package cannot write).
+- `f16`: 2-D weights in float16, norms in float32. `q8_0` / `q4_0`: 2-D weights in GGUF blocks of 32 along their rows
+  (one fp16 scale per block), norms in float32. In a `q4_0` file the output matrix (and the token embeddings when they
+  are tied to it) is stored as q8_0: llama.cpp keeps that tensor at higher precision too (q6_K, which the `gguf`
+  Python package cannot write). A 2-D weight whose rows are not a multiple of 32 (a hidden or intermediate size such
+  as 48 or 80) cannot be stored in blocks: the export is refused with the list of such tensors (`block_fallbacks`),
+  unless `allow_fallback=True` (`--allow_fallback`), which writes them in f16 and warns once with the list.
 - Block scales follow llama.cpp's rule (`d = signed max / -8` for q4_0, `amax / 127` for q8_0), except where a block
   already lies on an integer grid (`amax / k` for an integer `k`, up to the fp16 scale): then that grid's scale is used
   and the block is stored exactly. Weights of a QAT student (`student_quantization=int4w`, group size 32, saved on
@@ -93,6 +95,33 @@ def quantize_blocks(weights: np.ndarray, quant: str) -> np.ndarray:
     else:
         packed = best_q.astype(np.int8).view(np.uint8)
     return np.concatenate([scale, packed], axis=1).reshape(rows, -1)
+
+
+def block_fallbacks(shapes: dict[str, tuple[int, ...]], quant: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The 2-D tensors that a block type (`q8_0`, `q4_0`) cannot store: rows whose length is not a multiple of 32.
+
+    Args:
+        shapes (`dict`): tensor name -> shape, e.g. `{"model.layers.0.mlp.down_proj.weight": (H, I)}` (2-D weights
+            are `(rows, row length)`; 1-D tensors are always stored as f32 and never listed).
+        quant (`str`): the file's type; `f16` has no blocks (nothing listed).
+
+    Returns:
+        `list[tuple[str, tuple]]`: `(name, shape)` of each tensor that would fall back to f16, in `shapes`' order.
+    """
+    if quant not in _GRIDS:
+        return []
+    return [(name, tuple(shape)) for name, shape in shapes.items() if len(shape) == 2 and shape[1] % BLOCK]
+
+
+def _describe_fallbacks(fallbacks: list[tuple[str, tuple[int, ...]]], total: int, quant: str) -> str:
+    """`block_fallbacks`' list in words: how many, the row lengths, and the tensors (the first 12)."""
+    widths = sorted({shape[1] for _, shape in fallbacks})
+    listed = ", ".join(f"{name} {shape}" for name, shape in fallbacks[:12])
+    more = f" and {len(fallbacks) - 12} more" if len(fallbacks) > 12 else ""
+    return (
+        f"{len(fallbacks)} of the {total} 2-D tensors have rows of length {widths}, which blocks of {BLOCK} do not "
+        f"divide, so they cannot be stored as {quant}: {listed}{more}"
+    )
 
 
 def _permute_qk(weights: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -182,6 +211,7 @@ def export_gguf(
     quant: str = "f16",
     tokenizer_dir: str | None = None,
     name: str | None = None,
+    allow_fallback: bool = False,
 ) -> dict[str, Any]:
     """Write a Llama-family causal LM saved with `save_pretrained` (weights + tokenizer) as one GGUF file.
 
@@ -191,9 +221,15 @@ def export_gguf(
         quant (`str`): `f16`, `q8_0` or `q4_0` (see the module docstring).
         tokenizer_dir (`str`, *optional*): tokenizer folder when it is not `model_dir`.
         name (`str`, *optional*): `general.name` (default: the folder name).
+        allow_fallback (`bool`): with `q8_0` / `q4_0`, write the 2-D tensors whose rows are not a multiple of 32 in f16
+            (warned once, with their list) instead of refusing the export.
 
     Returns:
-        `{"path", "quant", "bytes", "tensors": {gguf name: type}}`.
+        `{"path", "quant", "bytes", "tensors": {gguf name: type}, "fallback": [(name, shape)]}`.
+
+    Raises:
+        `ValueError`: with `q8_0` / `q4_0`, some 2-D tensor cannot take blocks of 32 and `allow_fallback` is False
+            (the tensors are listed, name and shape; nothing is written).
     """
     if quant not in GGUF_QUANTS:
         raise ValueError(f"`quant` must be one of {list(GGUF_QUANTS)}, got {quant!r}.")
@@ -206,6 +242,18 @@ def export_gguf(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    fallbacks = block_fallbacks({k: tuple(v.shape) for k, v in state.items()}, quant)
+    if fallbacks:
+        described = _describe_fallbacks(fallbacks, sum(v.ndim == 2 for v in state.values()), quant)
+        if not allow_fallback:
+            raise ValueError(
+                f"{described}. Pass --allow_fallback (`allow_fallback=True`) to write them in f16 (the file is then "
+                f"only partly {quant}), export with --quant f16, or use a model whose hidden and intermediate sizes "
+                f"are multiples of {BLOCK}."
+            )
+        logger.warning("%s; writing them in f16 (--allow_fallback).", described)
     arch = gguf.MODEL_ARCH.LLAMA
     names = gguf.TensorNameMap(arch, config.num_hidden_layers)
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -228,11 +276,8 @@ def export_gguf(
     writer.add_file_type(ftype[quant])
     _add_tokenizer(writer, tokenizer, config.vocab_size)
 
-    tied = bool(getattr(config, "tie_word_embeddings", False))
     kinds: dict[str, str] = {}
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reads the tied output matrix from token_embd
+    for hf_name, tensor in state.items():  # a tied lm_head is left out: llama.cpp reads it from token_embd
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ValueError(f"No GGUF name for tensor {hf_name!r} of a Llama model.")
@@ -258,4 +303,4 @@ def export_gguf(
     writer.close()
     size = os.path.getsize(output)
     logger.info("Wrote %s (%s, %.1f MB, %d tensors).", output, quant, size / 1e6, len(kinds))
-    return {"path": output, "quant": quant, "bytes": size, "tensors": kinds}
+    return {"path": output, "quant": quant, "bytes": size, "tensors": kinds, "fallback": fallbacks}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_llama, make_tokenizer
 from datasets import Dataset
-from test_cross_tokenizer_teacher import ANSWERS, PROMPTS, bpe_teacher_tokenizer, make_source, run_terms
+from test_cross_tokenizer_teacher import ANSWERS, PROMPTS, bpe_teacher_tokenizer, make_source, padded, run_terms
 from tokenizers import ByteLevelBPETokenizer
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast
 
@@ -92,7 +92,9 @@ def test_a_cache_of_another_teacher_tokenizer_is_refused(tmp_path):
         CachedCrossTokenizerTeacher(live.context, cache, other_bpe_tokenizer())
     with pytest.raises(ValueError, match="a different teacher_tokenizer.*use a new output folder"):  # no resume
         cache_teacher(live.model, student_rows(live.context.tokenizer), live.context.tokenizer, cache.path,
-                      k=cache.k, dtype="float32", teacher_tokenizer=other_bpe_tokenizer())  # fmt: skip
+                      k=4, dtype="float32", teacher_tokenizer=other_bpe_tokenizer())  # fmt: skip
+    kept = PreTrainedTokenizerFast.from_pretrained(cache.path / TEACHER_TOKENIZER_DIR)  # the refused run wrote nothing
+    assert kept.get_vocab() == live.teacher_tokenizer.get_vocab()
     # the recorded identity is checked, not the name: the cache's own copy matches
     assert json.loads((cache.path / "cache_info.json").read_text())["teacher_tokenizer"]["vocab_sha256"]
     assert (cache.path / TEACHER_TOKENIZER_DIR / "tokenizer.json").exists()
@@ -317,3 +319,33 @@ def test_sft_trainer_from_a_conversation_cache_takes_the_live_step(tmp_path):
     assert max((a[k] - start[k]).abs().max().item() for k in start) > 1e-3
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold", "alm"])
+def test_a_padded_teacher_gives_the_unpadded_cache(tmp_path, loss):
+    """A teacher whose embedding is padded (384 rows, 330 tokens) caches distributions over its 330 tokens: the
+    cache records V_t = 330 and trains to the unpadded teacher's loss; a tokenizer longer than the embedding and a
+    cache that records another vocabulary than its teacher tokenizer are refused, both sizes named."""
+    student, live, cache, batch = build(tmp_path, loss)
+    s_tok, t_tok = live.context.tokenizer, live.teacher_tokenizer
+    big = cache_teacher(padded(live.model, 384), student_rows(s_tok), s_tok, tmp_path / "padded", k=len(t_tok),
+                        dtype="float32", batch_size=3, teacher_tokenizer=t_tok)  # fmt: skip
+    reference, _ = run_terms(CachedCrossTokenizerTeacher(live.context, cache), student, batch)
+    data = student_rows(s_tok)
+    big_batch = TeacherCacheCollator(big, DataCollatorForSeq2Seq(s_tok, padding=True))(
+        [{"row_id": i, **data[i]} for i in range(len(data))]
+    )
+    terms, _ = run_terms(CachedCrossTokenizerTeacher(live.context, big), student, big_batch)
+    assert reference.sums["kd"] > 0
+    torch.testing.assert_close(terms.sums["kd"], reference.sums["kd"], rtol=0, atol=1e-6)
+    assert [float(x) for x in terms.metrics["top1_agreement"]] == [
+        float(x) for x in reference.metrics["top1_agreement"]
+    ]
+    assert big.vocab_size == len(t_tok) == 330
+    with pytest.raises(ValueError, match=r"330 tokens but the teacher's output embedding has only 300 rows"):
+        cache_teacher(make_llama(vocab_size=300, seed=1), student_rows(s_tok), s_tok, tmp_path / "small", k=4,
+                      teacher_tokenizer=t_tok)  # fmt: skip
+    info = json.loads((big.path / "cache_info.json").read_text())
+    (big.path / "cache_info.json").write_text(json.dumps({**info, "vocab_size": 384}))  # as older versions wrote it
+    with pytest.raises(ValueError, match=r"over 384 teacher ids but the teacher's tokenizer has 330 tokens.*Rebuild"):
+        CachedCrossTokenizerTeacher(live.context, TeacherCache(big.path))

@@ -612,3 +612,73 @@ def test_gold_with_a_permuted_vocabulary_takes_the_same_step_as_same_tokenizer_k
     assert moved > 1e-3
     for key, value in weights["kd"].items():
         torch.testing.assert_close(weights["gold"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def padded(model, rows: int, seed: int = 7):
+    """A copy of `model` whose embedding and lm_head have `rows` rows: the first ones the same, the extra rows random
+    and large (they would dominate any softmax that kept them)."""
+    out = copy.deepcopy(model)
+    n = model.get_output_embeddings().weight.shape[0]
+    out.resize_token_embeddings(rows, mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in (out.get_output_embeddings().weight, out.get_input_embeddings().weight):
+            weight[n:] = 50 * torch.randn(rows - n, weight.shape[1], generator=generator)
+    return out
+
+
+@pytest.mark.parametrize("side", ["teacher", "student", "both"])
+@pytest.mark.parametrize("loss,top_k", [("uld", None), ("uld", 5), ("gold", None), ("gold", 5), ("alm", None)])
+def test_padded_embeddings_give_the_unpadded_loss(loss, top_k, side):
+    """Teacher lm_head padded to 384 rows for its 330 tokens, student to 64 for its 55 (Qwen-like): the padded rows
+    are no token, so every cross-tokenizer loss equals the unpadded models' (the pad rows hold large random values)."""
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, s_tok, t_tok = make_source(student, loss, top_k=top_k)
+    batch = make_batch(s_tok)
+    reference, _ = run_terms(source, student, batch)
+    s_model = padded(student, 64) if side in ("student", "both") else student
+    t_model = padded(source.model, 384) if side in ("teacher", "both") else source.model
+    assert len(t_tok) == 330 and len(s_tok) == 55
+    context = SourceContext(source.context.args, source.context.head, s_model, s_tok)
+    terms, _ = run_terms(CrossTokenizerTeacher(context, t_model, t_tok), s_model, batch)
+    assert reference.sums["kd"] > 0
+    torch.testing.assert_close(terms.sums["kd"], reference.sums["kd"], rtol=0, atol=1e-6)
+    agreement = [[float(x) for x in t.metrics["top1_agreement"]] for t in (terms, reference)]
+    assert agreement[0] == agreement[1]
+
+
+def test_a_tokenizer_longer_than_the_embedding_is_refused():
+    """A tokenizer with more tokens than the model's embedding has rows is not that model's: refused up front, both
+    sizes named, on either side."""
+    s_tok, t_tok = make_tokenizer(), bpe_teacher_tokenizer()
+    student = make_llama(vocab_size=len(s_tok), seed=0)
+    source, _, _ = make_source(student)
+    with pytest.raises(ValueError, match=r"teacher's tokenizer .* 330 tokens .* only 300 rows.*teacher's own"):
+        CrossTokenizerTeacher(source.context, make_llama(vocab_size=300, seed=1), t_tok)
+    small = make_llama(vocab_size=50, seed=0)
+    context = SourceContext(source.context.args, source.context.head, small, s_tok)
+    with pytest.raises(ValueError, match=r"student's tokenizer .* 55 tokens .* only 50 rows"):
+        CrossTokenizerTeacher(context, source.model, t_tok)
+
+
+def test_a_teacher_tokenizer_other_than_the_teachers_own_is_refused(tmp_path):
+    """`teacher_tokenizer_name_or_path` naming another tokenizer than the one saved with the teacher (here smaller
+    than its embedding, so no size check catches it) is refused, naming both."""
+    from tokenizers import ByteLevelBPETokenizer as BPE
+    from transformers import AutoModelForCausalLM
+
+    student = make_llama(vocab_size=len(make_tokenizer()), seed=0)
+    source, _, t_tok = make_source(student)
+    source.model.save_pretrained(tmp_path / "teacher")
+    t_tok.save_pretrained(tmp_path / "teacher")
+    bpe = BPE()
+    bpe.train_from_iterator(PROMPTS + ANSWERS, vocab_size=290, min_frequency=1, special_tokens=["<pad>", "<s>"])
+    other = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", bos_token="<s>")
+    other.save_pretrained(tmp_path / "other")
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    args = source.context.args
+    args.teacher_model_name_or_path, args.teacher_tokenizer_name_or_path = str(tmp_path / "teacher"), None
+    assert CrossTokenizerTeacher.from_args(source.context, teacher).teacher_tokenizer.get_vocab() == t_tok.get_vocab()
+    args.teacher_tokenizer_name_or_path = str(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"not the one saved with the teacher .*330 tokens.*teacher's own tokenizer"):
+        CrossTokenizerTeacher.from_args(source.context, teacher)

@@ -1,6 +1,7 @@
 """GGUF export: round trip through transformers' GGUF loader (logits per format, tokenizer, chat template), the
 block quantizer against gguf's reference, exact q4_0 storage of QAT weights, clear errors, and the CLI."""
 
+import re
 import subprocess
 import sys
 
@@ -66,12 +67,12 @@ def make_bpe_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def make_student(tok, tie: bool, seed: int = 0) -> LlamaForCausalLM:
+def make_student(tok, tie: bool, seed: int = 0, hidden: int = 64, intermediate: int = 128) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention: Q and K are permuted with different head counts
@@ -228,3 +229,46 @@ def test_cli_export(tmp_path, bpe_tokenizer):
         [sys.executable, "-m", "hf_distill.cli.main", "export", "--help"], check=False, capture_output=True, text=True
     )
     assert helped.returncode == 0 and "--quant" in helped.stdout and "q4_0" in helped.stdout
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q8_0"])
+def test_tensors_that_cannot_take_the_block_size_are_listed_and_refused(tmp_path, bpe_tokenizer, quant, caplog):
+    """Hidden 48 (no 2-D weight splits into blocks of 32) or intermediate 80 (only ffn_down): refused, each such
+    tensor named with its shape and --allow_fallback named; with allow_fallback they are f16, warned once."""
+    out = tmp_path / "x.gguf"
+    narrow = _save(make_student(bpe_tokenizer, tie=True, hidden=48, intermediate=96), bpe_tokenizer, tmp_path / "n")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight \(48, 48\).*--allow_fallback"):
+        export_gguf(narrow, str(out), quant=quant)
+    assert not out.exists()  # nothing written
+    mixed = _save(make_student(bpe_tokenizer, tie=False, intermediate=80), bpe_tokenizer, tmp_path / "m")
+    with pytest.raises(ValueError, match=r"2 of the 16 2-D tensors have rows of length \[80\].*"
+                                         r"model\.layers\.1\.mlp\.down_proj\.weight \(64, 80\)"):  # fmt: skip
+        export_gguf(mixed, str(out), quant=quant)
+    with caplog.at_level("WARNING", logger="hf_distill.export"):
+        result = export_gguf(mixed, str(out), quant=quant, allow_fallback=True)
+    warned = [r for r in caplog.records if "--allow_fallback" in r.getMessage()]
+    assert len(warned) == 1 and "model.layers.0.mlp.down_proj.weight (64, 80)" in warned[0].getMessage()
+    assert result["fallback"] == [(f"model.layers.{i}.mlp.down_proj.weight", (64, 80)) for i in range(2)]
+    assert result["tensors"]["blk.0.ffn_down.weight"] == "f16" and result["tensors"]["blk.0.ffn_up.weight"] == quant
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.1.ffn_down.weight"] == "F16" and types["blk.1.ffn_gate.weight"] == quant.upper()
+
+
+def test_block_fallbacks():
+    from hf_distill.export import block_fallbacks
+
+    assert block_fallbacks({"a": (4, 64), "b": (4, 80), "norm": (80,)}, "q4_0") == [("b", (4, 80))]
+    assert block_fallbacks({"b": (4, 80)}, "f16") == []
+
+
+def test_cli_export_refuses_a_block_fallback_unless_allowed(tmp_path, bpe_tokenizer, capsys):
+    from hf_distill.cli.main import main
+
+    source = _save(make_student(bpe_tokenizer, tie=True, intermediate=80), bpe_tokenizer, tmp_path / "s")
+    argv = ["export", "--model", source, "--quant", "q4_0", "--output", str(tmp_path / "m.gguf")]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and "down_proj.weight (64, 80)" in err and "--allow_fallback" in err
+    main([*argv, "--allow_fallback"])
+    assert re.search(r"[^0-9]2 f16", capsys.readouterr().out) and (tmp_path / "m.gguf").exists()

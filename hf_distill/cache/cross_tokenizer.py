@@ -45,7 +45,9 @@ def score_cross_rows(
         teacher (`nn.Module`): a causal LM in eval mode.
         student_tokenizer: decodes `rows` (the dataset's tokenizer). teacher_tokenizer: the teacher's fast tokenizer.
         rows (`list[list[int]]`): B rows of student ids (unpadded).
-        k (`int`): entries kept per position. vocab_size (`int`): V_t (logits beyond it are dropped).
+        k (`int`): entries kept per position.
+        vocab_size (`int`): V_t, the teacher tokenizer's tokens; logits beyond it (rows of an embedding padded beyond
+            the tokenizer) are dropped before the softmax, as the live source does.
         chunk_size (`int`): teacher rows per `[chunk, V_t]` log-softmax.
         conversations (`list`, *optional*): B conversations (`[{"role", "content"}, ...]`), rows in order.
 

@@ -14,6 +14,7 @@ from ..alignment import row_conversation
 from ..generation.onpolicy import generate_completions
 from ..generation.served import ServedLogprobs
 from ..losses import IGNORE_INDEX
+from ..models.checks import check_saved_tokenizer, tokenizer_vocab_size
 from ..models.loading import load_model, output_vocab_size
 from .compact import encode_row
 from .cross_tokenizer import score_cross_rows
@@ -87,7 +88,8 @@ class Scorer:
 
     Attributes:
         teacher: the causal LM, or the `ServedLogprobs`.
-        vocab_size (`int`): V of the stored distributions.
+        vocab_size (`int`): V of the stored distributions (a cross-tokenizer cache: the teacher tokenizer's tokens,
+            rows of a padded embedding beyond them left out).
         identity (`dict`): the teacher's identity in cache_info.json.
     """
 
@@ -125,8 +127,15 @@ class Scorer:
             raise ValueError("Teacher caches support causal LM teachers; use the live teacher for encoder-decoders.")
         teacher = teacher.to(state.device).eval()
         vocab_size = output_vocab_size(teacher)
+        if teacher_tokenizer is not None:  # cross-tokenizer: the teacher's tokens only (padded rows are no token)
+            check_saved_tokenizer(teacher, teacher_tokenizer)
+            vocab_size = tokenizer_vocab_size(teacher, teacher_tokenizer, "teacher")
         if not 1 <= k <= vocab_size:
-            raise ValueError(f"k={k} must be between 1 and the teacher's vocabulary size ({vocab_size}).")
+            which = "its output embedding's rows" if teacher_tokenizer is None else "the teacher tokenizer's tokens"
+            raise ValueError(
+                f"k={k} must be between 1 and the teacher's vocabulary size ({vocab_size}), {which}; --k "
+                f"{vocab_size} caches every entry."
+            )
         return cls(teacher, vocab_size, teacher_identity(teacher, name), k, tokenizer, teacher_tokenizer,
                    chat_template)  # fmt: skip
 

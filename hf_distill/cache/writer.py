@@ -313,10 +313,10 @@ def cache_teacher(
     if job.is_main_process:
         shard_dir.mkdir(parents=True, exist_ok=True)
         set_aside_corrupt_shards(shard_dir)  # a truncated shard (killed copy, full disk) is recomputed, not fatal
-        if teacher_tokenizer is not None:  # the cached source reads it from here by default
-            teacher_tokenizer.save_pretrained(out / TEACHER_TOKENIZER_DIR)
     job.wait()
     job.check_settings()
+    if job.is_main_process and teacher_tokenizer is not None:  # after the check: a refused resume writes nothing
+        teacher_tokenizer.save_pretrained(out / TEACHER_TOKENIZER_DIR)  # the cached source reads it from here
     finished = _read_finished(shard_dir)
     todo = []
     for index, rid in enumerate(row_ids):

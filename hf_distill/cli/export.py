@@ -4,7 +4,8 @@ Ollama or transformers' GGUF loader.
 hf-distill export --model runs/student --format gguf --quant q4_0 --output runs/student.gguf
 
 Llama-family models only (SmolLM2, Llama 2/3, TinyLlama, ...); others get an error naming the supported ones. A
-student trained with `student_quantization=int4w` (group size 32) exports to q4_0 without further rounding.
+student trained with `student_quantization=int4w` (group size 32) exports to q4_0 without further rounding. With q8_0
+or q4_0, weights whose rows are not a multiple of 32 are refused, listed, unless `--allow_fallback` (then f16).
 """
 
 from dataclasses import dataclass, field
@@ -30,6 +31,13 @@ class ExportArguments:
     name: str | None = field(
         default=None, metadata={"help": "general.name stored in the file (default: the folder name)."}
     )
+    allow_fallback: bool = field(
+        default=False,
+        metadata={
+            "help": "With q8_0 / q4_0: write the 2-D tensors whose rows are not a multiple of 32 in f16 (warned, "
+            "listed) instead of refusing the export."
+        },
+    )
 
 
 def make_parser(prog: str | None = None) -> CliParser:
@@ -54,7 +62,8 @@ def run(argv: list[str], prog: str = "hf-distill export") -> None:
     (opts,), _ = parse_args_and_recipe(make_parser(prog), argv, prog)
     from ..export import export_gguf
 
-    result = export_gguf(opts.model, opts.output, quant=opts.quant, tokenizer_dir=opts.tokenizer, name=opts.name)
+    result = export_gguf(opts.model, opts.output, quant=opts.quant, tokenizer_dir=opts.tokenizer, name=opts.name,
+                         allow_fallback=opts.allow_fallback)  # fmt: skip
     counts: dict[str, int] = {}
     for kind in result["tensors"].values():
         counts[kind] = counts.get(kind, 0) + 1

@@ -244,16 +244,18 @@ def teacher_row_stats(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     chunk_size: int = 64,
+    vocab_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """What the cross-tokenizer losses need of the teacher's rows, reduced chunk by chunk from hidden states.
 
     Logits are `softcap((hidden @ weight.T + bias) * logit_scale) / temperature`; never more than `[chunk_size, V]`
-    of them exist at once.
+    of them exist at once. With `vocab_size` below the head's rows (an embedding padded beyond the tokenizer), only
+    the first `vocab_size` logits are computed: the padded rows are no token and hold no probability.
 
     Args:
         hidden (`torch.Tensor`): `(R, H)` teacher final hidden states of the rows needed.
-        weight (`torch.Tensor`, *optional*): `(V, H)` the teacher's lm_head weight; None when `hidden` already
-            holds the logits `(R, V)`.
+        weight (`torch.Tensor`, *optional*): `(V_rows, H)` the teacher's lm_head weight; None when `hidden` already
+            holds the logits `(R, V_rows)`.
         target_ids (`torch.Tensor`): `(R,)` the token each row predicts (its log-prob is returned).
         base_rows (`torch.Tensor`): `(G,)` indices into the R rows whose full distribution is needed.
         top_k (`int`, *optional*): sorted entries kept for ULD (None: all V).
@@ -261,13 +263,21 @@ def teacher_row_stats(
             probabilities and the sorted head of the other entries are returned.
         temperature, bias, logit_scale, softcap: as the teacher's head and the KD temperature.
         chunk_size (`int`): rows per chunk.
+        vocab_size (`int`, *optional*): V, the tokenizer's tokens (`<=` the head's rows `V_rows`); None: all rows.
 
     Returns:
         `dict`: `target_logprobs (R,)`; for the G base rows `argmax (G,)` (the top token id), `top (G, K)` and
         `tail (G,)` of the (unshared) entries, and with `shared_ids` also `shared (G, M)`.
     """
     device = hidden.device
-    vocab = hidden.shape[-1] if weight is None else weight.shape[0]
+    rows = hidden.shape[-1] if weight is None else weight.shape[0]
+    vocab = rows if vocab_size is None else vocab_size
+    if not 1 <= vocab <= rows:
+        raise ValueError(f"`vocab_size` {vocab} must be between 1 and the teacher head's {rows} rows.")
+    if vocab < rows:  # the padded rows are left out: V columns only
+        hidden = hidden if weight is not None else hidden[:, :vocab]
+        weight = weight[:vocab] if weight is not None else None
+        bias = bias[:vocab] if bias is not None else None
     is_base = torch.zeros(hidden.shape[0], dtype=torch.long, device=device)
     is_base[base_rows] = torch.arange(1, base_rows.numel() + 1, device=device)
     rest = None

@@ -6,11 +6,13 @@ Used by the teacher sources, student construction, MiniPLM, rationales and the C
 
 from .checks import (
     check_same_tokenizer,
+    check_saved_tokenizer,
     check_teacher,
     check_tokenizer_of_model,
     load_teacher,
     shared_vocab_size,
     teacher_tokenizer_of,
+    tokenizer_vocab_size,
 )
 from .loading import (
     SHORTHANDS,
@@ -31,6 +33,7 @@ from .placement import check_teacher_fits, prepare_teacher, shared_parameter_nam
 __all__ = [
     "SHORTHANDS",
     "check_same_tokenizer",
+    "check_saved_tokenizer",
     "check_teacher",
     "check_teacher_fits",
     "check_tokenizer_of_model",
@@ -49,5 +52,6 @@ __all__ = [
     "shared_vocab_size",
     "smollm2_location",
     "teacher_tokenizer_of",
+    "tokenizer_vocab_size",
     "unregister_model",
 ]

@@ -232,3 +232,67 @@ def _load_cross_tokenizer_teacher(
             f"{s_head.describe()} student."
         )
     return teacher, None
+
+
+def tokenizer_vocab_size(model: nn.Module | None, tokenizer: PreTrainedTokenizerBase, role: str = "teacher") -> int:
+    """The real vocabulary of a model read through its own `tokenizer` (cross-tokenizer distillation):
+    `len(tokenizer)`, checked to fit the model's output embedding.
+
+    An embedding padded beyond the tokenizer (384 rows for 330 tokens; Qwen's 151936 for 151665) is the common case:
+    its extra rows are no token, and the cross-tokenizer losses leave them out (softmax over the first
+    `len(tokenizer)` logits). A tokenizer longer than the embedding cannot be this model's: refused.
+
+    Args:
+        model (`nn.Module`, *optional*): the model (its output embedding has `V_rows` rows); None: not checked.
+        tokenizer (`PreTrainedTokenizerBase`): the tokenizer its inputs are made with (`V` tokens).
+        role (`str`): "teacher" or "student", for the error message.
+
+    Returns:
+        `int`: `V = len(tokenizer)`, `<= V_rows`.
+
+    Raises:
+        `ValueError`: `V > V_rows`, naming both sizes and the fix.
+    """
+    size = len(tokenizer)
+    rows = output_vocab_size(model) if model is not None else None
+    if rows is not None and size > rows:
+        flag = (
+            "teacher_tokenizer_name_or_path` or `teacher_processing_class" if role == "teacher" else "processing_class"
+        )
+        raise ValueError(
+            f"The {role}'s tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r}) has "
+            f"{size} tokens but the {role}'s output embedding has only {rows} rows: it is not this model's tokenizer "
+            f"(ids >= {rows} have no logit). Pass the {role}'s own tokenizer (`{flag}`), or resize the model's "
+            f"embeddings to the tokenizer (`model.resize_token_embeddings({size})`) and train them first."
+        )
+    return size
+
+
+def check_saved_tokenizer(teacher: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a teacher tokenizer whose token -> id map differs from the one saved with the teacher (its
+    `config._name_or_path`), when that one can be loaded from disk (a local folder or the Hub cache; nothing is
+    downloaded). Cross-tokenizer distillation reads the teacher through the tokenizer it is given.
+
+    Args:
+        teacher (`nn.Module`): the teacher as loaded (one built in memory has no saved tokenizer: not checked).
+        tokenizer (`PreTrainedTokenizerBase`): the teacher tokenizer the run will use.
+
+    Raises:
+        `ValueError`: the maps differ, naming both tokenizers, their sizes and the fix.
+    """
+    source = getattr(getattr(teacher, "config", None), "_name_or_path", None)
+    if not source or source == getattr(tokenizer, "name_or_path", None):
+        return
+    try:
+        saved = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError):
+        return  # no tokenizer saved with the teacher: only the embedding size can be checked
+    ours, theirs = tokenizer.get_vocab(), saved.get_vocab()
+    if ours != theirs:
+        differing = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:5]
+        raise ValueError(
+            f"The teacher tokenizer given ({getattr(tokenizer, 'name_or_path', '')!r}, {len(ours)} tokens) is not the "
+            f"one saved with the teacher ({source!r}, {len(theirs)} tokens), e.g. {differing}: its token ids would "
+            f"index the wrong logits. Pass the teacher's own tokenizer (unset `teacher_tokenizer_name_or_path` to "
+            f"use {source!r}'s)."
+        )

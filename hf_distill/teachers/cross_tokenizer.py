@@ -18,6 +18,13 @@ Per micro-batch (`CrossTokenizerTeacher`):
    text), weight `kd_scale(args)`; `ce` is the student's cross-entropy summed over its
    supervised tokens. Both are normalised by the supervised student tokens, like every other source.
 
+Vocabularies: each side's distribution is over its tokenizer's tokens, `len(tokenizer)` of them. An output embedding
+padded beyond its tokenizer (the common case: Qwen, many checkpoints rounded to a multiple of 64) has rows that are no
+token; they are left out of every divergence (the softmax runs over the first `len(tokenizer)` logits), so a padded
+model gives the loss of its unpadded twin. A tokenizer longer than the embedding, or a teacher tokenizer other than the
+one saved with the teacher, is refused when the source is built (`models.tokenizer_vocab_size`,
+`models.check_saved_tokenizer`).
+
 Supervised student tokens that no group covers (special tokens such as the EOS target, characters the teacher
 tokenizes across a prompt/completion boundary) get the CE term only; `cross_tokenizer_aligned` logs the fraction.
 """
@@ -46,7 +53,7 @@ from ..data.context import TeacherContext
 from ..heads import decoder_of, lm_head_of
 from ..losses import IGNORE_INDEX
 from ..losses.cross_tokenizer import GOLD_BETAS, alm, gold_from_parts, sorted_head, teacher_row_stats, uld_from_sorted
-from ..models import teacher_tokenizer_of
+from ..models import check_saved_tokenizer, teacher_tokenizer_of, tokenizer_vocab_size
 from ..terms import LossTerms, SupervisedView, kd_scale, logit_terms
 from .base import SourceContext, SourceRequest, TeacherSource, reads_context
 from .live import load_live_teachers
@@ -108,6 +115,11 @@ class CrossTokenizerTeacher(TeacherSource):
                 )
         if context.feature_kwargs:
             raise ValueError("`cross_tokenizer_loss` does not combine with hidden-state / attention terms.")
+        if teacher is not None:
+            check_saved_tokenizer(teacher, teacher_tokenizer)
+        # each side's real vocabulary (<= its embedding's rows, checked once here): padded rows are no token
+        self.student_vocab = tokenizer_vocab_size(context.student, context.tokenizer, "student")
+        self.teacher_vocab = tokenizer_vocab_size(teacher, teacher_tokenizer, "teacher")
         self.models = [teacher] if teacher is not None else []
         self.teacher_tokenizer = teacher_tokenizer
         self.loss = args.cross_tokenizer_loss
@@ -310,6 +322,7 @@ class CrossTokenizerTeacher(TeacherSource):
             torch.arange(n_groups, device=t_hidden.device),
             top_k=self.top_k,
             shared_ids=shared_t if self.loss == "gold" else None,
+            vocab_size=self.teacher_vocab,
             temperature=args.temperature,
             bias=None if head is None else head.bias,
             logit_scale=1.0 if head is None else head.logit_scale,
@@ -318,10 +331,9 @@ class CrossTokenizerTeacher(TeacherSource):
         )
 
     def teacher_vocab_size(self, teacher_outputs: Any) -> int:
-        """V_t, the size of the teacher's distributions (its lm_head rows): the denominator of gold's matched
-        weight."""
-        head = lm_head_of(self.model)
-        return int(head.weight.shape[0]) if head is not None else int(teacher_outputs.last_hidden_state.shape[-1])
+        """V_t, the size of the teacher's distributions (its tokenizer's tokens; rows of a padded lm_head beyond them
+        are left out): the denominator of gold's matched weight."""
+        return self.teacher_vocab
 
     def terms(self, student_outputs: Any, teacher_outputs: CrossTokenizerOutputs, view: SupervisedView) -> LossTerms:
         if view.shift_labels is not None:
@@ -351,8 +363,9 @@ class CrossTokenizerTeacher(TeacherSource):
         t_base, t_later, t_later_group = as_index(t_base), as_index(t_later), as_index(t_later_group)
 
         # Student: the distribution predicting each group's first token, times the probabilities of its later tokens.
+        # Padded rows of the student's lm_head (beyond its tokenizer) are no token: left out of the softmax.
         s_ids = view.batch["input_ids"].reshape(-1).to(device)
-        flat = logits.reshape(-1, logits.shape[-1])
+        flat = logits.reshape(-1, logits.shape[-1])[:, : self.student_vocab]  # (B * T, V_s)
         s_logprobs = (flat[s_base].float() / args.temperature).log_softmax(-1)  # (G, V_s)
         s_log_c = torch.zeros(n_groups, device=device)
         if s_later.numel():

@@ -109,6 +109,14 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
                 "than the given teacher tokenizer's: the cached offsets would not match its text. Unset "
                 "`teacher_tokenizer_name_or_path` to use the cache's own copy, or rebuild the cache with this one."
             )
+        if cache.vocab_size != len(teacher_tokenizer):
+            raise ValueError(
+                f"The teacher cache {cache.path} holds distributions over {cache.vocab_size} teacher ids but the "
+                f"teacher's tokenizer has {len(teacher_tokenizer)} tokens (a cross-tokenizer cache holds "
+                "distributions over the teacher tokenizer's tokens; older versions kept the extra rows of a padded "
+                "embedding). "
+                "Rebuild it with `hf-distill cache-teacher` and the teacher's own tokenizer."
+            )
         super().__init__(context, None, teacher_tokenizer)
         self.cache = cache
         if self.top_k is None or self.top_k > cache.k:  # both sides truncated alike: ULD's lower bound holds
@@ -181,7 +189,7 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
         )  # fmt: skip
 
     def teacher_vocab_size(self, teacher_outputs: Any) -> int:
-        """V_t as the cache recorded it (the teacher's lm_head rows)."""
+        """V_t as the cache recorded it (the teacher tokenizer's tokens)."""
         return self.cache.vocab_size
 
     def teacher_stats(
