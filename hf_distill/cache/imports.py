@@ -147,7 +147,7 @@ def to_cache_entries(
         ids (`np.ndarray`): `(n, K)` token ids, `K >= k`.
         values (`np.ndarray`): `(n, K)` log-probs at `temperature`.
         k (`int`): entries kept per position.
-        vocab_size (`int`): V, the student tokenizer's size (ids must be below it).
+        vocab_size (`int`): V, the width of the logits (ids must be below it).
         row_id: the row's id, for errors.
         temperature (`float`): the temperature the values are at (brought back to 1 within the top K).
 
@@ -161,8 +161,8 @@ def to_cache_entries(
     if ids.min() < 0 or ids.max() >= vocab_size:
         bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
         raise ValueError(
-            f"Row {row_id!r}: token id {bad} is outside the student tokenizer's vocabulary ({vocab_size} tokens): "
-            "the logits were computed with another tokenizer (or the vocabulary size is wrong)."
+            f"Row {row_id!r}: token id {bad} is outside the student's vocabulary ({vocab_size} tokens): the logits "
+            "were computed with another tokenizer (or give the model's padded size with --vocab_size)."
         )
     ordered = np.sort(ids, axis=-1)
     if (ordered[:, 1:] == ordered[:, :-1]).any():
@@ -196,7 +196,7 @@ class ImportedTopK:
         source (`str`): the dataset as named (its identity in cache_info.json).
         k (`int`): entries per position kept in the cache (at most the file's).
         file_k (`int`): entries per position in the file.
-        vocab_size (`int`): V, the student tokenizer's size.
+        vocab_size (`int`): V, the width of the logits the entries index.
         temperature (`float`): the temperature of the stored values.
         codec (`DistillKitCodec`, *optional*): DistillKit's compression config.
     """
@@ -238,7 +238,7 @@ class ImportedTopK:
             input_ids = np.asarray(row["input_ids"], dtype=np.int64)
             if len(input_ids) and (input_ids.max() >= self.vocab_size or input_ids.min() < 0):
                 raise ValueError(
-                    f"Row {row_id!r}: input id {int(input_ids.max())} is outside the student tokenizer's vocabulary "
+                    f"Row {row_id!r}: input id {int(input_ids.max())} is outside the student's vocabulary "
                     f"({self.vocab_size} tokens): the dataset was tokenised with another tokenizer."
                 )
             if self.format == "axolotl":
@@ -266,6 +266,7 @@ def prepare_import(
     k: int | None = None,
     temperature: float = 1.0,
     distillkit_config: str | os.PathLike | None = None,
+    vocab_size: int | None = None,
 ) -> ImportedTopK:
     """Check another tool's dataset against the student tokenizer and return the source `cache_teacher` reads.
 
@@ -278,6 +279,9 @@ def prepare_import(
         temperature (`float`): the temperature the stored values are at (Axolotl's `kd_temperature`; 1 for
             DistillKit).
         distillkit_config (`str`, *optional*): DistillKit's `compression_config.yaml` (default: beside the data).
+        vocab_size (`int`, *optional*): V, the width of the teacher's (and student's) logits when the model's
+            embedding is padded beyond the tokenizer (its config's `vocab_size`); default `len(tokenizer)`. Token
+            ids must be below it.
 
     Returns:
         `ImportedTopK`: pass it as the teacher of `cache_teacher(source, dataset, tokenizer, ..., k=source.k)`.
@@ -297,14 +301,16 @@ def prepare_import(
         raw = format == "axolotl" and "input_ids" not in columns
         hint = " (untokenised Axolotl rows: run `axolotl preprocess`, then import its prepared dataset)" if raw else ""
         raise ValueError(f"An {format} teacher dataset has columns {list(needed)}; this one has {columns}{hint}.")
-    vocab_size = len(tokenizer)
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the student tokenizer ({len(tokenizer)} tokens).")
+    vocab_size = vocab_size or len(tokenizer)
     codec = None
     if format == "distillkit":
         codec = find_codec(source, distillkit_config)
-        if codec.d < vocab_size:
+        if codec.d < len(tokenizer):
             raise ValueError(
                 f"The DistillKit token ids were packed for a vocabulary of {codec.d} ids but the student tokenizer "
-                f"has {vocab_size} tokens: the logits come from another tokenizer."
+                f"has {len(tokenizer)} tokens: the logits come from another tokenizer."
             )
         file_k = codec.k
     else:

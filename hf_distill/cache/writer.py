@@ -383,6 +383,7 @@ def import_teacher_logprobs(
     k: int | None = None,
     temperature: float = 1.0,
     distillkit_config: str | os.PathLike | None = None,
+    vocab_size: int | None = None,
     **cache_kwargs: Any,
 ) -> TeacherCache:
     """Convert another tool's top-k teacher log-prob dataset into a teacher cache, checked against the student
@@ -402,6 +403,8 @@ def import_teacher_logprobs(
         k (`int`, *optional*): entries kept per position (default: all of the file's).
         temperature (`float`): the temperature the stored values are at (brought back to 1).
         distillkit_config (`str`, *optional*): DistillKit's `compression_config.yaml`.
+        vocab_size (`int`, *optional*): V, the logits' width when the model's embedding is padded beyond the
+            tokenizer (default `len(tokenizer)`).
         cache_kwargs: `cache_teacher`'s other arguments (`batch_size`, `dtype`, `compression`, `id_column`, ...).
 
     Returns:
@@ -410,7 +413,7 @@ def import_teacher_logprobs(
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     imported = prepare_import(format, dataset, tokenizer, source=source, k=k, temperature=temperature,
-                              distillkit_config=distillkit_config)  # fmt: skip
+                              distillkit_config=distillkit_config, vocab_size=vocab_size)  # fmt: skip
     return cache_teacher(imported, dataset, tokenizer, output_dir, k=imported.k, **cache_kwargs)
 
 
