@@ -414,3 +414,19 @@ def test_distillkit_bad_inputs_are_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="No compression_config.yaml next to .*--distillkit_config"):
         run(data)
     assert len(rows) == len(data)
+
+
+def test_import_written_compact(tmp_path, tokenizer):
+    """The import is a `cache_teacher` source: `compression="compact"` applies to it as to a teacher's cache."""
+    rows = prompt_completion_rows(tokenizer)
+    entries = cache_entries(build(tmp_path, tokenizer, rows, name="ref", k=K, dtype="float32"), len(rows))
+    write_axolotl(tmp_path / "axolotl", rows, entries)
+    data = load_from_disk(str(tmp_path / "axolotl"))
+    cache = import_teacher_logprobs("axolotl", data, tokenizer, tmp_path / "imp", source="a", vocab_size=64,
+                                    compression="compact", value_bits=8)  # fmt: skip
+    assert cache.compact
+    for ref, got in zip(entries, cache_entries(cache, len(rows))):  # near-ties may swap: compare by id
+        ref_order, got_order = np.argsort(ref.ids, 1), np.argsort(got.ids, 1)
+        assert np.array_equal(np.sort(ref.ids, 1), np.sort(got.ids, 1))
+        ref_values = np.take_along_axis(ref.logprobs, ref_order, 1)
+        np.testing.assert_allclose(np.take_along_axis(got.logprobs, got_order, 1), ref_values, atol=0.05)
