@@ -1,6 +1,7 @@
 """Who scores the rows of a teacher cache (`cache_teacher`): a local causal LM on the dataset's tokens
-(`score_rows`), a local LM with its own tokenizer (`cache.cross_tokenizer.score_cross_rows`), or a served teacher
-(`generation.served.ServedLogprobs`); each returns the cache's row entries (top-k ids, log-probs, log tail mass)."""
+(`score_rows`), a local LM with its own tokenizer (`cache.cross_tokenizer.score_cross_rows`), a served teacher
+(`generation.served.ServedLogprobs`), or another tool's stored top-k log-probs (`cache.imports.ImportedTopK`: Axolotl,
+DistillKit); each returns the cache's row entries (top-k ids, log-probs, log tail mass)."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from ..models.loading import load_model, output_vocab_size
 from .compact import encode_row
 from .cross_tokenizer import score_cross_rows
 from .format import input_digest, supervised_positions, teacher_identity
+from .imports import ImportedTopK
 
 
 @torch.no_grad()
@@ -120,6 +122,15 @@ class Scorer:
             teacher.check_tokenizer(tokenizer)
             vocab_size = teacher.vocab_size or len(tokenizer)
             return cls(teacher, vocab_size, teacher.identity(), k, tokenizer)
+        if isinstance(teacher, ImportedTopK):
+            if generate or teacher_tokenizer is not None:
+                raise ValueError(
+                    "Imported top-k log-probs are cached on the dataset's own tokens: `generate` and "
+                    "`teacher_tokenizer` (a cross-tokenizer cache) need a teacher loaded in process."
+                )
+            if teacher.k != k:
+                raise ValueError(f"The import keeps top-{teacher.k} entries but the cache stores k={k}.")
+            return cls(teacher, teacher.vocab_size, teacher.identity(), k, tokenizer)
         name = teacher if isinstance(teacher, str) else None
         if isinstance(teacher, str):
             teacher = load_model(teacher, **(init_kwargs or {}))
@@ -159,6 +170,8 @@ class Scorer:
               extra: list[dict]):  # fmt: skip
         """`(scored, positions, extra)`: per row `(ids (n, k) int32, log-probs (n, k) fp32, log tail (n,) fp32)` at
         its supervised positions (a cross-tokenizer cache: every teacher position, its own `extra` columns)."""
+        if isinstance(self.teacher, ImportedTopK):
+            return self.teacher.topk_rows(rows, row_ids, positions), positions, extra
         if self.served:
             replies = self.teacher.score(seqs).rows
             return [self.teacher.topk_rows(r, p) for r, p in zip(replies, positions)], positions, extra

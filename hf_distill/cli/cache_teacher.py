@@ -15,6 +15,12 @@ With a `--tokenizer` other than the teacher's (the student's), the teacher reads
 (`--teacher_tokenizer`, default the teacher's) of each row's decoded text: a cross-tokenizer cache, for training with
 `cross_tokenizer_loss` and `teacher_cache` (docs/cross_tokenizer.md). The dataset is tokenised with `--tokenizer`.
 
+With `--import axolotl|distillkit` no teacher runs: another tool's top-k log-prob dataset (Axolotl's prepared KD rows,
+DistillKit's compressed Parquet rows) is converted into the cache, checked against `--tokenizer` (the student's), and
+its token rows are saved to `<output_dir>/train_dataset` (docs/teacher_cache.md, "Importing Axolotl / DistillKit
+logits"):
+hf-distill cache-teacher --import distillkit --dataset logits_dir --tokenizer student --output_dir runs/cache
+
 A served teacher (`--teacher_api_base URL [--teacher_api_model NAME]`, OpenAI-compatible) returns text only, so it
 serves `--generate` alone: its completions of the `--prompt_column` prompts are written to
 `<output_dir>/train_dataset` (prompt + completion rows for CE training on the teacher's sequences), no top-k cache.
@@ -62,7 +68,41 @@ class CacheTeacherArguments(DatasetArguments):
             " (docs/cross_tokenizer.md)."
         },
     )
-    k: int = field(default=64, metadata={"help": "Top-k tokens stored per supervised position (1 <= k <= vocab)."})
+    k: int | None = field(
+        default=None,
+        metadata={
+            "help": "Top-k tokens stored per supervised position (1 <= k <= vocab); default 64, or with --import all "
+            "of the file's."
+        },
+    )
+    import_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Convert another tool's top-k teacher log-prob dataset (--dataset) instead of running a teacher: "
+            "axolotl (prepared KD rows: target_token_ids / target_logprobs / target_mask) or distillkit (compressed "
+            "Parquet rows). Needs --tokenizer (the student's).",
+            "choices": ["axolotl", "distillkit"],
+            "aliases": ["--import"],
+        },
+    )
+    import_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "--import: the temperature the stored log-probs are at (Axolotl: its kd_temperature); brought "
+            "back to 1 within the top k."
+        },
+    )
+    vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "--import: width of the teacher's and student's logits when the model's embedding is padded "
+            "beyond the tokenizer (its config's vocab_size; default: the tokenizer's size). Ids must be below it."
+        },
+    )
+    distillkit_config: str | None = field(
+        default=None,
+        metadata={"help": "--import distillkit: its compression_config.yaml (default: beside the dataset)."},
+    )
     batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward pass, per process."})
     max_length: int | None = field(default=None, metadata={"help": "Cut rows to this many tokens."})
     dtype: str = field(
@@ -90,6 +130,9 @@ class CacheTeacherArguments(DatasetArguments):
 
 
 ROW_ID = "row_id"  # the id column a cache gets when `id_column` is not set (row indices)
+
+
+DEFAULT_K = 64  # top-k of a teacher cache when --k is not given
 
 
 def make_parser(prog: str | None = None) -> CliParser:
@@ -123,6 +166,58 @@ def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
     print(f"Wrote {len(rows)} teacher completions -> {os.path.join(args.output_dir, 'train_dataset')}.")
 
 
+def _run_import(args: CacheTeacherArguments, api_args: APITeacherArguments, recipe) -> None:
+    """`--import axolotl|distillkit`: another tool's top-k log-probs -> our cache, plus the rows to train on."""
+    import os
+
+    from accelerate import PartialState
+
+    from ..cache import import_teacher_logprobs, training_rows
+    from ..data.loading import load_any_dataset
+    from ..models import load_tokenizer
+
+    if args.teacher or args.teacher_tokenizer or api_args.teacher_api_base or args.generate or not args.tokenizer:
+        raise ValueError(
+            "--import converts stored teacher log-probs: give --tokenizer (the student's, which the token ids are "
+            "checked against) and no --teacher, --teacher_tokenizer, --teacher_api_base or --generate."
+        )
+    state = PartialState(cpu=args.use_cpu)
+    if state.is_main_process:
+        recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
+    tokenizer = load_tokenizer(args.tokenizer)
+    dataset = load_any_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
+    id_column = args.id_column or ROW_ID
+    if id_column not in dataset.column_names:  # saved with the rows it identifies
+        dataset = dataset.add_column(id_column, list(range(len(dataset))))
+    cache = import_teacher_logprobs(
+        args.import_from,
+        dataset,
+        tokenizer,
+        args.output_dir,
+        source=args.dataset_name,
+        k=args.k,
+        temperature=args.import_temperature,
+        distillkit_config=args.distillkit_config,
+        vocab_size=args.vocab_size,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        id_column=id_column,
+        rows_per_shard=args.rows_per_shard,
+        use_cpu=args.use_cpu,
+        compression=args.compression,
+        value_bits=args.value_bits,
+    )
+    if state.is_main_process:
+        train_path = os.path.join(args.output_dir, "train_dataset")
+        training_rows(dataset, id_column).save_to_disk(train_path)
+        kind = f"compact, {args.value_bits}-bit log-probs" if cache.compact else cache.info["dtype"]
+        print(
+            f"Imported {len(cache)} rows of {args.import_from} teacher log-probs (k={cache.k}, {kind}) -> "
+            f"{args.output_dir}; training rows in {train_path}."
+        )
+
+
 def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
     """`hf-distill cache-teacher`: parse, then write the cache (or, with a served teacher, its completions).
 
@@ -134,6 +229,9 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
 
     (args, api_args), recipe = parse_args_and_recipe(make_parser(prog), argv, prog)
     show_info()  # progress lines; the HTTP client's per-request lines stay at DEBUG
+    if args.import_from is not None:
+        _run_import(args, api_args, recipe)
+        return
     if api_args.teacher_api_base and args.generate:  # the API teacher's text completions (sequence-level KD)
         _run_api(args, APITeacher.from_args(api_args, model=args.teacher))
         recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
@@ -170,7 +268,7 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         teacher = ServedLogprobs(
             api_args.teacher_api_base,
             api_args.teacher_api_model,
-            k=args.k,
+            k=args.k or DEFAULT_K,
             vocab_size=len(tokenizer),
             timeout=api_args.teacher_api_timeout,
             max_retries=api_args.teacher_api_max_retries,
@@ -198,7 +296,7 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         dataset,
         tokenizer,
         args.output_dir,
-        k=args.k,
+        k=args.k or DEFAULT_K,
         batch_size=args.batch_size,
         max_length=args.max_length,
         dtype=args.dtype,
