@@ -214,15 +214,15 @@ def test_two_processes_sample_from_the_adapter_the_main_process_pushed(vllm_lora
 
 
 @pytest.fixture(scope="module")
-def dev_server(tmp_path_factory, vllm_lora_server):
+def dev_server(tmp_path_factory, _vllm_lora_session):
     """The tiny Llama served without LoRA and with `VLLM_SERVER_DEV_MODE=1` (in-place weight reloads)."""
     folder = tmp_path_factory.mktemp("vllm-dev") / "tiny-llama"
-    save_tiny_llama(folder, vllm_lora_server.tokenizer)
+    save_tiny_llama(folder, _vllm_lora_session.tokenizer)
     server = VLLMServer(folder, served_model_name="tiny-llama", lora=False, env={"VLLM_SERVER_DEV_MODE": "1"},
                         log_path=folder.parent / "server.log")  # fmt: skip
     try:
         server.start()
-        yield vllm_lora_server._replace(url=server.url, folder=folder, server=server)
+        yield _vllm_lora_session._replace(url=server.url, folder=folder, server=server)
     finally:
         server.stop()
 
