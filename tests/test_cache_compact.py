@@ -204,6 +204,18 @@ def test_cli_compression_compact(tmp_path, tokenizer):
     assert cache.compact and cache.info["value_bits"] == 5 and len(cache) == len(PAIRS)
 
 
+def test_value_bits_without_compact_compression_is_refused(tmp_path, tokenizer, capsys):
+    """--value_bits only shapes a compact cache: with compression none it would be ignored, so it is refused."""
+    from hf_distill.cli.main import main
+
+    with pytest.raises(ValueError, match=r"value_bits=3 applies to compression='compact' only"):
+        build(tmp_path, tokenizer, value_bits=3)
+    assert not (tmp_path / "cache" / "shards").exists()
+    with pytest.raises(SystemExit):
+        main(cache_teacher_argv(tmp_path, tokenizer, PAIRS, tmp_path / "cli", 8, "--value_bits", "3"))
+    assert "--compression compact" in capsys.readouterr().err
+
+
 def test_version_1_cache_without_compression_key_resumes(tmp_path, tokenizer):
     rows = prompt_completion_rows(tokenizer)
     build(tmp_path, tokenizer, rows.select(range(3)))

@@ -435,6 +435,11 @@ def _check_cache_arguments(
         )
     if compression == "compact" and not 1 <= value_bits <= 16:
         raise ValueError(f"`value_bits` must be between 1 and 16, got {value_bits}.")
+    if compression != "compact" and value_bits != DEFAULT_VALUE_BITS:
+        raise ValueError(
+            f"value_bits={value_bits} applies to compression='compact' only; this cache stores {dtype_name} "
+            "log-probs (compression='none'). Add --compression compact, or drop --value_bits."
+        )
     if "input_ids" not in dataset.column_names:
         raise ValueError(
             f"cache_teacher needs a tokenised dataset with `input_ids` (columns: {dataset.column_names}); tokenise it "
