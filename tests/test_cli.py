@@ -428,3 +428,73 @@ def test_train_stderr_has_no_known_noise(tiny_files):
     assert done.stdout.splitlines()[-1] == "True"  # the noisy package was imported ...
     for noise in ("Failed to load", "register_constant", "Detected no triton", "gradient_checkpointing"):
         assert noise not in done.stderr  # ... and kept quiet
+
+
+# ----------------------------------------------------------------------------------------------- user errors
+def cli_error(argv: list[str], capsys) -> str:
+    """Run `hf-distill ARGV` in-process, expect exit 1 and no traceback; return stderr from the error line on."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"hf-distill {argv[0]}: error: " in err
+    return err[err.index(f"hf-distill {argv[0]}: error: ") :]
+
+
+def _dead_url() -> str:
+    """An http URL on 127.0.0.1 where nothing listens."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_api_teacher_error_is_one_line_and_debug_keeps_the_traceback(tmp_path, capsys):
+    pytest.importorskip("openai")
+    from hf_distill.generation.api import APITeacherError
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"question": "one plus two", "answer": 3}) + "\n")
+    url = _dead_url()
+    argv = ["rationales", "generate", "--dataset", str(tmp_path / "rows.jsonl"), "--template", "svamp"]
+    argv += ["--teacher_api_base", url, "--teacher_api_model", "m", "--teacher_api_max_retries", "0"]
+    argv += ["--output_dir", str(tmp_path / "out")]
+    err = cli_error(argv, capsys)
+    assert f"{url}/chat/completions could not be reached" in err.splitlines()[0]
+    with pytest.raises(APITeacherError):
+        main([*argv, "--debug"])
+
+
+def test_vllm_client_error_is_one_line(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    make_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "the cat sat"}) + "\n")
+    url = _dead_url()
+    argv = ["cache-teacher", "--dataset", str(tmp_path / "rows.jsonl"), "--tokenizer", str(tmp_path / "tok")]
+    argv += ["--teacher_api_base", url, "--teacher_api_max_retries", "0", "--output_dir", str(tmp_path / "out")]
+    err = cli_error(argv, capsys)
+    assert f"GET {url.removesuffix('/v1')}/v1/models failed 1 times" in err.splitlines()[0]
+
+
+def test_a_yaml_error_from_anywhere_is_one_line():
+    """A PyYAML error that escapes `read_yaml` (e.g. a model card's recipe block) is still a user error, in one
+    line naming the line; an unexpected error stays a bug (traceback)."""
+    from hf_distill.cli.main import error_message, is_user_error
+
+    with pytest.raises(yaml.YAMLError) as info:
+        yaml.safe_load("a: b\n  c: d\n")
+    message = error_message(info.value)
+    assert is_user_error(info.value) and "line 2, column" in message and "\n" not in message
+    assert not is_user_error(RuntimeError("a bug")) and not is_user_error(KeyError("a bug"))
+
+
+BROKEN_YAML = "output_dir: out\nkd_loss: forward_kl\n  temperature: 2\n"  # line 3: an indented key under a scalar
+
+
+@pytest.mark.parametrize("command", ["train", "chain", "export"])
+def test_yaml_syntax_error_names_the_file_and_line(command, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(BROKEN_YAML)
+    err = cli_error([command, "--config", str(recipe)], capsys)
+    first = err.splitlines()[0]
+    assert f"{recipe}, line 3" in first and "not valid YAML" in first

@@ -33,10 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .arguments import CliParser
-from .recipe_args import split_config
+from .recipe_args import read_yaml, split_config
 
 
 MARKER = "chain_stage.json"
@@ -77,8 +75,7 @@ def load_chain(path: str, output_dir: str | None = None) -> dict[str, Any]:
     (its own, or else the defaults'; a stage's own student key replaces the defaults' one). Raises a ValueError naming
     the key and the fix for anything else (missing keys, keys the chain decides, a stage asking for more layers
     than its teacher has)."""
-    with open(path, encoding="utf-8") as f:
-        chain = yaml.safe_load(f) or {}
+    chain = read_yaml(path) or {}
     if not isinstance(chain, dict):
         raise TypeError(f"{path}: a chain is a YAML mapping (output_dir, teacher_model_name_or_path, stages, ...).")
     unknown = sorted(set(chain) - {"output_dir", "teacher_model_name_or_path", "defaults", "stages"})

@@ -16,6 +16,34 @@ import yaml
 from ..recipes import Recipe, command_line, resolve_recipe
 
 
+def read_yaml(path: str) -> Any:
+    """The YAML file `path` parsed with `yaml.safe_load` (None when empty).
+
+    Raises:
+        `ValueError`: the file is not valid YAML; one line naming the file, the line and column, and PyYAML's problem.
+    """
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(yaml_error_message(path, err)) from None
+
+
+def yaml_error_message(path: str | None, err: Exception) -> str:
+    """One line for a PyYAML error: `<file>, line L, column C: not valid YAML (<problem>)` and how to fix it."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = path or getattr(mark, "name", None) or "the YAML file"
+    if mark is not None:
+        where += f", line {mark.line + 1}, column {mark.column + 1}"
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    detail = f"{context}: {problem}" if context else problem
+    return (
+        f"{where}: not valid YAML ({detail}). Fix that line: each key is `key: value`, nested keys are indented "
+        "under a mapping, and a value with `: ` or `#` in it is quoted."
+    )
+
+
 def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     """`(--config value or None, the other arguments)`; accepts `--config X` and `--config=X`."""
     rest, source, i = [], None, 0
@@ -82,8 +110,7 @@ def parse_args_and_recipe(parser: Any, argv: list[str], prog: str) -> tuple[tupl
     overrides = {} if {"-h", "--help"} & set(flags) else explicit_flags(parser, flags)
     config = {}
     if resolved is not None:
-        with open(resolved.path, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
+        config = read_yaml(resolved.path) or {}
     if isinstance(config, dict) and hasattr(parser, "canonical_keys"):  # `dataset:` is recorded as `dataset_name:`
         config = parser.canonical_keys(config)
     remote = [key for key in remote_code_keys(config if isinstance(config, dict) else {}) if key not in overrides]
