@@ -498,3 +498,57 @@ def test_yaml_syntax_error_names_the_file_and_line(command, tmp_path, capsys):
     err = cli_error([command, "--config", str(recipe)], capsys)
     first = err.splitlines()[0]
     assert f"{recipe}, line 3" in first and "not valid YAML" in first
+
+
+def _missing_path_cases(files: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (`hf-distill` argv naming one missing local path, the argument the error must name)."""
+    student, teacher = ["--model_name_or_path", str(files / "student")], ["--teacher_model_name_or_path"]
+    teacher.append(str(files / "teacher"))
+    data, out = ["--dataset_name", str(files / "data.jsonl")], ["--output_dir", str(files / "out")]
+    train = ["train", *data, *out]
+    cases = {
+        "student": ([*train, *teacher, "--model_name_or_path", "./no_student"], "--model_name_or_path"),
+        "student-under-a-folder": ([*train, *teacher, "--model_name_or_path", "work/no"], "--model_name_or_path"),
+        "teacher": ([*train, *student, "--teacher_model_name_or_path", "./no"], "--teacher_model_name_or_path"),
+        "teacher-tokenizer": (
+            [*train, *student, *teacher, "--cross_tokenizer_loss", "uld", "--teacher_tokenizer_name_or_path", "./no"],
+            "--teacher_tokenizer_name_or_path",
+        ),
+        "tokenizer": ([*train, *student, *teacher, "--tokenizer_name_or_path", "../no"], "--tokenizer_name_or_path"),
+        "dataset": (["train", *out, *student, *teacher, "--dataset_name", "no_data.jsonl"], "--dataset_name"),
+        "eval-dataset": ([*train, *student, *teacher, "--eval_dataset_name", "work/no"], "--eval_dataset_name"),
+        "export": (["export", "--model", "./no_student", "--output", "m.gguf"], "--model"),
+        "cache-teacher": (["cache-teacher", "--teacher", "~/no_teacher", *data, *out], "--teacher"),
+        "cache-teacher-data": (["cache-teacher", "--teacher", "t", "--dataset", "no.csv", *out], "--dataset_name"),
+        "miniplm": (
+            ["miniplm", "score", "--teacher", str(files / "teacher"), "--reference", "./no_ref", *data, *out],
+            "--reference",
+        ),
+        "rationales": (["rationales", "evaluate", "--model", "./no_student", *data], "--model"),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_missing_path_cases(Path("."))))
+def test_a_missing_local_path_is_named_with_its_argument(case, tiny_files, monkeypatch, capsys):
+    """Before anything loads: `--<argument> not found: <path>`, not `Repo id must be in the form ...` or a Hub
+    lookup of a local data file."""
+    monkeypatch.chdir(tiny_files)
+    (tiny_files / "work").mkdir()
+    argv, argument = _missing_path_cases(tiny_files)[case]
+    err = cli_error(argv, capsys)
+    first = err.splitlines()[0]
+    assert f"error: {argument} not found: " in first and "Repo id" not in err and "Hub" in first
+    assert not (tiny_files / "out").exists()
+
+
+def test_a_served_model_name_is_not_taken_for_a_missing_path(tmp_path, capsys):
+    """With --teacher_api_base, `--teacher` is the served model's name, which vLLM takes from the path it was started
+    with (`vllm serve /models/teacher`): not a path to check here."""
+    pytest.importorskip("openai")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"question": "one plus two", "answer": 3}) + "\n")
+    url = _dead_url()
+    argv = ["rationales", "generate", "--dataset", str(tmp_path / "rows.jsonl"), "--template", "svamp"]
+    argv += ["--teacher_api_base", url, "--teacher", "/models/teacher", "--teacher_api_max_retries", "0"]
+    err = cli_error([*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert "could not be reached" in err.splitlines()[0] and "not found" not in err
