@@ -205,6 +205,20 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         writer.add_chat_template(template if isinstance(template, str) else template.get("default"))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def _check_tokenizer_files(folder: str) -> None:
+    """A ValueError naming the files looked for when the local folder `folder` holds no tokenizer (else transformers
+    asks to install sentencepiece, as if a slow tokenizer were there to convert)."""
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"No tokenizer in {folder}: none of {', '.join(TOKENIZER_FILES)} is there, and a GGUF file carries the "
+            f"tokenizer. Save the student's tokenizer beside it (`tokenizer.save_pretrained({folder!r})`; `hf-distill "
+            "train` does), or name the folder that holds it with `tokenizer_dir` (`--tokenizer`)."
+        )
+
+
 def export_gguf(
     model_dir: str,
     output: str,
@@ -238,6 +252,7 @@ def export_gguf(
 
     config = AutoConfig.from_pretrained(model_dir)
     _check_architecture(config)
+    _check_tokenizer_files(tokenizer_dir or model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads

@@ -405,9 +405,11 @@ def test_bad_settings_are_refused(monkeypatch):
 
 class _Stub:
     """A scripted OpenAI-compatible stub on 127.0.0.1 (for status codes a real server does not give on demand):
-    answers the scripted statuses in turn, then 200; a 401 body echoes the bearer key, as some providers do."""
+    answers the scripted statuses in turn, then 200; a 401 body echoes the bearer key, as some providers do. A
+    scripted `(200, body)` answers 200 with that body (bytes as they are, anything else as JSON): the bad replies of
+    a broken server or proxy."""
 
-    def __init__(self, statuses: list[int], delay: float = 0.0):
+    def __init__(self, statuses: list, delay: float = 0.0):
         import http.server
         import threading
 
@@ -420,22 +422,14 @@ class _Stub:
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 time.sleep(stub.delay)
                 status = stub.statuses.pop(0) if stub.statuses else 200
-                if status == 200:
-                    body = {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": "m",
-                        "choices": [
-                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
-                        ],
-                        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-                    }
-                else:
+                status, body = status if isinstance(status, tuple) else (status, None)
+                if body is None and status == 200:
+                    body = _reply("ok", completions=self.path.endswith("/v1/completions"))
+                elif body is None:
                     body = {"error": {"message": f"Incorrect API key provided: {self.headers.get('authorization')}"}}
-                data = json.dumps(body).encode()
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", "text/html" if data.startswith(b"<") else "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 try:
@@ -453,6 +447,20 @@ class _Stub:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _reply(text, completions: bool = False, finish_reason: str = "stop") -> dict:
+    """A 200 body of the chat (or completions) endpoint whose first choice says `text` (None: null)."""
+    choice = {"index": 0, "finish_reason": finish_reason}
+    choice.update({"text": text} if completions else {"message": {"role": "assistant", "content": text}})
+    return {
+        "id": "x",
+        "object": "text_completion" if completions else "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [choice],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
 
 
 @pytest.mark.parametrize("statuses", [[429, 503], [500, 502, 504]])
@@ -489,6 +497,85 @@ def test_timeout_per_request_is_retried_then_reported(tmp_path):
     finally:
         stub.close()
     assert stub.calls == 2 and "after 1 retries" in str(info.value)
+
+
+def _bad_replies(completions: bool = False) -> dict:
+    """200 replies a broken server or proxy sends: name -> (body, what the error says)."""
+    cut = json.dumps(_reply("ok", completions)).encode()
+    return {
+        "html": (b"<html><body><h1>502 Bad Gateway</h1></body></html>", "not JSON"),
+        "cut-json": (cut[: len(cut) // 2], "not JSON"),
+        "no-choices": ({**_reply("ok", completions), "choices": []}, "no choices"),
+        "null": (_reply(None, completions), "null"),
+        "empty": (_reply("", completions, finish_reason="length"), "empty"),
+    }
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("bad", list(_bad_replies()))
+def test_unusable_200_replies_are_retried_like_a_5xx(tmp_path, bad, endpoint):
+    body, _ = _bad_replies(endpoint == "completions")[bad]
+    stub = _Stub([(200, body), (200, body)])
+    store = tmp_path / "r.jsonl"
+    try:
+        results, stats = APITeacher(stub.base, "m", endpoint=endpoint, max_retries=2).generate(
+            ["hi"], str(store), show_progress=False
+        )
+    finally:
+        stub.close()
+    assert stub.calls == 3 and results[0][0]["text"] == "ok" and stats["requests"] == 1
+    assert [r["text"] for r in _lines(store)] == ["ok"]  # only the usable reply is stored
+
+
+@pytest.mark.parametrize("bad", list(_bad_replies()))
+def test_unusable_200_replies_fail_naming_the_endpoint_and_the_problem(tmp_path, bad, caplog):
+    body, problem = _bad_replies()[bad]
+    stub = _Stub([(200, body)] * 2)
+    store = tmp_path / "r.jsonl"
+    try:
+        with caplog.at_level(logging.INFO, logger="openai"), pytest.raises(APITeacherError) as info:
+            APITeacher(stub.base, "m", max_retries=1).generate(["hi"], str(store), show_progress=False)
+    finally:
+        stub.close()
+    message = str(info.value)
+    assert stub.calls == 2 and f"{stub.base}/chat/completions" in message and problem in message
+    assert "unusable reply" in message and "after 1 retries" in message
+    assert len([r for r in caplog.records if "Retrying request" in r.getMessage()]) == 1  # the 5xx backoff
+    assert _lines(store) == []  # nothing unusable is stored
+
+
+def test_an_empty_answer_the_model_stopped_on_is_kept(tmp_path):
+    stub = _Stub([(200, _reply("", finish_reason="stop"))])
+    store = tmp_path / "r.jsonl"
+    try:
+        teacher = APITeacher(stub.base, "m", max_retries=0, max_concurrency=1)  # "a" gets the scripted reply
+        results, _ = teacher.generate(["a", "b"], str(store), show_progress=False)
+        again, stats = teacher.generate(["a", "b"], str(store), show_progress=False)
+    finally:
+        stub.close()
+    assert [r[0]["text"] for r in results] == ["", "ok"] and stub.calls == 2
+    assert stats["requests"] == 0 and again == results  # a real (empty) answer: not requested again
+
+
+def test_empty_replies_stored_by_older_versions_are_requested_again(tmp_path, caplog):
+    stub = _Stub([])
+    store = tmp_path / "r.jsonl"
+    prompts = ["a", "b", "c", "d"]
+    try:
+        teacher = APITeacher(stub.base, "m")
+        teacher.generate(prompts, str(store), show_progress=False)
+        records = _lines(store)
+        for record in records[1:3]:  # what an older version stored for a `content: null` reply
+            record["text"] = ""
+        store.write_text("".join(json.dumps(r) + "\n" for r in records))
+        with caplog.at_level(logging.INFO, logger="hf_distill.generation.api"):
+            results, stats = teacher.generate(prompts, str(store), show_progress=False)
+    finally:
+        stub.close()
+    assert stats["reused"] == 2 and stats["requests"] == 2 and stub.calls == 6
+    assert [r[0]["text"] for r in results] == ["ok"] * 4
+    assert "2 of the 4 responses in" in caplog.text and "empty" in caplog.text
+    assert sorted((r["index"], r["text"]) for r in _lines(store) if r["text"]) == [(i, "ok") for i in range(4)]
 
 
 @pytest.mark.parametrize(

@@ -252,7 +252,7 @@ def test_t5_teacher_folder_with_a_causal_student_on_the_cli(tmp_path, capsys):
 
 def test_missing_teacher_folder_on_the_cli(tmp_path, capsys):
     err = train_cli_error(tmp_path, capsys, "no")
-    assert f"No model at {tmp_path / 'no'}: that folder does not exist" in err and "Traceback" not in err
+    assert f"--teacher_model_name_or_path not found: {tmp_path / 'no'} (a local path" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------------------------- config

@@ -282,6 +282,43 @@ def test_changed_settings_and_bad_chains_are_refused(chain_files, capsys):
     assert [s["name"] for s in load_chain(str(bad))["stages"]] == ["stage0", "stage1"]
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "argument"),
+    [
+        ("dataset_name", "no_data.jsonl", "--dataset_name"),
+        ("model_name_or_path", "./no_student", "--model_name_or_path"),
+        ("eval_dataset_name", "/no/eval.jsonl", "--eval_dataset_name"),
+    ],
+)
+def test_a_missing_path_in_the_last_stage_stops_the_chain_before_stage_1_trains(
+    chain_files, capsys, monkeypatch, key, value, argument
+):
+    monkeypatch.chdir(chain_files)
+    out = chain_files / "c"
+    last = {"name": "student", key: value}
+    if key != "model_name_or_path":
+        last["student_num_layers"] = 2
+    stages = [{"name": "assistant", "student_num_layers": 3}, {"name": "middle", "student_num_layers": 2}, last]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chain", "--config", str(write_chain(chain_files, out, stages=stages))])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"Chain stage 3 of 3 (student), checked before any stage runs: {argument} not found: {value}" in err
+    assert "Traceback" not in err and not out.exists()  # stage 1 never started
+
+
+def test_a_stage_naming_no_dataset_stops_the_chain_before_stage_1_trains(chain_files, capsys):
+    out = chain_files / "c"
+    stages = [{"name": "assistant", "student_num_layers": 3}, {"name": "student", "student_num_layers": 2}]
+    stages[1]["dataset_name"] = None  # unsets the defaults' dataset
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chain", "--config", str(write_chain(chain_files, out, stages=stages))])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Chain stage 2 of 2 (student), checked before any stage runs: Set `dataset_name`" in err
+    assert "Traceback" not in err and not out.exists()  # stage 1 never started
+
+
 def test_chain_help():
     with pytest.raises(SystemExit) as exit_info:
         main(["chain", "--help"])

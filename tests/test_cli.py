@@ -428,3 +428,127 @@ def test_train_stderr_has_no_known_noise(tiny_files):
     assert done.stdout.splitlines()[-1] == "True"  # the noisy package was imported ...
     for noise in ("Failed to load", "register_constant", "Detected no triton", "gradient_checkpointing"):
         assert noise not in done.stderr  # ... and kept quiet
+
+
+# ----------------------------------------------------------------------------------------------- user errors
+def cli_error(argv: list[str], capsys) -> str:
+    """Run `hf-distill ARGV` in-process, expect exit 1 and no traceback; return stderr from the error line on."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"hf-distill {argv[0]}: error: " in err
+    return err[err.index(f"hf-distill {argv[0]}: error: ") :]
+
+
+def _dead_url() -> str:
+    """An http URL on 127.0.0.1 where nothing listens."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_api_teacher_error_is_one_line_and_debug_keeps_the_traceback(tmp_path, capsys):
+    pytest.importorskip("openai")
+    from hf_distill.generation.api import APITeacherError
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"question": "one plus two", "answer": 3}) + "\n")
+    url = _dead_url()
+    argv = ["rationales", "generate", "--dataset", str(tmp_path / "rows.jsonl"), "--template", "svamp"]
+    argv += ["--teacher_api_base", url, "--teacher_api_model", "m", "--teacher_api_max_retries", "0"]
+    argv += ["--output_dir", str(tmp_path / "out")]
+    err = cli_error(argv, capsys)
+    assert f"{url}/chat/completions could not be reached" in err.splitlines()[0]
+    with pytest.raises(APITeacherError):
+        main([*argv, "--debug"])
+
+
+def test_vllm_client_error_is_one_line(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    make_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "the cat sat"}) + "\n")
+    url = _dead_url()
+    argv = ["cache-teacher", "--dataset", str(tmp_path / "rows.jsonl"), "--tokenizer", str(tmp_path / "tok")]
+    argv += ["--teacher_api_base", url, "--teacher_api_max_retries", "0", "--output_dir", str(tmp_path / "out")]
+    err = cli_error(argv, capsys)
+    assert f"GET {url.removesuffix('/v1')}/v1/models failed 1 times" in err.splitlines()[0]
+
+
+def test_a_yaml_error_from_anywhere_is_one_line():
+    """A PyYAML error that escapes `read_yaml` (e.g. a model card's recipe block) is still a user error, in one
+    line naming the line; an unexpected error stays a bug (traceback)."""
+    from hf_distill.cli.main import error_message, is_user_error
+
+    with pytest.raises(yaml.YAMLError) as info:
+        yaml.safe_load("a: b\n  c: d\n")
+    message = error_message(info.value)
+    assert is_user_error(info.value) and "line 2, column" in message and "\n" not in message
+    assert not is_user_error(RuntimeError("a bug")) and not is_user_error(KeyError("a bug"))
+
+
+BROKEN_YAML = "output_dir: out\nkd_loss: forward_kl\n  temperature: 2\n"  # line 3: an indented key under a scalar
+
+
+@pytest.mark.parametrize("command", ["train", "chain", "export"])
+def test_yaml_syntax_error_names_the_file_and_line(command, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(BROKEN_YAML)
+    err = cli_error([command, "--config", str(recipe)], capsys)
+    first = err.splitlines()[0]
+    assert f"{recipe}, line 3" in first and "not valid YAML" in first
+
+
+def _missing_path_cases(files: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (`hf-distill` argv naming one missing local path, the argument the error must name)."""
+    student, teacher = ["--model_name_or_path", str(files / "student")], ["--teacher_model_name_or_path"]
+    teacher.append(str(files / "teacher"))
+    data, out = ["--dataset_name", str(files / "data.jsonl")], ["--output_dir", str(files / "out")]
+    train = ["train", *data, *out]
+    cases = {
+        "student": ([*train, *teacher, "--model_name_or_path", "./no_student"], "--model_name_or_path"),
+        "student-under-a-folder": ([*train, *teacher, "--model_name_or_path", "work/no"], "--model_name_or_path"),
+        "teacher": ([*train, *student, "--teacher_model_name_or_path", "./no"], "--teacher_model_name_or_path"),
+        "teacher-tokenizer": (
+            [*train, *student, *teacher, "--cross_tokenizer_loss", "uld", "--teacher_tokenizer_name_or_path", "./no"],
+            "--teacher_tokenizer_name_or_path",
+        ),
+        "tokenizer": ([*train, *student, *teacher, "--tokenizer_name_or_path", "../no"], "--tokenizer_name_or_path"),
+        "dataset": (["train", *out, *student, *teacher, "--dataset_name", "no_data.jsonl"], "--dataset_name"),
+        "eval-dataset": ([*train, *student, *teacher, "--eval_dataset_name", "work/no"], "--eval_dataset_name"),
+        "export": (["export", "--model", "./no_student", "--output", "m.gguf"], "--model"),
+        "cache-teacher": (["cache-teacher", "--teacher", "~/no_teacher", *data, *out], "--teacher"),
+        "cache-teacher-data": (["cache-teacher", "--teacher", "t", "--dataset", "no.csv", *out], "--dataset_name"),
+        "miniplm": (
+            ["miniplm", "score", "--teacher", str(files / "teacher"), "--reference", "./no_ref", *data, *out],
+            "--reference",
+        ),
+        "rationales": (["rationales", "evaluate", "--model", "./no_student", *data], "--model"),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_missing_path_cases(Path("."))))
+def test_a_missing_local_path_is_named_with_its_argument(case, tiny_files, monkeypatch, capsys):
+    """Before anything loads: `--<argument> not found: <path>`, not `Repo id must be in the form ...` or a Hub
+    lookup of a local data file."""
+    monkeypatch.chdir(tiny_files)
+    (tiny_files / "work").mkdir()
+    argv, argument = _missing_path_cases(tiny_files)[case]
+    err = cli_error(argv, capsys)
+    first = err.splitlines()[0]
+    assert f"error: {argument} not found: " in first and "Repo id" not in err and "Hub" in first
+    assert not (tiny_files / "out").exists()
+
+
+def test_a_served_model_name_is_not_taken_for_a_missing_path(tmp_path, capsys):
+    """With --teacher_api_base, `--teacher` is the served model's name, which vLLM takes from the path it was started
+    with (`vllm serve /models/teacher`): not a path to check here."""
+    pytest.importorskip("openai")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"question": "one plus two", "answer": 3}) + "\n")
+    url = _dead_url()
+    argv = ["rationales", "generate", "--dataset", str(tmp_path / "rows.jsonl"), "--template", "svamp"]
+    argv += ["--teacher_api_base", url, "--teacher", "/models/teacher", "--teacher_api_max_retries", "0"]
+    err = cli_error([*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert "could not be reached" in err.splitlines()[0] and "not found" not in err

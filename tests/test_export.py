@@ -210,6 +210,21 @@ def test_export_rejects_non_byte_level_tokenizer(tmp_path):
         export_gguf(source, str(tmp_path / "x.gguf"))
 
 
+def test_export_of_a_folder_without_tokenizer_names_the_missing_files(tmp_path, bpe_tokenizer, capsys):
+    from hf_distill.cli.main import main
+
+    make_student(bpe_tokenizer, tie=True).save_pretrained(tmp_path / "student")  # weights only
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(tmp_path / "student"), "--output", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and f"No tokenizer in {tmp_path / 'student'}: none of tokenizer.json" in err
+    assert "sentencepiece" not in err and "--tokenizer" in err and not (tmp_path / "m.gguf").exists()
+    bpe_tokenizer.save_pretrained(tmp_path / "tok")  # its own folder, named with --tokenizer: exported
+    main(["export", "--model", str(tmp_path / "student"), "--tokenizer", str(tmp_path / "tok")]
+         + ["--output", str(tmp_path / "m.gguf")])  # fmt: skip
+    assert (tmp_path / "m.gguf").exists()
+
+
 def test_export_rejects_unknown_quant(tmp_path):
     with pytest.raises(ValueError, match="q4_0"):
         export_gguf(str(tmp_path), str(tmp_path / "x.gguf"), quant="q2_k")

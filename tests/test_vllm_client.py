@@ -280,8 +280,6 @@ def _each(key: str, value):
 
 
 MALFORMED = {
-    "not JSON": b"{'choices': ",
-    "no choices": {"object": "error"},
     "a choice missing": _mutate("choices/1", ...),
     "a position missing": _mutate("choices/0/prompt_logprobs/5", ...),
     "position 0 not null": _mutate("choices/0/prompt_logprobs/0", {"1": {"logprob": -1.0, "rank": 1}}),
@@ -301,6 +299,32 @@ def test_malformed_replies_are_errors_never_partial(case):
         with pytest.raises(VLLMReplyError, match=f"{server.url}/v1/completions"):
             client_of(server).prompt_logprobs(PROMPTS, k=3)
         assert server.calls == 1  # a malformed 200 is not retried
+
+
+UNUSABLE = {
+    "HTML page": b"<html><body>502 Bad Gateway</body></html>",
+    "cut short": b'{"choices": [{"index": 0, "prompt_logp',
+    "no choices": {"object": "error"},
+    "empty choices": {"object": "text_completion", "choices": []},
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE))
+def test_unusable_200_replies_are_retried_like_a_5xx(case):
+    with ScriptedServer([(200, UNUSABLE[case], {}, 0), (200, valid(3), {}, 0)]) as server:
+        out = client_of(server).prompt_logprobs(PROMPTS, k=3)
+        assert server.calls == 2 and out[0].top_ids.shape == (5, 3)
+    with ScriptedServer([(200, UNUSABLE[case], {}, 0)]) as server:
+        with pytest.raises(VLLMReplyError, match=f"{server.url}/v1/completions failed 3 times.*unusable reply"):
+            client_of(server).complete(PROMPTS, max_tokens=1)
+        assert server.calls == 3
+
+
+def test_a_reply_without_prompt_logprobs_names_the_vllm_extension():
+    with ScriptedServer([(200, _mutate("choices/0/prompt_logprobs", ...), {}, 0)]) as server:
+        with pytest.raises(VLLMReplyError, match="no `prompt_logprobs`.*vllm serve"):
+            client_of(server).prompt_logprobs(PROMPTS, k=3)
+        assert server.calls == 1  # the server's answer to this request: not retried
 
 
 def test_connection_refused_and_timeouts_retry_then_fail():

@@ -18,10 +18,11 @@ teacher and its place in the chain) with `teacher_model_name_or_path` set to the
 The first teacher is anything `hf-distill train` loads: a Hub id, a local folder or a shorthand such as `smollm2`.
 Each stage names its student as `hf-distill train` does: `student_num_layers` (evenly spaced layers of its teacher),
 `student_config` (the teacher's config with overrides, randomly initialised) or `model_name_or_path`.
-`teacher_model_init_kwargs` applies to the first stage's teacher only. Every stage's recipe is parsed before the
-first stage starts, so a typo in the last stage stops the chain at once. Resumable by stage: a stage whose folder
-holds `chain_stage.json` is finished and skipped; an unfinished stage resumes from its last complete checkpoint (one
-with `trainer_state.json`, which the Trainer writes last; a folder cut short by a kill is skipped) when it saved any.
+`teacher_model_init_kwargs` applies to the first stage's teacher only. Every stage's recipe is parsed, and the
+models, tokenizers and datasets it names are checked to exist, before the first stage starts, so a typo or a missing
+file in the last stage stops the chain at once. Resumable by stage: a stage whose folder holds `chain_stage.json` is
+finished and skipped; an unfinished stage resumes from its last complete checkpoint (one with `trainer_state.json`,
+which the Trainer writes last; a folder cut short by a kill is skipped) when it saved any.
 The chain's settings are recorded in `output_dir/chain_settings.json`; a rerun with other settings stops with an error.
 Under `torchrun` / `accelerate launch` (`-m hf_distill.cli.main chain ...`) every process waits at the end of each
 stage until the main process has saved it.
@@ -33,10 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .arguments import CliParser
-from .recipe_args import split_config
+from .recipe_args import read_yaml, split_config
 
 
 MARKER = "chain_stage.json"
@@ -77,8 +76,7 @@ def load_chain(path: str, output_dir: str | None = None) -> dict[str, Any]:
     (its own, or else the defaults'; a stage's own student key replaces the defaults' one). Raises a ValueError naming
     the key and the fix for anything else (missing keys, keys the chain decides, a stage asking for more layers
     than its teacher has)."""
-    with open(path, encoding="utf-8") as f:
-        chain = yaml.safe_load(f) or {}
+    chain = read_yaml(path) or {}
     if not isinstance(chain, dict):
         raise TypeError(f"{path}: a chain is a YAML mapping (output_dir, teacher_model_name_or_path, stages, ...).")
     unknown = sorted(set(chain) - {"output_dir", "teacher_model_name_or_path", "defaults", "stages"})
@@ -214,6 +212,30 @@ def parse_stage(recipe: dict[str, Any], prog: str) -> tuple[Any, Any, Any]:
         raise ValueError(f"The chain stage writing to {recipe['output_dir']}: {err}") from err
 
 
+def check_stages(chain: dict[str, Any], recipes: list[dict[str, Any]], prog: str) -> None:
+    """Everything about every stage that can be checked before the first one trains: its keys and values
+    (`parse_stage`), that it names its data and student (`train.check_arguments`), and that each model, tokenizer
+    and dataset path it names exists (`recipe_args.check_path_arguments`; a teacher that is an earlier stage's
+    folder is written by that stage).
+
+    Raises:
+        `ValueError` / `FileNotFoundError`: naming the stage and the problem.
+    """
+    from .recipe_args import check_path_arguments
+    from .train import check_arguments
+
+    earlier: list[str] = []
+    for i, recipe in enumerate(recipes):
+        parsed = parse_stage(recipe, prog)
+        try:
+            check_arguments(*parsed)
+            check_path_arguments(parsed, skip=tuple(earlier))
+        except (ValueError, FileNotFoundError) as err:
+            stage = f"Chain stage {i + 1} of {len(recipes)} ({chain['stages'][i]['name']})"
+            raise type(err)(f"{stage}, checked before any stage runs: {err}") from None
+        earlier.append(recipe["output_dir"])
+
+
 def run_stage(recipe: dict[str, Any], prog: str) -> None:
     """One stage: `hf-distill train` with `recipe` (resuming from its last complete checkpoint if it has one)."""
     from transformers import set_seed
@@ -258,8 +280,7 @@ def run(argv: list[str], prog: str = "hf-distill chain") -> None:
         raise ValueError("Name the chain's YAML file: `--config chain.yaml` (see `hf-distill chain --help`).")
     chain = load_chain(source, opts.output_dir)
     recipes = stage_recipes(chain)
-    for recipe in recipes:  # every stage's keys, before the first stage trains
-        parse_stage(recipe, prog)
+    check_stages(chain, recipes, prog)  # every stage's keys and inputs, before the first stage trains
     os.makedirs(chain["output_dir"], exist_ok=True)
     check_or_record_settings(os.path.join(chain["output_dir"], SETTINGS_FILE), chain, "a teacher-assistant chain")
     for i, recipe in enumerate(recipes):

@@ -38,6 +38,36 @@ def usage() -> str:
 DEBUG_ENV = "HF_DISTILL_DEBUG"
 # Errors that carry a message for the user (bad config, missing file, bad data); anything else is a bug: traceback.
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError)  # OSError: unloadable path / Hub id
+# The same for errors of modules that `--help` must not import (torch, openai, ...), as "module:Class": an error can
+# only be one of these when its module is loaded, so they are looked up in `sys.modules`, never imported here.
+LAZY_USER_ERRORS = (
+    "hf_distill.generation.api:APITeacherError",  # the text API teacher failed for good (refused, 4xx, retries spent)
+    "hf_distill.generation.vllm:VLLMClientError",  # a vLLM server (served teacher, on-policy sampling) failed
+    "yaml:YAMLError",  # a YAML file that is not valid YAML
+)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether `err` carries a message for the user (`USER_ERRORS`, `LAZY_USER_ERRORS`) rather than a bug's
+    traceback; imports nothing."""
+    if isinstance(err, USER_ERRORS):
+        return True
+    for spec in LAZY_USER_ERRORS:
+        module, _, name = spec.partition(":")
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return True
+    return False
+
+
+def error_message(err: BaseException) -> str:
+    """The line printed for a user error: its message (a PyYAML error in one line, naming the file and line)."""
+    yaml = sys.modules.get("yaml")
+    if yaml is not None and isinstance(err, yaml.YAMLError):
+        from .recipe_args import yaml_error_message
+
+        return yaml_error_message(None, err)
+    return str(err)
 
 
 class _NoPeftForHelp(importlib.abc.MetaPathFinder):
@@ -97,12 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         with _help_imports(rest, from_command_line):
             module = importlib.import_module(COMMANDS[name][0])
             module.run(rest, prog=f"hf-distill {name}")
-    except USER_ERRORS as err:
-        if debug:
+    except Exception as err:
+        if debug or not is_user_error(err):
             raise
         print(
-            f"hf-distill {name}: error: {err}\n(`hf-distill {name} --help` lists the options; add --debug or set "
-            f"{DEBUG_ENV}=1 for the traceback.)",
+            f"hf-distill {name}: error: {error_message(err)}\n(`hf-distill {name} --help` lists the options; add "
+            f"--debug or set {DEBUG_ENV}=1 for the traceback.)",
             file=sys.stderr,
         )
         sys.exit(1)

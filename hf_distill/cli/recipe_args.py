@@ -8,12 +8,82 @@ the run (the reference pinned to its commit).
 """
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
 import yaml
 
+from ..paths import check_local_path
 from ..recipes import Recipe, command_line, resolve_recipe
+
+
+# Every field of any command that names a model, a tokenizer or a dataset (a Hub id or a local path) -> which
+PATH_FIELDS = {
+    "model_name_or_path": "model",
+    "teacher_model_name_or_path": "model",
+    "teacher": "model",
+    "reference": "model",
+    "model": "model",
+    "tokenizer_name_or_path": "tokenizer",
+    "teacher_tokenizer_name_or_path": "tokenizer",
+    "tokenizer": "tokenizer",
+    "teacher_tokenizer": "tokenizer",
+    "reference_tokenizer": "tokenizer",
+    "dataset_name": "dataset",
+    "eval_dataset_name": "dataset",
+}
+
+
+def check_path_arguments(parsed: tuple, skip: tuple[str, ...] = ()) -> None:
+    """`check_local_path` on every `PATH_FIELDS` field of a command's parsed dataclasses, before anything is loaded:
+    a missing local path is reported as `--<field> not found: <path>`, not as an invalid Hub id.
+
+    Args:
+        parsed (`tuple`): the dataclasses `parse_args_and_config` returned.
+        skip (`tuple[str, ...]`): values not to check (a chain stage's teacher: an earlier stage's folder, written
+            before this stage runs).
+
+    `teacher` is not checked when a served teacher is asked for (`teacher_api_base`): it is the served model's name.
+    """
+    served = any(getattr(obj, "teacher_api_base", None) for obj in parsed)
+    for obj in parsed:
+        names = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+        for name in sorted(names & PATH_FIELDS.keys()):
+            if served and name == "teacher":
+                continue
+            value = getattr(obj, name)
+            for item in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(item, str) and item not in skip:
+                    check_local_path(item, f"--{name}", data_file=PATH_FIELDS[name] == "dataset")
+
+
+def read_yaml(path: str) -> Any:
+    """The YAML file `path` parsed with `yaml.safe_load` (None when empty).
+
+    Raises:
+        `ValueError`: the file is not valid YAML; one line naming the file, the line and column, and PyYAML's problem.
+    """
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(yaml_error_message(path, err)) from None
+
+
+def yaml_error_message(path: str | None, err: Exception) -> str:
+    """One line for a PyYAML error: `<file>, line L, column C: not valid YAML (<problem>)` and how to fix it."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = path or getattr(mark, "name", None) or "the YAML file"
+    if mark is not None:
+        where += f", line {mark.line + 1}, column {mark.column + 1}"
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    detail = f"{context}: {problem}" if context else problem
+    return (
+        f"{where}: not valid YAML ({detail}). Fix that line: each key is `key: value`, nested keys are indented "
+        "under a mapping, and a value with `: ` or `#` in it is quoted."
+    )
 
 
 def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -82,8 +152,7 @@ def parse_args_and_recipe(parser: Any, argv: list[str], prog: str) -> tuple[tupl
     overrides = {} if {"-h", "--help"} & set(flags) else explicit_flags(parser, flags)
     config = {}
     if resolved is not None:
-        with open(resolved.path, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
+        config = read_yaml(resolved.path) or {}
     if isinstance(config, dict) and hasattr(parser, "canonical_keys"):  # `dataset:` is recorded as `dataset_name:`
         config = parser.canonical_keys(config)
     remote = [key for key in remote_code_keys(config if isinstance(config, dict) else {}) if key not in overrides]
@@ -95,6 +164,7 @@ def parse_args_and_recipe(parser: Any, argv: list[str], prog: str) -> tuple[tupl
             + "."
         )
     outputs = parser.parse_args_and_config(["--config", resolved.path, *flags] if resolved else flags)
+    check_path_arguments(outputs)
     config.update(overrides)
     command = command_line(prog, (["--config", resolved.pinned] if resolved else []) + flags)
     return outputs, Recipe(config, command, resolved, rerun=f"{prog} --config recipe.yaml")

@@ -6,6 +6,8 @@ import os
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from ..paths import check_local_path
+
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -49,6 +51,7 @@ def load_any_dataset(
                 f"{name_or_path} has no rows (only blank lines or an empty list). Point to a file with data."
             )
         return data if split in (None, "train") else _missing_split(name_or_path, split)
+    check_local_path(name_or_path, "Dataset", data_file=True)  # else datasets asks the Hub for a missing local file
     return load_dataset(name_or_path, config, split=split)
 
 

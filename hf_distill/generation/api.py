@@ -7,9 +7,14 @@ sequence-level KD targets (`generate_completions_dataset`, used by `hf-distill c
 - Client: the `openai` package (`pip install "hf-distill[api]"`): it speaks both `/v1/chat/completions` and
   `/v1/completions`, raises typed errors (status code, connection, timeout) and retries 408/409/429/5xx, connection
   errors and timeouts with exponential backoff (0.5 s doubling, at most 8 s) and jitter.
+- Replies are checked before they are used: a 200 whose body is not JSON (a proxy's HTML page, a reply cut short),
+  has no choices, or holds a null or empty `content` / `text` is retried like a 5xx (same backoff, same retry budget),
+  then fails with `APITeacherError` naming the endpoint and the problem. An empty answer is kept only when the server
+  says the model stopped there (`finish_reason: "stop"`): a greedy request would answer it again.
 - Concurrency: at most `max_concurrency` requests in flight (threads sharing one client).
 - Resumable: every response is appended to a JSON-lines store and flushed (fsync) before the next request is sent; a
-  re-run requests only the (prompt, sample) pairs missing from the store, so no row is lost or duplicated.
+  re-run requests only the (prompt, sample) pairs missing from the store, so no row is lost or duplicated. Empty
+  responses that older versions stored (from null or empty replies) are requested again.
 - The API key is read from an environment variable (`HF_DISTILL_API_KEY`, else `OPENAI_API_KEY`, or the one named by
   `api_key_env`); it is never logged, written or put in an error message.
 """
@@ -21,6 +26,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +40,10 @@ logger = logging.getLogger(__name__)
 API_KEY_ENV_VARS = ("HF_DISTILL_API_KEY", "OPENAI_API_KEY")  # first one set wins
 NO_KEY = "EMPTY"  # sent when no key is set: local servers (vLLM, TGI, transformers serve) ignore it
 ENDPOINTS = ("chat", "completions")
+UNUSABLE_HEADER = (
+    "x-hf-distill-unusable-reply"  # marks the 502 that stands for an unusable 200 (see `_checked_client`)
+)
+EMPTY_ANSWER = "empty_answer"  # a stored record's flag: its empty text is the model's answer (it stopped at once)
 
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
@@ -173,6 +183,7 @@ class APITeacher:
 
     @property
     def url(self) -> str:
+        """The endpoint's URL (named in errors)."""
         return f"{self.base_url}/{'chat/completions' if self.endpoint == 'chat' else 'completions'}"
 
     def _client(self) -> Any:
@@ -186,6 +197,7 @@ class APITeacher:
             api_key=os.environ[env] if env else NO_KEY,
             max_retries=self.max_retries,
             timeout=self.timeout,
+            http_client=_checked_client(self.endpoint),
         )
 
     def _scrub(self, text: str) -> str:
@@ -194,7 +206,11 @@ class APITeacher:
         return text.replace(key, "***") if key else text
 
     def request(self, client: Any, prompt: Prompt, sampling: dict[str, Any]) -> dict[str, Any]:
-        """One completion: `{"text", "finish_reason", "prompt_tokens", "completion_tokens"}`.
+        """One completion: `{"text", "finish_reason", "prompt_tokens", "completion_tokens"}` (and `"empty_answer":
+        True` when the text is empty because the model stopped at once).
+
+        A 200 reply that cannot be used (not JSON, no choices, null or empty text: `reply_problem`) is retried like a
+        5xx by the client that `_client` builds.
 
         Raises:
             `APITeacherError`: on a 4xx answer (unknown model, auth, bad parameter) or when the retries are spent.
@@ -205,15 +221,22 @@ class APITeacher:
             if self.endpoint == "chat":
                 messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
                 response = client.chat.completions.create(model=self.model, messages=messages, n=1, **sampling)
-                text = response.choices[0].message.content or ""
+                text = response.choices[0].message.content
             else:
                 if not isinstance(prompt, str):
                     raise ValueError("The completions endpoint takes text prompts; use teacher_api_endpoint=chat.")
                 response = client.completions.create(model=self.model, prompt=prompt, n=1, **sampling)
-                text = response.choices[0].text or ""
+                text = response.choices[0].text
         except openai.APIStatusError as err:
             detail = self._scrub(str(getattr(err, "body", None) or err.message))[:500]
             status = err.status_code
+            if err.response.headers.get(UNUSABLE_HEADER):
+                raise APITeacherError(
+                    f"The API teacher at {self.url} answered HTTP 200 with an unusable reply for model "
+                    f"{self.model!r}, also after {self.max_retries} retries: {err.response.headers[UNUSABLE_HEADER]}. "
+                    "Is --teacher_api_base the server itself (not a proxy or login page), and is the server healthy "
+                    "(see its log)?"
+                ) from None
             if status in (401, 403):
                 hint = "check the API key (read from $HF_DISTILL_API_KEY / $OPENAI_API_KEY or --teacher_api_key_env)"
             elif status in (400, 404):
@@ -235,12 +258,15 @@ class APITeacher:
                 f"with backoff (per-request timeout {self.timeout:g} s); is the server up?"
             ) from None
         usage = getattr(response, "usage", None)
-        return {
+        result = {
             "text": text,
             "finish_reason": response.choices[0].finish_reason,
             "prompt_tokens": getattr(usage, "prompt_tokens", None) or 0,
             "completion_tokens": getattr(usage, "completion_tokens", None) or 0,
         }
+        if not text:  # checked by `reply_problem`: the model stopped at once
+            result[EMPTY_ANSWER] = True
+        return result
 
     def generate(
         self,
@@ -297,9 +323,17 @@ class APITeacher:
         os.makedirs(os.path.dirname(os.path.abspath(store)), exist_ok=True)
         check_or_record_settings(f"{root}.settings.json", settings, "API-teacher responses")
         keys = [_prompt_key(p) for p in prompts]
-        done = _read_store(store, keys, n)
+        done, unusable = _read_store(store, keys, n)
         todo = [(i, j) for i in range(len(prompts)) for j in range(n) if (i, j) not in done]
         reused = len(done)
+        if unusable:
+            logger.warning(
+                "%d of the %d responses in %s are empty (null or empty replies that an older version stored); "
+                "requesting them again.",
+                len(unusable),
+                len(prompts) * n,
+                store,
+            )
         if done:
             logger.info("Resuming: %d of %d responses already in %s.", reused, len(prompts) * n, store)
         client = self._client() if todo else None
@@ -319,6 +353,7 @@ class APITeacher:
                 pending[pool.submit(self.request, client, prompts[i], {**sampling, **extra})] = unit
 
         with (
+            client if client is not None else nullcontext(),  # closed last, after the pool's threads are done
             AppendLog(store) as log,  # ends a line a kill cut short, so it cannot swallow the next record
             ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="api-teacher") as pool,
             tqdm(total=len(prompts) * n, initial=reused, desc=desc, disable=not show_progress) as bar,
@@ -387,10 +422,16 @@ def _prompt_key(prompt: Prompt) -> str:
     return hashlib.sha1(json.dumps(prompt, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def _read_store(path: str, keys: list[str], n: int) -> dict[tuple[int, int], dict[str, Any]]:
-    """Finished responses of earlier runs; a line cut short by a kill is skipped (that response is requested
-    again), a repeated (prompt, sample) keeps its first response."""
+def _read_store(
+    path: str, keys: list[str], n: int
+) -> tuple[dict[tuple[int, int], dict[str, Any]], set[tuple[int, int]]]:
+    """Finished responses of earlier runs, and the (prompt, sample) pairs whose only stored responses are unusable.
+
+    A line cut short by a kill is skipped (that response is requested again); a repeated (prompt, sample) keeps its
+    first usable response. An empty text without the `empty_answer` flag was stored by an older version from a null
+    or empty reply: it is not kept (requested again)."""
     done: dict[tuple[int, int], dict[str, Any]] = {}
+    unusable: set[tuple[int, int]] = set()
 
     def parse(record: dict) -> tuple[tuple[int, int], dict[str, Any]]:
         if not isinstance(record.get("text"), str) or "key" not in record:
@@ -403,8 +444,77 @@ def _read_store(path: str, keys: list[str], n: int) -> dict[tuple[int, int], dic
                 f"Line {number} of {path} answers another prompt (prompt {unit[0]}, sample {unit[1]}); the "
                 "prompts changed since the earlier run. Use a new output folder."
             )
-        done.setdefault(unit, record)
-    return done
+        if record["text"] or record.get(EMPTY_ANSWER):
+            done.setdefault(unit, record)
+        else:
+            unusable.add(unit)
+    return done, unusable - done.keys()
+
+
+def reply_problem(body: bytes, endpoint: str) -> str | None:
+    """What makes a 200 reply of the `chat` or `completions` endpoint unusable, or None when it is a usable one.
+
+    Unusable: a body that is not JSON (an HTML page from a proxy, a reply cut short), no `choices` or an empty list,
+    or a first choice whose `message.content` (chat) / `text` (completions) is missing, null, not a string, or empty
+    while the model did not stop there (`finish_reason` other than `"stop"`).
+
+    Args:
+        body (`bytes`): the reply's body.
+        endpoint (`str`): `"chat"` or `"completions"`.
+    """
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        start = body[:80].decode("utf-8", "replace")
+        return f"the body is not JSON ({len(body)} bytes starting {start!r})"
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return f"no choices (`choices`: {json.dumps(choices)[:80]})"
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message") if endpoint == "chat" else choice
+    name = "message.content" if endpoint == "chat" else "text"
+    text = message.get("content" if endpoint == "chat" else "text") if isinstance(message, dict) else None
+    if text is None:
+        return f"`{name}` is null or missing in the first choice"
+    if not isinstance(text, str):
+        return f"`{name}` is a {type(text).__name__}, not text"
+    if not text and choice.get("finish_reason") != "stop":
+        return f"`{name}` is empty and the model did not stop there (finish_reason {choice.get('finish_reason')!r})"
+    return None
+
+
+def _checked_client(endpoint: str) -> Any:
+    """The `openai` client's HTTP client, which turns a 200 reply that `reply_problem` finds unusable into a 502
+    marked with `UNUSABLE_HEADER` (the problem): the `openai` client then retries it as any 5xx (same backoff, same
+    budget) and, when the retries are spent, raises the `APIStatusError` that `APITeacher.request` reports."""
+    import openai
+
+    try:  # the module `openai` builds its requests with: httpx2 where installed (huggingface_hub >= 2), else httpx
+        import httpx2 as httpx
+    except ImportError:  # pragma: no cover - depends on the installed openai
+        import httpx
+
+    class CheckedClient(openai.DefaultHttpxClient):
+        """`openai`'s default HTTP client, checking each 200 reply of a POST before `openai` parses it."""
+
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            """Send `request`; a 200 reply that `reply_problem` finds unusable comes back as a marked 502."""
+            response = super().send(request, **kwargs)
+            if response.status_code != 200 or request.method != "POST" or kwargs.get("stream"):
+                return response
+            problem = reply_problem(response.content, endpoint)
+            if problem is None:
+                return response
+            response.close()
+            logger.debug("Unusable 200 reply from %s: %s", request.url, problem)
+            return httpx.Response(
+                502,
+                headers={UNUSABLE_HEADER: problem.encode("ascii", "replace").decode()},
+                json={"error": {"message": f"unusable reply: {problem}"}},
+                request=request,
+            )
+
+    return CheckedClient()
 
 
 def _append_run(path: str, stats: dict[str, Any]) -> None:

@@ -17,7 +17,9 @@ What vLLM 0.32 returns for `prompt_logprobs: k` (read in its source and checked 
   `prompt_logprobs` (keys are ids already). `prompt_logprobs` above the server's `--max-logprobs` is a 400.
 
 Every reply is validated (number of choices and positions, ids in range, the actual token present, finite,
-non-positive, rank-ordered log-probs); a malformed reply raises `VLLMReplyError`, never a partial result.
+non-positive, rank-ordered log-probs); a malformed reply raises `VLLMReplyError`, never a partial result. A 200 whose
+body is not JSON (a proxy's error page, a reply cut short) or, on `/v1/completions`, has no choices is retried like a
+5xx first; the other faults of a reply are the server's answer to that request and raise at once.
 
 Faults: each request has a timeout; 429 (its `Retry-After` honoured, up to `max_backoff`), 5xx, connection errors
 and timeouts are retried with exponential backoff and jitter; any other 4xx raises `VLLMRequestError` at once; when
@@ -175,13 +177,16 @@ class VLLMClient:
         d = min(self.backoff * 2**attempt, self.max_backoff)
         return d / 2 + self._random.uniform(0, d / 2)
 
-    def _request(self, method: str, route: str, payload: dict | None = None, text: bool = False) -> Any:
+    def _request(
+        self, method: str, route: str, payload: dict | None = None, text: bool = False, choices: bool = False
+    ) -> Any:
         """Send one request with retries; return the decoded JSON reply (`None` for an empty body), or the reply's
-        text when `text`."""
+        text when `text`. A 200 body that is not JSON, or that has no `choices` list with an entry when `choices`,
+        is retried like a 5xx (then `VLLMReplyError`)."""
         url = f"{self.base_url}{route}"
-        failure = ""
+        failure, unusable = "", False
         for attempt in range(self.max_retries + 1):
-            retry_after = None
+            retry_after, unusable = None, False
             try:
                 reply = self._http.request(method, url, json=payload)
             except httpx.TimeoutException as err:
@@ -193,18 +198,30 @@ class VLLMClient:
                 with self._count_lock:
                     self.bytes_received += len(reply.content)
                 if status < 400:
-                    return reply.text if text else _decode_json(reply, method, url)
-                body = reply.text[:1000]
-                if status != 429 and status < 500:
-                    raise VLLMRequestError(f"{method} {url} was refused with HTTP {status}: {body}", status, body)
-                failure = f"HTTP {status}: {body}"
-                retry_after = _retry_after(reply.headers.get("retry-after"))
+                    if text:
+                        return reply.text
+                    decoded, problem = _decode_json(reply)
+                    if problem is None and choices:
+                        problem = _choices_problem(decoded)
+                    if problem is None:
+                        return decoded
+                    failure, unusable = f"HTTP {status} with an unusable reply: {problem}", True
+                    logger.debug("%s %s: %s", method, url, failure)
+                else:
+                    body = reply.text[:1000]
+                    if status != 429 and status < 500:
+                        raise VLLMRequestError(f"{method} {url} was refused with HTTP {status}: {body}", status, body)
+                    failure = f"HTTP {status}: {body}"
+                    retry_after = _retry_after(reply.headers.get("retry-after"))
             if attempt < self.max_retries:
                 delay = self._delay(attempt, retry_after)
                 logger.warning("%s %s failed (%s); retry %d/%d in %.1f s", method, url, failure, attempt + 1,
                                self.max_retries, delay)  # fmt: skip
                 time.sleep(delay)
-        raise VLLMClientError(f"{method} {url} failed {self.max_retries + 1} times; last failure: {failure}")
+        message = f"{method} {url} failed {self.max_retries + 1} times; last failure: {failure}"
+        if unusable:
+            raise VLLMReplyError(f"{message}. Is the URL the vLLM server itself (not a proxy), and is it healthy?")
+        raise VLLMClientError(message)
 
     def model_name(self) -> str:
         """The served model name requests use by default (asked of the server when it was not given)."""
@@ -292,7 +309,7 @@ class VLLMClient:
             "prompt_logprobs": k,
             "return_token_ids": True,
         }
-        reply = self._request("POST", "/v1/completions", payload)
+        reply = self._request("POST", "/v1/completions", payload, choices=True)
         where = f"POST {self.base_url}/v1/completions"
         return [
             _parse_positions(choice, prompt, k, self.vocab_size, f"{where}, prompt {b}")
@@ -352,7 +369,7 @@ class VLLMClient:
         if stop_token_ids:
             payload["stop_token_ids"] = [int(t) for t in stop_token_ids]
         where = f"POST {self.base_url}/v1/completions"
-        reply = self._request("POST", "/v1/completions", payload)
+        reply = self._request("POST", "/v1/completions", payload, choices=True)
         outputs = []
         for i, choice in enumerate(_choices(reply, len(prompts) * n, where)):
             ids = choice.get("token_ids")
@@ -400,13 +417,22 @@ class VLLMClient:
 # ---------------------------------------------------------------------- reply parsing
 
 
-def _decode_json(reply: "httpx.Response", method: str, url: str) -> Any:
+def _decode_json(reply: "httpx.Response") -> tuple[Any, str | None]:
+    """`(decoded JSON or None for an empty body, None)`, or `(None, what is wrong)` for a body that is not JSON."""
     if not reply.content:
-        return None
+        return None, None
     try:
-        return json.loads(reply.content)
+        return json.loads(reply.content), None
     except ValueError as err:
-        raise VLLMReplyError(f"{method} {url}: the reply is not JSON ({err}): {reply.text[:200]!r}") from err
+        return None, f"the body is not JSON ({err}): {reply.text[:200]!r}"
+
+
+def _choices_problem(reply: Any) -> str | None:
+    """What makes a `/v1/completions` reply one without any choice to read (None: it has some)."""
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices:
+        return f"no choices: {str(reply)[:300]}"
+    return None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -438,6 +464,11 @@ def _parse_positions(choice: dict, prompt: list[int], k: int, vocab_size: int | 
     """One choice's `prompt_logprobs` as tensors, validated (see the module docstring for the reply's shape)."""
     positions = choice.get("prompt_logprobs")
     n = len(prompt)
+    if positions is None:
+        raise VLLMReplyError(
+            f"{where}: the reply has no `prompt_logprobs` (a vLLM extension of /v1/completions): serve the teacher "
+            "with vLLM (`vllm serve`), whose replies carry them."
+        )
     if not isinstance(positions, list) or len(positions) != n:
         got = len(positions) if isinstance(positions, list) else type(positions).__name__
         raise VLLMReplyError(f"{where}: expected {n} prompt positions, got {got}")

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..paths import check_local_path
+
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +151,7 @@ def load_model(name_or_path: str, auto_class: type = AutoModelForCausalLM, **ini
         return gemma3_model(auto_class, **kwargs)
     if name_or_path in SHORTHANDS:
         name_or_path, kwargs["gguf_file"] = SHORTHANDS[name_or_path]()
-    if name_or_path.startswith((os.sep, ".", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(
-            f"No model at {name_or_path}: that folder does not exist (a Hub id has no leading / or .)."
-        )
+    check_local_path(name_or_path, "Model")
     try:
         model = auto_class.from_pretrained(name_or_path, **kwargs)
     except ValueError as err:
@@ -223,6 +222,7 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs: An
     to EOS."""
     if name_or_path == "smollm2":
         name_or_path, gguf_file = smollm2_location()
+    check_local_path(name_or_path, "Tokenizer")
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if name_or_path == "gemma3" and not gguf_file:
