@@ -285,7 +285,8 @@ def build_model_card(
         head_kind (`str`, *optional*): the student's head (`heads.Head.kind`): `pipeline_tag` and usage snippet.
         evaluation (`list[EvalResult]`, *optional*): the `model-index` (`card_sections.eval_results`).
         usage_target (`str`, *optional*): the folder or Hub id the usage snippet loads.
-        data_note (`str`, *optional*): who wrote the training data (`data_writer`).
+        data_note (`str`, *optional*): who wrote the training data (`data_writer`), or what it is when it is no
+            dataset (the quickstart's transfer set).
     """
     if isinstance(teacher, str):
         line = f"{name_line(teacher)}" + (f" ({teacher_revision})" if teacher_revision else "")
@@ -311,6 +312,7 @@ def build_model_card(
     paper = PAPERS.get(str(losses.get("kd_loss")), "") if teacher else ""
     license_line = f"\n- **License:** {', '.join(licenses)} (inherited from the base model)" if licenses else ""
     subfolder = teacher.student_subfolder if teacher else None
+    data_line = "; ".join(part for part in (datasets and dataset_lines(datasets), data_note) if part) or "not recorded"
     body = f"""---
 {data.to_yaml()}
 ---
@@ -321,7 +323,7 @@ A student model distilled with [hf-distill](https://pypi.org/project/hf-distill/
 
 - **Teacher:** {teacher.description if teacher else NO_TEACHER}
 - **Student:** {student_description}
-- **Training data:** {dataset_lines(datasets)}{f"; {data_note}" if data_note else ""}{license_line}
+- **Training data:** {data_line}{license_line}
 - **Library:** {library_versions()}
 
 ## Usage
