@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,9 +217,18 @@ class Recipe:
         Path(output_dir, RECIPE_FILE).write_text("\n".join(header) + "\n" + self.to_yaml(), encoding="utf-8")
         Path(output_dir, SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
+    def public(self) -> "Recipe":
+        """The recipe as a public model card shows it: server URLs (`PRIVATE_FIELDS`) and tokens (`*_token`) are
+        not recorded. In the config they become `PRIVATE_VALUE`; in the command a shell variable that must be set
+        (`${HF_DISTILL_TEACHER_API_BASE:?...}`), so the command still reruns the run once it is."""
+        config = {key: PRIVATE_VALUE if private_variable(key) else value for key, value in self.config.items()}
+        return replace(self, config=config, command=public_command(self.command))
+
     def card_section(self) -> str:
-        """Markdown for a model card: the command, the source and commit, and the recipe as a fenced YAML block."""
-        lines = ["## Reproduce", "", "```bash", self.command, "```", ""]
+        """Markdown for a model card: the command, the source and commit, and the recipe as a fenced YAML block, as
+        `public()` shows them."""
+        public = self.public()
+        lines = ["## Reproduce", "", "```bash", public.command, "```", ""]
         if self.resolved is not None and self.resolved.hub is not None:
             hub = self.resolved.hub
             rev = f"revision `{hub.revision}`, " if hub.revision else ""
@@ -228,7 +237,49 @@ class Recipe:
             lines += [f"Recipe: local file `{self.resolved.source}`.", ""]
         rerun = f" Saved as `recipe.yaml`, `{self.rerun}` runs it again." if self.rerun else ""
         lines += [self.note or f"The exact recipe (the command's flags folded in).{rerun}", "", CARD_MARKER, "```yaml"]
-        return "\n".join(lines) + "\n" + self.to_yaml().rstrip("\n") + "\n```\n"
+        return "\n".join(lines) + "\n" + public.to_yaml().rstrip("\n") + "\n```\n"
+
+
+PRIVATE_VALUE = "<not recorded in the card>"
+# config fields whose values a public card must not show -> the shell variable its command reads them from instead
+PRIVATE_FIELDS = {
+    "teacher_api_base": "HF_DISTILL_TEACHER_API_BASE",
+    "vllm_server_base_url": "HF_DISTILL_VLLM_SERVER_BASE_URL",
+}
+
+
+def private_variable(key: str) -> str | None:
+    """The shell variable that stands for config field `key` in a public card (`PRIVATE_FIELDS`; `hub_token` ->
+    `HF_TOKEN`, any other `*_token` -> its name in capitals), or None when `key` may be shown."""
+    if key in PRIVATE_FIELDS:
+        return PRIVATE_FIELDS[key]
+    return ("HF_TOKEN" if key == "hub_token" else key.upper()) if key.endswith("_token") else None
+
+
+def public_command(command: str) -> str:
+    """`command` with the values of private flags (`private_variable`) replaced by a shell variable that must be set:
+    `--teacher_api_base ${HF_DISTILL_TEACHER_API_BASE:?set it to the value of --teacher_api_base}`."""
+    body, hash_, note = command.partition("  # ")
+    try:
+        tokens = shlex.split(body)
+    except ValueError:
+        return command
+    out, changed, i = [], False, 0
+    while i < len(tokens):
+        token = tokens[i]
+        key = token[2:].split("=", 1)[0] if token.startswith("--") else None
+        variable = private_variable(key) if key else None
+        if variable is None:
+            out.append(shlex.quote(token))
+            i += 1
+            continue
+        flag = token.split("=", 1)[0]
+        out += [flag, f"${{{variable}:?set it to the value of {flag}}}"]  # unquoted: several URLs are several words
+        changed, i = True, i + 1
+        if "=" not in token:  # the flag's values: every token up to the next flag
+            while i < len(tokens) and not tokens[i].startswith("--"):
+                i += 1
+    return (" ".join(out) + hash_ + note) if changed else command
 
 
 def recipe_from_config(args: Any) -> Recipe | None:
@@ -271,6 +322,108 @@ def recipe_from_card(card: Any) -> dict[str, Any]:
     return yaml.safe_load(match.group(1))
 
 
-def command_line(prog: str, argv: list[str]) -> str:
-    """`prog argv...` as one shell-quoted command."""
-    return " ".join([prog, shlex.join(argv)]).strip()
+CLI_MODULE = "hf_distill.cli.main"  # what a launcher runs: `accelerate launch ... -m hf_distill.cli.main train ...`
+_SCRIPT_FLAGS = ("-m", "--module", "--no-python", "--no_python")  # how the launcher read its script: replaced by -m
+
+
+def _parent_argv() -> list[str] | None:
+    """The command line of this process's parent (Linux `/proc`), None where it cannot be read."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    return argv[:-1] if argv and argv[-1] == "" else argv
+
+
+def _launcher_flags(argv: list[str]) -> tuple[str, list[str]] | None:
+    """`("accelerate" | "torchrun", the launcher's own flags)` when `argv` (a process's command line) is `accelerate
+    launch ...` or `torchrun ...` (as a console script or `python -m`), else None. The launcher's parser splits its
+    flags from the training script and the script's arguments."""
+    if argv and os.path.basename(argv[0]).startswith("python"):
+        argv = argv[1:]
+        if argv[:1] == ["-m"] and len(argv) > 1:
+            argv = [argv[1], *argv[2:]]
+    if not argv:
+        return None
+    head, rest = os.path.basename(argv[0]), argv[1:]
+    if head in ("torchrun", "torch.distributed.run"):
+        from torch.distributed.run import get_args_parser as parser
+
+        kind = "torchrun"
+    elif (head in ("accelerate", "accelerate.commands.accelerate_cli") and rest[:1] == ["launch"]) or (
+        head == "accelerate.commands.launch"
+    ):
+        from accelerate.commands.launch import launch_command_parser as parser
+
+        kind, rest = "accelerate", rest[1:] if rest[:1] == ["launch"] else rest
+    else:
+        return None
+    try:
+        parsed = parser().parse_args(rest)
+    except (SystemExit, ValueError):  # argparse exits on what it cannot read
+        return None
+    flags = rest[: len(rest) - len(parsed.training_script_args) - 1]
+    return kind, [flag for flag in flags if flag not in _SCRIPT_FLAGS]
+
+
+def launcher_prefix(environ: Any = None, parent_argv: list[str] | None = None) -> tuple[list[str], str | None] | None:
+    """The launcher this process was started by, as the start of a command that starts it again, or None when it
+    was not launched (`WORLD_SIZE` unset or 1, no `ACCELERATE_*` / `TORCHELASTIC_RUN_ID` variables).
+
+    `accelerate launch` and `torchrun` export no record of their own flags (accelerate exports `ACCELERATE_*` settings,
+    torchelastic `WORLD_SIZE`, `LOCAL_WORLD_SIZE` and `TORCHELASTIC_RUN_ID`, but neither the config file nor the
+    process count as typed), so the launcher's flags are read from the parent process's command line (the worker's
+    parent is the launcher) and re-parsed with the launcher's own parser. Where that cannot be read, the command is
+    rebuilt from the environment (process and machine counts, mixed precision) with a note saying what it lacks.
+
+    Args:
+        environ (`Mapping`, *optional*): the environment (default `os.environ`).
+        parent_argv (`list[str]`, *optional*): the parent's command line (default: read from `/proc`).
+
+    Returns:
+        `(prefix, note)`: e.g. `(["accelerate", "launch", "--config_file", "cpu_2proc.yaml", "-m",
+        "hf_distill.cli.main"], None)`; `note` says what the rebuilt command may lack (None when read verbatim).
+    """
+    env = os.environ if environ is None else environ
+    accelerate = "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_DYNAMO_BACKEND" in env
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if not (accelerate or "TORCHELASTIC_RUN_ID" in env or world > 1):
+        return None
+    found = _launcher_flags(parent_argv if parent_argv is not None else (_parent_argv() or []))
+    if found is not None:
+        kind, flags = found
+        start = ["accelerate", "launch"] if kind == "accelerate" else ["torchrun"]
+        return [*start, *flags, "-m", CLI_MODULE], None
+    local = int(env.get("LOCAL_WORLD_SIZE", world) or world)
+    machines = max(1, world // max(1, local))
+    if accelerate:
+        prefix = ["accelerate", "launch", "--num_processes", str(world), "--num_machines", str(machines)]
+        prefix += ["--mixed_precision", env.get("ACCELERATE_MIXED_PRECISION", "no")]
+        prefix += ["--use_fsdp"] * (env.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+        prefix += ["--use_deepspeed"] * (env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
+        prefix += ["--multi_gpu"] * (world > 1 and not {"--use_fsdp", "--use_deepspeed"} & set(prefix))
+        note = "The launcher's command line could not be read: add the `--config_file` the run used, if any."
+    else:
+        prefix = ["torchrun", "--nnodes", str(machines), "--nproc_per_node", str(local)]
+        note = "The launcher's command line could not be read: this torchrun command is rebuilt from its environment."
+    return [*prefix, "-m", CLI_MODULE], note
+
+
+def command_line(prog: str, argv: list[str], prefix: list[str] | None = None) -> str:
+    """`prog argv...` as one shell-quoted command; under `accelerate launch` / `torchrun` (`launcher_prefix`) the
+    launcher with its flags replaces `hf-distill`, so the command starts the same processes again.
+
+    Args:
+        prog (`str`): the command as typed, e.g. `"hf-distill train"`.
+        argv (`list[str]`): its arguments.
+        prefix (`list[str]`, *optional*): the launcher's start of the command; default `launcher_prefix()` (with its
+            note, if any, as a trailing shell comment).
+    """
+    note = None
+    if prefix is None:
+        prefix, note = launcher_prefix() or (None, None)
+    if prefix and prog.split()[:1] == ["hf-distill"]:
+        prog = " ".join([shlex.join(prefix), *prog.split()[1:]])
+    command = " ".join([prog, shlex.join(argv)]).strip()
+    return f"{command}  # {note}" if note and prog.startswith(shlex.join(prefix)) else command

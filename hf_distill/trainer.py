@@ -458,12 +458,15 @@ class DistillationMixin:
         logs.update(metrics)
         super().log(logs, *args, **kwargs)
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, **kwargs) -> None:
-        """Write README.md in `output_dir` with our card (tags, teacher, losses, results); used by `push_to_hub`."""
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | list[str] | None = None, **kwargs
+    ) -> None:
+        """Write README.md in `output_dir` with our card (`model_card.trainer_model_card`); used by `push_to_hub`.
+        `dataset_name`: one dataset, or the datasets of a mixture (each listed)."""
         if not self.is_world_process_zero():
             return
         dataset = dataset_name or kwargs.get("dataset")
-        card = trainer_model_card(self, model_name, dataset if isinstance(dataset, str) else None)
+        card = trainer_model_card(self, model_name, dataset if isinstance(dataset, str | list | tuple) else None)
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
 

@@ -20,8 +20,10 @@ from hf_distill.cli.chain import (
     MARKER,
     SETTINGS_FILE,
     _chain_card_section,
+    check_stage,
     last_complete_checkpoint,
     load_chain,
+    stage_command,
     stage_recipes,
 )
 from hf_distill.cli.main import main
@@ -212,6 +214,22 @@ def test_cards_name_a_shorthand_or_hub_id_first_teacher():
         cards = [_chain_card_section(chain, i, r["teacher_model_name_or_path"]) for i, r in enumerate(recipes)]
         assert f"{first} -> **assistant** -> student" in cards[0] and f"This model's teacher: `{first}`." in cards[0]
         assert "This model's teacher: `runs/c/stage0_assistant`." in cards[1]
+
+
+def test_one_stage_is_checked_and_its_command_names_the_chain_and_the_stage(tmp_path):
+    """`--stage N` exists, and a later stage needs its teacher (the previous stage finished); `stage_command` is the
+    command each stage's card gives (a rerun of tests/test_model_card_runs.py::test_chain_stage runs it)."""
+    recipes = [{"output_dir": str(tmp_path / "s0")}, {"output_dir": str(tmp_path / "s1")}]
+    assert check_stage(None, recipes, "c.yaml") is None and check_stage(1, recipes, "c.yaml") == 0
+    with pytest.raises(ValueError, match="has stages 1 to 2"):
+        check_stage(3, recipes, "c.yaml")
+    with pytest.raises(ValueError, match=r"holds no finished stage.*hf-distill chain --config c.yaml"):
+        check_stage(2, recipes, "c.yaml")
+    (tmp_path / "s0").mkdir()
+    (tmp_path / "s0" / MARKER).write_text("{}")
+    assert check_stage(2, recipes, "c.yaml") == 1
+    assert stage_command("hf-distill chain", "c y.yaml", None, 1) == "hf-distill chain --config 'c y.yaml' --stage 2"
+    assert stage_command("hf-distill chain", "c.yaml", "out", 0).endswith("--config c.yaml --output_dir out --stage 1")
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pytest
 from conftest import make_llama, make_tokenizer
 from transformers import AutoModelForCausalLM
 
+from hf_distill.card_sections import check_card
 from hf_distill.cli.main import main
 from hf_distill.recipes import recipe_from_card
 
@@ -50,7 +51,10 @@ def test_quickstart_tiny(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "qs" / "student").config.num_hidden_layers == 2
     # the CE-only baseline is saved too, with its own card carrying the same reproducing command
     ce_card = (tmp_path / "qs" / "ce_only_student" / "README.md").read_text()
-    assert "CE-only student" in ce_card and "- `ce_weight`: 1.0" in ce_card and "- `kd_weight`: 0.0" in ce_card
+    assert "CE-only student" in ce_card and "| `ce_weight` | 1.0 |" in ce_card and "| `kd_weight` | 0.0 |" in ce_card
+    check_card(ce_card)
+    assert "- **Training data:** a data-free transfer set sampled from the teacher" in ce_card
+    assert f'from_pretrained("{tmp_path / "qs" / "ce_only_student"}")' in ce_card  # the usage snippet loads it
     assert recipe_from_card(ce_card) == recipe_from_card(card)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "qs" / "ce_only_student").config.num_hidden_layers == 2
     assert report["students"] == {"kd_student": str(tmp_path / "qs" / "student"),

@@ -20,11 +20,16 @@ from hf_distill.cli.main import main
 from hf_distill.cli.recipe_args import parse_args_and_recipe, split_config
 from hf_distill.model_card import build_model_card, card_base_model, hub_id
 from hf_distill.recipes import (
+    PRIVATE_VALUE,
     RECIPE_FILE,
     SOURCE_FILE,
     HubRecipeReference,
     Recipe,
+    command_line,
+    launcher_prefix,
     parse_recipe_reference,
+    private_variable,
+    public_command,
     recipe_from_card,
     resolve_recipe,
 )
@@ -375,3 +380,42 @@ def test_shorthand_teacher_is_fingerprinted_not_looked_up(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert hub_commit("HuggingFaceTB/SmolLM2-135M-Instruct") == T1 and hub_commit("smollm2") is None
     assert hub_commit("ns/not-cached") is None and hub_commit(str(tmp_path)) is None
+
+
+# ------------------------------------------------------------------------------------------------ the card's command
+def test_launcher_is_read_from_the_parent_command_line_or_rebuilt_from_the_environment():
+    elastic = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}
+    accelerate = {**elastic, "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
+    cli = ["-m", "hf_distill.cli.main", "train", "--config", "r.yaml"]
+    parent = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--config_file", "cpu.yaml", *cli]
+    assert launcher_prefix(accelerate, parent) == (
+        ["accelerate", "launch", "--config_file", "cpu.yaml", "-m", "hf_distill.cli.main"], None)  # fmt: skip
+    parent = ["/usr/bin/python3", "-m", "torch.distributed.run", "--nproc_per_node=2", "--module", *cli[1:]]
+    assert launcher_prefix(elastic, parent)[0] == ["torchrun", "--nproc_per_node=2", "-m", "hf_distill.cli.main"]
+    one = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no"}  # accelerate's single-process launcher
+    parent = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "run.py", "x"]
+    assert launcher_prefix(one, parent)[0][:4] == ["accelerate", "launch", "--cpu", "--num_processes"]
+    prefix, note = launcher_prefix({**accelerate, "WORLD_SIZE": "4", "ACCELERATE_MIXED_PRECISION": "bf16"}, ["srun"])
+    assert prefix[:8] == ["accelerate", "launch", "--num_processes", "4", "--num_machines", "2", "--mixed_precision",
+                          "bf16"] and "--config_file" in note  # fmt: skip
+    assert launcher_prefix(elastic, [])[0] == ["torchrun", "--nnodes", "1", "--nproc_per_node", "2", "-m",
+                                               "hf_distill.cli.main"]  # fmt: skip
+    assert launcher_prefix({}, parent) is None and launcher_prefix({"WORLD_SIZE": "1"}) is None
+    torchrun = ["torchrun", "--nproc_per_node", "2", "-m", "hf_distill.cli.main"]
+    assert command_line("hf-distill chain", ["--config", "c y.yaml", "--stage", "2"], torchrun) == (
+        "torchrun --nproc_per_node 2 -m hf_distill.cli.main chain --config 'c y.yaml' --stage 2")  # fmt: skip
+
+
+def test_server_urls_and_tokens_stay_out_of_the_card():
+    command = "hf-distill train --teacher_api_base http://10.1.2.3:8000/v1 http://10.1.2.4:8000/v1 --hub_token hf_x"
+    public = public_command(command + " --max_steps 2")
+    assert "10.1.2" not in public and "hf_x" not in public and public.endswith("--max_steps 2")
+    assert "--teacher_api_base ${HF_DISTILL_TEACHER_API_BASE:?set it to the value of --teacher_api_base}" in public
+    recipe = Recipe({"teacher_api_base": ["http://10.1.2.3:8000/v1"], "hub_token": "hf_x", "kd_loss": "tvd"}, command)
+    section = recipe.card_section()
+    assert "10.1.2" not in section and "hf_x" not in section and "kd_loss: tvd" in section
+    assert recipe.config["teacher_api_base"] == ["http://10.1.2.3:8000/v1"]  # the run's own recipe.yaml keeps it
+    assert recipe.public().config["hub_token"] == PRIVATE_VALUE and recipe.public().config["kd_loss"] == "tvd"
+    assert [private_variable(k) for k in ("teacher_api_base", "hub_token", "wandb_token", "kd_loss")] == [
+        "HF_DISTILL_TEACHER_API_BASE", "HF_TOKEN", "WANDB_TOKEN", None]  # fmt: skip
+    assert public_command("hf-distill train --kd_loss tvd") == "hf-distill train --kd_loss tvd"

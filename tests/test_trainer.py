@@ -290,7 +290,7 @@ def test_model_card_written_by_trainer_mechanism(tmp_path, tokenizer):
     trainer.create_model_card(model_name="tiny-student")  # what push_to_hub calls before uploading
     card = (tmp_path / "out" / "README.md").read_text()
     assert "- hf-distill" in card and "- distillation" in card
-    assert "# tiny-student" in card and "`kd_loss`: forward_kl" in card and "eval_kd_loss" in card
+    assert "# tiny-student" in card and "| `kd_loss` | forward_kl |" in card and "eval_kd_loss" in card
     assert "LlamaForCausalLM" in card  # the teacher (a model object) is named by its class when it has no path
 
 

@@ -24,6 +24,8 @@ file in the last stage stops the chain at once. Resumable by stage: a stage whos
 finished and skipped; an unfinished stage resumes from its last complete checkpoint (one with `trainer_state.json`,
 which the Trainer writes last; a folder cut short by a kill is skipped) when it saved any.
 The chain's settings are recorded in `output_dir/chain_settings.json`; a rerun with other settings stops with an error.
+`--stage N` runs stage N alone (its teacher: stage N-1's finished folder), again from the start if it finished
+earlier: `hf-distill chain --config chain.yaml --stage N` is the command in stage N's model card.
 Under `torchrun` / `accelerate launch` (`-m hf_distill.cli.main chain ...`) every process waits at the end of each
 stage until the main process has saved it.
 """
@@ -54,6 +56,14 @@ class ChainArguments:
     _argument_group_name = "chain"
 
     output_dir: str | None = field(default=None, metadata={"help": "Overrides the YAML's output_dir."})
+    stage: int | None = field(
+        default=None,
+        metadata={
+            "help": "Run only this stage (1 = the first, as the progress lines count), its teacher the previous "
+            "stage's finished folder; a stage finished earlier is trained again from the start. Each stage's model "
+            "card gives this as the command that reproduces it."
+        },
+    )
 
 
 def make_parser(prog: str | None = None) -> CliParser:
@@ -236,8 +246,18 @@ def check_stages(chain: dict[str, Any], recipes: list[dict[str, Any]], prog: str
         earlier.append(recipe["output_dir"])
 
 
-def run_stage(recipe: dict[str, Any], prog: str) -> None:
-    """One stage: `hf-distill train` with `recipe` (resuming from its last complete checkpoint if it has one)."""
+def stage_command(prog: str, source: str, output_dir: str | None, index: int) -> str:
+    """The command that runs stage `index` (0-based) of the chain in `source` again: `hf-distill chain --config
+    <source> [--output_dir ...] --stage <index + 1>` (under `accelerate launch` / `torchrun`, with the launcher)."""
+    from ..recipes import command_line
+
+    argv = ["--config", source, *(["--output_dir", output_dir] if output_dir is not None else [])]
+    return command_line(prog, [*argv, "--stage", str(index + 1)])
+
+
+def run_stage(recipe: dict[str, Any], prog: str, command: str | None = None, resume: bool = True) -> None:
+    """One stage: `hf-distill train` with `recipe` (resuming from its last complete checkpoint if it has one and
+    `resume`); `command` (`stage_command`) is the card's reproducing command."""
     from transformers import set_seed
 
     from ..recipes import Recipe
@@ -245,9 +265,10 @@ def run_stage(recipe: dict[str, Any], prog: str) -> None:
 
     script_args, args, model_args = parse_stage(recipe, prog)
     set_seed(args.seed)  # the student's initialisation does not depend on what ran before in this process
-    last = last_complete_checkpoint(args.output_dir)
+    last = last_complete_checkpoint(args.output_dir) if resume else None
     trainer = build_trainer(script_args, args, model_args)
-    trainer.recipe = Recipe(recipe, f"{prog} (stage of a chain)")
+    note = "This stage's `hf-distill train` recipe: the chain's defaults and the stage's keys, its teacher and folder."
+    trainer.recipe = Recipe(recipe, command or f"{prog} (stage of a chain)", note=note)
     trainer.recipe.save(args.output_dir)
     if last is not None:
         print(f"[chain] resuming from {last}")
@@ -281,16 +302,25 @@ def run(argv: list[str], prog: str = "hf-distill chain") -> None:
     chain = load_chain(source, opts.output_dir)
     recipes = stage_recipes(chain)
     check_stages(chain, recipes, prog)  # every stage's keys and inputs, before the first stage trains
+    only = check_stage(opts.stage, recipes, source)
     os.makedirs(chain["output_dir"], exist_ok=True)
     check_or_record_settings(os.path.join(chain["output_dir"], SETTINGS_FILE), chain, "a teacher-assistant chain")
     for i, recipe in enumerate(recipes):
         folder = Path(recipe["output_dir"])
-        if (folder / MARKER).exists():
+        if only is not None and i != only:
+            continue
+        finished = (folder / MARKER).exists()
+        if finished and only is None:
             print(f"[chain] stage {i + 1}/{len(recipes)} ({chain['stages'][i]['name']}): finished earlier, skipped")
             continue
+        if finished:  # asked for by --stage: trained again from the start
+            print(f"[chain] stage {i + 1}/{len(recipes)} ({chain['stages'][i]['name']}): finished earlier, run again")
+            if os.environ.get("RANK", "0") == "0":
+                (folder / MARKER).unlink()
+            wait_for_everyone()
         teacher = recipe["teacher_model_name_or_path"]
         print(f"[chain] stage {i + 1}/{len(recipes)} ({chain['stages'][i]['name']}): teacher {teacher} -> {folder}")
-        run_stage(recipe, prog)
+        run_stage(recipe, prog, stage_command(prog, source, opts.output_dir, i), resume=not finished)
         if os.environ.get("RANK", "0") == "0":
             with open(folder / "README.md", "a", encoding="utf-8") as f:
                 f.write(_chain_card_section(chain, i, teacher))
@@ -298,4 +328,28 @@ def run(argv: list[str], prog: str = "hf-distill chain") -> None:
             (folder / (MARKER + ".tmp")).write_text(json.dumps(marker, indent=2))
             os.replace(folder / (MARKER + ".tmp"), folder / MARKER)
         wait_for_everyone()  # the next stage loads this one's folder on every process
-    print(f"[chain] done: the final student is in {recipes[-1]['output_dir']}")
+    if only is None:
+        print(f"[chain] done: the final student is in {recipes[-1]['output_dir']}")
+    else:
+        print(f"[chain] stage {only + 1} done: its student is in {recipes[only]['output_dir']}")
+
+
+def check_stage(stage: int | None, recipes: list[dict[str, Any]], source: str) -> int | None:
+    """The 0-based index of `--stage` (None: every stage), checked to exist and to have its teacher: a later stage
+    needs the previous stage finished (its folder holds `chain_stage.json`).
+
+    Raises:
+        `ValueError`: naming the stage and the command that makes its teacher.
+    """
+    if stage is None:
+        return None
+    if not 1 <= stage <= len(recipes):
+        raise ValueError(f"`--stage {stage}`: the chain in {source} has stages 1 to {len(recipes)}.")
+    previous = Path(recipes[stage - 2]["output_dir"]) if stage > 1 else None
+    if previous is not None and not (previous / MARKER).exists():
+        raise ValueError(
+            f"`--stage {stage}` is taught by stage {stage - 1}'s student, but {previous} holds no finished stage "
+            f"({MARKER}). Run the stages before it first: `hf-distill chain --config {source}` (or `--stage "
+            f"{stage - 1}`)."
+        )
+    return stage - 1

@@ -16,7 +16,9 @@ from .checks import (
 )
 from .loading import (
     SHORTHANDS,
+    Shorthand,
     dequantized_copy,
+    gemma3_folder,
     gemma3_location,
     gemma3_model,
     gemma3_tokenizer,
@@ -25,6 +27,8 @@ from .loading import (
     output_vocab_size,
     parse_init_kwargs,
     quantized_student_kwargs,
+    shorthand_of,
+    smollm2_folder,
     smollm2_location,
 )
 from .placement import check_teacher_fits, prepare_teacher, shared_parameter_names, unregister_model
@@ -32,12 +36,14 @@ from .placement import check_teacher_fits, prepare_teacher, shared_parameter_nam
 
 __all__ = [
     "SHORTHANDS",
+    "Shorthand",
     "check_same_tokenizer",
     "check_saved_tokenizer",
     "check_teacher",
     "check_teacher_fits",
     "check_tokenizer_of_model",
     "dequantized_copy",
+    "gemma3_folder",
     "gemma3_location",
     "gemma3_model",
     "gemma3_tokenizer",
@@ -50,6 +56,8 @@ __all__ = [
     "quantized_student_kwargs",
     "shared_parameter_names",
     "shared_vocab_size",
+    "shorthand_of",
+    "smollm2_folder",
     "smollm2_location",
     "teacher_tokenizer_of",
     "tokenizer_vocab_size",

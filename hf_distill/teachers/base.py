@@ -9,7 +9,8 @@ A source is a class registered under the kind of teacher a run asks for (`teache
 
 and owns, besides the three per-batch methods, its preconditions and errors (`check`, `from_request`), the batch keys
 it adds (`batch_keys`), its collator wrapper (`wrap_collator`), its callbacks and checkpoint files (`callbacks`,
-`load_checkpoint`) and how the student is saved (`save_model`). Per micro-batch the trainer then does, and only does:
+`load_checkpoint`), how the student is saved (`save_model`) and what the student's model card says about the teacher
+(`card_teacher`). Per micro-batch the trainer then does, and only does:
 
     kwargs = source.student_forward_kwargs()              # what the student's forward must return
     student_outputs = model(**model_inputs, **kwargs)
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from ..heads import Head
+from ..model_card import CardTeacher, live_teachers
 from ..terms import LossTerms, SupervisedView, logit_terms
 
 
@@ -189,6 +191,25 @@ class TeacherSource:
     def save_model(self, model: nn.Module, output_dir: str, processing_class: Any, should_save: bool) -> bool:
         """Save the student in its own way (e.g. one folder per peer); False: the trainer saves it as usual."""
         return False
+
+    def card_teacher(self) -> CardTeacher | None:
+        """What the student's model card says about the teacher (`model_card.CardTeacher`: one description line, and
+        the names the card's `base_model` lineage may come from), or None for the `none` source. The trainer's card
+        reads only this; no URL or key goes in it.
+
+        This default describes any source that does not override it: one whose teacher starts as the student as the
+        student itself, one with live teacher models by their names and revisions or fingerprints
+        (`model_card.live_teachers`: the `live` and `live-fused` sources), any other by its name.
+        """
+        if self.starts_as_student:
+            return CardTeacher(
+                f"the student itself (teacher source `{self.name}`): self-distillation, no separate teacher model"
+            )
+        if self.models:
+            return live_teachers(self.context.args, self.models)
+        if type(self) is TeacherSource:  # the `none` source
+            return None
+        return CardTeacher(f"teacher source `{self.name}` (it names no teacher model)")
 
     # ------------------------------------------------------------------------------------------- per batch
     def student_forward_kwargs(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from ..cache import CACHE_BATCH_KEYS, TeacherCache, TeacherCacheCollator
 from ..heads import lm_head_of
 from ..losses.fused_sparse import fused_sparse_distillation_loss
 from ..losses.sparse import sparse_logit_divergence
+from ..model_card import CardTeacher, cached_teacher
 from ..terms import LossTerms, SupervisedView, divergence_kwargs, kd_scale
 from ..validation import check_cache_config
 from .base import SourceContext, SourceRequest, TeacherSource
@@ -97,6 +98,10 @@ class CacheTeacher(TeacherSource):
 
     def wrap_collator(self, collator: Any) -> TeacherCacheCollator:
         return TeacherCacheCollator(self.cache, collator)
+
+    def card_teacher(self) -> CardTeacher:
+        """The teacher the cache records (`cache_info.json`), read through the offline top-k cache."""
+        return cached_teacher(self.cache.info)
 
     def student_forward_kwargs(self) -> dict[str, Any]:
         """The student's final hidden states instead of its `(B, T, V)` logits where the sparse loss runs chunk by

@@ -53,6 +53,7 @@ from ..data.context import TeacherContext
 from ..heads import decoder_of, lm_head_of
 from ..losses import IGNORE_INDEX
 from ..losses.cross_tokenizer import GOLD_BETAS, alm, gold_from_parts, sorted_head, teacher_row_stats, uld_from_sorted
+from ..model_card import CardTeacher, live_teachers, name_line
 from ..models import check_saved_tokenizer, teacher_tokenizer_of, tokenizer_vocab_size
 from ..terms import LossTerms, SupervisedView, kd_scale, logit_terms
 from .base import SourceContext, SourceRequest, TeacherSource, reads_context
@@ -133,6 +134,17 @@ class CrossTokenizerTeacher(TeacherSource):
     def requested(cls, request: SourceRequest) -> bool:
         args = request.args
         return args.cross_tokenizer_loss is not None and args.teacher_cache is None and len(request.teachers) == 1
+
+    def card_teacher(self) -> CardTeacher:
+        """The teacher by name and revision or fingerprint, its own tokenizer and the cross-tokenizer loss."""
+        teacher = live_teachers(self.context.args, self.models)
+        return CardTeacher(f"{teacher.description}, {self.tokenizer_line()}", teacher.base_models)
+
+    def tokenizer_line(self) -> str:
+        """`read with its own tokenizer `<name>` (<V_t> tokens); cross-tokenizer loss `<loss>``, for the card."""
+        tok = self.teacher_tokenizer
+        name = getattr(tok, "name_or_path", None) or type(tok).__name__
+        return f"read with its own tokenizer {name_line(name)} ({len(tok)} tokens); cross-tokenizer loss `{self.loss}`"
 
     @classmethod
     def describe(cls, request: SourceRequest) -> str:

@@ -39,6 +39,7 @@ from ..cache import (
 )
 from ..data.collators import CHAT_KWARGS_KEY, CONVERSATION_KEY, ConversationCollator
 from ..losses.cross_tokenizer import sorted_head
+from ..model_card import CardTeacher, cached_teacher
 from ..models import teacher_tokenizer_of
 from ..validation import check_cache_config
 from .base import SourceContext, SourceRequest
@@ -149,6 +150,11 @@ class CachedCrossTokenizerTeacher(CrossTokenizerTeacher):
             tokenizer = teacher_tokenizer_of(None, request.teacher_processing_class,
                                              args.teacher_tokenizer_name_or_path)  # fmt: skip
         return cls(context, open_cache(request), tokenizer)
+
+    def card_teacher(self) -> CardTeacher:
+        """The teacher the cache records, its own tokenizer and the cross-tokenizer loss."""
+        teacher = cached_teacher(self.cache.info)
+        return CardTeacher(f"{teacher.description}, {self.tokenizer_line()}", teacher.base_models)
 
     def wrap_collator(self, collator: Any) -> ConversationCollator:
         """The cache's entries into each batch (`TeacherCacheCollator`), and the rows' conversations."""

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from ..checkpoints import CheckpointFileCallback, load_checkpoint_tensors, save_checkpoint_tensors
 from ..heads import unwrap
+from ..model_card import CardTeacher
 from ..terms import LossTerms, SupervisedView
 from .base import SourceContext, SourceRequest, TeacherSource, context_requested, refuse_features
 from .live import FusedLiveTeacher, LiveTeacher, use_fused_loss
@@ -165,6 +166,13 @@ class EMATeacher(TeacherSource):
 
     def terms(self, student_outputs: Any, teacher_outputs: Any, view: SupervisedView) -> LossTerms:
         return self.inner.terms(student_outputs, teacher_outputs, view)
+
+    def card_teacher(self) -> CardTeacher:
+        """The moving average of the student itself: no teacher model, so no `base_model` from it."""
+        return CardTeacher(
+            f"an exponential moving average of the student itself (`teacher_ema_decay: {self.decay}`, a mean "
+            "teacher): self-distillation, no separate teacher model"
+        )
 
     # ------------------------------------------------------------------------------------------- training state
     def update(self) -> None:

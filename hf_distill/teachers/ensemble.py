@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import logit_divergence
+from ..model_card import CardTeacher, live_teachers
 from ..terms import LossTerms, SupervisedView, divergence_kwargs, hard_loss, kd_scale
 from .base import SourceContext, SourceRequest, TeacherSource, teacher_forward
 from .live import load_live_teachers
@@ -118,6 +119,17 @@ class EnsembleTeacher(TeacherSource):
         self.models = list(teachers)
         logger.info(
             "%d teachers (%s): KD uses materialised logits.", len(self.models), context.args.multi_teacher_mode
+        )
+
+    def card_teacher(self) -> CardTeacher:
+        """Every teacher by name and revision or fingerprint, with the mode and weights that combine them."""
+        args = self.context.args
+        teachers = live_teachers(args, self.models)
+        weights = ", ".join(f"{w:g}" for w in teacher_weights(args, len(self.models)))
+        return CardTeacher(
+            f"{len(self.models)} teachers, `multi_teacher_mode: {args.multi_teacher_mode}`, weights {weights}: "
+            f"{teachers.description}",
+            teachers.base_models,
         )
 
     def outputs(self, model_inputs: dict[str, Any], batch: dict[str, Any]) -> list[Any]:

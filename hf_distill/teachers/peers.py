@@ -21,6 +21,7 @@ from torch import nn
 
 from ..heads import lm_head_of
 from ..losses import logit_divergence
+from ..model_card import CardTeacher
 from ..student import save_peers, unwrap_peers
 from ..terms import LossTerms, SupervisedView, divergence_kwargs, fused_head_loss, kd_scale, logit_terms
 from .base import SourceContext, SourceRequest, TeacherSource, refuse_features
@@ -138,6 +139,15 @@ class MutualLearning(TeacherSource):
         """Every peer to `output_dir/peer{i}` with the tokenizer beside it (`student.save_peers`)."""
         save_peers(model, output_dir, processing_class, should_save)
         return True
+
+    def card_teacher(self) -> CardTeacher:
+        """The other peers (no teacher model); the usage snippet loads the first peer's folder."""
+        n = len(self.wrapper.peers)
+        return CardTeacher(
+            f"the other peers: {n} peer students trained together, each the others' teacher (deep mutual learning); "
+            f"each peer is saved in its own folder, `peer0/` to `peer{n - 1}/`",
+            student_subfolder="peer0",
+        )
 
     def student_forward_kwargs(self) -> dict[str, Any]:
         kwargs = super().student_forward_kwargs()

@@ -17,15 +17,18 @@ refuses any other 4xx at once, validates every reply, and fails naming the serve
 Each process asks for its own rows.
 """
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import TrainerCallback
 from transformers.data.data_collator import DataCollatorMixin
 
 from ..generation.served import Pending, ServedLogprobs
+from ..model_card import CardTeacher, name_line
 from ..terms import LossTerms, SupervisedView
 from ..validation import check_served_config
 from .base import SourceContext, SourceRequest, TeacherSource
@@ -50,6 +53,19 @@ def row_prompts(batch: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]
     keep = mask.bool().tolist() if mask is not None else [[True] * len(row) for row in input_ids]
     positions = [[j for j, k in enumerate(row) if k] for row in keep]
     return [[ids[j] for j in cols] for ids, cols in zip(input_ids, positions)], positions
+
+
+def host_kind(url: str) -> str:
+    """Where a server runs, in words that name no host: `on this machine` (loopback), `on a private network`, or
+    `remote`."""
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return "on this machine"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a host name: where it resolves is not recorded
+        return "remote"
+    return "on this machine" if address.is_loopback else "on a private network" if address.is_private else "remote"
 
 
 @dataclass
@@ -166,6 +182,20 @@ class ServedTeacher(TeacherSource):
 
     def wrap_collator(self, collator: Any) -> ServedTeacherCollator:
         return ServedTeacherCollator(collator, self)
+
+    def card_teacher(self) -> CardTeacher:
+        """The served model name(s) and where the servers run (never their URLs or the key), and k."""
+        clients, args = self.pool.clients, self.context.args
+        names = list(dict.fromkeys(args.teacher_api_model or [client.model_name() for client in clients]))
+        n = len(clients)
+        how = "one server" if n == 1 else f"{n} servers, each row to the one its `teacher_id` names" if (
+            self.pool.routed) else f"{n} replicas"  # fmt: skip
+        hosts = ", ".join(dict.fromkeys(host_kind(url) for url in self.pool.urls))
+        return CardTeacher(
+            f"{', '.join(name_line(name) for name in names)}, served over an OpenAI-compatible HTTP API ({how}, "
+            f"{hosts}), top-{self.pool.k} log-probs per position (`prompt_logprobs`)",
+            names,
+        )
 
     def callbacks(self) -> list[TrainerCallback]:
         return [ServedTeacherCallback(self)]
