@@ -348,3 +348,18 @@ def test_rationale_as_privileged_context_with_task_views(tmp_path, views):
     batch = first_batch(t)
     assert batch["teacher_input_ids"].shape[0] == len(views) * 4
     assert first_logged(t, "label_kd_loss") > 0.0
+
+
+def test_model_card_names_the_self_teacher_and_what_only_it_read(tmp_path):
+    from hf_distill.card_sections import check_card
+
+    tok = make_tokenizer()
+    t = trainer(tmp_path, tok, teacher_context_column="context", teacher_system_prompt=SYSTEM)
+    line = t.teacher_source.card_teacher().description
+    assert "the student itself" in line and f"a system prompt of {len(SYSTEM)} characters" in line
+    assert "the context column `context`" in line and SYSTEM not in line  # the prompt's text stays out of the card
+    t.train()
+    t.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "the student itself" in card and "context distillation" in card
+    assert "distillation" in check_card(card).tags

@@ -29,6 +29,7 @@ from torch import nn
 from ..data.context import TEACHER_KEYS, ContextCollator, TeacherContext, rebuild_teacher_rows
 from ..heads import unwrap
 from ..losses import IGNORE_INDEX
+from ..model_card import CardTeacher
 from ..terms import LossTerms, SupervisedView
 from .base import (
     SELF_TEACHER,
@@ -218,6 +219,21 @@ class ContextTeacher(TeacherSource):
             return new_batch
         rows = rebuild_teacher_rows(new_batch, batch["teacher_prompt_ids"], self.pad_token_id, self.reader.max_length)
         return {**new_batch, **rows}
+
+    def card_teacher(self) -> CardTeacher:
+        """The inner teacher's card line (the student itself for `self`, the EMA, or the teacher model), plus what
+        only the teacher read: the system prompt (its length, not its text) and / or the context column."""
+        if self.starts_as_student and self.inner.kind != "ema":
+            inner = CardTeacher("the student itself as it starts, frozen (`teacher_model_name_or_path: self`)")
+        else:
+            inner = self.inner.card_teacher() or CardTeacher(f"teacher source `{self.inner.name}`")
+        read = []
+        if self.reader is not None and self.reader.system_prompt:
+            read.append(f"a system prompt of {len(self.reader.system_prompt)} characters")
+        if self.reader is not None and self.reader.column:
+            read.append(f"the context column `{self.reader.column}`")
+        extra = f"; context distillation: only the teacher reads {' and '.join(read)}" if read else ""
+        return CardTeacher(inner.description + extra, inner.base_models, inner.student_subfolder)
 
     def callbacks(self) -> list[Any]:
         return self.inner.callbacks()
