@@ -198,6 +198,7 @@ SUBCOMMANDS = [
     ["cache-teacher"],
     ["chain"],
     ["export"],
+    ["draft", "evaluate"],
 ]
 
 
@@ -257,7 +258,7 @@ def test_version(capsys):
 
 
 def all_parsers() -> dict[str, object]:
-    from hf_distill.cli import cache_teacher, chain, export, miniplm, quickstart, rationales, train
+    from hf_distill.cli import cache_teacher, chain, draft, export, miniplm, quickstart, rationales, train
 
     return {
         "train": train.make_parser(),
@@ -270,6 +271,7 @@ def all_parsers() -> dict[str, object]:
         "cache-teacher": cache_teacher.make_parser(),
         "chain": chain.make_parser(),
         "export": export.make_parser(),
+        "draft evaluate": draft.make_parser(),
     }
 
 

@@ -220,7 +220,7 @@ def test_draft_card_keeps_the_trainer_card(tmp_path):
     add_draft_results(str(tmp_path), {**report, "speedup": 1.5}, "smollm2")  # replaced, not appended
     card = (tmp_path / "README.md").read_text()
     assert card.count("## Speculative decoding") == 1 and "| speed-up over the target alone | 1.50x |" in card
-    assert "## Losses" in card and "- `kd_loss`: tvd" in card and "- draft-model" in card
+    assert "## Distillation settings" in card and "| `kd_loss` | tvd |" in card and "- draft-model" in card
 
 
 def test_cli_errors(tiny_files, capsys):

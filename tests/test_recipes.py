@@ -159,6 +159,12 @@ def _parsers():
     }
 
 
+def with_data_file(folder, monkeypatch) -> None:
+    """Run in `folder` with a `d.jsonl` there: the commands check that a local dataset path exists when parsing."""
+    monkeypatch.chdir(folder)
+    (folder / "d.jsonl").write_text('{"text": "a"}\n')
+
+
 RECIPES = {  # one Hub recipe per subcommand, and a flag that overrides one of its keys
     "hf-distill train": ({"dataset_name": "d.jsonl", "kd_loss": "tvd", "max_steps": 5}, ["--max_steps", "2"]),
     "hf-distill rationales train": ({"dataset_name": "d.jsonl", "label_weight": 0.3}, ["--label_weight", "0.7"]),
@@ -177,6 +183,7 @@ RECIPES = {  # one Hub recipe per subcommand, and a flag that overrides one of i
 @pytest.mark.parametrize("prog", list(RECIPES))
 def test_every_config_command_reads_hub_recipes_and_round_trips(prog, tmp_path, monkeypatch):
     config, flags = RECIPES[prog]
+    with_data_file(tmp_path, monkeypatch)
     make = _parsers()[prog]
     cache = tmp_path / "hub"
     snapshot = add_to_hub_cache(cache, "ns/recipes", C1, {"r.yaml": recipe_bytes(**config)}, ("v1",))
@@ -298,6 +305,7 @@ def test_student_trained_from_a_hub_recipe_carries_it_in_its_card(tmp_path):
 def test_hub_recipe_may_not_switch_on_remote_code_by_itself(fields, tmp_path, monkeypatch):
     from hf_distill.cli.train import make_parser
 
+    with_data_file(tmp_path, monkeypatch)
     cache = tmp_path / "hub"
     add_to_hub_cache(cache, "ns/recipes", C1, {"r.yaml": recipe_bytes(dataset_name="d.jsonl", **fields)})
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -360,9 +368,10 @@ def test_teacher_fingerprint_follows_the_weights():
     assert teacher_fingerprint(a) != teacher_fingerprint(b)
 
 
-def test_flags_only_run_has_a_recipe_too(tmp_path):
+def test_flags_only_run_has_a_recipe_too(tmp_path, monkeypatch):
     from hf_distill.cli.train import make_parser
 
+    with_data_file(tmp_path, monkeypatch)
     argv = ["--dataset_name", "d.jsonl", "--kd_loss", "tvd", "--bf16", "false", "--output_dir", str(tmp_path)]
     parsed, recipe = parse_args_and_recipe(make_parser(), argv, "hf-distill train")
     assert recipe.resolved is None and recipe.command == "hf-distill train " + " ".join(argv)

@@ -16,8 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from trl import TrlParser
-
+from .arguments import CliParser
 from .recipe_args import parse_args_and_recipe
 
 
@@ -72,9 +71,13 @@ class DraftEvaluateArguments:
     )
 
 
-def make_parser(prog: str | None = None) -> TrlParser:
-    """Parser of `hf-distill draft evaluate`; accepts `--config recipe.yaml` with flags overriding keys."""
-    return TrlParser((DraftEvaluateArguments,), prog=prog, allow_abbrev=False)
+def make_parser(prog: str | None = None) -> CliParser:
+    """Parser of `hf-distill draft evaluate`; accepts `--config recipe.yaml` with flags overriding keys.
+
+    Args:
+        prog (`str`, *optional*): the command as typed (`"hf-distill draft evaluate"`), shown in `--help`.
+    """
+    return CliParser((DraftEvaluateArguments,), prog=prog)
 
 
 COMMANDS = {"evaluate": "Acceptance rate and speed-up of a draft for its target (greedy; JSON report)."}

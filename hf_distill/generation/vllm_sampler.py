@@ -267,8 +267,8 @@ class VLLMStudentSampler:
     def submit(self, prompts: list[list[int]]) -> "Future[list[list[int]]]":
         """`sample(prompts)` in the sampler's background thread (one request at a time); the future's result is
         the completions, or raises the request's error."""
-        if self._pool is None:
-            self._pool: ThreadPoolExecutor | None = None  # the background request of `submit` (read-ahead)
+        if self._pool is None:  # started on first use (and again after `close`)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-distill-vllm-sample")
         return self._pool.submit(self.sample, prompts)
 
     def close(self) -> None:
