@@ -167,6 +167,8 @@ def main() -> None:
     p.add_argument("--quality", action="store_true", help="train the quickstart setting from the server instead")
     p.add_argument("--quality_k", default="20,64")
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--no_in_process_control", action="store_true",
+                   help="--quality: no in-process run today (compare with quickstart_seeds.json)")  # fmt: skip
     opts = p.parse_args()
     from vllm_server import VLLMServer
 
@@ -269,7 +271,7 @@ def quality(opts: argparse.Namespace, server, work: Path) -> None:
     """Every (k, seed) run from the server, and the in-process run of the first seed as the same-day control; each
     run's result is kept under `--out` and reused (resumable per run)."""
     results = []
-    runs = [(0, seed) for seed in map(int, opts.seeds.split(",")[:1])]
+    runs = [] if opts.no_in_process_control else [(0, seed) for seed in map(int, opts.seeds.split(",")[:1])]
     runs += [(int(k), int(seed)) for k in opts.quality_k.split(",") for seed in opts.seeds.split(",")]
     for k, seed in runs:
         path = Path(opts.out) / "served_quality" / f"k{k}_seed{seed}.json"
