@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_llama, make_tokenizer
+from conftest import launcher_env, make_llama, make_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -554,3 +554,39 @@ def test_a_served_model_name_is_not_taken_for_a_missing_path(tmp_path, capsys):
     argv += ["--teacher_api_base", url, "--teacher", "/models/teacher", "--teacher_api_max_retries", "0"]
     err = cli_error([*argv, "--output_dir", str(tmp_path / "out")], capsys)
     assert "could not be reached" in err.splitlines()[0] and "not found" not in err
+
+
+HELP_PROBE = """
+import sys
+sys.argv = ["hf-distill", *sys.argv[1:]]
+from hf_distill.cli.main import main
+try:
+    main()
+finally:
+    print("TORCH_LOADED" if "torch" in sys.modules else "TORCH_NOT_LOADED", file=sys.stderr)
+"""
+
+
+def test_a_commands_help_is_cached_and_then_printed_without_heavy_imports(tmp_path):
+    """The console script's first `train --help` builds the text (torch + transformers) and stores it; the second
+    prints the same text importing neither. Another width or command is another entry; `HF_DISTILL_HELP_CACHE=0`
+    turns the cache off."""
+    from hf_distill.cli import help_cache
+    from hf_distill.cli.main import HELP_FLAGS
+
+    env = {**launcher_env(), "HF_DISTILL_HELP_CACHE": str(tmp_path / "help"), "COLUMNS": "100"}
+
+    def probe(*argv, **extra):
+        return subprocess.run([sys.executable, "-c", HELP_PROBE, *argv], env={**env, **extra}, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+
+    first, second = probe("train", "--help"), probe("train", "-h")
+    assert first.stdout.startswith("usage: hf-distill train") and "--kd_loss" in first.stdout
+    assert "TORCH_LOADED" in first.stderr and "TORCH_NOT_LOADED" in second.stderr
+    assert second.stdout == first.stdout and len(list((tmp_path / "help").iterdir())) == 1
+    narrow = probe("train", "--help", COLUMNS="60")
+    assert "TORCH_LOADED" in narrow.stderr and narrow.stdout != first.stdout
+    assert "TORCH_LOADED" in probe("train", "--help", HF_DISTILL_HELP_CACHE="0").stderr
+    assert not help_cache.is_help_request(["train", "--config", "x.yaml", "--help"], HELP_FLAGS)
+    assert help_cache.is_help_request(["miniplm", "score", "-h"], HELP_FLAGS)
+    assert help_cache.help_key(["miniplm", "score"]) != help_cache.help_key(["miniplm", "select"])

@@ -1,11 +1,14 @@
 """`hf-distill` entry point: dispatches to one module per subcommand (imported lazily, so `--help` is fast)."""
 
 import importlib.abc
+import io
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any
+
+from . import help_cache
 
 
 # subcommand -> (module, one-line help). A nested command ("miniplm score") is handled by its module.
@@ -98,6 +101,28 @@ def _help_imports(argv: list[str], from_command_line: bool) -> Iterator[None]:
         sys.meta_path.remove(finder)
 
 
+@contextmanager
+def _cached_help(argv: list[str], active: bool) -> Iterator[None]:
+    """While `active` (the console script asked only for a command's help): the command's output is collected,
+    printed, and stored by `help_cache` when the command exits cleanly, so the next `--help` imports nothing."""
+    if not active:
+        yield
+        return
+    buffer, clean = io.StringIO(), False
+    try:
+        with redirect_stdout(buffer):
+            yield
+        clean = True
+    except SystemExit as exited:  # argparse's help exits 0 after printing
+        clean = exited.code in (0, None)
+        raise
+    finally:
+        text = buffer.getvalue()
+        sys.stdout.write(text)
+        if clean:
+            help_cache.write_help(argv, text)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run `hf-distill <command> [options]`.
 
@@ -120,11 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"hf-distill: unknown command {name!r}.\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    help_request = from_command_line and help_cache.is_help_request(argv, HELP_FLAGS)
+    if help_request and (text := help_cache.read_help(argv)) is not None:
+        sys.stdout.write(text)  # printed before, with the same package, dependencies and terminal width
+        return
     from .logs import configure_logging
 
     configure_logging(debug)  # before the command imports torchao & co: their known noise is filtered
     try:
-        with _help_imports(rest, from_command_line):
+        with _help_imports(rest, from_command_line), _cached_help(argv, help_request):
             module = importlib.import_module(COMMANDS[name][0])
             module.run(rest, prog=f"hf-distill {name}")
     except Exception as err:
