@@ -379,3 +379,24 @@ def test_settings_without_effect_are_warned_once(tmp_path, caplog):
     assert len(ignored_settings(args, defaults)) == 2
     args.kd_loss, args.hint_layers = "jsd", {"1": 2}
     assert ignored_settings(args, defaults) == []
+
+
+# ------------------------------------------------------------------------------------------- context distillation
+@pytest.mark.parametrize("value", ["./prompts/system.txt", "/no/such/system.txt", "system_prompt.md", "~/p.txt"])
+def test_missing_system_prompt_file_is_refused_not_read_as_text(tmp_path, value):
+    """A `teacher_system_prompt` that can only be a path, and names no file, was used as the prompt's text itself."""
+    from hf_distill import DistillationConfig
+
+    with pytest.raises(FileNotFoundError, match=r"`teacher_system_prompt` file not found: .*Fix the path"):
+        DistillationConfig(output_dir=str(tmp_path), report_to="none", teacher_model_name_or_path="self",
+                           teacher_system_prompt=value)  # fmt: skip
+
+
+def test_system_prompt_text_and_existing_files_are_kept(tmp_path):
+    from hf_distill import DistillationConfig
+
+    (tmp_path / "system.txt").write_text("Answer in one word.")
+    for value in ("Answer in one word.", "Concise.", str(tmp_path / "system.txt")):
+        args = DistillationConfig(output_dir=str(tmp_path), report_to="none", teacher_model_name_or_path="self",
+                                  teacher_system_prompt=value)  # fmt: skip
+        assert args.teacher_system_prompt == value
