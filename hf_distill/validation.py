@@ -240,6 +240,26 @@ def validate_distillation(
     validate_context(args)
 
 
+def check_mixture_fractions(fractions: list[Any]) -> None:
+    """Each `fraction` of a dataset mixture (`datasets:`) is unset or a finite number >= 0: a YAML string or a NaN
+    share otherwise fails inside the size computation with no dataset named (`'<' not supported`, `min() arg is an
+    empty sequence`).
+
+    Args:
+        fractions (`list`): each dataset's `fraction`, in the order of `datasets`.
+    """
+    for index, value in enumerate(fractions):
+        if value is None:
+            continue
+        number = not isinstance(value, bool) and isinstance(value, int | float)
+        if not number or not math.isfinite(value) or value < 0:
+            kind = "" if number else f" ({type(value).__name__})"
+            raise ValueError(
+                f"datasets[{index}]: `fraction` must be a finite number >= 0 (the dataset's share of the mixture), "
+                f"got {value!r}{kind}."
+            )
+
+
 def validate_context(args: Any) -> None:
     """Checks of the context-distillation fields (`teacher_model_name_or_path: self`, `teacher_system_prompt`,
     `teacher_context_column`, `teacher_context_template`)."""

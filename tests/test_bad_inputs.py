@@ -400,3 +400,31 @@ def test_system_prompt_text_and_existing_files_are_kept(tmp_path):
         args = DistillationConfig(output_dir=str(tmp_path), report_to="none", teacher_model_name_or_path="self",
                                   teacher_system_prompt=value)  # fmt: skip
         assert args.teacher_system_prompt == value
+
+
+def test_empty_json_list_file_is_named_empty(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=r"rows.json holds an empty JSON list: it has no rows") as info:
+        load_any_dataset(str(path))
+    assert info.value.__cause__ is None
+
+
+# ------------------------------------------------------------------------------------------------ mixtures
+@pytest.mark.parametrize(
+    "fraction, message",
+    [
+        ("half", r"datasets\[0\]: `fraction` must be a finite number >= 0 .*got 'half' \(str\)"),
+        (float("nan"), r"datasets\[0\]: `fraction` must be a finite number >= 0 .*got nan\."),
+        (-0.5, r"datasets\[0\]: `fraction` must be a finite number >= 0 .*got -0.5\."),
+    ],
+)
+def test_mixture_fractions_are_checked_when_parsed(fraction, message):
+    """A string or NaN share used to fail inside the size computation (`'<' not supported`, `min() arg is an empty
+    sequence`), naming no dataset."""
+    from hf_distill.data.mixture import DatasetMixtureArguments
+
+    with pytest.raises(ValueError, match=message):
+        DatasetMixtureArguments(
+            datasets=[{"path": "a.jsonl", "fraction": fraction}, {"path": "b.jsonl", "fraction": 1}]
+        )
