@@ -428,3 +428,17 @@ def test_mixture_fractions_are_checked_when_parsed(fraction, message):
         DatasetMixtureArguments(
             datasets=[{"path": "a.jsonl", "fraction": fraction}, {"path": "b.jsonl", "fraction": 1}]
         )
+
+
+# ------------------------------------------------------------------------------------------------ draft evaluate
+def test_draft_whose_tokenizer_is_longer_than_its_embedding_is_refused(tokenizer):
+    """A draft with 40 embedding rows read through a 55-token tokenizer got transformers' 'The main and assistant
+    models have different tokenizers', although both tokenizers are the same."""
+    from hf_distill.draft import evaluate_draft
+
+    target, draft = make_llama(2, 32), make_llama(1, 32, vocab_size=40, seed=5)
+    refused = r"draft's tokenizer .* 55 tokens but the draft's output embedding has only 40 rows.*`--draft_tokenizer`"
+    with pytest.raises(ValueError, match=refused):
+        evaluate_draft(target, draft, tokenizer, ["the cat"], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"target's tokenizer .* 55 tokens but the target's .* only 40 rows"):
+        evaluate_draft(draft, target, tokenizer, ["the cat"], max_new_tokens=2)
