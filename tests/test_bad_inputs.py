@@ -442,3 +442,14 @@ def test_draft_whose_tokenizer_is_longer_than_its_embedding_is_refused(tokenizer
         evaluate_draft(target, draft, tokenizer, ["the cat"], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"target's tokenizer .* 55 tokens but the target's .* only 40 rows"):
         evaluate_draft(draft, target, tokenizer, ["the cat"], max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------------ cache-teacher
+def test_cache_teacher_with_k_0_is_refused(tmp_path, tokenizer):
+    """`cache-teacher --k 0` wrote a cache of 0 entries per position and exited 0."""
+    from hf_distill.cache import cache_teacher
+
+    rows = tokenized_texts(tokenizer, TEXTS[:2])
+    with pytest.raises(ValueError, match=r"`k` must be an integer >= 1 .* got 0"):
+        cache_teacher(make_llama(4, 64, seed=1), rows, tokenizer, tmp_path / "cache", k=0)
+    assert not (tmp_path / "cache" / "cache_info.json").exists()
