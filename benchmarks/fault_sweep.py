@@ -72,6 +72,11 @@ def bpe_tokenizer(vocab_size: int = 330):
     )
 
 
+def served_tokenizer():
+    """The tests' served tokenizer (tests/conftest.py `_vllm_session`): 64 tokens, the served model's vocabulary."""
+    return make_tokenizer(WORDS + [f"w{i}" for i in range(64 - 6 - len(WORDS))])
+
+
 def padded_teacher(tokenizer, rows: int):
     """A tiny teacher for `tokenizer` whose embedding and lm_head have `rows` rows (real checkpoints pad them)."""
     model = make_llama(4, 64, vocab_size=len(tokenizer), seed=1)
@@ -88,7 +93,7 @@ def lay_out(root: Path) -> dict[str, str]:
     bpe = bpe_tokenizer()
     export_tok = make_bpe_tokenizer()
     models = {"student": (make_llama(2, 32), tok), "teacher": (make_llama(4, 64, seed=1), tok)}
-    models["student55"] = (make_llama(2, 32, vocab_size=len(tok)), tok)
+    models["student_served"] = (make_llama(2, 32), served_tokenizer())  # the served model's 64 tokens
     models["other_tok_student"] = (make_llama(2, 32, vocab_size=len(other)), other)
     models["other_tok_teacher"] = (make_llama(4, 64, seed=1), other)
     models["t5"] = (make_t5(), tok)
@@ -114,7 +119,8 @@ def lay_out(root: Path) -> dict[str, str]:
     bpe.save_pretrained(root / "bpe_tok")
     bpe_tokenizer(290).save_pretrained(root / "bpe_tok_other")  # another BPE, smaller than the teacher's own
     tok.save_pretrained(root / "student_tok")
-    for name in ("bpe_tok", "bpe_tok_other", "student_tok"):
+    served_tokenizer().save_pretrained(root / "served_tok")
+    for name in ("bpe_tok", "bpe_tok_other", "student_tok", "served_tok"):
         paths[name] = str(root / name)
 
     def rows(**columns) -> str:
@@ -1250,9 +1256,9 @@ def cases(p: dict[str, str], api: str) -> list[Case]:
 
 
 def served_cases(p: dict[str, str], url: str, model: str) -> list[Case]:
-    """Cases against the real tiny vLLM server at `url` (serving `model`, --max-logprobs 64, LoRA, no dev mode)."""
+    """Cases against the real tiny vLLM server at `url` (serving `model`, --max-logprobs 20, no LoRA, no dev mode)."""
     down = f"http://127.0.0.1:{free_port()}"
-    served = ["train", "--model_name_or_path", p["student55"], *RUN, "--dataset_name", p["pc"]]
+    served = ["train", "--model_name_or_path", p["student_served"], *RUN, "--dataset_name", p["pc"]]
     api = ["--teacher_api_base", url, "--teacher_api_model", model]
     onpolicy = ["train", "--model_name_or_path", p["served"], "--teacher_model_name_or_path", p["served"], *RUN]
     onpolicy += ["--dataset_name", p["pc"], "--lmbda", "1", "--max_new_tokens", "4", "--use_vllm", "true"]
@@ -1274,10 +1280,17 @@ def served_cases(p: dict[str, str], url: str, model: str) -> list[Case]:
         ),
         Case(
             "served teacher",
-            "teacher_api_top_k above the server's max-logprobs",
+            "teacher_api_top_k above the server's max-logprobs (20)",
+            [*served, *api, "--teacher_api_top_k", "30"],
+            "error",
+            "greater than max allowed: 20",
+        ),
+        Case(
+            "served teacher",
+            "teacher_api_top_k above the vocabulary",
             [*served, *api, "--teacher_api_top_k", "100"],
             "error",
-            "64",
+            "vocab_size=64",
         ),
         Case(
             "served teacher",
@@ -1303,10 +1316,10 @@ def served_cases(p: dict[str, str], url: str, model: str) -> list[Case]:
         ),
         Case(
             "served teacher",
-            "served teacher with kd_loss taid",
+            "served teacher with kd_loss taid (sparse form)",
             [*served, *api, "--kd_loss", "taid"],
-            "error",
-            "no sparse form",
+            "works",
+            None,
         ),
         Case(
             "served teacher",
@@ -1325,7 +1338,7 @@ def served_cases(p: dict[str, str], url: str, model: str) -> list[Case]:
                 "--teacher_api_model",
                 model,
                 "--tokenizer",
-                p["student_tok"],
+                p["served_tok"],
                 "--dataset",
                 p["pc"],
                 "--output_dir",
@@ -1468,8 +1481,10 @@ def main() -> None:
         server = None
         try:
             if served:  # first, on an idle machine, one at a time (a CPU vLLM engine is fragile under load)
-                save_tiny_llama(paths["served"], make_tokenizer())
-                server = VLLMServer(paths["served"], served_model_name="tiny-llama", log_path=root / "vllm.log")
+                save_tiny_llama(paths["served"], served_tokenizer())
+                server = VLLMServer(
+                    paths["served"], "tiny-llama", lora=False, max_logprobs=20, log_path=root / "vllm.log"
+                )
                 try:
                     server.start()
                 except RuntimeError as err:
