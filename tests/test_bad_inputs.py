@@ -453,3 +453,14 @@ def test_cache_teacher_with_k_0_is_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"`k` must be an integer >= 1 .* got 0"):
         cache_teacher(make_llama(4, 64, seed=1), rows, tokenizer, tmp_path / "cache", k=0)
     assert not (tmp_path / "cache" / "cache_info.json").exists()
+
+
+def test_cache_teacher_cli_k_0_is_refused_not_replaced_by_the_default(tmp_path, tokenizer, capsys):
+    """`--k 0` was read as "not given" (`args.k or 64`) and a 64-entry cache was written."""
+    make_llama(4, 64, seed=1).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[:2]))
+    argv = ["cache-teacher", "--teacher", str(tmp_path / "teacher"), "--dataset", str(tmp_path / "data.jsonl")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output_dir", str(tmp_path / "cache"), "--use_cpu", "true", "--k", "0"])
+    assert exit_info.value.code == 1 and "`k` must be an integer >= 1" in capsys.readouterr().err
