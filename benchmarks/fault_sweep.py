@@ -16,6 +16,7 @@ context distillation, cache-teacher, training faults, kill + resume.
 
     python benchmarks/fault_sweep.py --out runs/bench                 # every case
     python benchmarks/fault_sweep.py --out runs/try --only paths,data  # some classes (no kill + resume)
+    python benchmarks/fault_sweep.py --out runs/fix --only data --rerun_into runs/bench/fault_sweep.json  # after a fix
 
 Prints one table and writes `fault_sweep.json`. The fast cases are also unit tests (tests/test_bad_inputs.py).
 """
@@ -1464,6 +1465,12 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--only", default=None, help="Comma-separated classes to run (no kill + resume then).")
     parser.add_argument("--jobs", type=int, default=2, help="Cases run at once (each in its own process).")
+    parser.add_argument(
+        "--rerun_into",
+        default=None,
+        help="An earlier full fault_sweep.json: the --only classes run now replace its results of those classes "
+        "(recorded under `reruns`); the merged report is written to --out.",
+    )
     cli = parser.parse_args()
     only = None if cli.only is None else {c.strip() for c in cli.only.split(",")}
     out_dir = Path(cli.out)
@@ -1514,15 +1521,33 @@ def main() -> None:
                     f"{result['max_weight_diff']}",
                     flush=True,
                 )
+    seconds = round(time.time() - start, 1)
+    report = {"summary": summarize(results, seconds), "results": results}
+    if cli.rerun_into:  # the classes just run replace theirs in an earlier full report
+        earlier = json.loads(Path(cli.rerun_into).read_text())
+        classes = {r["class"] for r in results}
+        merged = [r for r in earlier["results"] if r["class"] not in classes] + results
+        order = {c: i for i, c in enumerate(dict.fromkeys(r["class"] for r in earlier["results"]))}
+        merged.sort(key=lambda r: order.get(r["class"], len(order)))  # each class where it was (a stable sort)
+        reruns = [*earlier["summary"].get("reruns", []), {"classes": sorted(classes), "date": time.strftime(
+            "%Y-%m-%d"), "seconds": seconds}]  # fmt: skip
+        summary = summarize(merged, earlier["summary"]["seconds"], date=earlier["summary"]["date"])
+        report = {"summary": {**summary, "reruns": reruns}, "results": merged}
+    print(json.dumps(report["summary"], indent=1))
+    (out_dir / "fault_sweep.json").write_text(json.dumps(report, indent=1))
+
+
+def summarize(results: list[dict], seconds: float, date: str | None = None) -> dict:
+    """Counts over `results`: in all and per class; `bad` lists every case that is not a clear error, works, warns
+    or an exact resume."""
     good = ("clear error", "works", "warns", "exact resume")
-    bad = [r for r in results if r["outcome"] not in good]
     per_class = {}
     for r in results:
         counts = per_class.setdefault(r["class"], {"cases": 0, **dict.fromkeys(good, 0), "bad": 0})
         counts["cases"] += 1
         counts[r["outcome"] if r["outcome"] in good else "bad"] += 1
-    summary = {
-        "date": time.strftime("%Y-%m-%d"),
+    return {
+        "date": date or time.strftime("%Y-%m-%d"),
         "cases": len(results),
         "clear_errors": sum(r["outcome"] == "clear error" for r in results),
         "works": sum(r["outcome"] == "works" for r in results),
@@ -1530,12 +1555,10 @@ def main() -> None:
         "exact_resumes": sum(r["outcome"] == "exact resume" for r in results),
         "raw_tracebacks": sum(r["outcome"] == "RAW TRACEBACK" for r in results),
         "silent_wrong": sum(r["outcome"].startswith("SILENT WRONG") for r in results),
-        "bad": [f"{r['class']}: {r['case']} ({r['outcome']})" for r in bad],
+        "bad": [f"{r['class']}: {r['case']} ({r['outcome']})" for r in results if r["outcome"] not in good],
         "per_class": per_class,
-        "seconds": round(time.time() - start, 1),
+        "seconds": seconds,
     }
-    print(json.dumps(summary, indent=1))
-    (out_dir / "fault_sweep.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
