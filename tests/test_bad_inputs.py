@@ -446,7 +446,7 @@ def test_draft_whose_tokenizer_is_longer_than_its_embedding_is_refused(tokenizer
 
 # ------------------------------------------------------------------------------------------------ cache-teacher
 def test_cache_teacher_with_k_0_is_refused(tmp_path, tokenizer):
-    """`cache-teacher --k 0` wrote a cache of 0 entries per position and exited 0."""
+    """`cache_teacher(k=0)` was accepted (a cache of top-0 log-probs)."""
     from hf_distill.cache import cache_teacher
 
     rows = tokenized_texts(tokenizer, TEXTS[:2])
