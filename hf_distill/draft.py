@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .models.checks import tokenizer_vocab_size
+
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +294,8 @@ def evaluate_draft(
     if num_assistant_tokens < 1:
         raise ValueError(f"`num_assistant_tokens` must be >= 1, got {num_assistant_tokens}.")
     draft_tokenizer = draft_tokenizer if draft_tokenizer is not None else tokenizer
+    tokenizer_vocab_size(target, tokenizer, "target", "--target_tokenizer")  # a tokenizer longer than the embedding
+    tokenizer_vocab_size(draft, draft_tokenizer, "draft", "--draft_tokenizer")  # is another model's
     universal = not same_vocabulary(tokenizer, draft_tokenizer)
     target_was_training, draft_was_training = target.training, draft.training
     target.eval()

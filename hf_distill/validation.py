@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import types
 import typing
 from typing import Any
@@ -16,6 +17,7 @@ from .losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES, GOLD_BETAS
 from .losses.features import HINT_NORMALIZATIONS
 from .losses.relations import POOLINGS
 from .losses.sparse import SPARSE_LOSSES
+from .paths import looks_local
 from .quantization import STUDENT_GROUP_SIZE, check_scheme
 
 
@@ -238,6 +240,26 @@ def validate_distillation(
     validate_context(args)
 
 
+def check_mixture_fractions(fractions: list[Any]) -> None:
+    """Each `fraction` of a dataset mixture (`datasets:`) is unset or a finite number >= 0: a YAML string or a NaN
+    share otherwise fails inside the size computation with no dataset named (`'<' not supported`, `min() arg is an
+    empty sequence`).
+
+    Args:
+        fractions (`list`): each dataset's `fraction`, in the order of `datasets`.
+    """
+    for index, value in enumerate(fractions):
+        if value is None:
+            continue
+        number = not isinstance(value, bool) and isinstance(value, int | float)
+        if not number or not math.isfinite(value) or value < 0:
+            kind = "" if number else f" ({type(value).__name__})"
+            raise ValueError(
+                f"datasets[{index}]: `fraction` must be a finite number >= 0 (the dataset's share of the mixture), "
+                f"got {value!r}{kind}."
+            )
+
+
 def validate_context(args: Any) -> None:
     """Checks of the context-distillation fields (`teacher_model_name_or_path: self`, `teacher_system_prompt`,
     `teacher_context_column`, `teacher_context_template`)."""
@@ -252,6 +274,7 @@ def validate_context(args: Any) -> None:
         raise ValueError("`teacher_context_template` is set but `teacher_context_column` is not, so it is never read.")
     if args.teacher_context_column is not None and not str(args.teacher_context_column).strip():
         raise ValueError("`teacher_context_column` must name a dataset column, got an empty name.")
+    check_system_prompt_file(args.teacher_system_prompt)
     read_system_prompt(args.teacher_system_prompt)  # an empty prompt or file raises here
     context = args.teacher_system_prompt is not None or args.teacher_context_column is not None
     if not (context or is_self):
@@ -274,6 +297,27 @@ def validate_context(args: Any) -> None:
         raise ValueError(
             f"{what} does not support `seq_kd` (its generations would not read the context) or hidden-state terms "
             "(`hint_layers`, `attention_weight`, `relation_loss`: the two sides' positions differ)."
+        )
+
+
+PROMPT_FILE_EXTENSIONS = (".txt", ".md", ".prompt", ".jinja", ".j2")
+
+
+def check_system_prompt_file(value: Any) -> None:
+    """`teacher_system_prompt` is the prompt's text, or a file's path when that file exists. A value that can only be
+    a path (one word that starts with `/`, `.` or `~`, names an existing folder first, or ends in .txt / .md / ...)
+    and names no file would be read as the prompt itself, so it is refused, naming the path.
+
+    Raises:
+        `FileNotFoundError`: the value looks like a file's path and nothing exists there.
+    """
+    if not isinstance(value, str) or os.path.isfile(value) or any(c.isspace() for c in value.strip()):
+        return
+    if looks_local(value) or value.lower().endswith(PROMPT_FILE_EXTENSIONS):
+        raise FileNotFoundError(
+            f"`teacher_system_prompt` file not found: {value} (nothing at {os.path.abspath(value)}), and a path is "
+            "not read as the prompt's text. Fix the path (relative paths are read from the current folder), or give "
+            "the prompt's text itself."
         )
 
 

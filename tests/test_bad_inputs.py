@@ -379,3 +379,88 @@ def test_settings_without_effect_are_warned_once(tmp_path, caplog):
     assert len(ignored_settings(args, defaults)) == 2
     args.kd_loss, args.hint_layers = "jsd", {"1": 2}
     assert ignored_settings(args, defaults) == []
+
+
+# ------------------------------------------------------------------------------------------- context distillation
+@pytest.mark.parametrize("value", ["./prompts/system.txt", "/no/such/system.txt", "system_prompt.md", "~/p.txt"])
+def test_missing_system_prompt_file_is_refused_not_read_as_text(tmp_path, value):
+    """A `teacher_system_prompt` that can only be a path, and names no file, was used as the prompt's text itself."""
+    from hf_distill import DistillationConfig
+
+    with pytest.raises(FileNotFoundError, match=r"`teacher_system_prompt` file not found: .*Fix the path"):
+        DistillationConfig(output_dir=str(tmp_path), report_to="none", teacher_model_name_or_path="self",
+                           teacher_system_prompt=value)  # fmt: skip
+
+
+def test_system_prompt_text_and_existing_files_are_kept(tmp_path):
+    from hf_distill import DistillationConfig
+
+    (tmp_path / "system.txt").write_text("Answer in one word.")
+    for value in ("Answer in one word.", "Concise.", str(tmp_path / "system.txt")):
+        args = DistillationConfig(output_dir=str(tmp_path), report_to="none", teacher_model_name_or_path="self",
+                                  teacher_system_prompt=value)  # fmt: skip
+        assert args.teacher_system_prompt == value
+
+
+def test_empty_json_list_file_is_named_empty(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=r"rows.json holds an empty JSON list: it has no rows") as info:
+        load_any_dataset(str(path))
+    assert info.value.__cause__ is None
+
+
+# ------------------------------------------------------------------------------------------------ mixtures
+@pytest.mark.parametrize(
+    "fraction, message",
+    [
+        ("half", r"datasets\[0\]: `fraction` must be a finite number >= 0 .*got 'half' \(str\)"),
+        (float("nan"), r"datasets\[0\]: `fraction` must be a finite number >= 0 .*got nan\."),
+        (-0.5, r"datasets\[0\]: `fraction` must be a finite number >= 0 .*got -0.5\."),
+    ],
+)
+def test_mixture_fractions_are_checked_when_parsed(fraction, message):
+    """A string or NaN share used to fail inside the size computation (`'<' not supported`, `min() arg is an empty
+    sequence`), naming no dataset."""
+    from hf_distill.data.mixture import DatasetMixtureArguments
+
+    with pytest.raises(ValueError, match=message):
+        DatasetMixtureArguments(
+            datasets=[{"path": "a.jsonl", "fraction": fraction}, {"path": "b.jsonl", "fraction": 1}]
+        )
+
+
+# ------------------------------------------------------------------------------------------------ draft evaluate
+def test_draft_whose_tokenizer_is_longer_than_its_embedding_is_refused(tokenizer):
+    """A draft with 40 embedding rows read through a 55-token tokenizer got transformers' 'The main and assistant
+    models have different tokenizers', although both tokenizers are the same."""
+    from hf_distill.draft import evaluate_draft
+
+    target, draft = make_llama(2, 32), make_llama(1, 32, vocab_size=40, seed=5)
+    refused = r"draft's tokenizer .* 55 tokens but the draft's output embedding has only 40 rows.*`--draft_tokenizer`"
+    with pytest.raises(ValueError, match=refused):
+        evaluate_draft(target, draft, tokenizer, ["the cat"], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"target's tokenizer .* 55 tokens but the target's .* only 40 rows"):
+        evaluate_draft(draft, target, tokenizer, ["the cat"], max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------------ cache-teacher
+def test_cache_teacher_with_k_0_is_refused(tmp_path, tokenizer):
+    """`cache_teacher(k=0)` was accepted (a cache of top-0 log-probs)."""
+    from hf_distill.cache import cache_teacher
+
+    rows = tokenized_texts(tokenizer, TEXTS[:2])
+    with pytest.raises(ValueError, match=r"`k` must be an integer >= 1 .* got 0"):
+        cache_teacher(make_llama(4, 64, seed=1), rows, tokenizer, tmp_path / "cache", k=0)
+    assert not (tmp_path / "cache" / "cache_info.json").exists()
+
+
+def test_cache_teacher_cli_k_0_is_refused_not_replaced_by_the_default(tmp_path, tokenizer, capsys):
+    """`--k 0` was read as "not given" (`args.k or 64`) and a 64-entry cache was written."""
+    make_llama(4, 64, seed=1).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[:2]))
+    argv = ["cache-teacher", "--teacher", str(tmp_path / "teacher"), "--dataset", str(tmp_path / "data.jsonl")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output_dir", str(tmp_path / "cache"), "--use_cpu", "true", "--k", "0"])
+    assert exit_info.value.code == 1 and "`k` must be an integer >= 1" in capsys.readouterr().err

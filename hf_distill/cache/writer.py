@@ -10,6 +10,7 @@ and splitting are `hf_distill.jobs.ResumableJob`'s (docs/resumable_jobs.md).
 """
 
 import logging
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -243,7 +244,7 @@ def cache_teacher(
     """
     from accelerate import PartialState
 
-    dtype_name = _check_cache_arguments(dataset, batch_size, rows_per_shard, dtype, compression, value_bits)
+    dtype_name = _check_cache_arguments(dataset, k, batch_size, rows_per_shard, dtype, compression, value_bits)
     compact = compression == "compact"
     state = PartialState(cpu=use_cpu)
     if isinstance(tokenizer, str):
@@ -418,9 +419,11 @@ def import_teacher_logprobs(
 
 
 def _check_cache_arguments(
-    dataset: Dataset, batch_size: int, rows_per_shard: int, dtype: Any, compression: str, value_bits: int
+    dataset: Dataset, k: int, batch_size: int, rows_per_shard: int, dtype: Any, compression: str, value_bits: int
 ) -> str:
     """The checks of `cache_teacher`'s plain arguments; returns the value dtype's name."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1 (the top-k log-probs stored per position), got {k!r}.")
     if batch_size < 1 or rows_per_shard < 1:
         raise ValueError(f"`batch_size` and `rows_per_shard` must be >= 1, got {batch_size} and {rows_per_shard}.")
     dtype_name = str(dtype).replace("torch.", "")

@@ -268,7 +268,7 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         teacher = ServedLogprobs(
             api_args.teacher_api_base,
             api_args.teacher_api_model,
-            k=args.k or DEFAULT_K,
+            k=DEFAULT_K if args.k is None else args.k,
             vocab_size=len(tokenizer),
             timeout=api_args.teacher_api_timeout,
             max_retries=api_args.teacher_api_max_retries,
@@ -296,7 +296,7 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         dataset,
         tokenizer,
         args.output_dir,
-        k=args.k or DEFAULT_K,
+        k=DEFAULT_K if args.k is None else args.k,
         batch_size=args.batch_size,
         max_length=args.max_length,
         dtype=args.dtype,

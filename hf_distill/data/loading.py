@@ -68,6 +68,8 @@ def json_file_problem(path: str) -> str | None:
         whole = json.loads(text)
     except json.JSONDecodeError:
         whole = None
+    if whole in ([], {}):
+        return f"{path} holds an empty JSON {type(whole).__name__}: it has no rows. Point to a file with data."
     if isinstance(whole, list | dict):
         return (
             None

@@ -54,6 +54,9 @@ class DatasetMixtureArguments(DatasetMixtureConfig):
     def __post_init__(self) -> None:
         entries = json.loads(self.datasets) if isinstance(self.datasets, str) else self.datasets
         self.datasets = [MixtureDataset(**entry) if isinstance(entry, dict) else entry for entry in entries or []]
+        from ..validation import check_mixture_fractions
+
+        check_mixture_fractions([entry.fraction for entry in self.datasets])
 
 
 def _load_one(entry: MixtureDataset) -> "Dataset":

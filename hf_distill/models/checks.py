@@ -234,7 +234,9 @@ def _load_cross_tokenizer_teacher(
     return teacher, None
 
 
-def tokenizer_vocab_size(model: nn.Module | None, tokenizer: PreTrainedTokenizerBase, role: str = "teacher") -> int:
+def tokenizer_vocab_size(
+    model: nn.Module | None, tokenizer: PreTrainedTokenizerBase, role: str = "teacher", argument: str | None = None
+) -> int:
     """The real vocabulary of a model read through its own `tokenizer` (cross-tokenizer distillation):
     `len(tokenizer)`, checked to fit the model's output embedding.
 
@@ -245,7 +247,9 @@ def tokenizer_vocab_size(model: nn.Module | None, tokenizer: PreTrainedTokenizer
     Args:
         model (`nn.Module`, *optional*): the model (its output embedding has `V_rows` rows); None: not checked.
         tokenizer (`PreTrainedTokenizerBase`): the tokenizer its inputs are made with (`V` tokens).
-        role (`str`): "teacher" or "student", for the error message.
+        role (`str`): "teacher" or "student" (or "target" / "draft"), for the error message.
+        argument (`str`, *optional*): the argument that gives this model's tokenizer, named as the fix; default: the
+            trainer's (`teacher_tokenizer_name_or_path` / `teacher_processing_class`, or `processing_class`).
 
     Returns:
         `int`: `V = len(tokenizer)`, `<= V_rows`.
@@ -256,7 +260,7 @@ def tokenizer_vocab_size(model: nn.Module | None, tokenizer: PreTrainedTokenizer
     size = len(tokenizer)
     rows = output_vocab_size(model) if model is not None else None
     if rows is not None and size > rows:
-        flag = (
+        flag = argument or (
             "teacher_tokenizer_name_or_path` or `teacher_processing_class" if role == "teacher" else "processing_class"
         )
         raise ValueError(
