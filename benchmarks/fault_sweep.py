@@ -947,7 +947,7 @@ def cases(p: dict[str, str], api: str) -> list[Case]:
         "no prompt column or template",
         [*draft, "--draft", p["teacher"]],
         "error",
-        "Name the prompts",
+        "name the prompt column (`prompt_column`, --prompt_column)",
     )
     add(
         "draft evaluate",

@@ -403,7 +403,10 @@ def prompts_from_dataset(
         raise ValueError("Give exactly one of `prompt_column` and `prompt_template`.")
     columns = list(getattr(dataset, "column_names", None) or (dataset[0].keys() if len(dataset) else []))
     if prompt_column is not None and prompt_column not in columns:
-        raise ValueError(f"The dataset has no column {prompt_column!r} (columns: {columns}).")
+        raise ValueError(
+            f"The dataset has no column {prompt_column!r} (columns: {columns}): name the prompt column "
+            "(`prompt_column`, --prompt_column) or give a `prompt_template` (--prompt_template)."
+        )
     rows = dataset if limit is None else [dataset[i] for i in range(min(limit, len(dataset)))]
     prompts = []
     for row in rows:

@@ -16,24 +16,28 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .arguments import CliParser
+from .arguments import CliParser, DatasetArguments
 from .recipe_args import parse_args_and_recipe
 
 
 @dataclass
-class DraftEvaluateArguments:
+class DraftEvaluateArguments(DatasetArguments):
     """Measure a draft's acceptance rate and speed-up for its target (greedy decoding)."""
 
-    target: str = field(metadata={"help": "Target model: Hub id, local folder, or `smollm2` / `gemma3` (shorthands)."})
-    draft: str = field(metadata={"help": "Draft (assistant) model: Hub id, local folder, or a shorthand."})
-    dataset: str = field(metadata={"help": "Prompts: Hub id, .json/.jsonl/.csv/.parquet file or save_to_disk folder."})
-    prompt_column: str | None = field(default=None, metadata={"help": "Column holding the prompt text."})
+    _argument_group_name = "draft evaluate"
+    dataset_fields = ("dataset_name", "dataset_config", "dataset_train_split", "prompt_column")
+    dataset_required = True
+
+    target: str | None = field(
+        default=None, metadata={"help": "Target model: Hub id, local folder, or `smollm2` / `gemma3` (shorthands)."}
+    )
+    draft: str | None = field(
+        default=None, metadata={"help": "Draft (assistant) model: Hub id, local folder, or a shorthand."}
+    )
     prompt_template: str | None = field(
         default=None,
         metadata={"help": "Instead of --prompt_column: a str.format template over the columns, e.g. '{premise}'."},
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name."})
-    split: str = field(default="train", metadata={"help": "Dataset split (a local file has only `train`)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per prompt (fewer at EOS)."})
     limit: int | None = field(default=None, metadata={"help": "Use the first N prompts only."})
     num_assistant_tokens: int = field(default=5, metadata={"help": "Draft tokens proposed per target forward pass."})
@@ -70,6 +74,12 @@ class DraftEvaluateArguments:
         },
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        missing = [f"--{name}" for name in ("target", "draft") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"Name the models: {' and '.join(missing)} (a Hub id, a local folder or a shorthand).")
+
 
 def make_parser(prog: str | None = None) -> CliParser:
     """Parser of `hf-distill draft evaluate`; accepts `--config recipe.yaml` with flags overriding keys.
@@ -96,10 +106,9 @@ def evaluate(args: DraftEvaluateArguments) -> dict:
     from ..draft import evaluate_draft, prompts_from_dataset
     from ..models import load_model, load_tokenizer
 
-    if args.prompt_column is None and args.prompt_template is None:
-        raise ValueError("Name the prompts: --prompt_column (a column) or --prompt_template (a template).")
     dataset = load_any_dataset(args.dataset, args.dataset_config, args.split)
-    prompts = prompts_from_dataset(dataset, args.prompt_column, prompt_template=args.prompt_template, limit=args.limit)
+    column = None if args.prompt_template is not None else args.prompt_column  # a template replaces the column
+    prompts = prompts_from_dataset(dataset, column, prompt_template=args.prompt_template, limit=args.limit)
     tokenizer = load_tokenizer(args.target_tokenizer or args.target)
     draft_tokenizer = load_tokenizer(args.draft_tokenizer or args.draft)
     target = load_model(args.target, dtype=args.dtype)
