@@ -19,6 +19,7 @@ name the fields they read in `dataset_fields`; another dataset field set to a va
 import argparse
 import dataclasses
 import inspect
+import sys
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -249,3 +250,16 @@ class DatasetArguments:
     def split(self) -> str:
         """`dataset_train_split`, under the name `cache-teacher`, `miniplm` and `rationales` used."""
         return self.dataset_train_split
+
+
+def split_nested_command(argv: list[str], prog: str, commands: Any, usage: str) -> tuple[str, list[str]] | None:
+    """A command with subcommands (`miniplm score|select`, `draft evaluate`): `(subcommand, its arguments)`, or None
+    after printing `usage` for no argument / `-h` / `--help`; an unknown subcommand prints `usage` to stderr and exits
+    with 2 (argparse's code for a usage error)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return None
+    if argv[0] not in commands:
+        print(f"{prog}: unknown command {argv[0]!r}.\n\n{usage}", file=sys.stderr)
+        sys.exit(2)
+    return argv[0], argv[1:]

@@ -12,11 +12,10 @@ proposed draft tokens), `mean_accepted_tokens` (tokens per target forward pass),
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
-from .arguments import CliParser, DatasetArguments
+from .arguments import CliParser, DatasetArguments, split_nested_command
 from .recipe_args import parse_args_and_recipe
 
 
@@ -145,13 +144,9 @@ def evaluate(args: DraftEvaluateArguments) -> dict:
 
 
 def run(argv: list[str], prog: str = "hf-distill draft") -> None:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage(prog))
+    if (nested := split_nested_command(argv, prog, COMMANDS, usage(prog))) is None:
         return
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"{prog}: unknown command {command!r}.\n\n{usage(prog)}", file=sys.stderr)
-        sys.exit(2)
+    command, rest = nested
     (args,), _ = parse_args_and_recipe(make_parser(f"{prog} {command}"), rest, f"{prog} {command}")
     report = evaluate(args)
     accepted, proposed = report["accepted_tokens"], report["proposed_tokens"]

@@ -5,10 +5,9 @@ torchrun --nproc_per_node 2 -m hf_distill.cli.main miniplm score ...  # or accel
 hf-distill miniplm select --scores runs/scores --dataset corpus.jsonl --alpha 0.5 --output_dir runs/refined
 """
 
-import sys
 from dataclasses import dataclass, field
 
-from .arguments import CliParser, DatasetArguments
+from .arguments import CliParser, DatasetArguments, split_nested_command
 from .recipe_args import parse_args_and_recipe
 
 
@@ -91,13 +90,9 @@ def run(argv: list[str], prog: str = "hf-distill miniplm") -> None:
         argv (`list[str]`): the arguments after `miniplm`.
         prog (`str`): the command as typed.
     """
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage(prog))
+    if (nested := split_nested_command(argv, prog, COMMANDS, usage(prog))) is None:
         return
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"{prog}: unknown command {command!r}.\n\n{usage(prog)}", file=sys.stderr)
-        sys.exit(2)
+    command, rest = nested
     (args,), recipe = parse_args_and_recipe(make_parser(f"{prog} {command}", command), rest, f"{prog} {command}")
     recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)
     from .logs import show_info
