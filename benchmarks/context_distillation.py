@@ -5,17 +5,17 @@ Parts (`--parts`, each resumable: every finished stage writes OUT/context_distil
 
 - `bar`: the first training step's KD term with `self` and nothing extra (must be exactly 0: the teacher is the
   student), with a system prompt, and with a context column (both must be > 0); dense and fused paths.
-- `fewshot`: few-shot into weights. The teacher is the model with `--k` labelled demonstrations (one per label, from
-  training rows never used as prompts) in its user message (`teacher_context_template`'s default,
-  "{context}\n\n{prompt}"); the student is the same model without them. Unlabeled training prompts get the
-  teacher's answer (its likeliest label word) as completion; the student trains `--steps` steps of `--batch_size`
-  on them with KD only (`context`: `kd_weight=1, ce_weight=0`; the teacher reads the demonstrations and scores
-  every completion token) or, same data and budget, with CE on the teacher's answers (`seq-kd`: `kd_weight=0,
-  ce_weight=1`, no teacher at run time). Validation accuracy (`--eval_size` rows; restricted choice: the label
-  whose first token is likeliest after the chat prompt, as lm-eval-harness scores small models, since this 135M
-  model rarely starts a free answer with a label word, even few-shot) of the model zero-shot, few-shot (the
-  teacher), and each student after training (no demonstrations), per seed; and the prompt tokens saved per query
-  (few-shot prompt minus zero-shot prompt, mean over the validation rows).
+- `fewshot`: few-shot into weights. The teacher is the model with `--k` labelled demonstrations (drawn per row, labels
+  balanced and shuffled, from training rows never used as prompts) in its user message (`teacher_context_template`'s
+  default, "{context}\n\n{prompt}"); the student is the same model without them. Unlabeled training prompts get the
+  teacher's answer (its likeliest label word) as completion; the student trains `--steps` steps of `--batch_size` on
+  them with KD only (`context`: `kd_weight=1, ce_weight=0`; the teacher reads the demonstrations and scores every
+  completion token) or, same data and budget, with CE on the teacher's answers (`seq-kd`: `kd_weight=0, ce_weight=1`,
+  no teacher at run time). Validation accuracy (`--eval_size` rows; restricted choice: the label whose first token is
+  likeliest after the chat prompt, as lm-eval-harness scores small models, since this 135M model rarely starts a free
+  answer with a label word, even few-shot) of the model zero-shot, few-shot (the teacher), and each student after
+  training (no demonstrations), per seed; and the prompt tokens saved per query (few-shot prompt minus zero-shot
+  prompt, mean over the validation rows).
 - `system`: a system prompt into weights. The teacher reads a long behaviour prompt (`BEHAVIOUR`: one sentence, then
   `Label: <label>` on its own line) as a system message; completions are its greedy answers to unlabeled training
   prompts; the student trains with KD only, without the prompt. Reported: how often the answer follows the format
@@ -113,6 +113,23 @@ def demonstrations(rows, k: int) -> str:
     return "Solved examples:\n\n" + "\n\n".join(picked)
 
 
+def row_demonstrations(pool, k: int, count: int, seed: int) -> list[str]:
+    """`count` demonstration blocks, one per row: k labelled examples drawn from `pool` for each row, the labels
+    balanced (k // 3 each, the rest at random) and shuffled, so no label is always last (with one fixed block in
+    label order, this model answers the last demonstration's label for every row: a recency bias)."""
+    import random
+
+    rng = random.Random(seed)
+    by_label = {label: [r for r in pool if r["label"] == label] for label in LABELS}
+    blocks = []
+    for _ in range(count):
+        labels = [LABELS[i % 3] for i in range(k)]
+        rng.shuffle(labels)
+        picked = [rng.choice(by_label[label]) for label in labels]
+        blocks.append("Solved examples:\n\n" + "\n\n".join(f"{question(r)}\nAnswer: {r['label']}" for r in picked))
+    return blocks
+
+
 def chat_text(tokenizer, user: str, system: str | None = None) -> str:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -156,9 +173,12 @@ def label_choices(model, tokenizer, texts: list[str], batch_size: int) -> tuple[
     return labels, masses
 
 
-def accuracy(model, tokenizer, rows, args, context: str | None = None) -> dict:
-    """Restricted-choice accuracy (`label_choices`) of chat prompts, with `context` before the question or none."""
-    texts = [chat_text(tokenizer, question(r) if context is None else f"{context}\n\n{question(r)}") for r in rows]
+def accuracy(model, tokenizer, rows, args, context: str | list[str] | None = None) -> dict:
+    """Restricted-choice accuracy (`label_choices`) of chat prompts, with `context` (one text, or one per row) before
+    the question, or none."""
+    contexts = context if isinstance(context, list) else [context] * len(rows)
+    users = [question(r) if c is None else f"{c}\n\n{question(r)}" for r, c in zip(rows, contexts)]
+    texts = [chat_text(tokenizer, user) for user in users]
     predicted, masses = label_choices(model, tokenizer, texts, args.eval_batch_size)
     correct = sum(p == r["label"] for p, r in zip(predicted, rows))
     counts = {label: predicted.count(label) for label in LABELS}
@@ -228,25 +248,26 @@ def part_bar(base, tokenizer, train_rows, args, runs: Path) -> dict:
 def part_fewshot(base, tokenizer, train_rows, val_rows, args, runs: Path) -> dict:
     settings = {
         k: getattr(args, k) for k in ("k", "eval_size", "train_prompts", "steps", "batch_size", "learning_rate")
-    }
+    } | {"demos": "per row"}
     demo_pool = train_rows.select(range(len(train_rows) - 200, len(train_rows)))  # never used as prompts
-    demos = demonstrations(demo_pool, args.k)
     prompts = train_rows.select(range(args.train_prompts))
-    result = {"demonstrations": demos, "settings": settings}
+    val_demos = row_demonstrations(demo_pool, args.k, len(val_rows), seed=1234)
+    demos = row_demonstrations(demo_pool, args.k, len(prompts), seed=4321)  # the teacher's, per training prompt
+    result = {"demonstrations_example": demos[0], "settings": settings}
     zero_shot = lambda: accuracy(base, tokenizer, val_rows, args)  # noqa: E731
     result["zero_shot"] = cached_run(runs / "fewshot-zero_shot.json", zero_shot, {"eval_size": args.eval_size})
-    result["few_shot_teacher"] = cached_run(runs / "fewshot-teacher.json",
-                                            lambda: accuracy(base, tokenizer, val_rows, args, demos),
-                                            {"eval_size": args.eval_size, "k": args.k})  # fmt: skip
+    few_shot = lambda: accuracy(base, tokenizer, val_rows, args, val_demos)  # noqa: E731
+    few_shot_settings = {"eval_size": args.eval_size, "k": args.k, "demos": "per row"}
+    result["few_shot_teacher"] = cached_run(runs / "fewshot-teacher.json", few_shot, few_shot_settings)
     print(f"[fewshot] zero-shot {result['zero_shot']['accuracy']:.3f}, few-shot teacher "
           f"{result['few_shot_teacher']['accuracy']:.3f}", flush=True)  # fmt: skip
 
     def teacher_answers() -> dict:
-        texts = [chat_text(tokenizer, f"{demos}\n\n{question(r)}") for r in prompts]
+        texts = [chat_text(tokenizer, f"{d}\n\n{question(r)}") for d, r in zip(demos, prompts)]
         return {"answers": label_choices(base, tokenizer, texts, args.eval_batch_size)[0]}
 
-    answers = cached_run(runs / "fewshot-answers.json", teacher_answers,
-                         {"k": args.k, "train_prompts": args.train_prompts})["answers"]  # fmt: skip
+    answer_settings = {"k": args.k, "train_prompts": args.train_prompts, "demos": "per row"}
+    answers = cached_run(runs / "fewshot-answers.json", teacher_answers, answer_settings)["answers"]
     result["teacher_answers_label_accuracy"] = sum(
         first_label(a) == r["label"] for a, r in zip(answers, prompts)
     ) / len(prompts)

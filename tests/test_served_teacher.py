@@ -129,6 +129,18 @@ def test_a_server_with_another_tokenizer_is_refused_naming_it(tmp_path, vllm_ser
                             **served_fields(vllm_server)), train_dataset=data, processing_class=other)  # fmt: skip
 
 
+def test_top_k_above_the_vocabulary_or_the_servers_cap_names_teacher_api_top_k(vllm_server):
+    with pytest.raises(ValueError, match=r"`teacher_api_top_k` \(65\) is larger than the vocabulary \(64\)"):
+        ServedLogprobs([vllm_server.url], [vllm_server.model], k=65, vocab_size=64)
+    k = vllm_server.server.max_logprobs + 1  # above the server's --max-logprobs (vocabulary unknown to the client)
+    pool = ServedLogprobs([vllm_server.url], [vllm_server.model], k=k, max_retries=0)
+    try:
+        with pytest.raises(ValueError, match=rf"{vllm_server.url}.*`teacher_api_top_k` \({k}\).*--max-logprobs"):
+            pool.score([[1, 2, 3]])
+    finally:
+        pool.close()
+
+
 def test_requests_are_sent_when_the_batch_is_collated(tmp_path, vllm_server):
     data = rows(vllm_server.tokenizer)
     trainer = trainer_for(tmp_path, vllm_server, data, **served_fields(vllm_server), max_steps=3)

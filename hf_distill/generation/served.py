@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .vllm import PromptLogprobs, VLLMClient
+from .vllm import PromptLogprobs, VLLMClient, VLLMRequestError
 
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,9 @@ class ServedLogprobs:
             raise ValueError(f"`teacher_api_model` has {len(models)} names for {len(urls)} servers: one, or one each.")
         if k < 1 or max_concurrency < 1:
             raise ValueError(f"`teacher_api_top_k` and the concurrency must be >= 1, got {k} and {max_concurrency}.")
+        if vocab_size is not None and k > vocab_size:
+            raise ValueError(f"`teacher_api_top_k` ({k}) is larger than the vocabulary ({vocab_size}): set it to at "
+                             f"most {vocab_size} (the whole vocabulary).")  # fmt: skip
         names = models * len(urls) if len(models) == 1 else models or [None] * len(urls)
         headers = _headers(api_key_env)
         self.clients = [
@@ -235,7 +238,16 @@ class ServedLogprobs:
         return Pending(prompts, parts)
 
     def _score(self, server: int, prompts: list[list[int]]) -> list[PromptLogprobs]:
-        rows = self.clients[server].prompt_logprobs(prompts, self.k)
+        try:
+            rows = self.clients[server].prompt_logprobs(prompts, self.k)
+        except VLLMRequestError as err:
+            if err.status == 400 and "logprobs" in err.body and "max allowed" in err.body:
+                raise ValueError(
+                    f"The served teacher at {self.clients[server].base_url} returns fewer log-probs per position than "
+                    f"`teacher_api_top_k` ({self.k}) asks for ({err.body.strip()[:200]}): lower `teacher_api_top_k`, "
+                    "or restart the server with a larger `--max-logprobs`."
+                ) from err
+            raise
         with self._lock:
             self.stats["requests"] += 1
             self.requests_per_server[server] += 1
