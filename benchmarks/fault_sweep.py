@@ -23,14 +23,12 @@ Prints one table and writes `fault_sweep.json`. The fast cases are also unit tes
 
 import argparse
 import collections
-import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -41,7 +39,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
 from conftest import WORDS, launcher_env, make_llama, make_t5, make_tokenizer  # noqa: E402
+from openai_stub import ScriptedServer, reply  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from vllm_server import free_port  # noqa: E402
 
 
 TEXTS = ["the cat sat on the mat", "a dog ran fast", "one plus two equals three", "the big red dog is slow"] * 3
@@ -232,15 +232,13 @@ def imported_logits(root: Path, paths: dict[str, str]) -> None:
 
 # ----------------------------------------------------------------------------------------------- API stub
 def _chat_reply(text) -> dict:
-    choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [choice], "usage": usage}
+    return reply(text)
 
 
 API_REPLIES = {  # mode (first URL path part) -> (status, body, headers)
     "ok": (200, _chat_reply("the cat"), {}),
     "null": (200, _chat_reply(None), {}),
-    "empty": (200, {**_chat_reply(""), "choices": [{**_chat_reply("")["choices"][0], "finish_reason": "length"}]}, {}),
+    "empty": (200, reply("", finish_reason="length"), {}),
     "cut": (200, json.dumps(_chat_reply("ok")).encode()[:60], {}),
     "html": (200, b"<html><body><h1>502 Bad Gateway</h1></body></html>", {}),
     "nochoices": (200, {**_chat_reply("ok"), "choices": []}, {}),
@@ -252,57 +250,28 @@ API_REPLIES = {  # mode (first URL path part) -> (status, body, headers)
 
 
 class APIStub:
-    """A scripted OpenAI-compatible server on 127.0.0.1, in a thread: `http://127.0.0.1:<port>/<mode>/v1` answers every
+    """A scripted OpenAI-compatible server (tests/openai_stub.py): `http://127.0.0.1:<port>/<mode>/v1` answers every
     request with `API_REPLIES[mode]`; mode `flaky` answers 500 to the first request of each prompt, then `ok`."""
 
     def __init__(self):
         self.calls = collections.Counter()
-        stub = self
+        self.server = ScriptedServer(self._answer)
+        self.root = self.server.root
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                mode = self.path.strip("/").split("/")[0]
-                stub.calls[(mode, body)] += 1
-                if mode == "flaky":
-                    mode = "e500" if stub.calls[(mode, body)] == 1 else "ok"
-                status, reply, headers = API_REPLIES.get(mode, API_REPLIES["e404"])
-                data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("content-type", "text/html" if data.startswith(b"<") else "application/json")
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except OSError:
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def _answer(self, path: str, body: bytes, headers: dict):
+        mode = path.strip("/").split("/")[0]
+        self.calls[(mode, body)] += 1
+        if mode == "flaky":
+            mode = "e500" if self.calls[(mode, body)] == 1 else "ok"
+        return API_REPLIES.get(mode, API_REPLIES["e404"])
 
     def base(self, mode: str) -> str:
         return f"{self.root}/{mode}/v1"
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ----------------------------------------------------------------------------------------------- cases
 def cases(p: dict[str, str], api: str) -> list[Case]:
     """Every case but the served (vLLM) ones; `api` is the API stub's root URL."""
     pair = ["--model_name_or_path", p["student"], "--teacher_model_name_or_path", p["teacher"]]

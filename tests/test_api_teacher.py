@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,8 +20,11 @@ pytest.importorskip("fastapi", reason="the loopback server is `transformers serv
 pytest.importorskip("uvicorn", reason="the loopback server is `transformers serve` (transformers[serving])")
 from conftest import CHAT_TEMPLATE, REPO, WORDS, make_llama
 from datasets import Dataset
+from openai_stub import ScriptedServer
+from openai_stub import reply as _reply
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from vllm_server import free_port
 
 from hf_distill.data.rationale_templates import ESNLI_TEMPLATE, SVAMP_TEMPLATE
 from hf_distill.data.rationales import generate_rationales
@@ -32,12 +34,6 @@ from hf_distill.generation.api import APITeacher, APITeacherError
 SECRET = "sk-test-0123456789-never-print-me"
 PROMPTS = ["the cat sat on the mat", "a dog ran fast", "one plus two equals", "is the big red cat slow"]
 SERVE = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(base: str) -> bool:
@@ -55,7 +51,7 @@ class Server:
         self.folder, self.log_path, self.proc = folder, log_path, None
 
     def start(self, timeout: float = 180.0) -> "Server":
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/v1"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         env.pop("HF_DISTILL_API_KEY", None)
@@ -404,63 +400,28 @@ def test_bad_settings_are_refused(monkeypatch):
 
 
 class _Stub:
-    """A scripted OpenAI-compatible stub on 127.0.0.1 (for status codes a real server does not give on demand):
-    answers the scripted statuses in turn, then 200; a 401 body echoes the bearer key, as some providers do. A
-    scripted `(200, body)` answers 200 with that body (bytes as they are, anything else as JSON): the bad replies of
-    a broken server or proxy."""
+    """A scripted OpenAI-compatible stub (tests/openai_stub.py): answers the scripted statuses in turn, then 200; a
+    401 body echoes the bearer key, as some providers do. A scripted `(200, body)` answers 200 with that body (bytes
+    as they are, anything else as JSON): the bad replies of a broken server or proxy."""
 
     def __init__(self, statuses: list, delay: float = 0.0):
-        import http.server
-        import threading
-
         self.statuses, self.calls, self.delay = list(statuses), 0, delay
-        stub = self
+        self.server = ScriptedServer(self._answer)
+        self.base = f"{self.server.root}/v1"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                stub.calls += 1
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                time.sleep(stub.delay)
-                status = stub.statuses.pop(0) if stub.statuses else 200
-                status, body = status if isinstance(status, tuple) else (status, None)
-                if body is None and status == 200:
-                    body = _reply("ok", completions=self.path.endswith("/v1/completions"))
-                elif body is None:
-                    body = {"error": {"message": f"Incorrect API key provided: {self.headers.get('authorization')}"}}
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "text/html" if data.startswith(b"<") else "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except OSError:
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def _answer(self, path: str, body: bytes, headers: dict):
+        self.calls += 1
+        time.sleep(self.delay)
+        status = self.statuses.pop(0) if self.statuses else 200
+        status, data = status if isinstance(status, tuple) else (status, None)
+        if data is None and status == 200:
+            data = _reply("ok", completions=path.endswith("/v1/completions"))
+        elif data is None:
+            data = {"error": {"message": f"Incorrect API key provided: {headers.get('authorization')}"}}
+        return status, data, {}
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _reply(text, completions: bool = False, finish_reason: str = "stop") -> dict:
-    """A 200 body of the chat (or completions) endpoint whose first choice says `text` (None: null)."""
-    choice = {"index": 0, "finish_reason": finish_reason}
-    choice.update({"text": text} if completions else {"message": {"role": "assistant", "content": text}})
-    return {
-        "id": "x",
-        "object": "text_completion" if completions else "chat.completion",
-        "created": 0,
-        "model": "m",
-        "choices": [choice],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-    }
+        self.server.close()
 
 
 @pytest.mark.parametrize("statuses", [[429, 503], [500, 502, 504]])

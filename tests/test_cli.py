@@ -502,6 +502,14 @@ def test_yaml_syntax_error_names_the_file_and_line(command, tmp_path, capsys):
     assert f"{recipe}, line 3" in first and "not valid YAML" in first
 
 
+def test_an_unquoted_no_for_a_word_field_names_the_field_and_the_quoted_form(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: out\nsave_strategy: no\nresume_from_checkpoint: false\n")
+    first = cli_error(["train", "--config", str(recipe)], capsys).splitlines()[0]
+    assert f"{recipe}: `save_strategy` was read as the boolean false" in first and '`save_strategy: "no"`' in first
+    assert "resume_from_checkpoint" not in first  # a str field that gives booleans a meaning is left alone
+
+
 def _missing_path_cases(files: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (`hf-distill` argv naming one missing local path, the argument the error must name)."""
     student, teacher = ["--model_name_or_path", str(files / "student")], ["--teacher_model_name_or_path"]

@@ -86,6 +86,27 @@ def yaml_error_message(path: str | None, err: Exception) -> str:
     )
 
 
+def check_yaml_booleans(parser: argparse.ArgumentParser, config: dict[str, Any], path: str) -> None:
+    """Refuse a YAML boolean given to a field that takes one of some words: YAML 1.1 (PyYAML) reads an unquoted `no`, `yes`,
+    `on` or `off` as a boolean, so `save_strategy: no` arrives as `False` and would fail far from the line.
+
+    Raises:
+        `ValueError`: naming the file, the field, the choices, and the quoted form that works.
+    """
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in config.items():
+        action = actions.get(key)
+        if not isinstance(value, bool) or action is None:
+            continue
+        choices = [c for c in (action.choices or []) if not isinstance(c, bool)]
+        if choices:  # a word field (str fields such as resume_from_checkpoint or fsdp give booleans a meaning)
+            word = "no" if not value and "no" in choices else choices[0]
+            raise ValueError(
+                f"{path}: `{key}` was read as the boolean {str(value).lower()} (YAML reads an unquoted no / yes / on "
+                f'/ off as a boolean), but it takes one of {choices}: quote the word, e.g. `{key}: "{word}"`.'
+            )
+
+
 def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     """`(--config value or None, the other arguments)`; accepts `--config X` and `--config=X`."""
     rest, source, i = [], None, 0
@@ -155,6 +176,8 @@ def parse_args_and_recipe(parser: Any, argv: list[str], prog: str) -> tuple[tupl
         config = read_yaml(resolved.path) or {}
     if isinstance(config, dict) and hasattr(parser, "canonical_keys"):  # `dataset:` is recorded as `dataset_name:`
         config = parser.canonical_keys(config)
+    if isinstance(config, dict):
+        check_yaml_booleans(parser, config, resolved.path if resolved is not None else "the recipe")
     remote = [key for key in remote_code_keys(config if isinstance(config, dict) else {}) if key not in overrides]
     if resolved is not None and resolved.hub is not None and remote:
         raise ValueError(
