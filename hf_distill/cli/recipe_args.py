@@ -87,8 +87,8 @@ def yaml_error_message(path: str | None, err: Exception) -> str:
 
 
 def check_yaml_booleans(parser: argparse.ArgumentParser, config: dict[str, Any], path: str) -> None:
-    """Refuse a YAML boolean given to a field that takes one of some words: YAML 1.1 (PyYAML) reads an unquoted `no`, `yes`,
-    `on` or `off` as a boolean, so `save_strategy: no` arrives as `False` and would fail far from the line.
+    """Refuse a YAML boolean given to a field that takes one of some words: YAML 1.1 (PyYAML) reads an unquoted `no`,
+    `yes`, `on` or `off` as a boolean, so `save_strategy: no` arrives as `False` and would fail far from the line.
 
     Raises:
         `ValueError`: naming the file, the field, the choices, and the quoted form that works.
