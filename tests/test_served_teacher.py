@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SPECIAL, distill_config, make_llama, make_tokenizer, one_sgd_step, run_processes
-from datasets import Dataset, load_from_disk
+from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainerCallback
+from vllm_server import ANSWERS, PROMPTS, prompt_answer_rows
 
 from hf_distill import DistillationTrainer
 from hf_distill.cli.main import main as cli_main
@@ -21,19 +22,6 @@ from hf_distill.terms import SupervisedView
 
 
 pytestmark = pytest.mark.vllm
-
-PROMPTS = ["question two plus two", "the cat sat on the", "is the dog big", "one plus one", "the blue cat is"]
-ANSWERS = ["answer four", "mat", "yes the dog is big", "two because one and one", "big and red"]
-
-
-def rows(tok) -> Dataset:
-    """Prompt + answer rows in the served model's tokens, labels on the answer (and its EOS) only."""
-    out = []
-    for prompt, answer in zip(PROMPTS, ANSWERS):
-        p = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
-        a = [*tok(answer, add_special_tokens=False)["input_ids"], tok.eos_token_id]
-        out.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
-    return Dataset.from_list(out)
 
 
 def served_fields(served, k: int = 20, **extra) -> dict:
@@ -61,7 +49,7 @@ def batch_terms(source, student, batch):
 def test_full_vocabulary_replies_equal_the_dense_forward_kl(tmp_path, vllm_server):
     """k = V (the whole vocabulary of the tiny model): the sparse divergence from the server's replies equals the
     dense forward KL of the same teacher run in process, position by position."""
-    served, data = vllm_server, rows(vllm_server.tokenizer)
+    served, data = vllm_server, prompt_answer_rows(vllm_server.tokenizer)
     trainer = trainer_for(tmp_path, served, data, **served_fields(served, k=len(served.tokenizer)))
     source = trainer.teacher_source
     assert source.name == "served"
@@ -123,7 +111,7 @@ def test_one_step_equals_from_the_in_process_cache_the_served_cache_and_the_live
 def test_a_server_with_another_tokenizer_is_refused_naming_it(tmp_path, vllm_server):
     words = list(reversed(vllm_server.tokenizer.convert_ids_to_tokens(list(range(len(SPECIAL), 64)))))
     other = make_tokenizer(words)  # the same strings under other ids
-    data = rows(vllm_server.tokenizer)
+    data = prompt_answer_rows(vllm_server.tokenizer)
     with pytest.raises(ValueError, match=rf"served teacher at {vllm_server.url}.*tokenizes text differently"):
         DistillationTrainer(model=make_llama(vocab_size=len(other)), args=distill_config(tmp_path,
                             **served_fields(vllm_server)), train_dataset=data, processing_class=other)  # fmt: skip
@@ -142,7 +130,7 @@ def test_top_k_above_the_vocabulary_or_the_servers_cap_names_teacher_api_top_k(v
 
 
 def test_requests_are_sent_when_the_batch_is_collated(tmp_path, vllm_server):
-    data = rows(vllm_server.tokenizer)
+    data = prompt_answer_rows(vllm_server.tokenizer)
     trainer = trainer_for(tmp_path, vllm_server, data, **served_fields(vllm_server), max_steps=3)
     trainer.train()
     source = trainer.teacher_source
@@ -157,7 +145,7 @@ def test_requests_are_sent_when_the_batch_is_collated(tmp_path, vllm_server):
 
 def test_replicas_split_each_batch_and_give_the_same_loss(tmp_path, vllm_server):
     """Two URLs of one server (replicas): each batch's rows are split across them; the loss is unchanged."""
-    data = rows(vllm_server.tokenizer)
+    data = prompt_answer_rows(vllm_server.tokenizer)
     one = trainer_for(tmp_path / "one", vllm_server, data, **served_fields(vllm_server), max_steps=2)
     two_fields = served_fields(vllm_server)
     two_fields["teacher_api_base"] = [vllm_server.url, vllm_server.url + "/v1"]
@@ -172,7 +160,7 @@ def test_replicas_split_each_batch_and_give_the_same_loss(tmp_path, vllm_server)
 
 
 def test_on_policy_samples_are_scored_by_the_server(tmp_path, vllm_server):
-    data = rows(vllm_server.tokenizer)
+    data = prompt_answer_rows(vllm_server.tokenizer)
     trainer = trainer_for(tmp_path, vllm_server, data, **served_fields(vllm_server), max_steps=2, lmbda=1.0,
                           max_new_tokens=4)  # fmt: skip
     trainer.train()
@@ -193,7 +181,7 @@ class _KillAt(TrainerCallback):
 
 
 def test_a_killed_and_restarted_server_is_waited_for_with_no_lost_or_repeated_step(tmp_path, vllm_server):
-    data = rows(vllm_server.tokenizer)
+    data = prompt_answer_rows(vllm_server.tokenizer)
     fields = {
         **served_fields(vllm_server),
         "max_steps": 4,
@@ -215,7 +203,7 @@ def test_a_killed_and_restarted_server_is_waited_for_with_no_lost_or_repeated_st
 
 
 def test_a_checkpointed_run_resumes_with_the_server(tmp_path, vllm_server):
-    data = rows(vllm_server.tokenizer)
+    data = prompt_answer_rows(vllm_server.tokenizer)
     fields = {**served_fields(vllm_server), "max_steps": 4, "per_device_train_batch_size": 2, "save_strategy": "steps",
               "save_steps": 2}  # fmt: skip
     straight = trainer_for(tmp_path / "a", vllm_server, data, **fields)
@@ -229,7 +217,7 @@ def test_a_checkpointed_run_resumes_with_the_server(tmp_path, vllm_server):
 def test_a_dead_server_fails_naming_it_and_nothing_is_applied(tmp_path):
     """A server that is not there: retried, then an error naming the server (no step applied, no weight changed)."""
     tok = make_tokenizer()
-    data = rows(tok)
+    data = prompt_answer_rows(tok)
     pool = ServedLogprobs(["http://127.0.0.1:9"], ["m"], k=5, vocab_size=len(tok), max_retries=1, max_backoff=0.1)
     with pytest.raises(Exception, match=r"127\.0\.0\.1:9"):
         pool.score([data[0]["input_ids"]])
@@ -258,7 +246,7 @@ def test_two_processes_equal_one_with_a_served_teacher(tmp_path, vllm_server):
 
 def test_live_source_and_served_source_agree_on_the_agreement_metric(tmp_path, vllm_server):
     """top1_agreement of the served source (argmax = its top-1 id) equals the in-process teacher's."""
-    data = rows(vllm_server.tokenizer)
+    data = prompt_answer_rows(vllm_server.tokenizer)
     trainer = trainer_for(tmp_path, vllm_server, data, **served_fields(vllm_server, k=5))
     batch = trainer.data_collator([dict(data[i]) for i in range(len(data))])
     with torch.no_grad():
@@ -334,7 +322,7 @@ def test_rows_go_to_the_teacher_their_teacher_id_names(tmp_path):
     teachers = [make_llama(vocab_size=len(tok), seed=1), make_llama(vocab_size=len(tok), seed=2)]
     servers = [ModelServer(t, tok, f"teacher-{i}") for i, t in enumerate(teachers)]
     try:
-        data = rows(tok).add_column("teacher_id", [0, 1, 1, 0, 1])
+        data = prompt_answer_rows(tok).add_column("teacher_id", [0, 1, 1, 0, 1])
         fields = {"teacher_api_base": [s.url for s in servers], "teacher_api_top_k": 5}
         trainer = DistillationTrainer(model=make_llama(vocab_size=len(tok)), args=distill_config(tmp_path, **fields),
                                       train_dataset=data, data_collator=DataCollatorForSeq2Seq(tok, padding=True),

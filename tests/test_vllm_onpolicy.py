@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import distill_config, make_llama, run_processes
-from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_vllm_client import ScriptedServer
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
-from vllm_server import VLLMServer, free_port, save_tiny_llama
+from vllm_server import PROMPTS, VLLMServer, free_port, prompt_answer_rows, save_tiny_llama
 
 from hf_distill import DistillationTrainer
 from hf_distill.generation.completion_log import read_completions
@@ -26,19 +25,7 @@ from hf_distill.generation.vllm_sampler import VLLMStudentSampler
 pytestmark = pytest.mark.vllm
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROMPTS = ["question two plus two", "the cat sat on the", "is the dog big", "one plus one", "the blue cat is"]
-ANSWERS = ["answer four", "mat", "yes the dog is big", "two because one and one", "big and red"]
 NEW = 6  # max_new_tokens
-
-
-def rows(tok) -> Dataset:
-    """Prompt + answer rows in the served model's tokens, labels on the answer (and its EOS) only."""
-    out = []
-    for prompt, answer in zip(PROMPTS, ANSWERS):
-        p = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
-        a = [*tok(answer, add_special_tokens=False)["input_ids"], tok.eos_token_id]
-        out.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
-    return Dataset.from_list(out)
 
 
 def base_model(folder: Path) -> torch.nn.Module:
@@ -62,7 +49,7 @@ def onpolicy_trainer(tmp_path, served, student, tokenizer=None, **fields) -> Dis
         model=student,
         teacher_model=teacher,
         args=distill_config(tmp_path, **fields),
-        train_dataset=rows(tok),
+        train_dataset=prompt_answer_rows(tok),
         data_collator=DataCollatorForSeq2Seq(tok, padding=True),
         processing_class=tok,
     )

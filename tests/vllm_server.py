@@ -260,3 +260,20 @@ def serve_tiny_llama(folder: Path, tokenizer: PreTrainedTokenizerFast, lora: boo
         yield ServedModel(server.url, server.model, folder, tokenizer, server)
     finally:
         server.stop()
+
+
+PROMPTS = ["question two plus two", "the cat sat on the", "is the dog big", "one plus one", "the blue cat is"]
+ANSWERS = ["answer four", "mat", "yes the dog is big", "two because one and one", "big and red"]
+
+
+def prompt_answer_rows(tok):
+    """`PROMPTS` + `ANSWERS` in the served tiny model's tokens (BOS, prompt, answer, EOS), labels on the answer and its
+    EOS only, as a `datasets.Dataset`: the rows the served-teacher and vLLM on-policy tests train on."""
+    from datasets import Dataset
+
+    out = []
+    for prompt, answer in zip(PROMPTS, ANSWERS):
+        p = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
+        a = [*tok(answer, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        out.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
+    return Dataset.from_list(out)
