@@ -69,7 +69,8 @@ def main() -> None:
     log = Path(args.out).with_suffix(".server.log")
     out = {"date": time.strftime("%Y-%m-%d"), "target": args.target, "draft": args.draft,
            "speculative_config": spec, "max_tokens": args.max_tokens, "prompts": PROMPTS}  # fmt: skip
-    out["with_draft"] = serve_and_complete(args.target, ["--speculative-config", json.dumps(spec)], args.max_tokens, log)
+    with_draft = ["--speculative-config", json.dumps(spec)]
+    out["with_draft"] = serve_and_complete(args.target, with_draft, args.max_tokens, log)
     out["target_alone"] = serve_and_complete(args.target, [], args.max_tokens, log)
     out["identical"] = out["with_draft"]["texts"] == out["target_alone"]["texts"]
     counts = out["with_draft"]["spec"]
