@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_batch_size", type=int, default=16)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--summary_only", action="store_true", help="Tables and JSON from the finished stages only.")
+    parser.add_argument("--rationale_plot", nargs=2, metavar=("REFERENCE_JSON", "RATIONALE_JSON"), default=None,
+                        help="Plot step_by_step.py's label-only / step-by-step results beside its rationale-context "
+                        "results into OUT/context_distillation_rationale.png, and stop.")  # fmt: skip
     parser.add_argument("--methods", default="context,seq-kd", help="fewshot: which student runs.")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -384,6 +387,34 @@ def plot(path: Path, fewshot: dict) -> str | None:
     return str(path)
 
 
+def rationale_plot(path: Path, reference: Path, runs: Path) -> str | None:
+    """Report accuracy against training rows for label-only and step-by-step (`reference`, a step_by_step.json) and
+    rationale-as-context (`runs`, step_by_step.py's JSON of `--methods rationale-context`): mean and seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(reference.read_text())["results"] + json.loads(runs.read_text())["results"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in ("label-only", "step-by-step", "rationale-context"):
+        by_rows: dict[int, list[float]] = {}
+        for r in results:
+            if r["method"] == method:
+                by_rows.setdefault(r["train_rows"], []).append(r["accuracy"])
+        rows = sorted(by_rows)
+        line = ax.plot(rows, [sum(by_rows[n]) / len(by_rows[n]) for n in rows], marker="o", label=method)[0]
+        for n in rows:
+            ax.scatter([n] * len(by_rows[n]), by_rows[n], color=line.get_color(), s=10, alpha=0.6)
+    ax.set_xlabel("training rows (e-SNLI)")
+    ax.set_ylabel("label accuracy, 200 validation rows")
+    ax.set_title("the human rationale as the teacher's context (dots: seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
 def tables(results: dict) -> str:
     """Markdown tables of the finished parts."""
     out = []
@@ -456,6 +487,10 @@ def read_finished(runs: Path, args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.rationale_plot:
+        reference, runs = map(Path, args.rationale_plot)
+        print(f"Wrote {rationale_plot(Path(args.out) / 'context_distillation_rationale.png', reference, runs)}")
+        return
     if args.summary_only:
         runs = Path(args.out) / "context_distillation_runs"
         results = read_finished(runs, args)
