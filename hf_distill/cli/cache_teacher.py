@@ -262,14 +262,16 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         # maybe another tokenizer than the teacher's
         teacher_tokenizer = load_tokenizer(args.teacher_tokenizer or args.teacher)
     teacher = args.teacher
+    k = min(DEFAULT_K, len(tokenizer)) if args.k is None else args.k  # the default fits any vocabulary
     if api_args.teacher_api_base:  # a vLLM server: prompt log-probs of every row
         from ..generation.served import ServedLogprobs
 
         teacher = ServedLogprobs(
             api_args.teacher_api_base,
             api_args.teacher_api_model,
-            k=DEFAULT_K if args.k is None else args.k,
+            k=k,
             vocab_size=len(tokenizer),
+            k_field="--k",
             timeout=api_args.teacher_api_timeout,
             max_retries=api_args.teacher_api_max_retries,
             max_concurrency=api_args.max_concurrency,
@@ -296,7 +298,7 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
         dataset,
         tokenizer,
         args.output_dir,
-        k=DEFAULT_K if args.k is None else args.k,
+        k=k,
         batch_size=args.batch_size,
         max_length=args.max_length,
         dtype=args.dtype,

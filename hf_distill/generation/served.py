@@ -110,6 +110,7 @@ class ServedLogprobs:
         api_key_env (`str`, *optional*): environment variable of the key (default `HF_DISTILL_API_KEY`, then
             `OPENAI_API_KEY`; none: no header).
         max_backoff (`float`): the longest wait between two retries.
+        k_field (`str`): how errors name `k` (the caller's field or flag: `teacher_api_top_k`, cache-teacher's `--k`).
     """
 
     def __init__(
@@ -125,6 +126,7 @@ class ServedLogprobs:
         max_concurrency: int = 4,
         api_key_env: str | None = None,
         max_backoff: float = 30.0,
+        k_field: str = "teacher_api_top_k",
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
         models = [models] if isinstance(models, str) else list(models or [])
@@ -135,8 +137,8 @@ class ServedLogprobs:
         if k < 1 or max_concurrency < 1:
             raise ValueError(f"`teacher_api_top_k` and the concurrency must be >= 1, got {k} and {max_concurrency}.")
         if vocab_size is not None and k > vocab_size:
-            raise ValueError(f"`teacher_api_top_k` ({k}) is larger than the vocabulary ({vocab_size}): set it to at "
-                             f"most {vocab_size} (the whole vocabulary).")  # fmt: skip
+            raise ValueError(f"`{k_field}` ({k}) is larger than the vocabulary ({vocab_size}): set it to at most "
+                             f"{vocab_size} (the whole vocabulary).")  # fmt: skip
         names = models * len(urls) if len(models) == 1 else models or [None] * len(urls)
         headers = _headers(api_key_env)
         self.clients = [
@@ -151,7 +153,7 @@ class ServedLogprobs:
             )
             for url, name in zip(urls, names, strict=True)
         ]
-        self.k, self.vocab_size, self.routed = k, vocab_size, routed
+        self.k, self.vocab_size, self.routed, self.k_field = k, vocab_size, routed, k_field
         self.max_model_len: list[int | None] = [None] * len(urls)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="served-teacher")
         self._lock = threading.Lock()
@@ -244,8 +246,8 @@ class ServedLogprobs:
             if err.status == 400 and "logprobs" in err.body and "max allowed" in err.body:
                 raise ValueError(
                     f"The served teacher at {self.clients[server].base_url} returns fewer log-probs per position than "
-                    f"`teacher_api_top_k` ({self.k}) asks for ({err.body.strip()[:200]}): lower `teacher_api_top_k`, "
-                    "or restart the server with a larger `--max-logprobs`."
+                    f"`{self.k_field}` ({self.k}) asks for ({err.body.strip()[:200]}): lower `{self.k_field}`, or "
+                    "restart the server with a larger `--max-logprobs`."
                 ) from err
             raise
         with self._lock:
