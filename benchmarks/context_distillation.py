@@ -423,7 +423,8 @@ def tables(results: dict) -> str:
             "| setting (SmolLM2-135M, first step, 4 rows) | KD per supervised token | source |",
             "|---|---:|---|",
         ]
-        out += [f"| {name} | {v['kd_first_step']!r} | {v['source']} |" for name, v in results["bar"].items()]
+        cases = {name: v for name, v in results["bar"].items() if name != "run_settings"}  # cached_run's record
+        out += [f"| {name} | {v['kd_first_step']!r} | {v['source']} |" for name, v in cases.items()]
         out.append("")
     if "fewshot" in results:
         f = results["fewshot"]
