@@ -17,8 +17,13 @@ every step; same data, cheaper). Held-out: SVAMP and e-SNLI *validation* prompts
 
 Measurement (`hf_distill.draft.evaluate_draft`): greedy, batch 1, `--k` draft tokens per round, prompt by prompt the
 target alone then with the draft (back to back: both see the same machine load); acceptance = accepted / proposed draft
-tokens, counted from transformers' assisted decoding; outputs checked identical. Acceptance at each checkpoint
-(assisted runs only, against the target's cached outputs) gives the curve against training steps (PNG).
+tokens, counted from transformers' assisted decoding; outputs checked identical. Acceptance at each checkpoint is not
+generated but computed (`hf_distill.draft.greedy_acceptance`: one teacher-forced forward of the draft over each prompt
++ the target's cached greedy output gives the same counts as greedy assisted decoding) and gives the curve against
+training steps (PNG). Every final draft also gets that teacher-forced acceptance for each `k` of `--k-sweep` (under
+`final.teacher_forced`; for a timed final, `teacher_forced_matches_assisted` checks it against the assisted run's
+counts at `--k`). `--timed all` times every final draft; `--timed seed0` only those of the first seed: the others get
+the teacher-forced acceptance alone (`"acceptance_source": "teacher_forced"`, no speed-up, no `identical`).
 Then the best final draft (highest held-out acceptance) is timed again for several `k`.
 
 `--part gemma`: Gemma 3 270M (base, no chat template) as the target, SmolLM2-135M-Instruct (a SmolLM2-based draft,
@@ -29,8 +34,8 @@ Each finished stage is a file under `--out` (answers, one run folder + eval JSON
 weights are deleted after their evaluation (the final weights of seed 0 are kept for the k sweep and the model card).
 
     nice -n 10 python benchmarks/draft_models.py --out runs/bench/draft_models
-    python benchmarks/draft_models.py --layers 2 --methods ce --seeds 0 --steps 4 --train-prompts 16 --eval-prompts 2 \
-        --max-new-tokens 8 --out /tmp/draft_smoke                                                   # smoke run
+    python benchmarks/draft_models.py --layers 2 --methods ce --seeds 0 1 --steps 4 --train-prompts 16 \
+        --eval-prompts 2 --max-new-tokens 8 --k-sweep 1 3 --timed seed0 --out /tmp/draft_smoke      # smoke run
 """
 
 import argparse
@@ -44,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -202,8 +208,35 @@ def summary(report) -> dict:
     return {k: v for k, v in report.to_dict().items() if k not in ("per_prompt", "target_outputs")}
 
 
-def evaluate_run(name: str, run_dir: Path, ctx: dict, args, keep: bool) -> dict:
-    """Acceptance at each checkpoint (assisted only) and a timed final evaluation; weights deleted afterwards."""
+def teacher_forced(draft, ctx: dict, args, outputs: list[list[int]] | None = None) -> dict:
+    """`greedy_acceptance` of `draft` against the target's greedy outputs (default: the cached `ctx["reference"]`) for
+    `--k` and every k of `--k-sweep`: `{str(k): counts and rates}`; no generation, no timing."""
+    from hf_distill.draft import greedy_acceptance
+
+    by_k = greedy_acceptance(
+        draft, ctx["prompt_ids"], ctx["reference"] if outputs is None else outputs, sorted({args.k, *args.k_sweep}),
+        max_new_tokens=args.max_new_tokens, eos_token_id=ctx["eos"],
+    )  # fmt: skip
+    rates = ("acceptance_rate", "token_acceptance_rate", "mean_accepted_tokens")
+    return {str(k): {**asdict(c), **{r: getattr(c, r) for r in rates}} for k, c in by_k.items()}
+
+
+def with_teacher_forced(final: dict, forced: dict, k: int) -> dict:
+    """A timed final's summary plus the teacher-forced acceptance by k, and whether its counts at `k` equal the
+    assisted run's (they should whenever the outputs are identical)."""
+    same = forced[str(k)]
+    names = {"proposed": "proposed_tokens", "accepted": "accepted_tokens", "rejections": "rejections",
+             "target_forwards": "target_forwards", "new_tokens": "new_tokens"}  # fmt: skip
+    matches = all(same[ours] == final[theirs] for ours, theirs in names.items())
+    if final["identical"] and not matches:
+        print(f"  note: teacher-forced counts at k={k} differ from the assisted run's (floating-point near-ties?)")
+    extra = {"acceptance_source": "assisted", "teacher_forced": forced, "teacher_forced_matches_assisted": matches}
+    return {**final, **extra}
+
+
+def evaluate_run(name: str, run_dir: Path, ctx: dict, args, keep: bool, timed: bool = True) -> dict:
+    """Teacher-forced acceptance at each checkpoint and of the final weights; the final weights timed too (`timed`);
+    weights deleted afterwards (unless `keep`)."""
     from hf_distill.draft import evaluate_draft
 
     def compute() -> dict:
@@ -211,20 +244,24 @@ def evaluate_run(name: str, run_dir: Path, ctx: dict, args, keep: bool) -> dict:
         for step, path in checkpoints(run_dir):
             if step == args.steps:
                 continue  # the final weights are evaluated below
+            point = teacher_forced(load_draft(path), ctx, args)[str(args.k)]
+            curve.append({"step": step, **point, "acceptance_source": "teacher_forced"})
+            print(f"  {name} step {step}: acceptance {point['acceptance_rate']:.3f} (teacher-forced)", flush=True)
+        draft = load_draft(run_dir)
+        forced = teacher_forced(draft, ctx, args)
+        if timed:
             report = evaluate_draft(
-                ctx["target"], load_draft(path), ctx["tok"], ctx["eval_prompts"], max_new_tokens=args.max_new_tokens,
-                num_assistant_tokens=args.k, warmup=False, target_outputs=ctx["reference"],
+                ctx["target"], draft, ctx["tok"], ctx["eval_prompts"], max_new_tokens=args.max_new_tokens,
+                num_assistant_tokens=args.k,
             )  # fmt: skip
-            curve.append({"step": step, "acceptance_rate": report.acceptance_rate, "identical": report.identical})
-            print(f"  {name} step {step}: acceptance {report.acceptance_rate:.3f}", flush=True)
-        report = evaluate_draft(
-            ctx["target"], load_draft(run_dir), ctx["tok"], ctx["eval_prompts"], max_new_tokens=args.max_new_tokens,
-            num_assistant_tokens=args.k,
-        )  # fmt: skip
-        if report.target_outputs != ctx["reference"]:
-            raise RuntimeError(f"{name}: the target's greedy outputs changed between runs (not deterministic here).")
-        curve.append({"step": args.steps, "acceptance_rate": report.acceptance_rate, "identical": report.identical})
-        return {"final": summary(report), "curve": curve, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            if report.target_outputs != ctx["reference"]:
+                raise RuntimeError(f"{name}: the target's greedy outputs changed between runs (not deterministic).")
+            final = with_teacher_forced(summary(report), forced, args.k)
+        else:
+            final = {**forced[str(args.k)], "num_prompts": len(ctx["prompt_ids"])}
+            final.update(acceptance_source="teacher_forced", teacher_forced=forced)
+        curve.append({"step": args.steps, **forced[str(args.k)], "acceptance_source": "teacher_forced"})
+        return {"final": final, "curve": curve, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     result = cached(ctx["out"] / "evals" / f"{name}.json", compute)
     for _, path in checkpoints(run_dir):
@@ -253,7 +290,9 @@ class Target(dict):
 
 
 def smollm2_part(args) -> dict:
-    from hf_distill.draft import evaluate_draft
+    from transformers import GenerationConfig
+
+    from hf_distill.draft import encode_prompt, evaluate_draft
     from hf_distill.models import load_model, load_tokenizer
     from hf_distill.student import init_student_from_teacher
 
@@ -266,6 +305,8 @@ def smollm2_part(args) -> dict:
     train_prompts, eval_prompts = prompts("train", args.train_prompts), prompts("validation", args.eval_prompts)
     assert not set(train_prompts) & set(eval_prompts)
     ctx = Target(folder=folder, tok=tok, eval_prompts=eval_prompts, out=out, reference=None)
+    ctx["prompt_ids"] = [encode_prompt(tok, p) for p in eval_prompts]  # as evaluate_draft encodes them
+    ctx["eos"] = GenerationConfig.from_pretrained(folder).eos_token_id  # the target's, which the draft stops at
     data = training_data(out / "data", ctx["target"], tok, train_prompts, args.data_max_new_tokens)
 
     results: dict = {}
@@ -276,12 +317,14 @@ def smollm2_part(args) -> dict:
 
                 def untrained(layers=layers) -> dict:
                     target = ctx["target"]
+                    draft = init_student_from_teacher(target, num_layers=layers).eval()
                     report = evaluate_draft(
-                        target, init_student_from_teacher(target, num_layers=layers).eval(), tok, eval_prompts,
-                        max_new_tokens=args.max_new_tokens, num_assistant_tokens=args.k,
+                        target, draft, tok, eval_prompts, max_new_tokens=args.max_new_tokens,
+                        num_assistant_tokens=args.k,
                     )  # fmt: skip
+                    forced = teacher_forced(draft, ctx, args, report.target_outputs)
                     return {
-                        "final": summary(report),
+                        "final": with_teacher_forced(summary(report), forced, args.k),
                         "curve": [{"step": 0, "acceptance_rate": report.acceptance_rate}],
                         "target_outputs": report.target_outputs,
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -309,7 +352,8 @@ def smollm2_part(args) -> dict:
                     print(
                         f"{name}: trained in {trained['wall_s']:.0f} s wall, {trained['cpu_s']:.0f} CPU s", flush=True
                     )
-                result = evaluate_run(name, run_dir, ctx, args, keep=seed == args.seeds[0])
+                first = seed == args.seeds[0]
+                result = evaluate_run(name, run_dir, ctx, args, keep=first, timed=first or args.timed == "all")
                 marker = run_dir / "TRAINED.json"
                 result["train"] = json.loads(marker.read_text()) if marker.exists() else result.get("train")
                 results[name] = result
@@ -414,11 +458,13 @@ def table(results: dict, args) -> list[dict]:
             finals = [results[n]["final"] for n in names if n in results]
             if not finals:
                 continue
-            row = {"layers": layers, "method": LABELS[method], "seeds": len(finals)}
+            timed = [f for f in finals if "speedup" in f]  # `--timed seed0`: the other seeds' finals are not
+            row = {"layers": layers, "method": LABELS[method], "seeds": len(finals), "timed_seeds": len(timed)}
             for key in ("acceptance_rate", "token_acceptance_rate", "mean_accepted_tokens", "speedup"):
-                stats = mean_spread([f[key] for f in finals])
+                values = [f[key] for f in (timed if key == "speedup" else finals)]
+                stats = mean_spread(values) if values else {"mean": None, "spread": None}
                 row[key], row[f"{key}_spread"] = stats["mean"], stats["spread"]
-            row["identical"] = all(f["identical"] for f in finals)
+            row["identical"] = all(f["identical"] for f in timed) if timed else None
             rows.append(row)
     return rows
 
@@ -461,6 +507,11 @@ def main() -> None:
     p.add_argument("--data-max-new-tokens", type=int, default=64, help="Length of the target answers trained on.")
     p.add_argument("--k", type=int, default=3, help="Draft tokens per round in the table.")
     p.add_argument("--k-sweep", type=int, nargs="*", default=[1, 2, 3, 5])
+    p.add_argument(
+        "--timed", choices=["all", "seed0"], default="all",
+        help="Final drafts timed with assisted generation: all, or the first seed's only (the others get the "
+        "teacher-forced acceptance alone).",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on shared cores).")
     p.add_argument("--gemma-steps", type=int, default=40)
     p.add_argument("--gemma-learning-rate", type=float, default=1e-4)
@@ -479,8 +530,9 @@ def main() -> None:
     if args.part in ("smollm2", "both"):
         results = smollm2_part(args)
         rows = table(results, args)
-        columns = ["layers", "method", "seeds", "acceptance_rate", "acceptance_rate_spread", "token_acceptance_rate",
-                   "mean_accepted_tokens", "speedup", "speedup_spread", "identical"]  # fmt: skip
+        columns = ["layers", "method", "seeds", "timed_seeds", "acceptance_rate", "acceptance_rate_spread",
+                   "token_acceptance_rate", "mean_accepted_tokens", "speedup", "speedup_spread",
+                   "identical"]  # fmt: skip
         print(format_table(rows, columns))
         plot(results, args, out / "draft_models.png")
         payload.update(smollm2={"table": rows, "runs": dict(results)})

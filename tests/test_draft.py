@@ -12,7 +12,16 @@ import torch
 from conftest import REPO, WORDS, make_llama, make_tokenizer
 
 from hf_distill.cli.main import main
-from hf_distill.draft import count_acceptance, encode_prompt, evaluate_draft, prompts_from_dataset, same_vocabulary
+from hf_distill.draft import (
+    AcceptanceCounts,
+    count_acceptance,
+    encode_prompt,
+    evaluate_draft,
+    greedy_acceptance,
+    prompts_from_dataset,
+    same_vocabulary,
+)
+from hf_distill.student import init_student_from_teacher
 
 
 PROMPTS = ["the cat sat on the mat", "two plus two equals", "is the dog big", "a red cat ran fast"]
@@ -113,6 +122,91 @@ def test_a_round_ending_at_eos_counts_the_accepted_eos(target, tok):
     assert report.target_outputs[0] == free[:first] and report.identical
     assert report.acceptance_rate == 1.0 and report.proposed_tokens == first
     assert report.reported_matches == report.accepted_tokens - 1
+
+
+PER_PROMPT = ("proposed", "accepted", "rejections", "target_forwards", "new_tokens")  # `evaluate_draft`'s per_prompt
+
+
+def assisted_vs_teacher_forced(target, draft, tok, k: int, max_new_tokens: int) -> tuple[list, list, object]:
+    """Per prompt, `count_acceptance`'s counts from real assisted generation (`evaluate_draft`) and
+    `greedy_acceptance`'s from the target's outputs, as tuples of `PER_PROMPT`; and the report."""
+    report = evaluate_draft(
+        target, draft, tok, PROMPTS, max_new_tokens=max_new_tokens, num_assistant_tokens=k, warmup=False
+    )
+    assert report.identical  # the precondition of exactness
+    eos = target.generation_config.eos_token_id
+    real, simulated = [], []
+    for prompt, output, row in zip(PROMPTS, report.target_outputs, report.per_prompt, strict=True):
+        counts = greedy_acceptance(
+            draft, [encode_prompt(tok, prompt)], [output], k, max_new_tokens=max_new_tokens, eos_token_id=eos
+        )
+        simulated.append(tuple(getattr(counts, name) for name in PER_PROMPT))
+        real.append(tuple(row[name] for name in PER_PROMPT))
+    assert sum(r[0] for r in real) == report.proposed_tokens
+    return real, simulated, report
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("draft_kind", ["copy", "cut"])
+def test_teacher_forced_acceptance_equals_assisted_decoding(target, tok, draft_kind, k):
+    """A copy (all accepted) and a 1-layer cut of the 2-layer target (mismatches): per prompt, every count equal.
+    15 new tokens: the last rounds are capped by the length limit (k=1: nothing proposed at the last position)."""
+    draft = copy.deepcopy(target) if draft_kind == "copy" else init_student_from_teacher(target, num_layers=1).eval()
+    real, simulated, report = assisted_vs_teacher_forced(target, draft, tok, k, max_new_tokens=15)
+    assert simulated == real
+    total = greedy_acceptance(
+        draft, [encode_prompt(tok, p) for p in PROMPTS], report.target_outputs, k, max_new_tokens=15, eos_token_id=3
+    )
+    assert (total.reported_matches, total.acceptance_rate) == (report.reported_matches, report.acceptance_rate)
+    if draft_kind == "copy":
+        assert total.acceptance_rate == 1.0 and total.rejections == 0
+    else:
+        assert 0.0 < total.acceptance_rate < 1.0 and total.rejections > 0
+    assert total.proposed < k * total.target_forwards  # the length limit cut the last round short (k=1: to none)
+
+
+def test_teacher_forced_acceptance_at_eos(target, tok, monkeypatch):
+    """Outputs ending at an EOS before the limit (the target's EOS ids [3, 13]: 13 is a token it generates): an
+    accepted EOS (reported_matches one short), an EOS as the target's own token, and a round where the draft's own
+    continuation after a rejected token reaches an EOS, which ends its proposal early."""
+    target.generation_config.eos_token_id = [3, 13]
+    draft = init_student_from_teacher(target, num_layers=1).eval()
+    real, simulated, report = assisted_vs_teacher_forced(target, draft, tok, 5, max_new_tokens=15)
+    lengths = [len(o) for o in report.target_outputs]
+    assert min(lengths) < 15 and all(o[-1] == 13 for o in report.target_outputs if len(o) < 15)
+    assert simulated == real
+    ids = [encode_prompt(tok, p) for p in PROMPTS]
+    by_k = greedy_acceptance(draft, ids, report.target_outputs, [1, 3, 5], max_new_tokens=15, eos_token_id=[3, 13])
+    assert set(by_k) == {1, 3, 5}
+    assert (by_k[5].reported_matches, by_k[5].accepted) == (report.reported_matches, report.accepted_tokens)
+    assert report.reported_matches < report.accepted_tokens  # an accepted EOS
+    for k in (1, 3):  # one forward serves every k
+        alone = greedy_acceptance(draft, ids, report.target_outputs, k, max_new_tokens=15, eos_token_id=[3, 13])
+        assert alone == by_k[k]
+    # the branch forwards over the cache agree with plain forwards over each branch's whole sequence
+    monkeypatch.setattr("hf_distill.draft._plain_cache", lambda cache: False)
+    assert greedy_acceptance(draft, ids, report.target_outputs, 5, max_new_tokens=15, eos_token_id=[3, 13]) == by_k[5]
+    # and they matter here: without the off-track EOS one more token would count as proposed
+    monkeypatch.setattr(
+        "hf_distill.draft._off_track_eos", lambda draft, ids, cache, starts, *rest: [None] * len(starts)
+    )
+    blind = greedy_acceptance(draft, ids, report.target_outputs, 5, max_new_tokens=15, eos_token_id=[3, 13])
+    assert blind.proposed > report.proposed_tokens and blind.accepted == report.accepted_tokens
+
+
+def test_teacher_forced_acceptance_checks_its_inputs(target, tok):
+    draft = copy.deepcopy(target)
+    ids = [encode_prompt(tok, PROMPTS[0])]
+    output = target.generate(torch.tensor(ids), do_sample=False, max_new_tokens=6, pad_token_id=0)[0, len(ids[0]) :]
+    counts = greedy_acceptance(draft, ids, [output.tolist()], 2, max_new_tokens=6)
+    assert counts == AcceptanceCounts(proposed=4, accepted=4, reported_matches=4, target_forwards=2, new_tokens=6)
+    assert draft.training is False
+    with pytest.raises(ValueError, match="without an EOS"):  # generated with another limit
+        greedy_acceptance(draft, ids, [output.tolist()], 2, max_new_tokens=8, eos_token_id=3)
+    with pytest.raises(ValueError, match="EOS at"):  # an EOS inside the output: not the target's greedy output
+        greedy_acceptance(draft, ids, [output.tolist()], 2, max_new_tokens=6, eos_token_id=output[0].item())
+    with pytest.raises(ValueError, match=">= 1"):
+        greedy_acceptance(draft, ids, [output.tolist()], [0, 2], max_new_tokens=6)
 
 
 def test_count_acceptance_restores_the_model(target, tok):
