@@ -72,10 +72,13 @@ def prepare(work: Path, opts: argparse.Namespace) -> None:
 
 
 class StepTimes:
-    """A `TrainerCallback` recording each optimizer step's wall and process CPU seconds."""
+    """A `TrainerCallback` recording each optimizer step's wall and process CPU seconds (`wall`, `cpu`: from the step's
+    `on_step_begin`), and the seconds from one step's end to the next (`interval_wall`, `interval_cpu`: the first from
+    `on_train_begin`; they include the batch fetch, where on-policy generation runs)."""
 
     def __init__(self):
         self.wall, self.cpu, self._t = [], [], None
+        self.interval_wall, self.interval_cpu, self._end = [], [], None
 
     def callback(self):
         from transformers import TrainerCallback
@@ -83,12 +86,19 @@ class StepTimes:
         outer = self
 
         class Timer(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                outer._end = (time.perf_counter(), time.process_time())
+
             def on_step_begin(self, args, state, control, **kwargs):
                 outer._t = (time.perf_counter(), time.process_time())
 
             def on_step_end(self, args, state, control, **kwargs):
-                outer.wall.append(time.perf_counter() - outer._t[0])
-                outer.cpu.append(time.process_time() - outer._t[1])
+                now = (time.perf_counter(), time.process_time())
+                outer.wall.append(now[0] - outer._t[0])
+                outer.cpu.append(now[1] - outer._t[1])
+                outer.interval_wall.append(now[0] - outer._end[0])
+                outer.interval_cpu.append(now[1] - outer._end[1])
+                outer._end = now
 
         return Timer()
 
@@ -229,9 +239,14 @@ QUICKSTART = dict(num_layers=10, num_samples=288, held_out_fraction=0.1, max_new
                   max_length=128, learning_rate=3e-4)  # fmt: skip
 
 
-def quality_run(workdir: str, out_dir: str, seed: int, url: str = "", k: int = 0) -> dict:
+def quality_run(workdir: str, out_dir: str, seed: int, url: str = "", k: int = 0, steps: int = 0,
+                overrides: dict | None = None, save: bool = False) -> dict:  # fmt: skip
     """The quickstart's KD student (forward KL, kd_weight 1, ce_weight 0) for `seed`, from the served teacher at top-k
-    `k` (`url`), or from the teacher in process (`url` empty); its held-out metrics against the teacher."""
+    `k` (`url`), or from the teacher in process (`url` empty); its held-out metrics against the teacher.
+
+    `steps` replaces the quickstart's 160 optimizer steps, `overrides` adds config fields (e.g. `lmbda` for on-policy
+    samples, `benchmarks/onpolicy_quality.py`), `save` keeps the final student in `out_dir/final`. The result also
+    holds each step's wall and CPU seconds, batch fetch and generation included (`step_wall_s`, `step_cpu_s`)."""
     from hf_distill import DistillationSFTConfig, DistillationSFTTrainer
     from hf_distill.data.transfer_set import build_transfer_set
     from hf_distill.evaluation import teacher_student_metrics
@@ -239,6 +254,7 @@ def quality_run(workdir: str, out_dir: str, seed: int, url: str = "", k: int = 0
     from hf_distill.student import init_student_from_teacher
 
     q = QUICKSTART
+    steps = steps or q["steps"]
     teacher, tokenizer = load_model("smollm2").float().eval(), load_tokenizer("smollm2")
     data = build_transfer_set(teacher, tokenizer, num_samples=q["num_samples"], max_new_tokens=q["max_new_tokens"],
                               batch_size=32, seed=seed, held_out_fraction=q["held_out_fraction"],
@@ -249,22 +265,28 @@ def quality_run(workdir: str, out_dir: str, seed: int, url: str = "", k: int = 0
     student = init_student_from_teacher(teacher, num_layers=q["num_layers"]).requires_grad_(True)
     served = {"teacher_api_base": [url], "teacher_api_model": ["smollm2"], "teacher_api_top_k": k} if url else {}
     args = DistillationSFTConfig(
-        output_dir=out_dir, max_steps=q["steps"], per_device_train_batch_size=q["batch_size"],
+        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=q["batch_size"],
         per_device_eval_batch_size=q["batch_size"], learning_rate=q["learning_rate"], lr_scheduler_type="cosine",
-        warmup_steps=max(1, q["steps"] // 20), max_length=q["max_length"], logging_steps=q["steps"] // 10,
+        warmup_steps=max(1, steps // 20), max_length=q["max_length"], logging_steps=max(1, steps // 10),
         save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=True, bf16=False,
         dataloader_num_workers=0, gradient_checkpointing=False, kd_loss="forward_kl", temperature=1.0,
-        kd_weight=1.0, ce_weight=0.0, **served,
+        kd_weight=1.0, ce_weight=0.0, **served, **(overrides or {}),
     )  # fmt: skip
     trainer = DistillationSFTTrainer(model=student, teacher_model=None if url else teacher, args=args,
                                      train_dataset=sft["train"], eval_dataset=sft["test"],
                                      processing_class=tokenizer)  # fmt: skip
+    timer = StepTimes()
+    trainer.add_callback(timer.callback())
     start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     trainer.train()
     end = resource.getrusage(resource.RUSAGE_SELF)
+    if save:
+        trainer.save_model(os.path.join(out_dir, "final"))
     metrics = teacher_student_metrics(trainer.model, teacher, trainer.get_eval_dataloader())
     return {"seed": seed, "k": k or None, "served": bool(url), **metrics, "train_wall_s": time.perf_counter() - start,
-            "train_cpu_s": (end.ru_utime - cpu.ru_utime) + (end.ru_stime - cpu.ru_stime)}  # fmt: skip
+            "train_cpu_s": (end.ru_utime - cpu.ru_utime) + (end.ru_stime - cpu.ru_stime), "steps": steps,
+            "overrides": overrides or {}, "step_wall_s": timer.interval_wall,
+            "step_cpu_s": timer.interval_cpu}  # fmt: skip
 
 
 def quality(opts: argparse.Namespace, server, work: Path) -> None:
