@@ -346,6 +346,8 @@ def smollm2_part(args) -> dict:
                     "learning_rate": args.learning_rate, "max_new_tokens": args.data_max_new_tokens, **extra,
                 }  # fmt: skip
                 if not (out / "evals" / f"{name}.json").exists():
+                    if args.report_only:
+                        continue
                     print(f"{name}: training ({args.steps} steps)", flush=True)
                     ctx.release()
                     trained = train(run_dir, recipe, overrides, args.threads)
@@ -513,6 +515,7 @@ def main() -> None:
         "teacher-forced acceptance alone).",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on shared cores).")
+    p.add_argument("--report-only", action="store_true", help="Table, plot, JSON of finished runs only.")
     p.add_argument("--gemma-steps", type=int, default=40)
     p.add_argument("--gemma-learning-rate", type=float, default=1e-4)
     p.add_argument("--gemma-min-free-gib", type=float, default=7.0, help="Wait for this much free memory to train.")
