@@ -184,11 +184,11 @@ def test_teacher_forced_acceptance_at_eos(target, tok, monkeypatch):
         alone = greedy_acceptance(draft, ids, report.target_outputs, k, max_new_tokens=15, eos_token_id=[3, 13])
         assert alone == by_k[k]
     # the branch forwards over the cache agree with plain forwards over each branch's whole sequence
-    monkeypatch.setattr("hf_distill.draft._plain_cache", lambda cache: False)
+    monkeypatch.setattr("hf_distill.draft_acceptance._plain_cache", lambda cache: False)
     assert greedy_acceptance(draft, ids, report.target_outputs, 5, max_new_tokens=15, eos_token_id=[3, 13]) == by_k[5]
     # and they matter here: without the off-track EOS one more token would count as proposed
     monkeypatch.setattr(
-        "hf_distill.draft._off_track_eos", lambda draft, ids, cache, starts, *rest: [None] * len(starts)
+        "hf_distill.draft_acceptance._off_track_eos", lambda draft, ids, cache, starts, *rest: [None] * len(starts)
     )
     blind = greedy_acceptance(draft, ids, report.target_outputs, 5, max_new_tokens=15, eos_token_id=[3, 13])
     assert blind.proposed > report.proposed_tokens and blind.accepted == report.accepted_tokens
