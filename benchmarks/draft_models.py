@@ -57,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's hf_distill, not another install
-from _common import format_table, mean_spread, plot_series, write_json
+from _common import cached_run, format_table, mean_spread, plot_series, write_json
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,18 +110,6 @@ def prompts(split: str, n: int) -> list[str]:
     return mixed[:n]
 
 
-def cached(path: Path, compute) -> dict:
-    """`compute()` once; its JSON result is kept at `path` (atomic write) and read back on reruns."""
-    if path.exists():
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
-    return result
-
-
 @torch.no_grad()
 def greedy_answers(model, tok, texts: list[str], max_new_tokens: int, batch: int = 8) -> list[str]:
     """The model's greedy answers (decoded, special tokens dropped), left-padded batches."""
@@ -149,7 +137,7 @@ def training_data(out: Path, model, tok, train_prompts: list[str], max_new_token
     rows = []
     for start in range(0, len(train_prompts), chunk):
         part = train_prompts[start : start + chunk]
-        done = cached(
+        done = cached_run(
             out / "chunks" / f"{start:05d}.json",
             lambda part=part: {"answers": greedy_answers(model, tok, part, max_new_tokens)},
         )
@@ -263,7 +251,7 @@ def evaluate_run(name: str, run_dir: Path, ctx: dict, args, keep: bool, timed: b
         curve.append({"step": args.steps, **forced[str(args.k)], "acceptance_source": "teacher_forced"})
         return {"final": final, "curve": curve, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
-    result = cached(ctx["out"] / "evals" / f"{name}.json", compute)
+    result = cached_run(ctx["out"] / "evals" / f"{name}.json", compute)
     for _, path in checkpoints(run_dir):
         shutil.rmtree(path, ignore_errors=True)
     if not keep:
@@ -330,7 +318,7 @@ def smollm2_part(args) -> dict:
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     }
 
-                results[name] = cached(out / "evals" / f"{name}.json", untrained)
+                results[name] = cached_run(out / "evals" / f"{name}.json", untrained)
                 print(f"{name}: {json.dumps(results[name]['final'])[:300]}", flush=True)
                 if ctx["reference"] is None:
                     ctx["reference"] = results[name]["target_outputs"]
@@ -389,7 +377,7 @@ def k_sweep(results: dict, ctx: dict, args) -> dict:
             )
         return {"draft": best, "by_k": rows}
 
-    sweep = cached(ctx["out"] / "evals" / f"k_sweep_{best}.json", compute)
+    sweep = cached_run(ctx["out"] / "evals" / f"k_sweep_{best}.json", compute)
     card_report = max(sweep["by_k"].values(), key=lambda r: r["speedup"])
     from hf_distill.model_card import add_draft_results
 
@@ -428,7 +416,7 @@ def gemma_part(args) -> dict:
         )  # fmt: skip
         return summary(report)
 
-    results = {"before": cached(out / "evals" / "before.json", lambda: measure(load_model("smollm2").eval()))}
+    results = {"before": cached_run(out / "evals" / "before.json", lambda: measure(load_model("smollm2").eval()))}
     print(f"gemma before: {json.dumps(results['before'])[:300]}", flush=True)
     for seed in args.seeds[:1]:
         run_dir = out / "runs" / f"{args.gemma_loss}_seed{seed}"
@@ -444,7 +432,8 @@ def gemma_part(args) -> dict:
             results[f"train_{name}"] = train(
                 run_dir, "smollm2-30l_for_gemma3_esnli_gold.yaml", overrides, args.threads, args.gemma_min_free_gib
             )
-        results[name] = cached(out / "evals" / f"{name}.json", lambda run_dir=run_dir: measure(load_draft(run_dir)))
+        after = out / "evals" / f"{name}.json"
+        results[name] = cached_run(after, lambda run_dir=run_dir: measure(load_draft(run_dir)))
         print(f"gemma {name}: {json.dumps(results[name])[:300]}", flush=True)
     return results
 

@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import format_table, run_isolated, write_json  # noqa: E402
+from _common import cached_run, format_table, run_isolated, write_json  # noqa: E402
 from served_teacher import QUICKSTART  # noqa: E402
 
 
@@ -144,14 +144,6 @@ def evaluate(workdir: str, model_dir: str, seed: int) -> dict:
             "mean_completion_tokens": statistics.mean(map(len, completions)), "samples": samples}  # fmt: skip
 
 
-def cached(path: Path, compute) -> dict:
-    """`compute()` once: its result is kept in `path` and read back on a rerun."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(compute(), indent=1))
-    return json.loads(path.read_text())
-
-
 def calibrate(opts: argparse.Namespace, work: Path) -> dict:
     """Seconds per step off-policy and fully on-policy (8 steps each, seed 0, mean of steps 2-8)."""
 
@@ -162,7 +154,7 @@ def calibrate(opts: argparse.Namespace, work: Path) -> dict:
                 "mean_step_s": statistics.mean(run["step_wall_s"][1:])}  # fmt: skip
 
     folder = Path(opts.out) / "onpolicy_quality"
-    return {str(lmbda): cached(folder / f"calibration_l{lmbda}.json", lambda lmbda=lmbda: one(lmbda))
+    return {str(lmbda): cached_run(folder / f"calibration_l{lmbda}.json", lambda lmbda=lmbda: one(lmbda))
             for lmbda in (0.0, 1.0)}  # fmt: skip
 
 
@@ -190,8 +182,8 @@ def main() -> None:
                                    steps=steps, overrides=onpolicy_fields(lmbda), save=True)  # fmt: skip
                 return {**run, "lmbda": lmbda, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
-            run = cached(out / f"{name}_train.json", train)
-            run.update(cached(out / f"{name}_eval.json", lambda seed=seed, model_dir=model_dir: run_isolated(
+            run = cached_run(out / f"{name}_train.json", train)
+            run.update(cached_run(out / f"{name}_eval.json", lambda seed=seed, model_dir=model_dir: run_isolated(
                 __file__, "evaluate", workdir=str(work), model_dir=str(model_dir / "final"), seed=seed)))  # fmt: skip
             results.append(run)
             print(json.dumps({k: v for k, v in run.items() if not isinstance(v, list)}), file=sys.stderr)
