@@ -226,6 +226,21 @@ def plot_series(
     """Line plot with error bars: `series` maps a label to `(x, mean, spread)` points; `hline` adds dashed reference
     lines (e.g. the teacher, chance). Writes a PNG at `path`; returns `None` (and prints why) without matplotlib
     (`pip install hf-distill[bench]`)."""
+    return plot_panels(path, {title: series}, xlabel=xlabel, ylabel=ylabel, hline=hline, logx=logx)
+
+
+def plot_panels(
+    path: str | Path,
+    panels: dict[str, dict[str, list[tuple[float, float, float]]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    suptitle: str | None = None,
+    hline: dict[str, float] | None = None,
+    logx: bool = False,
+) -> Path | None:
+    """`plot_series` for several panels side by side sharing the y axis: `panels` maps a panel title to its series.
+    A label keeps its colour in every panel (one legend entry per label, under the panels)."""
     try:
         import matplotlib
 
@@ -234,19 +249,31 @@ def plot_series(
     except ImportError:
         print("matplotlib is not installed (pip install 'hf-distill[bench]'): no plot written", flush=True)
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, points in series.items():
-        xs, ys, es = zip(*points) if points else ((), (), ())
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-    for label, y in (hline or {}).items():
-        ax.axhline(y, linestyle="--", linewidth=1, color="grey")
-        ax.annotate(label, (ax.get_xlim()[0], y), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    if logx:
-        ax.set_xscale("log")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    labels = list(dict.fromkeys(label for series in panels.values() for label in series))
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colours = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(6.4 if n == 1 else 4.2 * n, 4.2), sharey=True, squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for label, points in series.items():
+            xs, ys, es = zip(*points) if points else ((), (), ())
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label, color=colours[label])
+        for label, y in (hline or {}).items():
+            ax.axhline(y, linestyle="--", linewidth=1, color="grey")
+            ax.annotate(label, (ax.get_xlim()[0], y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        if logx:
+            ax.set_xscale("log")
+        ax.set(xlabel=xlabel, title=title)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    if n == 1:
+        axes[0][0].legend(fontsize=8)
+    else:
+        handles = [plt.Line2D([], [], color=colours[label], marker="o") for label in labels]
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout(rect=(0, 0.04 * (1 + (len(labels) - 1) // 3) if n > 1 else 0, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

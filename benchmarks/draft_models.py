@@ -57,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's hf_distill, not another install
-from _common import cached_run, format_table, mean_spread, plot_series, write_json
+from _common import cached_run, format_table, mean_spread, plot_panels, write_json
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -461,10 +461,12 @@ def table(results: dict, args) -> list[dict]:
 
 
 def plot(results: dict, args, path: Path) -> None:
-    """Held-out acceptance against training steps, one line per (layers, method), mean +- half range over seeds."""
-    series = {}
+    """Held-out acceptance against training steps: one panel per draft size, one line per method (mean +- half range
+    over the seeds), starting from the untrained cut at step 0."""
+    panels = {}
     for layers in args.layers:
         start = results.get(f"{layers}l_untrained", {}).get("final", {}).get("acceptance_rate")
+        series = {}
         for method in args.methods:
             by_step: dict[int, list[float]] = {}
             for seed in args.seeds:
@@ -475,10 +477,12 @@ def plot(results: dict, args, path: Path) -> None:
                 by_step.setdefault(0, [start])
             if by_step:
                 points = [(s, statistics.fmean(v), (max(v) - min(v)) / 2) for s, v in sorted(by_step.items())]
-                series[f"{layers}L {LABELS[method]}"] = points
-    plot_series(
-        path, series, xlabel="training steps", ylabel=f"held-out acceptance rate (greedy, k={args.k})",
-        title="SmolLM2-135M-Instruct drafts: acceptance vs steps",
+                series[LABELS[method]] = points
+        if series:
+            panels[f"{layers}-layer draft"] = series
+    plot_panels(
+        path, panels, xlabel="training steps", ylabel=f"held-out acceptance rate (greedy, k={args.k})",
+        suptitle="SmolLM2-135M-Instruct drafts: acceptance vs training steps",
     )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import pytest
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import cached_run, mean_spread, plot_series
+from _common import cached_run, mean_spread, plot_panels, plot_series
 
 
 def test_mean_spread_is_half_the_range():
@@ -64,3 +64,16 @@ def test_plot_series_writes_a_png(tmp_path):
         hline={"teacher": 0.8},
     )
     assert path == tmp_path / "plot.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_panels_writes_one_png_with_a_panel_each(tmp_path):
+    from PIL import Image
+
+    series = {"kd": [(0, 0.1, 0.0), (10, 0.2, 0.01)], "ce": [(0, 0.1, 0.0), (10, 0.15, 0.0)]}
+    path = plot_panels(
+        tmp_path / "panels.png", {"2-layer": series, "4-layer": series, "6-layer": {"kd": series["kd"]}},
+        xlabel="step", ylabel="acceptance", suptitle="drafts",
+    )  # fmt: skip
+    one = plot_series(tmp_path / "one.png", series, xlabel="step", ylabel="acceptance", title="t")
+    assert path == tmp_path / "panels.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(path).width > 1.5 * Image.open(one).width  # three panels side by side
