@@ -151,6 +151,35 @@ def run_isolated(script: str | Path, function: str, timeout: float | None = None
     return json.loads(lines[-1][len(_RESULT_MARK) :])
 
 
+@torch.no_grad()
+def greedy_ids(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int | None = None,
+    batch: int = 8,
+) -> list[list[int]]:
+    """Greedy continuations of `prompt_ids` (token ids, no batch dimension) in left-padded batches of `batch`: one list
+    of at most `max_new_tokens` new ids per prompt. `eos_token_id` stops generation and cuts each row after its first
+    EOS; `None` keeps the model's generation config (its stop tokens) and returns the rows as generated (padded)."""
+    out = []
+    for i in range(0, len(prompt_ids), batch):
+        chunk = prompt_ids[i : i + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        stop = {} if eos_token_id is None else {"eos_token_id": eos_token_id}
+        gen = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad_token_id, **stop,
+        )  # fmt: skip
+        for row in gen[:, width:].tolist():
+            cut = row.index(eos_token_id) + 1 if eos_token_id is not None and eos_token_id in row else len(row)
+            out.append(row[:cut])
+    return out
+
+
 def write_json(out_dir: str | Path, name: str, payload: object) -> Path:
     """Writes `payload` to `out_dir/name.json` (creating the folder) and returns the path."""
     path = Path(out_dir) / f"{name}.json"

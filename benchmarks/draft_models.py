@@ -57,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's hf_distill, not another install
-from _common import cached_run, format_table, mean_spread, plot_panels, write_json
+from _common import cached_run, format_table, greedy_ids, mean_spread, plot_panels, write_json
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,23 +110,12 @@ def prompts(split: str, n: int) -> list[str]:
     return mixed[:n]
 
 
-@torch.no_grad()
-def greedy_answers(model, tok, texts: list[str], max_new_tokens: int, batch: int = 8) -> list[str]:
+def greedy_answers(model, tok, texts: list[str], max_new_tokens: int) -> list[str]:
     """The model's greedy answers (decoded, special tokens dropped), left-padded batches."""
     from hf_distill.draft import encode_prompt
 
-    answers = []
-    for i in range(0, len(texts), batch):
-        ids = [encode_prompt(tok, t) for t in texts[i : i + batch]]
-        width = max(map(len, ids))
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        out = model.generate(
-            input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad
-        )
-        answers += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-    return answers
+    rows = greedy_ids(model, [encode_prompt(tok, t) for t in texts], max_new_tokens, tok.pad_token_id)
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in rows]
 
 
 def training_data(out: Path, model, tok, train_prompts: list[str], max_new_tokens: int, chunk: int = 32) -> Path:

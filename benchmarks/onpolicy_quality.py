@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import cached_run, format_table, run_isolated, write_json  # noqa: E402
+from _common import cached_run, format_table, greedy_ids, run_isolated, write_json  # noqa: E402
 from served_teacher import QUICKSTART  # noqa: E402
 
 
@@ -89,22 +89,10 @@ def held_out_prompts(workdir: str, seed: int, tokenizer, teacher) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch: int = 8) -> list[list[int]]:
+def greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations (left-padded batches, cut after the first EOS), `max_new_tokens` at most."""
-    out = []
-    for i in range(0, len(prompt_ids), batch):
-        chunk = prompt_ids[i : i + batch]
-        width = max(map(len, chunk))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-        for row in gen[:, width:].tolist():
-            cut = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-            out.append(row[:cut])
-    return out
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return greedy_ids(model, prompt_ids, max_new_tokens, pad, tokenizer.eos_token_id)
 
 
 def evaluate(workdir: str, model_dir: str, seed: int) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import cached_run, mean_spread, plot_panels, plot_series
+from _common import cached_run, greedy_ids, mean_spread, plot_panels, plot_series
 
 
 def test_mean_spread_is_half_the_range():
@@ -77,3 +77,23 @@ def test_plot_panels_writes_one_png_with_a_panel_each(tmp_path):
     one = plot_series(tmp_path / "one.png", series, xlabel="step", ylabel="acceptance", title="t")
     assert path == tmp_path / "panels.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(path).width > 1.5 * Image.open(one).width  # three panels side by side
+
+
+def test_greedy_ids_batched_equals_one_prompt_at_a_time_and_cuts_at_eos():
+    import torch
+    from conftest import make_llama
+
+    model = make_llama(num_layers=1).eval()
+    prompts = [[2, 7, 9], [2, 11], [2, 5, 6, 7, 8]]  # unequal lengths: left padding in a batch of 2
+
+    def alone(p: list[int], **kwargs) -> list[int]:
+        out = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0, **kwargs)
+        return out[0, len(p) :].tolist()
+
+    model.generation_config.eos_token_id = None  # no stop token: every row is 6 tokens
+    rows = greedy_ids(model, prompts, 6, pad_token_id=0, batch=2)
+    assert rows == [alone(p) for p in prompts] and all(len(r) == 6 for r in rows)
+    eos = rows[0][2]  # a token the first row generates: it must end there
+    cut = greedy_ids(model, prompts, 6, pad_token_id=0, eos_token_id=eos, batch=2)
+    assert cut[0] == rows[0][: rows[0].index(eos) + 1]
+    assert all(r == alone(p, eos_token_id=eos)[: len(r)] and (eos not in r[:-1]) for r, p in zip(cut, prompts))
