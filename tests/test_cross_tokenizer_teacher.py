@@ -682,3 +682,30 @@ def test_a_teacher_tokenizer_other_than_the_teachers_own_is_refused(tmp_path):
     args.teacher_tokenizer_name_or_path = str(tmp_path / "other")
     with pytest.raises(ValueError, match=r"not the one saved with the teacher .*330 tokens.*teacher's own tokenizer"):
         CrossTokenizerTeacher.from_args(source.context, teacher)
+
+
+def test_a_teacher_folder_without_a_tokenizer_is_not_compared_with_an_empty_one(tmp_path):
+    """A teacher saved without tokenizer files (the `gemma3` shorthand's de-quantized copy) has no saved tokenizer to
+    compare with. transformers builds Gemma's tokenizer from the config alone, with its 5 special tokens only; that
+    empty vocabulary must not be taken for the teacher's own and refuse the real one."""
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from hf_distill.models import check_saved_tokenizer, saved_tokenizer
+
+    t_tok = make_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(t_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16,
+    )  # fmt: skip
+    folder = tmp_path / "teacher"
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    teacher = AutoModelForCausalLM.from_pretrained(folder)
+    assert saved_tokenizer(str(folder), local_files_only=True) is None
+    check_saved_tokenizer(teacher, t_tok)  # nothing to compare with: accepted
+    t_tok.save_pretrained(folder)  # now there is one, and it is compared
+    assert saved_tokenizer(str(folder), local_files_only=True).get_vocab() == t_tok.get_vocab()
+    check_saved_tokenizer(teacher, t_tok)
+    other = copy.deepcopy(t_tok)
+    other.add_tokens(["<other>"])
+    with pytest.raises(ValueError, match="not the one saved with the teacher"):
+        check_saved_tokenizer(teacher, other)

@@ -2,6 +2,7 @@
 teacher with those checks (`load_teacher`, `teacher_tokenizer_of`)."""
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -12,6 +13,28 @@ from .loading import load_model, load_tokenizer, output_vocab_size
 
 
 logger = logging.getLogger(__name__)
+
+# What a saved tokenizer leaves in a folder (any one of them); a model folder with none of these has no tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model", "tekken.json",
+)  # fmt: skip
+
+
+def saved_tokenizer(source: str, local_files_only: bool = False) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with a model at `source` (a folder or a Hub id), or `None` when there is none.
+
+    A local folder without any tokenizer file (`TOKENIZER_FILES`) has none: transformers would otherwise build some
+    tokenizers (Gemma's, for one) from the config alone, with only their special tokens, and that empty vocabulary
+    would then fail every comparison with the real one.
+    """
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
@@ -45,10 +68,7 @@ def check_tokenizer_of_model(teacher: nn.Module, student_tokenizer: PreTrainedTo
     if source and source == getattr(student_tokenizer, "name_or_path", None):
         return  # the student's tokenizer is the one saved with the teacher
     if source:
-        try:
-            teacher_tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, TypeError):
-            teacher_tokenizer = None
+        teacher_tokenizer = saved_tokenizer(source)
         if teacher_tokenizer is not None:
             check_same_tokenizer(student_tokenizer, teacher_tokenizer)
             return
@@ -287,9 +307,8 @@ def check_saved_tokenizer(teacher: nn.Module, tokenizer: PreTrainedTokenizerBase
     source = getattr(getattr(teacher, "config", None), "_name_or_path", None)
     if not source or source == getattr(tokenizer, "name_or_path", None):
         return
-    try:
-        saved = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError):
+    saved = saved_tokenizer(source, local_files_only=True)
+    if saved is None:
         return  # no tokenizer saved with the teacher: only the embedding size can be checked
     ours, theirs = tokenizer.get_vocab(), saved.get_vocab()
     if ours != theirs:
