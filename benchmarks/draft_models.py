@@ -111,11 +111,14 @@ def prompts(split: str, n: int) -> list[str]:
 
 
 def greedy_answers(model, tok, texts: list[str], max_new_tokens: int) -> list[str]:
-    """The model's greedy answers (decoded, special tokens dropped), left-padded batches."""
+    """The model's greedy answers (decoded, special tokens dropped), left-padded batches. Stripped of surrounding
+    whitespace when the prompts are chat turns (the answer is an assistant message); kept as generated for plain-text
+    prompts, where the completion is appended to the prompt verbatim (a base model's answer often starts "\n\n")."""
     from hf_distill.draft import encode_prompt
 
     rows = greedy_ids(model, [encode_prompt(tok, t) for t in texts], max_new_tokens, tok.pad_token_id)
-    return [tok.decode(row, skip_special_tokens=True).strip() for row in rows]
+    answers = [tok.decode(row, skip_special_tokens=True) for row in rows]
+    return [a.strip() for a in answers] if getattr(tok, "chat_template", None) else answers
 
 
 def training_data(out: Path, model, tok, train_prompts: list[str], max_new_tokens: int, chunk: int = 32) -> Path:
