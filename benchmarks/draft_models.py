@@ -28,7 +28,7 @@ Then the best final draft (highest held-out acceptance) is timed again for sever
 
 `--part gemma`: Gemma 3 270M (base, no chat template) as the target, SmolLM2-135M-Instruct (a SmolLM2-based draft,
 another tokenizer: transformers' universal assisted generation) before and after cross-tokenizer KD from Gemma
-(`cross_tokenizer_loss`) on Gemma's own greedy answers.
+(`cross_tokenizer_loss`) on Gemma's own greedy answers, one run per `--gemma-learning-rate`.
 
 Each finished stage is a file under `--out` (answers, one run folder + eval JSON per run); a rerun resumes. Trained
 weights are deleted after their evaluation (the final weights of seed 0 are kept for the k sweep and the model card).
@@ -410,14 +410,17 @@ def gemma_part(args) -> dict:
 
     results = {"before": cached_run(out / "evals" / "before.json", lambda: measure(load_model("smollm2").eval()))}
     print(f"gemma before: {json.dumps(results['before'])[:300]}", flush=True)
-    for seed in args.seeds[:1]:
-        run_dir = out / "runs" / f"{args.gemma_loss}_seed{seed}"
+    weights = f"_kd{args.gemma_kd_weight:g}_ce{args.gemma_ce_weight:g}" if args.gemma_ce_weight else ""
+    for seed, lr in ((s, lr) for s in args.seeds[:1] for lr in args.gemma_learning_rate):
+        label = f"{args.gemma_loss}_lr{lr:g}{weights}_seed{seed}"  # the recipe's weights (kd 1, ce 0) unnamed
+        run_dir = out / "runs" / label
         overrides = {
             "cross_tokenizer_loss": args.gemma_loss, "dataset_name": str(data), "max_steps": args.gemma_steps,
             "save_steps": args.gemma_steps, "save_only_model": "true", "seed": seed, "output_dir": str(run_dir),
-            "logging_steps": 5, "learning_rate": args.gemma_learning_rate,
+            "logging_steps": 5, "learning_rate": lr, "kd_weight": args.gemma_kd_weight,
+            "ce_weight": args.gemma_ce_weight,
         }  # fmt: skip
-        name = f"after_{args.gemma_loss}_seed{seed}"
+        name = f"after_{label}"
         if not (out / "evals" / f"{name}.json").exists():
             holder.clear()  # the target's memory back while the training subprocess runs
             gc.collect()
@@ -427,6 +430,12 @@ def gemma_part(args) -> dict:
         after = out / "evals" / f"{name}.json"
         results[name] = cached_run(after, lambda run_dir=run_dir: measure(load_draft(run_dir)))
         print(f"gemma {name}: {json.dumps(results[name])[:300]}", flush=True)
+    for path in sorted((out / "evals").glob("after_*.json")):  # every variant run so far (other lr, weights)
+        label = path.stem.removeprefix("after_")
+        results.setdefault(path.stem, json.loads(path.read_text()))
+        marker = out / "runs" / label / "TRAINED.json"
+        if marker.exists():
+            results.setdefault(f"train_{path.stem}", json.loads(marker.read_text()))
     return results
 
 
@@ -502,10 +511,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on shared cores).")
     p.add_argument("--report-only", action="store_true", help="Table, plot, JSON of finished runs only.")
     p.add_argument("--gemma-steps", type=int, default=40)
-    p.add_argument("--gemma-learning-rate", type=float, default=1e-4)
+    p.add_argument("--gemma-learning-rate", type=float, nargs="+", default=[1e-4], help="One run per value.")
     p.add_argument("--gemma-min-free-gib", type=float, default=7.0, help="Wait for this much free memory to train.")
     p.add_argument("--gemma-train-prompts", type=int, default=80)
     p.add_argument("--gemma-loss", default="gold", choices=["uld", "gold", "alm"])
+    p.add_argument("--gemma-kd-weight", type=float, default=1.0, help="0 with --gemma-ce-weight 1: the CE-only draft.")
+    p.add_argument("--gemma-ce-weight", type=float, default=0.0, help="CE on the target's answers beside the KD term.")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
