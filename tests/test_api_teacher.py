@@ -603,3 +603,46 @@ def test_cache_teacher_logs_requests_at_debug_and_its_summary_at_info(tmp_path, 
     assert len(requests) == (3 if debug else 0) and all(" DEBUG " in line for line in requests)
     assert " INFO hf_distill.generation.api: API teacher m: 3 requests" in done.stderr
     assert "Failed to load" not in done.stderr and "register_constant" not in done.stderr
+
+
+class _FinishedTeacher:
+    """A stand-in for `APITeacher.generate`: one completion per prompt with a scripted `finish_reason`."""
+
+    def __init__(self, finish_reasons: list[str]):
+        self.finish_reasons = finish_reasons
+
+    def generate(self, prompts, store, **kwargs):
+        results = [[{"text": f" answer {i}", "finish_reason": r}] for i, r in enumerate(self.finish_reasons)]
+        return results, {"requests": len(prompts)}
+
+
+def test_truncated_completions_are_warned_about_or_dropped(tmp_path, caplog):
+    """Completions cut at max_new_tokens would get an EOS from SFT: counted in a warning, or dropped on request."""
+    from hf_distill.generation.seq_kd import generate_completions_dataset
+
+    data = Dataset.from_dict({"prompt": ["p0", "p1", "p2"], "id": [0, 1, 2]})
+    teacher = _FinishedTeacher(["stop", "length", "stop"])
+    with caplog.at_level(logging.WARNING, logger="hf_distill.generation.api"):
+        kept = generate_completions_dataset(teacher, data, str(tmp_path / "a"), max_new_tokens=4, show_progress=False)
+    assert kept["id"] == [0, 1, 2] and kept["completion"][1] == " answer 1"
+    assert "1 of 3 teacher completions stopped at max_new_tokens=4" in caplog.text and "drop_truncated" in caplog.text
+    dropped = generate_completions_dataset(
+        teacher, data, str(tmp_path / "b"), max_new_tokens=4, show_progress=False, drop_truncated=True
+    )
+    assert dropped["id"] == [0, 2] and dropped["completion"] == [" answer 0", " answer 2"]
+    from datasets import load_from_disk
+
+    assert load_from_disk(str(tmp_path / "b" / "train_dataset"))["id"] == [0, 2]  # what training reads
+    with pytest.raises(ValueError, match="leaves no row: raise max_new_tokens"):
+        generate_completions_dataset(
+            _FinishedTeacher(["length"] * 3), data, str(tmp_path / "c"), show_progress=False, drop_truncated=True
+        )
+
+
+def test_drop_truncated_needs_a_served_teacher_generating(tmp_path):
+    from hf_distill.cli.cache_teacher import run
+
+    Dataset.from_dict({"prompt": PROMPTS, "completion": ["x"] * len(PROMPTS)}).to_json(str(tmp_path / "x.jsonl"))
+    with pytest.raises(ValueError, match="--drop_truncated applies to a served teacher"):
+        run(["--teacher", "smollm2", "--dataset", str(tmp_path / "x.jsonl"), "--output_dir", str(tmp_path / "o"),
+             "--generate", "--drop_truncated", "true"])  # fmt: skip

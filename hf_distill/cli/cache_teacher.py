@@ -124,6 +124,13 @@ class CacheTeacherArguments(DatasetArguments):
         default=False, metadata={"help": "Sequence-level KD: replace completions by teacher generations first."}
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Generation length limit (--generate)."})
+    drop_truncated: bool = field(
+        default=False,
+        metadata={
+            "help": "--generate with a served teacher: leave out rows whose completion stopped at --max_new_tokens "
+            "(SFT would append an EOS there and teach the student to stop early); default: keep them, with a warning."
+        },
+    )
     generate_do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy (--generate)."})
     generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (--generate)."})
     use_cpu: bool = field(default=False, metadata={"help": "Run on CPU even with a GPU."})
@@ -152,7 +159,7 @@ def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
     import os
 
     from ..data.loading import load_any_dataset
-    from ..generation.api import generate_completions_dataset
+    from ..generation.seq_kd import generate_completions_dataset
 
     dataset = load_any_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
     rows = generate_completions_dataset(
@@ -162,6 +169,7 @@ def _run_api(args: CacheTeacherArguments, teacher: APITeacher) -> None:
         prompt_column=args.prompt_column,
         max_new_tokens=args.max_new_tokens,
         temperature=args.generation_temperature if args.generate_do_sample else 0.0,
+        drop_truncated=args.drop_truncated,
     )
     print(f"Wrote {len(rows)} teacher completions -> {os.path.join(args.output_dir, 'train_dataset')}.")
 
@@ -232,6 +240,11 @@ def run(argv: list[str], prog: str = "hf-distill cache-teacher") -> None:
     if args.import_from is not None:
         _run_import(args, api_args, recipe)
         return
+    if args.drop_truncated and not (api_args.teacher_api_base and args.generate):
+        raise ValueError(
+            "--drop_truncated applies to a served teacher's text completions (--teacher_api_base with --generate); "
+            "an in-process --generate trains on the generated token ids, which get no EOS where they were cut."
+        )
     if api_args.teacher_api_base and args.generate:  # the API teacher's text completions (sequence-level KD)
         _run_api(args, APITeacher.from_args(api_args, model=args.teacher))
         recipe.save(args.output_dir)  # recipe.yaml + recipe_source.json (source, commit, command)

@@ -33,6 +33,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..jobs import AppendLog, check_or_record_settings, read_appended_records, write_json_atomic
+from .seq_kd import generate_completions_dataset  # lives there; importable from here as before
 
 
 logger = logging.getLogger(__name__)
@@ -524,58 +525,6 @@ def _append_run(path: str, stats: dict[str, Any]) -> None:
             runs = json.load(f)
     runs.append(stats)
     write_json_atomic(path, runs)
-
-
-def generate_completions_dataset(
-    teacher: APITeacher,
-    dataset: Any,
-    output_dir: str,
-    *,
-    prompt_column: str = "prompt",
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    show_progress: bool = True,
-) -> Any:
-    """Sequence-level KD targets from an API teacher: each row's completion written by the teacher.
-
-    Args:
-        dataset ([`~datasets.Dataset`]): rows with a `prompt_column` of text or chat messages; other columns are
-            kept, an existing `completion` column is replaced.
-        output_dir (`str`): the response store (`api_responses.jsonl`, resumable) and the result,
-            `<output_dir>/train_dataset` (`save_to_disk`).
-
-    Returns:
-        [`~datasets.Dataset`]: the rows with `completion` (text, or `[{"role": "assistant", ...}]` for chat-message
-        prompts) ready for `trl.SFTTrainer` / `hf-distill train` (a black-box teacher has no log-probs: the student
-        learns the teacher's sequences with CE, as in Kim & Rush 2016).
-    """
-    if prompt_column not in dataset.column_names:
-        raise ValueError(
-            f"An API teacher needs text prompts: the dataset has no {prompt_column!r} column (columns: "
-            f"{dataset.column_names}); set `prompt_column`."
-        )
-    prompts = list(dataset[prompt_column])
-    results, _ = teacher.generate(
-        prompts,
-        os.path.join(output_dir, "api_responses.jsonl"),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        desc="seq-KD targets",
-        show_progress=show_progress,
-    )
-    texts = [r[0]["text"] for r in results]
-    completions = [
-        text if isinstance(p, str) else [{"role": "assistant", "content": text}] for p, text in zip(prompts, texts)
-    ]
-    if "completion" in dataset.column_names:
-        dataset = dataset.remove_columns("completion")
-    dataset = dataset.add_column("completion", completions)
-    dataset.save_to_disk(os.path.join(output_dir, "train_dataset"))
-    return dataset
 
 
 __all__ = [
