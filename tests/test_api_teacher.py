@@ -622,7 +622,7 @@ def test_truncated_completions_are_warned_about_or_dropped(tmp_path, caplog):
 
     data = Dataset.from_dict({"prompt": ["p0", "p1", "p2"], "id": [0, 1, 2]})
     teacher = _FinishedTeacher(["stop", "length", "stop"])
-    with caplog.at_level(logging.WARNING, logger="hf_distill.generation.api"):
+    with caplog.at_level(logging.WARNING, logger="hf_distill.generation.seq_kd"):
         kept = generate_completions_dataset(teacher, data, str(tmp_path / "a"), max_new_tokens=4, show_progress=False)
     assert kept["id"] == [0, 1, 2] and kept["completion"][1] == " answer 1"
     assert "1 of 3 teacher completions stopped at max_new_tokens=4" in caplog.text and "drop_truncated" in caplog.text

@@ -78,9 +78,11 @@ def generate_completions_dataset(
                 f"Every teacher completion stopped at max_new_tokens={max_new_tokens} (finish_reason 'length'), so "
                 "`drop_truncated` leaves no row: raise max_new_tokens."
             )
-        cut, data = set(truncated), dataset
+        cut = set(truncated)
         dataset = dataset.select([i for i in range(len(dataset)) if i not in cut])
-        logger.info("Dropped %d of %d rows whose teacher completion stopped at max_new_tokens.", len(cut), len(data))
+        logger.info(
+            "Dropped %d of %d rows whose teacher completion stopped at max_new_tokens.", len(cut), len(prompts)
+        )
     elif truncated:
         logger.warning(
             "%d of %d teacher completions stopped at max_new_tokens=%d (finish_reason 'length'). SFT appends EOS to "
